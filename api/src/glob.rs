@@ -1,0 +1,272 @@
+//! Image globs: the patterns an ImagePolicy uses to say which images it covers.
+//!
+//! A glob is matched against an image reference without its tag or digest
+//! (`registry.example.com/shop/orders`). Segments are separated by `/`; within a segment `*`
+//! matches any run of characters other than `/`; a segment that is exactly `**` matches any
+//! number of whole segments (zero or more). The same semantics are used by the webhook; the API
+//! server enforces the syntax with [`IMAGE_GLOB_CEL`].
+
+use std::{borrow::Cow, fmt, str::FromStr};
+
+use schemars::{JsonSchema, json_schema};
+use serde::{Deserialize, Serialize};
+
+/// The CEL rule the API server applies to every image glob. Kept identical to
+/// [`ImageGlob::from_str`]; a unit test checks both on the same corpus.
+pub const IMAGE_GLOB_CEL: &str = r"self.matches('^(\\*\\*|[A-Za-z0-9._:-]*(\\*[A-Za-z0-9._:-]+)*\\*?)(/(\\*\\*|[A-Za-z0-9._:-]*(\\*[A-Za-z0-9._:-]+)*\\*?))*$') && !self.contains('//') && !self.startsWith('/') && !self.endsWith('/')";
+
+/// A parsed image glob.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ImageGlob {
+    text: String,
+    segments: Vec<Segment>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Segment {
+    /// `**`: zero or more whole segments.
+    AnyPath,
+    /// Literal text and single `*` wildcards, split on `*`.
+    Pattern(Vec<String>),
+}
+
+/// Why a glob was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid image glob {glob:?}: {why}")]
+pub struct ImageGlobError {
+    glob: String,
+    why: &'static str,
+}
+
+impl FromStr for ImageGlob {
+    type Err = ImageGlobError;
+
+    fn from_str(glob: &str) -> Result<Self, Self::Err> {
+        let err = |why| ImageGlobError {
+            glob: glob.to_owned(),
+            why,
+        };
+        if glob.is_empty() {
+            return Err(err("empty"));
+        }
+        let mut segments = Vec::new();
+        for seg in glob.split('/') {
+            if seg.is_empty() {
+                return Err(err("empty path segment (leading, trailing or double '/')"));
+            }
+            if seg == "**" {
+                segments.push(Segment::AnyPath);
+                continue;
+            }
+            if seg.contains("**") {
+                return Err(err(
+                    "'**' must be a whole path segment, as in registry/team/**",
+                ));
+            }
+            if !seg
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._:-*".contains(&b))
+            {
+                return Err(err(
+                    "only letters, digits, '.', '_', ':', '-', '/' and '*' are allowed",
+                ));
+            }
+            segments.push(Segment::Pattern(
+                seg.split('*').map(str::to_owned).collect(),
+            ));
+        }
+        Ok(ImageGlob {
+            text: glob.to_owned(),
+            segments,
+        })
+    }
+}
+
+impl ImageGlob {
+    /// Whether `image` (a reference without tag or digest) matches this glob.
+    pub fn matches(&self, image: &str) -> bool {
+        let parts: Vec<&str> = image.split('/').collect();
+        match_segments(&self.segments, &parts)
+    }
+
+    /// The glob as written.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+}
+
+fn match_segments(globs: &[Segment], parts: &[&str]) -> bool {
+    match globs.split_first() {
+        None => parts.is_empty(),
+        Some((Segment::AnyPath, rest)) => {
+            (0..=parts.len()).any(|skip| match_segments(rest, &parts[skip..]))
+        }
+        Some((Segment::Pattern(pieces), rest)) => match parts.split_first() {
+            Some((part, tail)) => match_pattern(pieces, part) && match_segments(rest, tail),
+            None => false,
+        },
+    }
+}
+
+/// Matches one segment against literal pieces separated by `*` wildcards.
+fn match_pattern(pieces: &[String], text: &str) -> bool {
+    let Some((first, rest)) = pieces.split_first() else {
+        return text.is_empty();
+    };
+    let Some(mut remaining) = text.strip_prefix(first.as_str()) else {
+        return false;
+    };
+    let Some((last, middle)) = rest.split_last() else {
+        return remaining.is_empty();
+    };
+    for piece in middle {
+        match remaining.find(piece.as_str()) {
+            Some(at) => remaining = &remaining[at + piece.len()..],
+            None => return false,
+        }
+    }
+    remaining.len() >= last.len() && remaining.ends_with(last.as_str())
+}
+
+impl TryFrom<String> for ImageGlob {
+    type Error = ImageGlobError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<ImageGlob> for String {
+    fn from(g: ImageGlob) -> String {
+        g.text
+    }
+}
+
+impl fmt::Display for ImageGlob {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl JsonSchema for ImageGlob {
+    fn schema_name() -> Cow<'static, str> {
+        "ImageGlob".into()
+    }
+
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        json_schema!({
+            "type": "string",
+            "minLength": 1,
+            "maxLength": 512,
+            "x-kubernetes-validations": [{
+                "rule": IMAGE_GLOB_CEL,
+                "message": "must be an image glob such as registry.example.com/shop/** : \
+                            '/'-separated segments of letters, digits, '.', '_', ':', '-', \
+                            where '*' matches within a segment and a whole '**' segment \
+                            matches any number of segments",
+            }],
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SYNTAX: &[(&str, bool)] = &[
+        ("registry.example.com/shop/**", true),
+        ("registry.example.com/shop/*", true),
+        ("**", true),
+        ("ghcr.io/org/app-*", true),
+        ("ghcr.io/org/*-api", true),
+        ("127.0.0.1:5000/shop/orders", true),
+        ("docker.io/library/nginx", true),
+        ("a*b*c", true),
+        ("", false),
+        ("/registry/x", false),
+        ("registry/x/", false),
+        ("registry//x", false),
+        ("registry/***", false),
+        ("registry/a**", false),
+        ("registry/**b", false),
+        ("registry/sh op", false),
+        ("registry/x@sha256", false),
+        ("registry/[ab]", false),
+    ];
+
+    #[test]
+    fn parser_accepts_and_refuses() {
+        for (glob, ok) in SYNTAX {
+            assert_eq!(glob.parse::<ImageGlob>().is_ok(), *ok, "{glob}");
+        }
+    }
+
+    #[test]
+    fn cel_rule_agrees_with_parser() {
+        use kube::core::cel::Validator;
+        let schema = serde_json::to_value(schemars::schema_for!(ImageGlob)).expect("schema");
+        for (glob, ok) in SYNTAX {
+            if glob.is_empty() {
+                continue; // refused by minLength, which the CEL validator does not evaluate
+            }
+            let result = Validator::new().validate(&schema, &serde_json::json!(glob), None);
+            assert_eq!(result.is_ok(), *ok, "{glob}: {result:?}");
+        }
+    }
+
+    #[test]
+    fn matching() {
+        let cases: &[(&str, &str, bool)] = &[
+            (
+                "registry.example.com/shop/**",
+                "registry.example.com/shop/orders",
+                true,
+            ),
+            (
+                "registry.example.com/shop/**",
+                "registry.example.com/shop/a/b/c",
+                true,
+            ),
+            (
+                "registry.example.com/shop/**",
+                "registry.example.com/shop",
+                true,
+            ),
+            (
+                "registry.example.com/shop/**",
+                "registry.example.com/shopping/x",
+                false,
+            ),
+            (
+                "registry.example.com/shop/*",
+                "registry.example.com/shop/a/b",
+                false,
+            ),
+            (
+                "registry.example.com/shop/*",
+                "registry.example.com/shop/orders",
+                true,
+            ),
+            ("ghcr.io/org/app-*", "ghcr.io/org/app-web", true),
+            ("ghcr.io/org/app-*", "ghcr.io/org/web-app", false),
+            ("ghcr.io/org/*-api", "ghcr.io/org/orders-api", true),
+            ("ghcr.io/org/*-api", "ghcr.io/org/-api", true),
+            ("ghcr.io/org/*-api", "ghcr.io/org/api", false),
+            ("a*b*c", "abc", true),
+            ("a*b*c", "aXbYc", true),
+            ("a*b*c", "aXbY", false),
+            ("ab*ba", "aba", false),
+            ("**/orders", "r.io/x/y/orders", true),
+            ("**/orders", "orders", true),
+            ("**", "anything/at/all", true),
+        ];
+        for (glob, image, want) in cases {
+            let g: ImageGlob = glob.parse().expect("valid glob");
+            assert_eq!(g.matches(image), *want, "{glob} vs {image}");
+        }
+    }
+}

@@ -1,0 +1,378 @@
+//! A real Kubernetes control plane on 127.0.0.1: etcd, kube-apiserver and
+//! kube-controller-manager, started from the binaries `e2e/toolchain/build.sh` builds, with fresh
+//! certificates and free ports. Dropping a [`ControlPlane`] stops every process it started.
+//!
+//! Failures say which component failed and show the end of its log: a busy port, a missing
+//! binary, a component that exits while starting.
+
+use std::{
+    fmt::Write as _,
+    fs::File,
+    net::{SocketAddr, TcpListener},
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, anyhow, bail};
+
+use crate::pki::Pki;
+
+/// What to start and where.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Directory holding `etcd`, `kube-apiserver`, `kube-controller-manager`, `kubectl`.
+    pub bin_dir: PathBuf,
+    /// Where certificates, logs, etcd data and the kubeconfig go. Removed on drop when
+    /// `keep_dir` is false.
+    pub work_dir: PathBuf,
+    /// Keep `work_dir` after stopping.
+    pub keep_dir: bool,
+    /// The API server's port; a free one when `None`.
+    pub apiserver_port: Option<u16>,
+    /// Start kube-controller-manager (namespaces, ServiceAccounts, garbage collection,
+    /// Deployment → ReplicaSet → Pod).
+    pub controller_manager: bool,
+    /// How long to wait for readiness.
+    pub timeout: Duration,
+}
+
+impl Options {
+    /// Defaults: binaries from [`default_bin_dir`], a fresh temporary directory, a free port,
+    /// controller-manager on, 60 s to become ready.
+    pub fn new() -> Result<Self> {
+        let work_dir = tempfile::Builder::new()
+            .prefix("palisade-cp-")
+            .tempdir()?
+            .keep();
+        Ok(Options {
+            bin_dir: default_bin_dir(),
+            work_dir,
+            keep_dir: false,
+            apiserver_port: None,
+            controller_manager: true,
+            timeout: Duration::from_secs(60),
+        })
+    }
+}
+
+/// `$PALISADE_CACHE/bin`, or `~/.cache/palisade-e2e/bin`, as `e2e/toolchain/build.sh` fills it.
+pub fn default_bin_dir() -> PathBuf {
+    let cache = std::env::var_os("PALISADE_CACHE").map_or_else(
+        || {
+            let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+            PathBuf::from(home).join(".cache/palisade-e2e")
+        },
+        PathBuf::from,
+    );
+    cache.join("bin")
+}
+
+struct Component {
+    name: &'static str,
+    child: Child,
+    log: PathBuf,
+}
+
+/// A running control plane. Stops everything on drop.
+pub struct ControlPlane {
+    components: Vec<Component>,
+    /// Path of an admin kubeconfig for this control plane.
+    pub kubeconfig: PathBuf,
+    /// `https://127.0.0.1:<port>`.
+    pub server: String,
+    /// Certificates (the CA can sign serving certificates for test webhooks).
+    pub pki: Pki,
+    /// Where logs and state live.
+    pub work_dir: PathBuf,
+    bin_dir: PathBuf,
+    keep_dir: bool,
+    /// Seconds from start to API server readiness.
+    pub ready_after: Duration,
+}
+
+impl ControlPlane {
+    /// Starts etcd, kube-apiserver and (optionally) kube-controller-manager and waits until the
+    /// API server's `/readyz` succeeds and, with the controller-manager, until it has created
+    /// the `default` ServiceAccount.
+    pub fn start(opts: &Options) -> Result<Self> {
+        let started = Instant::now();
+        for bin in [
+            "etcd",
+            "kube-apiserver",
+            "kube-controller-manager",
+            "kubectl",
+        ] {
+            let path = opts.bin_dir.join(bin);
+            if !path.exists() {
+                bail!(
+                    "{bin} not found at {}: build the toolchain first with e2e/toolchain/build.sh k8s",
+                    path.display()
+                );
+            }
+        }
+        std::fs::create_dir_all(&opts.work_dir)?;
+        let pki = Pki::write(&opts.work_dir.join("pki"))?;
+        let apiserver_port = match opts.apiserver_port {
+            Some(p) => {
+                TcpListener::bind(("127.0.0.1", p)).map_err(|e| {
+                    anyhow!("kube-apiserver: port 127.0.0.1:{p} is not available ({e}); choose another or stop what holds it")
+                })?;
+                p
+            }
+            None => free_port()?,
+        };
+        let server = format!("https://127.0.0.1:{apiserver_port}");
+        let kubeconfig = opts.work_dir.join("kubeconfig");
+        std::fs::write(&kubeconfig, kubeconfig_yaml(&server, &pki))?;
+
+        let mut cp = ControlPlane {
+            components: Vec::new(),
+            kubeconfig,
+            server,
+            pki,
+            work_dir: opts.work_dir.clone(),
+            bin_dir: opts.bin_dir.clone(),
+            keep_dir: opts.keep_dir,
+            ready_after: Duration::ZERO,
+        };
+        let deadline = started + opts.timeout;
+
+        let etcd_client = free_port()?;
+        let etcd_peer = free_port()?;
+        let data = cp.work_dir.join("etcd");
+        cp.spawn(
+            "etcd",
+            &[
+                &format!("--data-dir={}", data.display()),
+                "--name=default",
+                &format!("--listen-client-urls=http://127.0.0.1:{etcd_client}"),
+                &format!("--advertise-client-urls=http://127.0.0.1:{etcd_client}"),
+                &format!("--listen-peer-urls=http://127.0.0.1:{etcd_peer}"),
+                &format!("--initial-advertise-peer-urls=http://127.0.0.1:{etcd_peer}"),
+                &format!("--initial-cluster=default=http://127.0.0.1:{etcd_peer}"),
+                "--unsafe-no-fsync",
+                "--log-level=warn",
+            ],
+        )?;
+        cp.wait_port("etcd", etcd_client, deadline)?;
+
+        let p = cp.pki.clone();
+        cp.spawn(
+            "kube-apiserver",
+            &[
+                &format!("--etcd-servers=http://127.0.0.1:{etcd_client}"),
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                &format!("--secure-port={apiserver_port}"),
+                "--endpoint-reconciler-type=none",
+                "--service-cluster-ip-range=10.0.0.0/24",
+                "--authorization-mode=RBAC",
+                "--allow-privileged=true",
+                &format!(
+                    "--cert-dir={}",
+                    cp.work_dir.join("apiserver-certs").display()
+                ),
+                &format!("--tls-cert-file={}", p.server_cert.display()),
+                &format!("--tls-private-key-file={}", p.server_key.display()),
+                &format!("--client-ca-file={}", p.ca_cert.display()),
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+                &format!("--service-account-key-file={}", p.sa_pub.display()),
+                &format!("--service-account-signing-key-file={}", p.sa_key.display()),
+                "--api-audiences=https://kubernetes.default.svc.cluster.local",
+                "--v=1",
+            ],
+        )?;
+        cp.wait_ready(deadline)?;
+        cp.ready_after = started.elapsed();
+
+        if opts.controller_manager {
+            let kcfg = cp.kubeconfig.display().to_string();
+            let kcm_port = free_port()?;
+            cp.spawn(
+                "kube-controller-manager",
+                &[
+                    &format!("--kubeconfig={kcfg}"),
+                    &format!("--authentication-kubeconfig={kcfg}"),
+                    &format!("--authorization-kubeconfig={kcfg}"),
+                    "--bind-address=127.0.0.1",
+                    &format!("--secure-port={kcm_port}"),
+                    "--leader-elect=false",
+                    "--use-service-account-credentials=false",
+                    &format!("--service-account-private-key-file={}", p.sa_key.display()),
+                    &format!("--root-ca-file={}", p.ca_cert.display()),
+                    &format!("--cert-dir={}", cp.work_dir.join("kcm-certs").display()),
+                    "--controllers=*",
+                    "--v=1",
+                ],
+            )?;
+            cp.wait_for(
+                "kube-controller-manager",
+                deadline,
+                "creating the default ServiceAccount",
+                |cp| cp.kubectl_ok(&["get", "serviceaccount", "default", "-n", "default"]),
+            )?;
+        }
+        Ok(cp)
+    }
+
+    fn spawn(&mut self, name: &'static str, args: &[&str]) -> Result<()> {
+        let log = self.work_dir.join(format!("{name}.log"));
+        let out = File::create(&log)?;
+        let err = out.try_clone()?;
+        let child = Command::new(self.bin_dir.join(name))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .process_group(0)
+            .spawn()
+            .with_context(|| {
+                format!("{name}: cannot start {}", self.bin_dir.join(name).display())
+            })?;
+        self.components.push(Component { name, child, log });
+        Ok(())
+    }
+
+    /// Fails with the component's name and log tail if any component has exited.
+    pub fn check_alive(&mut self) -> Result<()> {
+        for c in &mut self.components {
+            if let Some(status) = c.child.try_wait()? {
+                bail!(
+                    "{} exited ({status}) — last lines of {}:\n{}",
+                    c.name,
+                    c.log.display(),
+                    tail(&c.log, 15)
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn wait_for(
+        &mut self,
+        who: &str,
+        deadline: Instant,
+        what: &str,
+        mut ok: impl FnMut(&Self) -> bool,
+    ) -> Result<()> {
+        loop {
+            self.check_alive()?;
+            if ok(self) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let log = self
+                    .components
+                    .iter()
+                    .find(|c| c.name == who)
+                    .map(|c| tail(&c.log, 15))
+                    .unwrap_or_default();
+                bail!("{who}: timed out {what}; last log lines:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn wait_port(&mut self, who: &str, port: u16, deadline: Instant) -> Result<()> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        self.wait_for(who, deadline, &format!("waiting for port {port}"), |_| {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+        })
+    }
+
+    fn wait_ready(&mut self, deadline: Instant) -> Result<()> {
+        self.wait_for("kube-apiserver", deadline, "waiting for /readyz", |cp| {
+            cp.kubectl_ok(&["get", "--raw", "/readyz"])
+        })
+    }
+
+    fn kubectl_ok(&self, args: &[&str]) -> bool {
+        self.kubectl()
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    /// A `kubectl` command bound to this control plane.
+    pub fn kubectl(&self) -> Command {
+        let mut cmd = Command::new(self.bin_dir.join("kubectl"));
+        cmd.env("KUBECONFIG", &self.kubeconfig);
+        cmd
+    }
+
+    /// Kills `name` (for fault tests).
+    pub fn kill(&mut self, name: &str) -> Result<()> {
+        let c = self
+            .components
+            .iter_mut()
+            .find(|c| c.name == name)
+            .ok_or_else(|| anyhow!("no component {name}"))?;
+        c.child.kill()?;
+        c.child.wait()?;
+        Ok(())
+    }
+
+    /// Process ids of the running components, for leak checks.
+    pub fn pids(&self) -> Vec<u32> {
+        self.components.iter().map(|c| c.child.id()).collect()
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        for c in self.components.iter_mut().rev() {
+            // Each component runs in its own process group; kill the child, then reap it.
+            let _ = c.child.kill();
+            let _ = c.child.wait();
+        }
+        if !self.keep_dir {
+            let _ = std::fs::remove_dir_all(&self.work_dir);
+        }
+    }
+}
+
+/// A port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    let mut out = String::new();
+    for l in &all[all.len().saturating_sub(lines)..] {
+        let _ = writeln!(out, "  {l}");
+    }
+    out
+}
+
+fn kubeconfig_yaml(server: &str, pki: &Pki) -> String {
+    format!(
+        "apiVersion: v1
+kind: Config
+clusters:
+- name: palisade-local
+  cluster:
+    server: {server}
+    certificate-authority: {ca}
+users:
+- name: palisade-admin
+  user:
+    client-certificate: {cert}
+    client-key: {key}
+contexts:
+- name: palisade-local
+  context:
+    cluster: palisade-local
+    user: palisade-admin
+current-context: palisade-local
+",
+        ca = pki.ca_cert.display(),
+        cert = pki.admin_cert.display(),
+        key = pki.admin_key.display(),
+    )
+}

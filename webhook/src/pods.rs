@@ -1,0 +1,107 @@
+//! Every container of a pod spec, whatever list it sits in.
+//!
+//! Admission checks iterate [`containers`] rather than `spec.containers`, so init and ephemeral
+//! containers (the `kubectl debug` path that other admission tools have missed) are always
+//! checked too.
+
+use k8s_openapi::api::core::v1::{EnvFromSource, EnvVar, PodSpec};
+
+/// Which list of the pod spec a container came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ContainerKind {
+    /// `spec.initContainers`
+    Init,
+    /// `spec.containers`
+    Regular,
+    /// `spec.ephemeralContainers`
+    Ephemeral,
+}
+
+impl ContainerKind {
+    /// The field of the pod spec, for messages: `initContainers`, `containers`,
+    /// `ephemeralContainers`.
+    pub fn field(self) -> &'static str {
+        match self {
+            ContainerKind::Init => "initContainers",
+            ContainerKind::Regular => "containers",
+            ContainerKind::Ephemeral => "ephemeralContainers",
+        }
+    }
+}
+
+/// The parts of a container that admission checks look at.
+#[derive(Clone, Copy, Debug)]
+pub struct ContainerView<'a> {
+    /// Which list it came from.
+    pub kind: ContainerKind,
+    /// Its position in that list.
+    pub index: usize,
+    /// Container name.
+    pub name: &'a str,
+    /// Image reference as written.
+    pub image: Option<&'a str>,
+    /// Environment variables.
+    pub env: &'a [EnvVar],
+    /// Environment sources.
+    pub env_from: &'a [EnvFromSource],
+}
+
+impl ContainerView<'_> {
+    /// The JSON path of the container in the pod spec, e.g. `spec.initContainers[0]`.
+    pub fn path(&self) -> String {
+        format!("spec.{}[{}]", self.kind.field(), self.index)
+    }
+}
+
+/// Builds a view of a `Container` or an `EphemeralContainer` (distinct types, same fields).
+macro_rules! view {
+    ($kind:expr, $index:expr, $c:expr) => {
+        ContainerView {
+            kind: $kind,
+            index: $index,
+            name: &$c.name,
+            image: $c.image.as_deref(),
+            env: $c.env.as_deref().unwrap_or_default(),
+            env_from: $c.env_from.as_deref().unwrap_or_default(),
+        }
+    };
+}
+
+/// Every container of `spec`: init containers, then containers, then ephemeral containers.
+pub fn containers(spec: &PodSpec) -> impl Iterator<Item = ContainerView<'_>> {
+    let init = (spec.init_containers.iter().flatten().enumerate())
+        .map(|(i, c)| view!(ContainerKind::Init, i, c));
+    let regular =
+        (spec.containers.iter().enumerate()).map(|(i, c)| view!(ContainerKind::Regular, i, c));
+    let ephemeral = (spec.ephemeral_containers.iter().flatten().enumerate())
+        .map(|(i, c)| view!(ContainerKind::Ephemeral, i, c));
+    init.chain(regular).chain(ephemeral)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_three_lists_are_visited_in_order() {
+        let spec: PodSpec = serde_json::from_value(serde_json::json!({
+            "initContainers": [{"name": "migrate", "image": "r/m:1"}],
+            "containers": [{"name": "app", "image": "r/a:1"}, {"name": "proxy", "image": "r/p:1"}],
+            "ephemeralContainers": [{"name": "debug", "image": "busybox",
+                                      "env": [{"name": "X", "value": "y"}]}]
+        }))
+        .expect("pod spec");
+        let seen: Vec<(String, Option<&str>, usize)> = containers(&spec)
+            .map(|c| (c.path(), c.image, c.env.len()))
+            .collect();
+        assert_eq!(
+            seen,
+            vec![
+                ("spec.initContainers[0]".to_owned(), Some("r/m:1"), 0),
+                ("spec.containers[0]".to_owned(), Some("r/a:1"), 0),
+                ("spec.containers[1]".to_owned(), Some("r/p:1"), 0),
+                ("spec.ephemeralContainers[0]".to_owned(), Some("busybox"), 1),
+            ]
+        );
+    }
+}
