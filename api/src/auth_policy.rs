@@ -164,7 +164,7 @@ pub struct AuthRule {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [{
-    "rule": "(has(self.serviceAccount) ? 1 : 0) + (has(self.spiffeId) ? 1 : 0) + (has(self.namespace) ? 1 : 0) == 1",
+    "rule": "(has(self.serviceAccount) ? 1 : 0) + (has(self.spiffeId) ? 1 : 0) + (has(self.__namespace__) ? 1 : 0) == 1",
     "message": "each from entry must set exactly one of serviceAccount, spiffeId or namespace"
 }]))]
 pub enum Source {

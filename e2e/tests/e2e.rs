@@ -1,1 +1,60 @@
-fn main() {}
+//! End-to-end tests against a real control plane (etcd, kube-apiserver,
+//! kube-controller-manager) started once for this binary and stopped when the tests end, also
+//! when one fails. Run with `cargo test -p palisade-e2e`; the binaries come from
+//! `e2e/toolchain/build.sh`.
+
+mod admit_crds;
+mod e2e_controlplane;
+
+use std::{sync::Arc, time::Instant};
+
+use anyhow::Result;
+use libtest_mimic::{Arguments, Failed, Trial};
+use palisade_e2e::{ControlPlane, Options};
+
+/// The shared control plane every test talks to.
+pub struct Env {
+    pub cp: ControlPlane,
+    pub opts: Options,
+}
+
+type TestFn = fn(&Env) -> Result<()>;
+
+fn main() {
+    let args = Arguments::from_args();
+    let tests: Vec<(&str, TestFn)> = [admit_crds::TESTS, e2e_controlplane::TESTS].concat();
+
+    let t = Instant::now();
+    let env = match start() {
+        Ok(env) => Arc::new(env),
+        Err(e) => {
+            eprintln!("e2e: cannot start the control plane: {e:#}");
+            std::process::exit(1);
+        }
+    };
+    eprintln!(
+        "e2e: control plane ready in {:.1} s (API server /readyz after {:.1} s), CRDs installed",
+        t.elapsed().as_secs_f64(),
+        env.cp.ready_after.as_secs_f64()
+    );
+
+    let trials = tests
+        .into_iter()
+        .map(|(name, f)| {
+            let env = Arc::clone(&env);
+            Trial::test(name, move || {
+                f(&env).map_err(|e| Failed::from(format!("{e:#}")))
+            })
+        })
+        .collect();
+    let conclusion = libtest_mimic::run(&args, trials);
+    drop(env); // stops the control plane before exiting
+    conclusion.exit();
+}
+
+fn start() -> Result<Env> {
+    let opts = Options::new()?;
+    let cp = ControlPlane::start(&opts)?;
+    cp.install_crds(&opts.bin_dir)?;
+    Ok(Env { cp, opts })
+}

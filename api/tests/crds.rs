@@ -1,0 +1,29 @@
+//! `crds/` must be exactly what the types generate.
+
+use std::path::Path;
+
+use palisade_api::crdgen;
+
+#[test]
+fn committed_crds_match_the_types() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds");
+    let mut stale = Vec::new();
+    let mut expected = std::collections::BTreeSet::new();
+    for (file, crd) in crdgen::all() {
+        expected.insert(file.to_owned());
+        let want = crdgen::render(&crd).expect("renders");
+        let have = std::fs::read_to_string(dir.join(file)).unwrap_or_default();
+        if have != want {
+            stale.push(file);
+        }
+    }
+    let present: std::collections::BTreeSet<String> = std::fs::read_dir(&dir)
+        .expect("crds/ exists")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        stale.is_empty() && present == expected,
+        "crds/ differs from the types (stale: {stale:?}, present: {present:?}); regenerate with: {}",
+        crdgen::REGENERATE
+    );
+}
