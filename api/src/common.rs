@@ -54,9 +54,9 @@ impl Duration {
 
     /// A duration of `secs` seconds, written in the shortest exact unit (`3600` → `1h`).
     pub fn from_secs(secs: u64) -> Self {
-        let text = if secs > 0 && secs % 3600 == 0 {
+        let text = if secs > 0 && secs.is_multiple_of(3600) {
             format!("{}h", secs / 3600)
-        } else if secs > 0 && secs % 60 == 0 {
+        } else if secs > 0 && secs.is_multiple_of(60) {
             format!("{}m", secs / 60)
         } else {
             format!("{secs}s")

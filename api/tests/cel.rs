@@ -5,6 +5,8 @@
 //! Each fixture starts with `# expect: accepted` or `# expect: rejected` plus `# field:` and
 //! `# message:` lines that the rejection must carry.
 
+#![allow(clippy::expect_used, clippy::panic, missing_docs)]
+
 use std::path::{Path, PathBuf};
 
 use kube::core::cel::Validator;

@@ -1,5 +1,7 @@
 //! `crds/` must be exactly what the types generate.
 
+#![allow(clippy::expect_used, clippy::panic, missing_docs)]
+
 use std::path::Path;
 
 use palisade_api::crdgen;

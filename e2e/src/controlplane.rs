@@ -52,7 +52,7 @@ impl Options {
             keep_dir: false,
             apiserver_port: None,
             controller_manager: true,
-            timeout: Duration::from_secs(60),
+            timeout: Duration::from_mins(1),
         })
     }
 }
@@ -139,10 +139,19 @@ impl ControlPlane {
         };
         let deadline = started + opts.timeout;
 
+        cp.start_etcd_and_apiserver(apiserver_port, deadline)?;
+        cp.ready_after = started.elapsed();
+        if opts.controller_manager {
+            cp.start_controller_manager(deadline)?;
+        }
+        Ok(cp)
+    }
+
+    fn start_etcd_and_apiserver(&mut self, apiserver_port: u16, deadline: Instant) -> Result<()> {
         let etcd_client = free_port()?;
         let etcd_peer = free_port()?;
-        let data = cp.work_dir.join("etcd");
-        cp.spawn(
+        let data = self.work_dir.join("etcd");
+        self.spawn(
             "etcd",
             &[
                 &format!("--data-dir={}", data.display()),
@@ -156,10 +165,10 @@ impl ControlPlane {
                 "--log-level=warn",
             ],
         )?;
-        cp.wait_port("etcd", etcd_client, deadline)?;
+        self.wait_port("etcd", etcd_client, deadline)?;
 
-        let p = cp.pki.clone();
-        cp.spawn(
+        let p = self.pki.clone();
+        self.spawn(
             "kube-apiserver",
             &[
                 &format!("--etcd-servers=http://127.0.0.1:{etcd_client}"),
@@ -172,7 +181,7 @@ impl ControlPlane {
                 "--allow-privileged=true",
                 &format!(
                     "--cert-dir={}",
-                    cp.work_dir.join("apiserver-certs").display()
+                    self.work_dir.join("apiserver-certs").display()
                 ),
                 &format!("--tls-cert-file={}", p.server_cert.display()),
                 &format!("--tls-private-key-file={}", p.server_key.display()),
@@ -184,37 +193,38 @@ impl ControlPlane {
                 "--v=1",
             ],
         )?;
-        cp.wait_ready(deadline)?;
-        cp.ready_after = started.elapsed();
+        self.wait_for("kube-apiserver", deadline, "waiting for /readyz", |cp| {
+            cp.kubectl_ok(&["get", "--raw", "/readyz"])
+        })
+    }
 
-        if opts.controller_manager {
-            let kcfg = cp.kubeconfig.display().to_string();
-            let kcm_port = free_port()?;
-            cp.spawn(
-                "kube-controller-manager",
-                &[
-                    &format!("--kubeconfig={kcfg}"),
-                    &format!("--authentication-kubeconfig={kcfg}"),
-                    &format!("--authorization-kubeconfig={kcfg}"),
-                    "--bind-address=127.0.0.1",
-                    &format!("--secure-port={kcm_port}"),
-                    "--leader-elect=false",
-                    "--use-service-account-credentials=false",
-                    &format!("--service-account-private-key-file={}", p.sa_key.display()),
-                    &format!("--root-ca-file={}", p.ca_cert.display()),
-                    &format!("--cert-dir={}", cp.work_dir.join("kcm-certs").display()),
-                    "--controllers=*",
-                    "--v=1",
-                ],
-            )?;
-            cp.wait_for(
-                "kube-controller-manager",
-                deadline,
-                "creating the default ServiceAccount",
-                |cp| cp.kubectl_ok(&["get", "serviceaccount", "default", "-n", "default"]),
-            )?;
-        }
-        Ok(cp)
+    fn start_controller_manager(&mut self, deadline: Instant) -> Result<()> {
+        let kcfg = self.kubeconfig.display().to_string();
+        let kcm_port = free_port()?;
+        let p = self.pki.clone();
+        self.spawn(
+            "kube-controller-manager",
+            &[
+                &format!("--kubeconfig={kcfg}"),
+                &format!("--authentication-kubeconfig={kcfg}"),
+                &format!("--authorization-kubeconfig={kcfg}"),
+                "--bind-address=127.0.0.1",
+                &format!("--secure-port={kcm_port}"),
+                "--leader-elect=false",
+                "--use-service-account-credentials=false",
+                &format!("--service-account-private-key-file={}", p.sa_key.display()),
+                &format!("--root-ca-file={}", p.ca_cert.display()),
+                &format!("--cert-dir={}", self.work_dir.join("kcm-certs").display()),
+                "--controllers=*",
+                "--v=1",
+            ],
+        )?;
+        self.wait_for(
+            "kube-controller-manager",
+            deadline,
+            "creating the default ServiceAccount",
+            |cp| cp.kubectl_ok(&["get", "serviceaccount", "default", "-n", "default"]),
+        )
     }
 
     fn spawn(&mut self, name: &'static str, args: &[&str]) -> Result<()> {
@@ -279,12 +289,6 @@ impl ControlPlane {
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         self.wait_for(who, deadline, &format!("waiting for port {port}"), |_| {
             std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
-        })
-    }
-
-    fn wait_ready(&mut self, deadline: Instant) -> Result<()> {
-        self.wait_for("kube-apiserver", deadline, "waiting for /readyz", |cp| {
-            cp.kubectl_ok(&["get", "--raw", "/readyz"])
         })
     }
 

@@ -34,7 +34,7 @@ pub fn third_party_crd_dir(bin_dir: &Path) -> PathBuf {
 /// Runs a command and returns its output, with a readable error if it cannot start.
 pub fn run(cmd: &mut Command) -> Result<Output> {
     cmd.output()
-        .with_context(|| format!("cannot run {:?}", cmd.get_program()))
+        .with_context(|| format!("cannot run {}", cmd.get_program().display()))
 }
 
 /// Runs a command that must succeed; the error carries its stderr.
@@ -42,8 +42,8 @@ pub fn run_ok(cmd: &mut Command) -> Result<String> {
     let out = run(cmd)?;
     if !out.status.success() {
         bail!(
-            "{:?} {:?} failed ({}): {}",
-            cmd.get_program(),
+            "{} {:?} failed ({}): {}",
+            cmd.get_program().display(),
             cmd.get_args().collect::<Vec<_>>(),
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()

@@ -9,18 +9,15 @@ use palisade_e2e::{ControlPlane, Options, controlplane::default_bin_dir, repo_ro
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let result = match args.first().map(String::as_str) {
-        Some("up") => up(&args[1..]),
-        _ => {
-            eprintln!(
-                "usage: palisade-e2e up [--state DIR] [--port PORT] [--no-examples]\n\
-                 Starts etcd, kube-apiserver and kube-controller-manager on 127.0.0.1 with\n\
-                 Palisade's CRDs and examples applied, until interrupted."
-            );
-            return ExitCode::from(2);
-        }
-    };
-    match result {
+    if args.first().map(String::as_str) != Some("up") {
+        eprintln!(
+            "usage: palisade-e2e up [--state DIR] [--port PORT] [--no-examples]\n\
+             Starts etcd, kube-apiserver and kube-controller-manager on 127.0.0.1 with\n\
+             Palisade's CRDs and examples applied, until interrupted."
+        );
+        return ExitCode::from(2);
+    }
+    match up(&args[1..]) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("palisade-e2e: {e:#}");

@@ -14,7 +14,9 @@ use palisade_e2e::{ControlPlane, Options};
 
 /// The shared control plane every test talks to.
 pub struct Env {
+    /// The control plane.
     pub cp: ControlPlane,
+    /// How it was started (binary directory for further control planes).
     pub opts: Options,
 }
 
