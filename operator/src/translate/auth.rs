@@ -1,0 +1,342 @@
+//! AuthPolicy → Istio `security.istio.io/v1` objects (and SPIRE `ClusterSPIFFEID`s).
+//!
+//! | AuthPolicy | generated |
+//! |---|---|
+//! | `rules` | `AuthorizationPolicy` `<p>-allow`, action ALLOW (an empty list refuses everything) |
+//! | `deny`, `jwt.requireToken` | `AuthorizationPolicy` `<p>-deny`, action DENY |
+//! | `external` | `AuthorizationPolicy` `<p>-ext`, action CUSTOM, and the OPA data ConfigMap |
+//! | `jwt` | `RequestAuthentication` `<p>-jwt` |
+//! | `mtls: Strict/Permissive` | `PeerAuthentication` `<p>-mtls` |
+//! | identity source SPIRE | `ClusterSPIFFEID` `<ns>-<p>-id` (cluster-scoped) |
+//!
+//! Istio evaluates CUSTOM, then DENY, then ALLOW; these are separate objects so each action keeps
+//! its own semantics.
+
+use palisade_api::{
+    AuthPolicy, SpiffeId,
+    auth_policy::{AuthRule, MtlsMode, Operation, Source, When},
+};
+use serde_json::{Map, Value, json};
+
+use super::{Context, Desired, IdentitySource, Owner, put};
+use crate::names;
+
+const SECURITY_V1: &str = "security.istio.io/v1";
+const SPIRE_V1ALPHA1: &str = "spire.spiffe.io/v1alpha1";
+/// Default longest access-token lifetime enforced by the OPA policy.
+pub const DEFAULT_MAX_TOKEN_LIFETIME_SECS: u64 = 15 * 60;
+/// The Rego policy the CUSTOM action's OPA evaluates, shipped in the data ConfigMap.
+pub const AUTHZ_REGO: &str = include_str!("../../../policies/authz/authz.rego");
+
+/// Translates one AuthPolicy. Never fails: what cannot be expressed is reported in notes.
+pub fn translate(policy: &AuthPolicy, ctx: &Context) -> Desired {
+    let ns = policy.metadata.namespace.as_deref().unwrap_or_default();
+    let name = policy.metadata.name.as_deref().unwrap_or_default();
+    let owner = Owner {
+        api_version: "palisade.dev/v1alpha1",
+        kind: "AuthPolicy",
+        name,
+        namespace: ns,
+        uid: policy.metadata.uid.as_deref().unwrap_or_default(),
+    };
+    let spec = &policy.spec;
+    let mut out = Desired::default();
+
+    // Where the Istio objects attach: a pod selector, Gateway API/Service targets, or the whole
+    // namespace.
+    let mut attach = Map::new();
+    if let Some(sel) = &spec.selector {
+        attach.insert("selector".into(), json!({"matchLabels": sel.match_labels}));
+    }
+    if let Some(refs) = &spec.target_refs {
+        let refs: Vec<Value> = refs
+            .iter()
+            .map(|r| json!({"group": r.group, "kind": r.kind, "name": r.name}))
+            .collect();
+        attach.insert("targetRefs".into(), Value::Array(refs));
+    }
+
+    if let Some(rules) = &spec.rules {
+        let rules: Vec<Value> = rules.iter().map(|r| istio_rule(r, ns, ctx)).collect();
+        let mut s = attach.clone();
+        s.insert("action".into(), json!("ALLOW"));
+        put(&mut s, "rules", Value::Array(rules));
+        out.objects.push(owner.object(
+            SECURITY_V1,
+            "AuthorizationPolicy",
+            &names::generated(name, "allow"),
+            Value::Object(s),
+        ));
+    }
+
+    let mut deny_rules: Vec<Value> = Vec::new();
+    for (i, rule) in spec.deny.iter().flatten().enumerate() {
+        if rule.to.iter().any(|op| !op.methods.is_empty() || !op.paths.is_empty())
+            && rule.to.iter().all(|op| op.ports.is_empty())
+        {
+            out.warn(
+                "DenyHttpFieldsWithoutPorts",
+                format!(
+                    "deny[{i}] matches HTTP methods or paths but names no ports: on plain TCP traffic \
+                     Istio ignores HTTP fields, so this rule refuses every TCP connection; add the \
+                     HTTP ports to its `to` entries"
+                ),
+            );
+        }
+        deny_rules.push(istio_rule(rule, ns, ctx));
+    }
+    if spec.jwt.as_ref().is_some_and(|j| j.require_token) {
+        // Requests with no valid token have no request principal: refuse them.
+        deny_rules.push(json!({"from": [{"source": {"notRequestPrincipals": ["*"]}}]}));
+    }
+    if !deny_rules.is_empty() {
+        let mut s = attach.clone();
+        s.insert("action".into(), json!("DENY"));
+        s.insert("rules".into(), Value::Array(deny_rules));
+        out.objects.push(owner.object(
+            SECURITY_V1,
+            "AuthorizationPolicy",
+            &names::generated(name, "deny"),
+            Value::Object(s),
+        ));
+    }
+
+    if let Some(ext) = &spec.external {
+        let mut rule = Map::new();
+        put(&mut rule, "to", operations(&ext.to));
+        let mut s = attach.clone();
+        s.insert("action".into(), json!("CUSTOM"));
+        s.insert("provider".into(), json!({"name": ext.provider}));
+        s.insert("rules".into(), json!([rule]));
+        out.objects.push(owner.object(
+            SECURITY_V1,
+            "AuthorizationPolicy",
+            &names::generated(name, "ext"),
+            Value::Object(s),
+        ));
+        out.objects.push(opa_config_map(policy, &owner, name));
+    }
+
+    if let Some(jwt) = &spec.jwt {
+        let mut rule = Map::new();
+        rule.insert("issuer".into(), json!(jwt.issuer));
+        if let Some(uri) = &jwt.jwks_uri {
+            rule.insert("jwksUri".into(), json!(uri));
+        }
+        put(&mut rule, "audiences", json!(jwt.audiences));
+        rule.insert("forwardOriginalToken".into(), json!(true));
+        let mut s = attach.clone();
+        s.insert("jwtRules".into(), json!([rule]));
+        out.objects.push(owner.object(
+            SECURITY_V1,
+            "RequestAuthentication",
+            &names::generated(name, "jwt"),
+            Value::Object(s),
+        ));
+    }
+
+    let uses_identity = spec
+        .rules
+        .iter()
+        .flatten()
+        .chain(spec.deny.iter().flatten())
+        .any(|r| !r.from.is_empty());
+    match spec.mtls {
+        MtlsMode::Inherit | MtlsMode::Permissive if uses_identity => out.warn(
+            "IdentityWithoutStrictMtls",
+            format!(
+                "rules name callers by identity, but mtls is {:?}: plain-text callers carry no \
+                 identity, so identity rules cannot match them; set mtls: Strict",
+                spec.mtls
+            ),
+        ),
+        _ => {}
+    }
+    let mode = match spec.mtls {
+        MtlsMode::Strict => Some("STRICT"),
+        MtlsMode::Permissive => Some("PERMISSIVE"),
+        MtlsMode::Inherit => None,
+    };
+    if let Some(mode) = mode {
+        if spec.target_refs.is_some() {
+            out.warn(
+                "MtlsNotAppliedToTargets",
+                "PeerAuthentication selects pods, not Gateways or Services: mtls is not applied \
+                 for targetRefs; set it on an AuthPolicy with a selector"
+                    .into(),
+            );
+        } else {
+            let mut s = Map::new();
+            if let Some(sel) = &spec.selector {
+                s.insert("selector".into(), json!({"matchLabels": sel.match_labels}));
+            }
+            s.insert("mtls".into(), json!({"mode": mode}));
+            out.objects.push(owner.object(
+                SECURITY_V1,
+                "PeerAuthentication",
+                &names::generated(name, "mtls"),
+                Value::Object(s),
+            ));
+        }
+    }
+
+    if ctx.identity_source == IdentitySource::Spire && spec.target_refs.is_none() {
+        let mut s = Map::new();
+        s.insert(
+            "spiffeIDTemplate".into(),
+            json!("spiffe://{{ .TrustDomain }}/ns/{{ .PodMeta.Namespace }}/sa/{{ .PodSpec.ServiceAccountName }}"),
+        );
+        s.insert(
+            "namespaceSelector".into(),
+            json!({"matchLabels": {"kubernetes.io/metadata.name": ns}}),
+        );
+        if let Some(sel) = &spec.selector {
+            s.insert("podSelector".into(), json!({"matchLabels": sel.match_labels}));
+        }
+        out.objects.push(owner.cluster_object(
+            SPIRE_V1ALPHA1,
+            "ClusterSPIFFEID",
+            &names::generated(&format!("{ns}-{name}"), "id"),
+            Value::Object(s),
+        ));
+    }
+    out
+}
+
+/// One Palisade rule as one Istio rule. Sources of one kind are merged into one `source` (values
+/// in a list OR); different kinds become separate `from` entries (entries OR).
+fn istio_rule(rule: &AuthRule, ns: &str, ctx: &Context) -> Value {
+    let mut principals = Vec::new();
+    let mut namespaces = Vec::new();
+    for source in &rule.from {
+        match source {
+            Source::ServiceAccount(sa) => {
+                let sa_ns = sa.namespace.as_deref().unwrap_or(ns);
+                // Names are validated by the API server; a name that still does not form a
+                // SPIFFE ID is written as Istio would derive it.
+                principals.push(
+                    SpiffeId::for_service_account(&ctx.trust_domain, sa_ns, &sa.name).map_or_else(
+                        |_| format!("{}/ns/{sa_ns}/sa/{}", ctx.trust_domain, sa.name),
+                        |id| id.istio_principal().to_owned(),
+                    ),
+                );
+            }
+            Source::SpiffeId(id) => principals.push(id.istio_principal().to_owned()),
+            Source::Namespace(n) => namespaces.push(n.clone()),
+        }
+    }
+    let mut from = Vec::new();
+    if !principals.is_empty() {
+        from.push(json!({"source": {"principals": principals}}));
+    }
+    if !namespaces.is_empty() {
+        from.push(json!({"source": {"namespaces": namespaces}}));
+    }
+    let mut when = Vec::new();
+    for w in &rule.when {
+        match w {
+            When::JwtScopes(scopes) => {
+                // Each scope is its own condition: conditions AND, values within one OR.
+                for scope in scopes {
+                    when.push(json!({"key": "request.auth.claims[scope]", "values": [scope]}));
+                }
+            }
+            When::Claim(c) => {
+                let path: Vec<&str> = c.name.split('.').collect();
+                when.push(json!({
+                    "key": format!("request.auth.claims[{}]", path.join("][")),
+                    "values": c.values,
+                }));
+            }
+        }
+    }
+    let mut r = Map::new();
+    put(&mut r, "from", Value::Array(from));
+    put(&mut r, "to", operations(&rule.to));
+    put(&mut r, "when", Value::Array(when));
+    Value::Object(r)
+}
+
+/// Operations as Istio `to` entries. An operation with no constraint matches everything, which
+/// makes the whole list match everything: then no `to` is written.
+fn operations(ops: &[Operation]) -> Value {
+    let mut to = Vec::new();
+    for op in ops {
+        let mut o = Map::new();
+        put(
+            &mut o,
+            "methods",
+            json!(op.methods.iter().map(|m| m.as_str()).collect::<Vec<_>>()),
+        );
+        put(&mut o, "paths", json!(op.paths));
+        put(
+            &mut o,
+            "ports",
+            json!(op.ports.iter().map(|p| p.0.to_string()).collect::<Vec<_>>()),
+        );
+        if o.is_empty() {
+            return Value::Array(Vec::new());
+        }
+        to.push(json!({"operation": o}));
+    }
+    Value::Array(to)
+}
+
+/// The data the OPA sidecar's Rego policy reads: token rules derived from the AuthPolicy.
+fn opa_config_map(policy: &AuthPolicy, owner: &Owner<'_>, name: &str) -> Value {
+    let spec = &policy.spec;
+    let max_lifetime = spec
+        .jwt
+        .as_ref()
+        .and_then(|j| j.max_token_lifetime.as_ref())
+        .map_or(DEFAULT_MAX_TOKEN_LIFETIME_SECS, palisade_api::Duration::as_secs);
+    let mut required = Vec::new();
+    for rule in spec.rules.iter().flatten() {
+        let scopes: Vec<&String> = rule
+            .when
+            .iter()
+            .filter_map(|w| match w {
+                When::JwtScopes(s) => Some(s),
+                When::Claim(_) => None,
+            })
+            .flatten()
+            .collect();
+        if scopes.is_empty() {
+            continue;
+        }
+        for op in &rule.to {
+            let methods: Vec<&str> = op.methods.iter().map(|m| m.as_str()).collect();
+            for path in &op.paths {
+                required.push(json!({"path": path, "methods": methods, "scopes": scopes}));
+            }
+        }
+    }
+    // Access tokens carry only sub, scope, exp and iat — plus iss and aud where this policy's
+    // JWT validation needs them.
+    let mut allowed = vec!["sub", "scope", "exp", "iat"];
+    if let Some(jwt) = &spec.jwt {
+        allowed.push("iss");
+        if !jwt.audiences.is_empty() {
+            allowed.push("aud");
+        }
+    }
+    let data = json!({
+        "palisade": {"config": {"authz": {
+            "maxTokenLifetimeSeconds": max_lifetime,
+            "allowedClaims": allowed,
+            "requiredScopes": required,
+        }}}
+    });
+    let mut cm = owner.object("v1", "ConfigMap", &names::generated(name, "opa"), Value::Null);
+    if let Value::Object(m) = &mut cm {
+        m.remove("spec");
+        m.insert(
+            "data".into(),
+            json!({
+                "authz.rego": AUTHZ_REGO,
+                "data.json": serde_json::to_string_pretty(&data).unwrap_or_default(),
+            }),
+        );
+    }
+    cm
+}
