@@ -2,3 +2,4 @@
 //! (spec → desired objects), apply the result and write status.
 
 pub mod names;
+pub mod translate;

@@ -55,68 +55,54 @@ pub fn translate(policy: &AuthPolicy, ctx: &Context) -> Desired {
             .collect();
         attach.insert("targetRefs".into(), Value::Array(refs));
     }
+    let authz = |action: &str, rules: Option<Vec<Value>>, extra: Option<(&str, Value)>| {
+        let mut s = attach.clone();
+        s.insert("action".into(), json!(action));
+        if let Some((k, v)) = extra {
+            s.insert(k.into(), v);
+        }
+        if let Some(rules) = rules {
+            put(&mut s, "rules", Value::Array(rules));
+        }
+        Value::Object(s)
+    };
 
     if let Some(rules) = &spec.rules {
-        let rules: Vec<Value> = rules.iter().map(|r| istio_rule(r, ns, ctx)).collect();
-        let mut s = attach.clone();
-        s.insert("action".into(), json!("ALLOW"));
-        put(&mut s, "rules", Value::Array(rules));
+        let rules = rules.iter().map(|r| istio_rule(r, ns, ctx)).collect();
+        let s = authz("ALLOW", Some(rules), None);
         out.objects.push(owner.object(
             SECURITY_V1,
             "AuthorizationPolicy",
             &names::generated(name, "allow"),
-            Value::Object(s),
+            s,
         ));
     }
-
-    let mut deny_rules: Vec<Value> = Vec::new();
-    for (i, rule) in spec.deny.iter().flatten().enumerate() {
-        if rule.to.iter().any(|op| !op.methods.is_empty() || !op.paths.is_empty())
-            && rule.to.iter().all(|op| op.ports.is_empty())
-        {
-            out.warn(
-                "DenyHttpFieldsWithoutPorts",
-                format!(
-                    "deny[{i}] matches HTTP methods or paths but names no ports: on plain TCP traffic \
-                     Istio ignores HTTP fields, so this rule refuses every TCP connection; add the \
-                     HTTP ports to its `to` entries"
-                ),
-            );
-        }
-        deny_rules.push(istio_rule(rule, ns, ctx));
-    }
-    if spec.jwt.as_ref().is_some_and(|j| j.require_token) {
-        // Requests with no valid token have no request principal: refuse them.
-        deny_rules.push(json!({"from": [{"source": {"notRequestPrincipals": ["*"]}}]}));
-    }
+    let deny_rules = deny_rules(policy, ctx, &mut out);
     if !deny_rules.is_empty() {
-        let mut s = attach.clone();
-        s.insert("action".into(), json!("DENY"));
-        s.insert("rules".into(), Value::Array(deny_rules));
+        let s = authz("DENY", Some(deny_rules), None);
         out.objects.push(owner.object(
             SECURITY_V1,
             "AuthorizationPolicy",
             &names::generated(name, "deny"),
-            Value::Object(s),
+            s,
         ));
     }
-
     if let Some(ext) = &spec.external {
         let mut rule = Map::new();
         put(&mut rule, "to", operations(&ext.to));
-        let mut s = attach.clone();
-        s.insert("action".into(), json!("CUSTOM"));
-        s.insert("provider".into(), json!({"name": ext.provider}));
-        s.insert("rules".into(), json!([rule]));
+        let s = authz(
+            "CUSTOM",
+            Some(vec![Value::Object(rule)]),
+            Some(("provider", json!({"name": ext.provider}))),
+        );
         out.objects.push(owner.object(
             SECURITY_V1,
             "AuthorizationPolicy",
             &names::generated(name, "ext"),
-            Value::Object(s),
+            s,
         ));
         out.objects.push(opa_config_map(policy, &owner, name));
     }
-
     if let Some(jwt) = &spec.jwt {
         let mut rule = Map::new();
         rule.insert("issuer".into(), json!(jwt.issuer));
@@ -134,73 +120,120 @@ pub fn translate(policy: &AuthPolicy, ctx: &Context) -> Desired {
             Value::Object(s),
         ));
     }
+    peer_authentication(policy, &owner, &mut out);
+    if ctx.identity_source == IdentitySource::Spire && spec.target_refs.is_none() {
+        out.objects.push(cluster_spiffe_id(policy, &owner));
+    }
+    out
+}
 
+/// The DENY rules: `deny`, plus "no valid token" when the JWT is required.
+fn deny_rules(policy: &AuthPolicy, ctx: &Context, out: &mut Desired) -> Vec<Value> {
+    let spec = &policy.spec;
+    let ns = policy.metadata.namespace.as_deref().unwrap_or_default();
+    let mut rules = Vec::new();
+    for (i, rule) in spec.deny.iter().flatten().enumerate() {
+        if rule
+            .to
+            .iter()
+            .any(|op| !op.methods.is_empty() || !op.paths.is_empty())
+            && rule.to.iter().all(|op| op.ports.is_empty())
+        {
+            out.warn(
+                "DenyHttpFieldsWithoutPorts",
+                format!(
+                    "deny[{i}] matches HTTP methods or paths but names no ports: on plain TCP traffic \
+                     Istio ignores HTTP fields, so this rule refuses every TCP connection; add the \
+                     HTTP ports to its `to` entries"
+                ),
+            );
+        }
+        rules.push(istio_rule(rule, ns, ctx));
+    }
+    if spec.jwt.as_ref().is_some_and(|j| j.require_token) {
+        // Requests with no valid token have no request principal: refuse them.
+        rules.push(json!({"from": [{"source": {"notRequestPrincipals": ["*"]}}]}));
+    }
+    rules
+}
+
+fn peer_authentication(policy: &AuthPolicy, owner: &Owner<'_>, out: &mut Desired) {
+    let spec = &policy.spec;
     let uses_identity = spec
         .rules
         .iter()
         .flatten()
         .chain(spec.deny.iter().flatten())
         .any(|r| !r.from.is_empty());
-    match spec.mtls {
-        MtlsMode::Inherit | MtlsMode::Permissive if uses_identity => out.warn(
-            "IdentityWithoutStrictMtls",
-            format!(
-                "rules name callers by identity, but mtls is {:?}: plain-text callers carry no \
-                 identity, so identity rules cannot match them; set mtls: Strict",
-                spec.mtls
-            ),
-        ),
-        _ => {}
-    }
     let mode = match spec.mtls {
-        MtlsMode::Strict => Some("STRICT"),
-        MtlsMode::Permissive => Some("PERMISSIVE"),
-        MtlsMode::Inherit => None,
-    };
-    if let Some(mode) = mode {
-        if spec.target_refs.is_some() {
-            out.warn(
-                "MtlsNotAppliedToTargets",
-                "PeerAuthentication selects pods, not Gateways or Services: mtls is not applied \
-                 for targetRefs; set it on an AuthPolicy with a selector"
-                    .into(),
-            );
-        } else {
-            let mut s = Map::new();
-            if let Some(sel) = &spec.selector {
-                s.insert("selector".into(), json!({"matchLabels": sel.match_labels}));
+        MtlsMode::Strict => "STRICT",
+        MtlsMode::Permissive | MtlsMode::Inherit => {
+            if uses_identity {
+                out.warn(
+                    "IdentityWithoutStrictMtls",
+                    format!(
+                        "rules name callers by identity, but mtls is {:?}: plain-text callers carry \
+                         no identity, so identity rules cannot match them; set mtls: Strict",
+                        spec.mtls
+                    ),
+                );
             }
-            s.insert("mtls".into(), json!({"mode": mode}));
-            out.objects.push(owner.object(
-                SECURITY_V1,
-                "PeerAuthentication",
-                &names::generated(name, "mtls"),
-                Value::Object(s),
-            ));
+            if spec.mtls == MtlsMode::Inherit {
+                return;
+            }
+            "PERMISSIVE"
         }
+    };
+    if spec.target_refs.is_some() {
+        out.warn(
+            "MtlsNotAppliedToTargets",
+            "PeerAuthentication selects pods, not Gateways or Services: mtls is not applied for \
+             targetRefs; set it on an AuthPolicy with a selector"
+                .into(),
+        );
+        return;
     }
+    let mut s = Map::new();
+    if let Some(sel) = &spec.selector {
+        s.insert("selector".into(), json!({"matchLabels": sel.match_labels}));
+    }
+    s.insert("mtls".into(), json!({"mode": mode}));
+    out.objects.push(owner.object(
+        SECURITY_V1,
+        "PeerAuthentication",
+        &names::generated(owner.name, "mtls"),
+        Value::Object(s),
+    ));
+}
 
-    if ctx.identity_source == IdentitySource::Spire && spec.target_refs.is_none() {
-        let mut s = Map::new();
+/// The SPIRE registration that gives the selected pods the same SPIFFE IDs the rules name.
+fn cluster_spiffe_id(policy: &AuthPolicy, owner: &Owner<'_>) -> Value {
+    let mut s = Map::new();
+    s.insert(
+        "spiffeIDTemplate".into(),
+        json!("spiffe://{{ .TrustDomain }}/ns/{{ .PodMeta.Namespace }}/sa/{{ .PodSpec.ServiceAccountName }}"),
+    );
+    s.insert(
+        "namespaceSelector".into(),
+        json!({"matchLabels": {"kubernetes.io/metadata.name": owner.namespace}}),
+    );
+    if let Some(sel) = &policy.spec.selector {
         s.insert(
-            "spiffeIDTemplate".into(),
-            json!("spiffe://{{ .TrustDomain }}/ns/{{ .PodMeta.Namespace }}/sa/{{ .PodSpec.ServiceAccountName }}"),
+            "podSelector".into(),
+            json!({"matchLabels": sel.match_labels}),
         );
-        s.insert(
-            "namespaceSelector".into(),
-            json!({"matchLabels": {"kubernetes.io/metadata.name": ns}}),
-        );
-        if let Some(sel) = &spec.selector {
-            s.insert("podSelector".into(), json!({"matchLabels": sel.match_labels}));
-        }
-        out.objects.push(owner.cluster_object(
-            SPIRE_V1ALPHA1,
-            "ClusterSPIFFEID",
-            &names::generated(&format!("{ns}-{name}"), "id"),
-            Value::Object(s),
-        ));
     }
-    out
+    owner.cluster_object(
+        SPIRE_V1ALPHA1,
+        "ClusterSPIFFEID",
+        &cluster_spiffe_id_name(owner.namespace, owner.name),
+        Value::Object(s),
+    )
+}
+
+/// Name of the ClusterSPIFFEID generated for the AuthPolicy `namespace/name`.
+pub fn cluster_spiffe_id_name(namespace: &str, name: &str) -> String {
+    names::generated(&format!("{namespace}-{name}"), "id")
 }
 
 /// One Palisade rule as one Istio rule. Sources of one kind are merged into one `source` (values
@@ -289,7 +322,10 @@ fn opa_config_map(policy: &AuthPolicy, owner: &Owner<'_>, name: &str) -> Value {
         .jwt
         .as_ref()
         .and_then(|j| j.max_token_lifetime.as_ref())
-        .map_or(DEFAULT_MAX_TOKEN_LIFETIME_SECS, palisade_api::Duration::as_secs);
+        .map_or(
+            DEFAULT_MAX_TOKEN_LIFETIME_SECS,
+            palisade_api::Duration::as_secs,
+        );
     let mut required = Vec::new();
     for rule in spec.rules.iter().flatten() {
         let scopes: Vec<&String> = rule
@@ -327,16 +363,13 @@ fn opa_config_map(policy: &AuthPolicy, owner: &Owner<'_>, name: &str) -> Value {
             "requiredScopes": required,
         }}}
     });
-    let mut cm = owner.object("v1", "ConfigMap", &names::generated(name, "opa"), Value::Null);
-    if let Value::Object(m) = &mut cm {
-        m.remove("spec");
-        m.insert(
-            "data".into(),
-            json!({
-                "authz.rego": AUTHZ_REGO,
-                "data.json": serde_json::to_string_pretty(&data).unwrap_or_default(),
-            }),
-        );
-    }
-    cm
+    owner.object(
+        "v1",
+        "ConfigMap",
+        &names::generated(name, "opa"),
+        json!({"data": {
+            "authz.rego": AUTHZ_REGO,
+            "data.json": serde_json::to_string_pretty(&data).unwrap_or_default(),
+        }}),
+    )
 }

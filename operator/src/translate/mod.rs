@@ -141,7 +141,7 @@ impl Owner<'_> {
 
     /// A namespaced object owned (and garbage-collected with) the Palisade object.
     pub fn object(&self, api_version: &str, kind: &str, name: &str, spec: Value) -> Value {
-        json!({
+        let mut object = json!({
             "apiVersion": api_version,
             "kind": kind,
             "metadata": {
@@ -157,8 +157,9 @@ impl Owner<'_> {
                     "blockOwnerDeletion": true,
                 }],
             },
-            "spec": spec,
-        })
+        });
+        with_body(&mut object, spec);
+        object
     }
 
     /// A cluster-scoped object: it cannot carry a namespaced owner reference, so it is labelled
@@ -166,12 +167,25 @@ impl Owner<'_> {
     pub fn cluster_object(&self, api_version: &str, kind: &str, name: &str, spec: Value) -> Value {
         let mut labels = self.labels();
         labels.insert(OWNER_NAMESPACE_LABEL.into(), json!(self.namespace));
-        json!({
+        let mut object = json!({
             "apiVersion": api_version,
             "kind": kind,
             "metadata": {"name": name, "labels": labels},
-            "spec": spec,
-        })
+        });
+        with_body(&mut object, spec);
+        object
+    }
+}
+
+/// Sets `spec`, or for kinds without one (ConfigMap) merges the body's top-level fields.
+fn with_body(object: &mut Value, body: Value) {
+    let Value::Object(o) = object else { return };
+    match body {
+        Value::Object(fields) if fields.contains_key("data") => o.extend(fields),
+        Value::Null => {}
+        spec => {
+            o.insert("spec".into(), spec);
+        }
     }
 }
 
