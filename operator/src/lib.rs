@@ -1,5 +1,11 @@
 //! Palisade's operator. Controllers read Palisade objects, call pure translators
 //! (spec → desired objects), apply the result and write status.
 
+pub mod config;
+pub mod controller;
+pub mod diff;
+pub mod leader;
+pub mod metrics;
 pub mod names;
+pub mod run;
 pub mod translate;

@@ -25,7 +25,7 @@ pub const OWNER_NAMESPACE_LABEL: &str = "palisade.dev/owner-namespace";
 
 /// Cluster facts and operator settings a translation depends on.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct Context {
     /// The mesh trust domain (`cluster.local` by default in Istio).
     pub trust_domain: String,

@@ -1,0 +1,142 @@
+//! The operator's configuration file (YAML), e.g.
+//!
+//! ```yaml
+//! trustDomain: cluster.local
+//! identitySource: Istio            # or Spire
+//! defaultRateLimitBackend: EnvoyGateway
+//! envoyGatewayRateLimit: Global    # or Local
+//! leaderElection: {enabled: true, leaseName: palisade-operator, leaseNamespace: palisade-system}
+//! metricsAddress: 127.0.0.1:9090
+//! ```
+
+use std::{net::SocketAddr, path::Path};
+
+use serde::Deserialize;
+
+use crate::translate::Context;
+
+/// Operator settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Config {
+    /// Translation settings: every top-level key other than the ones below.
+    #[serde(skip)]
+    pub context: Context,
+    /// Leader election on a Lease.
+    #[serde(default)]
+    pub leader_election: LeaderElection,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    #[serde(default = "default_metrics_address")]
+    pub metrics_address: SocketAddr,
+}
+
+/// Leader election settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LeaderElection {
+    /// Whether to elect a leader (off only for a single replica).
+    pub enabled: bool,
+    /// Lease name.
+    pub lease_name: String,
+    /// Lease namespace.
+    pub lease_namespace: String,
+    /// How long a lease lasts without renewal, in seconds.
+    pub lease_seconds: u32,
+}
+
+impl Default for LeaderElection {
+    fn default() -> Self {
+        LeaderElection {
+            enabled: true,
+            lease_name: "palisade-operator".into(),
+            lease_namespace: "palisade-system".into(),
+            lease_seconds: 15,
+        }
+    }
+}
+
+fn default_metrics_address() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9090))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_defaults() {
+        let c = Config::parse("trustDomain: prod.example\nidentitySource: Spire\nleaderElection: {enabled: false, leaseName: l, leaseNamespace: n, leaseSeconds: 10}\n")
+            .expect("valid");
+        assert_eq!(c.context.trust_domain, "prod.example");
+        assert!(!c.leader_election.enabled);
+        assert_eq!(c.metrics_address.port(), 9090);
+        let empty = Config::parse("{}").expect("valid");
+        assert_eq!(empty.context, Context::default());
+    }
+
+    #[test]
+    fn typos_are_errors() {
+        let err = Config::parse("trustDomian: x\n").expect_err("unknown key");
+        assert!(err.to_string().contains("trustDomian"), "{err}");
+        assert!(Config::parse("identitySource: Vault\n").is_err());
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            context: Context::default(),
+            leader_election: LeaderElection::default(),
+            metrics_address: default_metrics_address(),
+        }
+    }
+}
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// File path.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The file is not valid configuration.
+    #[error("invalid configuration in {path}: {source}")]
+    Parse {
+        /// File path.
+        path: String,
+        /// Cause.
+        source: serde_yaml::Error,
+    },
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|source| ConfigError::Parse {
+            path: path.display().to_string(),
+            source,
+        })
+    }
+
+    /// Parses configuration text. Unknown keys are errors, so a typo is never silently ignored.
+    pub fn parse(text: &str) -> Result<Self, serde_yaml::Error> {
+        let mut all: serde_yaml::Mapping = serde_yaml::from_str(text)?;
+        let mut own = serde_yaml::Mapping::new();
+        for key in ["leaderElection", "metricsAddress"] {
+            if let Some(v) = all.remove(key) {
+                own.insert(key.into(), v);
+            }
+        }
+        let mut config: Config = serde_yaml::from_value(serde_yaml::Value::Mapping(own))?;
+        config.context = serde_yaml::from_value(serde_yaml::Value::Mapping(all))?;
+        Ok(config)
+    }
+}

@@ -1,0 +1,175 @@
+//! Applying desired objects: server-side apply only when the live object lacks something
+//! Palisade wants (so a resync writes nothing), and deleting what a policy no longer produces.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::Mutex,
+};
+
+use kube::{
+    Api,
+    api::{DeleteParams, DynamicObject, Patch, PatchParams},
+    runtime::reflector::ObjectRef,
+};
+use serde_json::Value;
+
+use super::{Error, FIELD_MANAGER, State};
+use crate::{
+    diff,
+    translate::{OWNER_KIND_LABEL, OWNER_NAME_LABEL, OWNER_NAMESPACE_LABEL},
+};
+
+/// What happened to one desired object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The live object already held everything.
+    Unchanged,
+    /// The object was created.
+    Created,
+    /// The object was changed (the spec changed, or someone edited it: `drift` names where).
+    Updated {
+        /// First path where the live object differed, when it existed.
+        drift: Option<String>,
+    },
+    /// The cluster does not serve this kind.
+    KindMissing,
+}
+
+/// The last desired value applied, per object, to tell an object that the cache has not seen yet
+/// from one that was deleted.
+#[derive(Default)]
+pub struct AppliedCache(Mutex<HashMap<String, u64>>);
+
+impl AppliedCache {
+    fn key(v: &Value) -> String {
+        format!(
+            "{}/{}/{}/{}",
+            v["apiVersion"].as_str().unwrap_or_default(),
+            v["kind"].as_str().unwrap_or_default(),
+            v["metadata"]["namespace"].as_str().unwrap_or_default(),
+            v["metadata"]["name"].as_str().unwrap_or_default()
+        )
+    }
+
+    fn hash(v: &Value) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        v.to_string().hash(&mut h);
+        h.finish()
+    }
+
+    fn was_applied(&self, v: &Value) -> bool {
+        self.0
+            .lock()
+            .is_ok_and(|m| m.get(&Self::key(v)) == Some(&Self::hash(v)))
+    }
+
+    fn record(&self, v: &Value) {
+        if let Ok(mut m) = self.0.lock() {
+            m.insert(Self::key(v), Self::hash(v));
+        }
+    }
+
+    fn forget(&self, key: &str) {
+        if let Ok(mut m) = self.0.lock() {
+            m.remove(key);
+        }
+    }
+}
+
+/// Applies `desired` unless the live object already holds it.
+pub async fn apply(state: &State, desired: &Value) -> Result<Outcome, Error> {
+    let api_version = desired["apiVersion"].as_str().unwrap_or_default();
+    let kind = desired["kind"].as_str().unwrap_or_default();
+    let name = desired["metadata"]["name"].as_str().unwrap_or_default();
+    let namespace = desired["metadata"]["namespace"].as_str();
+    let Some(gk) = state.kinds.get(&(api_version.to_owned(), kind.to_owned())) else {
+        return Ok(Outcome::KindMissing);
+    };
+    let api: Api<DynamicObject> = match namespace {
+        Some(ns) if gk.namespaced => Api::namespaced_with(state.client.clone(), ns, &gk.resource),
+        _ => Api::all_with(state.client.clone(), &gk.resource),
+    };
+    let mut oref = ObjectRef::new_with(name, gk.resource.clone());
+    if let (Some(ns), true) = (namespace, gk.namespaced) {
+        oref = oref.within(ns);
+    }
+    let live = match gk.store.get(&oref) {
+        Some(obj) => Some(serde_json::to_value(&*obj)?),
+        // Not in the cache: after our own apply the watch may simply not have delivered it
+        // yet, so look it up; a never-applied object is created without a lookup.
+        None if state.applied.was_applied(desired) => api
+            .get_opt(name)
+            .await?
+            .map(|o| serde_json::to_value(&o))
+            .transpose()?,
+        None => None,
+    };
+    let outcome = match &live {
+        Some(l) if diff::is_subset(desired, l) => {
+            state.applied.record(desired);
+            return Ok(Outcome::Unchanged);
+        }
+        Some(l) => Outcome::Updated {
+            drift: diff::first_difference(desired, l),
+        },
+        None => Outcome::Created,
+    };
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    api.patch(name, &params, &Patch::Apply(desired)).await?;
+    state.metrics.write("apply");
+    state.applied.record(desired);
+    Ok(outcome)
+}
+
+/// Deletes objects of `kinds` labelled as generated from `owner_kind` `namespace/name` whose
+/// names are not in `keep`. Only objects carrying Palisade's owner labels are ever touched.
+pub async fn prune(
+    state: &State,
+    kinds: &[(&str, &str)],
+    owner_kind: &str,
+    namespace: &str,
+    name: &str,
+    keep: &BTreeSet<(String, String)>,
+) -> Result<Vec<String>, Error> {
+    let mut deleted = Vec::new();
+    for (api_version, kind) in kinds {
+        let Some(gk) = state
+            .kinds
+            .get(&((*api_version).to_owned(), (*kind).to_owned()))
+        else {
+            continue;
+        };
+        for obj in gk.store.state() {
+            let labels = obj.metadata.labels.clone().unwrap_or_default();
+            let owned = labels.get(OWNER_KIND_LABEL).map(String::as_str) == Some(owner_kind)
+                && labels.get(OWNER_NAME_LABEL).map(String::as_str) == Some(name)
+                && (if gk.namespaced {
+                    obj.metadata.namespace.as_deref() == Some(namespace)
+                } else {
+                    labels.get(OWNER_NAMESPACE_LABEL).map(String::as_str) == Some(namespace)
+                });
+            let obj_name = obj.metadata.name.clone().unwrap_or_default();
+            if !owned || keep.contains(&((*kind).to_owned(), obj_name.clone())) {
+                continue;
+            }
+            let api: Api<DynamicObject> = if gk.namespaced {
+                Api::namespaced_with(state.client.clone(), namespace, &gk.resource)
+            } else {
+                Api::all_with(state.client.clone(), &gk.resource)
+            };
+            match api.delete(&obj_name, &DeleteParams::background()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
+            state.metrics.write("delete");
+            state.applied.forget(&format!(
+                "{api_version}/{kind}/{}/{obj_name}",
+                if gk.namespaced { namespace } else { "" }
+            ));
+            deleted.push(format!("{kind}/{obj_name}"));
+        }
+    }
+    Ok(deleted)
+}

@@ -1,0 +1,140 @@
+//! The AuthPolicy controller: translate, apply, prune, status.
+//!
+//! Only with SPIRE as identity source does an AuthPolicy get a finalizer: its ClusterSPIFFEID is
+//! cluster-scoped and cannot be garbage-collected through an owner reference. Everything else is
+//! owned by the AuthPolicy and removed by the garbage collector when it goes.
+
+use std::{sync::Arc, time::Instant};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::{
+    Api, Resource, ResourceExt,
+    api::{Patch, PatchParams},
+    runtime::controller::Action,
+};
+use palisade_api::{AuthPolicy, AuthPolicyStatus};
+use serde_json::json;
+
+use super::{AUTH_KINDS, Error, FIELD_MANAGER, RESYNC, State, enforce, publish_events, readiness};
+use crate::{
+    controller::status::{self, Cond},
+    translate::{self, IdentitySource},
+};
+
+/// Finalizer that removes an AuthPolicy's cluster-scoped ClusterSPIFFEID.
+pub const FINALIZER: &str = "palisade.dev/cluster-objects";
+
+/// Reconciles one AuthPolicy.
+pub async fn reconcile(policy: Arc<AuthPolicy>, state: Arc<State>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let result = reconcile_inner(&policy, &state).await;
+    state.metrics.reconciled(
+        "AuthPolicy",
+        result.as_ref().err().map(Error::reason),
+        started.elapsed(),
+    );
+    result
+}
+
+async fn reconcile_inner(policy: &AuthPolicy, state: &State) -> Result<Action, Error> {
+    let ns = policy.namespace().unwrap_or_default();
+    let name = policy.name_any();
+    let api: Api<AuthPolicy> = Api::namespaced(state.client.clone(), &ns);
+    let needs_finalizer = state.ctx.identity_source == IdentitySource::Spire;
+    let has_finalizer = policy.finalizers().iter().any(|f| f == FINALIZER);
+
+    if policy.meta().deletion_timestamp.is_some() {
+        if has_finalizer {
+            // Remove what the garbage collector cannot, then let the object go.
+            super::apply::prune(
+                state,
+                AUTH_KINDS,
+                "AuthPolicy",
+                &ns,
+                &name,
+                &std::collections::BTreeSet::new(),
+            )
+            .await?;
+            let rest: Vec<String> = policy
+                .finalizers()
+                .iter()
+                .filter(|f| *f != FINALIZER)
+                .cloned()
+                .collect();
+            api.patch(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"finalizers": rest}})),
+            )
+            .await?;
+            state.metrics.write("finalizer");
+        }
+        return Ok(Action::await_change());
+    }
+    if needs_finalizer && !has_finalizer {
+        let mut all = policy.finalizers().to_vec();
+        all.push(FINALIZER.into());
+        api.patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"finalizers": all}})),
+        )
+        .await?;
+        state.metrics.write("finalizer");
+    }
+
+    let desired = translate::auth::translate(policy, &state.ctx);
+    let enforced = enforce(
+        state,
+        AUTH_KINDS,
+        "AuthPolicy",
+        &ns,
+        &name,
+        &desired.objects,
+    )
+    .await;
+    let mut conds = vec![Cond::new(
+        "Accepted",
+        true,
+        "Accepted",
+        format!("translated into {} Istio objects", desired.objects.len()),
+    )];
+    let result = match enforced {
+        Ok(r) => {
+            conds.extend(readiness(&r, &desired.notes, desired.objects.len()));
+            Some(r)
+        }
+        Err(e) => {
+            conds.push(Cond::new("Ready", false, e.reason(), e.to_string()));
+            None
+        }
+    };
+    let previous = policy.status.clone().unwrap_or_default();
+    let now = Time(jiff_now());
+    let new = AuthPolicyStatus {
+        common: status::build(&previous.common, policy.meta().generation, &conds, &now),
+        generated: status::generated_refs(&desired.objects),
+    };
+    if new != previous {
+        api.patch_status(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(json!({
+                "apiVersion": "palisade.dev/v1alpha1",
+                "kind": "AuthPolicy",
+                "status": new,
+            })),
+        )
+        .await?;
+        state.metrics.write("status");
+    }
+    if let Some(r) = &result {
+        publish_events(state, &policy.object_ref(&()), r).await;
+    }
+    Ok(Action::requeue(RESYNC))
+}
+
+/// The current time (the only clock read in a reconcile, outside the pure translators).
+pub(crate) fn jiff_now() -> k8s_openapi::jiff::Timestamp {
+    k8s_openapi::jiff::Timestamp::now()
+}

@@ -1,0 +1,328 @@
+//! Controllers: AuthPolicy and RateLimitPolicy.
+//!
+//! In: watch events of the Palisade objects and of every object Palisade generated (filtered by
+//! the `app.kubernetes.io/managed-by=palisade` label; each generated kind is cached in a store).
+//! Out: server-side applies of what the translators return — only when the cached live object
+//! does not already hold it — deletes of what is no longer wanted, status, and Events.
+
+pub mod apply;
+pub mod auth;
+pub mod ratelimit;
+pub mod status;
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use futures::{Stream, StreamExt};
+use kube::{
+    Api, Client,
+    api::{ApiResource, DynamicObject, GroupVersionKind},
+    runtime::{
+        WatchStreamExt,
+        events::{Recorder, Reporter},
+        reflector::{self, Store},
+        watcher,
+    },
+};
+
+use crate::{
+    metrics::Metrics,
+    translate::{Context, MANAGED_BY, MANAGED_BY_LABEL},
+};
+
+/// Field manager of every write Palisade makes.
+pub const FIELD_MANAGER: &str = "palisade-operator";
+
+/// How often a reconciled object is looked at again without any event (a no-op resync).
+pub const RESYNC: Duration = Duration::from_mins(10);
+
+/// A generated kind the cluster serves, with its cache.
+#[derive(Clone)]
+pub struct GeneratedKind {
+    /// How to reach it.
+    pub resource: ApiResource,
+    /// Whether it is namespaced.
+    pub namespaced: bool,
+    /// Cached live objects carrying Palisade's label.
+    pub store: Store<DynamicObject>,
+}
+
+/// Everything a reconcile needs.
+pub struct State {
+    /// API client.
+    pub client: Client,
+    /// Translation settings.
+    pub ctx: Context,
+    /// Generated kinds by `(apiVersion, kind)`; a missing entry means the cluster lacks the CRD.
+    pub kinds: BTreeMap<(String, String), GeneratedKind>,
+    /// Event recorder.
+    pub recorder: Recorder,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// The last desired object applied per object, to tell "not yet in the cache" from "gone".
+    pub applied: apply::AppliedCache,
+}
+
+/// `(apiVersion, kind)` of every object the AuthPolicy controller generates.
+pub const AUTH_KINDS: &[(&str, &str)] = &[
+    ("security.istio.io/v1", "AuthorizationPolicy"),
+    ("security.istio.io/v1", "RequestAuthentication"),
+    ("security.istio.io/v1", "PeerAuthentication"),
+    ("v1", "ConfigMap"),
+    ("spire.spiffe.io/v1alpha1", "ClusterSPIFFEID"),
+];
+
+/// `(apiVersion, kind)` of every object the RateLimitPolicy controller generates.
+pub const RATE_LIMIT_KINDS: &[(&str, &str)] = &[
+    ("gateway.envoyproxy.io/v1alpha1", "BackendTrafficPolicy"),
+    ("networking.istio.io/v1alpha3", "EnvoyFilter"),
+];
+
+fn gvk(api_version: &str, kind: &str) -> GroupVersionKind {
+    match api_version.split_once('/') {
+        Some((g, v)) => GroupVersionKind::gvk(g, v, kind),
+        None => GroupVersionKind::gvk("", api_version, kind),
+    }
+}
+
+/// Looks up which generated kinds the cluster serves. Kinds whose CRDs are missing are left out
+/// (policies needing them report it in status).
+pub async fn discover(client: &Client) -> BTreeMap<(String, String), (ApiResource, bool)> {
+    let mut found = BTreeMap::new();
+    for (api_version, kind) in AUTH_KINDS.iter().chain(RATE_LIMIT_KINDS) {
+        match kube::discovery::pinned_kind(client, &gvk(api_version, kind)).await {
+            Ok((ar, caps)) => {
+                let namespaced = caps.scope == kube::discovery::Scope::Namespaced;
+                found.insert(
+                    ((*api_version).to_owned(), (*kind).to_owned()),
+                    (ar, namespaced),
+                );
+            }
+            Err(e) => {
+                tracing::warn!(%api_version, %kind, error = %e, "generated kind not served; policies needing it will report BackendMissing");
+            }
+        }
+    }
+    found
+}
+
+/// A watch of one generated kind, restricted to Palisade's objects, feeding `writer`'s store.
+pub fn generated_stream(
+    client: &Client,
+    resource: &ApiResource,
+    writer: reflector::store::Writer<DynamicObject>,
+) -> impl Stream<Item = Result<DynamicObject, watcher::Error>> + Send + 'static {
+    let api = Api::<DynamicObject>::all_with(client.clone(), resource);
+    let config = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
+    watcher(api, config)
+        .default_backoff()
+        .modify(|o| {
+            // Managed fields are never compared; dropping them keeps the cache small.
+            o.metadata.managed_fields = None;
+        })
+        .reflect(writer)
+        .applied_objects()
+}
+
+/// The recorder Palisade publishes Events with.
+pub fn recorder(client: Client) -> Recorder {
+    Recorder::new(
+        client,
+        Reporter {
+            controller: FIELD_MANAGER.into(),
+            instance: std::env::var("POD_NAME").ok(),
+        },
+    )
+}
+
+/// A generated kind's `(apiVersion, kind)`, resource and watch stream.
+pub type KindStream = (
+    (String, String),
+    ApiResource,
+    futures::stream::BoxStream<'static, Result<DynamicObject, watcher::Error>>,
+);
+
+/// Builds the stores for the discovered kinds and returns them with their watch streams.
+pub fn stores(
+    client: &Client,
+    discovered: &BTreeMap<(String, String), (ApiResource, bool)>,
+) -> (BTreeMap<(String, String), GeneratedKind>, Vec<KindStream>) {
+    let mut kinds = BTreeMap::new();
+    let mut streams = Vec::new();
+    for (key, (ar, namespaced)) in discovered {
+        let writer = reflector::store::Writer::new(ar.clone());
+        let store = writer.as_reader();
+        let stream = generated_stream(client, ar, writer).boxed();
+        kinds.insert(
+            key.clone(),
+            GeneratedKind {
+                resource: ar.clone(),
+                namespaced: *namespaced,
+                store,
+            },
+        );
+        streams.push((key.clone(), ar.clone(), stream));
+    }
+    (kinds, streams)
+}
+
+/// Errors of one reconcile; each has a short reason for metrics, Events and conditions.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A call to the API server failed.
+    #[error("API request failed: {0}")]
+    Kube(#[from] kube::Error),
+    /// A generated object could not be serialized.
+    #[error("serialization failed: {0}")]
+    Serde(#[from] serde_json::Error),
+}
+
+impl Error {
+    /// Short reason, e.g. for the `reason` label of the error metric.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "ApiError",
+            Error::Serde(_) => "SerializationError",
+        }
+    }
+}
+
+/// What applying one policy's desired objects did.
+#[derive(Debug, Default)]
+pub struct Enforced {
+    /// Objects created or changed, as `Kind/name`.
+    pub changed: Vec<String>,
+    /// Objects whose hand edits were reverted, as `Kind/name at path`.
+    pub drift: Vec<String>,
+    /// Objects removed because the policy no longer produces them.
+    pub deleted: Vec<String>,
+    /// Kinds the cluster does not serve, as `apiVersion Kind`.
+    pub missing: Vec<String>,
+}
+
+/// Applies `desired` and prunes what `owner_kind` `namespace/name` no longer produces.
+pub async fn enforce(
+    state: &State,
+    kinds: &[(&str, &str)],
+    owner_kind: &str,
+    namespace: &str,
+    name: &str,
+    desired: &[serde_json::Value],
+) -> Result<Enforced, Error> {
+    use apply::Outcome;
+    let mut result = Enforced::default();
+    let mut keep = std::collections::BTreeSet::new();
+    for obj in desired {
+        let kind = obj["kind"].as_str().unwrap_or_default().to_owned();
+        let obj_name = obj["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let label = format!("{kind}/{obj_name}");
+        keep.insert((kind, obj_name));
+        match apply::apply(state, obj).await? {
+            Outcome::Unchanged => {}
+            Outcome::Created | Outcome::Updated { drift: None } => result.changed.push(label),
+            Outcome::Updated { drift: Some(path) } => {
+                result.drift.push(format!("{label} at {path}"));
+                result.changed.push(label);
+            }
+            Outcome::KindMissing => result.missing.push(format!(
+                "{} {}",
+                obj["apiVersion"].as_str().unwrap_or_default(),
+                obj["kind"].as_str().unwrap_or_default()
+            )),
+        }
+    }
+    result.deleted = apply::prune(state, kinds, owner_kind, namespace, name, &keep).await?;
+    Ok(result)
+}
+
+/// The `Ready`/`Stalled` conditions for an enforcement result and the translation notes.
+pub fn readiness(
+    result: &Enforced,
+    notes: &[crate::translate::Note],
+    total: usize,
+) -> Vec<status::Cond> {
+    use status::Cond;
+    let unsupported = notes
+        .iter()
+        .any(|n| n.severity == crate::translate::Severity::Unsupported);
+    let mut conds = Vec::new();
+    if result.missing.is_empty() {
+        conds.push(if unsupported {
+            Cond::new(
+                "Ready",
+                false,
+                "PartiallyEnforced",
+                format!("{total} generated objects applied, but part of the spec cannot be expressed (see Unsupported)"),
+            )
+        } else {
+            Cond::new("Ready", true, "Enforced", format!("{total} generated objects applied"))
+        });
+    } else {
+        let msg = format!(
+            "the cluster does not serve {}: install the CRDs of the mesh or gateway that enforces this policy",
+            result.missing.join(", ")
+        );
+        conds.push(Cond::new("Ready", false, "BackendMissing", msg.clone()));
+        conds.push(Cond::new("Stalled", true, "BackendMissing", msg));
+    }
+    conds.extend(status::note_conditions(notes));
+    conds
+}
+
+/// Publishes the Events for an enforcement result (nothing when nothing changed).
+pub async fn publish_events(
+    state: &State,
+    reference: &k8s_openapi::api::core::v1::ObjectReference,
+    result: &Enforced,
+) {
+    use kube::runtime::events::{Event, EventType};
+    let mut events = Vec::new();
+    if !result.drift.is_empty() {
+        events.push(Event {
+            type_: EventType::Warning,
+            reason: "DriftReverted".into(),
+            note: Some(format!(
+                "reverted hand edits of {}",
+                result.drift.join(", ")
+            )),
+            action: "Apply".into(),
+            secondary: None,
+        });
+    }
+    if !result.changed.is_empty() || !result.deleted.is_empty() {
+        let mut parts = Vec::new();
+        if !result.changed.is_empty() {
+            parts.push(format!("applied {}", result.changed.join(", ")));
+        }
+        if !result.deleted.is_empty() {
+            parts.push(format!("deleted {}", result.deleted.join(", ")));
+        }
+        let note = parts.join("; ");
+        events.push(Event {
+            type_: EventType::Normal,
+            reason: "Applied".into(),
+            note: Some(truncate(note, 1000)),
+            action: "Apply".into(),
+            secondary: None,
+        });
+    }
+    for ev in events {
+        if let Err(e) = state.recorder.publish(&ev, reference).await {
+            tracing::warn!(error = %e, "cannot publish event");
+        }
+    }
+}
+
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+        s.push('…');
+    }
+    s
+}

@@ -1,0 +1,149 @@
+//! The RateLimitPolicy controller: resolve conflicts (oldest policy per target wins), translate,
+//! apply, prune, status. A policy that loses its target produces nothing and says who won.
+
+use std::{sync::Arc, time::Instant};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::{
+    Api, Resource, ResourceExt,
+    api::{Patch, PatchParams},
+    runtime::{controller::Action, reflector::Store},
+};
+use palisade_api::{RateLimitPolicy, RateLimitPolicyStatus};
+use serde_json::json;
+
+use super::{
+    Error, FIELD_MANAGER, RATE_LIMIT_KINDS, RESYNC, State, enforce, publish_events, readiness,
+};
+use crate::{
+    controller::{
+        auth::jiff_now,
+        status::{self, Cond},
+    },
+    translate::{self, Desired},
+};
+
+/// State of the RateLimitPolicy controller: the shared state plus its own cache of policies,
+/// needed to resolve conflicts between policies on one target.
+pub struct RateLimitState {
+    /// Shared state.
+    pub shared: Arc<State>,
+    /// Every RateLimitPolicy.
+    pub policies: Store<RateLimitPolicy>,
+}
+
+/// Reconciles one RateLimitPolicy.
+pub async fn reconcile(
+    policy: Arc<RateLimitPolicy>,
+    rl: Arc<RateLimitState>,
+) -> Result<Action, Error> {
+    let started = Instant::now();
+    let result = reconcile_inner(&policy, &rl).await;
+    rl.shared.metrics.reconciled(
+        "RateLimitPolicy",
+        result.as_ref().err().map(Error::reason),
+        started.elapsed(),
+    );
+    result
+}
+
+async fn reconcile_inner(policy: &RateLimitPolicy, rl: &RateLimitState) -> Result<Action, Error> {
+    let state = &*rl.shared;
+    if policy.meta().deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let ns = policy.namespace().unwrap_or_default();
+    let name = policy.name_any();
+    let all = rl.policies.state();
+    let winner = translate::ratelimit::conflict_winner(policy, all.iter().map(|p| &**p));
+    let backend = translate::ratelimit::backend(policy, &state.ctx);
+
+    let mut conds = Vec::new();
+    let desired = if let Some(winner) = &winner {
+        let msg = format!(
+            "{winner} targets the same {} {:?} and is older, so it wins; this policy is not enforced",
+            policy.spec.target_ref.kind, policy.spec.target_ref.name
+        );
+        conds.push(Cond::new("Accepted", false, "Conflicted", msg.clone()));
+        conds.push(Cond::new("Conflicted", true, "Conflicted", msg.clone()));
+        conds.push(Cond::new("Ready", false, "Conflicted", msg));
+        Desired::default()
+    } else {
+        let d = translate::ratelimit::translate(policy, &state.ctx);
+        conds.push(Cond::new(
+            "Accepted",
+            true,
+            "Accepted",
+            format!(
+                "translated for {backend:?} into {} objects",
+                d.objects.len()
+            ),
+        ));
+        d
+    };
+    let enforced = enforce(
+        state,
+        RATE_LIMIT_KINDS,
+        "RateLimitPolicy",
+        &ns,
+        &name,
+        &desired.objects,
+    )
+    .await;
+    let result = match enforced {
+        Ok(r) => {
+            if winner.is_none() {
+                conds.extend(readiness(&r, &desired.notes, desired.objects.len()));
+            }
+            Some(r)
+        }
+        Err(e) => {
+            conds.retain(|c| c.type_ != "Ready");
+            conds.push(Cond::new("Ready", false, e.reason(), e.to_string()));
+            None
+        }
+    };
+    let api: Api<RateLimitPolicy> = Api::namespaced(state.client.clone(), &ns);
+    let previous = policy.status.clone().unwrap_or_default();
+    let now = Time(jiff_now());
+    let new = RateLimitPolicyStatus {
+        common: status::build(&previous.common, policy.meta().generation, &conds, &now),
+        backend: Some(backend),
+        generated: status::generated_refs(&desired.objects),
+    };
+    if new != previous {
+        api.patch_status(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(json!({
+                "apiVersion": "palisade.dev/v1alpha1",
+                "kind": "RateLimitPolicy",
+                "status": new,
+            })),
+        )
+        .await?;
+        state.metrics.write("status");
+    }
+    if let Some(r) = &result {
+        publish_events(state, &policy.object_ref(&()), r).await;
+    }
+    Ok(Action::requeue(RESYNC))
+}
+
+/// The policies that share `policy`'s target (including itself): a change to one can change who
+/// wins for all of them.
+pub fn same_target(
+    store: &Store<RateLimitPolicy>,
+    policy: &RateLimitPolicy,
+) -> Vec<kube::runtime::reflector::ObjectRef<RateLimitPolicy>> {
+    store
+        .state()
+        .iter()
+        .filter(|p| {
+            p.metadata.namespace == policy.metadata.namespace
+                && p.spec.target_ref.kind == policy.spec.target_ref.kind
+                && p.spec.target_ref.name == policy.spec.target_ref.name
+        })
+        .map(|p| kube::runtime::reflector::ObjectRef::from_obj(&**p))
+        .collect()
+}

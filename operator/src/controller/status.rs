@@ -1,0 +1,173 @@
+//! Status conditions from a reconcile's outcome, kstatus style, written only when they change.
+//!
+//! `Accepted` says whether the spec was understood and is in force (False with `Conflicted` for
+//! a RateLimitPolicy that lost its target); `Ready` whether every generated object is applied;
+//! `Warning` and `Unsupported` carry translation notes; `Stalled` is abnormal-true when progress
+//! needs the user (a missing CRD); `Conflicted` names the winning policy.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use palisade_api::common::{CommonStatus, GeneratedRef};
+
+use crate::translate::{Note, Severity};
+
+/// One condition to report, before timestamps are attached.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cond {
+    /// Type.
+    pub type_: &'static str,
+    /// Whether it holds.
+    pub status: bool,
+    /// CamelCase reason.
+    pub reason: String,
+    /// Explanation.
+    pub message: String,
+}
+
+impl Cond {
+    /// A condition.
+    pub fn new(
+        type_: &'static str,
+        status: bool,
+        reason: &str,
+        message: impl Into<String>,
+    ) -> Self {
+        Cond {
+            type_,
+            status,
+            reason: reason.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Conditions for the translation notes: one `Warning` and one `Unsupported` condition, each
+/// listing every note of its kind.
+pub fn note_conditions(notes: &[Note]) -> Vec<Cond> {
+    let mut out = Vec::new();
+    for (type_, severity) in [
+        ("Warning", Severity::Warning),
+        ("Unsupported", Severity::Unsupported),
+    ] {
+        let of_kind: Vec<&Note> = notes.iter().filter(|n| n.severity == severity).collect();
+        if let Some(first) = of_kind.first() {
+            let message = of_kind
+                .iter()
+                .map(|n| n.message.as_str())
+                .collect::<Vec<_>>()
+                .join("; ");
+            out.push(Cond::new(type_, true, first.reason, message));
+        }
+    }
+    out
+}
+
+/// The status to write: `conds` stamped with `now`, except that a condition whose status,
+/// reason and message are unchanged keeps its previous transition time — so an unchanged
+/// reconcile produces an identical status and no write.
+pub fn build(
+    previous: &CommonStatus,
+    generation: Option<i64>,
+    conds: &[Cond],
+    now: &Time,
+) -> CommonStatus {
+    let conditions = conds
+        .iter()
+        .map(|c| {
+            let status = if c.status { "True" } else { "False" };
+            let old = previous.conditions.iter().find(|o| o.type_ == c.type_);
+            let unchanged = old.is_some_and(|o| {
+                o.status == status
+                    && o.reason == c.reason
+                    && o.message == c.message
+                    && o.observed_generation == generation
+            });
+            Condition {
+                type_: c.type_.to_owned(),
+                status: status.to_owned(),
+                reason: c.reason.clone(),
+                message: c.message.clone(),
+                observed_generation: generation,
+                last_transition_time: match old {
+                    Some(o) if unchanged => o.last_transition_time.clone(),
+                    _ => now.clone(),
+                },
+            }
+        })
+        .collect();
+    CommonStatus {
+        observed_generation: generation,
+        conditions,
+    }
+}
+
+/// References to generated objects, from their JSON.
+pub fn generated_refs(objects: &[serde_json::Value]) -> Vec<GeneratedRef> {
+    objects
+        .iter()
+        .map(|o| GeneratedRef {
+            api_version: o["apiVersion"].as_str().unwrap_or_default().to_owned(),
+            kind: o["kind"].as_str().unwrap_or_default().to_owned(),
+            name: o["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+            namespace: None,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: &str) -> Time {
+        Time(s.parse().expect("timestamp"))
+    }
+
+    #[test]
+    fn unchanged_conditions_keep_their_transition_time() {
+        let conds = [Cond::new("Ready", true, "Enforced", "3 objects applied")];
+        let first = build(
+            &CommonStatus::default(),
+            Some(1),
+            &conds,
+            &at("2026-01-01T00:00:00Z"),
+        );
+        let again = build(&first, Some(1), &conds, &at("2026-01-02T00:00:00Z"));
+        assert_eq!(first, again, "no change, no new timestamp");
+        let changed = [Cond::new("Ready", false, "ApplyFailed", "boom")];
+        let third = build(&again, Some(1), &changed, &at("2026-01-03T00:00:00Z"));
+        assert_eq!(
+            third.conditions[0].last_transition_time,
+            at("2026-01-03T00:00:00Z")
+        );
+    }
+
+    #[test]
+    fn notes_group_by_severity() {
+        let notes = vec![
+            Note {
+                reason: "A",
+                message: "a".into(),
+                severity: Severity::Warning,
+            },
+            Note {
+                reason: "B",
+                message: "b".into(),
+                severity: Severity::Warning,
+            },
+            Note {
+                reason: "C",
+                message: "c".into(),
+                severity: Severity::Unsupported,
+            },
+        ];
+        let c = note_conditions(&notes);
+        assert_eq!(c.len(), 2);
+        assert_eq!(
+            (c[0].type_, c[0].reason.as_str(), c[0].message.as_str()),
+            ("Warning", "A", "a; b")
+        );
+        assert_eq!((c[1].type_, c[1].reason.as_str()), ("Unsupported", "C"));
+    }
+}

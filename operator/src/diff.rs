@@ -1,0 +1,100 @@
+//! Whether a live object already holds everything Palisade wants in it.
+//!
+//! Palisade applies with server-side apply, so the API server keeps fields other managers set
+//! and fills in defaults. A desired object is therefore satisfied when it is a *subset* of the
+//! live one: every field Palisade sets is present with the same value. This is what makes a
+//! no-op resync write nothing, and a hand edit of a Palisade-owned field show up as drift.
+
+use std::fmt::Write as _;
+
+use serde_json::Value;
+
+/// `true` when every field of `desired` is present in `live` with an equal value. Maps compare
+/// key by key (extra live keys are fine: defaults, other managers); lists compare element-wise
+/// and must have the same length (server-side apply replaces atomic lists whole).
+pub fn is_subset(desired: &Value, live: &Value) -> bool {
+    match (desired, live) {
+        (Value::Object(d), Value::Object(l)) => d
+            .iter()
+            .all(|(k, dv)| l.get(k).is_some_and(|lv| is_subset(dv, lv))),
+        (Value::Array(d), Value::Array(l)) => {
+            d.len() == l.len() && d.iter().zip(l).all(|(dv, lv)| is_subset(dv, lv))
+        }
+        (Value::Number(d), Value::Number(l)) => d.as_f64() == l.as_f64(),
+        (d, l) => d == l,
+    }
+}
+
+/// The first path at which `desired` is not a subset of `live`, for drift messages.
+pub fn first_difference(desired: &Value, live: &Value) -> Option<String> {
+    fn walk(d: &Value, l: &Value, path: &mut String) -> bool {
+        match (d, l) {
+            (Value::Object(dm), Value::Object(lm)) => {
+                for (k, dv) in dm {
+                    let len = path.len();
+                    path.push('.');
+                    path.push_str(k);
+                    match lm.get(k) {
+                        Some(lv) if walk(dv, lv, path) => path.truncate(len),
+                        _ => return false,
+                    }
+                }
+                true
+            }
+            (Value::Array(da), Value::Array(la)) if da.len() == la.len() => {
+                for (i, (dv, lv)) in da.iter().zip(la).enumerate() {
+                    let len = path.len();
+                    let _ = write!(path, "[{i}]");
+                    if !walk(dv, lv, path) {
+                        return false;
+                    }
+                    path.truncate(len);
+                }
+                true
+            }
+            _ => is_subset(d, l),
+        }
+    }
+    let mut path = String::new();
+    (!walk(desired, live, &mut path)).then_some(if path.is_empty() { ".".into() } else { path })
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn defaults_and_foreign_fields_are_fine() {
+        let desired = json!({"spec": {"action": "ALLOW", "rules": [{"to": [{"operation": {"paths": ["/a"]}}]}]}});
+        let live = json!({"spec": {"action": "ALLOW", "provider": null,
+            "rules": [{"to": [{"operation": {"paths": ["/a"], "hosts": []}}]}]},
+            "metadata": {"resourceVersion": "7"}});
+        assert!(is_subset(&desired, &live));
+        assert_eq!(first_difference(&desired, &live), None);
+    }
+
+    #[test]
+    fn changed_values_and_list_lengths_are_drift() {
+        let desired = json!({"spec": {"rules": [{"to": [{"operation": {"paths": ["/a"]}}]}]}});
+        let edited = json!({"spec": {"rules": [{"to": [{"operation": {"paths": ["/b"]}}]}]}});
+        let added = json!({"spec": {"rules": [{"to": [{"operation": {"paths": ["/a", "/b"]}}]}]}});
+        assert!(!is_subset(&desired, &edited));
+        assert!(!is_subset(&desired, &added));
+        assert_eq!(
+            first_difference(&desired, &edited).as_deref(),
+            Some(".spec.rules[0].to[0].operation.paths[0]")
+        );
+        assert_eq!(
+            first_difference(&desired, &added).as_deref(),
+            Some(".spec.rules[0].to[0].operation.paths")
+        );
+    }
+
+    #[test]
+    fn numbers_compare_by_value() {
+        assert!(is_subset(&json!({"n": 100}), &json!({"n": 100.0})));
+        assert!(!is_subset(&json!({"n": 100}), &json!({"n": 101})));
+    }
+}

@@ -1,0 +1,146 @@
+//! Leader election on a `coordination.k8s.io/v1` Lease, so two replicas never both write.
+//!
+//! A replica becomes leader when the Lease is free or expired, renews it every third of its
+//! duration, and stops leading — the process exits, to be restarted as a follower — when a
+//! renewal fails or another holder appears. Writes happen only while leading.
+
+use std::time::Duration;
+
+use k8s_openapi::{
+    api::coordination::v1::Lease,
+    apimachinery::pkg::apis::meta::v1::MicroTime,
+    jiff::{SignedDuration, Timestamp},
+};
+use kube::{
+    Api, Client,
+    api::{ObjectMeta, PostParams},
+};
+
+use crate::config::LeaderElection;
+
+/// A held lease.
+pub struct Leadership {
+    api: Api<Lease>,
+    name: String,
+    identity: String,
+    seconds: u32,
+}
+
+/// Why leadership was lost or could not be taken.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaderError {
+    /// The API server refused or failed a Lease call.
+    #[error("lease request failed: {0}")]
+    Kube(#[from] kube::Error),
+    /// Another replica took the lease.
+    #[error("lease {0} is now held by {1}")]
+    Lost(String, String),
+}
+
+impl Leadership {
+    /// Waits until this replica holds the lease.
+    pub async fn acquire(
+        client: Client,
+        cfg: &LeaderElection,
+        identity: String,
+    ) -> Result<Self, LeaderError> {
+        let api: Api<Lease> = Api::namespaced(client, &cfg.lease_namespace);
+        let me = Leadership {
+            api,
+            name: cfg.lease_name.clone(),
+            identity,
+            seconds: cfg.lease_seconds,
+        };
+        loop {
+            if me.try_take().await? {
+                tracing::info!(lease = %me.name, identity = %me.identity, "leading");
+                return Ok(me);
+            }
+            tokio::time::sleep(me.retry_every()).await;
+        }
+    }
+
+    fn retry_every(&self) -> Duration {
+        Duration::from_secs(u64::from(self.seconds.max(3) / 3))
+    }
+
+    async fn try_take(&self) -> Result<bool, LeaderError> {
+        let now = Timestamp::now();
+        let Some(mut lease) = self.api.get_opt(&self.name).await? else {
+            let lease = Lease {
+                metadata: ObjectMeta {
+                    name: Some(self.name.clone()),
+                    ..ObjectMeta::default()
+                },
+                spec: Some(self.spec(now, 0)),
+            };
+            return match self.api.create(&PostParams::default(), &lease).await {
+                Ok(_) => Ok(true),
+                Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+                Err(e) => Err(e.into()),
+            };
+        };
+        let spec = lease.spec.clone().unwrap_or_default();
+        let holder = spec.holder_identity.clone().unwrap_or_default();
+        let expired = spec.renew_time.as_ref().is_none_or(|t| {
+            t.0 + SignedDuration::from_secs(i64::from(spec.lease_duration_seconds.unwrap_or(15)))
+                < now
+        });
+        if holder != self.identity && !holder.is_empty() && !expired {
+            return Ok(false);
+        }
+        let transitions = spec.lease_transitions.unwrap_or(0) + i32::from(holder != self.identity);
+        lease.spec = Some(self.spec(now, transitions));
+        // Replace carries the resourceVersion we read: a concurrent taker gets a conflict.
+        match self
+            .api
+            .replace(&self.name, &PostParams::default(), &lease)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn spec(
+        &self,
+        now: Timestamp,
+        transitions: i32,
+    ) -> k8s_openapi::api::coordination::v1::LeaseSpec {
+        k8s_openapi::api::coordination::v1::LeaseSpec {
+            holder_identity: Some(self.identity.clone()),
+            lease_duration_seconds: Some(i32::try_from(self.seconds).unwrap_or(15)),
+            acquire_time: Some(MicroTime(now)),
+            renew_time: Some(MicroTime(now)),
+            lease_transitions: Some(transitions),
+            ..Default::default()
+        }
+    }
+
+    /// Renews the lease until it is lost; returns why.
+    pub async fn keep(self) -> LeaderError {
+        loop {
+            tokio::time::sleep(self.retry_every()).await;
+            match self.renew().await {
+                Ok(()) => {}
+                Err(e) => return e,
+            }
+        }
+    }
+
+    async fn renew(&self) -> Result<(), LeaderError> {
+        let mut lease = self.api.get(&self.name).await?;
+        let mut spec = lease.spec.clone().unwrap_or_default();
+        let holder = spec.holder_identity.clone().unwrap_or_default();
+        if holder != self.identity {
+            return Err(LeaderError::Lost(self.name.clone(), holder));
+        }
+        spec.renew_time = Some(MicroTime(Timestamp::now()));
+        lease.spec = Some(spec);
+        self.api
+            .replace(&self.name, &PostParams::default(), &lease)
+            .await?;
+        Ok(())
+    }
+}

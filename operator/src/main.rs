@@ -1,0 +1,69 @@
+//! `palisade-operator [--config FILE]`: reconciles AuthPolicies and RateLimitPolicies.
+//! Logs are JSON lines on stderr (`RUST_LOG` filters them); SIGINT/SIGTERM stop it gracefully.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use palisade_operator::config::Config;
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,kube=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let config = match args.as_slice() {
+        [] => Config::default(),
+        [flag, path] if flag == "--config" => match Config::load(&PathBuf::from(path)) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("palisade-operator: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        _ => {
+            eprintln!("usage: palisade-operator [--config FILE]");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("palisade-operator: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let client = kube::Client::try_default().await?;
+        palisade_operator::run::run(client, config, shutdown_signal()).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "operator stopped");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,145 @@
+//! Prometheus metrics: reconciles (by kind and result), reconcile durations, and API writes (by
+//! what was written), served on `/metrics` with `/healthz` and `/readyz`.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{
+        counter::Counter,
+        family::Family,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+type Labels = Vec<(&'static str, String)>;
+
+fn reconcile_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_5, 2.0, 16))
+}
+
+/// The operator's metrics.
+pub struct Metrics {
+    registry: Registry,
+    reconciles: Family<Labels, Counter>,
+    durations: Family<Labels, Histogram, fn() -> Histogram>,
+    writes: Family<Labels, Counter>,
+    /// Set once this replica leads and its caches are synced.
+    pub ready: AtomicBool,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("palisade_operator");
+        let reconciles = Family::<Labels, Counter>::default();
+        let durations = Family::<Labels, Histogram, fn() -> Histogram>::new_with_constructor(
+            reconcile_histogram,
+        );
+        let writes = Family::<Labels, Counter>::default();
+        registry.register(
+            "reconciles",
+            "Reconciles by kind and result",
+            reconciles.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Reconcile durations by kind",
+            durations.clone(),
+        );
+        registry.register(
+            "api_writes",
+            "Writes to the API server by what was written (apply, delete, status, finalizer)",
+            writes.clone(),
+        );
+        Metrics {
+            registry,
+            reconciles,
+            durations,
+            writes,
+            ready: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Metrics {
+    /// Records one reconcile; `error` is the error reason, if it failed.
+    pub fn reconciled(&self, kind: &'static str, error: Option<&'static str>, took: Duration) {
+        let result = error.unwrap_or("ok").to_owned();
+        self.reconciles
+            .get_or_create(&vec![("kind", kind.to_owned()), ("result", result)])
+            .inc();
+        self.durations
+            .get_or_create(&vec![("kind", kind.to_owned())])
+            .observe(took.as_secs_f64());
+    }
+
+    /// Records one write to the API server.
+    pub fn write(&self, what: &'static str) {
+        self.writes
+            .get_or_create(&vec![("what", what.to_owned())])
+            .inc();
+    }
+
+    /// Total writes so far.
+    pub fn total_writes(&self) -> u64 {
+        ["apply", "delete", "status", "finalizer"]
+            .iter()
+            .map(|w| {
+                self.writes
+                    .get_or_create(&vec![("what", (*w).to_owned())])
+                    .get()
+            })
+            .sum()
+    }
+
+    /// The metrics in the Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `addr` until `shutdown` resolves.
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(|State(m): State<Arc<Metrics>>| async move { m.render() }),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(|State(m): State<Arc<Metrics>>| async move {
+                if m.ready.load(Ordering::Relaxed) {
+                    (StatusCode::OK, "ready").into_response()
+                } else {
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "not leading or caches not synced",
+                    )
+                        .into_response()
+                }
+            }),
+        )
+        .with_state(metrics);
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}

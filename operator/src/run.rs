@@ -1,0 +1,134 @@
+//! Wiring: discovery, caches, the two controllers, leader election, metrics, shutdown.
+
+use std::sync::{Arc, atomic::Ordering};
+
+use futures::{StreamExt, future::FutureExt};
+use kube::{
+    Api, Client, ResourceExt,
+    runtime::{Controller, controller::Action, watcher},
+};
+use palisade_api::{AuthPolicy, RateLimitPolicy};
+
+use crate::{
+    config::Config,
+    controller::{self, Error, State, auth, ratelimit},
+    leader::Leadership,
+    metrics::{self, Metrics},
+    translate::{OWNER_NAME_LABEL, OWNER_NAMESPACE_LABEL},
+};
+
+fn error_policy<K, S>(_obj: Arc<K>, err: &Error, _state: Arc<S>) -> Action {
+    tracing::warn!(error = %err, reason = err.reason(), "reconcile failed; retrying");
+    Action::requeue(std::time::Duration::from_secs(5))
+}
+
+/// Runs the operator until `shutdown` resolves or leadership is lost.
+pub async fn run(
+    client: Client,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::default());
+    let shutdown = shutdown.shared();
+    let server = tokio::spawn(metrics::serve(
+        config.metrics_address,
+        Arc::clone(&metrics),
+        shutdown.clone(),
+    ));
+
+    let identity = std::env::var("POD_NAME")
+        .unwrap_or_else(|_| format!("palisade-operator-{}", std::process::id()));
+    let leadership = if config.leader_election.enabled {
+        tokio::select! {
+            l = Leadership::acquire(client.clone(), &config.leader_election, identity) => Some(l?),
+            () = shutdown.clone() => return Ok(()),
+        }
+    } else {
+        None
+    };
+
+    let discovered = controller::discover(&client).await;
+    let (kinds, streams) = controller::stores(&client, &discovered);
+    let state = Arc::new(State {
+        client: client.clone(),
+        ctx: config.context.clone(),
+        kinds,
+        recorder: controller::recorder(client.clone()),
+        metrics: Arc::clone(&metrics),
+        applied: controller::apply::AppliedCache::default(),
+    });
+
+    let mut auth_ctl = Controller::new(
+        Api::<AuthPolicy>::all(client.clone()),
+        watcher::Config::default(),
+    );
+    let mut rl_ctl = Controller::new(
+        Api::<RateLimitPolicy>::all(client.clone()),
+        watcher::Config::default(),
+    );
+    for ((api_version, kind), ar, stream) in streams {
+        let key = (api_version.as_str(), kind.as_str());
+        if key == ("spire.spiffe.io/v1alpha1", "ClusterSPIFFEID") {
+            // Cluster-scoped: no owner reference, so map back by the owner labels.
+            auth_ctl = auth_ctl.watches_stream_with(
+                stream,
+                |o: kube::api::DynamicObject| {
+                    let labels = o.labels();
+                    let name = labels.get(OWNER_NAME_LABEL).cloned();
+                    let ns = labels.get(OWNER_NAMESPACE_LABEL).cloned();
+                    name.zip(ns)
+                        .map(|(n, ns)| kube::runtime::reflector::ObjectRef::new(&n).within(&ns))
+                },
+                ar,
+            );
+        } else if controller::AUTH_KINDS.contains(&key) {
+            auth_ctl = auth_ctl.owns_stream_with(stream, ar);
+        } else {
+            rl_ctl = rl_ctl.owns_stream_with(stream, ar);
+        }
+    }
+    let rl_store = rl_ctl.store();
+    let mapper_store = rl_store.clone();
+    rl_ctl = rl_ctl.watches(
+        Api::<RateLimitPolicy>::all(client.clone()),
+        watcher::Config::default(),
+        move |p| ratelimit::same_target(&mapper_store, &p),
+    );
+    let rl_state = Arc::new(ratelimit::RateLimitState {
+        shared: Arc::clone(&state),
+        policies: rl_store,
+    });
+
+    let auth_run = auth_ctl
+        .graceful_shutdown_on(shutdown.clone())
+        .run(auth::reconcile, error_policy, Arc::clone(&state))
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "AuthPolicy controller");
+            }
+        });
+    let rl_run = rl_ctl
+        .graceful_shutdown_on(shutdown.clone())
+        .run(ratelimit::reconcile, error_policy, rl_state)
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "RateLimitPolicy controller");
+            }
+        });
+    metrics.ready.store(true, Ordering::Relaxed);
+    tracing::info!(kinds = discovered.len(), "controllers running");
+
+    let lost = async move {
+        match leadership {
+            Some(l) => Some(l.keep().await),
+            None => std::future::pending().await,
+        }
+    };
+    let outcome = tokio::select! {
+        _ = futures::future::join(auth_run, rl_run) => Ok(()),
+        e = lost => Err(anyhow::anyhow!("leadership lost: {}", e.map(|e| e.to_string()).unwrap_or_default())),
+    };
+    metrics.ready.store(false, Ordering::Relaxed);
+    server.abort();
+    outcome
+}
