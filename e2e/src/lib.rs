@@ -5,6 +5,7 @@
 //! (Istio, Gateway API, Envoy Gateway, SPIRE) from the same cache.
 
 pub mod controlplane;
+pub mod operator;
 pub mod pki;
 
 use std::{

@@ -5,6 +5,7 @@
 
 mod admit_crds;
 mod e2e_controlplane;
+mod e2e_operator;
 
 use std::{sync::Arc, time::Instant};
 
@@ -23,8 +24,16 @@ pub struct Env {
 type TestFn = fn(&Env) -> Result<()>;
 
 fn main() {
-    let args = Arguments::from_args();
-    let tests: Vec<(&str, TestFn)> = [admit_crds::TESTS, e2e_controlplane::TESTS].concat();
+    let mut args = Arguments::from_args();
+    // Tests share one control plane and start operators that watch every namespace: run them
+    // one at a time so each sees only its own operator's writes.
+    args.test_threads.get_or_insert(1);
+    let tests: Vec<(&str, TestFn)> = [
+        admit_crds::TESTS,
+        e2e_controlplane::TESTS,
+        e2e_operator::TESTS,
+    ]
+    .concat();
 
     let t = Instant::now();
     let env = match start() {

@@ -23,6 +23,9 @@ use prometheus_client::{
 
 type Labels = Vec<(&'static str, String)>;
 
+/// What the operator writes: generated objects, deletions, status, finalizers.
+pub const WRITE_KINDS: &[&str] = &["apply", "delete", "status", "finalizer"];
+
 fn reconcile_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.000_5, 2.0, 16))
 }
@@ -60,6 +63,10 @@ impl Default for Metrics {
             "Writes to the API server by what was written (apply, delete, status, finalizer)",
             writes.clone(),
         );
+        // Every write series exists from the start, so "0 writes" is a reading, not an absence.
+        for what in WRITE_KINDS {
+            let _ = writes.get_or_create(&vec![("what", (*what).to_owned())]);
+        }
         Metrics {
             registry,
             reconciles,
@@ -91,7 +98,7 @@ impl Metrics {
 
     /// Total writes so far.
     pub fn total_writes(&self) -> u64 {
-        ["apply", "delete", "status", "finalizer"]
+        WRITE_KINDS
             .iter()
             .map(|w| {
                 self.writes

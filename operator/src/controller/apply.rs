@@ -96,9 +96,10 @@ pub async fn apply(state: &State, desired: &Value) -> Result<Outcome, Error> {
     }
     let live = match gk.store.get(&oref) {
         Some(obj) => Some(serde_json::to_value(&*obj)?),
-        // Not in the cache: after our own apply the watch may simply not have delivered it
-        // yet, so look it up; a never-applied object is created without a lookup.
-        None if state.applied.was_applied(desired) => api
+        // Not in the cache. While the cache is still filling (right after start), or when we
+        // applied this object before (the watch may not have delivered it yet), look it up: a
+        // read now saves a needless write. A never-applied object in a synced cache is new.
+        None if !store_ready(&gk.store) || state.applied.was_applied(desired) => api
             .get_opt(name)
             .await?
             .map(|o| serde_json::to_value(&o))
@@ -120,6 +121,15 @@ pub async fn apply(state: &State, desired: &Value) -> Result<Outcome, Error> {
     state.metrics.write("apply");
     state.applied.record(desired);
     Ok(outcome)
+}
+
+/// Whether the store has completed its first full list.
+fn store_ready(store: &kube::runtime::reflector::Store<DynamicObject>) -> bool {
+    use futures::FutureExt;
+    store
+        .wait_until_ready()
+        .now_or_never()
+        .is_some_and(|r| r.is_ok())
 }
 
 /// Deletes objects of `kinds` labelled as generated from `owner_kind` `namespace/name` whose

@@ -1,0 +1,353 @@
+//! The operator against the real API server (with the garbage collector running): generated
+//! Istio and Envoy Gateway objects are accepted by those projects' own schemas, follow updates,
+//! revert hand edits, disappear with their policy; conflicts and unsupported limits are
+//! reported; a crash mid-way converges without duplicates; a resync writes nothing; two
+//! replicas never both lead.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use palisade_e2e::{ControlPlane, operator::OperatorProcess, run, run_ok};
+use serde_json::Value;
+
+use crate::{Env, TestFn};
+
+pub const TESTS: &[(&str, TestFn)] = &[
+    ("e2e_operator::auth_policy_lifecycle", auth_policy_lifecycle),
+    (
+        "e2e_operator::rate_limit_conflict_and_unsupported",
+        rate_limit_conflict_and_unsupported,
+    ),
+    (
+        "e2e_operator::crash_converges_and_resync_writes_nothing",
+        crash_converges_and_resync_writes_nothing,
+    ),
+    (
+        "e2e_operator::two_replicas_one_leader",
+        two_replicas_one_leader,
+    ),
+];
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn get(cp: &ControlPlane, ns: &str, kind: &str, name: &str) -> Option<Value> {
+    let out = run(cp
+        .kubectl()
+        .args(["get", kind, name, "-n", ns, "-o", "json"]))
+    .ok()?;
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).ok())
+        .flatten()
+}
+
+fn apply_yaml(cp: &ControlPlane, ns: &str, yaml: &str) -> Result<()> {
+    let file = cp.work_dir.join(format!("apply-{ns}-{}.yaml", yaml.len()));
+    std::fs::write(&file, yaml)?;
+    run_ok(cp.kubectl().args(["apply", "-n", ns, "-f"]).arg(&file))?;
+    Ok(())
+}
+
+fn condition<'a>(obj: &'a Value, type_: &str) -> Option<&'a Value> {
+    obj["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+}
+
+fn count(cp: &ControlPlane, ns: &str, kind: &str) -> Result<usize> {
+    let out = run_ok(cp.kubectl().args([
+        "get",
+        kind,
+        "-n",
+        ns,
+        "-l",
+        "app.kubernetes.io/managed-by=palisade",
+        "-o",
+        "name",
+    ]))?;
+    Ok(out.lines().filter(|l| !l.is_empty()).count())
+}
+
+const ORDERS: &str = r"
+apiVersion: palisade.dev/v1alpha1
+kind: AuthPolicy
+metadata:
+  name: orders
+spec:
+  selector: {matchLabels: {app: orders}}
+  jwt: {issuer: https://auth.example.com, audiences: [orders]}
+  rules:
+    - from: [{serviceAccount: {name: frontend}}]
+      to: [{methods: [GET], paths: [/api/*]}]
+      when: [{jwtScopes: [orders:read]}]
+  deny:
+    - to: [{paths: [/admin/*], ports: [8080]}]
+";
+
+fn auth_policy_lifecycle(env: &Env) -> Result<()> {
+    let cp = &env.cp;
+    let _op = OperatorProcess::start(cp, "lifecycle", "")?;
+    cp.with_temp_ns("op-auth", |ns| {
+        apply_yaml(cp, ns, ORDERS)?;
+        let policy = cp.eventually("AuthPolicy Ready", WAIT, || {
+            let p = get(cp, ns, "authpolicy", "orders")?;
+            (condition(&p, "Ready")?["status"] == "True").then_some(p)
+        })?;
+        if policy["status"]["observedGeneration"] != 1
+            || policy["status"]["generated"].as_array().map(Vec::len) != Some(4)
+        {
+            bail!("unexpected status: {}", policy["status"]);
+        }
+        let allow =
+            get(cp, ns, "authorizationpolicy", "palisade-orders-allow").context("ALLOW policy")?;
+        let principal = &allow["spec"]["rules"][0]["from"][0]["source"]["principals"][0];
+        if principal.as_str() != Some(format!("cluster.local/ns/{ns}/sa/frontend").as_str()) {
+            bail!("ALLOW policy principal is {principal}");
+        }
+        for (kind, name) in [
+            ("authorizationpolicy", "palisade-orders-deny"),
+            ("requestauthentication", "palisade-orders-jwt"),
+            ("peerauthentication", "palisade-orders-mtls"),
+        ] {
+            get(cp, ns, kind, name).with_context(|| format!("{kind}/{name} missing"))?;
+        }
+
+        // Update: without jwt the RequestAuthentication goes and the DENY policy loses its
+        // "no token" rule.
+        apply_yaml(
+            cp,
+            ns,
+            &ORDERS.replace(
+                "  jwt: {issuer: https://auth.example.com, audiences: [orders]}\n",
+                "",
+            ),
+        )?;
+        cp.eventually(
+            "RequestAuthentication pruned, DENY updated, generation 2 observed",
+            WAIT,
+            || {
+                let p = get(cp, ns, "authpolicy", "orders")?;
+                let deny = get(cp, ns, "authorizationpolicy", "palisade-orders-deny")?;
+                (get(cp, ns, "requestauthentication", "palisade-orders-jwt").is_none()
+                    && deny["spec"]["rules"].as_array()?.len() == 1
+                    && p["status"]["observedGeneration"] == 2)
+                    .then_some(())
+            },
+        )?;
+
+        // Drift: a hand edit of a generated object is reverted and reported.
+        run_ok(cp.kubectl().args([
+            "patch",
+            "authorizationpolicy",
+            "palisade-orders-allow",
+            "-n",
+            ns,
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"action":"DENY"}}"#,
+        ]))?;
+        cp.eventually("drift reverted", WAIT, || {
+            let a = get(cp, ns, "authorizationpolicy", "palisade-orders-allow")?;
+            (a["spec"]["action"] == "ALLOW").then_some(())
+        })?;
+        cp.eventually("DriftReverted event", WAIT, || {
+            let out = run_ok(cp.kubectl().args([
+                "get",
+                "events.events.k8s.io",
+                "-n",
+                ns,
+                "-o",
+                "jsonpath={.items[*].reason}",
+            ]))
+            .ok()?;
+            out.contains("DriftReverted").then_some(())
+        })?;
+
+        // Delete: the garbage collector removes everything the policy owned.
+        run_ok(
+            cp.kubectl()
+                .args(["delete", "authpolicy", "orders", "-n", ns]),
+        )?;
+        cp.eventually("generated objects collected", WAIT, || {
+            (count(cp, ns, "authorizationpolicies").ok()? == 0
+                && count(cp, ns, "peerauthentications").ok()? == 0)
+                .then_some(())
+        })
+    })
+}
+
+fn rlp(name: &str, limits: &str) -> String {
+    format!(
+        "apiVersion: palisade.dev/v1alpha1
+kind: RateLimitPolicy
+metadata:
+  name: {name}
+spec:
+  targetRef: {{group: gateway.networking.k8s.io, kind: HTTPRoute, name: api}}
+  limits:
+{limits}"
+    )
+}
+
+fn rate_limit_conflict_and_unsupported(env: &Env) -> Result<()> {
+    let cp = &env.cp;
+    let _op = OperatorProcess::start(cp, "ratelimit", "")?;
+    cp.with_temp_ns("op-rl", |ns| {
+        apply_yaml(cp, ns, &rlp("first", "    - {name: per-ip, requests: 100, per: 1m, key: {clientIP: {}}}\n"))?;
+        let btp = cp.eventually("BackendTrafficPolicy of the first policy", WAIT, || {
+            get(cp, ns, "backendtrafficpolicy", "palisade-first-ratelimit")
+        })?;
+        if btp["spec"]["rateLimit"]["global"]["rules"].as_array().map(Vec::len) != Some(2) {
+            bail!("clientIP should give one rule per address family: {}", btp["spec"]);
+        }
+        // creationTimestamp has one-second resolution: make the second policy clearly newer.
+        std::thread::sleep(Duration::from_millis(1100));
+        apply_yaml(cp, ns, &rlp("second", "    - {name: all, requests: 10, per: 1s}\n"))?;
+        let second = cp.eventually("second policy Conflicted", WAIT, || {
+            let p = get(cp, ns, "ratelimitpolicy", "second")?;
+            (condition(&p, "Conflicted")?["status"] == "True").then_some(p)
+        })?;
+        let msg = condition(&second, "Conflicted").map(|c| c["message"].to_string()).unwrap_or_default();
+        if !msg.contains(&format!("{ns}/first")) || condition(&second, "Accepted").map(|c| &c["status"]) != Some(&Value::from("False")) {
+            bail!("the conflict does not name the winner: {}", second["status"]);
+        }
+        if get(cp, ns, "backendtrafficpolicy", "palisade-second-ratelimit").is_some() {
+            bail!("the losing policy produced gateway config");
+        }
+        // The winner goes: the other policy takes over the target.
+        run_ok(cp.kubectl().args(["delete", "ratelimitpolicy", "first", "-n", ns]))?;
+        cp.eventually("second policy takes over", WAIT, || {
+            let p = get(cp, ns, "ratelimitpolicy", "second")?;
+            (condition(&p, "Ready")?["status"] == "True"
+                && get(cp, ns, "backendtrafficpolicy", "palisade-second-ratelimit").is_some())
+            .then_some(())
+        })?;
+
+        // A limit Envoy Gateway cannot express is reported, the rest enforced.
+        let other = rlp("partial", "    - {name: every-30s, requests: 10, per: 30s}\n    - {name: per-minute, requests: 60, per: 1m}\n")
+            .replace("name: api}", "name: other}");
+        apply_yaml(cp, ns, &other)?;
+        let p = cp.eventually("Unsupported reported", WAIT, || {
+            let p = get(cp, ns, "ratelimitpolicy", "partial")?;
+            condition(&p, "Unsupported").is_some().then_some(p)
+        })?;
+        let unsupported = condition(&p, "Unsupported").map(|c| c["message"].to_string()).unwrap_or_default();
+        let ready = condition(&p, "Ready").cloned().unwrap_or_default();
+        if !unsupported.contains("every-30s") || ready["reason"] != "PartiallyEnforced" || ready["status"] != "False" {
+            bail!("unsupported limit not reported as such: {}", p["status"]);
+        }
+        let btp = get(cp, ns, "backendtrafficpolicy", "palisade-partial-ratelimit").context("partial BTP")?;
+        if btp["spec"]["rateLimit"]["global"]["rules"].as_array().map(Vec::len) != Some(1) {
+            bail!("the expressible limit should be enforced: {}", btp["spec"]);
+        }
+        Ok(())
+    })
+}
+
+fn many_policies(n: usize) -> String {
+    use std::fmt::Write as _;
+    (0..n).fold(String::new(), |mut out, i| {
+        let _ = write!(
+            out,
+            "apiVersion: palisade.dev/v1alpha1
+kind: AuthPolicy
+metadata:
+  name: svc-{i}
+spec:
+  selector: {{matchLabels: {{app: svc-{i}}}}}
+  rules:
+    - from: [{{serviceAccount: {{name: caller-{i}}}}}]
+      to: [{{ports: [8080]}}]
+---
+"
+        );
+        out
+    })
+}
+
+fn crash_converges_and_resync_writes_nothing(env: &Env) -> Result<()> {
+    const N: u32 = 30;
+    let cp = &env.cp;
+    cp.with_temp_ns("op-crash", |ns| {
+        let op = OperatorProcess::start(cp, "crash-1", "")?;
+        apply_yaml(cp, ns, &many_policies(N as usize))?;
+        // Crash as soon as the first objects appear: mid-way through the work.
+        cp.eventually("first generated objects", WAIT, || (count(cp, ns, "authorizationpolicies").ok()? > 0).then_some(()))?;
+        op.kill()?;
+        let op = OperatorProcess::start(cp, "crash-2", "")?;
+        cp.eventually("all policies Ready after the restart", Duration::from_mins(1), || {
+            let out = run_ok(cp.kubectl().args([
+                "get", "authpolicies", "-n", ns, "-o",
+                r#"jsonpath={range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}"#,
+            ]))
+            .ok()?;
+            (out.lines().filter(|l| *l == "True").count() == N as usize).then_some(())
+        })?;
+        let (ap, pa) = (count(cp, ns, "authorizationpolicies")?, count(cp, ns, "peerauthentications")?);
+        if (ap, pa) != (N as usize, N as usize) {
+            bail!("expected {N} AuthorizationPolicies and {N} PeerAuthentications, found {ap} and {pa}");
+        }
+        let status = op.terminate()?;
+        if !status.success() {
+            bail!("graceful shutdown exited with {status}");
+        }
+        // A fresh replica reconciles everything once; nothing needs writing.
+        let op = OperatorProcess::start(cp, "resync", "")?;
+        cp.eventually("a full resync", WAIT, || {
+            (op.counter("palisade_operator_reconciles_total").ok()? >= f64::from(N)).then_some(())
+        })?;
+        std::thread::sleep(Duration::from_secs(1));
+        let (_, metrics) = op.get("/metrics")?;
+        if !metrics.contains("palisade_operator_api_writes_total{what=\"apply\"}") {
+            bail!("the write counter is not exported: {metrics}");
+        }
+        let writes = op.counter("palisade_operator_api_writes_total")? + 0.0;
+        eprintln!("  writes during a resync of {N} converged AuthPolicies: {writes}");
+        if writes != 0.0 {
+            bail!("a no-op resync wrote {writes} times: {}", op.log_tail());
+        }
+        Ok(())
+    })
+}
+
+fn two_replicas_one_leader(env: &Env) -> Result<()> {
+    let cp = &env.cp;
+    let lease = "leaderElection: {enabled: true, leaseName: palisade-e2e-leader, leaseNamespace: default, leaseSeconds: 6}";
+    let first = OperatorProcess::start(cp, "leader-a", lease)?;
+    let (second, second_ready_at, first_stopped_at) = std::thread::scope(|s| {
+        let h = s.spawn(|| {
+            OperatorProcess::start(cp, "leader-b", lease).map(|op| (op, std::time::Instant::now()))
+        });
+        // While the first renews its lease, the second must not lead.
+        std::thread::sleep(Duration::from_secs(8));
+        if !first.is_ready() {
+            bail!("the first replica lost its lease while renewing it");
+        }
+        first.terminate()?;
+        let stopped = std::time::Instant::now();
+        let (op, ready_at) = h
+            .join()
+            .map_err(|_| anyhow::anyhow!("second replica thread panicked"))?
+            .context("the second replica never took over")?;
+        Ok::<_, anyhow::Error>((op, ready_at, stopped))
+    })?;
+    if second_ready_at < first_stopped_at {
+        bail!("the second replica led while the first still held the lease");
+    }
+    let holder = run_ok(cp.kubectl().args([
+        "get",
+        "lease",
+        "palisade-e2e-leader",
+        "-n",
+        "default",
+        "-o",
+        "jsonpath={.spec.holderIdentity}",
+    ]))?;
+    if holder != "operator-leader-b" {
+        bail!("lease held by {holder:?} after failover");
+    }
+    drop(second);
+    Ok(())
+}
