@@ -5,7 +5,10 @@
 use std::{path::PathBuf, process::ExitCode, time::Instant};
 
 use anyhow::{Context, Result, bail};
-use palisade_e2e::{ControlPlane, Options, controlplane::default_bin_dir, repo_root, run_ok};
+use palisade_e2e::{
+    ControlPlane, Options, controlplane::default_bin_dir, operator::OperatorProcess, repo_root,
+    run_ok,
+};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -76,9 +79,26 @@ fn up(args: &[String]) -> Result<()> {
         )?;
         eprint!("{out}");
     }
+    run_ok(cp.kubectl().args(["create", "namespace", "palisade-system"]))?;
+    let operator = OperatorProcess::start(
+        &cp,
+        "up",
+        "leaderElection: {enabled: true, leaseName: palisade-operator, leaseNamespace: palisade-system, leaseSeconds: 15}",
+    )?;
+    eprintln!(
+        "[up] palisade-operator running (metrics on http://{}/metrics, log {})",
+        operator.metrics_addr,
+        operator.log.display()
+    );
+    if examples {
+        wait_examples_ready(&cp)?;
+        eprint!("{}", run_ok(cp.kubectl().args(["get", "palisade", "-A"]))?);
+    }
+    let mut pids = cp.pids();
+    pids.push(operator.pid());
     std::fs::write(
         cp.work_dir.join("pids"),
-        cp.pids()
+        pids
             .iter()
             .map(u32::to_string)
             .collect::<Vec<_>>()
@@ -91,8 +111,29 @@ fn up(args: &[String]) -> Result<()> {
     );
     wait_for_signal()?;
     eprintln!("[up] stopping");
+    drop(operator);
     drop(cp);
     Ok(())
+}
+
+/// Waits until every example AuthPolicy and RateLimitPolicy reports Ready.
+fn wait_examples_ready(cp: &ControlPlane) -> Result<()> {
+    cp.eventually(
+        "the example policies to become Ready",
+        std::time::Duration::from_secs(30),
+        || {
+            let out = run_ok(cp.kubectl().args([
+                "get",
+                "authpolicies,ratelimitpolicies",
+                "-A",
+                "-o",
+                r#"jsonpath={range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}"#,
+            ]))
+            .ok()?;
+            let lines: Vec<&str> = out.lines().collect();
+            (!lines.is_empty() && lines.iter().all(|l| *l == "True")).then_some(())
+        },
+    )
 }
 
 fn wait_for_signal() -> Result<()> {

@@ -22,6 +22,27 @@ fn error_policy<K, S>(_obj: Arc<K>, err: &Error, _state: Arc<S>) -> Action {
     Action::requeue(std::time::Duration::from_secs(5))
 }
 
+/// A controller whose cache of `K` drops managed fields (never read, often the largest part).
+fn controller_for<K>(client: &Client) -> Controller<K>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    use kube::runtime::{WatchStreamExt, reflector};
+    let (reader, writer) = reflector::store();
+    let stream = watcher(Api::<K>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .modify(|o| o.meta_mut().managed_fields = None)
+        .reflect(writer)
+        .applied_objects();
+    Controller::for_stream(stream, reader)
+}
+
 /// Runs the operator until `shutdown` resolves or leadership is lost.
 pub async fn run(
     client: Client,
@@ -72,7 +93,7 @@ pub async fn run(
             // Cluster-scoped: no owner reference, so map back by the owner labels.
             auth_ctl = auth_ctl.watches_stream_with(
                 stream,
-                |o: kube::api::DynamicObject| {
+                |o: crate::controller::generated::GeneratedObject| {
                     let labels = o.labels();
                     let name = labels.get(OWNER_NAME_LABEL).cloned();
                     let ns = labels.get(OWNER_NAMESPACE_LABEL).cloned();

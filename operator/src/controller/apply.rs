@@ -8,12 +8,12 @@ use std::{
 
 use kube::{
     Api,
-    api::{DeleteParams, DynamicObject, Patch, PatchParams},
+    api::{DeleteParams, Patch, PatchParams},
     runtime::reflector::ObjectRef,
 };
 use serde_json::Value;
 
-use super::{Error, FIELD_MANAGER, State};
+use super::{Error, FIELD_MANAGER, State, generated::GeneratedObject};
 use crate::{
     diff,
     translate::{OWNER_KIND_LABEL, OWNER_NAME_LABEL, OWNER_NAMESPACE_LABEL},
@@ -59,14 +59,25 @@ impl AppliedCache {
     }
 
     fn was_applied(&self, v: &Value) -> bool {
-        self.0
-            .lock()
-            .is_ok_and(|m| m.get(&Self::key(v)) == Some(&Self::hash(v)))
+        self.wrote(&Self::key(v), v)
     }
 
     fn record(&self, v: &Value) {
+        self.record_as(Self::key(v), v);
+    }
+
+    /// Whether `value` is what was last written under `key` (e.g. a policy's status, keyed by
+    /// its uid): the cache of the policy may not show our own write yet.
+    pub fn wrote(&self, key: &str, value: &Value) -> bool {
+        self.0
+            .lock()
+            .is_ok_and(|m| m.get(key) == Some(&Self::hash(value)))
+    }
+
+    /// Records that `value` was written under `key`.
+    pub fn record_as(&self, key: String, value: &Value) {
         if let Ok(mut m) = self.0.lock() {
-            m.insert(Self::key(v), Self::hash(v));
+            m.insert(key, Self::hash(value));
         }
     }
 
@@ -86,7 +97,7 @@ pub async fn apply(state: &State, desired: &Value) -> Result<Outcome, Error> {
     let Some(gk) = state.kinds.get(&(api_version.to_owned(), kind.to_owned())) else {
         return Ok(Outcome::KindMissing);
     };
-    let api: Api<DynamicObject> = match namespace {
+    let api: Api<GeneratedObject> = match namespace {
         Some(ns) if gk.namespaced => Api::namespaced_with(state.client.clone(), ns, &gk.resource),
         _ => Api::all_with(state.client.clone(), &gk.resource),
     };
@@ -95,14 +106,14 @@ pub async fn apply(state: &State, desired: &Value) -> Result<Outcome, Error> {
         oref = oref.within(ns);
     }
     let live = match gk.store.get(&oref) {
-        Some(obj) => Some(serde_json::to_value(&*obj)?),
+        Some(obj) => Some(obj.to_value(&gk.resource)?),
         // Not in the cache. While the cache is still filling (right after start), or when we
         // applied this object before (the watch may not have delivered it yet), look it up: a
         // read now saves a needless write. A never-applied object in a synced cache is new.
         None if !store_ready(&gk.store) || state.applied.was_applied(desired) => api
             .get_opt(name)
             .await?
-            .map(|o| serde_json::to_value(&o))
+            .map(|o| o.to_value(&gk.resource))
             .transpose()?,
         None => None,
     };
@@ -124,7 +135,7 @@ pub async fn apply(state: &State, desired: &Value) -> Result<Outcome, Error> {
 }
 
 /// Whether the store has completed its first full list.
-fn store_ready(store: &kube::runtime::reflector::Store<DynamicObject>) -> bool {
+fn store_ready(store: &kube::runtime::reflector::Store<GeneratedObject>) -> bool {
     use futures::FutureExt;
     store
         .wait_until_ready()
@@ -163,7 +174,7 @@ pub async fn prune(
             if !owned || keep.contains(&((*kind).to_owned(), obj_name.clone())) {
                 continue;
             }
-            let api: Api<DynamicObject> = if gk.namespaced {
+            let api: Api<GeneratedObject> = if gk.namespaced {
                 Api::namespaced_with(state.client.clone(), namespace, &gk.resource)
             } else {
                 Api::all_with(state.client.clone(), &gk.resource)

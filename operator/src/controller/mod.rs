@@ -7,6 +7,7 @@
 
 pub mod apply;
 pub mod auth;
+pub mod generated;
 pub mod ratelimit;
 pub mod status;
 
@@ -15,7 +16,7 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 use futures::{Stream, StreamExt};
 use kube::{
     Api, Client,
-    api::{ApiResource, DynamicObject, GroupVersionKind},
+    api::{ApiResource, GroupVersionKind},
     runtime::{
         WatchStreamExt,
         events::{Recorder, Reporter},
@@ -24,6 +25,7 @@ use kube::{
     },
 };
 
+use self::generated::GeneratedObject;
 use crate::{
     metrics::Metrics,
     translate::{Context, MANAGED_BY, MANAGED_BY_LABEL},
@@ -43,7 +45,7 @@ pub struct GeneratedKind {
     /// Whether it is namespaced.
     pub namespaced: bool,
     /// Cached live objects carrying Palisade's label.
-    pub store: Store<DynamicObject>,
+    pub store: Store<GeneratedObject>,
 }
 
 /// Everything a reconcile needs.
@@ -109,9 +111,9 @@ pub async fn discover(client: &Client) -> BTreeMap<(String, String), (ApiResourc
 pub fn generated_stream(
     client: &Client,
     resource: &ApiResource,
-    writer: reflector::store::Writer<DynamicObject>,
-) -> impl Stream<Item = Result<DynamicObject, watcher::Error>> + Send + 'static {
-    let api = Api::<DynamicObject>::all_with(client.clone(), resource);
+    writer: reflector::store::Writer<GeneratedObject>,
+) -> impl Stream<Item = Result<GeneratedObject, watcher::Error>> + Send + 'static {
+    let api = Api::<GeneratedObject>::all_with(client.clone(), resource);
     let config = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
     watcher(api, config)
         .default_backoff()
@@ -138,7 +140,7 @@ pub fn recorder(client: Client) -> Recorder {
 pub type KindStream = (
     (String, String),
     ApiResource,
-    futures::stream::BoxStream<'static, Result<DynamicObject, watcher::Error>>,
+    futures::stream::BoxStream<'static, Result<GeneratedObject, watcher::Error>>,
 );
 
 /// Builds the stores for the discovered kinds and returns them with their watch streams.

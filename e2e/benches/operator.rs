@@ -1,0 +1,213 @@
+//! Operator convergence benchmark against a real control plane.
+//!
+//! For each N (default 1000 and 5000; `PALISADE_BENCH_N=200,1000` to choose):
+//! 1. baseline: a minimal client server-side-applies the same objects the operator would
+//!    generate for N AuthPolicies (16 requests in flight), and the time is taken;
+//! 2. N AuthPolicies are created, then the release operator is started and timed until every
+//!    policy reports `Ready=True` (from empty: no generated object exists yet);
+//! 3. the operator is restarted and, after it has reconciled every policy once, its API write
+//!    counter is read (a no-op resync; goal 0);
+//! 4. the operator's peak RSS (VmHWM) during convergence is reported (goal < 150 MiB at 5000).
+//!
+//! Run: `cargo build --release -p palisade-operator && cargo bench -p palisade-e2e --bench operator`
+
+#![allow(clippy::expect_used, missing_docs)]
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use futures::{StreamExt, stream};
+use kube::{
+    Api, Client, Config,
+    api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams},
+    config::{KubeConfigOptions, Kubeconfig},
+};
+use palisade_api::AuthPolicy;
+use palisade_e2e::{ControlPlane, Options, operator::OperatorProcess, run_ok};
+use palisade_operator::translate::{self, Context as TranslateContext};
+
+const IN_FLIGHT: usize = 16;
+
+fn policy(ns: &str, i: usize) -> AuthPolicy {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "palisade.dev/v1alpha1",
+        "kind": "AuthPolicy",
+        "metadata": {"name": format!("svc-{i}"), "namespace": ns},
+        "spec": {
+            "selector": {"matchLabels": {"app": format!("svc-{i}")}},
+            "rules": [{
+                "from": [{"serviceAccount": {"name": format!("caller-{i}")}}],
+                "to": [{"methods": ["GET"], "paths": ["/api/*"], "ports": [8080]}],
+            }],
+        },
+    }))
+    .expect("valid policy")
+}
+
+async fn client(cp: &ControlPlane) -> Result<Client> {
+    let kc = Kubeconfig::read_from(&cp.kubeconfig)?;
+    let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
+    Ok(Client::try_from(config)?)
+}
+
+fn resource(api_version: &str, kind: &str, plural: &str) -> ApiResource {
+    let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural)
+}
+
+/// The minimal client: SSA of the generated objects, nothing else.
+async fn baseline(client: &Client, ns: &str, n: usize) -> Result<(Duration, usize)> {
+    let ctx = TranslateContext::default();
+    let mut objects = Vec::new();
+    for i in 0..n {
+        let mut p = policy(ns, i);
+        p.metadata.uid = Some(format!("00000000-0000-0000-0000-{i:012}"));
+        objects.extend(translate::auth::translate(&p, &ctx).objects);
+    }
+    let count = objects.len();
+    let ap = resource("security.istio.io/v1", "AuthorizationPolicy", "authorizationpolicies");
+    let pa = resource("security.istio.io/v1", "PeerAuthentication", "peerauthentications");
+    let started = Instant::now();
+    let results: Vec<Result<()>> = stream::iter(objects)
+        .map(|o| {
+            let ar = if o["kind"] == "AuthorizationPolicy" { &ap } else { &pa };
+            let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, ar);
+            async move {
+                let name = o["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+                api.patch(&name, &PatchParams::apply("bench-baseline").force(), &Patch::Apply(&o))
+                    .await?;
+                Ok(())
+            }
+        })
+        .buffer_unordered(IN_FLIGHT)
+        .collect()
+        .await;
+    let took = started.elapsed();
+    results.into_iter().collect::<Result<Vec<()>>>()?;
+    Ok((took, count))
+}
+
+async fn create_policies(client: &Client, ns: &str, n: usize) -> Result<()> {
+    let api: Api<AuthPolicy> = Api::namespaced(client.clone(), ns);
+    let results: Vec<Result<(), kube::Error>> = stream::iter(0..n)
+        .map(|i| {
+            let api = api.clone();
+            let p = policy(ns, i);
+            async move { api.create(&PostParams::default(), &p).await.map(|_| ()) }
+        })
+        .buffer_unordered(IN_FLIGHT)
+        .collect()
+        .await;
+    results.into_iter().collect::<Result<Vec<()>, _>>()?;
+    Ok(())
+}
+
+async fn ready_count(client: &Client, ns: &str) -> Result<usize> {
+    let api: Api<AuthPolicy> = Api::namespaced(client.clone(), ns);
+    let list = api.list(&Default::default()).await?;
+    Ok(list
+        .items
+        .iter()
+        .filter(|p| {
+            p.status.as_ref().is_some_and(|s| {
+                s.common
+                    .conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True")
+            })
+        })
+        .count())
+}
+
+async fn bench(cp: &ControlPlane, n: usize) -> Result<()> {
+    let client = client(cp).await?;
+    for ns in [format!("base-{n}"), format!("op-{n}")] {
+        run_ok(cp.kubectl().args(["create", "namespace", &ns]))?;
+    }
+    let (base, objects) = baseline(&client, &format!("base-{n}"), n).await?;
+
+    let ns = format!("op-{n}");
+    create_policies(&client, &ns, n).await?;
+    let started = Instant::now();
+    let op = OperatorProcess::start(cp, &format!("bench-{n}"), "")?;
+    let mut peak = 0;
+    loop {
+        peak = peak.max(op.peak_rss_kib().unwrap_or(0));
+        if ready_count(&client, &ns).await? == n {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(900) {
+            bail!("not converged after 15 minutes: {}", op.log_tail());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let converged = started.elapsed();
+    peak = peak.max(op.peak_rss_kib().unwrap_or(0));
+    let writes_converge = op.counter("palisade_operator_api_writes_total")?;
+    let (_, metrics) = op.get("/metrics")?;
+    let breakdown: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("palisade_operator_api_writes_total") || l.starts_with("palisade_operator_reconciles_total"))
+        .collect();
+    drop(op);
+
+    let op = OperatorProcess::start(cp, &format!("bench-{n}-resync"), "")?;
+    let resync_started = Instant::now();
+    loop {
+        let reconciled = op.counter("palisade_operator_reconciles_total")?;
+        if reconciled >= f64::from(u32::try_from(n)?) {
+            break;
+        }
+        if resync_started.elapsed() > Duration::from_secs(600) {
+            bail!("resync did not finish: {}", op.log_tail());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let resync = resync_started.elapsed();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let resync_writes = op.counter("palisade_operator_api_writes_total")? + 0.0;
+    let resync_peak = op.peak_rss_kib().unwrap_or(0);
+
+    println!("operator convergence, N = {n} AuthPolicies ({objects} generated objects)");
+    println!(
+        "  baseline: minimal client SSA of {objects} objects ({IN_FLIGHT} in flight): {:.2} s",
+        base.as_secs_f64()
+    );
+    println!(
+        "  operator: start to all {n} Ready: {:.2} s ({writes_converge} API writes: applies + status)",
+        converged.as_secs_f64()
+    );
+    println!("  {}", breakdown.join("\n  "));
+    println!(
+        "  ratio operator / baseline: {:.2}x (goal <= 1.3x)",
+        converged.as_secs_f64() / base.as_secs_f64()
+    );
+    println!(
+        "  no-op resync after restart: {:.2} s, {resync_writes} API writes (goal 0)",
+        resync.as_secs_f64()
+    );
+    println!(
+        "  operator peak RSS: {:.1} MiB converging, {:.1} MiB resyncing (goal < 150 MiB at 5000)",
+        peak as f64 / 1024.0,
+        resync_peak as f64 / 1024.0
+    );
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    // `cargo bench` passes `--bench`; nothing else is accepted.
+    let sizes: Vec<usize> = std::env::var("PALISADE_BENCH_N")
+        .unwrap_or_else(|_| "1000,5000".into())
+        .split(',')
+        .map(|s| s.trim().parse().context("PALISADE_BENCH_N is a list of numbers"))
+        .collect::<Result<_>>()?;
+    let mut opts = Options::new()?;
+    opts.controller_manager = false;
+    let cp = ControlPlane::start(&opts)?;
+    cp.install_crds(&opts.bin_dir)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    for n in sizes {
+        rt.block_on(bench(&cp, n))?;
+    }
+    Ok(())
+}
