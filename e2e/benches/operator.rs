@@ -65,17 +65,36 @@ async fn baseline(client: &Client, ns: &str, n: usize) -> Result<(Duration, usiz
         objects.extend(translate::auth::translate(&p, &ctx).objects);
     }
     let count = objects.len();
-    let ap = resource("security.istio.io/v1", "AuthorizationPolicy", "authorizationpolicies");
-    let pa = resource("security.istio.io/v1", "PeerAuthentication", "peerauthentications");
+    let ap = resource(
+        "security.istio.io/v1",
+        "AuthorizationPolicy",
+        "authorizationpolicies",
+    );
+    let pa = resource(
+        "security.istio.io/v1",
+        "PeerAuthentication",
+        "peerauthentications",
+    );
     let started = Instant::now();
     let results: Vec<Result<()>> = stream::iter(objects)
         .map(|o| {
-            let ar = if o["kind"] == "AuthorizationPolicy" { &ap } else { &pa };
+            let ar = if o["kind"] == "AuthorizationPolicy" {
+                &ap
+            } else {
+                &pa
+            };
             let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, ar);
             async move {
-                let name = o["metadata"]["name"].as_str().unwrap_or_default().to_owned();
-                api.patch(&name, &PatchParams::apply("bench-baseline").force(), &Patch::Apply(&o))
-                    .await?;
+                let name = o["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
+                api.patch(
+                    &name,
+                    &PatchParams::apply("bench-baseline").force(),
+                    &Patch::Apply(&o),
+                )
+                .await?;
                 Ok(())
             }
         })
@@ -104,7 +123,7 @@ async fn create_policies(client: &Client, ns: &str, n: usize) -> Result<()> {
 
 async fn ready_count(client: &Client, ns: &str) -> Result<usize> {
     let api: Api<AuthPolicy> = Api::namespaced(client.clone(), ns);
-    let list = api.list(&Default::default()).await?;
+    let list = api.list(&kube::api::ListParams::default()).await?;
     Ok(list
         .items
         .iter()
@@ -136,7 +155,7 @@ async fn bench(cp: &ControlPlane, n: usize) -> Result<()> {
         if ready_count(&client, &ns).await? == n {
             break;
         }
-        if started.elapsed() > Duration::from_secs(900) {
+        if started.elapsed() > Duration::from_mins(15) {
             bail!("not converged after 15 minutes: {}", op.log_tail());
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -147,7 +166,10 @@ async fn bench(cp: &ControlPlane, n: usize) -> Result<()> {
     let (_, metrics) = op.get("/metrics")?;
     let breakdown: Vec<&str> = metrics
         .lines()
-        .filter(|l| l.starts_with("palisade_operator_api_writes_total") || l.starts_with("palisade_operator_reconciles_total"))
+        .filter(|l| {
+            l.starts_with("palisade_operator_api_writes_total")
+                || l.starts_with("palisade_operator_reconciles_total")
+        })
         .collect();
     drop(op);
 
@@ -158,7 +180,7 @@ async fn bench(cp: &ControlPlane, n: usize) -> Result<()> {
         if reconciled >= f64::from(u32::try_from(n)?) {
             break;
         }
-        if resync_started.elapsed() > Duration::from_secs(600) {
+        if resync_started.elapsed() > Duration::from_mins(10) {
             bail!("resync did not finish: {}", op.log_tail());
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -188,8 +210,8 @@ async fn bench(cp: &ControlPlane, n: usize) -> Result<()> {
     );
     println!(
         "  operator peak RSS: {:.1} MiB converging, {:.1} MiB resyncing (goal < 150 MiB at 5000)",
-        peak as f64 / 1024.0,
-        resync_peak as f64 / 1024.0
+        f64::from(u32::try_from(peak).unwrap_or(u32::MAX)) / 1024.0,
+        resync_f64::from(u32::try_from(peak).unwrap_or(u32::MAX)) / 1024.0
     );
     Ok(())
 }
@@ -199,13 +221,19 @@ fn main() -> Result<()> {
     let sizes: Vec<usize> = std::env::var("PALISADE_BENCH_N")
         .unwrap_or_else(|_| "1000,5000".into())
         .split(',')
-        .map(|s| s.trim().parse().context("PALISADE_BENCH_N is a list of numbers"))
+        .map(|s| {
+            s.trim()
+                .parse()
+                .context("PALISADE_BENCH_N is a list of numbers")
+        })
         .collect::<Result<_>>()?;
     let mut opts = Options::new()?;
     opts.controller_manager = false;
     let cp = ControlPlane::start(&opts)?;
     cp.install_crds(&opts.bin_dir)?;
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     for n in sizes {
         rt.block_on(bench(&cp, n))?;
     }

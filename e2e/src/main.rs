@@ -79,7 +79,10 @@ fn up(args: &[String]) -> Result<()> {
         )?;
         eprint!("{out}");
     }
-    run_ok(cp.kubectl().args(["create", "namespace", "palisade-system"]))?;
+    run_ok(
+        cp.kubectl()
+            .args(["create", "namespace", "palisade-system"]),
+    )?;
     let operator = OperatorProcess::start(
         &cp,
         "up",
@@ -98,8 +101,7 @@ fn up(args: &[String]) -> Result<()> {
     pids.push(operator.pid());
     std::fs::write(
         cp.work_dir.join("pids"),
-        pids
-            .iter()
+        pids.iter()
             .map(u32::to_string)
             .collect::<Vec<_>>()
             .join("\n"),

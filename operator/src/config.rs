@@ -7,6 +7,7 @@
 //! envoyGatewayRateLimit: Global    # or Local
 //! leaderElection: {enabled: true, leaseName: palisade-operator, leaseNamespace: palisade-system}
 //! metricsAddress: 127.0.0.1:9090
+//! concurrency: 32                  # reconciles in flight per controller
 //! ```
 
 use std::{net::SocketAddr, path::Path};
@@ -28,6 +29,13 @@ pub struct Config {
     /// Where `/metrics`, `/healthz` and `/readyz` are served.
     #[serde(default = "default_metrics_address")]
     pub metrics_address: SocketAddr,
+    /// Reconciles in flight at once, per controller.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: u16,
+}
+
+fn default_concurrency() -> u16 {
+    32
 }
 
 /// Leader election settings.
@@ -88,6 +96,7 @@ impl Default for Config {
             context: Context::default(),
             leader_election: LeaderElection::default(),
             metrics_address: default_metrics_address(),
+            concurrency: default_concurrency(),
         }
     }
 }
@@ -130,7 +139,7 @@ impl Config {
     pub fn parse(text: &str) -> Result<Self, serde_yaml::Error> {
         let mut all: serde_yaml::Mapping = serde_yaml::from_str(text)?;
         let mut own = serde_yaml::Mapping::new();
-        for key in ["leaderElection", "metricsAddress"] {
+        for key in ["leaderElection", "metricsAddress", "concurrency"] {
             if let Some(v) = all.remove(key) {
                 own.insert(key.into(), v);
             }

@@ -79,14 +79,10 @@ pub async fn run(
         applied: controller::apply::AppliedCache::default(),
     });
 
-    let mut auth_ctl = Controller::new(
-        Api::<AuthPolicy>::all(client.clone()),
-        watcher::Config::default(),
-    );
-    let mut rl_ctl = Controller::new(
-        Api::<RateLimitPolicy>::all(client.clone()),
-        watcher::Config::default(),
-    );
+    // Bounded concurrency keeps connections, memory and API server load in proportion.
+    let ctl_config = kube::runtime::controller::Config::default().concurrency(config.concurrency);
+    let mut auth_ctl = controller_for::<AuthPolicy>(&client).with_config(ctl_config.clone());
+    let mut rl_ctl = controller_for::<RateLimitPolicy>(&client).with_config(ctl_config);
     for ((api_version, kind), ar, stream) in streams {
         let key = (api_version.as_str(), kind.as_str());
         if key == ("spire.spiffe.io/v1alpha1", "ClusterSPIFFEID") {

@@ -121,11 +121,15 @@ async fn reconcile_inner(policy: &AuthPolicy, state: &State) -> Result<Action, E
     // (timestamps aside) and the cache has not caught up yet.
     let content = status::without_times(&status_value);
     if new != previous && !state.applied.wrote(&status_key, &content) {
-        api.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(json!({
-            "apiVersion": "palisade.dev/v1alpha1",
-            "kind": "AuthPolicy",
-            "status": status_value,
-        })))
+        api.patch_status(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(json!({
+                "apiVersion": "palisade.dev/v1alpha1",
+                "kind": "AuthPolicy",
+                "status": status_value,
+            })),
+        )
         .await?;
         state.metrics.write("status");
         state.applied.record_as(status_key, &content);

@@ -5,11 +5,7 @@
 use std::borrow::Cow;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::{
-    Resource,
-    api::ApiResource,
-    core::DynamicResourceScope,
-};
+use kube::{Resource, api::ApiResource, core::DynamicResourceScope};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, value::RawValue};
 
@@ -91,7 +87,11 @@ mod tests {
             "spec": {"action": "ALLOW", "rules": [{}]},
         }))
         .expect("parses");
-        let ar = ApiResource::from_gvk(&GroupVersionKind::gvk("security.istio.io", "v1", "AuthorizationPolicy"));
+        let ar = ApiResource::from_gvk(&GroupVersionKind::gvk(
+            "security.istio.io",
+            "v1",
+            "AuthorizationPolicy",
+        ));
         let v = obj.to_value(&ar).expect("value");
         assert_eq!(v["spec"]["action"], "ALLOW");
         assert_eq!(v["apiVersion"], "security.istio.io/v1");

@@ -213,7 +213,10 @@ pub async fn enforce(
     use apply::Outcome;
     let mut result = Enforced::default();
     let mut keep = std::collections::BTreeSet::new();
-    for obj in desired {
+    // The objects of one policy are independent: apply them concurrently.
+    let outcomes =
+        futures::future::join_all(desired.iter().map(|obj| apply::apply(state, obj))).await;
+    for (obj, outcome) in desired.iter().zip(outcomes) {
         let kind = obj["kind"].as_str().unwrap_or_default().to_owned();
         let obj_name = obj["metadata"]["name"]
             .as_str()
@@ -221,7 +224,7 @@ pub async fn enforce(
             .to_owned();
         let label = format!("{kind}/{obj_name}");
         keep.insert((kind, obj_name));
-        match apply::apply(state, obj).await? {
+        match outcome? {
             Outcome::Unchanged => {}
             Outcome::Created | Outcome::Updated { drift: None } => result.changed.push(label),
             Outcome::Updated { drift: Some(path) } => {

@@ -103,7 +103,10 @@ pub fn build(
 /// A status value with every `lastTransitionTime` removed, to compare content alone.
 pub fn without_times(status: &serde_json::Value) -> serde_json::Value {
     let mut v = status.clone();
-    if let Some(conds) = v.get_mut("conditions").and_then(serde_json::Value::as_array_mut) {
+    if let Some(conds) = v
+        .get_mut("conditions")
+        .and_then(serde_json::Value::as_array_mut)
+    {
         for c in conds {
             if let Some(m) = c.as_object_mut() {
                 m.remove("lastTransitionTime");
