@@ -211,7 +211,7 @@ async fn bench(cp: &ControlPlane, n: usize) -> Result<()> {
     println!(
         "  operator peak RSS: {:.1} MiB converging, {:.1} MiB resyncing (goal < 150 MiB at 5000)",
         f64::from(u32::try_from(peak).unwrap_or(u32::MAX)) / 1024.0,
-        resync_f64::from(u32::try_from(peak).unwrap_or(u32::MAX)) / 1024.0
+        f64::from(u32::try_from(resync_peak).unwrap_or(u32::MAX)) / 1024.0
     );
     Ok(())
 }
