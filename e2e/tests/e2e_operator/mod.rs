@@ -19,6 +19,14 @@ pub const TESTS: &[(&str, TestFn)] = &[
         rate_limit_conflict_and_unsupported,
     ),
     (
+        "e2e_operator::istio_local_and_updates",
+        istio_local_and_updates,
+    ),
+    (
+        "e2e_operator::spire_identities_are_cleaned_up_by_the_finalizer",
+        spire_identities_are_cleaned_up_by_the_finalizer,
+    ),
+    (
         "e2e_operator::crash_converges_and_resync_writes_nothing",
         crash_converges_and_resync_writes_nothing,
     ),
@@ -241,6 +249,77 @@ fn rate_limit_conflict_and_unsupported(env: &Env) -> Result<()> {
         let btp = get(cp, ns, "backendtrafficpolicy", "palisade-partial-ratelimit").context("partial BTP")?;
         if btp["spec"]["rateLimit"]["global"]["rules"].as_array().map(Vec::len) != Some(1) {
             bail!("the expressible limit should be enforced: {}", btp["spec"]);
+        }
+        Ok(())
+    })
+}
+
+fn istio_local_and_updates(env: &Env) -> Result<()> {
+    let cp = &env.cp;
+    let _op = OperatorProcess::start(cp, "istio-local", "")?;
+    cp.with_temp_ns("op-local", |ns| {
+        let edge = |requests: u32| {
+            rlp("edge", &format!("    - {{name: steady, requests: {requests}, per: 1s, burst: 50}}\n"))
+                .replace("kind: HTTPRoute, name: api}", "kind: Gateway, name: edge}\n  backend: IstioLocal")
+        };
+        apply_yaml(cp, ns, &edge(100))?;
+        // The EnvoyFilter passed Istio's own schema when the API server stored it.
+        let bucket = |ef: &Value| {
+            ef["spec"]["configPatches"][0]["patch"]["value"]["typed_config"]["value"]["token_bucket"].clone()
+        };
+        cp.eventually("EnvoyFilter with the token bucket", WAIT, || {
+            let ef = get(cp, ns, "envoyfilter", "palisade-edge-ratelimit")?;
+            (bucket(&ef)["max_tokens"] == 150).then_some(())
+        })?;
+        // An update of the policy updates the generated object.
+        apply_yaml(cp, ns, &edge(10))?;
+        cp.eventually("EnvoyFilter updated", WAIT, || {
+            let ef = get(cp, ns, "envoyfilter", "palisade-edge-ratelimit")?;
+            (bucket(&ef)["max_tokens"] == 60 && bucket(&ef)["tokens_per_fill"] == 10).then_some(())
+        })?;
+        Ok(())
+    })
+}
+
+fn spire_identities_are_cleaned_up_by_the_finalizer(env: &Env) -> Result<()> {
+    let cp = &env.cp;
+    let _op = OperatorProcess::start(
+        cp,
+        "spire",
+        "identitySource: Spire\ntrustDomain: prod.example",
+    )?;
+    cp.with_temp_ns("op-spire", |ns| {
+        apply_yaml(cp, ns, ORDERS)?;
+        let name = format!("palisade-{ns}-orders-id");
+        let id = cp.eventually("ClusterSPIFFEID", WAIT, || {
+            let out = run(cp
+                .kubectl()
+                .args(["get", "clusterspiffeid", &name, "-o", "json"]))
+            .ok()?;
+            out.status
+                .success()
+                .then(|| serde_json::from_slice::<Value>(&out.stdout).ok())
+                .flatten()
+        })?;
+        if id["spec"]["podSelector"]["matchLabels"]["app"] != "orders"
+            || id["spec"]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] != ns
+        {
+            bail!("ClusterSPIFFEID selects the wrong pods: {}", id["spec"]);
+        }
+        let allow = cp.eventually("ALLOW policy", WAIT, || {
+            get(cp, ns, "authorizationpolicy", "palisade-orders-allow")
+        })?;
+        let principal = &allow["spec"]["rules"][0]["from"][0]["source"]["principals"][0];
+        if principal.as_str() != Some(format!("prod.example/ns/{ns}/sa/frontend").as_str()) {
+            bail!("principal {principal} does not use the configured trust domain");
+        }
+        run_ok(
+            cp.kubectl()
+                .args(["delete", "authpolicy", "orders", "-n", ns, "--timeout=30s"]),
+        )?;
+        let out = run(cp.kubectl().args(["get", "clusterspiffeid", &name]))?;
+        if out.status.success() {
+            bail!("the ClusterSPIFFEID outlived its AuthPolicy");
         }
         Ok(())
     })

@@ -143,54 +143,59 @@ fn store_ready(store: &kube::runtime::reflector::Store<GeneratedObject>) -> bool
         .is_some_and(|r| r.is_ok())
 }
 
-/// Deletes objects of `kinds` labelled as generated from `owner_kind` `namespace/name` whose
-/// names are not in `keep`. Only objects carrying Palisade's owner labels are ever touched.
+/// Deletes the `candidates` (every object `owner_kind` `namespace/name` can produce, by
+/// `(apiVersion, kind, name)`) that exist, carry Palisade's owner labels for this policy, and are
+/// not in `keep`. Looking up the few possible names keeps this O(1) in the number of policies.
 pub async fn prune(
     state: &State,
-    kinds: &[(&str, &str)],
+    candidates: &[(&str, &str, String)],
     owner_kind: &str,
     namespace: &str,
     name: &str,
     keep: &BTreeSet<(String, String)>,
 ) -> Result<Vec<String>, Error> {
     let mut deleted = Vec::new();
-    for (api_version, kind) in kinds {
+    for (api_version, kind, obj_name) in candidates {
+        if keep.contains(&((*kind).to_owned(), obj_name.clone())) {
+            continue;
+        }
         let Some(gk) = state
             .kinds
             .get(&((*api_version).to_owned(), (*kind).to_owned()))
         else {
             continue;
         };
-        for obj in gk.store.state() {
-            let labels = obj.metadata.labels.clone().unwrap_or_default();
-            let owned = labels.get(OWNER_KIND_LABEL).map(String::as_str) == Some(owner_kind)
-                && labels.get(OWNER_NAME_LABEL).map(String::as_str) == Some(name)
-                && (if gk.namespaced {
-                    obj.metadata.namespace.as_deref() == Some(namespace)
-                } else {
-                    labels.get(OWNER_NAMESPACE_LABEL).map(String::as_str) == Some(namespace)
-                });
-            let obj_name = obj.metadata.name.clone().unwrap_or_default();
-            if !owned || keep.contains(&((*kind).to_owned(), obj_name.clone())) {
-                continue;
-            }
-            let api: Api<GeneratedObject> = if gk.namespaced {
-                Api::namespaced_with(state.client.clone(), namespace, &gk.resource)
-            } else {
-                Api::all_with(state.client.clone(), &gk.resource)
-            };
-            match api.delete(&obj_name, &DeleteParams::background()).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(e) => return Err(e.into()),
-            }
-            state.metrics.write("delete");
-            state.applied.forget(&format!(
-                "{api_version}/{kind}/{}/{obj_name}",
-                if gk.namespaced { namespace } else { "" }
-            ));
-            deleted.push(format!("{kind}/{obj_name}"));
+        let mut oref = ObjectRef::new_with(obj_name, gk.resource.clone());
+        if gk.namespaced {
+            oref = oref.within(namespace);
         }
+        let Some(obj) = gk.store.get(&oref) else {
+            continue;
+        };
+        let labels = obj.metadata.labels.clone().unwrap_or_default();
+        let owned = labels.get(OWNER_KIND_LABEL).map(String::as_str) == Some(owner_kind)
+            && labels.get(OWNER_NAME_LABEL).map(String::as_str) == Some(name)
+            && (gk.namespaced
+                || labels.get(OWNER_NAMESPACE_LABEL).map(String::as_str) == Some(namespace));
+        if !owned {
+            continue;
+        }
+        let api: Api<GeneratedObject> = if gk.namespaced {
+            Api::namespaced_with(state.client.clone(), namespace, &gk.resource)
+        } else {
+            Api::all_with(state.client.clone(), &gk.resource)
+        };
+        match api.delete(obj_name, &DeleteParams::background()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+        state.metrics.write("delete");
+        state.applied.forget(&format!(
+            "{api_version}/{kind}/{}/{obj_name}",
+            if gk.namespaced { namespace } else { "" }
+        ));
+        deleted.push(format!("{kind}/{obj_name}"));
     }
     Ok(deleted)
 }

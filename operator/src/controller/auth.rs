@@ -15,7 +15,7 @@ use kube::{
 use palisade_api::{AuthPolicy, AuthPolicyStatus};
 use serde_json::json;
 
-use super::{AUTH_KINDS, Error, FIELD_MANAGER, RESYNC, State, enforce, publish_events, readiness};
+use super::{Error, FIELD_MANAGER, RESYNC, State, enforce, publish_events, readiness};
 use crate::{
     controller::status::{self, Cond},
     translate::{self, IdentitySource},
@@ -48,7 +48,7 @@ async fn reconcile_inner(policy: &AuthPolicy, state: &State) -> Result<Action, E
             // Remove what the garbage collector cannot, then let the object go.
             super::apply::prune(
                 state,
-                AUTH_KINDS,
+                &translate::auth::candidates(&ns, &name),
                 "AuthPolicy",
                 &ns,
                 &name,
@@ -86,7 +86,7 @@ async fn reconcile_inner(policy: &AuthPolicy, state: &State) -> Result<Action, E
     let desired = translate::auth::translate(policy, &state.ctx);
     let enforced = enforce(
         state,
-        AUTH_KINDS,
+        &translate::auth::candidates(&ns, &name),
         "AuthPolicy",
         &ns,
         &name,

@@ -204,7 +204,7 @@ pub struct Enforced {
 /// Applies `desired` and prunes what `owner_kind` `namespace/name` no longer produces.
 pub async fn enforce(
     state: &State,
-    kinds: &[(&str, &str)],
+    candidates: &[(&str, &str, String)],
     owner_kind: &str,
     namespace: &str,
     name: &str,
@@ -238,7 +238,7 @@ pub async fn enforce(
             )),
         }
     }
-    result.deleted = apply::prune(state, kinds, owner_kind, namespace, name, &keep).await?;
+    result.deleted = apply::prune(state, candidates, owner_kind, namespace, name, &keep).await?;
     Ok(result)
 }
 

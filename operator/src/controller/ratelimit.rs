@@ -12,9 +12,7 @@ use kube::{
 use palisade_api::{RateLimitPolicy, RateLimitPolicyStatus};
 use serde_json::json;
 
-use super::{
-    Error, FIELD_MANAGER, RATE_LIMIT_KINDS, RESYNC, State, enforce, publish_events, readiness,
-};
+use super::{Error, FIELD_MANAGER, RESYNC, State, enforce, publish_events, readiness};
 use crate::{
     controller::{
         auth::jiff_now,
@@ -83,7 +81,7 @@ async fn reconcile_inner(policy: &RateLimitPolicy, rl: &RateLimitState) -> Resul
     };
     let enforced = enforce(
         state,
-        RATE_LIMIT_KINDS,
+        &translate::ratelimit::candidates(&name),
         "RateLimitPolicy",
         &ns,
         &name,

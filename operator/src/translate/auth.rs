@@ -231,6 +231,44 @@ fn cluster_spiffe_id(policy: &AuthPolicy, owner: &Owner<'_>) -> Value {
     )
 }
 
+/// Every object an AuthPolicy `namespace/name` can produce, as `(apiVersion, kind, name)`: what
+/// pruning looks at.
+pub fn candidates(namespace: &str, name: &str) -> Vec<(&'static str, &'static str, String)> {
+    vec![
+        (
+            SECURITY_V1,
+            "AuthorizationPolicy",
+            names::generated(name, "allow"),
+        ),
+        (
+            SECURITY_V1,
+            "AuthorizationPolicy",
+            names::generated(name, "deny"),
+        ),
+        (
+            SECURITY_V1,
+            "AuthorizationPolicy",
+            names::generated(name, "ext"),
+        ),
+        ("v1", "ConfigMap", names::generated(name, "opa")),
+        (
+            SECURITY_V1,
+            "RequestAuthentication",
+            names::generated(name, "jwt"),
+        ),
+        (
+            SECURITY_V1,
+            "PeerAuthentication",
+            names::generated(name, "mtls"),
+        ),
+        (
+            SPIRE_V1ALPHA1,
+            "ClusterSPIFFEID",
+            cluster_spiffe_id_name(namespace, name),
+        ),
+    ]
+}
+
 /// Name of the ClusterSPIFFEID generated for the AuthPolicy `namespace/name`.
 pub fn cluster_spiffe_id_name(namespace: &str, name: &str) -> String {
     names::generated(&format!("{namespace}-{name}"), "id")

@@ -329,6 +329,19 @@ fn istio_local(policy: &RateLimitPolicy, owner: &Owner<'_>) -> Desired {
     out
 }
 
+/// Every object a RateLimitPolicy named `name` can produce, as `(apiVersion, kind, name)`.
+pub fn candidates(name: &str) -> Vec<(&'static str, &'static str, String)> {
+    let n = names::generated(name, "ratelimit");
+    vec![
+        (
+            "gateway.envoyproxy.io/v1alpha1",
+            "BackendTrafficPolicy",
+            n.clone(),
+        ),
+        ("networking.istio.io/v1alpha3", "EnvoyFilter", n),
+    ]
+}
+
 /// The Gateway API conflict rule for policies attached to one target: the oldest
 /// (`creationTimestamp`) wins, ties broken by `{namespace}/{name}`. Returns, for `policy`, the
 /// winner's `namespace/name` when another policy wins its target.
