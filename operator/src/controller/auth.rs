@@ -15,7 +15,7 @@ use kube::{
 use palisade_api::{AuthPolicy, AuthPolicyStatus};
 use serde_json::json;
 
-use super::{Error, FIELD_MANAGER, RESYNC, State, enforce, publish_events, readiness};
+use super::{Error, RESYNC, State, enforce, publish_events, readiness};
 use crate::{
     controller::status::{self, Cond},
     translate::{self, IdentitySource},
@@ -115,25 +115,7 @@ async fn reconcile_inner(policy: &AuthPolicy, state: &State) -> Result<Action, E
         common: status::build(&previous.common, policy.meta().generation, &conds, &now),
         generated: status::generated_refs(&desired.objects),
     };
-    let status_key = format!("status/{}", policy.uid().unwrap_or_default());
-    let status_value = serde_json::to_value(&new)?;
-    // Skip when the cache already shows this status, or when we just wrote the same content
-    // (timestamps aside) and the cache has not caught up yet.
-    let content = status::without_times(&status_value);
-    if new != previous && !state.applied.wrote(&status_key, &content) {
-        api.patch_status(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(json!({
-                "apiVersion": "palisade.dev/v1alpha1",
-                "kind": "AuthPolicy",
-                "status": status_value,
-            })),
-        )
-        .await?;
-        state.metrics.write("status");
-        state.applied.record_as(status_key, &content);
-    }
+    super::write_status(state, policy, &new, &previous).await?;
     if let Some(r) = &result {
         publish_events(state, &policy.object_ref(&()), r).await;
     }

@@ -276,6 +276,52 @@ pub fn readiness(
     conds
 }
 
+/// Writes `new` as the status of `policy` (server-side apply of the status subresource) unless
+/// the cache already shows it, or we just wrote the same content (timestamps aside) and the
+/// cache has not caught up yet.
+pub async fn write_status<K, S>(
+    state: &State,
+    policy: &K,
+    new: &S,
+    previous: &S,
+) -> Result<(), Error>
+where
+    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    S: serde::Serialize + PartialEq,
+{
+    use kube::api::{Patch, PatchParams};
+    if new == previous {
+        return Ok(());
+    }
+    let meta = policy.meta();
+    let key = format!("status/{}", meta.uid.as_deref().unwrap_or_default());
+    let value = serde_json::to_value(new)?;
+    let content = status::without_times(&value);
+    if state.applied.wrote(&key, &content) {
+        return Ok(());
+    }
+    let api: Api<K> = Api::namespaced(
+        state.client.clone(),
+        meta.namespace.as_deref().unwrap_or_default(),
+    );
+    api.patch_status(
+        meta.name.as_deref().unwrap_or_default(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(serde_json::json!({
+            "apiVersion": K::api_version(&()),
+            "kind": K::kind(&()),
+            "status": value,
+        })),
+    )
+    .await?;
+    state.metrics.write("status");
+    state.applied.record_as(key, &content);
+    Ok(())
+}
+
 /// Publishes the Events for an enforcement result (nothing when nothing changed).
 pub async fn publish_events(
     state: &State,

@@ -5,14 +5,12 @@ use std::{sync::Arc, time::Instant};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::{
-    Api, Resource, ResourceExt,
-    api::{Patch, PatchParams},
+    Resource, ResourceExt,
     runtime::{controller::Action, reflector::Store},
 };
 use palisade_api::{RateLimitPolicy, RateLimitPolicyStatus};
-use serde_json::json;
 
-use super::{Error, FIELD_MANAGER, RESYNC, State, enforce, publish_events, readiness};
+use super::{Error, RESYNC, State, enforce, publish_events, readiness};
 use crate::{
     controller::{
         auth::jiff_now,
@@ -101,7 +99,6 @@ async fn reconcile_inner(policy: &RateLimitPolicy, rl: &RateLimitState) -> Resul
             None
         }
     };
-    let api: Api<RateLimitPolicy> = Api::namespaced(state.client.clone(), &ns);
     let previous = policy.status.clone().unwrap_or_default();
     let now = Time(jiff_now());
     let new = RateLimitPolicyStatus {
@@ -109,25 +106,7 @@ async fn reconcile_inner(policy: &RateLimitPolicy, rl: &RateLimitState) -> Resul
         backend: Some(backend),
         generated: status::generated_refs(&desired.objects),
     };
-    let status_key = format!("status/{}", policy.uid().unwrap_or_default());
-    let status_value = serde_json::to_value(&new)?;
-    // Skip when the cache already shows this status, or when we just wrote the same content
-    // (timestamps aside) and the cache has not caught up yet.
-    let content = status::without_times(&status_value);
-    if new != previous && !state.applied.wrote(&status_key, &content) {
-        api.patch_status(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(json!({
-                "apiVersion": "palisade.dev/v1alpha1",
-                "kind": "RateLimitPolicy",
-                "status": status_value,
-            })),
-        )
-        .await?;
-        state.metrics.write("status");
-        state.applied.record_as(status_key, &content);
-    }
+    super::write_status(state, policy, &new, &previous).await?;
     if let Some(r) = &result {
         publish_events(state, &policy.object_ref(&()), r).await;
     }
