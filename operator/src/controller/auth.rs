@@ -102,11 +102,11 @@ async fn reconcile_inner(policy: &AuthPolicy, state: &State) -> Result<Action, E
     let result = match enforced {
         Ok(r) => {
             conds.extend(readiness(&r, &desired.notes, desired.objects.len()));
-            Some(r)
+            Ok(r)
         }
         Err(e) => {
             conds.push(Cond::new("Ready", false, e.reason(), e.to_string()));
-            None
+            Err(e)
         }
     };
     let previous = policy.status.clone().unwrap_or_default();
@@ -116,10 +116,9 @@ async fn reconcile_inner(policy: &AuthPolicy, state: &State) -> Result<Action, E
         generated: status::generated_refs(&desired.objects),
     };
     super::write_status(state, policy, &new, &previous).await?;
-    if let Some(r) = &result {
-        publish_events(state, &policy.object_ref(&()), r).await;
-    }
-    Ok(Action::requeue(RESYNC))
+    publish_events(state, &policy.object_ref(&()), result.as_ref()).await;
+    // A failed apply is retried with backoff by the error policy, after status says why.
+    result.map(|_| Action::requeue(RESYNC))
 }
 
 /// The current time (the only clock read in a reconcile, outside the pure translators).

@@ -326,10 +326,26 @@ where
 pub async fn publish_events(
     state: &State,
     reference: &k8s_openapi::api::core::v1::ObjectReference,
-    result: &Enforced,
+    result: Result<&Enforced, &Error>,
 ) {
     use kube::runtime::events::{Event, EventType};
     let mut events = Vec::new();
+    let result = match result {
+        Ok(r) => r,
+        Err(e) => {
+            events.push(Event {
+                type_: EventType::Warning,
+                reason: e.reason().into(),
+                note: Some(truncate(
+                    format!("applying generated objects failed: {e}"),
+                    1000,
+                )),
+                action: "Apply".into(),
+                secondary: None,
+            });
+            &Enforced::default()
+        }
+    };
     if !result.drift.is_empty() {
         events.push(Event {
             type_: EventType::Warning,

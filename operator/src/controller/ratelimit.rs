@@ -91,12 +91,12 @@ async fn reconcile_inner(policy: &RateLimitPolicy, rl: &RateLimitState) -> Resul
             if winner.is_none() {
                 conds.extend(readiness(&r, &desired.notes, desired.objects.len()));
             }
-            Some(r)
+            Ok(r)
         }
         Err(e) => {
             conds.retain(|c| c.type_ != "Ready");
             conds.push(Cond::new("Ready", false, e.reason(), e.to_string()));
-            None
+            Err(e)
         }
     };
     let previous = policy.status.clone().unwrap_or_default();
@@ -107,10 +107,9 @@ async fn reconcile_inner(policy: &RateLimitPolicy, rl: &RateLimitState) -> Resul
         generated: status::generated_refs(&desired.objects),
     };
     super::write_status(state, policy, &new, &previous).await?;
-    if let Some(r) = &result {
-        publish_events(state, &policy.object_ref(&()), r).await;
-    }
-    Ok(Action::requeue(RESYNC))
+    publish_events(state, &policy.object_ref(&()), result.as_ref()).await;
+    // A failed apply is retried with backoff by the error policy, after status says why.
+    result.map(|_| Action::requeue(RESYNC))
 }
 
 /// The policies that share `policy`'s target (including itself): a change to one can change who
