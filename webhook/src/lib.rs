@@ -1,4 +1,7 @@
-//! Palisade's admission webhook. Every check reads the pod spec through [`pods`], so no kind of
-//! container (init, ephemeral) and no workload kind escapes a check.
+//! Palisade's admission webhook. Every check reads the pod through [`workload`] (Pods and the
+//! pod templates of every workload kind) and its containers through [`pods`] (init, regular and
+//! ephemeral), so no kind of object or container escapes a check.
 
+pub mod identity;
 pub mod pods;
+pub mod workload;

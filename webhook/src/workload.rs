@@ -1,0 +1,174 @@
+//! The pod an admission request is about: a Pod itself, or the pod template of a Deployment,
+//! ReplicaSet, StatefulSet, DaemonSet, Job or CronJob. Every check runs on the result, so no
+//! workload kind is a way around them.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::PodSpec;
+use serde_json::Value;
+
+/// Kinds whose objects carry a pod (template), with the JSON path to it.
+pub const KINDS: &[(&str, &str)] = &[
+    ("Pod", ""),
+    ("Deployment", "/spec/template"),
+    ("ReplicaSet", "/spec/template"),
+    ("StatefulSet", "/spec/template"),
+    ("DaemonSet", "/spec/template"),
+    ("Job", "/spec/template"),
+    ("CronJob", "/spec/jobTemplate/spec/template"),
+];
+
+/// The pod part of an admitted object.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PodView {
+    /// Kind of the admitted object.
+    pub kind: String,
+    /// Where the pod template sits in the object (`""` for a Pod), as a JSON pointer.
+    pub template_path: &'static str,
+    /// Labels of the pod (template).
+    pub labels: BTreeMap<String, String>,
+    /// Annotations of the pod (template).
+    pub annotations: BTreeMap<String, String>,
+    /// The pod spec.
+    pub spec: PodSpec,
+}
+
+impl PodView {
+    /// The ServiceAccount the pod runs as; `default` when none is named, as the API server
+    /// would fill in.
+    pub fn service_account(&self) -> &str {
+        self.spec
+            .service_account_name
+            .as_deref()
+            .filter(|s| !s.is_empty())
+            .unwrap_or("default")
+    }
+}
+
+/// Why the pod could not be read from the object.
+#[derive(Debug, thiserror::Error)]
+pub enum ExtractError {
+    /// The object has no pod template where its kind puts one.
+    #[error("{kind} has no pod template at {path}")]
+    Missing {
+        /// Kind.
+        kind: String,
+        /// JSON pointer.
+        path: &'static str,
+    },
+    /// The pod template is not a valid pod template.
+    #[error("{kind} pod template at {path} is invalid: {source}")]
+    Invalid {
+        /// Kind.
+        kind: String,
+        /// JSON pointer.
+        path: &'static str,
+        /// Cause.
+        source: serde_json::Error,
+    },
+}
+
+/// The pod of `object` (of `kind`), or `None` when the kind carries no pod.
+pub fn pod_of(kind: &str, object: &Value) -> Result<Option<PodView>, ExtractError> {
+    let Some((_, path)) = KINDS.iter().find(|(k, _)| *k == kind) else {
+        return Ok(None);
+    };
+    let template = object.pointer(path).ok_or_else(|| ExtractError::Missing {
+        kind: kind.to_owned(),
+        path,
+    })?;
+    let invalid = |source| ExtractError::Invalid {
+        kind: kind.to_owned(),
+        path,
+        source,
+    };
+    let string_map = |v: Option<&Value>| -> Result<BTreeMap<String, String>, ExtractError> {
+        v.map_or_else(
+            || Ok(BTreeMap::new()),
+            |v| serde_json::from_value(v.clone()).map_err(invalid),
+        )
+    };
+    let labels = string_map(template.pointer("/metadata/labels"))?;
+    let annotations = string_map(template.pointer("/metadata/annotations"))?;
+    let spec_value = template.get("spec").ok_or_else(|| ExtractError::Missing {
+        kind: kind.to_owned(),
+        path,
+    })?;
+    let spec: PodSpec = serde_json::from_value(spec_value.clone()).map_err(invalid)?;
+    Ok(Some(PodView {
+        kind: kind.to_owned(),
+        template_path: path,
+        labels,
+        annotations,
+        spec,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn template(sa: &str) -> Value {
+        json!({"metadata": {"labels": {"app": "orders"}},
+               "spec": {"serviceAccountName": sa, "containers": [{"name": "app", "image": "r/app:1"}]}})
+    }
+
+    #[test]
+    fn every_workload_kind_yields_its_pod_template() {
+        let t = template("orders");
+        let objects = [
+            ("Pod", t.clone()),
+            ("Deployment", json!({"spec": {"template": t}})),
+            ("ReplicaSet", json!({"spec": {"template": t}})),
+            ("StatefulSet", json!({"spec": {"template": t}})),
+            ("DaemonSet", json!({"spec": {"template": t}})),
+            ("Job", json!({"spec": {"template": t}})),
+            (
+                "CronJob",
+                json!({"spec": {"jobTemplate": {"spec": {"template": t}}}}),
+            ),
+        ];
+        for (kind, obj) in objects {
+            let pod = pod_of(kind, &obj).expect("valid").expect("has a pod");
+            assert_eq!(pod.service_account(), "orders", "{kind}");
+            assert_eq!(
+                pod.labels.get("app").map(String::as_str),
+                Some("orders"),
+                "{kind}"
+            );
+            assert_eq!(pod.spec.containers[0].name, "app", "{kind}");
+        }
+        assert_eq!(KINDS.len(), 7);
+    }
+
+    #[test]
+    fn other_kinds_carry_no_pod() {
+        assert!(
+            pod_of("ConfigMap", &json!({"data": {}}))
+                .expect("ok")
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn missing_or_invalid_templates_are_errors() {
+        let err = pod_of("Deployment", &json!({"spec": {}})).expect_err("no template");
+        assert!(
+            err.to_string()
+                .contains("no pod template at /spec/template"),
+            "{err}"
+        );
+        let err = pod_of("Pod", &json!({"spec": {"containers": "nope"}})).expect_err("bad spec");
+        assert!(err.to_string().contains("invalid"), "{err}");
+    }
+
+    #[test]
+    fn unnamed_service_account_is_default() {
+        let pod = pod_of("Pod", &json!({"spec": {"containers": []}}))
+            .expect("ok")
+            .expect("pod");
+        assert_eq!(pod.service_account(), "default");
+    }
+}
