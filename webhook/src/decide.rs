@@ -159,6 +159,7 @@ fn deny(
 }
 
 #[cfg(test)]
+#[allow(clippy::needless_pass_by_value)]
 mod tests {
     use kube::core::admission::AdmissionReview;
     use serde_json::json;
@@ -200,7 +201,6 @@ mod tests {
         review.try_into().expect("request")
     }
 
-    #[allow(clippy::needless_pass_by_value)]
     fn pod(sa: &str, env: serde_json::Value) -> serde_json::Value {
         json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web"},
                "spec": {"serviceAccountName": sa, "containers": [{"name": "app", "image": "r/a:1", "env": env}]}})
