@@ -7,4 +7,5 @@ pub mod decide;
 pub mod identity;
 pub mod pods;
 pub mod secrets;
+pub mod server;
 pub mod workload;

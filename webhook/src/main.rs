@@ -1,0 +1,130 @@
+//! `palisade-webhook --config FILE`: the admission webhook server. Logs (including one
+//! security event per decision, target `palisade::security`) are JSON lines on stderr.
+
+use std::{collections::BTreeMap, process::ExitCode, sync::Arc};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Namespace;
+use kube::{
+    Api, Client,
+    core::PartialObjectMeta,
+    runtime::{
+        WatchStreamExt,
+        reflector::{self, ObjectRef, Store},
+        watcher,
+    },
+};
+use palisade_webhook::{
+    config::Config,
+    secrets::SecretsPolicy,
+    server::{AppState, FactSource, ReloadingCert, router, serve_tls},
+};
+
+struct ClusterFacts {
+    namespaces: Store<PartialObjectMeta<Namespace>>,
+}
+
+impl FactSource for ClusterFacts {
+    fn namespace_labels(&self, namespace: &str) -> Option<BTreeMap<String, String>> {
+        self.namespaces
+            .get(&ObjectRef::new(namespace))
+            .map(|n| n.metadata.labels.clone().unwrap_or_default())
+    }
+
+    fn ready(&self) -> bool {
+        use futures::FutureExt;
+        self.namespaces
+            .wait_until_ready()
+            .now_or_never()
+            .is_some_and(|r| r.is_ok())
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,kube=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [flag, path] = args.as_slice() else {
+        eprintln!("usage: palisade-webhook --config FILE");
+        return ExitCode::from(2);
+    };
+    if flag != "--config" {
+        eprintln!("usage: palisade-webhook --config FILE");
+        return ExitCode::from(2);
+    }
+    let config = match std::fs::read_to_string(path)
+        .map_err(|e| e.to_string())
+        .and_then(|t| Config::parse(&t).map_err(|e| e.to_string()))
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("palisade-webhook: invalid configuration {path}: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("palisade-webhook: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "webhook stopped");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let cert = ReloadingCert::new(config.tls.clone())?;
+    let secrets = SecretsPolicy::new()?;
+    let client = Client::try_default().await?;
+    let (namespaces, writer) = reflector::store();
+    let stream = watcher(
+        Api::<PartialObjectMeta<Namespace>>::all(client),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(writer)
+    .for_each(|_| std::future::ready(()));
+    tokio::spawn(stream);
+    let state = Arc::new(AppState {
+        secrets,
+        facts: Arc::new(ClusterFacts { namespaces }),
+        permits: tokio::sync::Semaphore::new(64),
+        counters: palisade_webhook::server::Counters::default(),
+        config: config.clone(),
+    });
+    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    tracing::info!(listen = %config.listen, "serving admission reviews");
+    serve_tls(listener, cert, router(state), shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+    tracing::info!("shutting down");
+}
