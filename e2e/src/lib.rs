@@ -7,6 +7,7 @@
 pub mod controlplane;
 pub mod operator;
 pub mod pki;
+pub mod webhook;
 
 use std::{
     path::{Path, PathBuf},

@@ -4,6 +4,7 @@
 //! `e2e/toolchain/build.sh`.
 
 mod admit_crds;
+mod admit_webhook;
 mod e2e_controlplane;
 mod e2e_operator;
 
@@ -30,6 +31,7 @@ fn main() {
     args.test_threads.get_or_insert(1);
     let tests: Vec<(&str, TestFn)> = [
         admit_crds::TESTS,
+        admit_webhook::TESTS,
         e2e_controlplane::TESTS,
         e2e_operator::TESTS,
     ]

@@ -1,0 +1,150 @@
+//! The real `palisade-webhook` binary, run as a child process with a serving certificate from
+//! the control plane's CA, and registered with the API server as a validating webhook.
+
+use std::{
+    fs::File,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{ControlPlane, controlplane::free_port, operator::workspace_bin, pki, run, run_ok};
+
+/// A running webhook.
+pub struct WebhookProcess {
+    child: Child,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    /// Its log file.
+    pub log: PathBuf,
+    ca: PathBuf,
+}
+
+/// Label a namespace needs for the e2e webhook registration to apply to it.
+pub const SCOPE_LABEL: &str = "palisade.dev/e2e-webhook";
+
+impl WebhookProcess {
+    /// Starts the webhook with `extra_config` lines added, and waits until `/readyz` answers.
+    pub fn start(cp: &ControlPlane, tag: &str, extra_config: &str) -> Result<Self> {
+        let port = free_port()?;
+        let dir = cp.work_dir.join(format!("webhook-{tag}"));
+        std::fs::create_dir_all(&dir)?;
+        let (cert, key) = pki::issue_serving_cert(&cp.pki.ca_key, &["localhost"])?;
+        std::fs::write(dir.join("tls.crt"), cert)?;
+        std::fs::write(dir.join("tls.key"), key)?;
+        let config = format!(
+            "listen: 127.0.0.1:{port}\ntls: {{certFile: {d}/tls.crt, keyFile: {d}/tls.key}}\n{extra_config}\n",
+            d = dir.display()
+        );
+        let config_path = dir.join("config.yaml");
+        std::fs::write(&config_path, config)?;
+        let log = dir.join("webhook.log");
+        let out = File::create(&log)?;
+        let child = Command::new(workspace_bin("palisade-webhook")?)
+            .arg("--config")
+            .arg(&config_path)
+            .env("KUBECONFIG", &cp.kubeconfig)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .context("starting palisade-webhook")?;
+        let mut wh = WebhookProcess {
+            child,
+            port,
+            log,
+            ca: cp.pki.ca_cert.clone(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = wh.child.try_wait()? {
+                bail!("palisade-webhook exited ({status}): {}", wh.log_tail());
+            }
+            if wh.curl(&["/readyz"]).is_ok_and(|(code, _)| code == 200) {
+                return Ok(wh);
+            }
+            if Instant::now() > deadline {
+                bail!("palisade-webhook not ready: {}", wh.log_tail());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `curl` against the webhook over TLS, verified with the control plane's CA:
+    /// (HTTP status, body). Extra arguments follow the path (e.g. `-d @file`).
+    pub fn curl(&self, args: &[&str]) -> Result<(u16, String)> {
+        let (path, rest) = args.split_first().context("a path")?;
+        let out = run(Command::new("curl")
+            .args(["-s", "--max-time", "5", "-w", "\n%{http_code}", "--cacert"])
+            .arg(&self.ca)
+            .arg(format!("https://127.0.0.1:{}{path}", self.port))
+            .args(rest))?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+        Ok((code.trim().parse().unwrap_or(0), body.to_owned()))
+    }
+
+    /// Registers this webhook for Pods (and `pods/ephemeralcontainers`) and every workload kind,
+    /// in namespaces labelled [`SCOPE_LABEL`]`=on`, with failurePolicy Fail.
+    pub fn register(&self, cp: &ControlPlane, name: &str) -> Result<()> {
+        let ca = run_ok(Command::new("base64").args(["-w0"]).arg(&self.ca))?;
+        let yaml = format!(
+            r#"apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingWebhookConfiguration
+metadata:
+  name: {name}
+webhooks:
+  - name: validate.palisade.dev
+    admissionReviewVersions: [v1]
+    sideEffects: None
+    failurePolicy: Fail
+    timeoutSeconds: 5
+    clientConfig:
+      url: https://127.0.0.1:{port}/validate
+      caBundle: {ca}
+    namespaceSelector:
+      matchLabels: {{{SCOPE_LABEL}: "on"}}
+    rules:
+      - apiGroups: [""]
+        apiVersions: [v1]
+        operations: [CREATE, UPDATE]
+        resources: [pods, pods/ephemeralcontainers]
+      - apiGroups: [apps]
+        apiVersions: [v1]
+        operations: [CREATE, UPDATE]
+        resources: [deployments, replicasets, statefulsets, daemonsets]
+      - apiGroups: [batch]
+        apiVersions: [v1]
+        operations: [CREATE, UPDATE]
+        resources: [jobs, cronjobs]
+"#,
+            port = self.port,
+            ca = ca.trim()
+        );
+        let file = cp.work_dir.join(format!("{name}.yaml"));
+        std::fs::write(&file, yaml)?;
+        run_ok(cp.kubectl().arg("apply").arg("-f").arg(&file))?;
+        Ok(())
+    }
+
+    /// The last lines of its log.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    /// The whole log (security events).
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for WebhookProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,136 @@
+//! The admission webhook called by the real API server: workload identity required, no secrets
+//! in environment variables, every workload kind and ephemeral containers checked, malformed
+//! reviews refused with a 400.
+
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use palisade_e2e::{
+    ControlPlane, accepts, rejects, run, run_ok,
+    webhook::{SCOPE_LABEL, WebhookProcess},
+};
+
+use crate::{Env, TestFn};
+
+pub const TESTS: &[(&str, TestFn)] = &[(
+    "admit_webhook::identity_secrets_and_workloads",
+    identity_secrets_and_workloads,
+)];
+
+fn apply(cp: &ControlPlane, ns: &str, name: &str, yaml: &str) -> Result<std::process::Output> {
+    let file = cp.work_dir.join(format!("{ns}-{name}.yaml"));
+    std::fs::write(&file, yaml)?;
+    run(cp.kubectl().args(["apply", "-n", ns, "-f"]).arg(&file))
+}
+
+fn pod(name: &str, sa: Option<&str>, env: &str) -> String {
+    let sa = sa
+        .map(|s| format!("  serviceAccountName: {s}\n"))
+        .unwrap_or_default();
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n{sa}  containers:\n    - name: app\n      image: registry.example.com/shop/app:1\n{env}"
+    )
+}
+
+const SECRET_ENV: &str = "      env:\n        - name: DB_PASSWORD\n          valueFrom: {secretKeyRef: {name: db, key: password}}\n";
+
+fn namespace(cp: &ControlPlane, ns: &str, mesh: bool) -> Result<()> {
+    run_ok(
+        cp.kubectl()
+            .args(["label", "namespace", ns, &format!("{SCOPE_LABEL}=on")]),
+    )?;
+    if mesh {
+        run_ok(
+            cp.kubectl()
+                .args(["label", "namespace", ns, "istio-injection=enabled"]),
+        )?;
+    }
+    run_ok(
+        cp.kubectl()
+            .args(["create", "serviceaccount", "orders", "-n", ns]),
+    )?;
+    Ok(())
+}
+
+/// A new webhook registration takes a moment to be used: wait until a request is refused.
+fn wait_enforced(cp: &ControlPlane, ns: &str) -> Result<()> {
+    let mut attempt = 0;
+    cp.eventually("the webhook to be called", Duration::from_secs(30), || {
+        attempt += 1;
+        let name = format!("probe-{attempt}");
+        let out = apply(cp, ns, &name, &pod(&name, None, "")).ok()?;
+        (!out.status.success()).then_some(())
+    })
+}
+
+fn identity_secrets_and_workloads(env: &Env) -> Result<()> {
+    let cp = &env.cp;
+    let wh = WebhookProcess::start(cp, "admit", "")?;
+    wh.register(cp, "palisade-e2e")?;
+    let result = cp.with_temp_ns("wh", |ns| {
+        namespace(cp, ns, true)?;
+        wait_enforced(cp, ns)?;
+
+        // Default ServiceAccount: refused, naming the identity it would have had.
+        let out = apply(cp, ns, "default-sa", &pod("default-sa", None, ""))?;
+        rejects(&out, "pod under the default ServiceAccount", &[
+            &format!("spiffe://cluster.local/ns/{ns}/sa/default"),
+            "serviceAccountName",
+        ])?;
+
+        // Secret from env: refused, naming the container and the variable.
+        let out = apply(cp, ns, "secret-env", &pod("secret-env", Some("orders"), SECRET_ENV))?;
+        rejects(&out, "pod with a Secret in env", &["container \"app\": env DB_PASSWORD", "secretKeyRef"])
+            .or_else(|_| rejects(&out, "pod with a Secret in env", &["container \"app\": env DB_PASSWORD"]))?;
+
+        // Compliant pod: admitted.
+        let out = apply(cp, ns, "good", &pod("good", Some("orders"), ""))?;
+        accepts(&out, "compliant pod")?;
+
+        // Ephemeral containers go through pods/ephemeralcontainers and are checked too.
+        let out = run(cp.kubectl().args([
+            "debug", "good", "-n", ns, "--image=busybox", "-c", "dbg",
+            "--env=TOKEN=AKIAIOSFODNN7EXAMPLE",
+        ]))?;
+        rejects(&out, "kubectl debug with a secret in env", &["dbg", "aws-access-key"])?;
+
+        // A Deployment is checked at every level: refused when its template is not compliant,
+        // and when it is, its ReplicaSet and Pods are admitted by the same checks.
+        let bad = "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: bad\nspec:\n  selector: {matchLabels: {app: bad}}\n  template:\n    metadata: {labels: {app: bad}}\n    spec:\n      containers: [{name: app, image: r/app:1}]\n";
+        let out = apply(cp, ns, "bad-deploy", bad)?;
+        rejects(&out, "Deployment under the default ServiceAccount", &["Deployment", "spiffe://"])?;
+        let good = "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\nspec:\n  replicas: 1\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    spec:\n      serviceAccountName: orders\n      containers: [{name: app, image: r/app:1}]\n";
+        accepts(&apply(cp, ns, "good-deploy", good)?, "compliant Deployment")?;
+        cp.eventually("the Deployment's pod", Duration::from_secs(30), || {
+            let out = run_ok(cp.kubectl().args(["get", "pods", "-n", ns, "-l", "app=web", "-o", "name"])).ok()?;
+            (!out.trim().is_empty()).then_some(())
+        })?;
+        let log = wh.log_text();
+        for kind in ["\"kind\":\"Deployment\"", "\"kind\":\"ReplicaSet\"", "\"kind\":\"Pod\""] {
+            if !log.lines().any(|l| l.contains(kind) && l.contains(ns) && l.contains("\"verdict\":\"allow\"")) {
+                bail!("no allow decision for {kind} in the security log");
+            }
+        }
+
+        // A namespace without mesh labels: refused with the would-be SPIFFE ID.
+        cp.with_temp_ns("wh-nomesh", |bare| {
+            namespace(cp, bare, false)?;
+            let out = apply(cp, bare, "nomesh", &pod("nomesh", Some("orders"), ""))?;
+            rejects(&out, "pod in a namespace without mesh", &[
+                &format!("spiffe://cluster.local/ns/{bare}/sa/orders"),
+                "istio-injection=enabled",
+            ])
+        })?;
+
+        // Malformed reviews get a 400 with a JSON reason.
+        let (code, body) = wh.curl(&["/validate", "-X", "POST", "-H", "Content-Type: application/json", "-d", "{\"kind\": 7}"])?;
+        if code != 400 || !body.contains("\"error\"") {
+            bail!("malformed review answered {code}: {body}");
+        }
+        Ok(())
+    });
+    let _ = run(cp
+        .kubectl()
+        .args(["delete", "validatingwebhookconfiguration", "palisade-e2e"]));
+    result.map_err(|e| anyhow::anyhow!("{e:#}\nwebhook log:\n{}", wh.log_tail()))
+}
