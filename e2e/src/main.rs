@@ -7,7 +7,7 @@ use std::{path::PathBuf, process::ExitCode, time::Instant};
 use anyhow::{Context, Result, bail};
 use palisade_e2e::{
     ControlPlane, Options, controlplane::default_bin_dir, operator::OperatorProcess, repo_root,
-    run_ok,
+    run_ok, webhook::WebhookProcess,
 };
 
 fn main() -> ExitCode {
@@ -93,12 +93,20 @@ fn up(args: &[String]) -> Result<()> {
         operator.metrics_addr,
         operator.log.display()
     );
+    let webhook = WebhookProcess::start(&cp, "up", "")?;
+    webhook.register_cluster_wide(&cp, "palisade")?;
+    eprintln!(
+        "[up] palisade-webhook serving https://127.0.0.1:{} (log {})",
+        webhook.port,
+        webhook.log.display()
+    );
     if examples {
         wait_examples_ready(&cp)?;
         eprint!("{}", run_ok(cp.kubectl().args(["get", "palisade", "-A"]))?);
     }
     let mut pids = cp.pids();
     pids.push(operator.pid());
+    pids.push(webhook.pid());
     std::fs::write(
         cp.work_dir.join("pids"),
         pids.iter()
@@ -113,6 +121,7 @@ fn up(args: &[String]) -> Result<()> {
     );
     wait_for_signal()?;
     eprintln!("[up] stopping");
+    drop(webhook);
     drop(operator);
     drop(cp);
     Ok(())

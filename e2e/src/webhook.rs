@@ -89,25 +89,27 @@ impl WebhookProcess {
     /// Registers this webhook for Pods (and `pods/ephemeralcontainers`) and every workload kind,
     /// in namespaces labelled [`SCOPE_LABEL`]`=on`, with failurePolicy Fail.
     pub fn register(&self, cp: &ControlPlane, name: &str) -> Result<()> {
+        let selector = format!("matchLabels: {{{SCOPE_LABEL}: \"on\"}}");
+        self.register_for(cp, name, &selector, false)
+    }
+
+    /// Registers this webhook as a cluster would: every namespace except kube-system and
+    /// palisade-system, validating and (on `/mutate`) mutating.
+    pub fn register_cluster_wide(&self, cp: &ControlPlane, name: &str) -> Result<()> {
+        let selector = "matchExpressions: [{key: kubernetes.io/metadata.name, operator: NotIn, values: [kube-system, palisade-system]}]";
+        self.register_for(cp, name, selector, true)
+    }
+
+    fn register_for(
+        &self,
+        cp: &ControlPlane,
+        name: &str,
+        selector: &str,
+        mutating: bool,
+    ) -> Result<()> {
         let ca = run_ok(Command::new("base64").args(["-w0"]).arg(&self.ca))?;
-        let yaml = format!(
-            r#"apiVersion: admissionregistration.k8s.io/v1
-kind: ValidatingWebhookConfiguration
-metadata:
-  name: {name}
-webhooks:
-  - name: validate.palisade.dev
-    admissionReviewVersions: [v1]
-    sideEffects: None
-    failurePolicy: Fail
-    timeoutSeconds: 5
-    clientConfig:
-      url: https://127.0.0.1:{port}/validate
-      caBundle: {ca}
-    namespaceSelector:
-      matchLabels: {{{SCOPE_LABEL}: "on"}}
-    rules:
-      - apiGroups: [""]
+        let rules = "    rules:
+      - apiGroups: [\"\"]
         apiVersions: [v1]
         operations: [CREATE, UPDATE]
         resources: [pods, pods/ephemeralcontainers]
@@ -119,10 +121,34 @@ webhooks:
         apiVersions: [v1]
         operations: [CREATE, UPDATE]
         resources: [jobs, cronjobs]
-"#,
-            port = self.port,
-            ca = ca.trim()
-        );
+";
+        let webhook = |kind: &str, hook: &str| {
+            format!(
+                "apiVersion: admissionregistration.k8s.io/v1
+kind: {kind}
+metadata:
+  name: {name}
+webhooks:
+  - name: {hook}.palisade.dev
+    admissionReviewVersions: [v1]
+    sideEffects: None
+    failurePolicy: Fail
+    timeoutSeconds: 5
+    clientConfig:
+      url: https://127.0.0.1:{port}/{hook}
+      caBundle: {ca}
+    namespaceSelector:
+      {selector}
+{rules}",
+                port = self.port,
+                ca = ca.trim()
+            )
+        };
+        let mut yaml = webhook("ValidatingWebhookConfiguration", "validate");
+        if mutating {
+            yaml.push_str("---\n");
+            yaml.push_str(&webhook("MutatingWebhookConfiguration", "mutate"));
+        }
         let file = cp.work_dir.join(format!("{name}.yaml"));
         std::fs::write(&file, yaml)?;
         run_ok(cp.kubectl().arg("apply").arg("-f").arg(&file))?;
@@ -134,6 +160,11 @@ webhooks:
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    /// Process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// The whole log (security events).
