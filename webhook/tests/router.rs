@@ -1,0 +1,190 @@
+//! The webhook's HTTP surface through `Router::oneshot`: admission reviews in and out, the body
+//! limit, malformed input, readiness, and certificate hot reload.
+
+#![allow(clippy::expect_used, missing_docs)]
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use axum::{
+    body::Body,
+    http::{Request, StatusCode},
+};
+use palisade_webhook::{
+    config::{Config, TlsFiles},
+    secrets::SecretsPolicy,
+    server::{AppState, Counters, FactSource, ReloadingCert, router},
+};
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+/// Namespace labels from a fixed map: the cluster cache's stand-in at this level.
+struct StaticFacts(BTreeMap<String, BTreeMap<String, String>>, bool);
+
+impl FactSource for StaticFacts {
+    fn namespace_labels(&self, namespace: &str) -> Option<BTreeMap<String, String>> {
+        self.0.get(namespace).cloned()
+    }
+    fn ready(&self) -> bool {
+        self.1
+    }
+}
+
+fn app(max_body: usize, ready: bool) -> axum::Router {
+    let mut config =
+        Config::parse("listen: 127.0.0.1:0\ntls: {certFile: c, keyFile: k}\n").expect("config");
+    config.max_body_bytes = max_body;
+    let mut ns = BTreeMap::new();
+    ns.insert(
+        "shop".to_owned(),
+        BTreeMap::from([("istio-injection".to_owned(), "enabled".to_owned())]),
+    );
+    router(Arc::new(AppState {
+        config,
+        secrets: SecretsPolicy::new().expect("policy"),
+        facts: Arc::new(StaticFacts(ns, ready)),
+        permits: tokio::sync::Semaphore::new(4),
+        counters: Counters::default(),
+    }))
+}
+
+fn review(sa: &str) -> Value {
+    json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "abc", "name": "p", "namespace": "shop", "operation": "CREATE",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "userInfo": {"username": "alice"},
+            "object": {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+                       "spec": {"serviceAccountName": sa, "containers": [{"name": "app", "image": "r/a:1"}]}},
+        }
+    })
+}
+
+async fn post(app: axum::Router, path: &str, body: String) -> (StatusCode, Value) {
+    let resp = app
+        .oneshot(
+            Request::post(path)
+                .header("content-type", "application/json")
+                .body(Body::from(body))
+                .expect("request"),
+        )
+        .await
+        .expect("response");
+    let status = resp.status();
+    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+        .await
+        .expect("body");
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+#[tokio::test]
+async fn reviews_come_back_with_the_same_uid_and_a_verdict() {
+    let (status, body) = post(
+        app(1 << 20, true),
+        "/validate",
+        review("orders").to_string(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["response"]["uid"], "abc");
+    assert_eq!(body["response"]["allowed"], true);
+    let (_, body) = post(
+        app(1 << 20, true),
+        "/validate",
+        review("default").to_string(),
+    )
+    .await;
+    assert_eq!(body["response"]["allowed"], false);
+    let msg = body["response"]["status"]["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        msg.contains("spiffe://cluster.local/ns/shop/sa/default"),
+        "{msg}"
+    );
+    let (_, body) = post(app(1 << 20, true), "/mutate", review("orders").to_string()).await;
+    assert_eq!(body["response"]["allowed"], true);
+}
+
+#[tokio::test]
+async fn malformed_reviews_are_400_with_a_reason() {
+    for bad in [
+        "not json",
+        "{\"kind\": 7}",
+        "{\"apiVersion\": \"admission.k8s.io/v1\", \"kind\": \"AdmissionReview\"}",
+    ] {
+        let (status, body) = post(app(1 << 20, true), "/validate", bad.to_owned()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
+        assert!(
+            body["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{bad}: {body}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn oversized_bodies_are_refused() {
+    let big = review("orders").to_string();
+    let (status, _) = post(app(big.len() - 1, true), "/validate", big).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+}
+
+#[tokio::test]
+async fn readiness_follows_the_caches() {
+    for (ready, want) in [
+        (true, StatusCode::OK),
+        (false, StatusCode::SERVICE_UNAVAILABLE),
+    ] {
+        let resp = app(1024, ready)
+            .oneshot(
+                Request::get("/readyz")
+                    .body(Body::empty())
+                    .expect("request"),
+            )
+            .await
+            .expect("response");
+        assert_eq!(resp.status(), want);
+    }
+}
+
+fn write_pair(dir: &std::path::Path, name: &str) -> Vec<u8> {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec![name.to_owned()])
+        .expect("params")
+        .self_signed(&key)
+        .expect("cert");
+    std::fs::write(dir.join("tls.crt"), cert.pem()).expect("write cert");
+    std::fs::write(dir.join("tls.key"), key.serialize_pem()).expect("write key");
+    cert.der().to_vec()
+}
+
+#[test]
+fn certificates_reload_only_when_both_files_change() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let first = write_pair(dir.path(), "one.example");
+    let files = TlsFiles {
+        cert_file: dir.path().join("tls.crt"),
+        key_file: dir.path().join("tls.key"),
+    };
+    let cert = ReloadingCert::new(files).expect("loads");
+    assert!(!cert.reload_if_changed(), "nothing changed");
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    // A half-written pair (only the key replaced) is not picked up.
+    let key = rcgen::KeyPair::generate().expect("key");
+    std::fs::write(dir.path().join("tls.key"), key.serialize_pem()).expect("write");
+    assert!(!cert.reload_if_changed(), "only one file changed");
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let second = write_pair(dir.path(), "two.example");
+    assert!(cert.reload_if_changed(), "both changed");
+    assert_ne!(first, second);
+    // Garbage in both files: the current certificate stays in service.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    std::fs::write(dir.path().join("tls.crt"), "garbage").expect("write");
+    std::fs::write(dir.path().join("tls.key"), "garbage").expect("write");
+    assert!(!cert.reload_if_changed(), "invalid pair refused");
+}
