@@ -308,6 +308,8 @@ pub async fn serve_tls(
             accepted = listener.accept() => accepted?,
             () = &mut shutdown => break,
         };
+        // Responses are small and latency-bound: no Nagle delay.
+        let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
         tokio::spawn(async move {
