@@ -85,6 +85,9 @@ impl SecretsPolicy {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use crate::workload::pod_of;
+
     #[test]
     fn finds_secrets_in_every_container_list() {
         let pod = pod_of(
