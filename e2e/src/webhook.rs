@@ -28,7 +28,11 @@ pub const SCOPE_LABEL: &str = "palisade.dev/e2e-webhook";
 impl WebhookProcess {
     /// Starts the webhook with `extra_config` lines added, and waits until `/readyz` answers.
     pub fn start(cp: &ControlPlane, tag: &str, extra_config: &str) -> Result<Self> {
-        let port = free_port()?;
+        Self::start_on(cp, tag, extra_config, free_port()?)
+    }
+
+    /// Like [`WebhookProcess::start`], on a given port (to restart a registered webhook).
+    pub fn start_on(cp: &ControlPlane, tag: &str, extra_config: &str, port: u16) -> Result<Self> {
         let dir = cp.work_dir.join(format!("webhook-{tag}"));
         std::fs::create_dir_all(&dir)?;
         let (cert, key) = pki::issue_serving_cert(&cp.pki.ca_key, &["localhost"])?;

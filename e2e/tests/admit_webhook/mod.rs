@@ -12,10 +12,16 @@ use palisade_e2e::{
 
 use crate::{Env, TestFn};
 
-pub const TESTS: &[(&str, TestFn)] = &[(
-    "admit_webhook::identity_secrets_and_workloads",
-    identity_secrets_and_workloads,
-)];
+pub const TESTS: &[(&str, TestFn)] = &[
+    (
+        "admit_webhook::identity_secrets_and_workloads",
+        identity_secrets_and_workloads,
+    ),
+    (
+        "admit_webhook::restart_under_load_admits_nothing_wrongly",
+        restart_under_load_admits_nothing_wrongly,
+    ),
+];
 
 fn apply(cp: &ControlPlane, ns: &str, name: &str, yaml: &str) -> Result<std::process::Output> {
     let file = cp.work_dir.join(format!("{ns}-{name}.yaml"));
@@ -133,4 +139,64 @@ fn identity_secrets_and_workloads(env: &Env) -> Result<()> {
         .kubectl()
         .args(["delete", "validatingwebhookconfiguration", "palisade-e2e"]));
     result.map_err(|e| anyhow::anyhow!("{e:#}\nwebhook log:\n{}", wh.log_tail()))
+}
+
+/// With failurePolicy Fail, a webhook that is down refuses: while it is killed and restarted
+/// under a stream of non-compliant pods, not one of them gets in; compliant pods go through again
+/// once it is back.
+fn restart_under_load_admits_nothing_wrongly(env: &Env) -> Result<()> {
+    let cp = &env.cp;
+    let first = WebhookProcess::start(cp, "restart-a", "")?;
+    first.register(cp, "palisade-e2e-restart")?;
+    let result = cp.with_temp_ns("wh-restart", |ns| {
+        namespace(cp, ns, true)?;
+        wait_enforced(cp, ns)?;
+        let port = first.port;
+        let mut first = Some(first);
+        let mut second = None;
+        let mut refused = 0;
+        for i in 0..40 {
+            if i == 10 {
+                // Crash mid-stream.
+                drop(first.take());
+            }
+            if i == 25 {
+                second = Some(WebhookProcess::start_on(cp, "restart-b", "", port)?);
+            }
+            let name = format!("bad-{i}");
+            let out = apply(cp, ns, &name, &pod(&name, None, SECRET_ENV))?;
+            if out.status.success() {
+                bail!(
+                    "non-compliant pod {name} was admitted (webhook {})",
+                    if first.is_some() || second.is_some() {
+                        "up"
+                    } else {
+                        "down"
+                    }
+                );
+            }
+            refused += 1;
+        }
+        let left = run_ok(cp.kubectl().args(["get", "pods", "-n", ns, "-o", "name"]))?;
+        if left.lines().any(|l| l.contains("bad-")) {
+            bail!("non-compliant pods exist: {left}");
+        }
+        cp.eventually(
+            "compliant pods admitted again",
+            Duration::from_secs(30),
+            || {
+                let out =
+                    apply(cp, ns, "good-after", &pod("good-after", Some("orders"), "")).ok()?;
+                out.status.success().then_some(())
+            },
+        )?;
+        eprintln!("  {refused} non-compliant pods refused across a webhook crash and restart");
+        Ok(())
+    });
+    let _ = run(cp.kubectl().args([
+        "delete",
+        "validatingwebhookconfiguration",
+        "palisade-e2e-restart",
+    ]));
+    result
 }
