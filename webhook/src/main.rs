@@ -5,6 +5,7 @@ use std::{collections::BTreeMap, process::ExitCode, sync::Arc};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{DynamicObject, GroupVersionKind};
 use kube::{
     Api, Client,
     core::PartialObjectMeta,
@@ -16,12 +17,15 @@ use kube::{
 };
 use palisade_webhook::{
     config::Config,
+    identity::{IdentitySource, SpireRegistration},
     secrets::SecretsPolicy,
     server::{AppState, FactSource, ReloadingCert, router, serve_tls},
 };
 
 struct ClusterFacts {
     namespaces: Store<PartialObjectMeta<Namespace>>,
+    /// ClusterSPIFFEIDs, watched only when SPIRE is the identity source.
+    spire: Option<Store<DynamicObject>>,
 }
 
 impl FactSource for ClusterFacts {
@@ -31,12 +35,38 @@ impl FactSource for ClusterFacts {
             .map(|n| n.metadata.labels.clone().unwrap_or_default())
     }
 
+    fn spire_registrations(&self) -> Vec<SpireRegistration> {
+        let Some(store) = &self.spire else {
+            return Vec::new();
+        };
+        store
+            .state()
+            .iter()
+            .map(|o| {
+                let selector = |key: &str| {
+                    o.data
+                        .pointer(&format!("/spec/{key}"))
+                        .and_then(|v| serde_json::from_value(v.clone()).ok())
+                };
+                SpireRegistration {
+                    name: o.metadata.name.clone().unwrap_or_default(),
+                    pod_selector: selector("podSelector"),
+                    namespace_selector: selector("namespaceSelector"),
+                }
+            })
+            .collect()
+    }
+
     fn ready(&self) -> bool {
         use futures::FutureExt;
-        self.namespaces
-            .wait_until_ready()
-            .now_or_never()
-            .is_some_and(|r| r.is_ok())
+        let synced = |ready: Option<Result<(), reflector::store::WriterDropped>>| {
+            ready.is_some_and(|r| r.is_ok())
+        };
+        synced(self.namespaces.wait_until_ready().now_or_never())
+            && self
+                .spire
+                .as_ref()
+                .is_none_or(|s| synced(s.wait_until_ready().now_or_never()))
     }
 }
 
@@ -92,6 +122,23 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let secrets = SecretsPolicy::new()?;
     let client = Client::try_default().await?;
     let (namespaces, writer) = reflector::store();
+    let spire = if config.identity_source == IdentitySource::Spire {
+        let gvk = GroupVersionKind::gvk("spire.spiffe.io", "v1alpha1", "ClusterSPIFFEID");
+        let (ar, _) = kube::discovery::pinned_kind(&client, &gvk).await?;
+        let writer = reflector::store::Writer::new(ar.clone());
+        let store = writer.as_reader();
+        let stream = watcher(
+            Api::<DynamicObject>::all_with(client.clone(), &ar),
+            watcher::Config::default(),
+        )
+        .default_backoff()
+        .reflect(writer)
+        .for_each(|_| std::future::ready(()));
+        tokio::spawn(stream);
+        Some(store)
+    } else {
+        None
+    };
     let stream = watcher(
         Api::<PartialObjectMeta<Namespace>>::all(client),
         watcher::Config::default(),
@@ -102,7 +149,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     tokio::spawn(stream);
     let state = Arc::new(AppState {
         secrets,
-        facts: Arc::new(ClusterFacts { namespaces }),
+        facts: Arc::new(ClusterFacts { namespaces, spire }),
         permits: tokio::sync::Semaphore::new(64),
         counters: palisade_webhook::server::Counters::default(),
         config: config.clone(),

@@ -45,6 +45,10 @@ use crate::{
 pub trait FactSource: Send + Sync + 'static {
     /// Labels of `namespace`, or `None` when it is unknown.
     fn namespace_labels(&self, namespace: &str) -> Option<BTreeMap<String, String>>;
+    /// The SPIRE registrations (`ClusterSPIFFEID`s), when SPIRE is the identity source.
+    fn spire_registrations(&self) -> Vec<crate::identity::SpireRegistration> {
+        Vec::new()
+    }
     /// Whether the caches are synced.
     fn ready(&self) -> bool;
 }
@@ -109,6 +113,11 @@ async fn validate(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
     let started = Instant::now();
     let namespace = req.namespace.clone().unwrap_or_default();
     let labels = state.facts.namespace_labels(&namespace);
+    let spire = if state.config.identity_source == crate::identity::IdentitySource::Spire {
+        state.facts.spire_registrations()
+    } else {
+        Vec::new()
+    };
     let Ok(_permit) = state.permits.acquire().await else {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
     };
@@ -116,7 +125,7 @@ async fn validate(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
     let decided = tokio::task::spawn_blocking(move || {
         let facts = Facts {
             namespace_labels: labels.unwrap_or_default(),
-            spire: Vec::new(),
+            spire,
         };
         let (resp, verdict) = decide(&req, &facts, &st.config, &st.secrets);
         (req, resp, verdict)

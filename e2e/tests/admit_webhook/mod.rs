@@ -14,6 +14,10 @@ use crate::{Env, TestFn};
 
 pub const TESTS: &[(&str, TestFn)] = &[
     (
+        "admit_webhook::spire_registrations_give_identity",
+        spire_registrations_give_identity,
+    ),
+    (
         "admit_webhook::identity_secrets_and_workloads",
         identity_secrets_and_workloads,
     ),
@@ -199,4 +203,36 @@ fn restart_under_load_admits_nothing_wrongly(env: &Env) -> Result<()> {
         "palisade-e2e-restart",
     ]));
     result
+}
+
+/// With SPIRE as identity source, a pod is admitted when a ClusterSPIFFEID selects it.
+fn spire_registrations_give_identity(env: &Env) -> Result<()> {
+    let cp = &env.cp;
+    let wh = WebhookProcess::start(cp, "spire", "identitySource: Spire")?;
+    wh.register(cp, "palisade-e2e-spire")?;
+    let result = cp.with_temp_ns("wh-spire", |ns| {
+        namespace(cp, ns, false)?;
+        wait_enforced(cp, ns)?;
+        let id = format!(
+            "apiVersion: spire.spiffe.io/v1alpha1\nkind: ClusterSPIFFEID\nmetadata:\n  name: {ns}-orders\nspec:\n  spiffeIDTemplate: \"spiffe://{{{{ .TrustDomain }}}}/ns/{{{{ .PodMeta.Namespace }}}}/sa/{{{{ .PodSpec.ServiceAccountName }}}}\"\n  podSelector: {{matchLabels: {{app: orders}}}}\n  namespaceSelector: {{matchLabels: {{kubernetes.io/metadata.name: {ns}}}}}\n"
+        );
+        accepts(&apply(cp, ns, "csid", &id)?, "ClusterSPIFFEID")?;
+        let labelled = |name: &str, app: &str| {
+            pod(name, Some("orders"), "").replace(&format!("  name: {name}\n"), &format!("  name: {name}\n  labels: {{app: {app}}}\n"))
+        };
+        cp.eventually("a selected pod admitted", Duration::from_secs(30), || {
+            let out = apply(cp, ns, "selected", &labelled("selected", "orders")).ok()?;
+            out.status.success().then_some(())
+        })?;
+        let out = apply(cp, ns, "unselected", &labelled("unselected", "web"))?;
+        rejects(&out, "pod no ClusterSPIFFEID selects", &["ClusterSPIFFEID", &format!("spiffe://cluster.local/ns/{ns}/sa/orders")])?;
+        let _ = run(cp.kubectl().args(["delete", "clusterspiffeid", &format!("{ns}-orders")]));
+        Ok(())
+    });
+    let _ = run(cp.kubectl().args([
+        "delete",
+        "validatingwebhookconfiguration",
+        "palisade-e2e-spire",
+    ]));
+    result.map_err(|e| anyhow::anyhow!("{e:#}\nwebhook log:\n{}", wh.log_tail()))
 }
