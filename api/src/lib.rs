@@ -11,6 +11,7 @@
 pub mod auth_policy;
 pub mod common;
 pub mod crdgen;
+pub mod fixtures;
 pub mod glob;
 pub mod identity;
 pub mod image_policy;

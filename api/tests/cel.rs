@@ -7,52 +7,17 @@
 
 #![allow(clippy::expect_used, clippy::panic, missing_docs)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use kube::core::cel::Validator;
-use palisade_api::crdgen;
+use palisade_api::{
+    crdgen,
+    fixtures::{CelFixture, cel_fixture_dir, cel_fixtures},
+};
 use serde_json::Value;
 
-struct Fixture {
-    path: PathBuf,
-    expect_ok: bool,
-    field: String,
-    message: String,
-    object: Value,
-}
-
-fn fixtures() -> Vec<Fixture> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cel");
-    let mut out = Vec::new();
-    let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .expect("tests/cel exists")
-        .map(|e| e.expect("entry").path())
-        .collect();
-    paths.sort();
-    for path in paths {
-        let text = std::fs::read_to_string(&path).expect("readable");
-        let header = |key: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(&format!("# {key}: ")))
-                .unwrap_or_default()
-                .to_owned()
-        };
-        let expect = header("expect");
-        assert!(
-            expect == "accepted" || expect == "rejected",
-            "{}: header must say '# expect: accepted' or '# expect: rejected'",
-            path.display()
-        );
-        let object: Value = serde_yaml::from_str(&text).expect("fixture is YAML");
-        out.push(Fixture {
-            expect_ok: expect == "accepted",
-            field: header("field"),
-            message: header("message"),
-            object,
-            path,
-        });
-    }
-    out
+fn fixtures() -> Vec<CelFixture> {
+    cel_fixtures(&cel_fixture_dir()).expect("fixtures are valid")
 }
 
 fn schema_for(kind: &str) -> Value {

@@ -1,9 +1,8 @@
 //! The real API server accepts every example and enforces every CRD rule with the message the
 //! schema promises, through `kubectl apply` as a user would run it.
 
-use std::path::PathBuf;
-
 use anyhow::{Result, bail};
+use palisade_api::fixtures::{CelFixture, cel_fixture_dir, cel_fixtures};
 use palisade_e2e::{accepts, rejects, repo_root, run, run_ok};
 
 use crate::{Env, TestFn};
@@ -49,41 +48,9 @@ fn examples_are_accepted(env: &Env) -> Result<()> {
     Ok(())
 }
 
-struct Fixture {
-    path: PathBuf,
-    expect_ok: bool,
-    field: String,
-    message: String,
-    cluster_scoped: bool,
-    name: String,
-}
-
-fn fixtures() -> Result<Vec<Fixture>> {
-    let dir = repo_root().join("api/tests/cel");
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(&dir)? {
-        let path = entry?.path();
-        let text = std::fs::read_to_string(&path)?;
-        let header = |key: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(&format!("# {key}: ")))
-                .unwrap_or_default()
-                .to_owned()
-        };
-        let name = path
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        out.push(Fixture {
-            expect_ok: header("expect") == "accepted",
-            field: header("field"),
-            message: header("message"),
-            cluster_scoped: text.contains("kind: ImagePolicy"),
-            name,
-            path,
-        });
-    }
-    out.sort_by(|a, b| a.path.cmp(&b.path));
+fn fixtures() -> Result<Vec<CelFixture>> {
+    let dir = cel_fixture_dir();
+    let out = cel_fixtures(&dir)?;
     if out.len() < 40 {
         bail!(
             "expected the full fixture set in {}, found {}",
@@ -109,7 +76,7 @@ fn cel_rules_reject_with_their_message(env: &Env) -> Result<()> {
             if let Err(e) = verdict {
                 failures.push(format!("{e:#}"));
             }
-            if f.expect_ok && f.cluster_scoped {
+            if f.expect_ok && f.object["kind"] == "ImagePolicy" {
                 run_ok(env.cp.kubectl().args(["delete", "imagepolicy", &f.name]))?;
             }
         }
