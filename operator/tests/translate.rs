@@ -45,3 +45,61 @@ fn rate_limit_policies() {
         insta::assert_yaml_snapshot!(out);
     });
 }
+
+/// Pruning only looks at `candidates`: every object a translator can produce must be among them,
+/// or a stale one would never be removed.
+#[test]
+fn every_generated_object_is_a_prune_candidate() {
+    let key = |o: &serde_json::Value| {
+        (
+            o["apiVersion"].as_str().unwrap_or_default().to_owned(),
+            o["kind"].as_str().unwrap_or_default().to_owned(),
+            o["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+        )
+    };
+    let own = |c: Vec<(&str, &str, String)>| -> Vec<(String, String, String)> {
+        c.into_iter()
+            .map(|(a, k, n)| (a.to_owned(), k.to_owned(), n))
+            .collect()
+    };
+    let mut checked = 0;
+    insta::glob!("fixtures/auth/*.yaml", |path| {
+        let (ctx, policy) = load::<AuthPolicy>(path);
+        let ns = policy.metadata.namespace.clone().unwrap_or_default();
+        let name = policy.metadata.name.clone().unwrap_or_default();
+        let candidates = own(translate::auth::candidates(&ns, &name));
+        for ctx in [
+            ctx.clone(),
+            Context {
+                identity_source: translate::IdentitySource::Spire,
+                ..ctx
+            },
+        ] {
+            for o in translate::auth::translate(&policy, &ctx).objects {
+                assert!(
+                    candidates.contains(&key(&o)),
+                    "{:?} is not a prune candidate",
+                    key(&o)
+                );
+                checked += 1;
+            }
+        }
+    });
+    insta::glob!("fixtures/ratelimit/*.yaml", |path| {
+        let (ctx, policy) = load::<RateLimitPolicy>(path);
+        let name = policy.metadata.name.clone().unwrap_or_default();
+        let candidates = own(translate::ratelimit::candidates(&name));
+        for o in translate::ratelimit::translate(&policy, &ctx).objects {
+            assert!(
+                candidates.contains(&key(&o)),
+                "{:?} is not a prune candidate",
+                key(&o)
+            );
+            checked += 1;
+        }
+    });
+    assert!(checked > 20, "the fixtures produce objects ({checked})");
+}

@@ -61,26 +61,14 @@ async fn reconcile_inner(policy: &AuthPolicy, state: &State) -> Result<Action, E
                 .filter(|f| *f != FINALIZER)
                 .cloned()
                 .collect();
-            api.patch(
-                &name,
-                &PatchParams::default(),
-                &Patch::Merge(json!({"metadata": {"finalizers": rest}})),
-            )
-            .await?;
-            state.metrics.write("finalizer");
+            set_finalizers(state, &api, &name, &rest).await?;
         }
         return Ok(Action::await_change());
     }
     if needs_finalizer && !has_finalizer {
         let mut all = policy.finalizers().to_vec();
         all.push(FINALIZER.into());
-        api.patch(
-            &name,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"finalizers": all}})),
-        )
-        .await?;
-        state.metrics.write("finalizer");
+        set_finalizers(state, &api, &name, &all).await?;
     }
 
     let desired = translate::auth::translate(policy, &state.ctx);
@@ -119,6 +107,23 @@ async fn reconcile_inner(policy: &AuthPolicy, state: &State) -> Result<Action, E
     publish_events(state, &policy.object_ref(&()), result.as_ref()).await;
     // A failed apply is retried with backoff by the error policy, after status says why.
     result.map(|_| Action::requeue(RESYNC))
+}
+
+/// Replaces the finalizer list of an AuthPolicy.
+async fn set_finalizers(
+    state: &State,
+    api: &Api<AuthPolicy>,
+    name: &str,
+    finalizers: &[String],
+) -> Result<(), Error> {
+    api.patch(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"finalizers": finalizers}})),
+    )
+    .await?;
+    state.metrics.write("finalizer");
+    Ok(())
 }
 
 /// The current time (the only clock read in a reconcile, outside the pure translators).
