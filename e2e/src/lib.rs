@@ -7,6 +7,7 @@
 pub mod controlplane;
 pub mod operator;
 pub mod pki;
+pub mod spire;
 pub mod webhook;
 
 use std::{

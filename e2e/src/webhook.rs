@@ -20,6 +20,8 @@ pub struct WebhookProcess {
     /// Its log file.
     pub log: PathBuf,
     ca: PathBuf,
+    /// Host name the certificate is valid for (and the API server calls).
+    host: String,
 }
 
 /// Label a namespace needs for the e2e webhook registration to apply to it.
@@ -38,10 +40,51 @@ impl WebhookProcess {
         let (cert, key) = pki::issue_serving_cert(&cp.pki.ca_key, &["localhost"])?;
         std::fs::write(dir.join("tls.crt"), cert)?;
         std::fs::write(dir.join("tls.key"), key)?;
-        let config = format!(
-            "listen: 127.0.0.1:{port}\ntls: {{certFile: {d}/tls.crt, keyFile: {d}/tls.key}}\n{extra_config}\n",
+        let tls = format!(
+            "tls: {{certFile: {d}/tls.crt, keyFile: {d}/tls.key}}",
             d = dir.display()
         );
+        Self::launch(
+            cp,
+            &dir,
+            &tls,
+            extra_config,
+            (&cp.pki.ca_cert, "127.0.0.1"),
+            port,
+        )
+    }
+
+    /// Starts the webhook serving the X.509-SVID the SPIFFE Workload API at `workload_api`
+    /// hands it (valid for `localhost`, signed by the trust bundle in `bundle`).
+    pub fn start_svid(
+        cp: &ControlPlane,
+        tag: &str,
+        extra_config: &str,
+        workload_api: &str,
+        bundle: &std::path::Path,
+    ) -> Result<Self> {
+        let dir = cp.work_dir.join(format!("webhook-{tag}"));
+        std::fs::create_dir_all(&dir)?;
+        let tls = format!("tls: {{workloadApiSocket: \"{workload_api}\"}}");
+        Self::launch(
+            cp,
+            &dir,
+            &tls,
+            extra_config,
+            (bundle, "localhost"),
+            free_port()?,
+        )
+    }
+
+    fn launch(
+        cp: &ControlPlane,
+        dir: &std::path::Path,
+        tls: &str,
+        extra_config: &str,
+        (ca, host): (&std::path::Path, &str),
+        port: u16,
+    ) -> Result<Self> {
+        let config = format!("listen: 127.0.0.1:{port}\n{tls}\n{extra_config}\n");
         let config_path = dir.join("config.yaml");
         std::fs::write(&config_path, config)?;
         let log = dir.join("webhook.log");
@@ -59,9 +102,10 @@ impl WebhookProcess {
             child,
             port,
             log,
-            ca: cp.pki.ca_cert.clone(),
+            ca: ca.to_path_buf(),
+            host: host.to_owned(),
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_mins(1);
         loop {
             if let Some(status) = wh.child.try_wait()? {
                 bail!("palisade-webhook exited ({status}): {}", wh.log_tail());
@@ -83,7 +127,7 @@ impl WebhookProcess {
         let out = run(Command::new("curl")
             .args(["-s", "--max-time", "5", "-w", "\n%{http_code}", "--cacert"])
             .arg(&self.ca)
-            .arg(format!("https://127.0.0.1:{}{path}", self.port))
+            .arg(format!("https://{}:{}{path}", self.host, self.port))
             .args(rest))?;
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
@@ -139,12 +183,13 @@ webhooks:
     failurePolicy: Fail
     timeoutSeconds: 5
     clientConfig:
-      url: https://127.0.0.1:{port}/{hook}
+      url: https://{host}:{port}/{hook}
       caBundle: {ca}
     namespaceSelector:
       {selector}
 {rules}",
                 port = self.port,
+                host = self.host,
                 ca = ca.trim()
             )
         };

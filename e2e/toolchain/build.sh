@@ -2,7 +2,8 @@
 # Builds the real upstream binaries the end-to-end tests and `e2e/up` run, from the Go module proxy,
 # into a cache directory keyed by tool and version. A second run finds them and builds nothing.
 #
-#   e2e/toolchain/build.sh [TOOL...]     TOOL: k8s crds helm opa conftest cosign crane (default: all)
+#   e2e/toolchain/build.sh [TOOL...]     TOOL: k8s crds helm opa conftest cosign crane spire openbao
+#                                        (default: all)
 #   e2e/toolchain/build.sh --print-bin   the directory holding every built binary (created)
 #
 # Environment: PALISADE_CACHE (default ~/.cache/palisade-e2e).
@@ -30,6 +31,13 @@ TOOLS=(
   "conftest v0.69.0 github.com/open-policy-agent/conftest"
   "cosign   v3.1.2  github.com/sigstore/cosign/v3/cmd/cosign"
   "crane    v0.22.1 github.com/google/go-containerregistry/cmd/crane"
+)
+
+# Programs whose upstream go.mod has local replaces (or that need cgo), built from a wrapper module
+# under e2e/toolchain/<dir> that pins them: name  version-label  dir  cgo  binary=package...
+MODULE_TOOLS=(
+  "spire   v1.13.3 spire   1 spire-server=github.com/spiffe/spire/cmd/spire-server spire-agent=github.com/spiffe/spire/cmd/spire-agent"
+  "openbao v2.4.0  openbao 0 bao=github.com/openbao/openbao"
 )
 
 if [[ "${1:-}" == "--print-bin" ]]; then
@@ -120,8 +128,35 @@ build_tool() {
   link "$name" "$dir"
 }
 
+# build_module NAME VERSION DIR CGO BINARY=PACKAGE...: go build each package of the wrapper module.
+build_module() {
+  local name=$1 version=$2 mdir=$3 cgo=$4
+  shift 4
+  local dir="$cache/$name-$version" missing=0 pair b
+  for pair in "$@"; do [[ -x "$dir/${pair%%=*}" ]] || missing=1; done
+  if ((missing == 0)); then
+    log "$name $version: cached"
+  else
+    local start=$SECONDS logf="$cache/$name-$version.log"
+    mkdir -p "$dir.tmp" "$dir"
+    : >"$logf"
+    for pair in "$@"; do
+      b=${pair%%=*}
+      [[ -x "$dir/$b" ]] && continue
+      log "$name $version: building $b (cold: several minutes)"
+      (cd "$here/$mdir" && CGO_ENABLED=$cgo GONOSUMDB=github.com/openbao \
+        go build -trimpath -ldflags "-s -w" -o "$dir.tmp/$b" "${pair#*=}") >>"$logf" 2>&1 ||
+        fail "$b" "go build ${pair#*=}" "$logf"
+      mv "$dir.tmp/$b" "$dir/$b"
+    done
+    rm -rf "$dir.tmp"
+    log "$name $version: built in $((SECONDS - start)) s"
+  fi
+  for pair in "$@"; do link "${pair%%=*}" "$dir"; done
+}
+
 want=("$@")
-((${#want[@]})) || want=(k8s crds helm opa conftest cosign crane)
+((${#want[@]})) || want=(k8s crds helm opa conftest cosign crane spire openbao)
 total=$SECONDS
 for w in "${want[@]}"; do
   case "$w" in
@@ -133,7 +168,14 @@ for w in "${want[@]}"; do
         read -r name version pkg <<<"$t"
         if [[ "$name" == "$w" ]]; then build_tool "$name" "$version" "$pkg"; found=1; fi
       done
-      ((found)) || { log "unknown tool '$w' (known: k8s crds helm opa conftest cosign crane)"; exit 2; }
+      for t in "${MODULE_TOOLS[@]}"; do
+        read -r -a f <<<"$t"
+        if [[ "${f[0]}" == "$w" ]]; then build_module "${f[@]}"; found=1; fi
+      done
+      ((found)) || {
+        log "unknown tool '$w' (known: k8s crds helm opa conftest cosign crane spire openbao)"
+        exit 2
+      }
       ;;
   esac
 done

@@ -3,7 +3,7 @@
 
 #![allow(clippy::expect_used, missing_docs)]
 
-use palisade_api::{AuthPolicy, RateLimitPolicy};
+use palisade_api::{AuthPolicy, RateLimitPolicy, SecretBinding};
 use palisade_operator::translate::{self, Context};
 use serde::Deserialize;
 
@@ -43,6 +43,32 @@ fn rate_limit_policies() {
         let (ctx, policy) = load::<RateLimitPolicy>(path);
         let out = translate::ratelimit::translate(&policy, &ctx);
         insta::assert_yaml_snapshot!(out);
+    });
+}
+
+#[derive(Deserialize)]
+struct VaultFixture {
+    tenancy: translate::vault::Tenancy,
+    binding: SecretBinding,
+}
+
+/// Granted bindings snapshot their policy (also as HCL), role and database roles; every
+/// `attack-` fixture must be refused by the tenancy guard.
+#[test]
+fn secret_bindings() {
+    insta::glob!("fixtures/vault/*.yaml", |path| {
+        let text = std::fs::read_to_string(path).expect("readable fixture");
+        let value: serde_json::Value = serde_yaml::from_str(&text).expect("fixture is YAML");
+        let f: VaultFixture = serde_json::from_value(value).expect("fixture parses");
+        let defaults = translate::vault::VaultDefaults::default();
+        let out = translate::vault::translate(&f.binding, &f.tenancy, &defaults);
+        let attack = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.contains("attack"));
+        assert_eq!(attack, out.is_err(), "{}: {out:?}", path.display());
+        let hcl = out.as_ref().map(|d| d.policy.hcl()).unwrap_or_default();
+        insta::assert_yaml_snapshot!((out, hcl));
     });
 }
 

@@ -3,6 +3,8 @@
 //! ```yaml
 //! listen: 127.0.0.1:8443
 //! tls: {certFile: /etc/palisade/tls.crt, keyFile: /etc/palisade/tls.key}
+//! # or an X.509-SVID from the SPIFFE Workload API:
+//! # tls: {workloadApiSocket: unix:///run/spire/agent-sockets/spire-agent.sock}
 //! trustDomain: cluster.local
 //! identitySource: Istio              # or Spire
 //! exemptNamespaces: [kube-system, palisade-system]
@@ -22,8 +24,8 @@ use crate::identity::IdentitySource;
 pub struct Config {
     /// Address to serve HTTPS on.
     pub listen: SocketAddr,
-    /// Serving certificate and key (PEM), reloaded when both change.
-    pub tls: TlsFiles,
+    /// Where the serving certificate comes from.
+    pub tls: Tls,
     /// SPIFFE trust domain.
     #[serde(default = "default_trust_domain")]
     pub trust_domain: String,
@@ -41,9 +43,60 @@ pub struct Config {
     pub max_body_bytes: usize,
 }
 
-/// Certificate and key files.
-#[derive(Clone, Debug, Deserialize)]
+/// Serving certificate: files (`certFile` and `keyFile`, reloaded when both change) or the SPIFFE
+/// Workload API (`workloadApiSocket`), exactly one of the two.
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Tls {
+    /// PEM certificate chain.
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// SPIFFE Workload API endpoint, `unix:///path/agent.sock` (a bare path is accepted too).
+    #[serde(default)]
+    pub workload_api_socket: Option<String>,
+}
+
+/// Where the serving certificate comes from, once validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TlsSource {
+    /// Files on disk.
+    Files(TlsFiles),
+    /// The SPIFFE Workload API endpoint.
+    WorkloadApi(String),
+}
+
+impl Tls {
+    /// The one source configured, or why the settings are unusable.
+    pub fn source(&self) -> Result<TlsSource, String> {
+        match (&self.cert_file, &self.key_file, &self.workload_api_socket) {
+            (Some(cert), Some(key), None) => Ok(TlsSource::Files(TlsFiles {
+                cert_file: cert.clone(),
+                key_file: key.clone(),
+            })),
+            (None, None, Some(socket)) if !socket.trim().is_empty() => {
+                let endpoint = if socket.contains("://") || socket.starts_with("unix:") {
+                    socket.clone()
+                } else {
+                    format!("unix://{socket}")
+                };
+                Ok(TlsSource::WorkloadApi(endpoint))
+            }
+            (None, None, Some(_)) => Err("tls.workloadApiSocket is empty".into()),
+            (_, _, Some(_)) => {
+                Err("tls: set either certFile and keyFile, or workloadApiSocket, not both".into())
+            }
+            (Some(_), None, None) => Err("tls.certFile is set without tls.keyFile".into()),
+            (None, Some(_), None) => Err("tls.keyFile is set without tls.certFile".into()),
+            (None, None, None) => Err("tls: set certFile and keyFile, or workloadApiSocket".into()),
+        }
+    }
+}
+
+/// Certificate and key files.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TlsFiles {
     /// PEM certificate chain.
     pub cert_file: PathBuf,
@@ -97,8 +150,42 @@ fn default_max_body() -> usize {
 }
 
 impl Config {
-    /// Parses configuration text; unknown keys are errors.
-    pub fn parse(text: &str) -> Result<Self, serde_yaml::Error> {
-        serde_yaml::from_str(text)
+    /// Parses configuration text; unknown keys and an unusable `tls` section are errors.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let config: Config = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
+        config.tls.source()?;
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_takes_files_or_the_workload_api_but_not_both() {
+        let files =
+            Config::parse("listen: 127.0.0.1:0\ntls: {certFile: c, keyFile: k}\n").expect("files");
+        assert!(matches!(files.tls.source(), Ok(TlsSource::Files(_))));
+        let svid =
+            Config::parse("listen: 127.0.0.1:0\ntls: {workloadApiSocket: /run/agent.sock}\n")
+                .expect("socket");
+        assert_eq!(
+            svid.tls.source(),
+            Ok(TlsSource::WorkloadApi("unix:///run/agent.sock".into()))
+        );
+        for (tls, why) in [
+            ("{certFile: c}", "without tls.keyFile"),
+            ("{}", "set certFile and keyFile, or workloadApiSocket"),
+            (
+                "{certFile: c, keyFile: k, workloadApiSocket: s}",
+                "not both",
+            ),
+            ("{workloadApiSocket: ' '}", "is empty"),
+            ("{certFile: c, keyFile: k, socket: s}", "unknown field"),
+        ] {
+            let err = Config::parse(&format!("listen: 127.0.0.1:0\ntls: {tls}\n")).expect_err(tls);
+            assert!(err.contains(why), "{tls}: {err}");
+        }
     }
 }

@@ -8,4 +8,5 @@ pub mod identity;
 pub mod pods;
 pub mod secrets;
 pub mod server;
+pub mod tls;
 pub mod workload;

@@ -1,7 +1,7 @@
 //! `palisade-webhook --config FILE`: the admission webhook server. Logs (including one
 //! security event per decision, target `palisade::security`) are JSON lines on stderr.
 
-use std::{collections::BTreeMap, process::ExitCode, sync::Arc};
+use std::{collections::BTreeMap, process::ExitCode, sync::Arc, time::Duration};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Namespace;
@@ -17,9 +17,11 @@ use kube::{
 };
 use palisade_webhook::{
     config::Config,
+    config::TlsSource,
     identity::{IdentitySource, SpireRegistration},
     secrets::SecretsPolicy,
-    server::{AppState, FactSource, ReloadingCert, router, serve_tls},
+    server::{AppState, FactSource, router, serve_tls},
+    tls::{ReloadingCert, ServingCert, SvidCert},
 };
 
 struct ClusterFacts {
@@ -90,7 +92,7 @@ fn main() -> ExitCode {
     }
     let config = match std::fs::read_to_string(path)
         .map_err(|e| e.to_string())
-        .and_then(|t| Config::parse(&t).map_err(|e| e.to_string()))
+        .and_then(|t| Config::parse(&t))
     {
         Ok(c) => c,
         Err(e) => {
@@ -118,7 +120,21 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
-    let cert = ReloadingCert::new(config.tls.clone())?;
+    // The certificate comes first: without one there is nothing to serve.
+    let (cert, _cert_task): (Arc<ServingCert>, _) = match config.tls.source() {
+        Ok(TlsSource::Files(files)) => {
+            let files = ReloadingCert::new(files)?;
+            (
+                files.serving(),
+                files.spawn_reloader(Duration::from_secs(2)),
+            )
+        }
+        Ok(TlsSource::WorkloadApi(endpoint)) => {
+            let svid = SvidCert::connect(&endpoint, Duration::from_mins(1)).await?;
+            (svid.serving(), svid.spawn_follower())
+        }
+        Err(e) => anyhow::bail!(e),
+    };
     let secrets = SecretsPolicy::new()?;
     let client = Client::try_default().await?;
     let (namespaces, writer) = reflector::store();

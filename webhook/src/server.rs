@@ -1,5 +1,4 @@
-//! The HTTPS server: rustls with a certificate reloaded when both the certificate and key files
-//! change on disk, axum routes `/validate`, `/mutate`, `/healthz`, `/readyz`, `/metrics`.
+//! The HTTPS server: rustls with a certificate from [`crate::tls`], axum routes `/validate`, `/mutate`, `/healthz`, `/readyz`, `/metrics`.
 //!
 //! A malformed AdmissionReview gets a 400 with a JSON reason; bodies over the configured limit
 //! a 413. Decisions (Rego evaluation) run on the blocking pool behind a semaphore, off the async
@@ -7,15 +6,13 @@
 
 use std::{
     collections::BTreeMap,
-    path::PathBuf,
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::{Instant, SystemTime},
+    time::Instant,
 };
 
-use arc_swap::ArcSwap;
 use axum::{
     Json, Router,
     body::Bytes,
@@ -28,15 +25,11 @@ use kube::core::{
     DynamicObject,
     admission::{AdmissionRequest, AdmissionResponse, AdmissionReview},
 };
-use rustls::{
-    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
-    server::{ClientHello, ResolvesServerCert},
-    sign::CertifiedKey,
-};
+use rustls::server::ResolvesServerCert;
 use serde_json::json;
 
 use crate::{
-    config::{Config, TlsFiles},
+    config::Config,
     decide::{Facts, decide},
     secrets::SecretsPolicy,
 };
@@ -74,9 +67,52 @@ pub struct Counters {
     deny: AtomicU64,
     warn: AtomicU64,
     malformed: AtomicU64,
-    micros: AtomicU64,
+    latency: Histogram,
     /// Set when the server is shutting down.
     pub draining: AtomicBool,
+}
+
+/// Upper bounds (seconds) of the decision-latency histogram buckets.
+const BUCKETS: [f64; 11] = [
+    0.000_25, 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
+
+/// A Prometheus histogram of decision latency, lock-free.
+#[derive(Default)]
+struct Histogram {
+    /// Per bucket (not cumulative), the last slot is `+Inf`.
+    counts: [AtomicU64; BUCKETS.len() + 1],
+    sum_nanos: AtomicU64,
+}
+
+impl Histogram {
+    fn observe(&self, elapsed: std::time::Duration) {
+        let secs = elapsed.as_secs_f64();
+        let slot = BUCKETS
+            .iter()
+            .position(|&b| secs <= b)
+            .unwrap_or(BUCKETS.len());
+        self.counts[slot].fetch_add(1, Ordering::Relaxed);
+        let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+
+    fn render(&self, name: &str, out: &mut String) {
+        use std::fmt::Write as _;
+        let _ = writeln!(out, "# TYPE {name} histogram");
+        let mut cumulative = 0u64;
+        for (i, count) in self.counts.iter().enumerate() {
+            cumulative += count.load(Ordering::Relaxed);
+            let le = BUCKETS
+                .get(i)
+                .map_or_else(|| "+Inf".to_string(), ToString::to_string);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+        }
+        #[allow(clippy::cast_precision_loss)]
+        let sum = self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        let _ = writeln!(out, "{name}_sum {sum}");
+        let _ = writeln!(out, "{name}_count {cumulative}");
+    }
 }
 
 /// The router.
@@ -147,8 +183,7 @@ async fn validate(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
         _ => &state.counters.allow,
     };
     counter.fetch_add(1, Ordering::Relaxed);
-    let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-    state.counters.micros.fetch_add(micros, Ordering::Relaxed);
+    state.counters.latency.observe(started.elapsed());
     tracing::info!(
         target: "palisade::security",
         uid = %req.uid,
@@ -185,114 +220,27 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 
 async fn metrics(State(state): State<Arc<AppState>>) -> String {
     let c = &state.counters;
-    format!(
+    let mut out = format!(
         "# TYPE palisade_webhook_decisions_total counter\n\
          palisade_webhook_decisions_total{{verdict=\"allow\"}} {}\n\
          palisade_webhook_decisions_total{{verdict=\"deny\"}} {}\n\
          palisade_webhook_decisions_total{{verdict=\"warn\"}} {}\n\
          # TYPE palisade_webhook_malformed_requests_total counter\n\
-         palisade_webhook_malformed_requests_total {}\n\
-         # TYPE palisade_webhook_decision_seconds_total counter\n\
-         palisade_webhook_decision_seconds_total {}\n",
+         palisade_webhook_malformed_requests_total {}\n",
         c.allow.load(Ordering::Relaxed),
         c.deny.load(Ordering::Relaxed),
         c.warn.load(Ordering::Relaxed),
         c.malformed.load(Ordering::Relaxed),
-        f64::from(u32::try_from(c.micros.load(Ordering::Relaxed)).unwrap_or(u32::MAX)) / 1e6,
-    )
-}
-
-/// Why a certificate could not be loaded.
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    /// A file could not be read or parsed.
-    #[error("cannot load {path}: {why}")]
-    Load {
-        /// File.
-        path: String,
-        /// Cause.
-        why: String,
-    },
-}
-
-fn load_key(files: &TlsFiles) -> Result<CertifiedKey, TlsError> {
-    let err = |path: &PathBuf, why: String| TlsError::Load {
-        path: path.display().to_string(),
-        why,
-    };
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert_file)
-        .map_err(|e| err(&files.cert_file, e.to_string()))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| err(&files.cert_file, e.to_string()))?;
-    if certs.is_empty() {
-        return Err(err(&files.cert_file, "no certificate in the file".into()));
-    }
-    let key = PrivateKeyDer::from_pem_file(&files.key_file)
-        .map_err(|e| err(&files.key_file, e.to_string()))?;
-    let signer = rustls::crypto::ring::sign::any_supported_type(&key)
-        .map_err(|e| err(&files.key_file, e.to_string()))?;
-    Ok(CertifiedKey::new(certs, signer))
-}
-
-/// Serves the certificate in `files`, reloading it when both files have changed.
-#[derive(Debug)]
-pub struct ReloadingCert {
-    files: TlsFiles,
-    current: ArcSwap<CertifiedKey>,
-    stamps: Mutex<(Option<SystemTime>, Option<SystemTime>)>,
-}
-
-fn mtime(path: &PathBuf) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
-}
-
-impl ReloadingCert {
-    /// Loads the certificate now; fails when it cannot.
-    pub fn new(files: TlsFiles) -> Result<Arc<Self>, TlsError> {
-        let key = load_key(&files)?;
-        let stamps = (mtime(&files.cert_file), mtime(&files.key_file));
-        Ok(Arc::new(ReloadingCert {
-            files,
-            current: ArcSwap::from_pointee(key),
-            stamps: Mutex::new(stamps),
-        }))
-    }
-
-    /// Reloads when both files changed since the last load; returns whether it did. A pair that
-    /// does not load keeps the current certificate in service.
-    pub fn reload_if_changed(&self) -> bool {
-        let now = (mtime(&self.files.cert_file), mtime(&self.files.key_file));
-        let Ok(mut stamps) = self.stamps.lock() else {
-            return false;
-        };
-        if now.0 == stamps.0 || now.1 == stamps.1 {
-            return false;
-        }
-        match load_key(&self.files) {
-            Ok(key) => {
-                self.current.store(Arc::new(key));
-                *stamps = now;
-                tracing::info!("serving certificate reloaded");
-                true
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "new certificate does not load; keeping the current one");
-                false
-            }
-        }
-    }
-}
-
-impl ResolvesServerCert for ReloadingCert {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.current.load_full())
-    }
+    );
+    c.latency
+        .render("palisade_webhook_decision_duration_seconds", &mut out);
+    out
 }
 
 /// Serves `app` over TLS on `listener` until `shutdown` resolves.
 pub async fn serve_tls(
     listener: tokio::net::TcpListener,
-    cert: Arc<ReloadingCert>,
+    cert: Arc<dyn ResolvesServerCert>,
     app: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
@@ -302,15 +250,9 @@ pub async fn serve_tls(
     .with_safe_default_protocol_versions()
     .map_err(std::io::Error::other)?
     .with_no_client_auth()
-    .with_cert_resolver(cert.clone());
+    .with_cert_resolver(cert);
     tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-    let reloader = tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-            cert.reload_if_changed();
-        }
-    });
     tokio::pin!(shutdown);
     loop {
         let (tcp, _) = tokio::select! {
@@ -332,6 +274,5 @@ pub async fn serve_tls(
                     .await;
         });
     }
-    reloader.abort();
     Ok(())
 }

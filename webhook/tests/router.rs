@@ -12,7 +12,8 @@ use axum::{
 use palisade_webhook::{
     config::{Config, TlsFiles},
     secrets::SecretsPolicy,
-    server::{AppState, Counters, FactSource, ReloadingCert, router},
+    server::{AppState, Counters, FactSource, router},
+    tls::ReloadingCert,
 };
 use serde_json::{Value, json};
 use tower::ServiceExt;
@@ -187,4 +188,52 @@ fn certificates_reload_only_when_both_files_change() {
     std::fs::write(dir.path().join("tls.crt"), "garbage").expect("write");
     std::fs::write(dir.path().join("tls.key"), "garbage").expect("write");
     assert!(!cert.reload_if_changed(), "invalid pair refused");
+}
+
+#[tokio::test]
+async fn metrics_count_verdicts_and_bucket_latency() {
+    let app = app(1 << 20, true);
+    for sa in ["orders", "default", "default"] {
+        let (status, _) = post(app.clone(), "/validate", review(sa).to_string()).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let resp = app
+        .oneshot(
+            Request::get("/metrics")
+                .body(Body::empty())
+                .expect("request"),
+        )
+        .await
+        .expect("response");
+    let text = String::from_utf8(
+        axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .expect("body")
+            .to_vec(),
+    )
+    .expect("utf-8");
+    assert!(
+        text.contains("palisade_webhook_decisions_total{verdict=\"allow\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("palisade_webhook_decisions_total{verdict=\"deny\"} 2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("palisade_webhook_decision_duration_seconds_bucket{le=\"+Inf\"} 3"),
+        "{text}"
+    );
+    assert!(
+        text.contains("palisade_webhook_decision_duration_seconds_count 3"),
+        "{text}"
+    );
+    // Buckets are cumulative: never decreasing towards +Inf.
+    let counts: Vec<u64> = text
+        .lines()
+        .filter(|l| l.starts_with("palisade_webhook_decision_duration_seconds_bucket"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    assert_eq!(counts.len(), 12, "{text}");
+    assert!(counts.windows(2).all(|w| w[0] <= w[1]), "{counts:?}");
 }

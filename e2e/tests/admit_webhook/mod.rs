@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{Result, bail};
 use palisade_e2e::{
     ControlPlane, accepts, rejects, run, run_ok,
+    spire::{Spire, TRUST_DOMAIN},
     webhook::{SCOPE_LABEL, WebhookProcess},
 };
 
@@ -20,6 +21,10 @@ pub const TESTS: &[(&str, TestFn)] = &[
     (
         "admit_webhook::identity_secrets_and_workloads",
         identity_secrets_and_workloads,
+    ),
+    (
+        "admit_webhook::svid_from_the_workload_api_serves_the_api_server",
+        svid_from_the_workload_api_serves_the_api_server,
     ),
     (
         "admit_webhook::restart_under_load_admits_nothing_wrongly",
@@ -96,6 +101,23 @@ fn identity_secrets_and_workloads(env: &Env) -> Result<()> {
         // Compliant pod: admitted.
         let out = apply(cp, ns, "good", &pod("good", Some("orders"), ""))?;
         accepts(&out, "compliant pod")?;
+
+        // Dry runs are decided like real requests and leave nothing behind.
+        let dry = |name: &str, sa: Option<&str>| -> Result<std::process::Output> {
+            let file = cp.work_dir.join(format!("{ns}-{name}.yaml"));
+            std::fs::write(&file, pod(name, sa, ""))?;
+            run(cp.kubectl().args(["apply", "--dry-run=server", "-n", ns, "-f"]).arg(&file))
+        };
+        rejects(&dry("dry-bad", None)?, "dry-run pod under the default ServiceAccount", &[
+            &format!("spiffe://cluster.local/ns/{ns}/sa/default"),
+        ])?;
+        accepts(&dry("dry-good", Some("orders"))?, "compliant dry-run pod")?;
+        if run(cp.kubectl().args(["get", "pod", "dry-good", "-n", ns]))?.status.success() {
+            bail!("a dry-run pod was stored");
+        }
+        if !wh.log_text().lines().any(|l| l.contains("\"name\":\"dry-good\"") && l.contains("\"dry_run\":true")) {
+            bail!("the security event of the dry run does not say dry_run=true");
+        }
 
         // Ephemeral containers go through pods/ephemeralcontainers and are checked too.
         let out = run(cp.kubectl().args([
@@ -233,6 +255,54 @@ fn spire_registrations_give_identity(env: &Env) -> Result<()> {
         "delete",
         "validatingwebhookconfiguration",
         "palisade-e2e-spire",
+    ]));
+    result.map_err(|e| anyhow::anyhow!("{e:#}\nwebhook log:\n{}", wh.log_tail()))
+}
+
+/// With `tls.workloadApiSocket`, the webhook serves the X.509-SVID a real SPIRE agent hands it:
+/// the API server, trusting only SPIRE's bundle, calls it; when the agent rotates the SVID the
+/// webhook serves the new one without a restart.
+fn svid_from_the_workload_api_serves_the_api_server(env: &Env) -> Result<()> {
+    let cp = &env.cp;
+    let spire = Spire::start(&env.opts.bin_dir)?;
+    let id = format!("spiffe://{TRUST_DOMAIN}/ns/palisade-system/sa/palisade-webhook");
+    // A short lifetime so the agent rotates it within the test (at half its life).
+    spire.register_this_user(&id, &["localhost"], 30)?;
+    let wh = WebhookProcess::start_svid(cp, "svid", "", &spire.workload_api, &spire.bundle)
+        .map_err(|e| anyhow::anyhow!("{e:#}\nagent log:\n{}", spire.log_tail("agent")))?;
+    if !wh.log_text().contains(&id) {
+        bail!("the webhook does not say it serves {id}: {}", wh.log_tail());
+    }
+    wh.register(cp, "palisade-e2e-svid")?;
+    let result = cp.with_temp_ns("wh-svid", |ns| {
+        namespace(cp, ns, true)?;
+        // The API server reaches the webhook over the SVID (failurePolicy Fail: a TLS failure
+        // would refuse with a call error, not with the webhook's reason).
+        cp.eventually(
+            "a denial from the SVID-served webhook",
+            Duration::from_secs(30),
+            || {
+                let out = apply(cp, ns, "default-sa", &pod("default-sa", None, "")).ok()?;
+                let err = String::from_utf8_lossy(&out.stderr).into_owned();
+                err.contains(&format!("spiffe://cluster.local/ns/{ns}/sa/default"))
+                    .then_some(())
+            },
+        )?;
+        cp.eventually("the SVID rotated", Duration::from_mins(1), || {
+            wh.log_text().contains("X.509-SVID rotated").then_some(())
+        })?;
+        let out = apply(cp, ns, "good", &pod("good", Some("orders"), ""))?;
+        accepts(&out, "compliant pod after the rotation")?;
+        let (code, _) = wh.curl(&["/healthz"])?;
+        if code != 200 {
+            bail!("the rotated SVID does not verify against the bundle ({code})");
+        }
+        Ok(())
+    });
+    let _ = run(cp.kubectl().args([
+        "delete",
+        "validatingwebhookconfiguration",
+        "palisade-e2e-svid",
     ]));
     result.map_err(|e| anyhow::anyhow!("{e:#}\nwebhook log:\n{}", wh.log_tail()))
 }

@@ -7,6 +7,7 @@
 
 pub mod auth;
 pub mod ratelimit;
+pub mod vault;
 
 use palisade_api::rate_limit_policy::RateLimitBackend;
 use serde::{Deserialize, Serialize};
