@@ -5,8 +5,10 @@
 //! (Istio, Gateway API, Envoy Gateway, SPIRE) from the same cache.
 
 pub mod controlplane;
+pub mod openbao;
 pub mod operator;
 pub mod pki;
+pub mod postgres;
 pub mod spire;
 pub mod webhook;
 

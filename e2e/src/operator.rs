@@ -62,7 +62,7 @@ impl OperatorProcess {
             .arg("--config")
             .arg(&config_path)
             .env("KUBECONFIG", &cp.kubeconfig)
-            .env("RUST_LOG", "info,kube=warn")
+            .env("RUST_LOG", "info,kube=warn,vaultrs=off,rustify=off")
             .env("POD_NAME", format!("operator-{tag}"))
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)

@@ -7,6 +7,7 @@ mod admit_crds;
 mod admit_webhook;
 mod e2e_controlplane;
 mod e2e_operator;
+mod e2e_vault;
 mod policies;
 
 use std::{sync::Arc, time::Instant};
@@ -35,6 +36,7 @@ fn main() {
         admit_webhook::TESTS,
         e2e_controlplane::TESTS,
         e2e_operator::TESTS,
+        e2e_vault::TESTS,
         policies::TESTS,
     ]
     .concat();

@@ -8,6 +8,7 @@
 //! leaderElection: {enabled: true, leaseName: palisade-operator, leaseNamespace: palisade-system}
 //! metricsAddress: 127.0.0.1:9090
 //! concurrency: 32                  # reconciles in flight per controller
+//! vault: {...}                     # SecretBindings: see vault::VaultSettings
 //! ```
 
 use std::{net::SocketAddr, path::Path};
@@ -32,6 +33,10 @@ pub struct Config {
     /// Reconciles in flight at once, per controller.
     #[serde(default = "default_concurrency")]
     pub concurrency: u16,
+    /// Vault/OpenBao for SecretBindings; without it SecretBindings are reported as not
+    /// configured and nothing is written.
+    #[serde(default)]
+    pub vault: Option<crate::vault::VaultSettings>,
 }
 
 fn default_concurrency() -> u16 {
@@ -97,6 +102,7 @@ impl Default for Config {
             leader_election: LeaderElection::default(),
             metrics_address: default_metrics_address(),
             concurrency: default_concurrency(),
+            vault: None,
         }
     }
 }
@@ -139,13 +145,17 @@ impl Config {
     pub fn parse(text: &str) -> Result<Self, serde_yaml::Error> {
         let mut all: serde_yaml::Mapping = serde_yaml::from_str(text)?;
         let mut own = serde_yaml::Mapping::new();
-        for key in ["leaderElection", "metricsAddress", "concurrency"] {
+        for key in ["leaderElection", "metricsAddress", "concurrency", "vault"] {
             if let Some(v) = all.remove(key) {
                 own.insert(key.into(), v);
             }
         }
         let mut config: Config = serde_yaml::from_value(serde_yaml::Value::Mapping(own))?;
         config.context = serde_yaml::from_value(serde_yaml::Value::Mapping(all))?;
+        if let Some(v) = &config.vault {
+            v.validate()
+                .map_err(<serde_yaml::Error as serde::de::Error>::custom)?;
+        }
         Ok(config)
     }
 }

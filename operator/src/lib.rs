@@ -9,3 +9,4 @@ pub mod metrics;
 pub mod names;
 pub mod run;
 pub mod translate;
+pub mod vault;

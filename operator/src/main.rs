@@ -10,7 +10,7 @@ fn main() -> ExitCode {
         .json()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,kube=warn".into()),
+                .unwrap_or_else(|_| "info,kube=warn,vaultrs=off,rustify=off".into()),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -36,6 +36,8 @@ pub struct Metrics {
     reconciles: Family<Labels, Counter>,
     durations: Family<Labels, Histogram, fn() -> Histogram>,
     writes: Family<Labels, Counter>,
+    vault_requests: Counter,
+    vault_writes: Counter,
     /// Set once this replica leads and its caches are synced.
     pub ready: AtomicBool,
 }
@@ -63,6 +65,18 @@ impl Default for Metrics {
             "Writes to the API server by what was written (apply, delete, status, finalizer)",
             writes.clone(),
         );
+        let vault_requests = Counter::default();
+        let vault_writes = Counter::default();
+        registry.register(
+            "vault_requests",
+            "HTTP requests to Vault, logins included",
+            vault_requests.clone(),
+        );
+        registry.register(
+            "vault_writes",
+            "Writes to Vault (creates, updates, deletes, lease revocations)",
+            vault_writes.clone(),
+        );
         // Every write series exists from the start, so "0 writes" is a reading, not an absence.
         for what in WRITE_KINDS {
             let _ = writes.get_or_create(&vec![("what", (*what).to_owned())]);
@@ -72,6 +86,8 @@ impl Default for Metrics {
             reconciles,
             durations,
             writes,
+            vault_requests,
+            vault_writes,
             ready: AtomicBool::new(false),
         }
     }
@@ -94,6 +110,19 @@ impl Metrics {
         self.writes
             .get_or_create(&vec![("what", what.to_owned())])
             .inc();
+    }
+
+    /// Records one request to Vault, and whether it writes.
+    pub fn vault_request(&self, write: bool) {
+        self.vault_requests.inc();
+        if write {
+            self.vault_writes.inc();
+        }
+    }
+
+    /// Requests and writes sent to Vault so far.
+    pub fn vault_totals(&self) -> (u64, u64) {
+        (self.vault_requests.get(), self.vault_writes.get())
     }
 
     /// Total writes so far.

@@ -7,11 +7,11 @@ use kube::{
     Api, Client, ResourceExt,
     runtime::{Controller, controller::Action, watcher},
 };
-use palisade_api::{AuthPolicy, RateLimitPolicy};
+use palisade_api::{AuthPolicy, RateLimitPolicy, SecretBinding};
 
 use crate::{
     config::Config,
-    controller::{self, Error, State, auth, ratelimit},
+    controller::{self, Error, State, auth, ratelimit, secrets},
     leader::Leadership,
     metrics::{self, Metrics},
     translate::{OWNER_NAME_LABEL, OWNER_NAMESPACE_LABEL},
@@ -41,6 +41,35 @@ where
         .reflect(writer)
         .applied_objects();
     Controller::for_stream(stream, reader)
+}
+
+/// The SecretBinding controller, with a Vault client when the configuration has one.
+fn secret_binding_controller(
+    client: &Client,
+    config: &Config,
+    state: &Arc<State>,
+    metrics: &Arc<Metrics>,
+    shutdown: impl Future<Output = ()> + Send + Sync + Clone + 'static,
+) -> impl Future<Output = ()> {
+    // Vault's HTTP client (reqwest over rustls) uses the process-wide crypto provider.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let vault = config.vault.clone().map(|v| {
+        Arc::new(crate::vault::Vault::new(
+            v,
+            client.clone(),
+            Arc::clone(metrics),
+        ))
+    });
+    let sb_state = Arc::new(secrets::SecretState::new(Arc::clone(state), vault));
+    controller_for::<SecretBinding>(client)
+        .with_config(kube::runtime::controller::Config::default().concurrency(config.concurrency))
+        .graceful_shutdown_on(shutdown)
+        .run(secrets::reconcile, error_policy, sb_state)
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "SecretBinding controller");
+            }
+        })
 }
 
 /// Runs the operator until `shutdown` resolves or leadership is lost.
@@ -116,6 +145,8 @@ pub async fn run(
         policies: rl_store,
     });
 
+    let sb_run = secret_binding_controller(&client, &config, &state, &metrics, shutdown.clone());
+
     let auth_run = auth_ctl
         .graceful_shutdown_on(shutdown.clone())
         .run(auth::reconcile, error_policy, Arc::clone(&state))
@@ -142,7 +173,7 @@ pub async fn run(
         }
     };
     let outcome = tokio::select! {
-        _ = futures::future::join(auth_run, rl_run) => Ok(()),
+        _ = futures::future::join3(auth_run, rl_run, sb_run) => Ok(()),
         e = lost => Err(anyhow::anyhow!("leadership lost: {}", e.map(|e| e.to_string()).unwrap_or_default())),
     };
     metrics.ready.store(false, Ordering::Relaxed);

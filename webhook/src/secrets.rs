@@ -35,7 +35,7 @@ pub struct PolicyError(String);
 /// The compiled policy.
 #[derive(Clone)]
 pub struct SecretsPolicy {
-    engine: Engine,
+    compiled: regorus::CompiledPolicy,
 }
 
 impl SecretsPolicy {
@@ -45,7 +45,12 @@ impl SecretsPolicy {
         engine
             .add_policy("secrets.rego".into(), SECRETS_REGO.into())
             .map_err(|e| PolicyError(e.to_string()))?;
-        Ok(SecretsPolicy { engine })
+        // Compiled once for its entry point; each evaluation starts from the compiled form
+        // instead of re-preparing a whole engine.
+        let compiled = engine
+            .compile_with_entrypoint(&DENY_RULE.into())
+            .map_err(|e| PolicyError(e.to_string()))?;
+        Ok(SecretsPolicy { compiled })
     }
 
     /// The policy input for a pod: every container with its env and envFrom.
@@ -66,12 +71,9 @@ impl SecretsPolicy {
 
     /// Evaluates the policy on an input; findings sorted.
     pub fn evaluate(&self, input: &serde_json::Value) -> Result<Vec<Finding>, PolicyError> {
-        let mut engine = self.engine.clone();
-        let value =
-            Value::from_json_str(&input.to_string()).map_err(|e| PolicyError(e.to_string()))?;
-        engine.set_input(value);
-        let result = engine
-            .eval_rule(DENY_RULE.into())
+        let result = self
+            .compiled
+            .eval_with_input(Value::from(input.clone()))
             .map_err(|e| PolicyError(e.to_string()))?;
         let json = result
             .to_json_str()

@@ -7,13 +7,8 @@
 use std::{sync::Arc, time::Instant};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::{
-    Api, Resource, ResourceExt,
-    api::{Patch, PatchParams},
-    runtime::controller::Action,
-};
+use kube::{Api, Resource, ResourceExt, runtime::controller::Action};
 use palisade_api::{AuthPolicy, AuthPolicyStatus};
-use serde_json::json;
 
 use super::{Error, RESYNC, State, enforce, publish_events, readiness};
 use crate::{
@@ -61,14 +56,14 @@ async fn reconcile_inner(policy: &AuthPolicy, state: &State) -> Result<Action, E
                 .filter(|f| *f != FINALIZER)
                 .cloned()
                 .collect();
-            set_finalizers(state, &api, &name, &rest).await?;
+            super::set_finalizers(state, &api, &name, &rest).await?;
         }
         return Ok(Action::await_change());
     }
     if needs_finalizer && !has_finalizer {
         let mut all = policy.finalizers().to_vec();
         all.push(FINALIZER.into());
-        set_finalizers(state, &api, &name, &all).await?;
+        super::set_finalizers(state, &api, &name, &all).await?;
     }
 
     let desired = translate::auth::translate(policy, &state.ctx);
@@ -107,23 +102,6 @@ async fn reconcile_inner(policy: &AuthPolicy, state: &State) -> Result<Action, E
     publish_events(state, &policy.object_ref(&()), result.as_ref()).await;
     // A failed apply is retried with backoff by the error policy, after status says why.
     result.map(|_| Action::requeue(RESYNC))
-}
-
-/// Replaces the finalizer list of an AuthPolicy.
-async fn set_finalizers(
-    state: &State,
-    api: &Api<AuthPolicy>,
-    name: &str,
-    finalizers: &[String],
-) -> Result<(), Error> {
-    api.patch(
-        name,
-        &PatchParams::default(),
-        &Patch::Merge(json!({"metadata": {"finalizers": finalizers}})),
-    )
-    .await?;
-    state.metrics.write("finalizer");
-    Ok(())
 }
 
 /// The current time (the only clock read in a reconcile, outside the pure translators).

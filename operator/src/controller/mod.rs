@@ -9,6 +9,7 @@ pub mod apply;
 pub mod auth;
 pub mod generated;
 pub mod ratelimit;
+pub mod secrets;
 pub mod status;
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
@@ -176,6 +177,9 @@ pub enum Error {
     /// A generated object could not be serialized.
     #[error("serialization failed: {0}")]
     Serde(#[from] serde_json::Error),
+    /// A call to Vault failed.
+    #[error("{0}")]
+    Vault(#[from] crate::vault::VaultError),
 }
 
 impl Error {
@@ -184,6 +188,7 @@ impl Error {
         match self {
             Error::Kube(_) => "ApiError",
             Error::Serde(_) => "SerializationError",
+            Error::Vault(e) => e.reason(),
         }
     }
 }
@@ -319,6 +324,26 @@ where
     .await?;
     state.metrics.write("status");
     state.applied.record_as(key, &content);
+    Ok(())
+}
+
+/// Replaces the finalizer list of a namespaced object.
+pub async fn set_finalizers<K>(
+    state: &State,
+    api: &kube::Api<K>,
+    name: &str,
+    finalizers: &[String],
+) -> Result<(), Error>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    api.patch(
+        name,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(serde_json::json!({"metadata": {"finalizers": finalizers}})),
+    )
+    .await?;
+    state.metrics.write("finalizer");
     Ok(())
 }
 

@@ -175,11 +175,6 @@ impl DatabaseRole {
     pub fn path(&self) -> String {
         format!("{}/roles/{}", self.mount, self.name)
     }
-
-    /// Prefix of every lease issued under this role, for revocation.
-    pub fn lease_prefix(&self) -> String {
-        format!("{}/creds/{}/", self.mount, self.name)
-    }
 }
 
 /// Everything one binding should have in Vault.

@@ -1,0 +1,271 @@
+//! A real OpenBao server (`bao server -dev`, built by `e2e/toolchain/build.sh openbao`) on
+//! loopback with TLS, and the one-time bootstrap a platform team does with the root token:
+//! Kubernetes auth against the control plane (TokenReview), the operator's own policy and login
+//! role, KV v2 and a PostgreSQL connection. After bootstrap the operator never sees the root
+//! token: it logs in with its ServiceAccount.
+
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{ControlPlane, controlplane::free_port, postgres::Postgres, run, run_ok};
+
+/// Name of the operator's own Vault policy and login role. It does not start with `palisade-`,
+/// the prefix of every name the operator may write, so it can never rewrite its own grant.
+pub const OPERATOR_ROLE: &str = "palisade_operator";
+
+/// What the operator may do in Vault: only objects named `palisade-*`.
+pub const OPERATOR_POLICY: &str = r#"
+path "sys/policies/acl/palisade-*" {
+  capabilities = ["create", "read", "update", "delete"]
+}
+path "auth/kubernetes/role/palisade-*" {
+  capabilities = ["create", "read", "update", "delete"]
+}
+path "database/roles/palisade-*" {
+  capabilities = ["create", "read", "update", "delete"]
+}
+path "sys/leases/revoke-prefix/database/creds/palisade-*" {
+  capabilities = ["update", "sudo"]
+}
+"#;
+
+/// A running dev-mode OpenBao. Stops it on drop.
+pub struct OpenBao {
+    child: Child,
+    bin: PathBuf,
+    dir: PathBuf,
+    /// `https://127.0.0.1:<port>`.
+    pub addr: String,
+    /// CA of its serving certificate.
+    pub ca: PathBuf,
+    root_token: String,
+    unseal_key: String,
+}
+
+impl OpenBao {
+    /// Starts `bao server -dev -dev-tls` in `dir`.
+    pub fn start(bin_dir: &Path, dir: &Path) -> Result<Self> {
+        let bin = bin_dir.join("bao");
+        if !bin.exists() {
+            bail!(
+                "bao not found in {}: build it with e2e/toolchain/build.sh openbao",
+                bin_dir.display()
+            );
+        }
+        std::fs::create_dir_all(dir)?;
+        let port = free_port()?;
+        let root_token = format!("root-{}", std::process::id());
+        let log = dir.join("bao.log");
+        let out = File::create(&log)?;
+        let child = Command::new(&bin)
+            .args(["server", "-dev", "-dev-tls", "-dev-no-store-token"])
+            .arg(format!("-dev-tls-cert-dir={}", dir.display()))
+            .arg(format!("-dev-root-token-id={root_token}"))
+            .arg(format!("-dev-listen-address=127.0.0.1:{port}"))
+            .env_remove("BAO_TOKEN")
+            .env_remove("VAULT_TOKEN")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .context("starting bao server -dev")?;
+        let mut bao = OpenBao {
+            child,
+            bin,
+            dir: dir.to_path_buf(),
+            addr: format!("https://127.0.0.1:{port}"),
+            ca: dir.join("vault-ca.pem"),
+            root_token,
+            unseal_key: String::new(),
+        };
+        let deadline = Instant::now() + Duration::from_mins(1);
+        loop {
+            if let Some(status) = bao.child.try_wait()? {
+                bail!("bao exited ({status}): {}", bao.log_tail());
+            }
+            if bao.ca.exists() && bao.root(&["status"]).is_ok() {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("bao not ready: {}", bao.log_tail());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let text = std::fs::read_to_string(&log)?;
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix("Unseal Key: "))
+            .context("no unseal key in the dev server's output")?
+            .trim()
+            .clone_into(&mut bao.unseal_key);
+        Ok(bao)
+    }
+
+    /// `bao` with `token` (stdout, or an error carrying stderr).
+    pub fn bao(&self, token: &str, args: &[&str]) -> Result<String> {
+        let out = self.bao_output(token, args)?;
+        if !out.status.success() {
+            bail!(
+                "bao {}: {}",
+                args.first().copied().unwrap_or_default(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    /// `bao` with `token`, whatever its outcome.
+    pub fn bao_output(&self, token: &str, args: &[&str]) -> Result<std::process::Output> {
+        run(Command::new(&self.bin)
+            .args(args)
+            .env("BAO_ADDR", &self.addr)
+            .env("BAO_CACERT", &self.ca)
+            .env("BAO_TOKEN", token)
+            .env("HOME", &self.dir)
+            .env_remove("VAULT_TOKEN"))
+    }
+
+    /// `bao` as root (bootstrap and test inspection only).
+    pub fn root(&self, args: &[&str]) -> Result<String> {
+        self.bao(&self.root_token, args)
+    }
+
+    /// Seals the server: every call answers 503 until [`OpenBao::unseal`].
+    pub fn seal(&self) -> Result<()> {
+        self.root(&["operator", "seal"]).map(|_| ())
+    }
+
+    /// Unseals it with the dev server's key.
+    pub fn unseal(&self) -> Result<()> {
+        self.bao("", &["operator", "unseal", &self.unseal_key])
+            .map(|_| ())
+    }
+
+    /// Kubernetes auth against `cp`, the operator's policy and role for ServiceAccount
+    /// `palisade-system/palisade-operator`, and database connection `connection` to `pg`
+    /// usable by roles `palisade-*`.
+    pub fn bootstrap(&self, cp: &ControlPlane, pg: &Postgres, connections: &[&str]) -> Result<()> {
+        let kubectl = |args: &[&str]| run_ok(cp.kubectl().args(args));
+        let _ = kubectl(&["create", "namespace", "palisade-system"]);
+        for sa in ["palisade-operator", "vault-token-reviewer"] {
+            let _ = kubectl(&["create", "serviceaccount", sa, "-n", "palisade-system"]);
+        }
+        let _ = kubectl(&[
+            "create",
+            "clusterrolebinding",
+            "vault-token-reviewer",
+            "--clusterrole=system:auth-delegator",
+            "--serviceaccount=palisade-system:vault-token-reviewer",
+        ]);
+        let reviewer = kubectl(&[
+            "create",
+            "token",
+            "vault-token-reviewer",
+            "-n",
+            "palisade-system",
+            "--duration=24h",
+        ])?;
+        self.root(&["auth", "enable", "kubernetes"])?;
+        self.root(&[
+            "write",
+            "auth/kubernetes/config",
+            &format!("kubernetes_host={}", cp.server),
+            &format!("kubernetes_ca_cert=@{}", cp.pki.ca_cert.display()),
+            &format!("token_reviewer_jwt={}", reviewer.trim()),
+        ])?;
+        let policy = self.dir.join("operator-policy.hcl");
+        std::fs::write(&policy, OPERATOR_POLICY)?;
+        self.root(&[
+            "policy",
+            "write",
+            OPERATOR_ROLE,
+            &policy.display().to_string(),
+        ])?;
+        self.root(&[
+            "write",
+            &format!("auth/kubernetes/role/{OPERATOR_ROLE}"),
+            "bound_service_account_names=palisade-operator",
+            "bound_service_account_namespaces=palisade-system",
+            &format!("token_policies={OPERATOR_ROLE}"),
+            "audience=vault",
+            "token_ttl=10m",
+        ])?;
+        self.root(&["secrets", "enable", "database"])?;
+        for c in connections {
+            self.root(&[
+                "write",
+                &format!("database/config/{c}"),
+                "plugin_name=postgresql-database-plugin",
+                &format!("connection_url={}", pg.vault_connection_url()),
+                &format!("username={}", crate::postgres::SUPERUSER),
+                &format!("password={}", pg.password),
+                "allowed_roles=palisade-*",
+                "verify_connection=true",
+            ])?;
+        }
+        Ok(())
+    }
+
+    /// The operator configuration's `vault` section for this server.
+    pub fn operator_config(&self, extra: &str) -> String {
+        format!(
+            "vault:\n  address: {}\n  caFile: {}\n  role: {OPERATOR_ROLE}\n  serviceAccount: {{namespace: palisade-system, name: palisade-operator}}\n{extra}",
+            self.addr,
+            self.ca.display()
+        )
+    }
+
+    /// Logs in as ServiceAccount `namespace/sa` to `role`; the client token.
+    pub fn login(
+        &self,
+        cp: &ControlPlane,
+        namespace: &str,
+        sa: &str,
+        role: &str,
+    ) -> Result<String> {
+        let jwt = run_ok(cp.kubectl().args([
+            "create",
+            "token",
+            sa,
+            "-n",
+            namespace,
+            "--audience",
+            "vault",
+        ]))?;
+        self.bao(
+            "",
+            &[
+                "write",
+                "-field=token",
+                "auth/kubernetes/login",
+                &format!("role={role}"),
+                &format!("jwt={}", jwt.trim()),
+            ],
+        )
+    }
+
+    /// Writes `text` to a file in the server's directory; its path.
+    pub fn dir_file(&self, name: &str, text: &str) -> Result<String> {
+        let path = self.dir.join(name);
+        std::fs::write(&path, text)?;
+        Ok(path.display().to_string())
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.dir.join("bao.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+}
+
+impl Drop for OpenBao {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
