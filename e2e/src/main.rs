@@ -6,8 +6,13 @@ use std::{path::PathBuf, process::ExitCode, time::Instant};
 
 use anyhow::{Context, Result, bail};
 use palisade_e2e::{
-    ControlPlane, Options, controlplane::default_bin_dir, operator::OperatorProcess, repo_root,
-    run_ok, webhook::WebhookProcess,
+    ControlPlane, Options,
+    controlplane::default_bin_dir,
+    openbao::{EXAMPLE_TENANCY, OpenBao},
+    operator::OperatorProcess,
+    postgres::Postgres,
+    repo_root, run_ok,
+    webhook::WebhookProcess,
 };
 
 fn main() -> ExitCode {
@@ -29,7 +34,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn up(args: &[String]) -> Result<()> {
+/// `--state DIR`, `--port PORT`, `--no-examples`: control plane options and whether to apply
+/// the examples.
+fn parse_args(args: &[String]) -> Result<(Options, bool)> {
     let mut opts = Options::new()?;
     let mut examples = true;
     let mut it = args.iter();
@@ -53,6 +60,11 @@ fn up(args: &[String]) -> Result<()> {
         }
     }
     opts.bin_dir = default_bin_dir();
+    Ok((opts, examples))
+}
+
+fn up(args: &[String]) -> Result<()> {
+    let (opts, examples) = parse_args(args)?;
 
     let t = Instant::now();
     let cp = ControlPlane::start(&opts)?;
@@ -83,10 +95,24 @@ fn up(args: &[String]) -> Result<()> {
         cp.kubectl()
             .args(["create", "namespace", "palisade-system"]),
     )?;
+    // Vault for SecretBindings: OpenBao with a PostgreSQL behind its database engine,
+    // bootstrapped once with the root token; the operator then logs in with its ServiceAccount.
+    let pg = Postgres::start()?;
+    let bao = OpenBao::start(&opts.bin_dir, &cp.work_dir.join("openbao"))?;
+    bao.bootstrap(&cp, &pg, &["orders-pg"])?;
+    eprintln!(
+        "[up] OpenBao serving {} (CA {}), PostgreSQL on 127.0.0.1:{}",
+        bao.addr,
+        bao.ca.display(),
+        pg.port
+    );
     let operator = OperatorProcess::start(
         &cp,
         "up",
-        "leaderElection: {enabled: true, leaseName: palisade-operator, leaseNamespace: palisade-system, leaseSeconds: 15}",
+        &format!(
+            "leaderElection: {{enabled: true, leaseName: palisade-operator, leaseNamespace: palisade-system, leaseSeconds: 15}}\n{}",
+            bao.operator_config(EXAMPLE_TENANCY)
+        ),
     )?;
     eprintln!(
         "[up] palisade-operator running (metrics on http://{}/metrics, log {})",
@@ -107,6 +133,8 @@ fn up(args: &[String]) -> Result<()> {
     let mut pids = cp.pids();
     pids.push(operator.pid());
     pids.push(webhook.pid());
+    pids.push(bao.pid());
+    pids.push(pg.pid());
     std::fs::write(
         cp.work_dir.join("pids"),
         pids.iter()
@@ -123,11 +151,13 @@ fn up(args: &[String]) -> Result<()> {
     eprintln!("[up] stopping");
     drop(webhook);
     drop(operator);
+    drop(bao);
+    drop(pg);
     drop(cp);
     Ok(())
 }
 
-/// Waits until every example AuthPolicy and RateLimitPolicy reports Ready.
+/// Waits until every example AuthPolicy, RateLimitPolicy and SecretBinding reports Ready.
 fn wait_examples_ready(cp: &ControlPlane) -> Result<()> {
     cp.eventually(
         "the example policies to become Ready",
@@ -135,7 +165,7 @@ fn wait_examples_ready(cp: &ControlPlane) -> Result<()> {
         || {
             let out = run_ok(cp.kubectl().args([
                 "get",
-                "authpolicies,ratelimitpolicies",
+                "authpolicies,ratelimitpolicies,secretbindings",
                 "-A",
                 "-o",
                 r#"jsonpath={range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}"#,

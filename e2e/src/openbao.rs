@@ -35,6 +35,16 @@ path "sys/leases/revoke-prefix/database/creds/palisade-*" {
 }
 "#;
 
+/// The `vault` settings beyond the connection that the quick start and the tests use: each
+/// namespace owns `secret/<namespace>/` and the database connections `<namespace>-*`; namespace
+/// `shop` also gets connection `orders-pg` (the example binding's).
+pub const EXAMPLE_TENANCY: &str = r#"  cleanupTimeoutSeconds: 20
+  tenancy:
+    kv: [{mount: secret, version: 2, pathPrefix: "{namespace}/"}]
+    database: [{mount: database, connection: "{namespace}-*"}]
+    namespaces: {shop: {database: [{mount: database, connection: orders-pg}]}}
+"#;
+
 /// A running dev-mode OpenBao. Stops it on drop.
 pub struct OpenBao {
     child: Child,
@@ -254,6 +264,11 @@ impl OpenBao {
         let path = self.dir.join(name);
         std::fs::write(&path, text)?;
         Ok(path.display().to_string())
+    }
+
+    /// Process id (of the launcher, for PostgreSQL under root).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     fn log_tail(&self) -> String {

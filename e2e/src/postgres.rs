@@ -139,6 +139,11 @@ impl Postgres {
         )
     }
 
+    /// Process id (of the launcher, for PostgreSQL under root).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(self.dir.join("postgres.log")).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();

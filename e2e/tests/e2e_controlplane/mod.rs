@@ -215,10 +215,26 @@ fn up_serves_the_examples_and_stops_cleanly(_env: &Env) -> Result<()> {
         .env("KUBECONFIG", Path::new(&kubeconfig))
         .args(["get", "palisade", "-A", "-o", "name"]))?;
     let listed = String::from_utf8_lossy(&out.stdout).lines().count();
+    // The example SecretBinding went all the way to OpenBao.
+    let role = run(Command::new(&kubectl)
+        .env("KUBECONFIG", Path::new(&kubeconfig))
+        .args([
+            "get",
+            "secretbinding",
+            "orders",
+            "-n",
+            "shop",
+            "-o",
+            "jsonpath={.status.vaultRole}",
+        ]))?;
+    let role = String::from_utf8_lossy(&role.stdout).into_owned();
     run_ok(Command::new("kill").args(["-TERM", &child.id().to_string()]))?;
     let status = child.wait()?;
     if listed != 5 {
         bail!("kubectl get palisade -A listed {listed} objects, want the 5 examples");
+    }
+    if role != "palisade-shop.orders" {
+        bail!("the example SecretBinding reports Vault role {role:?}, want palisade-shop.orders");
     }
     if !status.success() {
         bail!("up exited with {status} on SIGTERM");

@@ -7,7 +7,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use palisade_e2e::{
-    ControlPlane, accepts, openbao::OpenBao, operator::OperatorProcess, postgres::Postgres,
+    ControlPlane, accepts,
+    openbao::{EXAMPLE_TENANCY, OpenBao},
+    operator::OperatorProcess,
+    postgres::Postgres,
     rejects, repo_root, run, run_ok,
 };
 use serde_json::Value;
@@ -27,13 +30,6 @@ pub const TESTS: &[(&str, TestFn)] = &[
 
 const WAIT: Duration = Duration::from_mins(1);
 
-const TENANCY: &str = r#"  cleanupTimeoutSeconds: 20
-  tenancy:
-    kv: [{mount: secret, version: 2, pathPrefix: "{namespace}/"}]
-    database: [{mount: database, connection: "{namespace}-*"}]
-    namespaces: {shop: {database: [{mount: database, connection: orders-pg}]}}
-"#;
-
 struct Rig {
     pg: Postgres,
     bao: OpenBao,
@@ -45,7 +41,7 @@ fn rig(env: &Env, tag: &str) -> Result<Rig> {
     let pg = Postgres::start()?;
     let bao = OpenBao::start(&env.opts.bin_dir, &cp.work_dir.join(format!("bao-{tag}")))?;
     bao.bootstrap(cp, &pg, &["orders-pg", "shop-reports"])?;
-    let op = OperatorProcess::start(cp, tag, &bao.operator_config(TENANCY))?;
+    let op = OperatorProcess::start(cp, tag, &bao.operator_config(EXAMPLE_TENANCY))?;
     Ok(Rig { pg, bao, op })
 }
 
@@ -192,6 +188,16 @@ fn secret_binding_lifecycle(env: &Env) -> Result<()> {
             bail!("unexpected row count {n}");
         }
 
+        // A credential with a one-minute lifetime, checked again at the end.
+        let short = "apiVersion: palisade.dev/v1alpha1\nkind: SecretBinding\nmetadata: {name: reports, namespace: shop}\nspec:\n  serviceAccountNames: [orders]\n  database:\n    - mount: database\n      connection: shop-reports\n      creationStatements: [\"CREATE ROLE \\\"{{name}}\\\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';\"]\n      defaultTTL: 1m\n      maxTTL: 1m\n";
+        accepts(&apply(cp, "shop", "reports", short)?, "short-lived binding")?;
+        wait_condition(cp, "shop", "reports", "Ready", "True")?;
+        let reports_token = bao.login(cp, "shop", "orders", "palisade-shop.reports")?;
+        let issued = std::time::Instant::now();
+        let (short_user, short_password, _) =
+            creds(&bao, &reports_token, "palisade-shop.reports.shop-reports")?;
+        pg.psql(&short_user, &short_password, "SELECT 1")?;
+
         // A no-op resync writes nothing to Vault.
         let before = vault_totals(&op)?;
         run_ok(cp.kubectl().args([
@@ -295,6 +301,32 @@ fn secret_binding_lifecycle(env: &Env) -> Result<()> {
         if bao.root(&["policy", "read", role]).is_ok() {
             bail!("policy {role} still exists");
         }
+
+        // The one-minute credential stops working once its lifetime is over.
+        cp.eventually(
+            "the short-lived credential to expire",
+            Duration::from_secs(100),
+            || {
+                pg.psql(&short_user, &short_password, "SELECT 1")
+                    .is_err()
+                    .then_some(())
+            },
+        )?;
+        eprintln!(
+            "  one-minute credential refused {:.0} s after issue",
+            issued.elapsed().as_secs_f64()
+        );
+        if issued.elapsed() < Duration::from_secs(55) {
+            bail!("the credential stopped working before its lifetime was over");
+        }
+        run_ok(cp.kubectl().args([
+            "delete",
+            "secretbinding",
+            "reports",
+            "-n",
+            "shop",
+            "--timeout=60s",
+        ]))?;
         Ok(())
     })();
     result.map_err(|e| anyhow::anyhow!("{e:#}\noperator log:\n{}", op.log_tail()))
