@@ -36,6 +36,14 @@ pub fn third_party_crd_dir(bin_dir: &Path) -> PathBuf {
         .map_or_else(|| PathBuf::from("crds"), |p| p.join("crds"))
 }
 
+/// The last `n` lines of the file at `path` (empty when it cannot be read): the part of a child
+/// process's log an error message carries.
+pub fn tail_lines(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 /// Runs a command and returns its output, with a readable error if it cannot start.
 pub fn run(cmd: &mut Command) -> Result<Output> {
     cmd.output()

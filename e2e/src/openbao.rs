@@ -272,9 +272,7 @@ impl OpenBao {
     }
 
     fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(self.dir.join("bao.log")).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
+        crate::tail_lines(&self.dir.join("bao.log"), 20)
     }
 }
 

@@ -154,9 +154,7 @@ impl OperatorProcess {
 
     /// The last lines of its log.
     pub fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
+        crate::tail_lines(&self.log, 20)
     }
 
     /// Kills it at once (SIGKILL), as a crash would.

@@ -145,9 +145,7 @@ impl Postgres {
     }
 
     fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(self.dir.join("postgres.log")).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(15)..].join("\n")
+        crate::tail_lines(&self.dir.join("postgres.log"), 15)
     }
 }
 

@@ -150,10 +150,7 @@ impl Spire {
 
     /// The last lines of `server` or `agent` log.
     pub fn log_tail(&self, which: &str) -> String {
-        let text =
-            std::fs::read_to_string(self.dir.join(format!("{which}.log"))).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
+        crate::tail_lines(&self.dir.join(format!("{which}.log")), 20)
     }
 }
 
