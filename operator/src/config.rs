@@ -88,6 +88,26 @@ mod tests {
     }
 
     #[test]
+    fn vault_settings_parse_and_refuse_plain_http_off_loopback() {
+        let base = "vault:\n  role: palisade_operator\n  serviceAccount: {namespace: palisade-system, name: palisade-operator}\n";
+        let c = Config::parse(&format!("{base}  address: https://vault.example:8200\n  tenancy: {{kv: [{{mount: secret, version: 2, pathPrefix: \"{{namespace}}/\"}}]}}\n"))
+            .expect("valid");
+        let v = c.vault.expect("vault section");
+        assert_eq!(v.auth_mount, "kubernetes");
+        assert_eq!(v.cleanup_timeout_seconds, 120);
+        assert_eq!(v.tenancy.kv.len(), 1);
+        assert!(Config::parse(&format!("{base}  address: http://127.0.0.1:8200\n")).is_ok());
+        let err = Config::parse(&format!("{base}  address: http://vault.example:8200\n"))
+            .expect_err("plain http off loopback");
+        assert!(err.to_string().contains("https://"), "{err}");
+        let err = Config::parse(&format!(
+            "{base}  address: https://v\n  tenancy: {{kv: [{{mount: s}}]}}\n"
+        ))
+        .expect_err("incomplete area");
+        assert!(err.to_string().contains("version"), "{err}");
+    }
+
+    #[test]
     fn typos_are_errors() {
         let err = Config::parse("trustDomian: x\n").expect_err("unknown key");
         assert!(err.to_string().contains("trustDomian"), "{err}");

@@ -39,6 +39,7 @@ use crate::translate::vault::{AclPolicy, DatabaseRole, KubernetesRole, Tenancy, 
 ///   tokenAudience: vault           # audience of the operator's own TokenRequest
 ///   workloads: {kubernetesAuthMount: kubernetes, audience: vault}
 ///   cleanupTimeoutSeconds: 120     # then a deleted binding is released even if Vault is down
+///   driftCorrection: true          # write back hand edits in Vault (false: report only)
 ///   tenancy: {...}                 # see translate::vault::Tenancy
 /// ```
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -68,6 +69,14 @@ pub struct VaultSettings {
     /// How long a deleted binding waits for Vault cleanup before it is released anyway.
     #[serde(default = "default_cleanup_timeout")]
     pub cleanup_timeout_seconds: u64,
+    /// Write back hand edits made in Vault (default); when off they are only reported
+    /// (`Ready=False`, reason `Drifted`, and a `DriftDetected` event).
+    #[serde(default = "default_true")]
+    pub drift_correction: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_mount() -> String {

@@ -80,62 +80,105 @@ impl SecretState {
 pub struct Synced {
     /// Objects written because they were missing or different, as `kind name`.
     pub changed: Vec<String>,
-    /// Of those, the ones that existed with different content (hand edits).
+    /// Of those, the ones that existed with different content although the binding had not
+    /// changed: hand edits, written back.
     pub drift: Vec<String>,
+    /// Hand edits left in place because drift correction is off.
+    pub drift_left: Vec<String>,
     /// Objects removed because the binding no longer asks for them.
     pub deleted: Vec<String>,
 }
 
+/// How one object compares with what is wanted.
+struct Compared {
+    /// Whether it exists in Vault.
+    existed: bool,
+    /// Whether it differs from what is wanted.
+    differs: bool,
+}
+
+/// What to do about one object: write it or not, recording why in `out`. A difference on an
+/// object that exists while the binding is unchanged is drift: written back when
+/// `correct_drift`, otherwise only reported.
+fn plan(
+    what: String,
+    c: &Compared,
+    spec_changed: bool,
+    correct_drift: bool,
+    out: &mut Synced,
+) -> bool {
+    if !c.differs {
+        return false;
+    }
+    let drift = c.existed && !spec_changed;
+    if drift && !correct_drift {
+        out.drift_left.push(what);
+        return false;
+    }
+    if drift {
+        out.drift.push(what.clone());
+    }
+    out.changed.push(what);
+    true
+}
+
 /// Makes Vault hold `desired`, removing the database roles in `previous_db_roles`
-/// (`<mount>/roles/<name>`) it no longer lists, with their leases.
+/// (`<mount>/roles/<name>`) it no longer lists, with their leases. `spec_changed` says whether
+/// the binding changed since the last successful sync (so differences are updates, not drift).
 pub async fn sync(
     vault: &Vault,
     desired: &VaultDesired,
     previous_db_roles: &[String],
+    spec_changed: bool,
 ) -> Result<Synced, VaultError> {
     let mut out = Synced::default();
-    let note = |what: String, existed: bool, out: &mut Synced| {
-        if existed {
-            out.drift.push(what.clone());
-        }
-        out.changed.push(what);
-    };
+    let correct = vault.settings().drift_correction;
     // Database roles first, the policy that lets workloads use them next, the login role last:
     // a workload can never log in to a role whose policy points at missing roles.
     for role in &desired.database_roles {
         let live = vault.read_database_role(&role.mount, &role.name).await?;
-        if live.as_ref() != Some(role) {
+        let c = Compared {
+            existed: live.is_some(),
+            differs: live.as_ref() != Some(role),
+        };
+        if plan(
+            format!("database role {}", role.path()),
+            &c,
+            spec_changed,
+            correct,
+            &mut out,
+        ) {
             vault.write_database_role(role).await?;
-            note(
-                format!("database role {}", role.path()),
-                live.is_some(),
-                &mut out,
-            );
         }
     }
     let text = desired.policy.hcl();
     let live = vault.read_policy(&desired.policy.name).await?;
-    if live.as_deref() != Some(text.as_str()) {
+    let c = Compared {
+        existed: live.is_some(),
+        differs: live.as_deref() != Some(text.as_str()),
+    };
+    if plan(
+        format!("policy {}", desired.policy.name),
+        &c,
+        spec_changed,
+        correct,
+        &mut out,
+    ) {
         vault.write_policy(&desired.policy).await?;
-        note(
-            format!("policy {}", desired.policy.name),
-            live.is_some(),
-            &mut out,
-        );
     }
     let live = vault
         .read_role(&desired.role.mount, &desired.role.name)
         .await?;
-    if live.as_ref() != Some(&desired.role) {
+    let c = Compared {
+        existed: live.is_some(),
+        differs: live.as_ref() != Some(&desired.role),
+    };
+    let what = format!(
+        "role auth/{}/role/{}",
+        desired.role.mount, desired.role.name
+    );
+    if plan(what, &c, spec_changed, correct, &mut out) {
         vault.write_role(&desired.role).await?;
-        note(
-            format!(
-                "role auth/{}/role/{}",
-                desired.role.mount, desired.role.name
-            ),
-            live.is_some(),
-            &mut out,
-        );
     }
     let wanted: BTreeSet<String> = desired
         .database_roles
@@ -357,6 +400,25 @@ async fn refused(state: &State, sb: &SecretBinding, refusal: tv::Refusal) -> Res
     Ok(Action::await_change())
 }
 
+/// `Ready` after a successful sync: true, unless hand edits were left in place (drift
+/// correction off), which is also published as a `DriftDetected` event.
+async fn ready_condition(state: &State, sb: &SecretBinding, synced: &Synced) -> Cond {
+    if synced.drift_left.is_empty() {
+        return Cond::new(
+            "Ready",
+            true,
+            "Synced",
+            "Vault holds the policy, role and database roles",
+        );
+    }
+    let msg = format!(
+        "edited in Vault and left so (drift correction is off): {}",
+        synced.drift_left.join(", ")
+    );
+    publish(state, sb, EventType::Warning, "DriftDetected", msg.clone()).await;
+    Cond::new("Ready", false, "Drifted", msg)
+}
+
 async fn reconcile_inner(sb: &SecretBinding, st: &SecretState) -> Result<Action, Error> {
     let state = &*st.shared;
     let ns = sb.namespace().unwrap_or_default();
@@ -395,18 +457,18 @@ async fn reconcile_inner(sb: &SecretBinding, st: &SecretState) -> Result<Action,
             desired.database_roles.len()
         ),
     );
-    match sync(vault, &desired, &previous.database_roles).await {
+    // Unchanged since the last successful sync: differences found now are hand edits.
+    let spec_changed = !(previous.common.observed_generation == sb.meta().generation
+        && palisade_api::common::find_condition(&previous.common.conditions, "Ready")
+            .is_some_and(|c| c.status == "True"));
+    match sync(vault, &desired, &previous.database_roles, spec_changed).await {
         Ok(synced) => {
             st.succeeded(&key);
+            let ready = ready_condition(state, sb, &synced).await;
             let conds = [
                 accepted,
                 Cond::new("VaultUnavailable", false, "Reachable", "Vault answered"),
-                Cond::new(
-                    "Ready",
-                    true,
-                    "Synced",
-                    "Vault holds the policy, role and database roles",
-                ),
+                ready,
             ];
             let new = SecretBindingStatus {
                 common: status::build(&previous.common, sb.meta().generation, &conds, &now),
@@ -453,5 +515,28 @@ async fn reconcile_inner(sb: &SecretBinding, st: &SecretState) -> Result<Action,
             tracing::warn!(binding = %key, error = %e, retry_in = delay.as_secs(), "Vault sync failed");
             Ok(Action::requeue(delay))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_differences_on_an_unchanged_binding_are_drift() {
+        let c = |existed, differs| Compared { existed, differs };
+        let mut out = Synced::default();
+        assert!(!plan("same".into(), &c(true, false), false, true, &mut out));
+        assert!(plan("created".into(), &c(false, true), false, true, &mut out));
+        assert!(plan("updated".into(), &c(true, true), true, true, &mut out));
+        assert!(plan("edited".into(), &c(true, true), false, true, &mut out));
+        assert_eq!(out.changed, ["created", "updated", "edited"]);
+        assert_eq!(out.drift, ["edited"]);
+        // With correction off, a hand edit is reported and left; creations still happen.
+        let mut out = Synced::default();
+        assert!(!plan("edited".into(), &c(true, true), false, false, &mut out));
+        assert!(plan("created".into(), &c(false, true), false, false, &mut out));
+        assert_eq!(out.drift_left, ["edited"]);
+        assert_eq!(out.changed, ["created"]);
     }
 }
