@@ -527,15 +527,33 @@ mod tests {
         let c = |existed, differs| Compared { existed, differs };
         let mut out = Synced::default();
         assert!(!plan("same".into(), &c(true, false), false, true, &mut out));
-        assert!(plan("created".into(), &c(false, true), false, true, &mut out));
+        assert!(plan(
+            "created".into(),
+            &c(false, true),
+            false,
+            true,
+            &mut out
+        ));
         assert!(plan("updated".into(), &c(true, true), true, true, &mut out));
         assert!(plan("edited".into(), &c(true, true), false, true, &mut out));
         assert_eq!(out.changed, ["created", "updated", "edited"]);
         assert_eq!(out.drift, ["edited"]);
         // With correction off, a hand edit is reported and left; creations still happen.
         let mut out = Synced::default();
-        assert!(!plan("edited".into(), &c(true, true), false, false, &mut out));
-        assert!(plan("created".into(), &c(false, true), false, false, &mut out));
+        assert!(!plan(
+            "edited".into(),
+            &c(true, true),
+            false,
+            false,
+            &mut out
+        ));
+        assert!(plan(
+            "created".into(),
+            &c(false, true),
+            false,
+            false,
+            &mut out
+        ));
         assert_eq!(out.drift_left, ["edited"]);
         assert_eq!(out.changed, ["created"]);
     }
