@@ -1,0 +1,279 @@
+//! Fetching what verification needs from an OCI registry: the digest a tag points at, and the
+//! layers of cosign's `sha256-<hex>.sig` and `.att` manifests. Every call is bounded by a
+//! deadline, so a slow or dead registry yields an error in time, never a hang; the number of
+//! registry requests is counted.
+
+use std::{
+    collections::BTreeMap,
+    sync::atomic::{AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
+
+use base64::{Engine as _, engine::general_purpose::STANDARD as B64};
+use oci_client::{
+    Client, Reference,
+    client::{ClientConfig, ClientProtocol},
+    errors::{OciDistributionError, OciErrorCode},
+    manifest::OciManifest,
+    secrets::RegistryAuth,
+};
+use serde::Deserialize;
+
+use super::verify::Layer;
+
+/// Largest signature or attestation layer fetched.
+const MAX_LAYER: i64 = 4 << 20;
+
+/// Why the registry could not answer.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RegistryError {
+    /// The deadline passed first.
+    #[error("registry {registry} did not answer within {millis} ms")]
+    Timeout {
+        /// Registry host.
+        registry: String,
+        /// The deadline, in milliseconds.
+        millis: u128,
+    },
+    /// The registry answered with an error, or could not be reached.
+    #[error("registry {registry}: {why}")]
+    Failed {
+        /// Registry host.
+        registry: String,
+        /// Cause.
+        why: String,
+    },
+    /// The reference does not parse.
+    #[error("image reference {0:?} does not parse")]
+    BadReference(String),
+}
+
+/// An OCI registry client for verification.
+pub struct Registry {
+    client: Client,
+    requests: AtomicU64,
+}
+
+impl Registry {
+    /// A client; registries in `insecure` (`host:port`) are spoken to over plain HTTP.
+    pub fn new(insecure: &[String]) -> Result<Self, RegistryError> {
+        let config = ClientConfig {
+            protocol: if insecure.is_empty() {
+                ClientProtocol::Https
+            } else {
+                ClientProtocol::HttpsExcept(insecure.to_vec())
+            },
+            connect_timeout: Some(Duration::from_secs(2)),
+            read_timeout: Some(Duration::from_secs(5)),
+            ..ClientConfig::default()
+        };
+        let client = Client::try_from(config).map_err(|e| RegistryError::Failed {
+            registry: String::new(),
+            why: e.to_string(),
+        })?;
+        Ok(Registry {
+            client,
+            requests: AtomicU64::new(0),
+        })
+    }
+
+    /// Registry requests made so far.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    async fn bounded<T>(
+        &self,
+        registry: &str,
+        deadline: Instant,
+        call: impl Future<Output = Result<T, OciDistributionError>>,
+    ) -> Result<T, RegistryError> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, call).await {
+            Err(_) => Err(RegistryError::Timeout {
+                registry: registry.to_owned(),
+                millis: left.as_millis(),
+            }),
+            Ok(Err(e)) => Err(RegistryError::Failed {
+                registry: registry.to_owned(),
+                why: e.to_string(),
+            }),
+            Ok(Ok(v)) => Ok(v),
+        }
+    }
+
+    /// The digest `image` points at (verified against it when the reference has one).
+    pub async fn resolve(
+        &self,
+        image: &str,
+        auth: &RegistryAuth,
+        deadline: Instant,
+    ) -> Result<(Reference, String), RegistryError> {
+        let reference: Reference = image
+            .parse()
+            .map_err(|_| RegistryError::BadReference(image.to_owned()))?;
+        let registry = reference.resolve_registry().to_owned();
+        let digest = self
+            .bounded(
+                &registry,
+                deadline,
+                self.client.fetch_manifest_digest(&reference, auth),
+            )
+            .await?;
+        Ok((reference, digest))
+    }
+
+    /// The layers of `sha256-<hex>.<suffix>` (`sig` or `att`) next to `reference`; empty when
+    /// the image has none.
+    pub async fn cosign_layers(
+        &self,
+        reference: &Reference,
+        digest: &str,
+        suffix: &str,
+        auth: &RegistryAuth,
+        deadline: Instant,
+    ) -> Result<Vec<Layer>, RegistryError> {
+        let registry = reference.resolve_registry().to_owned();
+        let tag = format!("{}.{suffix}", digest.replace(':', "-"));
+        let sref = Reference::with_tag(
+            reference.registry().to_owned(),
+            reference.repository().to_owned(),
+            tag,
+        );
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let left = deadline.saturating_duration_since(Instant::now());
+        let manifest =
+            match tokio::time::timeout(left, self.client.pull_manifest(&sref, auth)).await {
+                Err(_) => {
+                    return Err(RegistryError::Timeout {
+                        registry,
+                        millis: left.as_millis(),
+                    });
+                }
+                Ok(Err(e)) if not_found(&e) => return Ok(Vec::new()),
+                Ok(Err(e)) => {
+                    return Err(RegistryError::Failed {
+                        registry,
+                        why: e.to_string(),
+                    });
+                }
+                Ok(Ok((m, _))) => m,
+            };
+        let OciManifest::Image(manifest) = manifest else {
+            return Err(RegistryError::Failed {
+                registry,
+                why: format!("{sref} is an index, not a signature manifest"),
+            });
+        };
+        let mut layers = Vec::new();
+        for d in manifest.layers.into_iter().filter(|d| d.size <= MAX_LAYER) {
+            let mut blob = Vec::new();
+            // oci-client checks the blob against its digest.
+            self.bounded(
+                &registry,
+                deadline,
+                self.client.pull_blob(&sref, &d, &mut blob),
+            )
+            .await?;
+            layers.push(Layer {
+                media_type: d.media_type.clone(),
+                annotations: d
+                    .annotations
+                    .clone()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .collect(),
+                blob,
+            });
+        }
+        Ok(layers)
+    }
+}
+
+fn not_found(e: &OciDistributionError) -> bool {
+    match e {
+        OciDistributionError::ImageManifestNotFoundError(_) => true,
+        OciDistributionError::RegistryError { envelope, .. } => envelope.errors.iter().any(|e| {
+            matches!(
+                e.code,
+                OciErrorCode::ManifestUnknown | OciErrorCode::NameUnknown
+            )
+        }),
+        OciDistributionError::ServerError { code, .. } => *code == 404,
+        _ => false,
+    }
+}
+
+#[derive(Deserialize)]
+struct DockerConfig {
+    #[serde(default)]
+    auths: BTreeMap<String, DockerAuth>,
+}
+
+#[derive(Deserialize)]
+struct DockerAuth {
+    auth: Option<String>,
+    username: Option<String>,
+    password: Option<String>,
+}
+
+/// The credentials for `registry` in a `.dockerconfigjson` (an imagePullSecret); anonymous when
+/// it has none for that registry.
+pub fn registry_auth(dockerconfigjson: &[u8], registry: &str) -> Result<RegistryAuth, String> {
+    let config: DockerConfig = serde_json::from_slice(dockerconfigjson)
+        .map_err(|e| format!("not a docker config: {e}"))?;
+    for (key, a) in &config.auths {
+        let host = key
+            .trim_start_matches("https://")
+            .trim_start_matches("http://");
+        let host = host.split('/').next().unwrap_or(host);
+        let host = match host {
+            "docker.io" | "registry-1.docker.io" => "index.docker.io",
+            h => h,
+        };
+        if host != registry {
+            continue;
+        }
+        if let (Some(u), Some(p)) = (&a.username, &a.password) {
+            return Ok(RegistryAuth::Basic(u.clone(), p.clone()));
+        }
+        if let Some(b) = &a.auth {
+            let decoded = B64
+                .decode(b)
+                .ok()
+                .and_then(|d| String::from_utf8(d).ok())
+                .ok_or("auth is not base64")?;
+            let (u, p) = decoded.split_once(':').ok_or("auth is not user:password")?;
+            return Ok(RegistryAuth::Basic(u.to_owned(), p.to_owned()));
+        }
+    }
+    Ok(RegistryAuth::Anonymous)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pull_secret_credentials_are_found_by_registry() {
+        let config = serde_json::json!({"auths": {
+            "https://registry.example.com/v1/": {"auth": B64.encode("robot:s3cret")},
+            "docker.io": {"username": "hub", "password": "pw"},
+        }})
+        .to_string();
+        assert_eq!(
+            registry_auth(config.as_bytes(), "registry.example.com"),
+            Ok(RegistryAuth::Basic("robot".into(), "s3cret".into()))
+        );
+        assert_eq!(
+            registry_auth(config.as_bytes(), "index.docker.io"),
+            Ok(RegistryAuth::Basic("hub".into(), "pw".into()))
+        );
+        assert_eq!(
+            registry_auth(config.as_bytes(), "ghcr.io"),
+            Ok(RegistryAuth::Anonymous)
+        );
+        assert!(registry_auth(b"\"a string\"", "ghcr.io").is_err());
+    }
+}

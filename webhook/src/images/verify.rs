@@ -1,0 +1,513 @@
+//! Cosign signature and attestation checks over blobs already fetched from a registry: pure,
+//! ring-backed (through rustls-webpki), no I/O.
+//!
+//! - Signatures (`sha256-<hex>.sig`): each layer is a "simple signing" payload
+//!   (`application/vnd.dev.cosign.simplesigning.v1+json`) whose signature is in the layer
+//!   annotation `dev.cosignproject.cosign/signature`; the payload must name the image digest.
+//! - Attestations (`sha256-<hex>.att`): each layer is a DSSE envelope
+//!   (`application/vnd.dsse.envelope.v1+json`) over an in-toto statement; the signature covers
+//!   the DSSE pre-authentication encoding, the statement's subject must be the image digest.
+//! - Keys: an ECDSA P-256 public key (`cosign generate-key-pair`), or keyless: a certificate in
+//!   the layer annotations that chains to a configured CA, carries the code-signing usage and the
+//!   expected issuer and subject.
+
+use std::collections::BTreeMap;
+
+use base64::{Engine as _, engine::general_purpose::STANDARD as B64};
+use rustls_pki_types::{CertificateDer, SubjectPublicKeyInfoDer, UnixTime, pem::PemObject};
+use serde::Deserialize;
+
+/// Media type of a cosign signature payload.
+pub const SIMPLE_SIGNING: &str = "application/vnd.dev.cosign.simplesigning.v1+json";
+/// Media type of a DSSE envelope (cosign attestations).
+pub const DSSE: &str = "application/vnd.dsse.envelope.v1+json";
+/// Layer annotation holding the base64 signature.
+pub const SIGNATURE_ANNOTATION: &str = "dev.cosignproject.cosign/signature";
+/// Layer annotation holding a keyless signer's certificate (PEM).
+pub const CERTIFICATE_ANNOTATION: &str = "dev.sigstore.cosign/certificate";
+/// Layer annotation holding the certificate chain (PEM).
+pub const CHAIN_ANNOTATION: &str = "dev.sigstore.cosign/chain";
+/// `id-kp-codeSigning`, the extended key usage of a signing certificate (DER of the OID).
+const EKU_CODE_SIGNING: &[u8] = &[0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x03, 0x03];
+
+/// One layer of a `.sig` or `.att` manifest: its media type, annotations and content.
+#[derive(Clone, Debug)]
+pub struct Layer {
+    /// Media type.
+    pub media_type: String,
+    /// Annotations.
+    pub annotations: BTreeMap<String, String>,
+    /// Content (digest-checked when fetched).
+    pub blob: Vec<u8>,
+}
+
+/// Why a signature or attestation does not verify.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum VerifyError {
+    /// The configured key or CA is unusable.
+    #[error("unusable {what}: {why}")]
+    Config {
+        /// What (public key, CA).
+        what: &'static str,
+        /// Cause.
+        why: String,
+    },
+    /// Nothing signed by this authority was found.
+    #[error("{0}")]
+    NoMatch(String),
+}
+
+/// Who must have signed.
+#[derive(Clone, Debug)]
+pub enum Signer {
+    /// A public key (PEM SubjectPublicKeyInfo).
+    Key(Vec<u8>),
+    /// A certificate chaining to one of `roots` (PEM), with this issuer and subject.
+    Keyless {
+        /// Trusted CA certificates (PEM).
+        roots: Vec<u8>,
+        /// Expected OIDC issuer (Fulcio extension).
+        issuer: String,
+        /// Expected subject (email or URI SAN).
+        subject: String,
+    },
+}
+
+impl Signer {
+    /// Checks that the configured key or CA parses.
+    pub fn validate(&self) -> Result<(), VerifyError> {
+        match self {
+            Signer::Key(pem) => SubjectPublicKeyInfoDer::from_pem_slice(pem)
+                .map(|_| ())
+                .map_err(|e| VerifyError::Config {
+                    what: "public key",
+                    why: e.to_string(),
+                }),
+            Signer::Keyless { roots, .. } => roots_of(roots).map(|_| ()),
+        }
+    }
+
+    /// Whether `sig` over `msg` was made by this signer, using the layer's certificate
+    /// annotations for keyless signers. `Err` says why not.
+    fn check(
+        &self,
+        annotations: &BTreeMap<String, String>,
+        msg: &[u8],
+        sig: &[u8],
+    ) -> Result<(), String> {
+        match self {
+            Signer::Key(pem) => {
+                let spki =
+                    SubjectPublicKeyInfoDer::from_pem_slice(pem).map_err(|e| e.to_string())?;
+                let key =
+                    webpki::RawPublicKeyEntity::try_from(&spki).map_err(|e| format!("{e:?}"))?;
+                key.verify_signature(webpki::ring::ECDSA_P256_SHA256, msg, sig)
+                    .map_err(|_| "signature does not verify with the key".to_owned())
+            }
+            Signer::Keyless {
+                roots,
+                issuer,
+                subject,
+            } => keyless(annotations, roots, issuer, subject, msg, sig),
+        }
+    }
+}
+
+fn roots_of(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, VerifyError> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| VerifyError::Config {
+            what: "CA",
+            why: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(VerifyError::Config {
+            what: "CA",
+            why: "no certificate".into(),
+        });
+    }
+    Ok(certs)
+}
+
+/// Keyless check: chain, code-signing usage, identity, then the signature with the leaf's key.
+/// Without a transparency log there is no trusted signing time, so the chain is checked at the
+/// leaf's `notBefore` (short-lived signing certificates have expired by the time they are used).
+fn keyless(
+    annotations: &BTreeMap<String, String>,
+    roots: &[u8],
+    want_issuer: &str,
+    want_subject: &str,
+    msg: &[u8],
+    sig: &[u8],
+) -> Result<(), String> {
+    let leaf_pem = annotations
+        .get(CERTIFICATE_ANNOTATION)
+        .ok_or("no signing certificate (not a keyless signature)")?;
+    let leaf = CertificateDer::from_pem_slice(leaf_pem.as_bytes()).map_err(|e| e.to_string())?;
+    let chain: Vec<CertificateDer<'static>> = match annotations.get(CHAIN_ANNOTATION) {
+        Some(p) => CertificateDer::pem_slice_iter(p.as_bytes())
+            .collect::<Result<_, _>>()
+            .map_err(|e| e.to_string())?,
+        None => Vec::new(),
+    };
+    let roots = roots_of(roots).map_err(|e| e.to_string())?;
+    let anchors = roots
+        .iter()
+        .map(|c| webpki::anchor_from_trusted_cert(c).map(|a| a.to_owned()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("CA: {e:?}"))?;
+    let (_, x509) = x509_parser::parse_x509_certificate(&leaf).map_err(|e| e.to_string())?;
+    let not_before = u64::try_from(x509.validity().not_before.timestamp()).unwrap_or(0);
+    let ee = webpki::EndEntityCert::try_from(&leaf).map_err(|e| format!("{e:?}"))?;
+    let algs = &[
+        webpki::ring::ECDSA_P256_SHA256,
+        webpki::ring::ECDSA_P384_SHA384,
+    ];
+    ee.verify_for_usage(
+        algs,
+        &anchors,
+        &chain,
+        UnixTime::since_unix_epoch(std::time::Duration::from_secs(not_before)),
+        webpki::KeyUsage::required(EKU_CODE_SIGNING),
+        None,
+        None,
+    )
+    .map_err(|e| format!("certificate does not chain to the trusted CA: {e:?}"))?;
+    let subject = x509
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .and_then(|san| {
+            san.value.general_names.iter().find_map(|g| match g {
+                x509_parser::extensions::GeneralName::RFC822Name(s)
+                | x509_parser::extensions::GeneralName::URI(s) => Some((*s).to_owned()),
+                _ => None,
+            })
+        })
+        .ok_or("certificate has no email or URI subject")?;
+    let issuer = x509
+        .extensions()
+        .iter()
+        .find_map(|e| match e.oid.to_id_string().as_str() {
+            "1.3.6.1.4.1.57264.1.8" => x509_parser::der_parser::parse_der(e.value)
+                .ok()
+                .and_then(|(_, o)| o.as_str().ok().map(str::to_owned)),
+            "1.3.6.1.4.1.57264.1.1" => std::str::from_utf8(e.value).ok().map(str::to_owned),
+            _ => None,
+        })
+        .ok_or("certificate has no OIDC issuer extension")?;
+    if issuer != want_issuer || subject != want_subject {
+        return Err(format!(
+            "signed by {subject} via {issuer}, want {want_subject} via {want_issuer}"
+        ));
+    }
+    ee.verify_signature(webpki::ring::ECDSA_P256_SHA256, msg, sig)
+        .map_err(|_| "signature does not verify with the certificate's key".to_owned())
+}
+
+#[derive(Deserialize)]
+struct SimpleSigning {
+    critical: Critical,
+}
+
+#[derive(Deserialize)]
+struct Critical {
+    #[serde(rename = "type")]
+    kind: String,
+    image: SignedImage,
+}
+
+#[derive(Deserialize)]
+struct SignedImage {
+    #[serde(rename = "docker-manifest-digest")]
+    digest: String,
+}
+
+/// Whether some `.sig` layer was signed by `signer` and names `digest`. `Err` explains, per
+/// layer, why none did.
+pub fn verify_signatures(
+    layers: &[Layer],
+    digest: &str,
+    signer: &Signer,
+) -> Result<(), VerifyError> {
+    let mut why = Vec::new();
+    for layer in layers.iter().filter(|l| l.media_type == SIMPLE_SIGNING) {
+        let Some(sig) = layer
+            .annotations
+            .get(SIGNATURE_ANNOTATION)
+            .and_then(|s| B64.decode(s).ok())
+        else {
+            why.push("a layer without a readable signature".to_owned());
+            continue;
+        };
+        if let Err(e) = signer.check(&layer.annotations, &layer.blob, &sig) {
+            why.push(e);
+            continue;
+        }
+        match serde_json::from_slice::<SimpleSigning>(&layer.blob) {
+            Ok(p)
+                if p.critical.kind == "cosign container image signature"
+                    && p.critical.image.digest == digest =>
+            {
+                return Ok(());
+            }
+            Ok(p) => why.push(format!(
+                "a valid signature for another image ({})",
+                p.critical.image.digest
+            )),
+            Err(e) => why.push(format!("a signed payload that does not parse: {e}")),
+        }
+    }
+    Err(VerifyError::NoMatch(if why.is_empty() {
+        "no signature".into()
+    } else {
+        why.join("; ")
+    }))
+}
+
+#[derive(Deserialize)]
+struct Envelope {
+    #[serde(rename = "payloadType")]
+    payload_type: String,
+    payload: String,
+    signatures: Vec<DsseSignature>,
+}
+
+#[derive(Deserialize)]
+struct DsseSignature {
+    sig: String,
+}
+
+#[derive(Deserialize)]
+struct Statement {
+    #[serde(rename = "predicateType")]
+    predicate_type: String,
+    subject: Vec<Subject>,
+    #[serde(default)]
+    predicate: serde_json::Value,
+}
+
+#[derive(Deserialize)]
+struct Subject {
+    digest: BTreeMap<String, String>,
+}
+
+/// DSSE pre-authentication encoding: what a DSSE signature covers.
+pub fn pae(payload_type: &str, payload: &[u8]) -> Vec<u8> {
+    let mut v = format!(
+        "DSSEv1 {} {} {} ",
+        payload_type.len(),
+        payload_type,
+        payload.len()
+    )
+    .into_bytes();
+    v.extend_from_slice(payload);
+    v
+}
+
+/// The predicates of `.att` layers signed by `signer`, about `digest`, of `predicate_type`.
+/// `Err` explains why none qualified.
+pub fn verify_attestations(
+    layers: &[Layer],
+    digest: &str,
+    predicate_type: &str,
+    signer: &Signer,
+) -> Result<Vec<serde_json::Value>, VerifyError> {
+    let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+    let mut found = Vec::new();
+    let mut why = Vec::new();
+    for layer in layers.iter().filter(|l| l.media_type == DSSE) {
+        let env: Envelope = match serde_json::from_slice(&layer.blob) {
+            Ok(e) => e,
+            Err(e) => {
+                why.push(format!("an envelope that does not parse: {e}"));
+                continue;
+            }
+        };
+        let Ok(payload) = B64.decode(&env.payload) else {
+            why.push("an envelope whose payload is not base64".into());
+            continue;
+        };
+        let msg = pae(&env.payload_type, &payload);
+        let authentic = env.signatures.iter().any(|s| {
+            B64.decode(&s.sig)
+                .is_ok_and(|sig| signer.check(&layer.annotations, &msg, &sig).is_ok())
+        });
+        if !authentic {
+            why.push("an attestation not signed by this authority".into());
+            continue;
+        }
+        let statement: Statement = match serde_json::from_slice(&payload) {
+            Ok(s) => s,
+            Err(e) => {
+                why.push(format!("a statement that does not parse: {e}"));
+                continue;
+            }
+        };
+        if statement.predicate_type != predicate_type {
+            why.push(format!(
+                "an attestation of type {}",
+                statement.predicate_type
+            ));
+            continue;
+        }
+        if !statement
+            .subject
+            .iter()
+            .any(|s| s.digest.get("sha256").map(String::as_str) == Some(hex))
+        {
+            why.push("an attestation about another image".into());
+            continue;
+        }
+        found.push(statement.predicate);
+    }
+    if found.is_empty() {
+        Err(VerifyError::NoMatch(if why.is_empty() {
+            format!("no {predicate_type} attestation")
+        } else {
+            why.join("; ")
+        }))
+    } else {
+        Ok(found)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ring::{
+        rand::SystemRandom,
+        signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair as _},
+    };
+
+    use super::*;
+
+    const DIGEST: &str = "sha256:0f0e0d0c0b0a09080706050403020100f0e0d0c0b0a09080706050403020100f";
+
+    /// A P-256 key pair, the public half as SPKI PEM (what `cosign generate-key-pair` writes).
+    fn key() -> (EcdsaKeyPair, Vec<u8>) {
+        let rng = SystemRandom::new();
+        let pkcs8 =
+            EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &rng).expect("key");
+        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8.as_ref(), &rng)
+            .expect("pair");
+        // SubjectPublicKeyInfo for id-ecPublicKey / prime256v1, then the uncompressed point.
+        let mut spki = vec![
+            0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06,
+            0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+        ];
+        spki.extend_from_slice(pair.public_key().as_ref());
+        let pem = format!(
+            "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
+            B64.encode(spki)
+        );
+        (pair, pem.into_bytes())
+    }
+
+    fn sign(pair: &EcdsaKeyPair, msg: &[u8]) -> String {
+        B64.encode(pair.sign(&SystemRandom::new(), msg).expect("sign"))
+    }
+
+    fn sig_layer(pair: &EcdsaKeyPair, digest: &str) -> Layer {
+        let blob = serde_json::json!({"critical": {"identity": {"docker-reference": "r/app"},
+            "image": {"docker-manifest-digest": digest}, "type": "cosign container image signature"},
+            "optional": null})
+        .to_string()
+        .into_bytes();
+        Layer {
+            media_type: SIMPLE_SIGNING.into(),
+            annotations: BTreeMap::from([(SIGNATURE_ANNOTATION.into(), sign(pair, &blob))]),
+            blob,
+        }
+    }
+
+    #[test]
+    fn signatures_verify_only_with_the_key_and_for_the_digest() {
+        let (pair, public) = key();
+        let (_, other) = key();
+        let layers = [sig_layer(&pair, DIGEST)];
+        assert_eq!(
+            verify_signatures(&layers, DIGEST, &Signer::Key(public.clone())),
+            Ok(())
+        );
+        let err = verify_signatures(&layers, DIGEST, &Signer::Key(other)).expect_err("wrong key");
+        assert!(
+            err.to_string().contains("does not verify with the key"),
+            "{err}"
+        );
+        // A valid signature, but for another image.
+        let err = verify_signatures(
+            &[sig_layer(&pair, "sha256:00")],
+            DIGEST,
+            &Signer::Key(public.clone()),
+        )
+        .expect_err("other digest");
+        assert!(err.to_string().contains("another image"), "{err}");
+        // A payload changed after signing.
+        let mut tampered = sig_layer(&pair, DIGEST);
+        tampered.blob[10] ^= 1;
+        assert!(verify_signatures(&[tampered], DIGEST, &Signer::Key(public.clone())).is_err());
+        assert_eq!(
+            verify_signatures(&[], DIGEST, &Signer::Key(public)),
+            Err(VerifyError::NoMatch("no signature".into()))
+        );
+        assert!(Signer::Key(b"not a key".to_vec()).validate().is_err());
+    }
+
+    fn att_layer(pair: &EcdsaKeyPair, digest_hex: &str, predicate_type: &str) -> Layer {
+        let statement = serde_json::json!({"_type": "https://in-toto.io/Statement/v0.1",
+            "predicateType": predicate_type,
+            "subject": [{"name": "r/app", "digest": {"sha256": digest_hex}}],
+            "predicate": {"builder": {"id": "https://ci.example/builder"}}})
+        .to_string();
+        let payload_type = "application/vnd.in-toto+json";
+        let sig = sign(pair, &pae(payload_type, statement.as_bytes()));
+        let blob =
+            serde_json::json!({"payloadType": payload_type, "payload": B64.encode(&statement),
+            "signatures": [{"keyid": "", "sig": sig}]})
+            .to_string()
+            .into_bytes();
+        Layer {
+            media_type: DSSE.into(),
+            annotations: BTreeMap::new(),
+            blob,
+        }
+    }
+
+    #[test]
+    fn attestations_need_signer_type_and_subject() {
+        let (pair, public) = key();
+        let (_, other) = key();
+        let hex = DIGEST.trim_start_matches("sha256:");
+        let slsa = "https://slsa.dev/provenance/v0.2";
+        let layers = [att_layer(&pair, hex, slsa)];
+        let found = verify_attestations(&layers, DIGEST, slsa, &Signer::Key(public.clone()))
+            .expect("verifies");
+        assert_eq!(found[0]["builder"]["id"], "https://ci.example/builder");
+        let err = verify_attestations(
+            &layers,
+            DIGEST,
+            "https://spdx.dev/Document",
+            &Signer::Key(public.clone()),
+        )
+        .expect_err("wrong type");
+        assert!(
+            err.to_string()
+                .contains("of type https://slsa.dev/provenance/v0.2"),
+            "{err}"
+        );
+        let err =
+            verify_attestations(&layers, DIGEST, slsa, &Signer::Key(other)).expect_err("wrong key");
+        assert!(
+            err.to_string().contains("not signed by this authority"),
+            "{err}"
+        );
+        let err = verify_attestations(
+            &[att_layer(&pair, "00ff", slsa)],
+            DIGEST,
+            slsa,
+            &Signer::Key(public),
+        )
+        .expect_err("other image");
+        assert!(err.to_string().contains("another image"), "{err}");
+    }
+}
