@@ -9,6 +9,7 @@ pub mod openbao;
 pub mod operator;
 pub mod pki;
 pub mod postgres;
+pub mod registry;
 pub mod spire;
 pub mod webhook;
 

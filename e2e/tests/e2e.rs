@@ -8,6 +8,7 @@ mod admit_webhook;
 mod e2e_controlplane;
 mod e2e_operator;
 mod e2e_vault;
+mod images;
 mod policies;
 
 use std::{sync::Arc, time::Instant};
@@ -37,6 +38,7 @@ fn main() {
         e2e_controlplane::TESTS,
         e2e_operator::TESTS,
         e2e_vault::TESTS,
+        images::TESTS,
         policies::TESTS,
     ]
     .concat();

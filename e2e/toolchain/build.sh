@@ -2,8 +2,8 @@
 # Builds the real upstream binaries the end-to-end tests and `e2e/up` run, from the Go module proxy,
 # into a cache directory keyed by tool and version. A second run finds them and builds nothing.
 #
-#   e2e/toolchain/build.sh [TOOL...]     TOOL: k8s crds opa spire openbao helm conftest cosign crane
-#                                        (default: the ones the tests use, k8s crds opa spire openbao)
+#   e2e/toolchain/build.sh [TOOL...]     TOOL: k8s crds opa spire openbao cosign crane helm conftest
+#                                        (default: the ones the tests use, all but helm and conftest)
 #   e2e/toolchain/build.sh --print-bin   the directory holding every built binary (created)
 #
 # Environment: PALISADE_CACHE (default ~/.cache/palisade-e2e).
@@ -156,7 +156,7 @@ build_module() {
 }
 
 want=("$@")
-((${#want[@]})) || want=(k8s crds opa spire openbao)
+((${#want[@]})) || want=(k8s crds opa spire openbao cosign crane)
 total=$SECONDS
 for w in "${want[@]}"; do
   case "$w" in

@@ -1,0 +1,188 @@
+//! A real OCI registry (`crane registry serve`, in memory, on loopback) and the real `cosign`
+//! to sign and attest what is pushed to it, both built by `e2e/toolchain/build.sh`.
+
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{controlplane::free_port, run_ok};
+
+/// A running registry. Stops it on drop.
+pub struct OciRegistry {
+    child: Child,
+    bin_dir: PathBuf,
+    dir: PathBuf,
+    /// `127.0.0.1:<port>`.
+    pub host: String,
+}
+
+impl OciRegistry {
+    /// Starts an empty registry; `dir` holds keys and scratch files.
+    pub fn start(bin_dir: &Path, dir: &Path) -> Result<Self> {
+        for b in ["crane", "cosign"] {
+            if !bin_dir.join(b).exists() {
+                bail!(
+                    "{b} not found in {}: build it with e2e/toolchain/build.sh {b}",
+                    bin_dir.display()
+                );
+            }
+        }
+        std::fs::create_dir_all(dir)?;
+        let port = free_port()?;
+        let host = format!("127.0.0.1:{port}");
+        let log = File::create(dir.join("registry.log"))?;
+        let child = Command::new(bin_dir.join("crane"))
+            .args(["registry", "serve", "--address", &host])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting crane registry serve")?;
+        let reg = OciRegistry {
+            child,
+            bin_dir: bin_dir.to_path_buf(),
+            dir: dir.to_path_buf(),
+            host,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(&reg.host).is_err() {
+            if Instant::now() > deadline {
+                bail!("registry not listening on {}", reg.host);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(reg)
+    }
+
+    fn crane(&self, args: &[&str]) -> Result<String> {
+        Ok(run_ok(
+            Command::new(self.bin_dir.join("crane"))
+                .args(args)
+                .arg("--insecure"),
+        )?
+        .trim()
+        .to_owned())
+    }
+
+    /// Pushes a one-layer image whose content is `content` as `<repo>:<tag>`; its digest.
+    pub fn push(&self, repo: &str, tag: &str, content: &str) -> Result<String> {
+        let work = self.dir.join(format!("img-{repo}-{tag}"));
+        std::fs::create_dir_all(&work)?;
+        std::fs::write(work.join("content.txt"), content)?;
+        run_ok(
+            Command::new("tar")
+                .arg("-C")
+                .arg(&work)
+                .args(["-cf", "layer.tar", "content.txt"])
+                .current_dir(&work),
+        )?;
+        let reference = format!("{}/{repo}:{tag}", self.host);
+        self.crane(&[
+            "append",
+            "-f",
+            &work.join("layer.tar").display().to_string(),
+            "-t",
+            &reference,
+        ])?;
+        self.crane(&["digest", &reference])
+    }
+
+    /// Copies an image or tag within the registry.
+    pub fn copy(&self, from: &str, to: &str) -> Result<()> {
+        self.crane(&[
+            "copy",
+            &format!("{}/{from}", self.host),
+            &format!("{}/{to}", self.host),
+        ])
+        .map(|_| ())
+    }
+
+    /// Generates a cosign key pair named `name`; the public key's path.
+    pub fn key_pair(&self, name: &str) -> Result<PathBuf> {
+        let dir = self.dir.join(format!("key-{name}"));
+        std::fs::create_dir_all(&dir)?;
+        run_ok(
+            Command::new(self.bin_dir.join("cosign"))
+                .args(["generate-key-pair"])
+                .env("COSIGN_PASSWORD", "")
+                .current_dir(&dir),
+        )?;
+        Ok(dir.join("cosign.pub"))
+    }
+
+    /// Path of the public key of pair `name`.
+    pub fn dir_key(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("key-{name}")).join("cosign.pub")
+    }
+
+    fn cosign(&self, key: &str, args: &[&str]) -> Result<()> {
+        let key = self.dir.join(format!("key-{key}")).join("cosign.key");
+        // Offline signing in cosign's `.sig`/`.att` tag layout: no transparency log, no
+        // signing config, no new bundle format.
+        run_ok(
+            Command::new(self.bin_dir.join("cosign"))
+                .args(&args[..1])
+                .arg("--key")
+                .arg(&key)
+                .args([
+                    "--tlog-upload=false",
+                    "--new-bundle-format=false",
+                    "--use-signing-config=false",
+                    "--allow-http-registry",
+                    "--yes",
+                ])
+                .args(&args[1..])
+                .env("COSIGN_PASSWORD", "")
+                .current_dir(&self.dir),
+        )?;
+        Ok(())
+    }
+
+    /// Signs `<repo>@<digest>` with key `key`.
+    pub fn sign(&self, key: &str, repo: &str, digest: &str) -> Result<()> {
+        self.cosign(key, &["sign", &format!("{}/{repo}@{digest}", self.host)])
+    }
+
+    /// Attests `<repo>@<digest>` with key `key`: an in-toto statement of `type_` (cosign's
+    /// `--type`, e.g. `slsaprovenance`) with `predicate` (JSON).
+    pub fn attest(
+        &self,
+        key: &str,
+        repo: &str,
+        digest: &str,
+        type_: &str,
+        predicate: &str,
+    ) -> Result<()> {
+        let file = self.dir.join(format!("predicate-{}.json", predicate.len()));
+        std::fs::write(&file, predicate)?;
+        let file = file.display().to_string();
+        self.cosign(
+            key,
+            &[
+                "attest",
+                "--type",
+                type_,
+                "--predicate",
+                &file,
+                &format!("{}/{repo}@{digest}", self.host),
+            ],
+        )
+    }
+
+    /// Process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for OciRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

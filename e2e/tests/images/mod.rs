@@ -1,0 +1,159 @@
+//! Image signatures and attestations made by the real cosign, in a real registry on loopback,
+//! fetched and checked by the webhook's verifier: signed images verify with their key only,
+//! unsigned images and signatures copied from another image do not, attestations need the right
+//! signer, type and subject, and a registry that does not answer fails by the deadline.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use oci_client::secrets::RegistryAuth;
+use palisade_e2e::registry::OciRegistry;
+use palisade_webhook::images::{
+    registry::{Registry, RegistryError},
+    verify::{Signer, verify_attestations, verify_signatures},
+};
+
+use crate::{Env, TestFn};
+
+pub const TESTS: &[(&str, TestFn)] = &[(
+    "images::cosign_signatures_and_attestations_verify",
+    cosign_signatures_and_attestations_verify,
+)];
+
+const SLSA: &str = "https://slsa.dev/provenance/v0.2";
+
+#[allow(clippy::too_many_lines)]
+fn cosign_signatures_and_attestations_verify(env: &Env) -> Result<()> {
+    let reg = OciRegistry::start(&env.opts.bin_dir, &env.cp.work_dir.join("registry"))?;
+    let ours = std::fs::read(reg.key_pair("ours")?)?;
+    reg.key_pair("theirs")?;
+    let theirs = std::fs::read(reg.dir_key("theirs"))?;
+
+    let signed = reg.push("shop/app", "v1", "app v1")?;
+    reg.sign("ours", "shop/app", &signed)?;
+    reg.attest(
+        "ours",
+        "shop/app",
+        &signed,
+        "slsaprovenance",
+        r#"{"builder": {"id": "https://ci.example/builder"}, "invocation": {"configSource": {"uri": "git+https://git.example/shop"}}}"#,
+    )?;
+    let unsigned = reg.push("shop/unsigned", "v1", "unsigned")?;
+    let foreign = reg.push("shop/foreign", "v1", "foreign")?;
+    reg.sign("theirs", "shop/foreign", &foreign)?;
+    // A valid signature of one image, copied next to another.
+    let replayed = reg.push("shop/replayed", "v1", "replayed")?;
+    reg.copy(
+        &format!("shop/app:{}.sig", signed.replace(':', "-")),
+        &format!("shop/replayed:{}.sig", replayed.replace(':', "-")),
+    )?;
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let registry = Registry::new(std::slice::from_ref(&reg.host))?;
+    let auth = RegistryAuth::Anonymous;
+    let deadline = || Instant::now() + Duration::from_secs(5);
+    let key = Signer::Key(ours.clone());
+
+    rt.block_on(async {
+        // Signed: the tag resolves to the pushed digest, the signature verifies with our key
+        // only, the attestation with the right type.
+        let before = registry.requests();
+        let (r, digest) = registry
+            .resolve(&format!("{}/shop/app:v1", reg.host), &auth, deadline())
+            .await?;
+        if digest != signed {
+            bail!("resolved {digest}, pushed {signed}");
+        }
+        let sigs = registry.cosign_layers(&r, &digest, "sig", &auth, deadline()).await?;
+        verify_signatures(&sigs, &digest, &key).context("signed image")?;
+        let requests = registry.requests() - before;
+        eprintln!("  registry requests for one signature verification: {requests} (digest, signature manifest, signature blob)");
+        if requests != 3 {
+            bail!("{requests} registry requests for one signature verification, want 3");
+        }
+        let Err(err) = verify_signatures(&sigs, &digest, &Signer::Key(theirs.clone())) else {
+            bail!("the signature verified with another key");
+        };
+        if !err.to_string().contains("does not verify with the key") {
+            bail!("wrong-key error: {err}");
+        }
+        let atts = registry.cosign_layers(&r, &digest, "att", &auth, deadline()).await?;
+        let predicates = verify_attestations(&atts, &digest, SLSA, &key).context("attestation")?;
+        if predicates[0]["builder"]["id"] != "https://ci.example/builder" {
+            bail!("predicate {}", predicates[0]);
+        }
+        let Err(err) = verify_attestations(&atts, &digest, "https://spdx.dev/Document", &key)
+        else {
+            bail!("an attestation of the wrong type verified");
+        };
+        if !err.to_string().contains(SLSA) {
+            bail!("wrong-type error: {err}");
+        }
+        if verify_attestations(&atts, &digest, SLSA, &Signer::Key(theirs.clone())).is_ok() {
+            bail!("an attestation verified with another key");
+        }
+
+        // Unsigned: no signature manifest at all.
+        let (r, digest) = registry
+            .resolve(&format!("{}/shop/unsigned:v1", reg.host), &auth, deadline())
+            .await?;
+        let sigs = registry.cosign_layers(&r, &digest, "sig", &auth, deadline()).await?;
+        if digest != unsigned || !sigs.is_empty() {
+            bail!("unsigned image has {} signature layers", sigs.len());
+        }
+        if verify_signatures(&sigs, &digest, &key).is_ok() {
+            bail!("an unsigned image verified");
+        }
+
+        // Signed by someone else.
+        let (r, digest) = registry
+            .resolve(&format!("{}/shop/foreign:v1", reg.host), &auth, deadline())
+            .await?;
+        let sigs = registry.cosign_layers(&r, &digest, "sig", &auth, deadline()).await?;
+        if verify_signatures(&sigs, &digest, &key).is_ok() {
+            bail!("an image signed with another key verified");
+        }
+
+        // A genuine signature of another image, replayed.
+        let (r, digest) = registry
+            .resolve(&format!("{}/shop/replayed:v1", reg.host), &auth, deadline())
+            .await?;
+        if digest != replayed {
+            bail!("resolved {digest}, pushed {replayed}");
+        }
+        let sigs = registry.cosign_layers(&r, &digest, "sig", &auth, deadline()).await?;
+        let Err(err) = verify_signatures(&sigs, &digest, &key) else {
+            bail!("a signature replayed from another image verified");
+        };
+        if !err.to_string().contains("another image") {
+            bail!("replayed-signature error: {err}");
+        }
+        Ok::<_, anyhow::Error>(())
+    })?;
+
+    // A registry that accepts connections and never answers: an error by the deadline.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let host = silent.local_addr()?.to_string();
+    let registry = Registry::new(std::slice::from_ref(&host))?;
+    let started = Instant::now();
+    let out = rt.block_on(registry.resolve(
+        &format!("{host}/shop/app:v1"),
+        &auth,
+        Instant::now() + Duration::from_millis(800),
+    ));
+    let took = started.elapsed();
+    match out {
+        Err(RegistryError::Timeout { .. }) if took < Duration::from_millis(1500) => {
+            eprintln!(
+                "  silent registry: refused after {} ms (deadline 800 ms)",
+                took.as_millis()
+            );
+        }
+        other => bail!("silent registry: {other:?} after {took:?}"),
+    }
+    drop(silent);
+    Ok(())
+}
