@@ -107,6 +107,8 @@ fn main() -> Result<()> {
     let mut opts = Options::new()?;
     opts.controller_manager = false;
     let cp = ControlPlane::start(&opts)?;
+    // The webhook is ready once its ImagePolicy cache is synced, which needs the CRD.
+    cp.install_crds(&opts.bin_dir)?;
     run_ok(cp.kubectl().args(["create", "namespace", "shop"]))?;
     run_ok(
         cp.kubectl()

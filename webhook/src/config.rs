@@ -10,6 +10,7 @@
 //! exemptNamespaces: [kube-system, palisade-system]
 //! secretsInEnv: {mode: Enforce, namespaces: {legacy: Warn}}
 //! maxBodyBytes: 3145728
+//! images: {insecureRegistries: ["127.0.0.1:5000"], cacheTTLSeconds: 600, negativeCacheTTLSeconds: 30}
 //! ```
 
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf};
@@ -41,6 +42,42 @@ pub struct Config {
     /// Largest request body accepted.
     #[serde(default = "default_max_body")]
     pub max_body_bytes: usize,
+    /// Image signature verification.
+    #[serde(default)]
+    pub images: ImageSettings,
+}
+
+/// Image signature verification settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ImageSettings {
+    /// Registries (`host:port`) spoken to over plain HTTP.
+    #[serde(default)]
+    pub insecure_registries: Vec<String>,
+    /// How long a verified (digest, policy) stays verified.
+    #[serde(default = "default_cache_ttl", rename = "cacheTTLSeconds")]
+    pub cache_ttl_seconds: u64,
+    /// How long a failed verification is remembered.
+    #[serde(default = "default_negative_ttl", rename = "negativeCacheTTLSeconds")]
+    pub negative_cache_ttl_seconds: u64,
+}
+
+impl Default for ImageSettings {
+    fn default() -> Self {
+        ImageSettings {
+            insecure_registries: Vec::new(),
+            cache_ttl_seconds: default_cache_ttl(),
+            negative_cache_ttl_seconds: default_negative_ttl(),
+        }
+    }
+}
+
+fn default_cache_ttl() -> u64 {
+    600
+}
+
+fn default_negative_ttl() -> u64 {
+    30
 }
 
 /// Serving certificate: files (`certFile` and `keyFile`, reloaded when both change) or the SPIFFE

@@ -1,7 +1,12 @@
 //! `palisade-webhook --config FILE`: the admission webhook server. Logs (including one
 //! security event per decision, target `palisade::security`) are JSON lines on stderr.
 
-use std::{collections::BTreeMap, process::ExitCode, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    process::ExitCode,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Namespace;
@@ -15,10 +20,12 @@ use kube::{
         watcher,
     },
 };
+use palisade_api::ImagePolicy;
 use palisade_webhook::{
     config::Config,
     config::TlsSource,
     identity::{IdentitySource, SpireRegistration},
+    images::{check::ImageVerifier, policy::CompiledImagePolicy, registry::Registry},
     secrets::SecretsPolicy,
     server::{AppState, FactSource, router, serve_tls},
     tls::{ReloadingCert, ServingCert, SvidCert},
@@ -28,6 +35,10 @@ struct ClusterFacts {
     namespaces: Store<PartialObjectMeta<Namespace>>,
     /// ClusterSPIFFEIDs, watched only when SPIRE is the identity source.
     spire: Option<Store<DynamicObject>>,
+    /// ImagePolicies as written.
+    image_policies: Store<ImagePolicy>,
+    /// Compiled ImagePolicies by (uid, generation): each generation is compiled once.
+    compiled: Mutex<HashMap<(String, i64), Arc<CompiledImagePolicy>>>,
 }
 
 impl FactSource for ClusterFacts {
@@ -59,12 +70,38 @@ impl FactSource for ClusterFacts {
             .collect()
     }
 
+    fn image_policies(&self) -> Vec<Arc<CompiledImagePolicy>> {
+        let Ok(mut compiled) = self.compiled.lock() else {
+            return Vec::new();
+        };
+        let live: Vec<Arc<CompiledImagePolicy>> = self
+            .image_policies
+            .state()
+            .iter()
+            .map(|p| {
+                let key = (
+                    p.metadata.uid.clone().unwrap_or_default(),
+                    p.metadata.generation.unwrap_or_default(),
+                );
+                Arc::clone(
+                    compiled
+                        .entry(key)
+                        .or_insert_with(|| Arc::new(CompiledImagePolicy::compile(p))),
+                )
+            })
+            .collect();
+        // Forget generations no longer in the cluster.
+        compiled.retain(|_, c| live.iter().any(|l| Arc::ptr_eq(l, c)));
+        live
+    }
+
     fn ready(&self) -> bool {
         use futures::FutureExt;
         let synced = |ready: Option<Result<(), reflector::store::WriterDropped>>| {
             ready.is_some_and(|r| r.is_ok())
         };
         synced(self.namespaces.wait_until_ready().now_or_never())
+            && synced(self.image_policies.wait_until_ready().now_or_never())
             && self
                 .spire
                 .as_ref()
@@ -155,6 +192,22 @@ async fn run(config: Config) -> anyhow::Result<()> {
     } else {
         None
     };
+    let (image_policies, policy_writer) = reflector::store();
+    let policy_stream = watcher(
+        Api::<ImagePolicy>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(policy_writer)
+    .for_each(|_| std::future::ready(()));
+    tokio::spawn(policy_stream);
+    // The HTTP client behind registry calls uses the process-wide crypto provider.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let verifier = ImageVerifier::new(
+        Registry::new(&config.images.insecure_registries)?,
+        Duration::from_secs(config.images.cache_ttl_seconds),
+        Duration::from_secs(config.images.negative_cache_ttl_seconds),
+    );
     let stream = watcher(
         Api::<PartialObjectMeta<Namespace>>::all(client),
         watcher::Config::default(),
@@ -165,7 +218,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
     tokio::spawn(stream);
     let state = Arc::new(AppState {
         secrets,
-        facts: Arc::new(ClusterFacts { namespaces, spire }),
+        facts: Arc::new(ClusterFacts {
+            namespaces,
+            spire,
+            image_policies,
+            compiled: Mutex::new(HashMap::new()),
+        }),
+        images: Some(Arc::new(verifier)),
         permits: tokio::sync::Semaphore::new(64),
         counters: palisade_webhook::server::Counters::default(),
         config: config.clone(),

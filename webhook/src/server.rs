@@ -16,7 +16,7 @@ use std::{
 use axum::{
     Json, Router,
     body::Bytes,
-    extract::{DefaultBodyLimit, State},
+    extract::{DefaultBodyLimit, RawQuery, State},
     http::StatusCode,
     response::{IntoResponse, Response},
     routing::{get, post},
@@ -31,6 +31,7 @@ use serde_json::json;
 use crate::{
     config::Config,
     decide::{Facts, decide},
+    images::{check::ImageVerifier, policy::CompiledImagePolicy},
     secrets::SecretsPolicy,
 };
 
@@ -40,6 +41,10 @@ pub trait FactSource: Send + Sync + 'static {
     fn namespace_labels(&self, namespace: &str) -> Option<BTreeMap<String, String>>;
     /// The SPIRE registrations (`ClusterSPIFFEID`s), when SPIRE is the identity source.
     fn spire_registrations(&self) -> Vec<crate::identity::SpireRegistration> {
+        Vec::new()
+    }
+    /// The ImagePolicies in force, compiled.
+    fn image_policies(&self) -> Vec<Arc<CompiledImagePolicy>> {
         Vec::new()
     }
     /// Whether the caches are synced.
@@ -58,6 +63,8 @@ pub struct AppState {
     pub permits: tokio::sync::Semaphore,
     /// Counters for `/metrics`.
     pub counters: Counters,
+    /// Image signature checks; `None` disables them.
+    pub images: Option<Arc<ImageVerifier>>,
 }
 
 /// Decision counters.
@@ -141,14 +148,38 @@ fn parse(body: &Bytes) -> Result<AdmissionRequest<DynamicObject>, String> {
         .map_err(|e| format!("AdmissionReview without a usable request: {e}"))
 }
 
-async fn validate(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+/// How long the API server waits for this call (its `timeout` query parameter, 10 s when
+/// absent), less a margin for the answer's way back.
+fn deadline(started: Instant, query: Option<&str>) -> Instant {
+    let total = query
+        .unwrap_or_default()
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("timeout="))
+        .and_then(|t| t.parse::<palisade_api::Duration>().ok())
+        .map_or(std::time::Duration::from_secs(10), |d| {
+            std::time::Duration::from_millis(d.as_millis())
+        });
+    let margin = std::time::Duration::from_millis(750);
+    started
+        + total
+            .saturating_sub(margin)
+            .max(std::time::Duration::from_millis(250))
+}
+
+async fn validate(
+    State(state): State<Arc<AppState>>,
+    RawQuery(query): RawQuery,
+    body: Bytes,
+) -> Response {
     let req = match parse(&body) {
         Ok(r) => r,
         Err(why) => return bad_request(&state, &why),
     };
     let started = Instant::now();
+    let deadline = deadline(started, query.as_deref());
     let namespace = req.namespace.clone().unwrap_or_default();
     let labels = state.facts.namespace_labels(&namespace);
+    let image_labels = labels.clone().unwrap_or_default();
     let spire = if state.config.identity_source == crate::identity::IdentitySource::Spire {
         state.facts.spire_registrations()
     } else {
@@ -176,6 +207,22 @@ async fn validate(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
             )
                 .into_response();
         }
+    };
+    let (resp, verdict) = match &state.images {
+        Some(images) => {
+            crate::images::admit::check_pod(
+                images,
+                &state.facts.image_policies(),
+                &state.config,
+                &req,
+                &image_labels,
+                deadline,
+                resp,
+                verdict,
+            )
+            .await
+        }
+        None => (resp, verdict),
     };
     let counter = match verdict.verdict {
         "deny" => &state.counters.deny,
@@ -219,6 +266,7 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> String {
+    use std::fmt::Write as _;
     let c = &state.counters;
     let mut out = format!(
         "# TYPE palisade_webhook_decisions_total counter\n\
@@ -234,6 +282,14 @@ async fn metrics(State(state): State<Arc<AppState>>) -> String {
     );
     c.latency
         .render("palisade_webhook_decision_duration_seconds", &mut out);
+    if let Some(images) = &state.images {
+        let _ = write!(
+            out,
+            "# TYPE palisade_webhook_registry_requests_total counter\n\
+             palisade_webhook_registry_requests_total {}\n",
+            images.registry_requests()
+        );
+    }
     out
 }
 

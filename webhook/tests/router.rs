@@ -45,6 +45,7 @@ fn app(max_body: usize, ready: bool) -> axum::Router {
         facts: Arc::new(StaticFacts(ns, ready)),
         permits: tokio::sync::Semaphore::new(4),
         counters: Counters::default(),
+        images: None,
     }))
 }
 

@@ -7,7 +7,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use oci_client::secrets::RegistryAuth;
-use palisade_e2e::registry::OciRegistry;
+use palisade_e2e::{
+    accepts,
+    registry::OciRegistry,
+    rejects, run, run_ok,
+    webhook::{SCOPE_LABEL, WebhookProcess},
+};
 use palisade_webhook::images::{
     registry::{Registry, RegistryError},
     verify::{Signer, verify_attestations, verify_signatures},
@@ -15,10 +20,16 @@ use palisade_webhook::images::{
 
 use crate::{Env, TestFn};
 
-pub const TESTS: &[(&str, TestFn)] = &[(
-    "images::cosign_signatures_and_attestations_verify",
-    cosign_signatures_and_attestations_verify,
-)];
+pub const TESTS: &[(&str, TestFn)] = &[
+    (
+        "images::cosign_signatures_and_attestations_verify",
+        cosign_signatures_and_attestations_verify,
+    ),
+    (
+        "images::image_policy_enforced_at_admission",
+        image_policy_enforced_at_admission,
+    ),
+];
 
 const SLSA: &str = "https://slsa.dev/provenance/v0.2";
 
@@ -156,4 +167,131 @@ fn cosign_signatures_and_attestations_verify(env: &Env) -> Result<()> {
     }
     drop(silent);
     Ok(())
+}
+
+const PROVENANCE_OK: &str = r#"{"builder": {"id": "https://ci.example/builder"}}"#;
+const PROVENANCE_EVIL: &str = r#"{"builder": {"id": "https://evil.example/builder"}}"#;
+
+/// Through the real API server: an ImagePolicy requiring our key and provenance from our
+/// builder admits a signed, attested image and refuses an unsigned one, one attested by another
+/// builder, and, once the registry is gone, an image it can no longer resolve, in time.
+#[allow(clippy::too_many_lines)]
+fn image_policy_enforced_at_admission(env: &Env) -> Result<()> {
+    let cp = &env.cp;
+    let reg = OciRegistry::start(&env.opts.bin_dir, &cp.work_dir.join("registry-admission"))?;
+    let public = std::fs::read_to_string(reg.key_pair("ci")?)?;
+    let good = reg.push("shop/orders", "v1", "orders v1")?;
+    reg.sign("ci", "shop/orders", &good)?;
+    reg.attest("ci", "shop/orders", &good, "slsaprovenance", PROVENANCE_OK)?;
+    reg.push("shop/unsigned", "v1", "unsigned")?;
+    let evil = reg.push("shop/evil", "v1", "evil")?;
+    reg.sign("ci", "shop/evil", &evil)?;
+    reg.attest("ci", "shop/evil", &evil, "slsaprovenance", PROVENANCE_EVIL)?;
+
+    let wh = WebhookProcess::start(
+        cp,
+        "images",
+        &format!("images: {{insecureRegistries: [\"{}\"]}}", reg.host),
+    )?;
+    wh.register(cp, "palisade-e2e-images")?;
+    let result = cp.with_temp_ns("img", |ns| {
+        for label in [format!("{SCOPE_LABEL}=on"), "istio-injection=enabled".into()] {
+            run_ok(cp.kubectl().args(["label", "namespace", ns, &label]))?;
+        }
+        run_ok(cp.kubectl().args(["create", "serviceaccount", "orders", "-n", ns]))?;
+        let key = public
+            .lines()
+            .map(|l| format!("          {l}"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let policy = format!(
+            "apiVersion: palisade.dev/v1alpha1
+kind: ImagePolicy
+metadata:
+  name: e2e-{ns}
+spec:
+  images: [{{glob: \"{host}/shop/**\"}}]
+  namespaceSelector: {{matchLabels: {{kubernetes.io/metadata.name: {ns}}}}}
+  authorities:
+    - name: ci
+      transparencyLog: Ignore
+      key:
+        publicKey: |
+{key}
+  attestations:
+    - name: provenance
+      predicateType: {SLSA}
+      policy:
+        rego: |
+          package palisade.attestation
+          import rego.v1
+          default allow := false
+          allow if input.predicate.builder.id == \"https://ci.example/builder\"
+",
+            host = reg.host
+        );
+        let file = cp.work_dir.join(format!("imagepolicy-{ns}.yaml"));
+        std::fs::write(&file, policy)?;
+        run_ok(cp.kubectl().arg("apply").arg("-f").arg(&file))?;
+        let pod = |name: &str, image: &str| -> Result<std::process::Output> {
+            let yaml = format!(
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  serviceAccountName: orders\n  containers:\n    - name: app\n      image: {image}\n"
+            );
+            let file = cp.work_dir.join(format!("pod-{ns}-{name}.yaml"));
+            std::fs::write(&file, yaml)?;
+            run(cp.kubectl().args(["apply", "-n", ns, "-f"]).arg(&file))
+        };
+        // The unsigned image is refused once the webhook sees the policy.
+        let unsigned = format!("{}/shop/unsigned:v1", reg.host);
+        cp.eventually("the ImagePolicy enforced", Duration::from_secs(30), || {
+            let out = pod("unsigned", &unsigned).ok()?;
+            (!out.status.success()).then_some(out)
+        })
+        .and_then(|out| {
+            rejects(&out, "unsigned image", &[
+                "containers \"app\"",
+                &unsigned,
+                &format!("image policy e2e-{ns}"),
+                "authority ci: no signature",
+            ])
+        })?;
+        accepts(&pod("signed", &format!("{}/shop/orders:v1", reg.host))?, "signed and attested image")?;
+        rejects(&pod("evil", &format!("{}/shop/evil:v1", reg.host))?, "image attested by another builder", &[
+            "attestation provenance",
+            "refused by the policy",
+        ])?;
+        // Images no policy covers make no registry call.
+        let requests = || -> Result<String> {
+            let (_, m) = wh.curl(&["/metrics"])?;
+            m.lines()
+                .find(|l| l.starts_with("palisade_webhook_registry_requests_total "))
+                .map(str::to_owned)
+                .context("no registry request counter")
+        };
+        let before = requests()?;
+        accepts(&pod("other", "registry.example.com/elsewhere/app:1")?, "image outside the policy")?;
+        if requests()? != before {
+            bail!("an image no policy covers caused registry requests");
+        }
+
+        // The registry goes away: a tag that cannot be resolved is refused within the deadline.
+        let host = reg.host.clone();
+        drop(reg);
+        let started = Instant::now();
+        let out = pod("gone", &format!("{host}/shop/orders:v2"))?;
+        let took = started.elapsed();
+        rejects(&out, "image from a registry that is down", &["cannot resolve the image digest"])?;
+        if took > Duration::from_secs(10) {
+            bail!("the refusal took {took:?}, beyond the API server's deadline");
+        }
+        eprintln!("  registry down: refused in {} ms", took.as_millis());
+        let _ = run(cp.kubectl().args(["delete", "imagepolicy", &format!("e2e-{ns}")]));
+        Ok(())
+    });
+    let _ = run(cp.kubectl().args([
+        "delete",
+        "validatingwebhookconfiguration",
+        "palisade-e2e-images",
+    ]));
+    result.map_err(|e| anyhow::anyhow!("{e:#}\nwebhook log:\n{}", wh.log_tail()))
 }

@@ -2,5 +2,8 @@
 //! attestations over fetched blobs (pure), [`registry`] fetches them from an OCI registry with
 //! every call bounded by a deadline.
 
+pub mod admit;
+pub mod check;
+pub mod policy;
 pub mod registry;
 pub mod verify;

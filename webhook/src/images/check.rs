@@ -1,0 +1,261 @@
+//! Admission-time image checks: for each container image the ImagePolicies covering it, the
+//! digest, the signature and attestation layers (fetched once per digest, shared by concurrent
+//! requests), and a verdict per policy, cached by (digest, policy, generation): verified results
+//! for `ttl`, failed ones for `negative_ttl`; registry errors are never cached.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use futures::{
+    FutureExt,
+    future::{BoxFuture, Shared},
+};
+use oci_client::{Reference, secrets::RegistryAuth};
+use palisade_api::image_policy::EnforcementMode;
+
+use super::{
+    policy::{CompiledImagePolicy, predicate_allowed},
+    registry::{Registry, RegistryError},
+    verify::{Layer, verify_attestations, verify_signatures},
+};
+
+/// Signature and attestation layers of one digest.
+#[derive(Debug)]
+struct Fetched {
+    sigs: Vec<Layer>,
+    atts: Vec<Layer>,
+}
+
+type FetchResult = Arc<Result<Fetched, RegistryError>>;
+
+/// (digest, policy name, policy generation).
+type CacheKey = (String, String, i64);
+
+/// A cached verdict and when it expires.
+type Cached = (Instant, Result<(), String>);
+
+/// What one policy says about one image.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyVerdict {
+    /// Policy name.
+    pub policy: String,
+    /// Its mode.
+    pub mode: EnforcementMode,
+    /// `Ok` when the image satisfies it, otherwise why not (per authority and attestation).
+    pub outcome: Result<(), String>,
+}
+
+/// The verifier shared by all requests.
+pub struct ImageVerifier {
+    registry: Arc<Registry>,
+    ttl: Duration,
+    negative_ttl: Duration,
+    cache: Mutex<HashMap<CacheKey, Cached>>,
+    inflight: Mutex<HashMap<String, Shared<BoxFuture<'static, FetchResult>>>>,
+}
+
+impl ImageVerifier {
+    /// A verifier over `registry`.
+    pub fn new(registry: Registry, ttl: Duration, negative_ttl: Duration) -> Self {
+        ImageVerifier {
+            registry: Arc::new(registry),
+            ttl,
+            negative_ttl,
+            cache: Mutex::new(HashMap::new()),
+            inflight: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Registry requests made so far.
+    pub fn registry_requests(&self) -> u64 {
+        self.registry.requests()
+    }
+
+    fn cached(&self, key: &CacheKey) -> Option<Result<(), String>> {
+        let cache = self.cache.lock().ok()?;
+        cache
+            .get(key)
+            .filter(|(until, _)| *until > Instant::now())
+            .map(|(_, r)| r.clone())
+    }
+
+    fn remember(&self, key: CacheKey, outcome: &Result<(), String>) {
+        let ttl = if outcome.is_ok() {
+            self.ttl
+        } else {
+            self.negative_ttl
+        };
+        if let Ok(mut cache) = self.cache.lock() {
+            let now = Instant::now();
+            if cache.len() > 10_000 {
+                cache.retain(|_, (until, _)| *until > now);
+            }
+            cache.insert(key, (now + ttl, outcome.clone()));
+        }
+    }
+
+    /// The layers of `digest`, fetched once however many requests ask at the same time.
+    async fn fetch(
+        &self,
+        reference: &Reference,
+        digest: &str,
+        auth: &RegistryAuth,
+        deadline: Instant,
+    ) -> FetchResult {
+        let shared = {
+            let Ok(mut inflight) = self.inflight.lock() else {
+                return Arc::new(Err(RegistryError::Failed {
+                    registry: String::new(),
+                    why: "internal lock poisoned".into(),
+                }));
+            };
+            inflight
+                .entry(digest.to_owned())
+                .or_insert_with(|| {
+                    let registry = Arc::clone(&self.registry);
+                    let (reference, digest, auth) =
+                        (reference.clone(), digest.to_owned(), auth.clone());
+                    async move {
+                        let sigs = registry
+                            .cosign_layers(&reference, &digest, "sig", &auth, deadline)
+                            .await;
+                        let atts = registry
+                            .cosign_layers(&reference, &digest, "att", &auth, deadline)
+                            .await;
+                        Arc::new(sigs.and_then(|sigs| atts.map(|atts| Fetched { sigs, atts })))
+                    }
+                    .boxed()
+                    .shared()
+                })
+                .clone()
+        };
+        let out = shared.await;
+        if let Ok(mut inflight) = self.inflight.lock() {
+            inflight.remove(digest);
+        }
+        out
+    }
+
+    /// Verdicts of every policy in `policies` that covers `image` in a namespace with `labels`;
+    /// empty (and no registry call) when none does.
+    pub async fn check(
+        &self,
+        image: &str,
+        labels: &BTreeMap<String, String>,
+        policies: &[Arc<CompiledImagePolicy>],
+        auth: &RegistryAuth,
+        deadline: Instant,
+    ) -> Vec<PolicyVerdict> {
+        let covering: Vec<&Arc<CompiledImagePolicy>> = policies
+            .iter()
+            .filter(|p| p.covers(image, labels))
+            .collect();
+        if covering.is_empty() {
+            return Vec::new();
+        }
+        let fail_all = |why: String| {
+            covering
+                .iter()
+                .map(|p| PolicyVerdict {
+                    policy: p.name.clone(),
+                    mode: p.mode(),
+                    outcome: Err(why.clone()),
+                })
+                .collect()
+        };
+        let (reference, digest) = match self.registry.resolve(image, auth, deadline).await {
+            Ok(r) => r,
+            Err(e) => return fail_all(format!("cannot resolve the image digest: {e}")),
+        };
+        let mut out = Vec::new();
+        let mut fetched: Option<FetchResult> = None;
+        for p in covering {
+            let key = (digest.clone(), p.name.clone(), p.generation);
+            let outcome = if let Some(hit) = self.cached(&key) {
+                hit
+            } else {
+                if fetched.is_none() {
+                    fetched = Some(self.fetch(&reference, &digest, auth, deadline).await);
+                }
+                match fetched.as_deref() {
+                    Some(Ok(layers)) => {
+                        let outcome = evaluate(p, &digest, layers);
+                        self.remember(key, &outcome);
+                        outcome
+                    }
+                    Some(Err(e)) => Err(format!("cannot fetch signatures: {e}")),
+                    None => Err("no signatures fetched".into()),
+                }
+            };
+            out.push(PolicyVerdict {
+                policy: p.name.clone(),
+                mode: p.mode(),
+                outcome: outcome.map_err(|why| format!("{image} ({digest}): {why}")),
+            });
+        }
+        out
+    }
+}
+
+/// Whether `layers` satisfy policy `p` for `digest`: enough authorities verify the signature,
+/// and every attestation requirement is met by an attestation one of them signed.
+fn evaluate(p: &CompiledImagePolicy, digest: &str, layers: &Fetched) -> Result<(), String> {
+    let mut why = Vec::new();
+    let mut verified = Vec::new();
+    for a in &p.authorities {
+        match &a.signer {
+            Err(e) => why.push(format!("authority {}: not loaded: {e}", a.name)),
+            Ok(signer) => match verify_signatures(&layers.sigs, digest, signer) {
+                Ok(()) => verified.push(signer),
+                Err(e) => why.push(format!("authority {}: {e}", a.name)),
+            },
+        }
+    }
+    let needed = p.needed();
+    if verified.len() < needed {
+        return Err(format!(
+            "{} of {} required authorities verified: {}",
+            verified.len(),
+            needed,
+            why.join("; ")
+        ));
+    }
+    for att in &p.attestations {
+        let policy = match &att.policy {
+            Ok(p) => p,
+            Err(e) => return Err(format!("attestation {}: not loaded: {e}", att.name)),
+        };
+        let mut reasons = Vec::new();
+        let mut ok = false;
+        for signer in &verified {
+            match verify_attestations(&layers.atts, digest, &att.predicate_type, signer) {
+                Ok(predicates) => {
+                    for predicate in predicates {
+                        match policy.as_ref().map_or(Ok(true), |rp| {
+                            predicate_allowed(rp, &att.predicate_type, &predicate)
+                        }) {
+                            Ok(true) => ok = true,
+                            Ok(false) => {
+                                reasons.push("its predicate is refused by the policy".to_owned());
+                            }
+                            Err(e) => reasons.push(format!("policy error: {e}")),
+                        }
+                    }
+                }
+                Err(e) => reasons.push(e.to_string()),
+            }
+        }
+        if !ok {
+            return Err(format!(
+                "attestation {} ({}): {}",
+                att.name,
+                att.predicate_type,
+                reasons.join("; ")
+            ));
+        }
+    }
+    Ok(())
+}

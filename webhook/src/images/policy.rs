@@ -1,0 +1,254 @@
+//! ImagePolicies compiled for admission: globs, namespace selector, signers and attestation
+//! checks parsed once per policy generation. A policy whose key material or predicate policy
+//! cannot be loaded is kept, with the reason, and fails closed for the images it covers.
+
+use std::collections::BTreeMap;
+
+use palisade_api::{
+    ImagePolicy,
+    image_policy::{EnforcementMode, PredicatePolicy, Requirement, TransparencyLog},
+};
+use regorus::{CompiledPolicy, Engine, Value};
+
+use super::verify::Signer;
+use crate::identity::selects;
+
+/// The rule a predicate policy must define.
+pub const PREDICATE_RULE: &str = "data.palisade.attestation.allow";
+
+/// One authority, loaded or not.
+#[derive(Clone, Debug)]
+pub struct LoadedAuthority {
+    /// Name.
+    pub name: String,
+    /// The signer, or why it could not be loaded.
+    pub signer: Result<Signer, String>,
+}
+
+/// One attestation requirement.
+#[derive(Clone)]
+pub struct LoadedAttestation {
+    /// Name.
+    pub name: String,
+    /// In-toto predicate type.
+    pub predicate_type: String,
+    /// Compiled predicate policy (`None`: any signed attestation of the type), or why it does
+    /// not compile.
+    pub policy: Result<Option<CompiledPolicy>, String>,
+}
+
+/// An ImagePolicy ready for admission.
+#[derive(Clone)]
+pub struct CompiledImagePolicy {
+    /// Name.
+    pub name: String,
+    /// `metadata.generation`, part of cache keys.
+    pub generation: i64,
+    /// The policy as written.
+    pub policy: ImagePolicy,
+    /// Authorities.
+    pub authorities: Vec<LoadedAuthority>,
+    /// Attestations.
+    pub attestations: Vec<LoadedAttestation>,
+}
+
+impl CompiledImagePolicy {
+    /// Compiles `policy`.
+    pub fn compile(policy: &ImagePolicy) -> Self {
+        let authorities = policy
+            .spec
+            .authorities
+            .iter()
+            .map(|a| {
+                let signer = if a.transparency_log == TransparencyLog::Require {
+                    Err("transparencyLog: Require needs a transparency log, which this webhook does not query; set transparencyLog: Ignore to trust the signature alone".to_owned())
+                } else if let Some(key) = &a.key {
+                    match (&key.public_key, &key.secret_ref) {
+                        (Some(pem), _) => {
+                            let s = Signer::Key(pem.as_bytes().to_vec());
+                            s.validate().map(|()| s).map_err(|e| e.to_string())
+                        }
+                        (None, Some(_)) => Err("key.secretRef is not supported yet; put the public key in key.publicKey".to_owned()),
+                        (None, None) => Err("key has neither publicKey nor secretRef".to_owned()),
+                    }
+                } else if a.keyless.is_some() {
+                    Err("keyless authorities are not enforced yet".to_owned())
+                } else {
+                    Err("neither key nor keyless".to_owned())
+                };
+                LoadedAuthority {
+                    name: a.name.clone(),
+                    signer,
+                }
+            })
+            .collect();
+        let attestations = policy
+            .spec
+            .attestations
+            .iter()
+            .map(|a| LoadedAttestation {
+                name: a.name.clone(),
+                predicate_type: a.predicate_type.clone(),
+                policy: match &a.policy {
+                    None => Ok(None),
+                    Some(PredicatePolicy::Rego(text)) => compile_rego(&a.name, text).map(Some),
+                },
+            })
+            .collect();
+        CompiledImagePolicy {
+            name: policy.metadata.name.clone().unwrap_or_default(),
+            generation: policy.metadata.generation.unwrap_or_default(),
+            policy: policy.clone(),
+            authorities,
+            attestations,
+        }
+    }
+
+    /// Whether the policy covers `image` (a reference as written in the pod) in a namespace with
+    /// `labels`.
+    pub fn covers(&self, image: &str, labels: &BTreeMap<String, String>) -> bool {
+        let repo = repository_of(image);
+        self.policy
+            .spec
+            .images
+            .iter()
+            .any(|p| p.glob.matches(&repo))
+            && self
+                .policy
+                .spec
+                .namespace_selector
+                .as_ref()
+                .is_none_or(|s| selects(Some(s), labels))
+    }
+
+    /// The enforcement mode.
+    pub fn mode(&self) -> EnforcementMode {
+        self.policy.spec.mode
+    }
+
+    /// How many verified authorities suffice.
+    pub fn needed(&self) -> usize {
+        match self.policy.spec.require {
+            Requirement::All => self.authorities.len(),
+            Requirement::Any => 1,
+            Requirement::AtLeast => usize::try_from(self.policy.spec.at_least.unwrap_or(1))
+                .unwrap_or(1)
+                .max(1),
+        }
+    }
+}
+
+fn compile_rego(name: &str, text: &str) -> Result<CompiledPolicy, String> {
+    let mut engine = Engine::new();
+    engine
+        .add_policy(format!("{name}.rego"), text.to_owned())
+        .map_err(|e| format!("attestation {name}: policy does not parse: {e}"))?;
+    engine
+        .compile_with_entrypoint(&PREDICATE_RULE.into())
+        .map_err(|e| format!("attestation {name}: policy has no usable {PREDICATE_RULE}: {e}"))
+}
+
+/// Whether a predicate satisfies a compiled predicate policy.
+pub fn predicate_allowed(
+    policy: &CompiledPolicy,
+    predicate_type: &str,
+    predicate: &serde_json::Value,
+) -> Result<bool, String> {
+    let input = serde_json::json!({"predicateType": predicate_type, "predicate": predicate});
+    let out = policy
+        .eval_with_input(Value::from(input))
+        .map_err(|e| e.to_string())?;
+    Ok(out == Value::Bool(true))
+}
+
+/// `registry/repo` of an image reference, without tag or digest, with Docker Hub's implicit
+/// parts made explicit (`nginx` → `docker.io/library/nginx`), as policies' globs are written.
+pub fn repository_of(image: &str) -> String {
+    let without_digest = image.split('@').next().unwrap_or(image);
+    // A tag is a `:` after the last `/` (a `:` before it belongs to a registry port).
+    let without_tag = match without_digest.rfind(':') {
+        Some(i) if !without_digest[i..].contains('/') => &without_digest[..i],
+        _ => without_digest,
+    };
+    let first = without_tag.split('/').next().unwrap_or_default();
+    let has_registry = without_tag.contains('/')
+        && (first.contains('.') || first.contains(':') || first == "localhost");
+    if has_registry {
+        without_tag.to_owned()
+    } else if without_tag.contains('/') {
+        format!("docker.io/{without_tag}")
+    } else {
+        format!("docker.io/library/{without_tag}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repositories_drop_tags_and_digests_and_name_docker_hub() {
+        assert_eq!(repository_of("nginx"), "docker.io/library/nginx");
+        assert_eq!(repository_of("nginx:1.27"), "docker.io/library/nginx");
+        assert_eq!(repository_of("bitnami/redis:7"), "docker.io/bitnami/redis");
+        assert_eq!(
+            repository_of("registry.example.com/shop/app:v1"),
+            "registry.example.com/shop/app"
+        );
+        assert_eq!(
+            repository_of("127.0.0.1:5000/shop/app@sha256:abc"),
+            "127.0.0.1:5000/shop/app"
+        );
+        assert_eq!(repository_of("localhost/app:1"), "localhost/app");
+    }
+
+    #[test]
+    fn unloadable_material_is_kept_with_its_reason() {
+        let policy: ImagePolicy = serde_json::from_value(serde_json::json!({
+            "apiVersion": "palisade.dev/v1alpha1", "kind": "ImagePolicy",
+            "metadata": {"name": "p", "generation": 3},
+            "spec": {"images": [{"glob": "registry.example.com/shop/**"}],
+                     "authorities": [
+                        {"name": "bad-key", "transparencyLog": "Ignore", "key": {"publicKey": "nonsense"}},
+                        {"name": "tlog", "key": {"publicKey": "nonsense"}}],
+                     "attestations": [{"name": "prov", "predicateType": "https://slsa.dev/provenance/v1",
+                                       "policy": {"rego": "package palisade.attestation\nallow if {"}}]}
+        }))
+        .expect("policy");
+        let c = CompiledImagePolicy::compile(&policy);
+        assert_eq!(c.generation, 3);
+        assert!(
+            c.authorities[0]
+                .signer
+                .as_ref()
+                .is_err_and(|e| e.contains("public key"))
+        );
+        assert!(
+            c.authorities[1]
+                .signer
+                .as_ref()
+                .is_err_and(|e| e.contains("transparencyLog"))
+        );
+        assert!(
+            c.attestations[0]
+                .policy
+                .as_ref()
+                .is_err_and(|e| e.contains("does not parse"))
+        );
+        assert!(c.covers("registry.example.com/shop/app:v1", &BTreeMap::new()));
+        assert!(!c.covers("registry.example.com/other/app:v1", &BTreeMap::new()));
+    }
+
+    #[test]
+    fn predicate_policies_decide_on_the_predicate() {
+        let p = compile_rego(
+            "prov",
+            "package palisade.attestation\nimport rego.v1\ndefault allow := false\nallow if input.predicate.builder.id == \"https://ci.example/builder\"\n",
+        )
+        .expect("compiles");
+        let good = serde_json::json!({"builder": {"id": "https://ci.example/builder"}});
+        let bad = serde_json::json!({"builder": {"id": "https://evil.example"}});
+        assert_eq!(predicate_allowed(&p, "t", &good), Ok(true));
+        assert_eq!(predicate_allowed(&p, "t", &bad), Ok(false));
+    }
+}
