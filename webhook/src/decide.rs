@@ -25,12 +25,15 @@ pub struct Facts {
 }
 
 /// What was decided, for the security event log.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Verdict {
     /// `allow`, `deny` or `warn`.
     pub verdict: &'static str,
     /// The rules that fired.
     pub rules: Vec<String>,
+    /// Every image of the pod (template), with the containers that run it
+    /// (`containers "app"`), for the image checks that follow; empty when none apply.
+    pub images: BTreeMap<String, Vec<String>>,
 }
 
 /// Decides one request.
@@ -46,6 +49,7 @@ pub fn decide(
             Verdict {
                 verdict: "allow",
                 rules,
+                ..Verdict::default()
             },
         )
     };
@@ -71,6 +75,7 @@ pub fn decide(
         Ok(None) => return allow(vec![]),
         Err(e) => return deny(req, e.to_string(), vec!["malformed".into()]),
     };
+    let images = images_of(&pod);
     let what = format!("{} {}/{}", req.kind.kind, namespace, req.name.as_str());
     let mut denials = Vec::new();
     let mut warnings = Vec::new();
@@ -123,6 +128,7 @@ pub fn decide(
             resp.warnings = Some(warnings);
         }
         verdict.verdict = "deny";
+        verdict.images = images;
         return (resp, verdict);
     }
     let mut resp = AdmissionResponse::from(req);
@@ -130,7 +136,29 @@ pub fn decide(
     if !warnings.is_empty() {
         resp.warnings = Some(warnings);
     }
-    (resp, Verdict { verdict, rules })
+    (
+        resp,
+        Verdict {
+            verdict,
+            rules,
+            images,
+        },
+    )
+}
+
+/// Every image of a pod (template), with the containers that run it.
+fn images_of(pod: &crate::workload::PodView) -> BTreeMap<String, Vec<String>> {
+    let mut images: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for c in crate::pods::containers(&pod.spec) {
+        if let Some(image) = c.image {
+            images.entry(image.to_owned()).or_default().push(format!(
+                "{} {:?}",
+                c.kind.field(),
+                c.name
+            ));
+        }
+    }
+    images
 }
 
 fn template_prefix(path: &str) -> String {
@@ -154,6 +182,7 @@ fn deny(
         Verdict {
             verdict: "deny",
             rules,
+            ..Verdict::default()
         },
     )
 }

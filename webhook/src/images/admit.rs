@@ -1,5 +1,5 @@
 //! Image checks folded into an admission response: every container image (init, regular,
-//! ephemeral) of a pod or pod template is checked against the ImagePolicies covering it; an
+//! ephemeral) of a pod or pod template, as the decision collected them, is checked against the ImagePolicies covering it; an
 //! `Enforce` failure refuses (naming the container, the image, the policy and, per authority,
 //! why), `Warn` adds a warning, `Audit` only logs.
 
@@ -13,7 +13,7 @@ use oci_client::secrets::RegistryAuth;
 use palisade_api::image_policy::EnforcementMode;
 
 use super::{check::ImageVerifier, policy::CompiledImagePolicy};
-use crate::{config::Config, decide::Verdict, pods::containers, workload::pod_of};
+use crate::{config::Config, decide::Verdict};
 
 /// Checks the images of the admitted object and folds the outcome into `resp` and `verdict`.
 #[allow(clippy::too_many_arguments)]
@@ -34,28 +34,9 @@ pub async fn check_pod(
     {
         return (resp, verdict);
     }
-    let Some(object) = &req.object else {
-        return (resp, verdict);
-    };
-    let Ok(value) = serde_json::to_value(object) else {
-        return (resp, verdict);
-    };
-    let Ok(Some(pod)) = pod_of(&req.kind.kind, &value) else {
-        return (resp, verdict);
-    };
     let mut denials = Vec::new();
     let mut warnings = Vec::new();
-    // Each distinct image once, however many containers run it.
-    let mut seen: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for c in containers(&pod.spec) {
-        if let Some(image) = c.image {
-            seen.entry(image.to_owned()).or_default().push(format!(
-                "{} {:?}",
-                c.kind.field(),
-                c.name
-            ));
-        }
-    }
+    let seen = std::mem::take(&mut verdict.images);
     for (image, users) in &seen {
         let verdicts = verifier
             .check(image, labels, policies, &RegistryAuth::Anonymous, deadline)

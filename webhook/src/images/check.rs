@@ -166,6 +166,28 @@ impl ImageVerifier {
                 })
                 .collect()
         };
+        // A digest reference is checked against the cache before anything is parsed or
+        // fetched; a tag is resolved at the registry every time (tags move).
+        let pinned = image
+            .split_once('@')
+            .map(|(_, d)| d.to_owned())
+            .filter(|d| d.starts_with("sha256:"));
+        if let Some(digest) = &pinned {
+            let hits: Option<Vec<PolicyVerdict>> = covering
+                .iter()
+                .map(|p| {
+                    self.cached(&(digest.clone(), p.name.clone(), p.generation))
+                        .map(|outcome| PolicyVerdict {
+                            policy: p.name.clone(),
+                            mode: p.mode(),
+                            outcome: outcome.map_err(|why| format!("{image}: {why}")),
+                        })
+                })
+                .collect();
+            if let Some(hits) = hits {
+                return hits;
+            }
+        }
         let (reference, digest) = match self.registry.resolve(image, auth, deadline).await {
             Ok(r) => r,
             Err(e) => return fail_all(format!("cannot resolve the image digest: {e}")),

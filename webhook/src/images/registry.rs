@@ -103,7 +103,7 @@ impl Registry {
         }
     }
 
-    /// The digest `image` points at (verified against it when the reference has one).
+    /// The digest `image` points at: the one it names, or the one its tag resolves to now.
     pub async fn resolve(
         &self,
         image: &str,
@@ -113,6 +113,11 @@ impl Registry {
         let reference: Reference = image
             .parse()
             .map_err(|_| RegistryError::BadReference(image.to_owned()))?;
+        // A digest reference names its content: nothing to resolve.
+        if let Some(digest) = reference.digest() {
+            let digest = digest.to_owned();
+            return Ok((reference, digest));
+        }
         let registry = reference.resolve_registry().to_owned();
         let digest = self
             .bounded(
