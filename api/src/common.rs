@@ -231,6 +231,75 @@ pub struct GeneratedRef {
     pub namespace: Option<String>,
 }
 
+/// One condition to report, before timestamps are attached.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cond {
+    /// Type.
+    pub type_: &'static str,
+    /// Whether it holds.
+    pub status: bool,
+    /// CamelCase reason.
+    pub reason: String,
+    /// Explanation.
+    pub message: String,
+}
+
+impl Cond {
+    /// A condition.
+    pub fn new(
+        type_: &'static str,
+        status: bool,
+        reason: &str,
+        message: impl Into<String>,
+    ) -> Self {
+        Cond {
+            type_,
+            status,
+            reason: reason.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The status to write: `conds` stamped with `now`, except that a condition whose status,
+/// reason and message are unchanged keeps its previous transition time — so an unchanged
+/// reconcile produces an identical status and no write.
+pub fn build(
+    previous: &CommonStatus,
+    generation: Option<i64>,
+    conds: &[Cond],
+    now: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
+) -> CommonStatus {
+    let conditions = conds
+        .iter()
+        .map(|c| {
+            let status = if c.status { "True" } else { "False" };
+            let old = previous.conditions.iter().find(|o| o.type_ == c.type_);
+            let unchanged = old.is_some_and(|o| {
+                o.status == status
+                    && o.reason == c.reason
+                    && o.message == c.message
+                    && o.observed_generation == generation
+            });
+            Condition {
+                type_: c.type_.to_owned(),
+                status: status.to_owned(),
+                reason: c.reason.clone(),
+                message: c.message.clone(),
+                observed_generation: generation,
+                last_transition_time: match old {
+                    Some(o) if unchanged => o.last_transition_time.clone(),
+                    _ => now.clone(),
+                },
+            }
+        })
+        .collect();
+    CommonStatus {
+        observed_generation: generation,
+        conditions,
+    }
+}
+
 /// Finds a condition by type.
 pub fn find_condition<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {
     conditions.iter().find(|c| c.type_ == type_)

@@ -199,7 +199,18 @@ async fn run(config: Config) -> anyhow::Result<()> {
     )
     .default_backoff()
     .reflect(policy_writer)
-    .for_each(|_| std::future::ready(()));
+    .applied_objects()
+    .for_each({
+        let client = client.clone();
+        move |p| {
+            let client = client.clone();
+            async move {
+                if let Ok(p) = p {
+                    write_policy_status(&client, &p).await;
+                }
+            }
+        }
+    });
     tokio::spawn(policy_stream);
     // The HTTP client behind registry calls uses the process-wide crypto provider.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -233,6 +244,31 @@ async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(listen = %config.listen, "serving admission reviews");
     serve_tls(listener, cert, router(state), shutdown_signal()).await?;
     Ok(())
+}
+
+/// Reports in an ImagePolicy's status whether its keys and predicate policies are loaded;
+/// written only when it changes.
+async fn write_policy_status(client: &Client, policy: &ImagePolicy) {
+    let compiled = CompiledImagePolicy::compile(policy);
+    let previous = policy.status.clone().unwrap_or_default();
+    let now =
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now());
+    let status = compiled.status(&previous, &now);
+    if status == previous {
+        return;
+    }
+    let api: Api<ImagePolicy> = Api::all(client.clone());
+    let patch = serde_json::json!({"status": status});
+    if let Err(e) = api
+        .patch_status(
+            &compiled.name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+    {
+        tracing::warn!(policy = %compiled.name, error = %e, "cannot write ImagePolicy status");
+    }
 }
 
 async fn shutdown_signal() {

@@ -256,6 +256,40 @@ spec:
             ])
         })?;
         accepts(&pod("signed", &format!("{}/shop/orders:v1", reg.host))?, "signed and attested image")?;
+        let ready = |name: &str| -> Option<String> {
+            run_ok(cp.kubectl().args([
+                "get",
+                "imagepolicy",
+                name,
+                "-o",
+                r#"jsonpath={.status.conditions[?(@.type=="Ready")].reason}"#,
+            ]))
+            .ok()
+            .filter(|r| !r.is_empty())
+        };
+        cp.eventually("the ImagePolicy reported Loaded", Duration::from_secs(30), || {
+            ready(&format!("e2e-{ns}")).filter(|r| r == "Loaded")
+        })?;
+
+        // A policy whose authority cannot be loaded (it asks for a transparency log this
+        // webhook does not query) says so in its status and refuses the images it covers.
+        let broken = format!(
+            "apiVersion: palisade.dev/v1alpha1\nkind: ImagePolicy\nmetadata:\n  name: e2e-{ns}-broken\nspec:\n  images: [{{glob: \"{}/broken/**\"}}]\n  namespaceSelector: {{matchLabels: {{kubernetes.io/metadata.name: {ns}}}}}\n  authorities:\n    - name: ci\n      key:\n        publicKey: |\n{key}\n",
+            reg.host
+        );
+        let file = cp.work_dir.join(format!("imagepolicy-{ns}-broken.yaml"));
+        std::fs::write(&file, broken)?;
+        run_ok(cp.kubectl().arg("apply").arg("-f").arg(&file))?;
+        cp.eventually("the broken ImagePolicy reported NotLoaded", Duration::from_secs(30), || {
+            ready(&format!("e2e-{ns}-broken")).filter(|r| r == "NotLoaded")
+        })?;
+        let broken_image = reg.push("broken/app", "v1", "broken")?;
+        reg.sign("ci", "broken/app", &broken_image)?;
+        rejects(&pod("broken", &format!("{}/broken/app:v1", reg.host))?, "image under a policy that cannot be loaded", &[
+            "authority ci: not loaded",
+            "transparencyLog",
+        ])?;
+        let _ = run(cp.kubectl().args(["delete", "imagepolicy", &format!("e2e-{ns}-broken")]));
         rejects(&pod("evil", &format!("{}/shop/evil:v1", reg.host))?, "image attested by another builder", &[
             "attestation provenance",
             "refused by the policy",

@@ -5,40 +5,10 @@
 //! `Warning` and `Unsupported` carry translation notes; `Stalled` is abnormal-true when progress
 //! needs the user (a missing CRD); `Conflicted` names the winning policy.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use palisade_api::common::{CommonStatus, GeneratedRef};
+use palisade_api::common::GeneratedRef;
+pub use palisade_api::common::{Cond, build};
 
 use crate::translate::{Note, Severity};
-
-/// One condition to report, before timestamps are attached.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Cond {
-    /// Type.
-    pub type_: &'static str,
-    /// Whether it holds.
-    pub status: bool,
-    /// CamelCase reason.
-    pub reason: String,
-    /// Explanation.
-    pub message: String,
-}
-
-impl Cond {
-    /// A condition.
-    pub fn new(
-        type_: &'static str,
-        status: bool,
-        reason: &str,
-        message: impl Into<String>,
-    ) -> Self {
-        Cond {
-            type_,
-            status,
-            reason: reason.to_owned(),
-            message: message.into(),
-        }
-    }
-}
 
 /// Conditions for the translation notes: one `Warning` and one `Unsupported` condition, each
 /// listing every note of its kind.
@@ -59,45 +29,6 @@ pub fn note_conditions(notes: &[Note]) -> Vec<Cond> {
         }
     }
     out
-}
-
-/// The status to write: `conds` stamped with `now`, except that a condition whose status,
-/// reason and message are unchanged keeps its previous transition time — so an unchanged
-/// reconcile produces an identical status and no write.
-pub fn build(
-    previous: &CommonStatus,
-    generation: Option<i64>,
-    conds: &[Cond],
-    now: &Time,
-) -> CommonStatus {
-    let conditions = conds
-        .iter()
-        .map(|c| {
-            let status = if c.status { "True" } else { "False" };
-            let old = previous.conditions.iter().find(|o| o.type_ == c.type_);
-            let unchanged = old.is_some_and(|o| {
-                o.status == status
-                    && o.reason == c.reason
-                    && o.message == c.message
-                    && o.observed_generation == generation
-            });
-            Condition {
-                type_: c.type_.to_owned(),
-                status: status.to_owned(),
-                reason: c.reason.clone(),
-                message: c.message.clone(),
-                observed_generation: generation,
-                last_transition_time: match old {
-                    Some(o) if unchanged => o.last_transition_time.clone(),
-                    _ => now.clone(),
-                },
-            }
-        })
-        .collect();
-    CommonStatus {
-        observed_generation: generation,
-        conditions,
-    }
 }
 
 /// A status value with every `lastTransitionTime` removed, to compare content alone.
@@ -135,6 +66,8 @@ pub fn generated_refs(objects: &[serde_json::Value]) -> Vec<GeneratedRef> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use palisade_api::common::CommonStatus;
 
     fn at(s: &str) -> Time {
         Time(s.parse().expect("timestamp"))

@@ -4,9 +4,13 @@
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use palisade_api::{
-    ImagePolicy,
-    image_policy::{EnforcementMode, PredicatePolicy, Requirement, TransparencyLog},
+    ImagePolicy, ImagePolicyStatus,
+    common::{Cond, build},
+    image_policy::{
+        AuthorityStatus, EnforcementMode, PredicatePolicy, Requirement, TransparencyLog,
+    },
 };
 use regorus::{CompiledPolicy, Engine, Value};
 
@@ -126,6 +130,72 @@ impl CompiledImagePolicy {
         self.policy.spec.mode
     }
 
+    /// The status this policy should report: per authority whether its key material is loaded,
+    /// `Ready` when everything is (otherwise the images it covers fail closed, and `Ready=False`
+    /// says why).
+    pub fn status(&self, previous: &ImagePolicyStatus, now: &Time) -> ImagePolicyStatus {
+        let authorities: Vec<AuthorityStatus> = self
+            .authorities
+            .iter()
+            .map(|a| AuthorityStatus {
+                name: a.name.clone(),
+                loaded: a.signer.is_ok(),
+                message: a.signer.as_ref().err().cloned(),
+            })
+            .collect();
+        let mut problems: Vec<String> = self
+            .authorities
+            .iter()
+            .filter_map(|a| {
+                a.signer
+                    .as_ref()
+                    .err()
+                    .map(|e| format!("authority {}: {e}", a.name))
+            })
+            .collect();
+        problems.extend(
+            self.attestations
+                .iter()
+                .filter_map(|a| a.policy.as_ref().err().cloned()),
+        );
+        let ready = if problems.is_empty() {
+            Cond::new(
+                "Ready",
+                true,
+                "Loaded",
+                "every authority and predicate policy is loaded",
+            )
+        } else {
+            Cond::new(
+                "Ready",
+                false,
+                "NotLoaded",
+                format!(
+                    "images this policy covers are refused until fixed: {}",
+                    problems.join("; ")
+                ),
+            )
+        };
+        let conds = [
+            Cond::new(
+                "Accepted",
+                true,
+                "Accepted",
+                "enforced by the admission webhook",
+            ),
+            ready,
+        ];
+        ImagePolicyStatus {
+            common: build(
+                &previous.common,
+                self.policy.metadata.generation,
+                &conds,
+                now,
+            ),
+            authorities,
+        }
+    }
+
     /// How many verified authorities suffice.
     pub fn needed(&self) -> usize {
         match self.policy.spec.require {
@@ -236,6 +306,31 @@ mod tests {
                 .is_err_and(|e| e.contains("does not parse"))
         );
         assert!(c.covers("registry.example.com/shop/app:v1", &BTreeMap::new()));
+        let now = Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
+        let status = c.status(&ImagePolicyStatus::default(), &now);
+        assert_eq!(status.common.observed_generation, Some(3));
+        let ready = status
+            .common
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Ready")
+            .expect("Ready");
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "NotLoaded")
+        );
+        assert!(
+            ready.message.contains("authority bad-key"),
+            "{}",
+            ready.message
+        );
+        assert_eq!(status.authorities.len(), 2);
+        assert!(!status.authorities[0].loaded);
+        // The same input again: the same status, timestamps included (no write).
+        assert_eq!(
+            c.status(&status, &Time(k8s_openapi::jiff::Timestamp::MAX)),
+            status
+        );
         assert!(!c.covers("registry.example.com/other/app:v1", &BTreeMap::new()));
     }
 
