@@ -141,6 +141,12 @@ impl WebhookProcess {
         self.register_for(cp, name, &selector, false)
     }
 
+    /// Like [`WebhookProcess::register`], and also as a mutating webhook (on `/mutate`).
+    pub fn register_mutating(&self, cp: &ControlPlane, name: &str) -> Result<()> {
+        let selector = format!("matchLabels: {{{SCOPE_LABEL}: \"on\"}}");
+        self.register_for(cp, name, &selector, true)
+    }
+
     /// Registers this webhook as a cluster would: every namespace except kube-system and
     /// palisade-system, validating and (on `/mutate`) mutating.
     pub fn register_cluster_wide(&self, cp: &ControlPlane, name: &str) -> Result<()> {

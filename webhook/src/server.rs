@@ -248,12 +248,45 @@ async fn validate(
     Json(resp.into_review()).into_response()
 }
 
-async fn mutate(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
-    // No mutation is configured yet (digest pinning arrives with image policies): admit as is,
-    // so the endpoint can be registered ahead of time.
-    match parse(&body) {
-        Ok(req) => Json(AdmissionResponse::from(&req).into_review()).into_response(),
-        Err(why) => bad_request(&state, &why),
+async fn mutate(
+    State(state): State<Arc<AppState>>,
+    RawQuery(query): RawQuery,
+    body: Bytes,
+) -> Response {
+    let req = match parse(&body) {
+        Ok(r) => r,
+        Err(why) => return bad_request(&state, &why),
+    };
+    let deadline = deadline(Instant::now(), query.as_deref());
+    let resp = AdmissionResponse::from(&req);
+    let Some(images) = &state.images else {
+        return Json(resp.into_review()).into_response();
+    };
+    let namespace = req.namespace.clone().unwrap_or_default();
+    let labels = state.facts.namespace_labels(&namespace).unwrap_or_default();
+    let ops = crate::images::pin::pin_ops(
+        images,
+        &state.facts.image_policies(),
+        &state.config,
+        &req,
+        &labels,
+        deadline,
+    )
+    .await;
+    if ops.is_empty() {
+        return Json(resp.into_review()).into_response();
+    }
+    let patched = serde_json::from_value::<json_patch::Patch>(serde_json::Value::Array(ops))
+        .map_err(|e| e.to_string())
+        .and_then(|p| resp.with_patch(p).map_err(|e| e.to_string()));
+    match patched {
+        Ok(r) => Json(r.into_review()).into_response(),
+        // Never fail a create over a pin that cannot be expressed: admit unchanged, the
+        // validating hook still verifies.
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot build the digest-pinning patch");
+            Json(AdmissionResponse::from(&req).into_review()).into_response()
+        }
     }
 }
 

@@ -193,7 +193,7 @@ fn image_policy_enforced_at_admission(env: &Env) -> Result<()> {
         "images",
         &format!("images: {{insecureRegistries: [\"{}\"]}}", reg.host),
     )?;
-    wh.register(cp, "palisade-e2e-images")?;
+    wh.register_mutating(cp, "palisade-e2e-images")?;
     let result = cp.with_temp_ns("img", |ns| {
         for label in [format!("{SCOPE_LABEL}=on"), "istio-injection=enabled".into()] {
             run_ok(cp.kubectl().args(["label", "namespace", ns, &label]))?;
@@ -212,6 +212,7 @@ metadata:
 spec:
   images: [{{glob: \"{host}/shop/**\"}}]
   namespaceSelector: {{matchLabels: {{kubernetes.io/metadata.name: {ns}}}}}
+  pinDigest: true
   authorities:
     - name: ci
       transparencyLog: Ignore
@@ -256,6 +257,14 @@ spec:
             ])
         })?;
         accepts(&pod("signed", &format!("{}/shop/orders:v1", reg.host))?, "signed and attested image")?;
+        // pinDigest: the stored pod runs the verified digest and records it.
+        let stored = run_ok(cp.kubectl().args([
+            "get", "pod", "signed", "-n", ns, "-o",
+            r"jsonpath={.spec.containers[0].image} {.metadata.annotations.palisade\.dev/verified-digests}",
+        ]))?;
+        if !stored.starts_with(&format!("{}/shop/orders:v1@{good}", reg.host)) || !stored.contains(&good) {
+            bail!("the admitted pod was not pinned to {good}: {stored}");
+        }
         let ready = |name: &str| -> Option<String> {
             run_ok(cp.kubectl().args([
                 "get",

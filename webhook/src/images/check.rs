@@ -46,6 +46,10 @@ pub struct PolicyVerdict {
     pub mode: EnforcementMode,
     /// `Ok` when the image satisfies it, otherwise why not (per authority and attestation).
     pub outcome: Result<(), String>,
+    /// The digest that was verified, when known.
+    pub digest: Option<String>,
+    /// Whether the policy asks for the digest to be pinned in pods.
+    pub pin_digest: bool,
 }
 
 /// The verifier shared by all requests.
@@ -163,6 +167,8 @@ impl ImageVerifier {
                     policy: p.name.clone(),
                     mode: p.mode(),
                     outcome: Err(why.clone()),
+                    digest: None,
+                    pin_digest: p.policy.spec.pin_digest,
                 })
                 .collect()
         };
@@ -181,6 +187,8 @@ impl ImageVerifier {
                             policy: p.name.clone(),
                             mode: p.mode(),
                             outcome: outcome.map_err(|why| format!("{image}: {why}")),
+                            digest: Some(digest.clone()),
+                            pin_digest: p.policy.spec.pin_digest,
                         })
                 })
                 .collect();
@@ -216,6 +224,8 @@ impl ImageVerifier {
                 policy: p.name.clone(),
                 mode: p.mode(),
                 outcome: outcome.map_err(|why| format!("{image} ({digest}): {why}")),
+                digest: Some(digest.clone()),
+                pin_digest: p.policy.spec.pin_digest,
             });
         }
         out

@@ -4,6 +4,7 @@
 
 pub mod admit;
 pub mod check;
+pub mod pin;
 pub mod policy;
 pub mod registry;
 pub mod verify;

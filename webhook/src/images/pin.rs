@@ -1,0 +1,96 @@
+//! `pinDigest`: the mutating hook rewrites a new Pod's images to the digests that were verified
+//! (`repo:tag@sha256:…`) and records them in the annotation `palisade.dev/verified-digests`.
+//! Only Pods are rewritten, so Deployments and other workloads stay as written in Git and a
+//! GitOps tool sees no drift; the validating hook then finds the pinned digests in its cache.
+
+use std::{collections::BTreeMap, sync::Arc, time::Instant};
+
+use kube::core::{
+    DynamicObject,
+    admission::{AdmissionRequest, Operation},
+};
+use oci_client::secrets::RegistryAuth;
+use serde_json::{Value, json};
+
+use super::{check::ImageVerifier, policy::CompiledImagePolicy};
+use crate::config::Config;
+
+/// Annotation holding the verified digests, `{"image as written": "sha256:…"}`.
+pub const ANNOTATION: &str = "palisade.dev/verified-digests";
+
+/// JSON Patch operations pinning the verified images of a new Pod; empty when nothing is to be
+/// pinned (no policy asks, or verification failed: the validating hook refuses those).
+pub async fn pin_ops(
+    verifier: &ImageVerifier,
+    policies: &[Arc<CompiledImagePolicy>],
+    config: &Config,
+    req: &AdmissionRequest<DynamicObject>,
+    labels: &BTreeMap<String, String>,
+    deadline: Instant,
+) -> Vec<Value> {
+    let namespace = req.namespace.clone().unwrap_or_default();
+    if req.kind.kind != "Pod"
+        || req.operation != Operation::Create
+        || config.exempt_namespaces.contains(&namespace)
+        || !policies.iter().any(|p| p.policy.spec.pin_digest)
+    {
+        return Vec::new();
+    }
+    let Some(object) = &req.object else {
+        return Vec::new();
+    };
+    let Ok(pod) = serde_json::to_value(object) else {
+        return Vec::new();
+    };
+    let mut ops = Vec::new();
+    let mut pinned: BTreeMap<String, String> = BTreeMap::new();
+    for list in ["initContainers", "containers"] {
+        let Some(containers) = pod
+            .pointer(&format!("/spec/{list}"))
+            .and_then(Value::as_array)
+        else {
+            continue;
+        };
+        for (i, c) in containers.iter().enumerate() {
+            let Some(image) = c.get("image").and_then(Value::as_str) else {
+                continue;
+            };
+            if image.contains('@') {
+                continue;
+            }
+            let digest = if let Some(d) = pinned.get(image) {
+                Some(d.clone())
+            } else {
+                let verdicts = verifier
+                    .check(image, labels, policies, &RegistryAuth::Anonymous, deadline)
+                    .await;
+                let all_ok = !verdicts.is_empty() && verdicts.iter().all(|v| v.outcome.is_ok());
+                let wanted = verdicts.iter().any(|v| v.pin_digest);
+                verdicts
+                    .into_iter()
+                    .find_map(|v| v.digest)
+                    .filter(|_| all_ok && wanted)
+            };
+            if let Some(digest) = digest {
+                ops.push(
+                    json!({"op": "replace", "path": format!("/spec/{list}/{i}/image"),
+                                "value": format!("{image}@{digest}")}),
+                );
+                pinned.insert(image.to_owned(), digest);
+            }
+        }
+    }
+    if pinned.is_empty() {
+        return ops;
+    }
+    let record = serde_json::to_string(&pinned).unwrap_or_default();
+    if pod.pointer("/metadata/annotations").is_some() {
+        ops.push(json!({"op": "add", "path": format!("/metadata/annotations/{}", ANNOTATION.replace('/', "~1")),
+                        "value": record}));
+    } else {
+        ops.push(
+            json!({"op": "add", "path": "/metadata/annotations", "value": {ANNOTATION: record}}),
+        );
+    }
+    ops
+}
