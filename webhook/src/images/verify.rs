@@ -510,4 +510,97 @@ mod tests {
         .expect_err("other image");
         assert!(err.to_string().contains("another image"), "{err}");
     }
+
+    /// A CA, and a short-lived signing certificate from it in the Fulcio shape: email SAN, the
+    /// OIDC issuer extension, code-signing usage. Returns (CA PEM, leaf PEM, leaf signing key).
+    fn fulcio_like(subject: &str, issuer: &str) -> (String, String, EcdsaKeyPair) {
+        use rcgen::{
+            BasicConstraints, CertificateParams, CustomExtension, ExtendedKeyUsagePurpose, IsCa,
+            Issuer, KeyPair, KeyUsagePurpose, SanType,
+        };
+        let ca_key = KeyPair::generate().expect("ca key");
+        let mut ca = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca_pem = ca.self_signed(&ca_key).expect("ca").pem();
+        let issuer_ca = Issuer::new(ca, ca_key);
+        let leaf_key = KeyPair::generate().expect("leaf key");
+        let mut leaf = CertificateParams::new(Vec::<String>::new()).expect("leaf params");
+        leaf.subject_alt_names = vec![SanType::Rfc822Name(subject.try_into().expect("email"))];
+        leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::CodeSigning];
+        leaf.custom_extensions = vec![CustomExtension::from_oid_content(
+            &[1, 3, 6, 1, 4, 1, 57264, 1, 1],
+            issuer.as_bytes().to_vec(),
+        )];
+        let leaf_pem = leaf.signed_by(&leaf_key, &issuer_ca).expect("leaf").pem();
+        let pair = EcdsaKeyPair::from_pkcs8(
+            &ECDSA_P256_SHA256_ASN1_SIGNING,
+            &leaf_key.serialize_der(),
+            &SystemRandom::new(),
+        )
+        .expect("signing key");
+        (ca_pem, leaf_pem, pair)
+    }
+
+    #[test]
+    fn keyless_signatures_need_the_ca_and_the_identity() {
+        let (ca, leaf, pair) = fulcio_like("dev@example.com", "https://issuer.example");
+        let (other_ca, _, _) = fulcio_like("dev@example.com", "https://issuer.example");
+        let mut layer = sig_layer(&pair, DIGEST);
+        layer
+            .annotations
+            .insert(CERTIFICATE_ANNOTATION.into(), leaf);
+        let layers = [layer];
+        let signer = |roots: &str, issuer: &str, subject: &str| Signer::Keyless {
+            roots: roots.as_bytes().to_vec(),
+            issuer: issuer.into(),
+            subject: subject.into(),
+        };
+        assert_eq!(
+            verify_signatures(
+                &layers,
+                DIGEST,
+                &signer(&ca, "https://issuer.example", "dev@example.com")
+            ),
+            Ok(())
+        );
+        let err = verify_signatures(
+            &layers,
+            DIGEST,
+            &signer(&ca, "https://issuer.example", "eve@example.com"),
+        )
+        .expect_err("other subject");
+        assert!(
+            err.to_string().contains("signed by dev@example.com"),
+            "{err}"
+        );
+        let err = verify_signatures(
+            &layers,
+            DIGEST,
+            &signer(&ca, "https://other.example", "dev@example.com"),
+        )
+        .expect_err("other issuer");
+        assert!(
+            err.to_string().contains("via https://issuer.example"),
+            "{err}"
+        );
+        let err = verify_signatures(
+            &layers,
+            DIGEST,
+            &signer(&other_ca, "https://issuer.example", "dev@example.com"),
+        )
+        .expect_err("other CA");
+        assert!(err.to_string().contains("does not chain"), "{err}");
+        // A key-only signature (no certificate) is not a keyless signature.
+        let err = verify_signatures(
+            &[sig_layer(&pair, DIGEST)],
+            DIGEST,
+            &signer(&ca, "https://issuer.example", "dev@example.com"),
+        )
+        .expect_err("no certificate");
+        assert!(err.to_string().contains("no signing certificate"), "{err}");
+    }
 }
