@@ -25,7 +25,11 @@ use palisade_webhook::{
     config::Config,
     config::TlsSource,
     identity::{IdentitySource, SpireRegistration},
-    images::{check::ImageVerifier, policy::CompiledImagePolicy, registry::Registry},
+    images::{
+        check::ImageVerifier,
+        policy::{CompiledImagePolicy, material_refs},
+        registry::Registry,
+    },
     secrets::SecretsPolicy,
     server::{AppState, FactSource, router, serve_tls},
     tls::{ReloadingCert, ServingCert, SvidCert},
@@ -37,8 +41,67 @@ struct ClusterFacts {
     spire: Option<Store<DynamicObject>>,
     /// ImagePolicies as written.
     image_policies: Store<ImagePolicy>,
-    /// Compiled ImagePolicies by (uid, generation): each generation is compiled once.
-    compiled: Mutex<HashMap<(String, i64), Arc<CompiledImagePolicy>>>,
+    /// Compiled ImagePolicies by (uid, generation, fingerprint of the Secrets and ConfigMaps it
+    /// reads): each is compiled once.
+    compiled: Mutex<HashMap<(String, i64, u64), Arc<CompiledImagePolicy>>>,
+    /// Referenced Secrets' and ConfigMaps' keys, read when a policy changes.
+    material: Arc<Material>,
+}
+
+/// Key material read from Secrets and ConfigMaps, by `secret|configmap/<ns>/<name>/<key>`.
+#[derive(Default)]
+struct Material(Mutex<HashMap<String, Result<Vec<u8>, String>>>);
+
+impl Material {
+    fn get(&self, key: &str) -> Option<Result<Vec<u8>, String>> {
+        self.0.lock().ok()?.get(key).cloned()
+    }
+
+    /// A fingerprint of what `refs` currently read as.
+    fn fingerprint(&self, refs: &[String]) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        for r in refs {
+            r.hash(&mut h);
+            format!("{:?}", self.get(r)).hash(&mut h);
+        }
+        h.finish()
+    }
+
+    /// Reads every reference of `policy` from the API server.
+    async fn refresh(&self, client: &Client, policy: &ImagePolicy) {
+        for r in material_refs(policy) {
+            let parts: Vec<&str> = r.splitn(4, '/').collect();
+            let [kind, ns, name, key] = parts.as_slice() else {
+                continue;
+            };
+            let value = if *kind == "secret" {
+                Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), ns)
+                    .get(name)
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|s| {
+                        s.data
+                            .and_then(|d| d.get(*key).map(|b| b.0.clone()))
+                            .ok_or_else(|| format!("Secret {ns}/{name} has no key {key}"))
+                    })
+            } else {
+                Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(client.clone(), ns)
+                    .get(name)
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|c| {
+                        c.data
+                            .and_then(|d| d.get(*key).map(|v| v.clone().into_bytes()))
+                            .ok_or_else(|| format!("ConfigMap {ns}/{name} has no key {key}"))
+                    })
+            }
+            .map_err(|e| format!("{r}: {e}"));
+            if let Ok(mut m) = self.0.lock() {
+                m.insert(r, value);
+            }
+        }
+    }
 }
 
 impl FactSource for ClusterFacts {
@@ -82,12 +145,11 @@ impl FactSource for ClusterFacts {
                 let key = (
                     p.metadata.uid.clone().unwrap_or_default(),
                     p.metadata.generation.unwrap_or_default(),
+                    self.material.fingerprint(&material_refs(p)),
                 );
-                Arc::clone(
-                    compiled
-                        .entry(key)
-                        .or_insert_with(|| Arc::new(CompiledImagePolicy::compile(p))),
-                )
+                Arc::clone(compiled.entry(key).or_insert_with(|| {
+                    Arc::new(CompiledImagePolicy::compile(p, &|r| self.material.get(r)))
+                }))
             })
             .collect();
         // Forget generations no longer in the cluster.
@@ -193,6 +255,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         None
     };
     let (image_policies, policy_writer) = reflector::store();
+    let material = Arc::new(Material::default());
     let policy_stream = watcher(
         Api::<ImagePolicy>::all(client.clone()),
         watcher::Config::default(),
@@ -202,11 +265,14 @@ async fn run(config: Config) -> anyhow::Result<()> {
     .applied_objects()
     .for_each({
         let client = client.clone();
+        let material = Arc::clone(&material);
         move |p| {
             let client = client.clone();
+            let material = Arc::clone(&material);
             async move {
                 if let Ok(p) = p {
-                    write_policy_status(&client, &p).await;
+                    material.refresh(&client, &p).await;
+                    write_policy_status(&client, &p, &material).await;
                 }
             }
         }
@@ -234,6 +300,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             spire,
             image_policies,
             compiled: Mutex::new(HashMap::new()),
+            material,
         }),
         images: Some(Arc::new(verifier)),
         permits: tokio::sync::Semaphore::new(64),
@@ -248,8 +315,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
 
 /// Reports in an ImagePolicy's status whether its keys and predicate policies are loaded;
 /// written only when it changes.
-async fn write_policy_status(client: &Client, policy: &ImagePolicy) {
-    let compiled = CompiledImagePolicy::compile(policy);
+async fn write_policy_status(client: &Client, policy: &ImagePolicy, material: &Material) {
+    let compiled = CompiledImagePolicy::compile(policy, &|r| material.get(r));
     let previous = policy.status.clone().unwrap_or_default();
     let now =
         k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now());

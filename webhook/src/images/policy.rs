@@ -9,12 +9,13 @@ use palisade_api::{
     ImagePolicy, ImagePolicyStatus,
     common::{Cond, build},
     image_policy::{
-        AuthorityStatus, EnforcementMode, PredicatePolicy, Requirement, TransparencyLog,
+        AuthorityStatus, ConfigMapKeySelector, EnforcementMode, Keyless, PredicatePolicy,
+        Requirement, SecretKeySelector, TransparencyLog,
     },
 };
 use regorus::{CompiledPolicy, Engine, Value};
 
-use super::verify::Signer;
+use super::verify::{IdentityMatcher, Matcher, Signer};
 use crate::identity::selects;
 
 /// The rule a predicate policy must define.
@@ -57,8 +58,9 @@ pub struct CompiledImagePolicy {
 }
 
 impl CompiledImagePolicy {
-    /// Compiles `policy`.
-    pub fn compile(policy: &ImagePolicy) -> Self {
+    /// Compiles `policy`, reading referenced Secrets and ConfigMaps through `material` (see
+    /// [`material_refs`]; `None`: not fetched yet).
+    pub fn compile(policy: &ImagePolicy, material: MaterialLookup<'_>) -> Self {
         let authorities = policy
             .spec
             .authorities
@@ -72,11 +74,14 @@ impl CompiledImagePolicy {
                             let s = Signer::Key(pem.as_bytes().to_vec());
                             s.validate().map(|()| s).map_err(|e| e.to_string())
                         }
-                        (None, Some(_)) => Err("key.secretRef is not supported yet; put the public key in key.publicKey".to_owned()),
+                        (None, Some(r)) => fetched(material, &secret_ref(r)).and_then(|pem| {
+                            let s = Signer::Key(pem);
+                            s.validate().map(|()| s).map_err(|e| e.to_string())
+                        }),
                         (None, None) => Err("key has neither publicKey nor secretRef".to_owned()),
                     }
-                } else if a.keyless.is_some() {
-                    Err("keyless authorities are not enforced yet".to_owned())
+                } else if let Some(k) = &a.keyless {
+                    keyless_signer(k, material)
                 } else {
                     Err("neither key nor keyless".to_owned())
                 };
@@ -208,6 +213,73 @@ impl CompiledImagePolicy {
     }
 }
 
+/// Reads a referenced key (`secret|configmap/<ns>/<name>/<key>`): `None` when not fetched yet.
+pub type MaterialLookup<'a> = &'a dyn Fn(&str) -> Option<Result<Vec<u8>, String>>;
+
+/// Palisade's own namespace, where references without a namespace point.
+pub const OWN_NAMESPACE: &str = "palisade-system";
+
+fn secret_ref(r: &SecretKeySelector) -> String {
+    format!(
+        "secret/{}/{}/{}",
+        r.namespace.as_deref().unwrap_or(OWN_NAMESPACE),
+        r.name,
+        r.key.as_deref().unwrap_or("cosign.pub")
+    )
+}
+
+fn config_map_ref(r: &ConfigMapKeySelector) -> String {
+    format!(
+        "configmap/{}/{}/{}",
+        r.namespace.as_deref().unwrap_or(OWN_NAMESPACE),
+        r.name,
+        r.key.as_deref().unwrap_or("ca.pem")
+    )
+}
+
+/// The Secrets and ConfigMaps a policy reads, as `secret/<ns>/<name>/<key>` and
+/// `configmap/<ns>/<name>/<key>`.
+pub fn material_refs(policy: &ImagePolicy) -> Vec<String> {
+    let mut out = Vec::new();
+    for a in &policy.spec.authorities {
+        if let Some(r) = a.key.as_ref().and_then(|k| k.secret_ref.as_ref()) {
+            out.push(secret_ref(r));
+        }
+        if let Some(r) = a.keyless.as_ref().and_then(|k| k.trust_root_ref.as_ref()) {
+            out.push(config_map_ref(r));
+        }
+    }
+    out
+}
+
+fn fetched(material: MaterialLookup<'_>, r: &str) -> Result<Vec<u8>, String> {
+    material(r).unwrap_or_else(|| Err(format!("{r} not read yet")))
+}
+
+fn keyless_signer(k: &Keyless, material: MaterialLookup<'_>) -> Result<Signer, String> {
+    let Some(root_ref) = &k.trust_root_ref else {
+        return Err("keyless without trustRootRef needs the public Sigstore trust root, which an air-gapped webhook cannot fetch; set trustRootRef to your CA".to_owned());
+    };
+    let roots = fetched(material, &config_map_ref(root_ref))?;
+    let matcher = |exact: &Option<String>, re: &Option<String>| match (exact, re) {
+        (Some(e), _) => Ok(Matcher::Exact(e.clone())),
+        (None, Some(r)) => Matcher::pattern(r),
+        (None, None) => Err("identity without issuer or subject".to_owned()),
+    };
+    let identities = k
+        .identities
+        .iter()
+        .map(|i| {
+            Ok(IdentityMatcher {
+                issuer: matcher(&i.issuer, &i.issuer_reg_exp)?,
+                subject: matcher(&i.subject, &i.subject_reg_exp)?,
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let s = Signer::Keyless { roots, identities };
+    s.validate().map(|()| s).map_err(|e| e.to_string())
+}
+
 fn compile_rego(name: &str, text: &str) -> Result<CompiledPolicy, String> {
     let mut engine = Engine::new();
     engine
@@ -285,7 +357,7 @@ mod tests {
                                        "policy": {"rego": "package palisade.attestation\nallow if {"}}]}
         }))
         .expect("policy");
-        let c = CompiledImagePolicy::compile(&policy);
+        let c = CompiledImagePolicy::compile(&policy, &|_| None);
         assert_eq!(c.generation, 3);
         assert!(
             c.authorities[0]
@@ -345,5 +417,37 @@ mod tests {
         let bad = serde_json::json!({"builder": {"id": "https://evil.example"}});
         assert_eq!(predicate_allowed(&p, "t", &good), Ok(true));
         assert_eq!(predicate_allowed(&p, "t", &bad), Ok(false));
+    }
+
+    #[test]
+    fn keyless_authorities_read_their_trust_root_and_identities() {
+        let policy: ImagePolicy = serde_json::from_value(serde_json::json!({
+            "apiVersion": "palisade.dev/v1alpha1", "kind": "ImagePolicy",
+            "metadata": {"name": "p"},
+            "spec": {"images": [{"glob": "r.example/**"}],
+                     "authorities": [{"name": "ci", "transparencyLog": "Ignore",
+                        "keyless": {"identities": [{"issuer": "https://issuer.example",
+                                                    "subjectRegExp": "[a-z]+@example[.]com"}],
+                                    "trustRootRef": {"name": "fulcio", "namespace": "sec"}}}]}
+        }))
+        .expect("policy");
+        assert_eq!(material_refs(&policy), ["configmap/sec/fulcio/ca.pem"]);
+        let missing = CompiledImagePolicy::compile(&policy, &|_| None);
+        assert!(
+            missing.authorities[0]
+                .signer
+                .as_ref()
+                .is_err_and(|e| e.contains("configmap/sec/fulcio/ca.pem not read yet"))
+        );
+        let ca = {
+            let key = rcgen::KeyPair::generate().expect("key");
+            let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+            p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            p.self_signed(&key).expect("ca").pem()
+        };
+        let loaded = CompiledImagePolicy::compile(&policy, &|r| {
+            (r == "configmap/sec/fulcio/ca.pem").then(|| Ok(ca.clone().into_bytes()))
+        });
+        assert!(loaded.authorities[0].signer.is_ok());
     }
 }

@@ -57,19 +57,51 @@ pub enum VerifyError {
     NoMatch(String),
 }
 
+/// A string test: exact, or a regular expression that must match the whole string.
+#[derive(Clone, Debug)]
+pub enum Matcher {
+    /// Equal to this.
+    Exact(String),
+    /// Matched by this (anchored at both ends).
+    Pattern(regex::Regex),
+}
+
+impl Matcher {
+    /// A matcher for a regular expression, anchored so it must match the whole value.
+    pub fn pattern(re: &str) -> Result<Self, String> {
+        regex::Regex::new(&format!("^(?:{re})$"))
+            .map(Matcher::Pattern)
+            .map_err(|e| format!("regular expression {re:?}: {e}"))
+    }
+
+    fn matches(&self, value: &str) -> bool {
+        match self {
+            Matcher::Exact(s) => s == value,
+            Matcher::Pattern(re) => re.is_match(value),
+        }
+    }
+}
+
+/// An accepted keyless signer: the certificate's OIDC issuer and subject.
+#[derive(Clone, Debug)]
+pub struct IdentityMatcher {
+    /// OIDC issuer (Fulcio extension).
+    pub issuer: Matcher,
+    /// Subject (email or URI SAN).
+    pub subject: Matcher,
+}
+
 /// Who must have signed.
 #[derive(Clone, Debug)]
 pub enum Signer {
     /// A public key (PEM SubjectPublicKeyInfo).
     Key(Vec<u8>),
-    /// A certificate chaining to one of `roots` (PEM), with this issuer and subject.
+    /// A certificate chaining to one of `roots` (PEM), with one of these identities.
     Keyless {
         /// Trusted CA certificates (PEM).
         roots: Vec<u8>,
-        /// Expected OIDC issuer (Fulcio extension).
-        issuer: String,
-        /// Expected subject (email or URI SAN).
-        subject: String,
+        /// Accepted identities; any one may match.
+        identities: Vec<IdentityMatcher>,
     },
 }
 
@@ -104,11 +136,9 @@ impl Signer {
                 key.verify_signature(webpki::ring::ECDSA_P256_SHA256, msg, sig)
                     .map_err(|_| "signature does not verify with the key".to_owned())
             }
-            Signer::Keyless {
-                roots,
-                issuer,
-                subject,
-            } => keyless(annotations, roots, issuer, subject, msg, sig),
+            Signer::Keyless { roots, identities } => {
+                keyless(annotations, roots, identities, msg, sig)
+            }
         }
     }
 }
@@ -135,8 +165,7 @@ fn roots_of(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, VerifyError> {
 fn keyless(
     annotations: &BTreeMap<String, String>,
     roots: &[u8],
-    want_issuer: &str,
-    want_subject: &str,
+    identities: &[IdentityMatcher],
     msg: &[u8],
     sig: &[u8],
 ) -> Result<(), String> {
@@ -196,9 +225,12 @@ fn keyless(
             _ => None,
         })
         .ok_or("certificate has no OIDC issuer extension")?;
-    if issuer != want_issuer || subject != want_subject {
+    if !identities
+        .iter()
+        .any(|i| i.issuer.matches(&issuer) && i.subject.matches(&subject))
+    {
         return Err(format!(
-            "signed by {subject} via {issuer}, want {want_subject} via {want_issuer}"
+            "signed by {subject} via {issuer}, which no accepted identity matches"
         ));
     }
     ee.verify_signature(webpki::ring::ECDSA_P256_SHA256, msg, sig)
@@ -556,8 +588,10 @@ mod tests {
         let layers = [layer];
         let signer = |roots: &str, issuer: &str, subject: &str| Signer::Keyless {
             roots: roots.as_bytes().to_vec(),
-            issuer: issuer.into(),
-            subject: subject.into(),
+            identities: vec![IdentityMatcher {
+                issuer: Matcher::Exact(issuer.into()),
+                subject: Matcher::pattern(subject).expect("pattern"),
+            }],
         };
         assert_eq!(
             verify_signatures(
