@@ -101,14 +101,17 @@ impl ImageVerifier {
         }
     }
 
-    /// The layers of `digest`, fetched once however many requests ask at the same time.
+    /// The layers of `digest` (attestations only `with_atts`), fetched once however many
+    /// requests ask at the same time.
     async fn fetch(
         &self,
         reference: &Reference,
         digest: &str,
         auth: &RegistryAuth,
         deadline: Instant,
+        with_atts: bool,
     ) -> FetchResult {
+        let key = format!("{digest} {with_atts}");
         let shared = {
             let Ok(mut inflight) = self.inflight.lock() else {
                 return Arc::new(Err(RegistryError::Failed {
@@ -117,7 +120,7 @@ impl ImageVerifier {
                 }));
             };
             inflight
-                .entry(digest.to_owned())
+                .entry(key.clone())
                 .or_insert_with(|| {
                     let registry = Arc::clone(&self.registry);
                     let (reference, digest, auth) =
@@ -126,9 +129,13 @@ impl ImageVerifier {
                         let sigs = registry
                             .cosign_layers(&reference, &digest, "sig", &auth, deadline)
                             .await;
-                        let atts = registry
-                            .cosign_layers(&reference, &digest, "att", &auth, deadline)
-                            .await;
+                        let atts = if with_atts {
+                            registry
+                                .cosign_layers(&reference, &digest, "att", &auth, deadline)
+                                .await
+                        } else {
+                            Ok(Vec::new())
+                        };
                         Arc::new(sigs.and_then(|sigs| atts.map(|atts| Fetched { sigs, atts })))
                     }
                     .boxed()
@@ -138,7 +145,7 @@ impl ImageVerifier {
         };
         let out = shared.await;
         if let Ok(mut inflight) = self.inflight.lock() {
-            inflight.remove(digest);
+            inflight.remove(&key);
         }
         out
     }
@@ -200,6 +207,7 @@ impl ImageVerifier {
             Ok(r) => r,
             Err(e) => return fail_all(format!("cannot resolve the image digest: {e}")),
         };
+        let with_atts = covering.iter().any(|p| !p.attestations.is_empty());
         let mut out = Vec::new();
         let mut fetched: Option<FetchResult> = None;
         for p in covering {
@@ -208,7 +216,10 @@ impl ImageVerifier {
                 hit
             } else {
                 if fetched.is_none() {
-                    fetched = Some(self.fetch(&reference, &digest, auth, deadline).await);
+                    fetched = Some(
+                        self.fetch(&reference, &digest, auth, deadline, with_atts)
+                            .await,
+                    );
                 }
                 match fetched.as_deref() {
                     Some(Ok(layers)) => {
