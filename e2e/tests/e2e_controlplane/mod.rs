@@ -228,10 +228,31 @@ fn up_serves_the_examples_and_stops_cleanly(_env: &Env) -> Result<()> {
             "jsonpath={.status.vaultRole}",
         ]))?;
     let role = String::from_utf8_lossy(&role.stdout).into_owned();
+    // The webhook loaded the example ImagePolicy and says so in its status.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let policy_ready = loop {
+        let out = run(Command::new(&kubectl)
+            .env("KUBECONFIG", Path::new(&kubeconfig))
+            .args([
+                "get",
+                "imagepolicy",
+                "shop-images",
+                "-o",
+                r#"jsonpath={.status.conditions[?(@.type=="Ready")].reason}"#,
+            ]))?;
+        let reason = String::from_utf8_lossy(&out.stdout).into_owned();
+        if reason == "Loaded" || std::time::Instant::now() > deadline {
+            break reason;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    };
     run_ok(Command::new("kill").args(["-TERM", &child.id().to_string()]))?;
     let status = child.wait()?;
     if listed != 5 {
         bail!("kubectl get palisade -A listed {listed} objects, want the 5 examples");
+    }
+    if policy_ready != "Loaded" {
+        bail!("the example ImagePolicy reports Ready reason {policy_ready:?}, want Loaded");
     }
     if role != "palisade-shop.orders" {
         bail!("the example SecretBinding reports Vault role {role:?}, want palisade-shop.orders");

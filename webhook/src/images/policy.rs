@@ -450,4 +450,27 @@ mod tests {
         });
         assert!(loaded.authorities[0].signer.is_ok());
     }
+
+    #[test]
+    fn the_example_policy_loads() {
+        let text = include_str!("../../../examples/50-imagepolicy-shop.yaml");
+        let value: serde_json::Value = serde_yaml::from_str(text).expect("YAML");
+        let policy: ImagePolicy = serde_json::from_value(value).expect("ImagePolicy");
+        let c = CompiledImagePolicy::compile(&policy, &|_| None);
+        for a in &c.authorities {
+            assert!(a.signer.is_ok(), "{}: {:?}", a.name, a.signer);
+        }
+        for a in &c.attestations {
+            assert!(
+                a.policy.is_ok(),
+                "{}: {:?}",
+                a.name,
+                a.policy.as_ref().err()
+            );
+        }
+        assert!(c.covers(
+            "registry.example.com/shop/orders:1.4.2",
+            &BTreeMap::from([("kubernetes.io/metadata.name".into(), "shop".into())])
+        ));
+    }
 }
