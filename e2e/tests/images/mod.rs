@@ -184,6 +184,18 @@ fn image_policy_enforced_at_admission(env: &Env) -> Result<()> {
     reg.sign("ci", "shop/orders", &good)?;
     reg.attest("ci", "shop/orders", &good, "slsaprovenance", PROVENANCE_OK)?;
     reg.push("shop/unsigned", "v1", "unsigned")?;
+    reg.key_pair("other")?;
+    let foreign = reg.push("shop/foreign", "v1", "foreign")?;
+    reg.sign("other", "shop/foreign", &foreign)?;
+    reg.attest(
+        "other",
+        "shop/foreign",
+        &foreign,
+        "slsaprovenance",
+        PROVENANCE_OK,
+    )?;
+    let bare = reg.push("shop/bare", "v1", "signed, not attested")?;
+    reg.sign("ci", "shop/bare", &bare)?;
     let evil = reg.push("shop/evil", "v1", "evil")?;
     reg.sign("ci", "shop/evil", &evil)?;
     reg.attest("ci", "shop/evil", &evil, "slsaprovenance", PROVENANCE_EVIL)?;
@@ -244,8 +256,11 @@ spec:
         };
         // The unsigned image is refused once the webhook sees the policy.
         let unsigned = format!("{}/shop/unsigned:v1", reg.host);
+        let mut attempt = 0;
         cp.eventually("the ImagePolicy enforced", Duration::from_secs(30), || {
-            let out = pod("unsigned", &unsigned).ok()?;
+            // A new pod each time: one admitted before the policy was seen stays admitted.
+            attempt += 1;
+            let out = pod(&format!("unsigned-{attempt}"), &unsigned).ok()?;
             (!out.status.success()).then_some(out)
         })
         .and_then(|out| {
@@ -303,6 +318,39 @@ spec:
             "attestation provenance",
             "refused by the policy",
         ])?;
+        rejects(&pod("foreign", &format!("{}/shop/foreign:v1", reg.host))?, "image signed with another key", &[
+            "authority ci",
+            "does not verify with the key",
+        ])?;
+        rejects(&pod("bare", &format!("{}/shop/bare:v1", reg.host))?, "signed image without an attestation", &[
+            "attestation provenance",
+            &format!("no {SLSA} attestation"),
+        ])?;
+        // A Warn policy admits what fails it, with the reason as a warning.
+        let warn = format!(
+            "apiVersion: palisade.dev/v1alpha1\nkind: ImagePolicy\nmetadata:\n  name: e2e-{ns}-warn\nspec:\n  images: [{{glob: \"{}/legacy/**\"}}]\n  namespaceSelector: {{matchLabels: {{kubernetes.io/metadata.name: {ns}}}}}\n  mode: Warn\n  authorities:\n    - name: ci\n      transparencyLog: Ignore\n      key:\n        publicKey: |\n{key}\n",
+            reg.host
+        );
+        let file = cp.work_dir.join(format!("imagepolicy-{ns}-warn.yaml"));
+        std::fs::write(&file, warn)?;
+        run_ok(cp.kubectl().arg("apply").arg("-f").arg(&file))?;
+        reg.push("legacy/app", "v1", "legacy")?;
+        let legacy = format!("{}/legacy/app:v1", reg.host);
+        let mut attempt = 0;
+        let out = cp.eventually("the Warn policy applied", Duration::from_secs(30), || {
+            // A new pod each time: re-applying an unchanged one would not reach the webhook.
+            attempt += 1;
+            let out = pod(&format!("legacy-{attempt}"), &legacy).ok()?;
+            String::from_utf8_lossy(&out.stderr)
+                .contains("Warning")
+                .then_some(out)
+        })?;
+        accepts(&out, "image failing a Warn policy")?;
+        let warning = String::from_utf8_lossy(&out.stderr).into_owned();
+        if !warning.contains(&format!("image policy e2e-{ns}-warn")) || !warning.contains("no signature") {
+            bail!("the warning does not explain the failure: {warning}");
+        }
+        let _ = run(cp.kubectl().args(["delete", "imagepolicy", &format!("e2e-{ns}-warn")]));
         // Images no policy covers make no registry call.
         let requests = || -> Result<String> {
             let (_, m) = wh.curl(&["/metrics"])?;
