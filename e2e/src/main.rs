@@ -161,7 +161,7 @@ fn up(args: &[String]) -> Result<()> {
 fn wait_examples_ready(cp: &ControlPlane) -> Result<()> {
     cp.eventually(
         "the example policies to become Ready",
-        std::time::Duration::from_secs(30),
+        std::time::Duration::from_mins(1),
         || {
             let out = run_ok(cp.kubectl().args([
                 "get",

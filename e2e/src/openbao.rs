@@ -99,7 +99,10 @@ impl OpenBao {
             if let Some(status) = bao.child.try_wait()? {
                 bail!("bao exited ({status}): {}", bao.log_tail());
             }
-            if bao.ca.exists() && bao.root(&["status"]).is_ok() {
+            // Ready when it answers and has printed its unseal key (the banner can come after
+            // the listener is up).
+            let banner = std::fs::read_to_string(&log).unwrap_or_default();
+            if bao.ca.exists() && banner.contains("Unseal Key: ") && bao.root(&["status"]).is_ok() {
                 break;
             }
             if Instant::now() > deadline {

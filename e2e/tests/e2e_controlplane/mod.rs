@@ -187,11 +187,12 @@ fn killed_etcd_is_reported_and_nothing_leaks(env: &Env) -> Result<()> {
 fn up_serves_the_examples_and_stops_cleanly(_env: &Env) -> Result<()> {
     let state = tempfile::tempdir()?;
     let state_dir = state.path().join("up");
+    let stderr_path = state.path().join("up.stderr");
     let mut child = Command::new(env!("CARGO_BIN_EXE_palisade-e2e"))
         .args(["up", "--state"])
         .arg(&state_dir)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&stderr_path)?)
         .spawn()?;
     let stdout = child.stdout.take().context("stdout")?;
     let mut kubeconfig = None;
@@ -204,7 +205,10 @@ fn up_serves_the_examples_and_stops_cleanly(_env: &Env) -> Result<()> {
     }
     let Some(kubeconfig) = kubeconfig else {
         let status = child.wait()?;
-        bail!("up exited ({status}) without printing the kubeconfig");
+        bail!(
+            "up exited ({status}) without printing the kubeconfig:\n{}",
+            palisade_e2e::tail_lines(&stderr_path, 30)
+        );
     };
     let pids: Vec<u32> = std::fs::read_to_string(state_dir.join("pids"))?
         .lines()
