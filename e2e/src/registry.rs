@@ -115,6 +115,71 @@ impl OciRegistry {
         Ok(dir.join("cosign.pub"))
     }
 
+    /// A keyless signer `name` in Fulcio's shape for an air-gapped cluster: a CA, and a
+    /// code-signing certificate from it for `subject` (email) with the OIDC `issuer` extension,
+    /// whose key is imported into cosign. Returns the CA's PEM file.
+    pub fn keyless_signer(&self, name: &str, subject: &str, issuer: &str) -> Result<PathBuf> {
+        use rcgen::{
+            BasicConstraints, CertificateParams, CustomExtension, DnType, ExtendedKeyUsagePurpose,
+            IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+        };
+        let dir = self.dir.join(format!("key-{name}"));
+        std::fs::create_dir_all(&dir)?;
+        let ca_key = KeyPair::generate()?;
+        let mut ca = CertificateParams::new(Vec::<String>::new())?;
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name.push(DnType::CommonName, "e2e fulcio");
+        ca.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca_pem = ca.self_signed(&ca_key)?.pem();
+        let issuer_ca = Issuer::new(ca, ca_key);
+        let leaf_key = KeyPair::generate()?;
+        let mut leaf = CertificateParams::new(Vec::<String>::new())?;
+        leaf.subject_alt_names = vec![SanType::Rfc822Name(subject.try_into()?)];
+        leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::CodeSigning];
+        leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        leaf.custom_extensions = vec![CustomExtension::from_oid_content(
+            &[1, 3, 6, 1, 4, 1, 57264, 1, 1],
+            issuer.as_bytes().to_vec(),
+        )];
+        let leaf_pem = leaf.signed_by(&leaf_key, &issuer_ca)?.pem();
+        std::fs::write(dir.join("ca.pem"), &ca_pem)?;
+        std::fs::write(dir.join("leaf.crt"), leaf_pem)?;
+        std::fs::write(dir.join("leaf.key.pem"), leaf_key.serialize_pem())?;
+        run_ok(
+            Command::new(self.bin_dir.join("cosign"))
+                .args([
+                    "import-key-pair",
+                    "--key",
+                    "leaf.key.pem",
+                    "--output-key-prefix",
+                    "cosign",
+                    "--yes",
+                ])
+                .env("COSIGN_PASSWORD", "")
+                .current_dir(&dir),
+        )?;
+        Ok(dir.join("ca.pem"))
+    }
+
+    /// Signs `<repo>@<digest>` with keyless signer `name`, attaching its certificate.
+    pub fn sign_keyless(&self, name: &str, repo: &str, digest: &str) -> Result<()> {
+        let dir = self.dir.join(format!("key-{name}"));
+        let cert = format!("--certificate={}", dir.join("leaf.crt").display());
+        let chain = format!("--certificate-chain={}", dir.join("ca.pem").display());
+        self.cosign(
+            name,
+            &[
+                "sign",
+                &cert,
+                &chain,
+                &format!("{}/{repo}@{digest}", self.host),
+            ],
+        )
+    }
+
     /// Path of the public key of pair `name`.
     pub fn dir_key(&self, name: &str) -> PathBuf {
         self.dir.join(format!("key-{name}")).join("cosign.pub")

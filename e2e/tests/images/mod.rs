@@ -326,6 +326,33 @@ spec:
             "attestation provenance",
             &format!("no {SLSA} attestation"),
         ])?;
+        // Keyless: a certificate from the cluster's own CA (read from a ConfigMap) for an
+        // accepted identity; a certificate from another CA is refused.
+        let ca = reg.keyless_signer("dev", "dev@shop.example", "https://issuer.example")?;
+        reg.keyless_signer("eve", "dev@shop.example", "https://issuer.example")?;
+        let keyless = reg.push("keyless/app", "v1", "keyless")?;
+        reg.sign_keyless("dev", "keyless/app", &keyless)?;
+        let other = reg.push("keyless/other", "v1", "other CA")?;
+        reg.sign_keyless("eve", "keyless/other", &other)?;
+        run_ok(cp.kubectl().args(["create", "configmap", "fulcio-ca", "-n", ns])
+            .arg(format!("--from-file=ca.pem={}", ca.display())))?;
+        let policy = format!(
+            "apiVersion: palisade.dev/v1alpha1\nkind: ImagePolicy\nmetadata:\n  name: e2e-{ns}-keyless\nspec:\n  images: [{{glob: \"{}/keyless/**\"}}]\n  namespaceSelector: {{matchLabels: {{kubernetes.io/metadata.name: {ns}}}}}\n  authorities:\n    - name: fulcio\n      transparencyLog: Ignore\n      keyless:\n        identities: [{{issuer: \"https://issuer.example\", subjectRegExp: \"[a-z]+@shop[.]example\"}}]\n        trustRootRef: {{name: fulcio-ca, namespace: {ns}}}\n",
+            reg.host
+        );
+        let file = cp.work_dir.join(format!("imagepolicy-{ns}-keyless.yaml"));
+        std::fs::write(&file, policy)?;
+        run_ok(cp.kubectl().arg("apply").arg("-f").arg(&file))?;
+        cp.eventually("the keyless ImagePolicy reported Loaded", Duration::from_secs(30), || {
+            ready(&format!("e2e-{ns}-keyless")).filter(|r| r == "Loaded")
+        })?;
+        accepts(&pod("keyless", &format!("{}/keyless/app:v1", reg.host))?, "keyless-signed image")?;
+        rejects(&pod("keyless-other", &format!("{}/keyless/other:v1", reg.host))?, "keyless image from another CA", &[
+            "authority fulcio",
+            "does not chain to the trusted CA",
+        ])?;
+        let _ = run(cp.kubectl().args(["delete", "imagepolicy", &format!("e2e-{ns}-keyless")]));
+
         // A Warn policy admits what fails it, with the reason as a warning.
         let warn = format!(
             "apiVersion: palisade.dev/v1alpha1\nkind: ImagePolicy\nmetadata:\n  name: e2e-{ns}-warn\nspec:\n  images: [{{glob: \"{}/legacy/**\"}}]\n  namespaceSelector: {{matchLabels: {{kubernetes.io/metadata.name: {ns}}}}}\n  mode: Warn\n  authorities:\n    - name: ci\n      transparencyLog: Ignore\n      key:\n        publicKey: |\n{key}\n",
