@@ -198,17 +198,25 @@ fn secret_binding_lifecycle(env: &Env) -> Result<()> {
             creds(&bao, &reports_token, "palisade-shop.reports.shop-reports")?;
         pg.psql(&short_user, &short_password, "SELECT 1")?;
 
+        // An annotation change makes the operator reconcile the binding without changing it.
+        let touch = |n: &str| {
+            run_ok(
+                cp.kubectl()
+                    .args([
+                        "annotate",
+                        "--overwrite",
+                        "secretbinding",
+                        "orders",
+                        "-n",
+                        "shop",
+                    ])
+                    .arg(format!("e2e/touch={n}")),
+            )
+        };
+
         // A no-op resync writes nothing to Vault.
         let before = vault_totals(&op)?;
-        run_ok(cp.kubectl().args([
-            "annotate",
-            "--overwrite",
-            "secretbinding",
-            "orders",
-            "-n",
-            "shop",
-            "e2e/touch=1",
-        ]))?;
+        touch("1")?;
         std::thread::sleep(Duration::from_secs(3));
         let after = vault_totals(&op)?;
         if after.1 > before.1 || after.0 <= before.0 {
@@ -221,15 +229,7 @@ fn secret_binding_lifecycle(env: &Env) -> Result<()> {
             "path \"secret/data/*\" { capabilities = [\"read\"] }\n",
         )?;
         bao.root(&["policy", "write", role, &widened])?;
-        run_ok(cp.kubectl().args([
-            "annotate",
-            "--overwrite",
-            "secretbinding",
-            "orders",
-            "-n",
-            "shop",
-            "e2e/touch=2",
-        ]))?;
+        touch("2")?;
         cp.eventually("the policy repaired", WAIT, || {
             let text = bao.root(&["policy", "read", role]).ok()?;
             (!text.contains("secret/data/*") && text.contains("secret/data/shop/orders/*"))

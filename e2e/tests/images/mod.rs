@@ -216,22 +216,28 @@ fn image_policy_enforced_at_admission(env: &Env) -> Result<()> {
             .map(|l| format!("          {l}"))
             .collect::<Vec<_>>()
             .join("\n");
-        let policy = format!(
-            "apiVersion: palisade.dev/v1alpha1
-kind: ImagePolicy
-metadata:
-  name: e2e-{ns}
-spec:
-  images: [{{glob: \"{host}/shop/**\"}}]
-  namespaceSelector: {{matchLabels: {{kubernetes.io/metadata.name: {ns}}}}}
-  pinDigest: true
-  authorities:
-    - name: ci
-      transparencyLog: Ignore
-      key:
-        publicKey: |
-{key}
-  attestations:
+        // Every policy here covers `<registry>/<dir>/**` in this namespace only.
+        let apply_policy = |suffix: &str, dir: &str, spec: &str| -> Result<String> {
+            let name = format!("e2e-{ns}{suffix}");
+            let yaml = format!(
+                "apiVersion: palisade.dev/v1alpha1\nkind: ImagePolicy\nmetadata:\n  name: {name}\nspec:\n  images: [{{glob: \"{}/{dir}/**\"}}]\n  namespaceSelector: {{matchLabels: {{kubernetes.io/metadata.name: {ns}}}}}\n{spec}",
+                reg.host
+            );
+            let file = cp.work_dir.join(format!("imagepolicy-{name}.yaml"));
+            std::fs::write(&file, yaml)?;
+            run_ok(cp.kubectl().arg("apply").arg("-f").arg(&file))?;
+            Ok(name)
+        };
+        // Authority `ci` with our key; `tlog` is its transparencyLog line (or nothing).
+        let ci_key = |tlog: &str| {
+            format!("  authorities:\n    - name: ci\n{tlog}      key:\n        publicKey: |\n{key}\n")
+        };
+        let ignore_tlog = "      transparencyLog: Ignore\n";
+        let main_policy = apply_policy(
+            "",
+            "shop",
+            &format!(
+                "  pinDigest: true\n{}  attestations:
     - name: provenance
       predicateType: {SLSA}
       policy:
@@ -241,11 +247,9 @@ spec:
           default allow := false
           allow if input.predicate.builder.id == \"https://ci.example/builder\"
 ",
-            host = reg.host
-        );
-        let file = cp.work_dir.join(format!("imagepolicy-{ns}.yaml"));
-        std::fs::write(&file, policy)?;
-        run_ok(cp.kubectl().arg("apply").arg("-f").arg(&file))?;
+                ci_key(ignore_tlog)
+            ),
+        )?;
         let pod = |name: &str, image: &str| -> Result<std::process::Output> {
             let yaml = format!(
                 "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  serviceAccountName: orders\n  containers:\n    - name: app\n      image: {image}\n"
@@ -267,7 +271,7 @@ spec:
             rejects(&out, "unsigned image", &[
                 "containers \"app\"",
                 &unsigned,
-                &format!("image policy e2e-{ns}"),
+                &format!("image policy {main_policy}"),
                 "authority ci: no signature",
             ])
         })?;
@@ -292,20 +296,14 @@ spec:
             .filter(|r| !r.is_empty())
         };
         cp.eventually("the ImagePolicy reported Loaded", Duration::from_secs(30), || {
-            ready(&format!("e2e-{ns}")).filter(|r| r == "Loaded")
+            ready(&main_policy).filter(|r| r == "Loaded")
         })?;
 
         // A policy whose authority cannot be loaded (it asks for a transparency log this
         // webhook does not query) says so in its status and refuses the images it covers.
-        let broken = format!(
-            "apiVersion: palisade.dev/v1alpha1\nkind: ImagePolicy\nmetadata:\n  name: e2e-{ns}-broken\nspec:\n  images: [{{glob: \"{}/broken/**\"}}]\n  namespaceSelector: {{matchLabels: {{kubernetes.io/metadata.name: {ns}}}}}\n  authorities:\n    - name: ci\n      key:\n        publicKey: |\n{key}\n",
-            reg.host
-        );
-        let file = cp.work_dir.join(format!("imagepolicy-{ns}-broken.yaml"));
-        std::fs::write(&file, broken)?;
-        run_ok(cp.kubectl().arg("apply").arg("-f").arg(&file))?;
+        let broken = apply_policy("-broken", "broken", &ci_key(""))?;
         cp.eventually("the broken ImagePolicy reported NotLoaded", Duration::from_secs(30), || {
-            ready(&format!("e2e-{ns}-broken")).filter(|r| r == "NotLoaded")
+            ready(&broken).filter(|r| r == "NotLoaded")
         })?;
         let broken_image = reg.push("broken/app", "v1", "broken")?;
         reg.sign("ci", "broken/app", &broken_image)?;
@@ -313,7 +311,7 @@ spec:
             "authority ci: not loaded",
             "transparencyLog",
         ])?;
-        let _ = run(cp.kubectl().args(["delete", "imagepolicy", &format!("e2e-{ns}-broken")]));
+        let _ = run(cp.kubectl().args(["delete", "imagepolicy", &broken]));
         rejects(&pod("evil", &format!("{}/shop/evil:v1", reg.host))?, "image attested by another builder", &[
             "attestation provenance",
             "refused by the policy",
@@ -336,31 +334,23 @@ spec:
         reg.sign_keyless("eve", "keyless/other", &other)?;
         run_ok(cp.kubectl().args(["create", "configmap", "fulcio-ca", "-n", ns])
             .arg(format!("--from-file=ca.pem={}", ca.display())))?;
-        let policy = format!(
-            "apiVersion: palisade.dev/v1alpha1\nkind: ImagePolicy\nmetadata:\n  name: e2e-{ns}-keyless\nspec:\n  images: [{{glob: \"{}/keyless/**\"}}]\n  namespaceSelector: {{matchLabels: {{kubernetes.io/metadata.name: {ns}}}}}\n  authorities:\n    - name: fulcio\n      transparencyLog: Ignore\n      keyless:\n        identities: [{{issuer: \"https://issuer.example\", subjectRegExp: \"[a-z]+@shop[.]example\"}}]\n        trustRootRef: {{name: fulcio-ca, namespace: {ns}}}\n",
-            reg.host
-        );
-        let file = cp.work_dir.join(format!("imagepolicy-{ns}-keyless.yaml"));
-        std::fs::write(&file, policy)?;
-        run_ok(cp.kubectl().arg("apply").arg("-f").arg(&file))?;
+        let keyless_policy = apply_policy(
+            "-keyless",
+            "keyless",
+            &format!("  authorities:\n    - name: fulcio\n{ignore_tlog}      keyless:\n        identities: [{{issuer: \"https://issuer.example\", subjectRegExp: \"[a-z]+@shop[.]example\"}}]\n        trustRootRef: {{name: fulcio-ca, namespace: {ns}}}\n"),
+        )?;
         cp.eventually("the keyless ImagePolicy reported Loaded", Duration::from_secs(30), || {
-            ready(&format!("e2e-{ns}-keyless")).filter(|r| r == "Loaded")
+            ready(&keyless_policy).filter(|r| r == "Loaded")
         })?;
         accepts(&pod("keyless", &format!("{}/keyless/app:v1", reg.host))?, "keyless-signed image")?;
         rejects(&pod("keyless-other", &format!("{}/keyless/other:v1", reg.host))?, "keyless image from another CA", &[
             "authority fulcio",
             "does not chain to the trusted CA",
         ])?;
-        let _ = run(cp.kubectl().args(["delete", "imagepolicy", &format!("e2e-{ns}-keyless")]));
+        let _ = run(cp.kubectl().args(["delete", "imagepolicy", &keyless_policy]));
 
         // A Warn policy admits what fails it, with the reason as a warning.
-        let warn = format!(
-            "apiVersion: palisade.dev/v1alpha1\nkind: ImagePolicy\nmetadata:\n  name: e2e-{ns}-warn\nspec:\n  images: [{{glob: \"{}/legacy/**\"}}]\n  namespaceSelector: {{matchLabels: {{kubernetes.io/metadata.name: {ns}}}}}\n  mode: Warn\n  authorities:\n    - name: ci\n      transparencyLog: Ignore\n      key:\n        publicKey: |\n{key}\n",
-            reg.host
-        );
-        let file = cp.work_dir.join(format!("imagepolicy-{ns}-warn.yaml"));
-        std::fs::write(&file, warn)?;
-        run_ok(cp.kubectl().arg("apply").arg("-f").arg(&file))?;
+        let warn = apply_policy("-warn", "legacy", &format!("  mode: Warn\n{}", ci_key(ignore_tlog)))?;
         reg.push("legacy/app", "v1", "legacy")?;
         let legacy = format!("{}/legacy/app:v1", reg.host);
         let mut attempt = 0;
@@ -374,10 +364,10 @@ spec:
         })?;
         accepts(&out, "image failing a Warn policy")?;
         let warning = String::from_utf8_lossy(&out.stderr).into_owned();
-        if !warning.contains(&format!("image policy e2e-{ns}-warn")) || !warning.contains("no signature") {
+        if !warning.contains(&format!("image policy {warn}")) || !warning.contains("no signature") {
             bail!("the warning does not explain the failure: {warning}");
         }
-        let _ = run(cp.kubectl().args(["delete", "imagepolicy", &format!("e2e-{ns}-warn")]));
+        let _ = run(cp.kubectl().args(["delete", "imagepolicy", &warn]));
         // Images no policy covers make no registry call.
         let requests = || -> Result<String> {
             let (_, m) = wh.curl(&["/metrics"])?;
@@ -403,7 +393,7 @@ spec:
             bail!("the refusal took {took:?}, beyond the API server's deadline");
         }
         eprintln!("  registry down: refused in {} ms", took.as_millis());
-        let _ = run(cp.kubectl().args(["delete", "imagepolicy", &format!("e2e-{ns}")]));
+        let _ = run(cp.kubectl().args(["delete", "imagepolicy", &main_policy]));
         Ok(())
     });
     let _ = run(cp.kubectl().args([
