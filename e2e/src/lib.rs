@@ -45,6 +45,16 @@ pub fn tail_lines(path: &Path, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// Starts `cmd` with stdin closed and stdout and stderr both written to a new file at `log`.
+pub fn spawn_logged(cmd: &mut Command, log: &Path) -> Result<std::process::Child> {
+    let out = std::fs::File::create(log)?;
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .spawn()
+        .with_context(|| format!("starting {}", cmd.get_program().display()))
+}
+
 /// Runs a command and returns its output, with a readable error if it cannot start.
 pub fn run(cmd: &mut Command) -> Result<Output> {
     cmd.output()

@@ -5,15 +5,14 @@
 //! token: it logs in with its ServiceAccount.
 
 use std::{
-    fs::File,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
 
-use crate::{ControlPlane, controlplane::free_port, postgres::Postgres, run, run_ok};
+use crate::{ControlPlane, controlplane::free_port, postgres::Postgres, run, run_ok, spawn_logged};
 
 /// Name of the operator's own Vault policy and login role. It does not start with `palisade-`,
 /// the prefix of every name the operator may write, so it can never rewrite its own grant.
@@ -72,19 +71,16 @@ impl OpenBao {
         let port = free_port()?;
         let root_token = format!("root-{}", std::process::id());
         let log = dir.join("bao.log");
-        let out = File::create(&log)?;
-        let child = Command::new(&bin)
-            .args(["server", "-dev", "-dev-tls", "-dev-no-store-token"])
-            .arg(format!("-dev-tls-cert-dir={}", dir.display()))
-            .arg(format!("-dev-root-token-id={root_token}"))
-            .arg(format!("-dev-listen-address=127.0.0.1:{port}"))
-            .env_remove("BAO_TOKEN")
-            .env_remove("VAULT_TOKEN")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .context("starting bao server -dev")?;
+        let child = spawn_logged(
+            Command::new(&bin)
+                .args(["server", "-dev", "-dev-tls", "-dev-no-store-token"])
+                .arg(format!("-dev-tls-cert-dir={}", dir.display()))
+                .arg(format!("-dev-root-token-id={root_token}"))
+                .arg(format!("-dev-listen-address=127.0.0.1:{port}"))
+                .env_remove("BAO_TOKEN")
+                .env_remove("VAULT_TOKEN"),
+            &log,
+        )?;
         let mut bao = OpenBao {
             child,
             bin,

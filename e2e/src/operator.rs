@@ -2,17 +2,16 @@
 //! Dropping an [`OperatorProcess`] kills it.
 
 use std::{
-    fs::File,
     io::{Read, Write},
     net::TcpStream,
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
 
-use crate::{ControlPlane, controlplane::free_port};
+use crate::{ControlPlane, controlplane::free_port, spawn_logged};
 
 /// Where cargo put the workspace's binaries (next to the running test or tool).
 pub fn workspace_bin(name: &str) -> Result<PathBuf> {
@@ -57,18 +56,15 @@ impl OperatorProcess {
         let config_path = cp.work_dir.join(format!("operator-{tag}.yaml"));
         std::fs::write(&config_path, config)?;
         let log = cp.work_dir.join(format!("operator-{tag}.log"));
-        let out = File::create(&log)?;
-        let child = Command::new(workspace_bin("palisade-operator")?)
-            .arg("--config")
-            .arg(&config_path)
-            .env("KUBECONFIG", &cp.kubeconfig)
-            .env("RUST_LOG", "info,kube=warn,vaultrs=off,rustify=off")
-            .env("POD_NAME", format!("operator-{tag}"))
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .context("starting palisade-operator")?;
+        let child = spawn_logged(
+            Command::new(workspace_bin("palisade-operator")?)
+                .arg("--config")
+                .arg(&config_path)
+                .env("KUBECONFIG", &cp.kubeconfig)
+                .env("RUST_LOG", "info,kube=warn,vaultrs=off,rustify=off")
+                .env("POD_NAME", format!("operator-{tag}")),
+            &log,
+        )?;
         let mut op = OperatorProcess {
             child,
             metrics_addr,

@@ -3,15 +3,14 @@
 //! so under root the server runs as the `postgres` user the package creates.
 
 use std::{
-    fs::File,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
 
-use crate::{controlplane::free_port, run, run_ok};
+use crate::{controlplane::free_port, run, run_ok, spawn_logged};
 
 /// Superuser name Vault connects as.
 pub const SUPERUSER: &str = "postgres";
@@ -83,18 +82,15 @@ impl Postgres {
         )
         .context("initdb")?;
         let port = free_port()?;
-        let log = File::create(dir.join("postgres.log"))?;
-        let child = as_server_user(&bin.join("postgres"))
-            .arg("-D")
-            .arg(&data)
-            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-k"])
-            .arg(&dir)
-            .args(["-c", "fsync=off", "-c", "full_page_writes=off"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting postgres")?;
+        let child = spawn_logged(
+            as_server_user(&bin.join("postgres"))
+                .arg("-D")
+                .arg(&data)
+                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-k"])
+                .arg(&dir)
+                .args(["-c", "fsync=off", "-c", "full_page_writes=off"]),
+            &dir.join("postgres.log"),
+        )?;
         let mut pg = Postgres {
             child,
             bin,

@@ -2,15 +2,14 @@
 //! to sign and attest what is pushed to it, both built by `e2e/toolchain/build.sh`.
 
 use std::{
-    fs::File,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 
-use crate::{controlplane::free_port, run_ok};
+use crate::{controlplane::free_port, run_ok, spawn_logged};
 
 /// A running registry. Stops it on drop.
 pub struct OciRegistry {
@@ -35,14 +34,10 @@ impl OciRegistry {
         std::fs::create_dir_all(dir)?;
         let port = free_port()?;
         let host = format!("127.0.0.1:{port}");
-        let log = File::create(dir.join("registry.log"))?;
-        let child = Command::new(bin_dir.join("crane"))
-            .args(["registry", "serve", "--address", &host])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting crane registry serve")?;
+        let child = spawn_logged(
+            Command::new(bin_dir.join("crane")).args(["registry", "serve", "--address", &host]),
+            &dir.join("registry.log"),
+        )?;
         let reg = OciRegistry {
             child,
             bin_dir: bin_dir.to_path_buf(),

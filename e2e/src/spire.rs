@@ -4,15 +4,14 @@
 //! the `unix` attestor, so every process of this user receives the registered SVID.
 
 use std::{
-    fs::File,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
 
-use crate::{controlplane::free_port, run_ok};
+use crate::{controlplane::free_port, run_ok, spawn_logged};
 
 /// Trust domain of the test SPIRE deployment.
 pub const TRUST_DOMAIN: &str = "palisade.test";
@@ -50,9 +49,12 @@ impl Spire {
         let d = dir.display();
         let server_conf = server_conf(&d.to_string(), port);
         std::fs::write(dir.join("server.conf"), server_conf)?;
-        let server = spawn(
-            &bin_dir.join("spire-server"),
-            &["run", "-config", &format!("{d}/server.conf")],
+        let server = spawn_logged(
+            Command::new(bin_dir.join("spire-server")).args([
+                "run",
+                "-config",
+                &format!("{d}/server.conf"),
+            ]),
             &dir.join("server.log"),
         )?;
         let node_id = format!("spiffe://{TRUST_DOMAIN}/e2e-node");
@@ -91,15 +93,14 @@ impl Spire {
             .to_owned();
         let agent_conf = agent_conf(&d.to_string(), port);
         std::fs::write(dir.join("agent.conf"), agent_conf)?;
-        spire.agent = Some(spawn(
-            &bin_dir.join("spire-agent"),
-            &[
+        spire.agent = Some(spawn_logged(
+            Command::new(bin_dir.join("spire-agent")).args([
                 "run",
                 "-config",
                 &format!("{d}/agent.conf"),
                 "-joinToken",
                 &token,
-            ],
+            ]),
             &dir.join("agent.log"),
         )?);
         let socket = dir.join("agent.sock");
@@ -210,18 +211,6 @@ fn agent_conf(d: &str, port: u16) -> String {
     }}
     "#
     )
-}
-
-fn spawn(bin: &Path, args: &[&str], log: &Path) -> Result<Child> {
-    let out = File::create(log)?;
-    let child = Command::new(bin)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(out.try_clone()?)
-        .stderr(out)
-        .spawn()
-        .with_context(|| format!("starting {}", bin.display()))?;
-    Ok(child)
 }
 
 impl Drop for Spire {

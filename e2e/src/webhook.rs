@@ -2,15 +2,16 @@
 //! the control plane's CA, and registered with the API server as a validating webhook.
 
 use std::{
-    fs::File,
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
 
-use crate::{ControlPlane, controlplane::free_port, operator::workspace_bin, pki, run, run_ok};
+use crate::{
+    ControlPlane, controlplane::free_port, operator::workspace_bin, pki, run, run_ok, spawn_logged,
+};
 
 /// A running webhook.
 pub struct WebhookProcess {
@@ -88,16 +89,13 @@ impl WebhookProcess {
         let config_path = dir.join("config.yaml");
         std::fs::write(&config_path, config)?;
         let log = dir.join("webhook.log");
-        let out = File::create(&log)?;
-        let child = Command::new(workspace_bin("palisade-webhook")?)
-            .arg("--config")
-            .arg(&config_path)
-            .env("KUBECONFIG", &cp.kubeconfig)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .context("starting palisade-webhook")?;
+        let child = spawn_logged(
+            Command::new(workspace_bin("palisade-webhook")?)
+                .arg("--config")
+                .arg(&config_path)
+                .env("KUBECONFIG", &cp.kubeconfig),
+            &log,
+        )?;
         let mut wh = WebhookProcess {
             child,
             port,
