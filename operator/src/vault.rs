@@ -154,17 +154,7 @@ impl VaultError {
 }
 
 fn classify(e: ClientError) -> VaultError {
-    match e {
-        ClientError::APIError { code, errors } => {
-            let text = format!("{code}: {}", errors.join("; "));
-            match code {
-                403 => VaultError::Denied(text),
-                500.. => VaultError::Unavailable(text),
-                _ => VaultError::Api(text),
-            }
-        }
-        other => VaultError::Unavailable(other.to_string()),
-    }
+    classify_call(e.into())
 }
 
 fn is_not_found(e: &ClientError) -> bool {

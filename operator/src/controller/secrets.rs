@@ -186,15 +186,24 @@ pub async fn sync(
         .map(tv::DatabaseRole::path)
         .collect();
     for stale in previous_db_roles.iter().filter(|p| !wanted.contains(*p)) {
-        if let Some((mount, name)) = stale.split_once("/roles/") {
-            vault
-                .revoke_prefix(&format!("{mount}/creds/{name}"))
-                .await?;
-            vault.delete_database_role(mount, name).await?;
+        if retire_database_role(vault, stale).await? {
             out.deleted.push(format!("database role {stale}"));
         }
     }
     Ok(out)
+}
+
+/// Revokes every lease issued under the database role at `path` (`<mount>/roles/<name>`),
+/// then deletes the role; `false` when `path` does not name a role.
+async fn retire_database_role(vault: &Vault, path: &str) -> Result<bool, VaultError> {
+    let Some((mount, name)) = path.split_once("/roles/") else {
+        return Ok(false);
+    };
+    vault
+        .revoke_prefix(&format!("{mount}/creds/{name}"))
+        .await?;
+    vault.delete_database_role(mount, name).await?;
+    Ok(true)
 }
 
 /// Removes everything a binding owns in Vault: leases first, then database roles, the login
@@ -208,11 +217,7 @@ pub async fn remove(
     let base = tv::base_name(namespace, name);
     let mut done = Vec::new();
     for path in db_roles {
-        if let Some((mount, role)) = path.split_once("/roles/") {
-            vault
-                .revoke_prefix(&format!("{mount}/creds/{role}"))
-                .await?;
-            vault.delete_database_role(mount, role).await?;
+        if retire_database_role(vault, path).await? {
             done.push(format!("database role {path} and its leases"));
         }
     }

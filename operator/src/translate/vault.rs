@@ -226,11 +226,7 @@ fn template(s: &str, namespace: &str) -> String {
 /// Checks a KV path segment by segment: the same rules as the CRD's validation, enforced again
 /// here so an object stored under an older schema cannot slip through.
 fn check_kv_path(path: &str) -> Result<(), String> {
-    let (body, dir) = match path.strip_suffix("/*") {
-        Some(b) => (b, true),
-        None => (path, false),
-    };
-    let _ = dir;
+    let body = path.strip_suffix("/*").unwrap_or(path);
     if body.is_empty() {
         return Err("the path is empty".into());
     }
