@@ -4,7 +4,10 @@
 use std::{
     collections::{BTreeMap, HashMap},
     process::ExitCode,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -41,31 +44,28 @@ struct ClusterFacts {
     spire: Option<Store<DynamicObject>>,
     /// ImagePolicies as written.
     image_policies: Store<ImagePolicy>,
-    /// Compiled ImagePolicies by (uid, generation, fingerprint of the Secrets and ConfigMaps it
-    /// reads): each is compiled once.
+    /// Compiled ImagePolicies by (uid, generation, version of the key material): each is
+    /// compiled once, for admission and status alike.
     compiled: Mutex<HashMap<(String, i64, u64), Arc<CompiledImagePolicy>>>,
     /// Referenced Secrets' and ConfigMaps' keys, read when a policy changes.
-    material: Arc<Material>,
+    material: Material,
 }
 
-/// Key material read from Secrets and ConfigMaps, by `secret|configmap/<ns>/<name>/<key>`.
+/// Key material read from Secrets and ConfigMaps, by `secret|configmap/<ns>/<name>/<key>`,
+/// with a version that changes whenever any of it does (so compiled policies are redone).
 #[derive(Default)]
-struct Material(Mutex<HashMap<String, Result<Vec<u8>, String>>>);
+struct Material {
+    entries: Mutex<HashMap<String, Result<Vec<u8>, String>>>,
+    version: AtomicU64,
+}
 
 impl Material {
     fn get(&self, key: &str) -> Option<Result<Vec<u8>, String>> {
-        self.0.lock().ok()?.get(key).cloned()
+        self.entries.lock().ok()?.get(key).cloned()
     }
 
-    /// A fingerprint of what `refs` currently read as.
-    fn fingerprint(&self, refs: &[String]) -> u64 {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        for r in refs {
-            r.hash(&mut h);
-            format!("{:?}", self.get(r)).hash(&mut h);
-        }
-        h.finish()
+    fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
     }
 
     /// Reads every reference of `policy` from the API server.
@@ -97,9 +97,38 @@ impl Material {
                     })
             }
             .map_err(|e| format!("{r}: {e}"));
-            if let Ok(mut m) = self.0.lock() {
+            if let Ok(mut m) = self.entries.lock()
+                && m.get(&r) != Some(&value)
+            {
                 m.insert(r, value);
+                self.version.fetch_add(1, Ordering::AcqRel);
             }
+        }
+    }
+}
+
+impl ClusterFacts {
+    /// The compiled form of `p` from `cache`, compiling it on first use.
+    fn compiled_in(
+        &self,
+        cache: &mut HashMap<(String, i64, u64), Arc<CompiledImagePolicy>>,
+        p: &ImagePolicy,
+    ) -> Arc<CompiledImagePolicy> {
+        let key = (
+            p.metadata.uid.clone().unwrap_or_default(),
+            p.metadata.generation.unwrap_or_default(),
+            self.material.version(),
+        );
+        Arc::clone(cache.entry(key).or_insert_with(|| {
+            Arc::new(CompiledImagePolicy::compile(p, &|r| self.material.get(r)))
+        }))
+    }
+
+    /// The compiled form of `p`.
+    fn compiled(&self, p: &ImagePolicy) -> Arc<CompiledImagePolicy> {
+        match self.compiled.lock() {
+            Ok(mut cache) => self.compiled_in(&mut cache, p),
+            Err(_) => Arc::new(CompiledImagePolicy::compile(p, &|r| self.material.get(r))),
         }
     }
 }
@@ -141,16 +170,7 @@ impl FactSource for ClusterFacts {
             .image_policies
             .state()
             .iter()
-            .map(|p| {
-                let key = (
-                    p.metadata.uid.clone().unwrap_or_default(),
-                    p.metadata.generation.unwrap_or_default(),
-                    self.material.fingerprint(&material_refs(p)),
-                );
-                Arc::clone(compiled.entry(key).or_insert_with(|| {
-                    Arc::new(CompiledImagePolicy::compile(p, &|r| self.material.get(r)))
-                }))
-            })
+            .map(|p| self.compiled_in(&mut compiled, p))
             .collect();
         // Forget generations no longer in the cluster.
         compiled.retain(|_, c| live.iter().any(|l| Arc::ptr_eq(l, c)));
@@ -255,7 +275,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
         None
     };
     let (image_policies, policy_writer) = reflector::store();
-    let material = Arc::new(Material::default());
+    let facts = Arc::new(ClusterFacts {
+        namespaces,
+        spire,
+        image_policies,
+        compiled: Mutex::new(HashMap::new()),
+        material: Material::default(),
+    });
     let policy_stream = watcher(
         Api::<ImagePolicy>::all(client.clone()),
         watcher::Config::default(),
@@ -265,14 +291,14 @@ async fn run(config: Config) -> anyhow::Result<()> {
     .applied_objects()
     .for_each({
         let client = client.clone();
-        let material = Arc::clone(&material);
+        let facts = Arc::clone(&facts);
         move |p| {
             let client = client.clone();
-            let material = Arc::clone(&material);
+            let facts = Arc::clone(&facts);
             async move {
                 if let Ok(p) = p {
-                    material.refresh(&client, &p).await;
-                    write_policy_status(&client, &p, &material).await;
+                    facts.material.refresh(&client, &p).await;
+                    write_policy_status(&client, &p, &facts.compiled(&p)).await;
                 }
             }
         }
@@ -295,13 +321,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     tokio::spawn(stream);
     let state = Arc::new(AppState {
         secrets,
-        facts: Arc::new(ClusterFacts {
-            namespaces,
-            spire,
-            image_policies,
-            compiled: Mutex::new(HashMap::new()),
-            material,
-        }),
+        facts,
         images: Some(Arc::new(verifier)),
         permits: tokio::sync::Semaphore::new(64),
         counters: palisade_webhook::server::Counters::default(),
@@ -315,8 +335,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
 
 /// Reports in an ImagePolicy's status whether its keys and predicate policies are loaded;
 /// written only when it changes.
-async fn write_policy_status(client: &Client, policy: &ImagePolicy, material: &Material) {
-    let compiled = CompiledImagePolicy::compile(policy, &|r| material.get(r));
+async fn write_policy_status(
+    client: &Client,
+    policy: &ImagePolicy,
+    compiled: &CompiledImagePolicy,
+) {
     let previous = policy.status.clone().unwrap_or_default();
     let now =
         k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now());
