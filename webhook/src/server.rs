@@ -213,7 +213,6 @@ async fn validate(
             crate::images::admit::check_pod(
                 images,
                 &state.facts.image_policies(),
-                &state.config,
                 &req,
                 &image_labels,
                 deadline,

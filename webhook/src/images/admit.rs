@@ -1,5 +1,6 @@
 //! Image checks folded into an admission response: every container image (init, regular,
-//! ephemeral) of a pod or pod template, as the decision collected them, is checked against the ImagePolicies covering it; an
+//! ephemeral) of a pod or pod template, as the decision collected them, is checked against the
+//! ImagePolicies covering it; an
 //! `Enforce` failure refuses (naming the container, the image, the policy and, per authority,
 //! why), `Warn` adds a warning, `Audit` only logs.
 
@@ -7,36 +8,33 @@ use std::{collections::BTreeMap, sync::Arc, time::Instant};
 
 use kube::core::{
     DynamicObject,
-    admission::{AdmissionRequest, AdmissionResponse, Operation},
+    admission::{AdmissionRequest, AdmissionResponse},
 };
 use oci_client::secrets::RegistryAuth;
 use palisade_api::image_policy::EnforcementMode;
 
 use super::{check::ImageVerifier, policy::CompiledImagePolicy};
-use crate::{config::Config, decide::Verdict};
+use crate::decide::Verdict;
 
 /// Checks the images of the admitted object and folds the outcome into `resp` and `verdict`.
-#[allow(clippy::too_many_arguments)]
 pub async fn check_pod(
     verifier: &ImageVerifier,
     policies: &[Arc<CompiledImagePolicy>],
-    config: &Config,
     req: &AdmissionRequest<DynamicObject>,
     labels: &BTreeMap<String, String>,
     deadline: Instant,
     mut resp: AdmissionResponse,
     mut verdict: Verdict,
 ) -> (AdmissionResponse, Verdict) {
-    let namespace = req.namespace.clone().unwrap_or_default();
-    if policies.is_empty()
-        || req.operation == Operation::Delete
-        || config.exempt_namespaces.contains(&namespace)
-    {
+    // The decision collects no images for exempt namespaces, deletions and objects without a
+    // pod, so those need no check here.
+    let seen = std::mem::take(&mut verdict.images);
+    if policies.is_empty() || seen.is_empty() {
         return (resp, verdict);
     }
+    let namespace = req.namespace.clone().unwrap_or_default();
     let mut denials = Vec::new();
     let mut warnings = Vec::new();
-    let seen = std::mem::take(&mut verdict.images);
     for (image, users) in &seen {
         let verdicts = verifier
             .check(image, labels, policies, &RegistryAuth::Anonymous, deadline)

@@ -52,6 +52,19 @@ pub struct PolicyVerdict {
     pub pin_digest: bool,
 }
 
+impl PolicyVerdict {
+    /// What policy `p` says: `outcome`, for `digest` when known.
+    fn of(p: &CompiledImagePolicy, outcome: Result<(), String>, digest: Option<&str>) -> Self {
+        PolicyVerdict {
+            policy: p.name.clone(),
+            mode: p.mode(),
+            outcome,
+            digest: digest.map(str::to_owned),
+            pin_digest: p.policy.spec.pin_digest,
+        }
+    }
+}
+
 /// The verifier shared by all requests.
 pub struct ImageVerifier {
     registry: Arc<Registry>,
@@ -170,13 +183,7 @@ impl ImageVerifier {
         let fail_all = |why: String| {
             covering
                 .iter()
-                .map(|p| PolicyVerdict {
-                    policy: p.name.clone(),
-                    mode: p.mode(),
-                    outcome: Err(why.clone()),
-                    digest: None,
-                    pin_digest: p.policy.spec.pin_digest,
-                })
+                .map(|p| PolicyVerdict::of(p, Err(why.clone()), None))
                 .collect()
         };
         // A digest reference is checked against the cache before anything is parsed or
@@ -190,12 +197,9 @@ impl ImageVerifier {
                 .iter()
                 .map(|p| {
                     self.cached(&(digest.clone(), p.name.clone(), p.generation))
-                        .map(|outcome| PolicyVerdict {
-                            policy: p.name.clone(),
-                            mode: p.mode(),
-                            outcome: outcome.map_err(|why| format!("{image}: {why}")),
-                            digest: Some(digest.clone()),
-                            pin_digest: p.policy.spec.pin_digest,
+                        .map(|outcome| {
+                            let outcome = outcome.map_err(|why| format!("{image}: {why}"));
+                            PolicyVerdict::of(p, outcome, Some(digest))
                         })
                 })
                 .collect();
@@ -215,29 +219,27 @@ impl ImageVerifier {
             let outcome = if let Some(hit) = self.cached(&key) {
                 hit
             } else {
-                if fetched.is_none() {
-                    fetched = Some(
-                        self.fetch(&reference, &digest, auth, deadline, with_atts)
-                            .await,
-                    );
-                }
-                match fetched.as_deref() {
-                    Some(Ok(layers)) => {
+                // Fetched at the first cache miss, then shared by the other policies.
+                let layers = if let Some(f) = &fetched {
+                    Arc::clone(f)
+                } else {
+                    let f = self
+                        .fetch(&reference, &digest, auth, deadline, with_atts)
+                        .await;
+                    fetched = Some(Arc::clone(&f));
+                    f
+                };
+                match &*layers {
+                    Ok(layers) => {
                         let outcome = evaluate(p, &digest, layers);
                         self.remember(key, &outcome);
                         outcome
                     }
-                    Some(Err(e)) => Err(format!("cannot fetch signatures: {e}")),
-                    None => Err("no signatures fetched".into()),
+                    Err(e) => Err(format!("cannot fetch signatures: {e}")),
                 }
             };
-            out.push(PolicyVerdict {
-                policy: p.name.clone(),
-                mode: p.mode(),
-                outcome: outcome.map_err(|why| format!("{image} ({digest}): {why}")),
-                digest: Some(digest.clone()),
-                pin_digest: p.policy.spec.pin_digest,
-            });
+            let outcome = outcome.map_err(|why| format!("{image} ({digest}): {why}"));
+            out.push(PolicyVerdict::of(p, outcome, Some(&digest)));
         }
         out
     }

@@ -13,7 +13,11 @@ use oci_client::secrets::RegistryAuth;
 use serde_json::{Value, json};
 
 use super::{check::ImageVerifier, policy::CompiledImagePolicy};
-use crate::config::Config;
+use crate::{
+    config::Config,
+    pods::{ContainerKind, containers},
+    workload::pod_of,
+};
 
 /// Annotation holding the verified digests, `{"image as written": "sha256:…"}`.
 pub const ANNOTATION: &str = "palisade.dev/verified-digests";
@@ -39,58 +43,52 @@ pub async fn pin_ops(
     let Some(object) = &req.object else {
         return Vec::new();
     };
-    let Ok(pod) = serde_json::to_value(object) else {
+    let Some(pod) = serde_json::to_value(object)
+        .ok()
+        .and_then(|v| pod_of("Pod", &v).ok().flatten())
+    else {
         return Vec::new();
     };
     let mut ops = Vec::new();
     let mut pinned: BTreeMap<String, String> = BTreeMap::new();
-    for list in ["initContainers", "containers"] {
-        let Some(containers) = pod
-            .pointer(&format!("/spec/{list}"))
-            .and_then(Value::as_array)
-        else {
+    // Ephemeral containers arrive through their own subresource, never in a Pod create.
+    for c in containers(&pod.spec).filter(|c| c.kind != ContainerKind::Ephemeral) {
+        let Some(image) = c.image.filter(|i| !i.contains('@')) else {
             continue;
         };
-        for (i, c) in containers.iter().enumerate() {
-            let Some(image) = c.get("image").and_then(Value::as_str) else {
-                continue;
-            };
-            if image.contains('@') {
-                continue;
-            }
-            let digest = if let Some(d) = pinned.get(image) {
-                Some(d.clone())
-            } else {
-                let verdicts = verifier
-                    .check(image, labels, policies, &RegistryAuth::Anonymous, deadline)
-                    .await;
-                let all_ok = !verdicts.is_empty() && verdicts.iter().all(|v| v.outcome.is_ok());
-                let wanted = verdicts.iter().any(|v| v.pin_digest);
-                verdicts
-                    .into_iter()
-                    .find_map(|v| v.digest)
-                    .filter(|_| all_ok && wanted)
-            };
-            if let Some(digest) = digest {
-                ops.push(
-                    json!({"op": "replace", "path": format!("/spec/{list}/{i}/image"),
-                                "value": format!("{image}@{digest}")}),
-                );
-                pinned.insert(image.to_owned(), digest);
-            }
+        let digest = if let Some(d) = pinned.get(image) {
+            Some(d.clone())
+        } else {
+            let verdicts = verifier
+                .check(image, labels, policies, &RegistryAuth::Anonymous, deadline)
+                .await;
+            let all_ok = !verdicts.is_empty() && verdicts.iter().all(|v| v.outcome.is_ok());
+            let wanted = verdicts.iter().any(|v| v.pin_digest);
+            verdicts
+                .into_iter()
+                .find_map(|v| v.digest)
+                .filter(|_| all_ok && wanted)
+        };
+        if let Some(digest) = digest {
+            ops.push(json!({"op": "replace",
+                            "path": format!("/spec/{}/{}/image", c.kind.field(), c.index),
+                            "value": format!("{image}@{digest}")}));
+            pinned.insert(image.to_owned(), digest);
         }
     }
     if pinned.is_empty() {
         return ops;
     }
     let record = serde_json::to_string(&pinned).unwrap_or_default();
-    if pod.pointer("/metadata/annotations").is_some() {
-        ops.push(json!({"op": "add", "path": format!("/metadata/annotations/{}", ANNOTATION.replace('/', "~1")),
-                        "value": record}));
-    } else {
+    // A Pod without annotations gets the map; otherwise the key is added to it.
+    if pod.annotations.is_empty() {
         ops.push(
             json!({"op": "add", "path": "/metadata/annotations", "value": {ANNOTATION: record}}),
         );
+    } else {
+        ops.push(json!({"op": "add",
+                        "path": format!("/metadata/annotations/{}", ANNOTATION.replace('/', "~1")),
+                        "value": record}));
     }
     ops
 }

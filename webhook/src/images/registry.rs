@@ -146,25 +146,19 @@ impl Registry {
             reference.repository().to_owned(),
             tag,
         );
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        let left = deadline.saturating_duration_since(Instant::now());
-        let manifest =
-            match tokio::time::timeout(left, self.client.pull_manifest(&sref, auth)).await {
-                Err(_) => {
-                    return Err(RegistryError::Timeout {
-                        registry,
-                        millis: left.as_millis(),
-                    });
+        // A missing signature manifest is an answer (no signatures), not an error.
+        let pulled = self
+            .bounded(&registry, deadline, async {
+                match self.client.pull_manifest(&sref, auth).await {
+                    Ok((m, _)) => Ok(Some(m)),
+                    Err(e) if not_found(&e) => Ok(None),
+                    Err(e) => Err(e),
                 }
-                Ok(Err(e)) if not_found(&e) => return Ok(Vec::new()),
-                Ok(Err(e)) => {
-                    return Err(RegistryError::Failed {
-                        registry,
-                        why: e.to_string(),
-                    });
-                }
-                Ok(Ok((m, _))) => m,
-            };
+            })
+            .await?;
+        let Some(manifest) = pulled else {
+            return Ok(Vec::new());
+        };
         let OciManifest::Image(manifest) = manifest else {
             return Err(RegistryError::Failed {
                 registry,
