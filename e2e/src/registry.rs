@@ -1,5 +1,6 @@
-//! A real OCI registry (`crane registry serve`, in memory, on loopback) and the real `cosign`
-//! to sign and attest what is pushed to it, both built by `e2e/toolchain/build.sh`.
+//! A real OCI registry on loopback — `crane registry serve` (in memory, anonymous) or the CNCF
+//! Distribution `registry` with htpasswd authentication — and the real `cosign` to sign and
+//! attest what is pushed to it, all built by `e2e/toolchain/build.sh`.
 
 use std::{
     path::{Path, PathBuf},
@@ -8,6 +9,7 @@ use std::{
 };
 
 use anyhow::{Result, bail};
+use base64::{Engine as _, engine::general_purpose::STANDARD as B64};
 
 use crate::{controlplane::free_port, run_ok, spawn_logged};
 
@@ -18,6 +20,8 @@ pub struct OciRegistry {
     dir: PathBuf,
     /// `127.0.0.1:<port>`.
     pub host: String,
+    /// User and password, for a registry that asks for them.
+    pub credentials: Option<(String, String)>,
 }
 
 impl OciRegistry {
@@ -43,22 +47,100 @@ impl OciRegistry {
             bin_dir: bin_dir.to_path_buf(),
             dir: dir.to_path_buf(),
             host,
+            credentials: None,
         };
+        reg.wait_listening()?;
+        Ok(reg)
+    }
+
+    /// Starts an empty Distribution registry (in memory) that reads and writes only with HTTP
+    /// basic credentials, which it provisions itself; crane and cosign here log in with them.
+    pub fn start_with_auth(bin_dir: &Path, dir: &Path) -> Result<Self> {
+        if !bin_dir.join("registry").exists() {
+            bail!(
+                "registry not found in {}: build it with e2e/toolchain/build.sh registry",
+                bin_dir.display()
+            );
+        }
+        std::fs::create_dir_all(dir)?;
+        let port = free_port()?;
+        let host = format!("127.0.0.1:{port}");
+        let htpasswd = dir.join("htpasswd");
+        let _ = std::fs::remove_file(&htpasswd);
+        let config = dir.join("registry.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog: {{level: info, formatter: text}}\nstorage: {{inmemory: {{}}}}\n\
+                 http: {{addr: \"{host}\"}}\n\
+                 auth: {{htpasswd: {{realm: palisade-e2e, path: \"{}\"}}}}\n",
+                htpasswd.display()
+            ),
+        )?;
+        let log = dir.join("registry.log");
+        let child = spawn_logged(
+            Command::new(bin_dir.join("registry"))
+                .arg("serve")
+                .arg(&config),
+            &log,
+        )?;
+        let mut reg = OciRegistry {
+            child,
+            bin_dir: bin_dir.to_path_buf(),
+            dir: dir.to_path_buf(),
+            host,
+            credentials: None,
+        };
+        reg.wait_listening()?;
+        // With no htpasswd file the registry makes one for user `docker` and logs the password.
+        let text = std::fs::read_to_string(&log)?;
+        let password = text
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("password="))
+            .map(|p| p.trim_matches('"').to_owned());
+        let Some(password) = password else {
+            bail!("the registry logged no provisioned password: {text}");
+        };
+        let auth = B64.encode(format!("docker:{password}"));
+        let docker = reg.docker_config_dir();
+        std::fs::create_dir_all(&docker)?;
+        std::fs::write(
+            docker.join("config.json"),
+            serde_json::json!({"auths": {reg.host.clone(): {"auth": auth}}}).to_string(),
+        )?;
+        reg.credentials = Some(("docker".into(), password));
+        Ok(reg)
+    }
+
+    /// Where crane's and cosign's registry credentials are kept (`DOCKER_CONFIG`).
+    fn docker_config_dir(&self) -> PathBuf {
+        self.dir.join("docker")
+    }
+
+    /// A `.dockerconfigjson` with this registry's credentials (an imagePullSecret's content).
+    pub fn docker_config_json(&self) -> Result<String> {
+        Ok(std::fs::read_to_string(
+            self.docker_config_dir().join("config.json"),
+        )?)
+    }
+
+    fn wait_listening(&self) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(&reg.host).is_err() {
+        while std::net::TcpStream::connect(&self.host).is_err() {
             if Instant::now() > deadline {
-                bail!("registry not listening on {}", reg.host);
+                bail!("registry not listening on {}", self.host);
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        Ok(reg)
+        Ok(())
     }
 
     fn crane(&self, args: &[&str]) -> Result<String> {
         Ok(run_ok(
             Command::new(self.bin_dir.join("crane"))
                 .args(args)
-                .arg("--insecure"),
+                .arg("--insecure")
+                .env("DOCKER_CONFIG", self.docker_config_dir()),
         )?
         .trim()
         .to_owned())
@@ -198,6 +280,7 @@ impl OciRegistry {
                 ])
                 .args(&args[1..])
                 .env("COSIGN_PASSWORD", "")
+                .env("DOCKER_CONFIG", self.docker_config_dir())
                 .current_dir(&self.dir),
         )?;
         Ok(())
@@ -232,6 +315,63 @@ impl OciRegistry {
                 &format!("{}/{repo}@{digest}", self.host),
             ],
         )
+    }
+
+    /// Attaches to `<repo>@<attach_to>` a signature made with key `key` over cosign's payload
+    /// for `<repo>@<signed_for>`; with `tamper`, the payload is altered after signing. Both make
+    /// signatures that must not verify: one for another image, one whose payload was changed.
+    pub fn attach_signature(
+        &self,
+        key: &str,
+        repo: &str,
+        signed_for: &str,
+        attach_to: &str,
+        tamper: bool,
+    ) -> Result<()> {
+        let name = format!("{}-{}", &attach_to[7..19], u8::from(tamper));
+        let payload = self.dir.join(format!("payload-{name}.json"));
+        let signature = self.dir.join(format!("payload-{name}.sig"));
+        let reference = format!("{}/{repo}", self.host);
+        let mut text = serde_json::json!({"critical": {
+            "identity": {"docker-reference": reference},
+            "image": {"docker-manifest-digest": signed_for},
+            "type": "cosign container image signature"}, "optional": null})
+        .to_string();
+        std::fs::write(&payload, &text)?;
+        let cosign = || {
+            let mut c = Command::new(self.bin_dir.join("cosign"));
+            c.env("COSIGN_PASSWORD", "")
+                .env("DOCKER_CONFIG", self.docker_config_dir())
+                .current_dir(&self.dir);
+            c
+        };
+        run_ok(
+            cosign()
+                .args(["sign-blob", "--key"])
+                .arg(self.dir.join(format!("key-{key}")).join("cosign.key"))
+                .args([
+                    "--tlog-upload=false",
+                    "--new-bundle-format=false",
+                    "--use-signing-config=false",
+                    "--yes",
+                    "--output-signature",
+                ])
+                .arg(&signature)
+                .arg(&payload),
+        )?;
+        if tamper {
+            text = text.replace("\"optional\":null", "\"optional\":{\"by\":\"mallory\"}");
+            std::fs::write(&payload, &text)?;
+        }
+        run_ok(
+            cosign()
+                .args(["attach", "signature", "--allow-http-registry", "--payload"])
+                .arg(&payload)
+                .arg("--signature")
+                .arg(&signature)
+                .arg(format!("{reference}@{attach_to}")),
+        )?;
+        Ok(())
     }
 
     /// Process id.

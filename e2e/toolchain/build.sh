@@ -2,8 +2,8 @@
 # Builds the real upstream binaries the end-to-end tests and `e2e/up` run, from the Go module proxy,
 # into a cache directory keyed by tool and version. A second run finds them and builds nothing.
 #
-#   e2e/toolchain/build.sh [TOOL...]     TOOL: k8s crds opa spire openbao cosign crane helm conftest
-#                                        (default: the ones the tests use, all but helm and conftest)
+#   e2e/toolchain/build.sh [TOOL...]     TOOL: k8s crds opa spire openbao cosign crane registry helm
+#                                        gitleaks conftest (default: all but gitleaks and conftest)
 #   e2e/toolchain/build.sh --print-bin   the directory holding every built binary (created)
 #
 # Environment: PALISADE_CACHE (default ~/.cache/palisade-e2e).
@@ -31,6 +31,8 @@ TOOLS=(
   "conftest v0.69.0 github.com/open-policy-agent/conftest"
   "cosign   v3.1.2  github.com/sigstore/cosign/v3/cmd/cosign"
   "crane    v0.22.1 github.com/google/go-containerregistry/cmd/crane"
+  "registry v3.1.2  github.com/distribution/distribution/v3/cmd/registry"
+  "gitleaks v8.30.1 github.com/zricethezav/gitleaks/v8"
 )
 
 # Programs whose upstream go.mod has local replaces (or that need cgo), built from a wrapper module
@@ -156,7 +158,7 @@ build_module() {
 }
 
 want=("$@")
-((${#want[@]})) || want=(k8s crds opa spire openbao cosign crane)
+((${#want[@]})) || want=(k8s crds opa spire openbao cosign crane registry helm)
 total=$SECONDS
 for w in "${want[@]}"; do
   case "$w" in
@@ -173,7 +175,7 @@ for w in "${want[@]}"; do
         if [[ "${f[0]}" == "$w" ]]; then build_module "${f[@]}"; found=1; fi
       done
       ((found)) || {
-        log "unknown tool '$w' (known: k8s crds helm opa conftest cosign crane spire openbao)"
+        log "unknown tool '$w' (known: k8s crds helm opa conftest cosign crane registry gitleaks spire openbao)"
         exit 2
       }
       ;;

@@ -34,6 +34,8 @@ pub struct Verdict {
     /// Every image of the pod (template), with the containers that run it
     /// (`containers "app"`), for the image checks that follow; empty when none apply.
     pub images: BTreeMap<String, Vec<String>>,
+    /// The pod's `imagePullSecrets`, the credentials its images are read with.
+    pub pull_secrets: Vec<String>,
 }
 
 /// Decides one request.
@@ -76,6 +78,7 @@ pub fn decide(
         Err(e) => return deny(req, e.to_string(), vec!["malformed".into()]),
     };
     let images = images_of(&pod);
+    let pull_secrets = crate::pods::pull_secrets(&pod.spec);
     let what = format!("{} {}/{}", req.kind.kind, namespace, req.name.as_str());
     let mut denials = Vec::new();
     let mut warnings = Vec::new();
@@ -129,6 +132,7 @@ pub fn decide(
         }
         verdict.verdict = "deny";
         verdict.images = images;
+        verdict.pull_secrets = pull_secrets;
         return (resp, verdict);
     }
     let mut resp = AdmissionResponse::from(req);
@@ -142,6 +146,7 @@ pub fn decide(
             verdict,
             rules,
             images,
+            pull_secrets,
         },
     )
 }

@@ -29,7 +29,7 @@ use palisade_webhook::{
     config::TlsSource,
     identity::{IdentitySource, SpireRegistration},
     images::{
-        check::ImageVerifier,
+        check::{ImageVerifier, PullSecretSource, SecretData},
         policy::{CompiledImagePolicy, material_refs},
         registry::Registry,
     },
@@ -104,6 +104,30 @@ impl Material {
                 self.version.fetch_add(1, Ordering::AcqRel);
             }
         }
+    }
+}
+
+/// Pull secrets read from the API server when a registry call needs them.
+struct ApiPullSecrets(Client);
+
+impl PullSecretSource for ApiPullSecrets {
+    fn read<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<Option<SecretData>, String>> {
+        Box::pin(async move {
+            let api =
+                Api::<k8s_openapi::api::core::v1::Secret>::namespaced(self.0.clone(), namespace);
+            let secret = api.get_opt(name).await.map_err(|e| e.to_string())?;
+            Ok(secret.map(|s| {
+                s.data
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(k, v)| (k, v.0))
+                    .collect()
+            }))
+        })
     }
 }
 
@@ -310,7 +334,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
         Registry::new(&config.images.insecure_registries)?,
         Duration::from_secs(config.images.cache_ttl_seconds),
         Duration::from_secs(config.images.negative_cache_ttl_seconds),
-    );
+    )
+    .with_pull_secrets(Arc::new(ApiPullSecrets(client.clone())));
     let stream = watcher(
         Api::<PartialObjectMeta<Namespace>>::all(client),
         watcher::Config::default(),

@@ -67,6 +67,16 @@ macro_rules! view {
     };
 }
 
+/// Names of the `imagePullSecrets` of `spec`.
+pub fn pull_secrets(spec: &PodSpec) -> Vec<String> {
+    spec.image_pull_secrets
+        .iter()
+        .flatten()
+        .map(|r| r.name.clone())
+        .filter(|n| !n.is_empty())
+        .collect()
+}
+
 /// Every container of `spec`: init containers, then containers, then ephemeral containers.
 pub fn containers(spec: &PodSpec) -> impl Iterator<Item = ContainerView<'_>> {
     let init = (spec.init_containers.iter().flatten().enumerate())

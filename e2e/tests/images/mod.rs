@@ -3,7 +3,10 @@
 //! unsigned images and signatures copied from another image do not, attestations need the right
 //! signer, type and subject, and a registry that does not answer fails by the deadline.
 
-use std::time::{Duration, Instant};
+use std::{
+    fmt::Write as _,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, Result, bail};
 use oci_client::secrets::RegistryAuth;
@@ -28,6 +31,10 @@ pub const TESTS: &[(&str, TestFn)] = &[
     (
         "images::image_policy_enforced_at_admission",
         image_policy_enforced_at_admission,
+    ),
+    (
+        "images::private_registry_tampering_quorum_audit_and_templates",
+        private_registry_tampering_quorum_audit_and_templates,
     ),
 ];
 
@@ -169,6 +176,71 @@ fn cosign_signatures_and_attestations_verify(env: &Env) -> Result<()> {
     Ok(())
 }
 
+/// One test namespace's view: ImagePolicies over `<host>/<dir>/**` in it, and pods in it.
+struct Scene<'a> {
+    cp: &'a palisade_e2e::ControlPlane,
+    ns: &'a str,
+    host: &'a str,
+}
+
+impl Scene<'_> {
+    /// Applies ImagePolicy `e2e-<ns><suffix>` covering `<host>/<dir>/**` in this namespace,
+    /// with `spec` (YAML lines indented by two) after `images` and `namespaceSelector`.
+    fn policy(&self, suffix: &str, dir: &str, spec: &str) -> Result<String> {
+        let (cp, ns) = (self.cp, self.ns);
+        let name = format!("e2e-{ns}{suffix}");
+        let yaml = format!(
+            "apiVersion: palisade.dev/v1alpha1\nkind: ImagePolicy\nmetadata:\n  name: {name}\nspec:\n  images: [{{glob: \"{}/{dir}/**\"}}]\n  namespaceSelector: {{matchLabels: {{kubernetes.io/metadata.name: {ns}}}}}\n{spec}",
+            self.host
+        );
+        let file = cp.work_dir.join(format!("imagepolicy-{name}.yaml"));
+        std::fs::write(&file, yaml)?;
+        run_ok(cp.kubectl().arg("apply").arg("-f").arg(&file))?;
+        Ok(name)
+    }
+
+    /// `kubectl apply` of pod `name` running `image` as ServiceAccount `orders`, with `extra`
+    /// (YAML lines indented by two) in its spec.
+    fn pod(&self, name: &str, image: &str, extra: &str) -> Result<std::process::Output> {
+        let (cp, ns) = (self.cp, self.ns);
+        let yaml = format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  serviceAccountName: orders\n{extra}  containers:\n    - name: app\n      image: {image}\n"
+        );
+        let file = cp.work_dir.join(format!("pod-{ns}-{name}.yaml"));
+        std::fs::write(&file, yaml)?;
+        run(cp.kubectl().args(["apply", "-n", ns, "-f"]).arg(&file))
+    }
+
+    /// The reason of ImagePolicy `name`'s Ready condition, once it has one.
+    fn ready(&self, name: &str) -> Option<String> {
+        run_ok(self.cp.kubectl().args([
+            "get",
+            "imagepolicy",
+            name,
+            "-o",
+            r#"jsonpath={.status.conditions[?(@.type=="Ready")].reason}"#,
+        ]))
+        .ok()
+        .filter(|r| !r.is_empty())
+    }
+
+    /// Labels the namespace for the webhook and the mesh, and creates ServiceAccount `orders`.
+    fn prepare(&self) -> Result<()> {
+        let (cp, ns) = (self.cp, self.ns);
+        for label in [
+            format!("{SCOPE_LABEL}=on"),
+            "istio-injection=enabled".into(),
+        ] {
+            run_ok(cp.kubectl().args(["label", "namespace", ns, &label]))?;
+        }
+        run_ok(
+            cp.kubectl()
+                .args(["create", "serviceaccount", "orders", "-n", ns]),
+        )?;
+        Ok(())
+    }
+}
+
 const PROVENANCE_OK: &str = r#"{"builder": {"id": "https://ci.example/builder"}}"#;
 const PROVENANCE_EVIL: &str = r#"{"builder": {"id": "https://evil.example/builder"}}"#;
 
@@ -207,27 +279,15 @@ fn image_policy_enforced_at_admission(env: &Env) -> Result<()> {
     )?;
     wh.register_mutating(cp, "palisade-e2e-images")?;
     let result = cp.with_temp_ns("img", |ns| {
-        for label in [format!("{SCOPE_LABEL}=on"), "istio-injection=enabled".into()] {
-            run_ok(cp.kubectl().args(["label", "namespace", ns, &label]))?;
-        }
-        run_ok(cp.kubectl().args(["create", "serviceaccount", "orders", "-n", ns]))?;
+        let host = reg.host.clone();
+        let scene = Scene { cp, ns, host: &host };
+        scene.prepare()?;
         let key = public
             .lines()
             .map(|l| format!("          {l}"))
             .collect::<Vec<_>>()
             .join("\n");
-        // Every policy here covers `<registry>/<dir>/**` in this namespace only.
-        let apply_policy = |suffix: &str, dir: &str, spec: &str| -> Result<String> {
-            let name = format!("e2e-{ns}{suffix}");
-            let yaml = format!(
-                "apiVersion: palisade.dev/v1alpha1\nkind: ImagePolicy\nmetadata:\n  name: {name}\nspec:\n  images: [{{glob: \"{}/{dir}/**\"}}]\n  namespaceSelector: {{matchLabels: {{kubernetes.io/metadata.name: {ns}}}}}\n{spec}",
-                reg.host
-            );
-            let file = cp.work_dir.join(format!("imagepolicy-{name}.yaml"));
-            std::fs::write(&file, yaml)?;
-            run_ok(cp.kubectl().arg("apply").arg("-f").arg(&file))?;
-            Ok(name)
-        };
+        let apply_policy = |suffix: &str, dir: &str, spec: &str| scene.policy(suffix, dir, spec);
         // Authority `ci` with our key; `tlog` is its transparencyLog line (or nothing).
         let ci_key = |tlog: &str| {
             format!("  authorities:\n    - name: ci\n{tlog}      key:\n        publicKey: |\n{key}\n")
@@ -250,14 +310,7 @@ fn image_policy_enforced_at_admission(env: &Env) -> Result<()> {
                 ci_key(ignore_tlog)
             ),
         )?;
-        let pod = |name: &str, image: &str| -> Result<std::process::Output> {
-            let yaml = format!(
-                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  serviceAccountName: orders\n  containers:\n    - name: app\n      image: {image}\n"
-            );
-            let file = cp.work_dir.join(format!("pod-{ns}-{name}.yaml"));
-            std::fs::write(&file, yaml)?;
-            run(cp.kubectl().args(["apply", "-n", ns, "-f"]).arg(&file))
-        };
+        let pod = |name: &str, image: &str| scene.pod(name, image, "");
         // The unsigned image is refused once the webhook sees the policy.
         let unsigned = format!("{}/shop/unsigned:v1", reg.host);
         let mut attempt = 0;
@@ -284,17 +337,7 @@ fn image_policy_enforced_at_admission(env: &Env) -> Result<()> {
         if !stored.starts_with(&format!("{}/shop/orders:v1@{good}", reg.host)) || !stored.contains(&good) {
             bail!("the admitted pod was not pinned to {good}: {stored}");
         }
-        let ready = |name: &str| -> Option<String> {
-            run_ok(cp.kubectl().args([
-                "get",
-                "imagepolicy",
-                name,
-                "-o",
-                r#"jsonpath={.status.conditions[?(@.type=="Ready")].reason}"#,
-            ]))
-            .ok()
-            .filter(|r| !r.is_empty())
-        };
+        let ready = |name: &str| scene.ready(name);
         cp.eventually("the ImagePolicy reported Loaded", Duration::from_secs(30), || {
             ready(&main_policy).filter(|r| r == "Loaded")
         })?;
@@ -383,7 +426,6 @@ fn image_policy_enforced_at_admission(env: &Env) -> Result<()> {
         }
 
         // The registry goes away: a tag that cannot be resolved is refused within the deadline.
-        let host = reg.host.clone();
         drop(reg);
         let started = Instant::now();
         let out = pod("gone", &format!("{host}/shop/orders:v2"))?;
@@ -398,8 +440,151 @@ fn image_policy_enforced_at_admission(env: &Env) -> Result<()> {
     });
     let _ = run(cp.kubectl().args([
         "delete",
-        "validatingwebhookconfiguration",
+        "validatingwebhookconfiguration,mutatingwebhookconfiguration",
         "palisade-e2e-images",
+    ]));
+    result.map_err(|e| anyhow::anyhow!("{e:#}\nwebhook log:\n{}", wh.log_tail()))
+}
+
+/// Through the real API server, against a registry that needs credentials: images are read with
+/// the pod's imagePullSecrets (and refused without them); a tampered signature and a signature
+/// made for another digest are refused; `AtLeast` counts authorities; `Audit` admits and logs;
+/// and the pods of a verified Deployment cost no registry call and are pinned.
+#[allow(clippy::too_many_lines)]
+fn private_registry_tampering_quorum_audit_and_templates(env: &Env) -> Result<()> {
+    let cp = &env.cp;
+    let reg =
+        OciRegistry::start_with_auth(&env.opts.bin_dir, &cp.work_dir.join("registry-private"))?;
+    let mut keys = String::new();
+    for k in ["ci", "qa", "sec"] {
+        let public = std::fs::read_to_string(reg.key_pair(k)?)?;
+        let _ = writeln!(
+            keys,
+            "    - name: {k}\n      transparencyLog: Ignore\n      key:\n        publicKey: |"
+        );
+        for l in public.lines() {
+            let _ = writeln!(keys, "          {l}");
+        }
+    }
+    let ci_only = keys[..keys.find("    - name: qa").context("qa key")?].to_owned();
+    let app = reg.push("private/app", "v1", "private app")?;
+    reg.sign("ci", "private/app", &app)?;
+    let tampered = reg.push("private/tampered", "v1", "tampered")?;
+    reg.attach_signature("ci", "private/tampered", &tampered, &tampered, true)?;
+    let moved = reg.push("private/moved", "v1", "moved")?;
+    reg.attach_signature("ci", "private/moved", &app, &moved, false)?;
+    let two = reg.push("quorum/two", "v1", "two signers")?;
+    reg.sign("ci", "quorum/two", &two)?;
+    reg.sign("qa", "quorum/two", &two)?;
+    let one = reg.push("quorum/one", "v1", "one signer")?;
+    reg.sign("sec", "quorum/one", &one)?;
+    reg.push("audit/app", "v1", "unsigned, audited")?;
+
+    let wh = WebhookProcess::start(
+        cp,
+        "images-private",
+        &format!("images: {{insecureRegistries: [\"{}\"]}}", reg.host),
+    )?;
+    wh.register_mutating(cp, "palisade-e2e-images-private")?;
+    let result = cp.with_temp_ns("priv", |ns| {
+        let scene = Scene { cp, ns, host: &reg.host };
+        scene.prepare()?;
+        let secret = cp.work_dir.join(format!("dockerconfig-{ns}.json"));
+        std::fs::write(&secret, reg.docker_config_json()?)?;
+        run_ok(cp.kubectl().args(["create", "secret", "generic", "regcred", "-n", ns,
+            "--type=kubernetes.io/dockerconfigjson"])
+            .arg(format!("--from-file=.dockerconfigjson={}", secret.display())))?;
+        let with_creds = "  imagePullSecrets: [{name: regcred}]\n";
+        let main = scene.policy("", "private", &format!("  pinDigest: true\n  authorities:\n{ci_only}"))?;
+        let image = format!("{}/private/app:v1", reg.host);
+        let mut attempt = 0;
+        cp.eventually("the private-registry ImagePolicy enforced", Duration::from_secs(30), || {
+            attempt += 1;
+            let out = scene.pod(&format!("anonymous-{attempt}"), &image, "").ok()?;
+            (!out.status.success()).then_some(out)
+        })
+        .and_then(|out| rejects(&out, "private image without pull credentials", &[
+            &format!("image policy {main}"),
+            "cannot resolve the image digest",
+        ]))?;
+        rejects(&scene.pod("missing-secret", &image, "  imagePullSecrets: [{name: nosuch}]\n")?,
+            "private image with a pull secret that does not exist", &["cannot resolve the image digest"])?;
+        accepts(&scene.pod("private", &image, with_creds)?, "private image read with the pod's imagePullSecret")?;
+        let pinned = run_ok(cp.kubectl().args(["get", "pod", "private", "-n", ns, "-o",
+            "jsonpath={.spec.containers[0].image}"]))?;
+        if pinned != format!("{image}@{app}") {
+            bail!("the private image was not pinned to {app}: {pinned}");
+        }
+
+        // Signatures that must not verify.
+        rejects(&scene.pod("tampered", &format!("{}/private/tampered:v1", reg.host), with_creds)?,
+            "image whose signed payload was altered", &["authority ci", "does not verify with the key"])?;
+        rejects(&scene.pod("moved", &format!("{}/private/moved:v1", reg.host), with_creds)?,
+            "image carrying a signature made for another digest", &["authority ci", "another image"])?;
+
+        // AtLeast 2 of 3: two signers admitted, one refused with the count.
+        let quorum = scene.policy("-quorum", "quorum", &format!("  require: AtLeast\n  atLeast: 2\n  authorities:\n{keys}"))?;
+        cp.eventually("the quorum ImagePolicy reported Loaded", Duration::from_secs(30), || {
+            scene.ready(&quorum).filter(|r| r == "Loaded")
+        })?;
+        accepts(&scene.pod("two", &format!("{}/quorum/two:v1", reg.host), with_creds)?, "image signed by 2 of 3 authorities")?;
+        rejects(&scene.pod("one", &format!("{}/quorum/one:v1", reg.host), with_creds)?,
+            "image signed by 1 of 3 authorities", &["1 of 2 required authorities verified", "authority ci: signature does not verify with the key"])?;
+
+        // Audit: admitted without a warning, recorded in the webhook's log.
+        let audit = scene.policy("-audit", "audit", &format!("  mode: Audit\n  authorities:\n{ci_only}"))?;
+        cp.eventually("the audit ImagePolicy reported Loaded", Duration::from_secs(30), || {
+            scene.ready(&audit).filter(|r| r == "Loaded")
+        })?;
+        let out = scene.pod("audited", &format!("{}/audit/app:v1", reg.host), with_creds)?;
+        accepts(&out, "unsigned image under an Audit policy")?;
+        if String::from_utf8_lossy(&out.stderr).contains("Warning") {
+            bail!("an Audit policy warned: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        cp.eventually("the audit failure logged", Duration::from_secs(10), || {
+            wh.log_tail().lines().any(|l| l.contains("audit mode") && l.contains(&audit)).then_some(())
+        })?;
+
+        // A Deployment verified at admission: its ReplicaSet resolves its tag once more, its
+        // pods reuse the template's digests (pinned, no registry call).
+        let requests = || -> Result<u64> {
+            let (_, m) = wh.curl(&["/metrics"])?;
+            m.lines()
+                .find_map(|l| l.strip_prefix("palisade_webhook_registry_requests_total "))
+                .context("no registry request counter")?
+                .trim()
+                .parse()
+                .context("registry request counter")
+        };
+        let before = requests()?;
+        let deployment = format!(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: shop\nspec:\n  replicas: 3\n  selector: {{matchLabels: {{app: shop}}}}\n  template:\n    metadata: {{labels: {{app: shop}}}}\n    spec:\n      serviceAccountName: orders\n      imagePullSecrets: [{{name: regcred}}]\n      containers: [{{name: app, image: \"{image}\"}}]\n"
+        );
+        let file = cp.work_dir.join(format!("deployment-{ns}.yaml"));
+        std::fs::write(&file, deployment)?;
+        accepts(&run(cp.kubectl().args(["apply", "-n", ns, "-f"]).arg(&file))?, "Deployment of a verified image")?;
+        let images = cp.eventually("the Deployment's three pods", Duration::from_mins(1), || {
+            let out = run_ok(cp.kubectl().args(["get", "pods", "-n", ns, "-l", "app=shop", "-o",
+                "jsonpath={range .items[*]}{.spec.containers[0].image}{\"\\n\"}{end}"])).ok()?;
+            (out.lines().count() == 3).then_some(out)
+        })?;
+        if !images.lines().all(|l| l == format!("{image}@{app}")) {
+            bail!("the Deployment's pods are not pinned to {app}: {images}");
+        }
+        let spent = requests()? - before;
+        eprintln!("  Deployment with 3 pods: {spent} registry requests (tag resolutions; the ReplicaSet and pods reuse the template's digests)");
+        if spent > 2 {
+            bail!("{spent} registry requests for a Deployment and its 3 pods; the pods should reuse the template's digests");
+        }
+        for p in [main, quorum, audit] {
+            let _ = run(cp.kubectl().args(["delete", "imagepolicy", &p]));
+        }
+        Ok(())
+    });
+    let _ = run(cp.kubectl().args([
+        "delete",
+        "validatingwebhookconfiguration,mutatingwebhookconfiguration",
+        "palisade-e2e-images-private",
     ]));
     result.map_err(|e| anyhow::anyhow!("{e:#}\nwebhook log:\n{}", wh.log_tail()))
 }

@@ -2,7 +2,8 @@
 //! ephemeral) of a pod or pod template, as the decision collected them, is checked against the
 //! ImagePolicies covering it; an
 //! `Enforce` failure refuses (naming the container, the image, the policy and, per authority,
-//! why), `Warn` adds a warning, `Audit` only logs.
+//! why), `Warn` adds a warning, `Audit` only logs. A workload whose images all verify has
+//! their digests remembered for the pods it will own.
 
 use std::{collections::BTreeMap, sync::Arc, time::Instant};
 
@@ -10,10 +11,12 @@ use kube::core::{
     DynamicObject,
     admission::{AdmissionRequest, AdmissionResponse},
 };
-use oci_client::secrets::RegistryAuth;
 use palisade_api::image_policy::EnforcementMode;
 
-use super::{check::ImageVerifier, policy::CompiledImagePolicy};
+use super::{
+    check::{ImageVerifier, Scope},
+    policy::CompiledImagePolicy,
+};
 use crate::decide::Verdict;
 
 /// Checks the images of the admitted object and folds the outcome into `resp` and `verdict`.
@@ -33,12 +36,23 @@ pub async fn check_pod(
         return (resp, verdict);
     }
     let namespace = req.namespace.clone().unwrap_or_default();
+    let scope = scope_of(req, std::mem::take(&mut verdict.pull_secrets));
     let mut denials = Vec::new();
     let mut warnings = Vec::new();
+    // Image → verified digest, kept only while every covering policy is satisfied.
+    let mut template_digests: Option<BTreeMap<String, String>> = Some(BTreeMap::new());
     for (image, users) in &seen {
         let verdicts = verifier
-            .check(image, labels, policies, &RegistryAuth::Anonymous, deadline)
+            .check(image, labels, policies, &scope, deadline)
             .await;
+        if let Some(v) = verdicts.first().and_then(|v| v.digest.clone())
+            && verdicts.iter().all(|v| v.outcome.is_ok())
+            && let Some(m) = template_digests.as_mut()
+        {
+            m.insert(image.clone(), v);
+        } else if !verdicts.is_empty() {
+            template_digests = None;
+        }
         for v in verdicts {
             let Err(why) = v.outcome else { continue };
             verdict.rules.push(format!("image-signature/{}", v.policy));
@@ -56,6 +70,15 @@ pub async fn check_pod(
                 }
             }
         }
+    }
+    // A workload's template (never a pod: pods own nothing) that verified in full.
+    if req.kind.kind != "Pod"
+        && let (Some(uid), Some(digests)) = (
+            req.object.as_ref().and_then(|o| o.metadata.uid.as_deref()),
+            template_digests,
+        )
+    {
+        verifier.remember_template(uid, digests);
     }
     if !warnings.is_empty() {
         resp.warnings.get_or_insert_with(Vec::new).extend(warnings);
@@ -76,4 +99,21 @@ pub async fn check_pod(
         verdict.verdict = "deny";
     }
     (resp, verdict)
+}
+
+/// The scope of the admitted object: its namespace, pull secrets and controlling owner.
+pub fn scope_of(req: &AdmissionRequest<DynamicObject>, pull_secrets: Vec<String>) -> Scope {
+    let owner = req.object.as_ref().and_then(|o| {
+        o.metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .find(|r| r.controller == Some(true))
+            .map(|r| r.uid.clone())
+    });
+    Scope::new(
+        req.namespace.as_deref().unwrap_or_default(),
+        pull_secrets,
+        owner,
+    )
 }

@@ -2,6 +2,11 @@
 //! digest, the signature and attestation layers (fetched once per digest, shared by concurrent
 //! requests), and a verdict per policy, cached by (digest, policy, generation): verified results
 //! for `ttl`, failed ones for `negative_ttl`; registry errors are never cached.
+//!
+//! Registries are read with the credentials of the pod's `imagePullSecrets` (read only when a
+//! registry call is needed). A workload whose template verified records the digests its tags
+//! resolved to, by its uid; a pod that workload owns and that runs the same images uses those
+//! digests instead of resolving the tags again, so a ReplicaSet's pods cost no registry call.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -18,7 +23,7 @@ use palisade_api::image_policy::EnforcementMode;
 
 use super::{
     policy::{CompiledImagePolicy, predicate_allowed},
-    registry::{Registry, RegistryError},
+    registry::{Registry, RegistryError, registry_auth},
     verify::{Layer, verify_attestations, verify_signatures},
 };
 
@@ -65,6 +70,96 @@ impl PolicyVerdict {
     }
 }
 
+/// A Secret's data: key → decoded bytes.
+pub type SecretData = BTreeMap<String, Vec<u8>>;
+
+/// Pull secrets' docker configs, by secret name.
+type DockerConfigs = Vec<(String, Vec<u8>)>;
+
+/// Reads a pull secret: `Ok(None)` when it does not exist.
+pub trait PullSecretSource: Send + Sync {
+    /// The Secret `name` in `namespace`, as its data map (key → decoded bytes).
+    fn read<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Option<SecretData>, String>>;
+}
+
+/// What a check knows about the object beyond its images.
+#[derive(Debug, Default)]
+pub struct Scope {
+    /// Namespace of the object.
+    pub namespace: String,
+    /// Names of its `imagePullSecrets`.
+    pub pull_secrets: Vec<String>,
+    /// Uid of the workload that owns it (its controller), for template-verified digests.
+    pub owner_uid: Option<String>,
+    /// The pull secrets' docker configs, read at the first registry call.
+    configs: tokio::sync::OnceCell<Result<DockerConfigs, String>>,
+}
+
+impl Scope {
+    /// A scope for an object in `namespace`.
+    pub fn new(namespace: &str, pull_secrets: Vec<String>, owner_uid: Option<String>) -> Self {
+        Scope {
+            namespace: namespace.to_owned(),
+            pull_secrets,
+            owner_uid,
+            configs: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    /// The credentials for `registry`: those of the first pull secret that has any, else
+    /// anonymous. A missing secret is skipped (as the kubelet does); one that cannot be read
+    /// is an error, so the image is refused rather than judged without its credentials.
+    async fn auth(
+        &self,
+        source: Option<&dyn PullSecretSource>,
+        registry: &str,
+    ) -> Result<RegistryAuth, String> {
+        let (Some(source), false) = (source, self.pull_secrets.is_empty()) else {
+            return Ok(RegistryAuth::Anonymous);
+        };
+        let configs = self
+            .configs
+            .get_or_init(|| async {
+                let mut out = Vec::new();
+                for name in &self.pull_secrets {
+                    let data = source
+                        .read(&self.namespace, name)
+                        .await
+                        .map_err(|e| format!("cannot read imagePullSecret {name}: {e}"))?;
+                    let Some(mut data) = data else { continue };
+                    if let Some(config) = data.remove(".dockerconfigjson") {
+                        out.push((name.clone(), config));
+                    } else if let Some(legacy) = data.remove(".dockercfg") {
+                        // The legacy format is the `auths` map alone.
+                        let mut config = b"{\"auths\":".to_vec();
+                        config.extend_from_slice(&legacy);
+                        config.push(b'}');
+                        out.push((name.clone(), config));
+                    }
+                }
+                Ok(out)
+            })
+            .await
+            .as_ref()
+            .map_err(Clone::clone)?;
+        for (name, config) in configs {
+            match registry_auth(config, registry) {
+                Ok(RegistryAuth::Anonymous) => {}
+                Ok(auth) => return Ok(auth),
+                Err(e) => return Err(format!("imagePullSecret {name}: {e}")),
+            }
+        }
+        Ok(RegistryAuth::Anonymous)
+    }
+}
+
+/// Digests a workload's template verified at: owner uid → (until, image → digest).
+type TemplateDigests = HashMap<String, (Instant, BTreeMap<String, String>)>;
+
 /// The verifier shared by all requests.
 pub struct ImageVerifier {
     registry: Arc<Registry>,
@@ -72,6 +167,8 @@ pub struct ImageVerifier {
     negative_ttl: Duration,
     cache: Mutex<HashMap<CacheKey, Cached>>,
     inflight: Mutex<HashMap<String, Shared<BoxFuture<'static, FetchResult>>>>,
+    templates: Mutex<TemplateDigests>,
+    pull_secrets: Option<Arc<dyn PullSecretSource>>,
 }
 
 impl ImageVerifier {
@@ -83,7 +180,40 @@ impl ImageVerifier {
             negative_ttl,
             cache: Mutex::new(HashMap::new()),
             inflight: Mutex::new(HashMap::new()),
+            templates: Mutex::new(HashMap::new()),
+            pull_secrets: None,
         }
+    }
+
+    /// Reads pull secrets through `source`; without one, registries are read anonymously.
+    #[must_use]
+    pub fn with_pull_secrets(mut self, source: Arc<dyn PullSecretSource>) -> Self {
+        self.pull_secrets = Some(source);
+        self
+    }
+
+    /// Records that the template of the workload `uid` verified with `digests`
+    /// (image as written → digest), for the pods it will own.
+    pub fn remember_template(&self, uid: &str, digests: BTreeMap<String, String>) {
+        if digests.is_empty() {
+            return;
+        }
+        if let Ok(mut templates) = self.templates.lock() {
+            let now = Instant::now();
+            if templates.len() > 10_000 {
+                templates.retain(|_, (until, _)| *until > now);
+            }
+            templates.insert(uid.to_owned(), (now + self.ttl, digests));
+        }
+    }
+
+    /// The digest the owner's template verified `image` at, while remembered.
+    fn template_digest(&self, owner: Option<&str>, image: &str) -> Option<String> {
+        let templates = self.templates.lock().ok()?;
+        let (until, digests) = templates.get(owner?)?;
+        (*until > Instant::now())
+            .then(|| digests.get(image).cloned())
+            .flatten()
     }
 
     /// Registry requests made so far.
@@ -170,7 +300,7 @@ impl ImageVerifier {
         image: &str,
         labels: &BTreeMap<String, String>,
         policies: &[Arc<CompiledImagePolicy>],
-        auth: &RegistryAuth,
+        scope: &Scope,
         deadline: Instant,
     ) -> Vec<PolicyVerdict> {
         let covering: Vec<&Arc<CompiledImagePolicy>> = policies
@@ -187,11 +317,13 @@ impl ImageVerifier {
                 .collect()
         };
         // A digest reference is checked against the cache before anything is parsed or
-        // fetched; a tag is resolved at the registry every time (tags move).
+        // fetched; a tag is resolved at the registry every time (tags move), unless the pod's
+        // owner verified its template at a digest for it.
         let pinned = image
             .split_once('@')
             .map(|(_, d)| d.to_owned())
-            .filter(|d| d.starts_with("sha256:"));
+            .filter(|d| d.starts_with("sha256:"))
+            .or_else(|| self.template_digest(scope.owner_uid.as_deref(), image));
         if let Some(digest) = &pinned {
             let hits: Option<Vec<PolicyVerdict>> = covering
                 .iter()
@@ -207,9 +339,23 @@ impl ImageVerifier {
                 return hits;
             }
         }
-        let (reference, digest) = match self.registry.resolve(image, auth, deadline).await {
+        let reference: Reference = match image.parse() {
             Ok(r) => r,
-            Err(e) => return fail_all(format!("cannot resolve the image digest: {e}")),
+            Err(_) => return fail_all(format!("image reference {image:?} does not parse")),
+        };
+        let auth = match scope
+            .auth(self.pull_secrets.as_deref(), reference.resolve_registry())
+            .await
+        {
+            Ok(a) => a,
+            Err(e) => return fail_all(e),
+        };
+        let (reference, digest) = match &pinned {
+            Some(d) => (reference.clone_with_digest(d.clone()), d.clone()),
+            None => match self.registry.resolve(image, &auth, deadline).await {
+                Ok(r) => r,
+                Err(e) => return fail_all(format!("cannot resolve the image digest: {e}")),
+            },
         };
         let with_atts = covering.iter().any(|p| !p.attestations.is_empty());
         let mut out = Vec::new();
@@ -224,7 +370,7 @@ impl ImageVerifier {
                     Arc::clone(f)
                 } else {
                     let f = self
-                        .fetch(&reference, &digest, auth, deadline, with_atts)
+                        .fetch(&reference, &digest, &auth, deadline, with_atts)
                         .await;
                     fetched = Some(Arc::clone(&f));
                     f

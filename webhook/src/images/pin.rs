@@ -9,13 +9,12 @@ use kube::core::{
     DynamicObject,
     admission::{AdmissionRequest, Operation},
 };
-use oci_client::secrets::RegistryAuth;
 use serde_json::{Value, json};
 
-use super::{check::ImageVerifier, policy::CompiledImagePolicy};
+use super::{admit::scope_of, check::ImageVerifier, policy::CompiledImagePolicy};
 use crate::{
     config::Config,
-    pods::{ContainerKind, containers},
+    pods::{ContainerKind, containers, pull_secrets},
     workload::pod_of,
 };
 
@@ -49,6 +48,7 @@ pub async fn pin_ops(
     else {
         return Vec::new();
     };
+    let scope = scope_of(req, pull_secrets(&pod.spec));
     let mut ops = Vec::new();
     let mut pinned: BTreeMap<String, String> = BTreeMap::new();
     // Ephemeral containers arrive through their own subresource, never in a Pod create.
@@ -60,7 +60,7 @@ pub async fn pin_ops(
             Some(d.clone())
         } else {
             let verdicts = verifier
-                .check(image, labels, policies, &RegistryAuth::Anonymous, deadline)
+                .check(image, labels, policies, &scope, deadline)
                 .await;
             let all_ok = !verdicts.is_empty() && verdicts.iter().all(|v| v.outcome.is_ok());
             let wanted = verdicts.iter().any(|v| v.pin_digest);

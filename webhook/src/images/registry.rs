@@ -4,8 +4,11 @@
 //! registry requests is counted.
 
 use std::{
-    collections::BTreeMap,
-    sync::atomic::{AtomicU64, Ordering},
+    collections::{BTreeMap, HashMap},
+    sync::{
+        Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -48,33 +51,64 @@ pub enum RegistryError {
     BadReference(String),
 }
 
+/// Most clients kept for distinct credentials before they are dropped and made anew.
+const MAX_CREDENTIALED_CLIENTS: usize = 256;
+
 /// An OCI registry client for verification.
+///
+/// oci-client remembers the first credentials it is given for a registry, so requests with
+/// other credentials (another pod's imagePullSecrets) would silently reuse them: anonymous
+/// reads go through one client, and each distinct (registry, credentials) pair through its own.
 pub struct Registry {
+    insecure: Vec<String>,
     client: Client,
+    credentialed: Mutex<HashMap<(String, String, String), Client>>,
     requests: AtomicU64,
 }
 
 impl Registry {
     /// A client; registries in `insecure` (`host:port`) are spoken to over plain HTTP.
     pub fn new(insecure: &[String]) -> Result<Self, RegistryError> {
-        let config = ClientConfig {
-            protocol: if insecure.is_empty() {
-                ClientProtocol::Https
-            } else {
-                ClientProtocol::HttpsExcept(insecure.to_vec())
-            },
-            connect_timeout: Some(Duration::from_secs(2)),
-            read_timeout: Some(Duration::from_secs(5)),
-            ..ClientConfig::default()
-        };
-        let client = Client::try_from(config).map_err(|e| RegistryError::Failed {
-            registry: String::new(),
-            why: e.to_string(),
-        })?;
+        let client =
+            Client::try_from(client_config(insecure)).map_err(|e| RegistryError::Failed {
+                registry: String::new(),
+                why: e.to_string(),
+            })?;
         Ok(Registry {
+            insecure: insecure.to_vec(),
             client,
+            credentialed: Mutex::new(HashMap::new()),
             requests: AtomicU64::new(0),
         })
+    }
+
+    /// The client that speaks to `registry` with `auth`.
+    fn client(&self, registry: &str, auth: &RegistryAuth) -> Result<Client, RegistryError> {
+        let key = match auth {
+            RegistryAuth::Anonymous => return Ok(self.client.clone()),
+            RegistryAuth::Basic(user, password) => {
+                (registry.to_owned(), user.clone(), password.clone())
+            }
+            RegistryAuth::Bearer(token) => (registry.to_owned(), String::new(), token.clone()),
+        };
+        let failed = |why: String| RegistryError::Failed {
+            registry: registry.to_owned(),
+            why,
+        };
+        let mut clients = self
+            .credentialed
+            .lock()
+            .map_err(|_| failed("internal lock poisoned".into()))?;
+        if let Some(c) = clients.get(&key) {
+            return Ok(c.clone());
+        }
+        if clients.len() >= MAX_CREDENTIALED_CLIENTS {
+            clients.clear();
+        }
+        let client =
+            Client::try_from(client_config(&self.insecure)).map_err(|e| failed(e.to_string()))?;
+        clients.insert(key, client.clone());
+        Ok(client)
     }
 
     /// Registry requests made so far.
@@ -119,11 +153,12 @@ impl Registry {
             return Ok((reference, digest));
         }
         let registry = reference.resolve_registry().to_owned();
+        let client = self.client(&registry, auth)?;
         let digest = self
             .bounded(
                 &registry,
                 deadline,
-                self.client.fetch_manifest_digest(&reference, auth),
+                client.fetch_manifest_digest(&reference, auth),
             )
             .await?;
         Ok((reference, digest))
@@ -140,6 +175,7 @@ impl Registry {
         deadline: Instant,
     ) -> Result<Vec<Layer>, RegistryError> {
         let registry = reference.resolve_registry().to_owned();
+        let client = self.client(&registry, auth)?;
         let tag = format!("{}.{suffix}", digest.replace(':', "-"));
         let sref = Reference::with_tag(
             reference.registry().to_owned(),
@@ -149,7 +185,7 @@ impl Registry {
         // A missing signature manifest is an answer (no signatures), not an error.
         let pulled = self
             .bounded(&registry, deadline, async {
-                match self.client.pull_manifest(&sref, auth).await {
+                match client.pull_manifest(&sref, auth).await {
                     Ok((m, _)) => Ok(Some(m)),
                     Err(e) if not_found(&e) => Ok(None),
                     Err(e) => Err(e),
@@ -169,12 +205,8 @@ impl Registry {
         for d in manifest.layers.into_iter().filter(|d| d.size <= MAX_LAYER) {
             let mut blob = Vec::new();
             // oci-client checks the blob against its digest.
-            self.bounded(
-                &registry,
-                deadline,
-                self.client.pull_blob(&sref, &d, &mut blob),
-            )
-            .await?;
+            self.bounded(&registry, deadline, client.pull_blob(&sref, &d, &mut blob))
+                .await?;
             layers.push(Layer {
                 media_type: d.media_type.clone(),
                 annotations: d
@@ -187,6 +219,21 @@ impl Registry {
             });
         }
         Ok(layers)
+    }
+}
+
+/// How every client is set up: plain HTTP for the `insecure` registries only, short connect
+/// and read timeouts (each call is also bounded by the request's deadline).
+fn client_config(insecure: &[String]) -> ClientConfig {
+    ClientConfig {
+        protocol: if insecure.is_empty() {
+            ClientProtocol::Https
+        } else {
+            ClientProtocol::HttpsExcept(insecure.to_vec())
+        },
+        connect_timeout: Some(Duration::from_secs(2)),
+        read_timeout: Some(Duration::from_secs(5)),
+        ..ClientConfig::default()
     }
 }
 
