@@ -37,6 +37,10 @@ pub struct Config {
     /// configured and nothing is written.
     #[serde(default)]
     pub vault: Option<crate::vault::VaultSettings>,
+    /// The webhook's serving certificate, generated and rotated here; off when absent (the
+    /// certificate then comes from cert-manager or elsewhere).
+    #[serde(default)]
+    pub webhook_certificate: Option<crate::certs::CertSettings>,
 }
 
 fn default_concurrency() -> u16 {
@@ -123,6 +127,7 @@ impl Default for Config {
             metrics_address: default_metrics_address(),
             concurrency: default_concurrency(),
             vault: None,
+            webhook_certificate: None,
         }
     }
 }
@@ -165,7 +170,13 @@ impl Config {
     pub fn parse(text: &str) -> Result<Self, serde_yaml::Error> {
         let mut all: serde_yaml::Mapping = serde_yaml::from_str(text)?;
         let mut own = serde_yaml::Mapping::new();
-        for key in ["leaderElection", "metricsAddress", "concurrency", "vault"] {
+        for key in [
+            "leaderElection",
+            "metricsAddress",
+            "concurrency",
+            "vault",
+            "webhookCertificate",
+        ] {
             if let Some(v) = all.remove(key) {
                 own.insert(key.into(), v);
             }

@@ -1,6 +1,7 @@
 //! Palisade's operator. Controllers read Palisade objects, call pure translators
 //! (spec → desired objects), apply the result and write status.
 
+pub mod certs;
 pub mod config;
 pub mod controller;
 pub mod diff;

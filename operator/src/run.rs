@@ -72,6 +72,24 @@ fn secret_binding_controller(
         })
 }
 
+/// Keeps the webhook certificate current, when configured to.
+fn certificate_keeper(
+    client: &Client,
+    config: &Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> futures::future::BoxFuture<'static, ()> {
+    match config.webhook_certificate.clone() {
+        Some(settings) => crate::certs::run(
+            client.clone(),
+            settings,
+            std::time::Duration::from_mins(10),
+            shutdown,
+        )
+        .boxed(),
+        None => std::future::ready(()).boxed(),
+    }
+}
+
 /// Runs the operator until `shutdown` resolves or leadership is lost.
 pub async fn run(
     client: Client,
@@ -146,6 +164,7 @@ pub async fn run(
     });
 
     let sb_run = secret_binding_controller(&client, &config, &state, &metrics, shutdown.clone());
+    let certs_run = certificate_keeper(&client, &config, shutdown.clone());
 
     let auth_run = auth_ctl
         .graceful_shutdown_on(shutdown.clone())
@@ -173,7 +192,7 @@ pub async fn run(
         }
     };
     let outcome = tokio::select! {
-        _ = futures::future::join3(auth_run, rl_run, sb_run) => Ok(()),
+        _ = futures::future::join4(auth_run, rl_run, sb_run, certs_run) => Ok(()),
         e = lost => Err(anyhow::anyhow!("leadership lost: {}", e.map(|e| e.to_string()).unwrap_or_default())),
     };
     metrics.ready.store(false, Ordering::Relaxed);
