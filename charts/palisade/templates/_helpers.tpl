@@ -1,0 +1,50 @@
+{{/* Common labels. */}}
+{{- define "palisade.labels" -}}
+app.kubernetes.io/name: palisade
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end }}
+
+{{/* Selector labels of one component (operator or webhook). */}}
+{{- define "palisade.selector" -}}
+app.kubernetes.io/name: palisade
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/* Image reference of one component: registry/repository, then @digest or :tag. */}}
+{{- define "palisade.image" -}}
+{{- $img := index .root.Values.image .component -}}
+{{- $ref := printf "%s/%s" .root.Values.image.registry $img.repository -}}
+{{- if $img.digest -}}
+{{ $ref }}@{{ $img.digest }}
+{{- else -}}
+{{ $ref }}:{{ $img.tag | default .root.Chart.AppVersion }}
+{{- end -}}
+{{- end }}
+
+{{/* Names. */}}
+{{- define "palisade.operator" -}}{{ .Release.Name }}-operator{{- end }}
+{{- define "palisade.webhook" -}}{{ .Release.Name }}-webhook{{- end }}
+{{- define "palisade.tlsSecret" -}}{{ .Release.Name }}-webhook-tls{{- end }}
+
+{{/* The restricted container security context every Palisade container runs with. */}}
+{{- define "palisade.containerSecurity" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+runAsNonRoot: true
+runAsUser: 65532
+runAsGroup: 65532
+capabilities:
+  drop: [ALL]
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{/* Namespaces the webhook exempts: the configured ones and the release namespace. */}}
+{{- define "palisade.exempt" -}}
+{{- $list := concat (list .Release.Namespace) .Values.webhook.exemptNamespaces | uniq -}}
+{{- toJson $list -}}
+{{- end }}
