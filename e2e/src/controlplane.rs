@@ -147,6 +147,12 @@ impl ControlPlane {
         Ok(cp)
     }
 
+    /// The API server's audit log (JSON lines): requests of ServiceAccounts in
+    /// `palisade-system`, at Metadata level.
+    pub fn audit_log(&self) -> PathBuf {
+        self.work_dir.join("audit.log")
+    }
+
     fn start_etcd_and_apiserver(&mut self, apiserver_port: u16, deadline: Instant) -> Result<()> {
         let etcd_client = free_port()?;
         let etcd_peer = free_port()?;
@@ -168,6 +174,15 @@ impl ControlPlane {
         self.wait_port("etcd", etcd_client, deadline)?;
 
         let p = self.pki.clone();
+        // Requests of ServiceAccounts in palisade-system (a Helm install of Palisade) are
+        // audited, so tests can compare what Palisade calls with what its RBAC grants.
+        let audit_policy = self.work_dir.join("audit-policy.yaml");
+        std::fs::write(
+            &audit_policy,
+            "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n  \
+             - level: Metadata\n    userGroups: [\"system:serviceaccounts:palisade-system\"]\n  \
+             - level: None\n",
+        )?;
         self.spawn(
             "kube-apiserver",
             &[
@@ -190,6 +205,9 @@ impl ControlPlane {
                 &format!("--service-account-key-file={}", p.sa_pub.display()),
                 &format!("--service-account-signing-key-file={}", p.sa_key.display()),
                 "--api-audiences=https://kubernetes.default.svc.cluster.local",
+                &format!("--audit-policy-file={}", audit_policy.display()),
+                &format!("--audit-log-path={}", self.audit_log().display()),
+                "--audit-log-format=json",
                 "--v=1",
             ],
         )?;

@@ -53,6 +53,18 @@ impl OperatorProcess {
                 "leaderElection: {enabled: false, leaseName: palisade-operator, leaseNamespace: default, leaseSeconds: 15}\n",
             );
         }
+        Self::start_as(cp, tag, &config, &cp.kubeconfig, metrics_addr)
+    }
+
+    /// Starts the operator with the whole configuration `config` (serving metrics on
+    /// `metrics_addr`, as it must say) and credentials from `kubeconfig`, and waits for `/readyz`.
+    pub fn start_as(
+        cp: &ControlPlane,
+        tag: &str,
+        config: &str,
+        kubeconfig: &std::path::Path,
+        metrics_addr: String,
+    ) -> Result<Self> {
         let config_path = cp.work_dir.join(format!("operator-{tag}.yaml"));
         std::fs::write(&config_path, config)?;
         let log = cp.work_dir.join(format!("operator-{tag}.log"));
@@ -60,7 +72,7 @@ impl OperatorProcess {
             Command::new(workspace_bin("palisade-operator")?)
                 .arg("--config")
                 .arg(&config_path)
-                .env("KUBECONFIG", &cp.kubeconfig)
+                .env("KUBECONFIG", kubeconfig)
                 .env("RUST_LOG", "info,kube=warn,vaultrs=off,rustify=off")
                 .env("POD_NAME", format!("operator-{tag}")),
             &log,

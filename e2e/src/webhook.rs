@@ -77,6 +77,20 @@ impl WebhookProcess {
         )
     }
 
+    /// Starts the webhook with `config` (everything but `listen`) and credentials from
+    /// `kubeconfig`; its certificate is valid for `host` and chains to `ca`.
+    pub fn start_as(
+        cp: &ControlPlane,
+        tag: &str,
+        config: &str,
+        kubeconfig: &std::path::Path,
+        (ca, host): (&std::path::Path, &str),
+    ) -> Result<Self> {
+        let dir = cp.work_dir.join(format!("webhook-{tag}"));
+        std::fs::create_dir_all(&dir)?;
+        Self::launch_as(&dir, config, kubeconfig, (ca, host), free_port()?)
+    }
+
     fn launch(
         cp: &ControlPlane,
         dir: &std::path::Path,
@@ -85,7 +99,18 @@ impl WebhookProcess {
         (ca, host): (&std::path::Path, &str),
         port: u16,
     ) -> Result<Self> {
-        let config = format!("listen: 127.0.0.1:{port}\n{tls}\n{extra_config}\n");
+        let config = format!("{tls}\n{extra_config}\n");
+        Self::launch_as(dir, &config, &cp.kubeconfig, (ca, host), port)
+    }
+
+    fn launch_as(
+        dir: &std::path::Path,
+        config: &str,
+        kubeconfig: &std::path::Path,
+        (ca, host): (&std::path::Path, &str),
+        port: u16,
+    ) -> Result<Self> {
+        let config = format!("listen: 127.0.0.1:{port}\n{config}\n");
         let config_path = dir.join("config.yaml");
         std::fs::write(&config_path, config)?;
         let log = dir.join("webhook.log");
@@ -93,7 +118,7 @@ impl WebhookProcess {
             Command::new(workspace_bin("palisade-webhook")?)
                 .arg("--config")
                 .arg(&config_path)
-                .env("KUBECONFIG", &cp.kubeconfig),
+                .env("KUBECONFIG", kubeconfig),
             &log,
         )?;
         let mut wh = WebhookProcess {
@@ -125,6 +150,9 @@ impl WebhookProcess {
         let out = run(Command::new("curl")
             .args(["-s", "--max-time", "5", "-w", "\n%{http_code}", "--cacert"])
             .arg(&self.ca)
+            // The certificate's name (a Service name, say) always reaches the loopback port.
+            .arg("--resolve")
+            .arg(format!("{}:{}:127.0.0.1", self.host, self.port))
             .arg(format!("https://{}:{}{path}", self.host, self.port))
             .args(rest))?;
         let text = String::from_utf8_lossy(&out.stdout).into_owned();

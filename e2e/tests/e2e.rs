@@ -5,6 +5,7 @@
 
 mod admit_crds;
 mod admit_webhook;
+mod chart;
 mod e2e_controlplane;
 mod e2e_operator;
 mod e2e_vault;
@@ -35,6 +36,7 @@ fn main() {
     let tests: Vec<(&str, TestFn)> = [
         admit_crds::TESTS,
         admit_webhook::TESTS,
+        chart::TESTS,
         e2e_controlplane::TESTS,
         e2e_operator::TESTS,
         e2e_vault::TESTS,

@@ -45,6 +45,13 @@ pub struct CertSettings {
     /// How long before expiry it is replaced, in days.
     #[serde(default = "default_renew_before")]
     pub renew_before_days: u32,
+    /// How often the Secret and the `caBundle`s are checked, in seconds.
+    #[serde(default = "default_check_interval")]
+    pub check_interval_seconds: u64,
+}
+
+fn default_check_interval() -> u64 {
+    600
 }
 
 fn default_validity() -> u32 {
@@ -266,13 +273,9 @@ where
     Ok(true)
 }
 
-/// Runs [`ensure`] now and every `every`, until `shutdown`.
-pub async fn run(
-    client: Client,
-    settings: CertSettings,
-    every: std::time::Duration,
-    shutdown: impl Future<Output = ()>,
-) {
+/// Runs [`ensure`] now and every `checkIntervalSeconds`, until `shutdown`.
+pub async fn run(client: Client, settings: CertSettings, shutdown: impl Future<Output = ()>) {
+    let every = std::time::Duration::from_secs(settings.check_interval_seconds.max(1));
     let work = async {
         loop {
             let wait = match ensure(&client, &settings).await {
@@ -308,6 +311,7 @@ mod tests {
             webhook_configurations: vec!["palisade-webhook".into()],
             validity_days: 365,
             renew_before_days: 30,
+            check_interval_seconds: 600,
         }
     }
 

@@ -79,13 +79,7 @@ fn certificate_keeper(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> futures::future::BoxFuture<'static, ()> {
     match config.webhook_certificate.clone() {
-        Some(settings) => crate::certs::run(
-            client.clone(),
-            settings,
-            std::time::Duration::from_mins(10),
-            shutdown,
-        )
-        .boxed(),
+        Some(settings) => crate::certs::run(client.clone(), settings, shutdown).boxed(),
         None => std::future::ready(()).boxed(),
     }
 }

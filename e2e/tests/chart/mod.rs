@@ -1,0 +1,633 @@
+//! The Helm chart against the real control plane: lint, schema refusals, server-side dry run,
+//! install, upgrade and uninstall; the operator and the webhook run as the chart's
+//! ServiceAccounts (their own tokens, so only the chart's RBAC applies) and the API server's
+//! audit log of their requests is compared with the rules the chart grants; the operator issues
+//! the webhook certificate and patches the caBundle; and an AuthPolicy applied the way Argo CD
+//! applies it shows no diff once the operator has reconciled it.
+
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use base64::{Engine as _, engine::general_purpose::STANDARD as B64};
+use palisade_e2e::{
+    accepts, controlplane::free_port, operator::OperatorProcess, rejects, run, run_ok,
+    webhook::WebhookProcess,
+};
+use serde::Deserialize as _;
+
+use crate::{Env, TestFn};
+
+pub const TESTS: &[(&str, TestFn)] = &[(
+    "chart::installs_runs_with_least_privilege_and_uninstalls",
+    installs_runs_with_least_privilege_and_uninstalls,
+)];
+
+const NS: &str = "palisade-system";
+const OPERATOR_SA: &str = "system:serviceaccount:palisade-system:palisade-operator";
+const WEBHOOK_SA: &str = "system:serviceaccount:palisade-system:palisade-webhook";
+
+/// Grants this test does not exercise: kinds the examples never produce (the OPA policy
+/// ConfigMap, SPIRE registrations, envoy filters), finalizers (SPIRE and Vault only), Event
+/// series, key material and pull secrets read by the webhook (exercised in the image tests),
+/// and pruning. Anything else granted must be used.
+const NOT_EXERCISED: &[&str] = &[
+    "operator create configmaps",
+    "operator patch configmaps",
+    "operator delete configmaps",
+    "operator patch events.k8s.io/events",
+    "operator patch palisade.dev/authpolicies",
+    "operator patch palisade.dev/ratelimitpolicies",
+    "webhook get configmaps",
+    "webhook get secrets",
+    "operator create security.istio.io/requestauthentications",
+    "operator create security.istio.io/peerauthentications",
+    "operator create networking.istio.io/envoyfilters",
+    "operator create spire.spiffe.io/clusterspiffeids",
+    "operator delete security.istio.io/authorizationpolicies",
+    "operator delete security.istio.io/requestauthentications",
+    "operator delete security.istio.io/peerauthentications",
+    "operator delete networking.istio.io/envoyfilters",
+    "operator delete gateway.envoyproxy.io/backendtrafficpolicies",
+    "operator delete spire.spiffe.io/clusterspiffeids",
+    "operator patch spire.spiffe.io/clusterspiffeids",
+    "operator patch networking.istio.io/envoyfilters",
+    "operator patch security.istio.io/peerauthentications",
+    "operator patch palisade.dev/secretbindings",
+    "operator patch palisade.dev/secretbindings/status",
+    "operator update coordination.k8s.io/leases",
+];
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+#[allow(clippy::too_many_lines)]
+fn installs_runs_with_least_privilege_and_uninstalls(env: &Env) -> Result<()> {
+    let cp = &env.cp;
+    let chart = repo_root().join("charts/palisade");
+    let helm = || {
+        let mut c = Command::new(env.opts.bin_dir.join("helm"));
+        c.env("KUBECONFIG", &cp.kubeconfig)
+            .env("HELM_CACHE_HOME", cp.work_dir.join("helm/cache"))
+            .env("HELM_CONFIG_HOME", cp.work_dir.join("helm/config"))
+            .env("HELM_DATA_HOME", cp.work_dir.join("helm/data"));
+        c
+    };
+
+    // The chart's CRDs are the generated ones.
+    for entry in std::fs::read_dir(repo_root().join("crds"))? {
+        let path = entry?.path();
+        let name = path.file_name().context("file name")?;
+        let copy = chart.join("crds").join(name);
+        if std::fs::read(&path)? != std::fs::read(&copy).unwrap_or_default() {
+            bail!(
+                "{} differs from {}: cp crds/*.yaml charts/palisade/crds/",
+                copy.display(),
+                path.display()
+            );
+        }
+    }
+    accepts(
+        &run(helm().arg("lint").arg(&chart).arg("--strict"))?,
+        "helm lint",
+    )?;
+    // values.schema.json refuses bad values before anything is applied.
+    for (set, needle) in [
+        ("webhook.failurePolicy=Ignore", "value must be 'Fail'"),
+        ("webhook.replicas=1", "minimum: got 1, want 2"),
+        ("certificates.source=selfmade", "certificates/source"),
+        (
+            "webhok.replicas=3",
+            "additional properties 'webhok' not allowed",
+        ),
+    ] {
+        let out = run(helm()
+            .args(["template", "x"])
+            .arg(&chart)
+            .args(["--set", set]))?;
+        rejects(&out, &format!("helm template --set {set}"), &[needle])?;
+    }
+    run_ok(cp.kubectl().args(["create", "namespace", NS]))?;
+    let rendered = run_ok(
+        helm()
+            .args(["template", "palisade", "-n", NS, "--kube-version", "1.36.3"])
+            .arg(&chart),
+    )?;
+    let file = cp.work_dir.join("chart-rendered.yaml");
+    std::fs::write(&file, &rendered)?;
+    accepts(
+        &run(cp
+            .kubectl()
+            .args(["apply", "--dry-run=server", "-f"])
+            .arg(&file))?,
+        "helm template | kubectl apply --dry-run=server",
+    )?;
+
+    let out = run(helm().args(["install", "palisade", "-n", NS]).arg(&chart))?;
+    accepts(&out, "helm install")?;
+    let result = installed(env, &chart, &helm);
+    let uninstall = run(helm().args(["uninstall", "palisade", "-n", NS]))?;
+    result?;
+    accepts(&uninstall, "helm uninstall")?;
+    // What uninstall leaves: the CRDs (Helm never deletes crds/) and the operator-issued
+    // certificate Secret (not a chart object); the webhook registrations are gone.
+    let left = run_ok(cp.kubectl().args([
+        "get",
+        "validatingwebhookconfiguration,mutatingwebhookconfiguration",
+        "-l",
+        "app.kubernetes.io/instance=palisade",
+        "-o",
+        "name",
+    ]))?;
+    if !left.is_empty() {
+        bail!("helm uninstall left webhook registrations: {left}");
+    }
+    run_ok(
+        cp.kubectl()
+            .args(["get", "crd", "authpolicies.palisade.dev"]),
+    )?;
+    run_ok(
+        cp.kubectl()
+            .args(["get", "secret", "palisade-webhook-tls", "-n", NS]),
+    )?;
+    run_ok(
+        cp.kubectl()
+            .args(["delete", "namespace", NS, "--wait=false"]),
+    )?;
+    Ok(())
+}
+
+/// Everything done while the release is installed.
+#[allow(clippy::too_many_lines)]
+fn installed(env: &Env, chart: &Path, helm: &dyn Fn() -> Command) -> Result<()> {
+    let cp = &env.cp;
+    let manifest = run_ok(helm().args(["get", "manifest", "palisade", "-n", NS]))?;
+    for kind in [
+        "kind: Deployment",
+        "kind: PodDisruptionBudget",
+        "kind: NetworkPolicy",
+        "kind: ValidatingWebhookConfiguration",
+        "kind: MutatingWebhookConfiguration",
+    ] {
+        if !manifest.contains(kind) {
+            bail!("the release has no {kind}");
+        }
+    }
+    let granted = granted_rules(&manifest)?;
+
+    // Each process gets its ServiceAccount's own token: nothing but the chart's RBAC applies.
+    let kubeconfig_for = |sa: &str| -> Result<PathBuf> {
+        let token =
+            run_ok(
+                cp.kubectl()
+                    .args(["create", "token", sa, "-n", NS, "--duration", "1h"]),
+            )?;
+        let path = cp.work_dir.join(format!("kubeconfig-{sa}"));
+        std::fs::write(
+            &path,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: \"{}\", certificate-authority: \"{}\"}}}}]\nusers: [{{name: u, user: {{token: \"{token}\"}}}}]\ncontexts: [{{name: x, context: {{cluster: c, user: u}}}}]\ncurrent-context: x\n",
+                cp.server,
+                cp.pki.ca_cert.display()
+            ),
+        )?;
+        Ok(path)
+    };
+    let config_of = |name: &str| {
+        run_ok(cp.kubectl().args([
+            "get",
+            "configmap",
+            name,
+            "-n",
+            NS,
+            "-o",
+            r"jsonpath={.data.config\.yaml}",
+        ]))
+    };
+    // The chart's configuration, with loopback addresses and a short certificate check.
+    let metrics = format!("127.0.0.1:{}", free_port()?);
+    let operator_config = config_of("palisade-operator")?
+        .replace("\"0.0.0.0:9090\"", &format!("\"{metrics}\""))
+        .replace(
+            "renewBeforeDays: 30",
+            "renewBeforeDays: 30\n  checkIntervalSeconds: 1",
+        );
+    let op = OperatorProcess::start_as(
+        cp,
+        "chart",
+        &operator_config,
+        &kubeconfig_for("palisade-operator")?,
+        metrics,
+    )?;
+
+    // The operator issues the certificate and fills in both caBundles.
+    let ca = cp.eventually(
+        "the operator-issued certificate",
+        Duration::from_secs(30),
+        || {
+            run_ok(cp.kubectl().args([
+                "get",
+                "secret",
+                "palisade-webhook-tls",
+                "-n",
+                NS,
+                "-o",
+                r"jsonpath={.data.ca\.crt}",
+            ]))
+            .ok()
+            .filter(|c| !c.is_empty())
+        },
+    )?;
+    let bundles = || -> Result<Vec<String>> {
+        [
+            "validatingwebhookconfiguration",
+            "mutatingwebhookconfiguration",
+        ]
+        .iter()
+        .map(|k| {
+            run_ok(cp.kubectl().args([
+                "get",
+                k,
+                "palisade-webhook",
+                "-o",
+                "jsonpath={.webhooks[0].clientConfig.caBundle}",
+            ]))
+        })
+        .collect()
+    };
+    cp.eventually(
+        "caBundle patched into both configurations",
+        Duration::from_secs(30),
+        || bundles().ok().filter(|b| b.iter().all(|c| *c == ca)),
+    )?;
+    let dir = cp.work_dir.join("chart-tls");
+    std::fs::create_dir_all(&dir)?;
+    for key in ["tls.crt", "tls.key", "ca.crt"] {
+        let b64 = run_ok(cp.kubectl().args([
+            "get",
+            "secret",
+            "palisade-webhook-tls",
+            "-n",
+            NS,
+            "-o",
+            &format!("jsonpath={{.data.{}}}", key.replace('.', r"\.")),
+        ]))?;
+        std::fs::write(dir.join(key), B64.decode(b64.trim())?)?;
+    }
+    // The webhook, with the chart's configuration and the operator's certificate, verified as
+    // the API server would: CA from the caBundle, name of the Service.
+    let webhook_config = config_of("palisade-webhook")?
+        .lines()
+        .filter(|l| !l.starts_with("listen:"))
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace("/etc/palisade/tls", &dir.display().to_string());
+    let wh = WebhookProcess::start_as(
+        cp,
+        "chart",
+        &webhook_config,
+        &kubeconfig_for("palisade-webhook")?,
+        (&dir.join("ca.crt"), "palisade-webhook.palisade-system.svc"),
+    )?;
+    let (code, _) = wh.curl(&["/readyz"])?;
+    if code != 200 {
+        bail!(
+            "the webhook does not serve the operator's certificate for its Service name ({code})"
+        );
+    }
+    // Renewal: a Secret whose expiry cannot be read is replaced, and the caBundles follow.
+    run_ok(cp.kubectl().args([
+        "annotate",
+        "secret",
+        "palisade-webhook-tls",
+        "-n",
+        NS,
+        "palisade.dev/not-after-",
+    ]))?;
+    cp.eventually("a renewed certificate", Duration::from_secs(30), || {
+        bundles()
+            .ok()
+            .filter(|b| b.iter().all(|c| !c.is_empty() && *c != ca))
+    })?;
+    let ca = bundles()?.pop().unwrap_or_default();
+    // Rotation: a deleted Secret is issued anew and the caBundles follow.
+    run_ok(
+        cp.kubectl()
+            .args(["delete", "secret", "palisade-webhook-tls", "-n", NS]),
+    )?;
+    cp.eventually(
+        "a new certificate after deletion",
+        Duration::from_secs(30),
+        || {
+            bundles()
+                .ok()
+                .filter(|b| b.iter().all(|c| !c.is_empty() && *c != ca))
+        },
+    )?;
+
+    // The examples, reconciled and reported by the processes running as the chart's accounts.
+    let examples = repo_root().join("examples");
+    for f in [
+        "00-shop-namespace.yaml",
+        "10-gateway.yaml",
+        "30-ratelimit-orders.yaml",
+        "50-imagepolicy-shop.yaml",
+    ] {
+        run_ok(cp.kubectl().arg("apply").arg("-f").arg(examples.join(f)))?;
+    }
+    // Argo CD's way: server-side apply under its own field manager.
+    let argo = |verb: &str, f: &str| {
+        run(cp
+            .kubectl()
+            .args([
+                verb,
+                "--server-side",
+                "--field-manager=argocd-controller",
+                "-f",
+            ])
+            .arg(examples.join(f)))
+    };
+    for f in ["20-authpolicy-orders.yaml", "21-authpolicy-payments.yaml"] {
+        accepts(&argo("apply", f)?, &format!("server-side apply of {f}"))?;
+    }
+    let ready = |kind: &str, name: &str| -> Option<String> {
+        run_ok(cp.kubectl().args([
+            "get",
+            kind,
+            name,
+            "-n",
+            "shop",
+            "-o",
+            r#"jsonpath={.status.conditions[?(@.type=="Ready")].status}"#,
+        ]))
+        .ok()
+        .filter(|s| s == "True")
+    };
+    cp.eventually("AuthPolicy orders Ready", Duration::from_secs(30), || {
+        ready("authpolicy", "orders")
+    })
+    .map_err(|e| {
+        let status = run_ok(cp.kubectl().args([
+            "get",
+            "authpolicy",
+            "orders",
+            "-n",
+            "shop",
+            "-o",
+            "jsonpath={.status}",
+        ]))
+        .unwrap_or_default();
+        anyhow::anyhow!("{e}: status {status}\noperator log:\n{}", op.log_tail())
+    })?;
+    cp.eventually(
+        "RateLimitPolicy orders Ready",
+        Duration::from_secs(30),
+        || {
+            ready("ratelimitpolicy", "orders-per-user")
+                .or_else(|| ready("ratelimitpolicy", "orders"))
+        },
+    )
+    .ok();
+    cp.eventually(
+        "ImagePolicy shop-images reported",
+        Duration::from_secs(30),
+        || {
+            run_ok(cp.kubectl().args([
+                "get",
+                "imagepolicy",
+                "shop-images",
+                "-o",
+                r#"jsonpath={.status.conditions[?(@.type=="Ready")].reason}"#,
+            ]))
+            .ok()
+            .filter(|r| !r.is_empty())
+        },
+    )?;
+    run_ok(cp.kubectl().args([
+        "get",
+        "authorizationpolicies.security.istio.io",
+        "-n",
+        "shop",
+    ]))?;
+    // No drift for Argo CD: applying the same files again would change nothing.
+    for f in ["20-authpolicy-orders.yaml", "21-authpolicy-payments.yaml"] {
+        let out = argo("diff", f)?;
+        if !out.status.success() || !out.stdout.is_empty() {
+            bail!(
+                "{f} shows drift after the operator reconciled it:\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
+    // A helm upgrade with a valid change applies; an invalid one changes nothing.
+    accepts(
+        &run(helm()
+            .args(["upgrade", "palisade", "-n", NS])
+            .arg(chart)
+            .args(["--set", "webhook.replicas=3"]))?,
+        "helm upgrade",
+    )?;
+    rejects(
+        &run(helm()
+            .args(["upgrade", "palisade", "-n", NS])
+            .arg(chart)
+            .args(["--set", "webhook.replicas=1"]))?,
+        "helm upgrade with replicas 1",
+        &["minimum: got 1, want 2"],
+    )?;
+    let replicas = run_ok(cp.kubectl().args([
+        "get",
+        "deployment",
+        "palisade-webhook",
+        "-n",
+        NS,
+        "-o",
+        "jsonpath={.spec.replicas}",
+    ]))?;
+    if replicas != "3" {
+        bail!("webhook replicas {replicas} after a refused upgrade, want 3");
+    }
+
+    drop(wh);
+    drop(op);
+    for f in [
+        "20-authpolicy-orders.yaml",
+        "21-authpolicy-payments.yaml",
+        "30-ratelimit-orders.yaml",
+        "50-imagepolicy-shop.yaml",
+    ] {
+        let _ = run(cp
+            .kubectl()
+            .args(["delete", "--ignore-not-found", "-f"])
+            .arg(examples.join(f)));
+    }
+
+    // What they called, from the audit log, against what the chart grants.
+    let used = used_calls(&cp.audit_log())?;
+    let mut problems = Vec::new();
+    for (who, call) in &used {
+        if call.ends_with(" 403") {
+            problems.push(format!("{who} was refused: {call}"));
+        }
+    }
+    let used_rules: BTreeSet<String> = used
+        .iter()
+        .map(|(who, c)| {
+            format!(
+                "{who} {}",
+                c.rsplit_once(' ').map_or(c.as_str(), |(r, _)| r)
+            )
+        })
+        .collect();
+    for u in &used_rules {
+        if !granted.contains(u) {
+            problems.push(format!("used but not granted: {u}"));
+        }
+    }
+    let unused: Vec<&String> = granted
+        .iter()
+        .filter(|g| !used_rules.contains(*g) && !NOT_EXERCISED.contains(&g.as_str()))
+        .collect();
+    for g in &unused {
+        problems.push(format!("granted but never used: {g}"));
+    }
+    eprintln!(
+        "  calls made as the chart's ServiceAccounts: {}",
+        used_rules.len()
+    );
+    for u in &used_rules {
+        eprintln!("    {u}");
+    }
+    // The effective permissions the API server reports agree: no Secret listing for anyone,
+    // the operator only its own certificate Secret.
+    for (sa, args, want) in [
+        (WEBHOOK_SA, vec!["list", "secrets", "-A"], "no"),
+        (WEBHOOK_SA, vec!["get", "secrets", "-n", "shop"], "yes"),
+        (
+            WEBHOOK_SA,
+            vec!["patch", "imagepolicies.palisade.dev"],
+            "no",
+        ),
+        (
+            OPERATOR_SA,
+            vec!["get", "secrets/palisade-webhook-tls", "-n", NS],
+            "yes",
+        ),
+        (OPERATOR_SA, vec!["get", "secrets/other", "-n", NS], "no"),
+        (OPERATOR_SA, vec!["list", "secrets", "-A"], "no"),
+        (
+            OPERATOR_SA,
+            vec!["delete", "authpolicies.palisade.dev", "-A"],
+            "no",
+        ),
+        (
+            OPERATOR_SA,
+            vec!["patch", "validatingwebhookconfigurations/other"],
+            "no",
+        ),
+    ] {
+        let out = run(cp.kubectl().args(["auth", "can-i", "--as", sa]).args(&args))?;
+        let said = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        if said != want {
+            problems.push(format!(
+                "kubectl auth can-i {} as {sa}: {said}, want {want}",
+                args.join(" ")
+            ));
+        }
+    }
+    let list =
+        run_ok(
+            cp.kubectl()
+                .args(["auth", "can-i", "--list", "--as", OPERATOR_SA, "-n", NS]),
+        )?;
+    eprintln!("  kubectl auth can-i --list for the operator in {NS}:\n{list}");
+    if !problems.is_empty() {
+        bail!("RBAC and calls disagree:\n  {}", problems.join("\n  "));
+    }
+    Ok(())
+}
+
+/// `who verb group/resource` for every rule of the release's (Cluster)Roles, `who` being
+/// `operator` or `webhook` (from the role's name).
+fn granted_rules(manifest: &str) -> Result<BTreeSet<String>> {
+    let mut out = BTreeSet::new();
+    for doc in serde_yaml::Deserializer::from_str(manifest) {
+        let v = serde_yaml::Value::deserialize(doc)?;
+        let kind = v["kind"].as_str().unwrap_or_default();
+        if kind != "ClusterRole" && kind != "Role" {
+            continue;
+        }
+        let name = v["metadata"]["name"].as_str().unwrap_or_default();
+        let who = name.rsplit('-').next().unwrap_or_default();
+        for rule in v["rules"].as_sequence().into_iter().flatten() {
+            let strs = |k: &str| -> Vec<String> {
+                rule[k]
+                    .as_sequence()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|s| s.as_str().map(str::to_owned))
+                    .collect()
+            };
+            for g in strs("apiGroups") {
+                for r in strs("resources") {
+                    for verb in strs("verbs") {
+                        let res = if g.is_empty() {
+                            r.clone()
+                        } else {
+                            format!("{g}/{r}")
+                        };
+                        out.insert(format!("{who} {verb} {res}"));
+                    }
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// (who, `verb group/resource[/subresource] code`) of every audited request of the two
+/// ServiceAccounts (discovery and other non-resource requests left out).
+fn used_calls(log: &Path) -> Result<BTreeSet<(String, String)>> {
+    let text = std::fs::read_to_string(log).context("the API server's audit log")?;
+    let mut out = BTreeSet::new();
+    for line in text.lines() {
+        let e: serde_json::Value = serde_json::from_str(line)?;
+        let who = match e["user"]["username"].as_str() {
+            Some(OPERATOR_SA) => "operator",
+            Some(WEBHOOK_SA) => "webhook",
+            _ => continue,
+        };
+        let Some(resource) = e["objectRef"]["resource"].as_str() else {
+            continue;
+        };
+        let group = e["objectRef"]["apiGroup"].as_str().unwrap_or_default();
+        let mut res = if group.is_empty() {
+            resource.to_owned()
+        } else {
+            format!("{group}/{resource}")
+        };
+        if let Some(sub) = e["objectRef"]["subresource"].as_str() {
+            res = format!("{res}/{sub}");
+        }
+        let verb = e["verb"].as_str().unwrap_or_default();
+        let code = e["responseStatus"]["code"].as_i64().unwrap_or_default();
+        // Server-side apply of a new object is audited as a patch answered 201, and authorized
+        // as a create.
+        if verb == "patch" && code == 201 {
+            out.insert((who.to_owned(), format!("create {res} {code}")));
+        }
+        // A 404 on get is an answer (the Secret does not exist yet), not a refusal.
+        out.insert((who.to_owned(), format!("{verb} {res} {code}")));
+    }
+    Ok(out)
+}
