@@ -17,9 +17,23 @@ use palisade_e2e::{
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("values-doc") {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../charts/palisade/values.schema.json");
+        let schema = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok());
+        let Some(schema) = schema else {
+            eprintln!("palisade-e2e: cannot read {}", path.display());
+            return ExitCode::FAILURE;
+        };
+        print!("{}", palisade_e2e::chartdoc::values_reference(&schema));
+        return ExitCode::SUCCESS;
+    }
     if args.first().map(String::as_str) != Some("up") {
         eprintln!(
             "usage: palisade-e2e up [--state DIR] [--port PORT] [--no-examples]\n\
+             \x20      palisade-e2e values-doc   (the README's chart values reference)\n\
              Starts etcd, kube-apiserver and kube-controller-manager on 127.0.0.1 with\n\
              Palisade's CRDs and examples applied, until interrupted."
         );

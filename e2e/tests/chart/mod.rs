@@ -22,10 +22,32 @@ use serde::Deserialize as _;
 
 use crate::{Env, TestFn};
 
-pub const TESTS: &[(&str, TestFn)] = &[(
-    "chart::installs_runs_with_least_privilege_and_uninstalls",
-    installs_runs_with_least_privilege_and_uninstalls,
-)];
+pub const TESTS: &[(&str, TestFn)] = &[
+    (
+        "chart::installs_runs_with_least_privilege_and_uninstalls",
+        installs_runs_with_least_privilege_and_uninstalls,
+    ),
+    ("chart::readme_values_reference_is_current", readme_values_reference_is_current),
+];
+
+/// The README's values reference is the one generated from values.schema.json.
+fn readme_values_reference_is_current(_env: &Env) -> Result<()> {
+    use palisade_e2e::chartdoc::{BEGIN, END, values_reference};
+    let schema: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        repo_root().join("charts/palisade/values.schema.json"),
+    )?)?;
+    let want = values_reference(&schema);
+    let readme = std::fs::read_to_string(repo_root().join("README.md"))?;
+    let have = readme
+        .split_once(BEGIN)
+        .and_then(|(_, rest)| rest.split_once(END))
+        .map(|(table, _)| table.trim_start_matches('\n'))
+        .context("README.md has no values reference markers")?;
+    if have != want {
+        bail!("README.md's values reference is stale: paste the output of `cargo run -q -p palisade-e2e -- values-doc` between its markers");
+    }
+    Ok(())
+}
 
 const NS: &str = "palisade-system";
 const OPERATOR_SA: &str = "system:serviceaccount:palisade-system:palisade-operator";
