@@ -38,7 +38,10 @@ fn walk(node: &Value, path: &str, out: &mut String) {
         };
         let mut allowed = Vec::new();
         if let Some(e) = p["enum"].as_array() {
-            let values: Vec<String> = e.iter().map(|v| format!("`{}`", v.as_str().unwrap_or_default())).collect();
+            let values: Vec<String> = e
+                .iter()
+                .map(|v| format!("`{}`", v.as_str().unwrap_or_default()))
+                .collect();
             allowed.push(values.join(", "));
         }
         if let Some(m) = p["minimum"].as_i64() {

@@ -27,7 +27,10 @@ pub const TESTS: &[(&str, TestFn)] = &[
         "chart::installs_runs_with_least_privilege_and_uninstalls",
         installs_runs_with_least_privilege_and_uninstalls,
     ),
-    ("chart::readme_values_reference_is_current", readme_values_reference_is_current),
+    (
+        "chart::readme_values_reference_is_current",
+        readme_values_reference_is_current,
+    ),
 ];
 
 /// The README's values reference is the one generated from values.schema.json.
@@ -44,7 +47,9 @@ fn readme_values_reference_is_current(_env: &Env) -> Result<()> {
         .map(|(table, _)| table.trim_start_matches('\n'))
         .context("README.md has no values reference markers")?;
     if have != want {
-        bail!("README.md's values reference is stale: paste the output of `cargo run -q -p palisade-e2e -- values-doc` between its markers");
+        bail!(
+            "README.md's values reference is stale: paste the output of `cargo run -q -p palisade-e2e -- values-doc` between its markers"
+        );
     }
     Ok(())
 }
@@ -137,7 +142,12 @@ fn installs_runs_with_least_privilege_and_uninstalls(env: &Env) -> Result<()> {
             .args(["--set", set]))?;
         rejects(&out, &format!("helm template --set {set}"), &[needle])?;
     }
-    run_ok(cp.kubectl().args(["create", "namespace", NS]))?;
+    // Other tests may have made it already (the Vault tests keep their operator account there).
+    if run(cp.kubectl().args(["get", "namespace", NS]))?.status.success() {
+        eprintln!("  namespace {NS} exists already");
+    } else {
+        run_ok(cp.kubectl().args(["create", "namespace", NS]))?;
+    }
     let rendered = run_ok(
         helm()
             .args(["template", "palisade", "-n", NS, "--kube-version", "1.36.3"])
