@@ -143,7 +143,10 @@ fn installs_runs_with_least_privilege_and_uninstalls(env: &Env) -> Result<()> {
         rejects(&out, &format!("helm template --set {set}"), &[needle])?;
     }
     // Other tests may have made it already (the Vault tests keep their operator account there).
-    if run(cp.kubectl().args(["get", "namespace", NS]))?.status.success() {
+    if run(cp.kubectl().args(["get", "namespace", NS]))?
+        .status
+        .success()
+    {
         eprintln!("  namespace {NS} exists already");
     } else {
         run_ok(cp.kubectl().args(["create", "namespace", NS]))?;
