@@ -11,6 +11,8 @@ pub mod operator;
 pub mod pki;
 pub mod postgres;
 pub mod registry;
+pub mod release;
+pub mod sbom;
 pub mod spire;
 pub mod webhook;
 

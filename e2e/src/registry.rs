@@ -169,6 +169,31 @@ impl OciRegistry {
         self.crane(&["digest", &reference])
     }
 
+    /// Pushes an image made of the layer tarballs `layers` (on an empty OCI base) as
+    /// `<repo>:<tag>`, then sets its config with crane `mutate` arguments `config`
+    /// (`--entrypoint=…`, `--user=…`, …); its digest.
+    pub fn push_layers(
+        &self,
+        repo: &str,
+        tag: &str,
+        layers: &[&Path],
+        config: &[&str],
+    ) -> Result<String> {
+        let reference = format!("{}/{repo}:{tag}", self.host);
+        let mut args = vec!["append".to_owned(), "--oci-empty-base".to_owned()];
+        for l in layers {
+            args.push("-f".into());
+            args.push(l.display().to_string());
+        }
+        args.extend(["-t".to_owned(), reference.clone()]);
+        self.crane(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
+        let mut args = vec!["mutate", &reference];
+        args.extend_from_slice(config);
+        args.extend(["-t", &reference]);
+        self.crane(&args)?;
+        self.crane(&["digest", &reference])
+    }
+
     /// Copies an image or tag within the registry.
     pub fn copy(&self, from: &str, to: &str) -> Result<()> {
         self.crane(&[

@@ -11,6 +11,7 @@ mod e2e_operator;
 mod e2e_vault;
 mod images;
 mod policies;
+mod release;
 
 use std::{sync::Arc, time::Instant};
 
@@ -42,6 +43,7 @@ fn main() {
         e2e_vault::TESTS,
         images::TESTS,
         policies::TESTS,
+        release::TESTS,
     ]
     .concat();
 

@@ -1,0 +1,230 @@
+//! Palisade's own supply chain: the static release binaries become OCI images built with crane
+//! on the project's own base layer, pushed to a real registry, signed and attested (CycloneDX
+//! SBOM, SLSA provenance) with the real cosign; the chart's ImagePolicy for Palisade's images
+//! admits them through the real API server and refuses a tampered image, also one carrying the
+//! genuine signature of the original.
+
+use std::{path::Path, process::Command, time::Duration};
+
+use anyhow::{Context, Result, bail};
+use palisade_e2e::{
+    accepts,
+    registry::OciRegistry,
+    rejects,
+    release::{self, Published},
+    run, run_ok,
+    webhook::{SCOPE_LABEL, WebhookProcess},
+};
+
+use crate::{Env, TestFn};
+
+pub const TESTS: &[(&str, TestFn)] = &[(
+    "release::own_images_signed_attested_and_enforced",
+    own_images_signed_attested_and_enforced,
+)];
+
+fn repo_root() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+#[allow(clippy::too_many_lines)]
+fn own_images_signed_attested_and_enforced(env: &Env) -> Result<()> {
+    let cp = &env.cp;
+    let root = repo_root();
+    let work = cp.work_dir.join("release");
+    let reg = OciRegistry::start(&env.opts.bin_dir, &work.join("registry"))?;
+    let public = reg.key_pair("release")?;
+    let images = release::publish(&root, &reg, "release", &work.join("images"))?;
+    let crane = |args: &[&str]| {
+        run_ok(
+            Command::new(env.opts.bin_dir.join("crane"))
+                .args(args)
+                .arg("--insecure"),
+        )
+    };
+    for Published {
+        name,
+        reference,
+        digest,
+    } in &images
+    {
+        // The image: non-root, the binary as entrypoint, two layers (base, binary), linux/amd64.
+        let config: serde_json::Value = serde_json::from_str(&crane(&["config", reference])?)?;
+        if config["config"]["User"] != "65532:65532"
+            || config["config"]["Entrypoint"][0] != format!("/usr/local/bin/{name}")
+            || config["architecture"] != "amd64"
+            || config["rootfs"]["diff_ids"].as_array().map(Vec::len) != Some(2)
+        {
+            bail!("{reference}: unexpected image config {config}");
+        }
+        // The binary in it is static and runs on its own.
+        let fs = work.join(format!("{name}-fs.tar"));
+        crane(&["export", reference, &fs.display().to_string()])?;
+        let out_dir = work.join(format!("{name}-fs"));
+        std::fs::create_dir_all(&out_dir)?;
+        run_ok(
+            Command::new("tar")
+                .arg("-xf")
+                .arg(&fs)
+                .arg("-C")
+                .arg(&out_dir),
+        )?;
+        let bin = out_dir.join("usr/local/bin").join(name);
+        let ldd = run(Command::new("ldd").arg(&bin))?;
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&ldd.stdout),
+            String::from_utf8_lossy(&ldd.stderr)
+        );
+        if !said.contains("statically linked") && !said.contains("not a dynamic executable") {
+            bail!("{name} in the image is dynamically linked: {said}");
+        }
+        // It runs (no loader, no shared libraries) and reads its configuration.
+        let ran = run(Command::new(&bin).args(["--config", "/nonexistent-palisade.yaml"]))?;
+        if !String::from_utf8_lossy(&ran.stderr).contains("/nonexistent-palisade.yaml") {
+            bail!("{name} from the image does not run: {ran:?}");
+        }
+        for f in ["etc/passwd", "etc/ssl/certs/ca-certificates.crt"] {
+            if !out_dir.join(f).exists() {
+                bail!("{reference} has no /{f}");
+            }
+        }
+        // cosign itself verifies the signature and both attestations with the release key.
+        let cosign = |args: &[&str]| {
+            run_ok(
+                Command::new(env.opts.bin_dir.join("cosign"))
+                    .args(args)
+                    .arg("--key")
+                    .arg(&public)
+                    .args(["--insecure-ignore-tlog", "--allow-http-registry"])
+                    .arg(format!("{reference}@{digest}")),
+            )
+        };
+        cosign(&["verify"])?;
+        let sbom = cosign(&["verify-attestation", "--type", "cyclonedx"])?;
+        let envelope: serde_json::Value =
+            serde_json::from_str(sbom.lines().next().context("no attestation")?)?;
+        let statement = base64_decode(envelope["payload"].as_str().unwrap_or_default())?;
+        let statement: serde_json::Value = serde_json::from_slice(&statement)?;
+        let components = statement["predicate"]["components"]
+            .as_array()
+            .map(Vec::len)
+            .unwrap_or_default();
+        let has_ring = statement["predicate"]["components"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| c["name"] == "ring");
+        eprintln!("  {reference}@{digest}: {components} components in its SBOM");
+        if components < 50 || !has_ring {
+            bail!("{name}'s SBOM lists {components} components (ring: {has_ring})");
+        }
+        cosign(&["verify-attestation", "--type", "slsaprovenance"])?;
+    }
+
+    // The chart's ImagePolicy for Palisade's images, enforced by the webhook.
+    let policy = run_ok(
+        Command::new(env.opts.bin_dir.join("helm"))
+            .args(["template", "palisade", "--kube-version", "1.36.3"])
+            .arg(root.join("charts/palisade"))
+            .args([
+                "--show-only",
+                "templates/imagepolicy.yaml",
+                "--set",
+                "imagePolicy.enabled=true",
+                "--set",
+                &format!("image.registry={}", reg.host),
+            ])
+            .arg("--set-file")
+            .arg(format!("imagePolicy.publicKey={}", public.display())),
+    )?;
+    let file = work.join("imagepolicy.yaml");
+    std::fs::write(&file, policy)?;
+    run_ok(cp.kubectl().arg("apply").arg("-f").arg(&file))?;
+    let wh = WebhookProcess::start(
+        cp,
+        "release",
+        &format!("images: {{insecureRegistries: [\"{}\"]}}", reg.host),
+    )?;
+    wh.register(cp, "palisade-e2e-release")?;
+    let webhook = images
+        .iter()
+        .find(|p| p.name == "palisade-webhook")
+        .context("no webhook image")?;
+    // Tampered: the same tag, one more variable in the config (a new digest), once bare and
+    // once carrying the original's genuine signature.
+    let tampered_ref = format!("{}/palisade-webhook:tampered", reg.host);
+    crane(&[
+        "mutate",
+        &webhook.reference,
+        "--env",
+        "EVIL=1",
+        "-t",
+        &tampered_ref,
+    ])?;
+    let replayed_ref = format!("{}/palisade-webhook:replayed", reg.host);
+    crane(&[
+        "mutate",
+        &webhook.reference,
+        "--env",
+        "EVIL=2",
+        "-t",
+        &replayed_ref,
+    ])?;
+    let replayed = crane(&["digest", &replayed_ref])?.trim().to_owned();
+    reg.copy(
+        &format!("palisade-webhook:{}.sig", webhook.digest.replace(':', "-")),
+        &format!("palisade-webhook:{}.sig", replayed.replace(':', "-")),
+    )?;
+    let result = cp.with_temp_ns("release", |ns| {
+        for label in [format!("{SCOPE_LABEL}=on"), "istio-injection=enabled".into()] {
+            run_ok(cp.kubectl().args(["label", "namespace", ns, &label]))?;
+        }
+        run_ok(cp.kubectl().args(["create", "serviceaccount", "palisade", "-n", ns]))?;
+        let pod = |name: &str, image: &str| -> Result<std::process::Output> {
+            let yaml = format!(
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  serviceAccountName: palisade\n  containers:\n    - name: webhook\n      image: {image}\n"
+            );
+            let file = cp.work_dir.join(format!("pod-{ns}-{name}.yaml"));
+            std::fs::write(&file, yaml)?;
+            run(cp.kubectl().args(["apply", "-n", ns, "-f"]).arg(&file))
+        };
+        let mut attempt = 0;
+        cp.eventually("Palisade's ImagePolicy enforced", Duration::from_secs(30), || {
+            attempt += 1;
+            let out = pod(&format!("tampered-{attempt}"), &tampered_ref).ok()?;
+            (!out.status.success()).then_some(out)
+        })
+        .and_then(|out| {
+            rejects(&out, "tampered Palisade image", &[
+                "image policy palisade-images",
+                "authority palisade-release: no signature",
+            ])
+        })?;
+        rejects(&pod("replayed", &replayed_ref)?, "tampered image with the original's signature", &[
+            "authority palisade-release",
+            "another image",
+        ])?;
+        for p in &images {
+            accepts(&pod(&p.name, &p.reference)?, &format!("Palisade's own image {}", p.reference))?;
+        }
+        Ok(())
+    });
+    let _ = run(cp
+        .kubectl()
+        .args(["delete", "imagepolicy", "palisade-images"]));
+    let _ = run(cp.kubectl().args([
+        "delete",
+        "validatingwebhookconfiguration",
+        "palisade-e2e-release",
+    ]));
+    result.map_err(|e| anyhow::anyhow!("{e:#}\nwebhook log:\n{}", wh.log_tail()))
+}
+
+fn base64_decode(text: &str) -> Result<Vec<u8>> {
+    use base64::Engine as _;
+    Ok(base64::engine::general_purpose::STANDARD.decode(text)?)
+}
