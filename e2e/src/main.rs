@@ -18,8 +18,7 @@ use palisade_e2e::{
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("values-doc") {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../charts/palisade/values.schema.json");
+        let path = palisade_e2e::repo_root().join("charts/palisade/values.schema.json");
         let schema = std::fs::read_to_string(&path)
             .ok()
             .and_then(|t| serde_json::from_str(&t).ok());

@@ -27,17 +27,7 @@ pub struct OciRegistry {
 impl OciRegistry {
     /// Starts an empty registry; `dir` holds keys and scratch files.
     pub fn start(bin_dir: &Path, dir: &Path) -> Result<Self> {
-        for b in ["crane", "cosign"] {
-            if !bin_dir.join(b).exists() {
-                bail!(
-                    "{b} not found in {}: build it with e2e/toolchain/build.sh {b}",
-                    bin_dir.display()
-                );
-            }
-        }
-        std::fs::create_dir_all(dir)?;
-        let port = free_port()?;
-        let host = format!("127.0.0.1:{port}");
+        let host = prepare(bin_dir, dir, &["crane", "cosign"])?;
         let child = spawn_logged(
             Command::new(bin_dir.join("crane")).args(["registry", "serve", "--address", &host]),
             &dir.join("registry.log"),
@@ -56,15 +46,7 @@ impl OciRegistry {
     /// Starts an empty Distribution registry (in memory) that reads and writes only with HTTP
     /// basic credentials, which it provisions itself; crane and cosign here log in with them.
     pub fn start_with_auth(bin_dir: &Path, dir: &Path) -> Result<Self> {
-        if !bin_dir.join("registry").exists() {
-            bail!(
-                "registry not found in {}: build it with e2e/toolchain/build.sh registry",
-                bin_dir.display()
-            );
-        }
-        std::fs::create_dir_all(dir)?;
-        let port = free_port()?;
-        let host = format!("127.0.0.1:{port}");
+        let host = prepare(bin_dir, dir, &["registry", "crane", "cosign"])?;
         let htpasswd = dir.join("htpasswd");
         let _ = std::fs::remove_file(&htpasswd);
         let config = dir.join("registry.yaml");
@@ -403,6 +385,20 @@ impl OciRegistry {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+}
+
+/// Checks that `tools` were built, creates `dir`, and picks the registry's `127.0.0.1:<port>`.
+fn prepare(bin_dir: &Path, dir: &Path, tools: &[&str]) -> Result<String> {
+    for b in tools {
+        if !bin_dir.join(b).exists() {
+            bail!(
+                "{b} not found in {}: build it with e2e/toolchain/build.sh {b}",
+                bin_dir.display()
+            );
+        }
+    }
+    std::fs::create_dir_all(dir)?;
+    Ok(format!("127.0.0.1:{}", free_port()?))
 }
 
 impl Drop for OciRegistry {

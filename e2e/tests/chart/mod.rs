@@ -15,7 +15,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use base64::{Engine as _, engine::general_purpose::STANDARD as B64};
 use palisade_e2e::{
-    accepts, controlplane::free_port, operator::OperatorProcess, rejects, run, run_ok,
+    accepts, controlplane::free_port, operator::OperatorProcess, rejects, repo_root, run, run_ok,
     webhook::WebhookProcess,
 };
 use serde::Deserialize as _;
@@ -88,13 +88,6 @@ const NOT_EXERCISED: &[&str] = &[
     "operator patch palisade.dev/secretbindings/status",
     "operator update coordination.k8s.io/leases",
 ];
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default()
-}
 
 #[allow(clippy::too_many_lines)]
 fn installs_runs_with_least_privilege_and_uninstalls(env: &Env) -> Result<()> {
@@ -264,21 +257,24 @@ fn installed(env: &Env, chart: &Path, helm: &dyn Fn() -> Command) -> Result<()> 
     )?;
 
     // The operator issues the certificate and fills in both caBundles.
+    // `kubectl get <args>`, when it prints something.
+    let field = |args: &[&str]| -> Option<String> {
+        run_ok(cp.kubectl().arg("get").args(args))
+            .ok()
+            .filter(|s| !s.is_empty())
+    };
     let ca = cp.eventually(
         "the operator-issued certificate",
         Duration::from_secs(30),
         || {
-            run_ok(cp.kubectl().args([
-                "get",
+            field(&[
                 "secret",
                 "palisade-webhook-tls",
                 "-n",
                 NS,
                 "-o",
                 r"jsonpath={.data.ca\.crt}",
-            ]))
-            .ok()
-            .filter(|c| !c.is_empty())
+            ])
         },
     )?;
     let bundles = || -> Result<Vec<String>> {
@@ -394,16 +390,14 @@ fn installed(env: &Env, chart: &Path, helm: &dyn Fn() -> Command) -> Result<()> 
         accepts(&argo("apply", f)?, &format!("server-side apply of {f}"))?;
     }
     let ready = |kind: &str, name: &str| -> Option<String> {
-        run_ok(cp.kubectl().args([
-            "get",
+        field(&[
             kind,
             name,
             "-n",
             "shop",
             "-o",
             r#"jsonpath={.status.conditions[?(@.type=="Ready")].status}"#,
-        ]))
-        .ok()
+        ])
         .filter(|s| s == "True")
     };
     cp.eventually("AuthPolicy orders Ready", Duration::from_secs(30), || {
@@ -423,27 +417,20 @@ fn installed(env: &Env, chart: &Path, helm: &dyn Fn() -> Command) -> Result<()> 
         anyhow::anyhow!("{e}: status {status}\noperator log:\n{}", op.log_tail())
     })?;
     cp.eventually(
-        "RateLimitPolicy orders Ready",
+        "RateLimitPolicy orders-api Ready",
         Duration::from_secs(30),
-        || {
-            ready("ratelimitpolicy", "orders-per-user")
-                .or_else(|| ready("ratelimitpolicy", "orders"))
-        },
-    )
-    .ok();
+        || ready("ratelimitpolicy", "orders-api"),
+    )?;
     cp.eventually(
         "ImagePolicy shop-images reported",
         Duration::from_secs(30),
         || {
-            run_ok(cp.kubectl().args([
-                "get",
+            field(&[
                 "imagepolicy",
                 "shop-images",
                 "-o",
                 r#"jsonpath={.status.conditions[?(@.type=="Ready")].reason}"#,
-            ]))
-            .ok()
-            .filter(|r| !r.is_empty())
+            ])
         },
     )?;
     run_ok(cp.kubectl().args([

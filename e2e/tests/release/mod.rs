@@ -4,7 +4,7 @@
 //! admits them through the real API server and refuses a tampered image, also one carrying the
 //! genuine signature of the original.
 
-use std::{path::Path, process::Command, time::Duration};
+use std::{process::Command, time::Duration};
 
 use anyhow::{Context, Result, bail};
 use palisade_e2e::{
@@ -12,7 +12,7 @@ use palisade_e2e::{
     registry::OciRegistry,
     rejects,
     release::{self, Published},
-    run, run_ok,
+    repo_root, run, run_ok,
     webhook::{SCOPE_LABEL, WebhookProcess},
 };
 
@@ -22,13 +22,6 @@ pub const TESTS: &[(&str, TestFn)] = &[(
     "release::own_images_signed_attested_and_enforced",
     own_images_signed_attested_and_enforced,
 )];
-
-fn repo_root() -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default()
-}
 
 #[allow(clippy::too_many_lines)]
 fn own_images_signed_attested_and_enforced(env: &Env) -> Result<()> {
