@@ -270,9 +270,19 @@ impl OciRegistry {
     }
 
     fn cosign(&self, key: &str, args: &[&str]) -> Result<()> {
+        self.cosign_as(key, args, true)
+    }
+
+    /// Runs cosign `args` with key pair `key`, offline (no transparency log, no signing
+    /// config); `legacy` writes cosign's `.sig`/`.att` tag layout, otherwise cosign's default:
+    /// Sigstore bundles attached as OCI referrers.
+    fn cosign_as(&self, key: &str, args: &[&str], legacy: bool) -> Result<()> {
         let key = self.dir.join(format!("key-{key}")).join("cosign.key");
-        // Offline signing in cosign's `.sig`/`.att` tag layout: no transparency log, no
-        // signing config, no new bundle format.
+        let layout = if legacy {
+            "--new-bundle-format=false"
+        } else {
+            "--new-bundle-format=true"
+        };
         run_ok(
             Command::new(self.bin_dir.join("cosign"))
                 .args(&args[..1])
@@ -280,7 +290,7 @@ impl OciRegistry {
                 .arg(&key)
                 .args([
                     "--tlog-upload=false",
-                    "--new-bundle-format=false",
+                    layout,
                     "--use-signing-config=false",
                     "--allow-http-registry",
                     "--yes",
@@ -291,6 +301,44 @@ impl OciRegistry {
                 .current_dir(&self.dir),
         )?;
         Ok(())
+    }
+
+    /// Signs `<repo>@<digest>` with key `key` the way cosign v3 does by default: a Sigstore
+    /// bundle attached as an OCI referrer.
+    pub fn sign_bundle(&self, key: &str, repo: &str, digest: &str) -> Result<()> {
+        self.cosign_as(
+            key,
+            &["sign", &format!("{}/{repo}@{digest}", self.host)],
+            false,
+        )
+    }
+
+    /// Attests like [`OciRegistry::attest`], as a Sigstore bundle attached as an OCI referrer.
+    pub fn attest_bundle(
+        &self,
+        key: &str,
+        repo: &str,
+        digest: &str,
+        type_: &str,
+        predicate: &str,
+    ) -> Result<()> {
+        let file = self
+            .dir
+            .join(format!("predicate-bundle-{}.json", predicate.len()));
+        std::fs::write(&file, predicate)?;
+        let file = file.display().to_string();
+        self.cosign_as(
+            key,
+            &[
+                "attest",
+                "--type",
+                type_,
+                "--predicate",
+                &file,
+                &format!("{}/{repo}@{digest}", self.host),
+            ],
+            false,
+        )
     }
 
     /// Signs `<repo>@<digest>` with key `key`.

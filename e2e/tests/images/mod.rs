@@ -479,6 +479,27 @@ fn private_registry_tampering_quorum_audit_and_templates(env: &Env) -> Result<()
     let one = reg.push("quorum/one", "v1", "one signer")?;
     reg.sign("sec", "quorum/one", &one)?;
     reg.push("audit/app", "v1", "unsigned, audited")?;
+    // cosign v3's default layout: Sigstore bundles as OCI referrers.
+    let bundled = reg.push("bundle/app", "v1", "bundle-signed")?;
+    reg.sign_bundle("ci", "bundle/app", &bundled)?;
+    reg.attest_bundle(
+        "ci",
+        "bundle/app",
+        &bundled,
+        "slsaprovenance",
+        PROVENANCE_OK,
+    )?;
+    let bundled_bare = reg.push("bundle/bare", "v1", "bundle-signed, not attested")?;
+    reg.sign_bundle("ci", "bundle/bare", &bundled_bare)?;
+    let bundled_other = reg.push("bundle/other", "v1", "bundle-signed by qa")?;
+    reg.sign_bundle("qa", "bundle/other", &bundled_other)?;
+    reg.attest_bundle(
+        "qa",
+        "bundle/other",
+        &bundled_other,
+        "slsaprovenance",
+        PROVENANCE_OK,
+    )?;
 
     let wh = WebhookProcess::start(
         cp,
@@ -531,6 +552,41 @@ fn private_registry_tampering_quorum_audit_and_templates(env: &Env) -> Result<()
         rejects(&scene.pod("one", &format!("{}/quorum/one:v1", reg.host), with_creds)?,
             "image signed by 1 of 3 authorities", &["1 of 2 required authorities verified", "authority ci: signature does not verify with the key"])?;
 
+        // Bundles as referrers (cosign v3's default): signature and provenance read from them.
+        let bundle_policy = scene.policy(
+            "-bundle",
+            "bundle",
+            &format!(
+                "  authorities:\n{ci_only}  attestations:
+    - name: provenance
+      predicateType: {SLSA}
+      policy:
+        rego: |
+          package palisade.attestation
+          import rego.v1
+          default allow := false
+          allow if input.predicate.builder.id == \"https://ci.example/builder\"
+"
+            ),
+        )?;
+        cp.eventually("the bundle ImagePolicy reported Loaded", Duration::from_secs(30), || {
+            scene.ready(&bundle_policy).filter(|r| r == "Loaded")
+        })?;
+        accepts(
+            &scene.pod("bundled", &format!("{}/bundle/app:v1", reg.host), with_creds)?,
+            "image signed and attested as Sigstore bundles",
+        )?;
+        rejects(
+            &scene.pod("bundled-bare", &format!("{}/bundle/bare:v1", reg.host), with_creds)?,
+            "bundle-signed image without a provenance bundle",
+            &["attestation provenance", &format!("no {SLSA} attestation")],
+        )?;
+        rejects(
+            &scene.pod("bundled-other", &format!("{}/bundle/other:v1", reg.host), with_creds)?,
+            "image whose bundles another key signed",
+            &["authority ci", "does not verify with the key"],
+        )?;
+
         // Audit: admitted without a warning, recorded in the webhook's log.
         let audit = scene.policy("-audit", "audit", &format!("  mode: Audit\n  authorities:\n{ci_only}"))?;
         cp.eventually("the audit ImagePolicy reported Loaded", Duration::from_secs(30), || {
@@ -576,7 +632,7 @@ fn private_registry_tampering_quorum_audit_and_templates(env: &Env) -> Result<()
         if spent > 2 {
             bail!("{spent} registry requests for a Deployment and its 3 pods; the pods should reuse the template's digests");
         }
-        for p in [main, quorum, audit] {
+        for p in [main, quorum, audit, bundle_policy] {
             let _ = run(cp.kubectl().args(["delete", "imagepolicy", &p]));
         }
         Ok(())

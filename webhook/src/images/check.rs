@@ -269,17 +269,29 @@ impl ImageVerifier {
                     let (reference, digest, auth) =
                         (reference.clone(), digest.to_owned(), auth.clone());
                     async move {
-                        let sigs = registry
-                            .cosign_layers(&reference, &digest, "sig", &auth, deadline)
-                            .await;
-                        let atts = if with_atts {
-                            registry
-                                .cosign_layers(&reference, &digest, "att", &auth, deadline)
-                                .await
-                        } else {
-                            Ok(Vec::new())
+                        let fetched = async {
+                            let mut sigs = registry
+                                .cosign_layers(&reference, &digest, "sig", &auth, deadline)
+                                .await?;
+                            let mut atts = if with_atts {
+                                registry
+                                    .cosign_layers(&reference, &digest, "att", &auth, deadline)
+                                    .await?
+                            } else {
+                                Vec::new()
+                            };
+                            // No tag-layout signatures (or attestations): look for Sigstore
+                            // bundles among the image's referrers (cosign v3's default).
+                            if sigs.is_empty() || (with_atts && atts.is_empty()) {
+                                let bundles = registry
+                                    .bundle_layers(&reference, &digest, &auth, deadline)
+                                    .await?;
+                                sigs.extend(bundles.iter().cloned());
+                                atts.extend(bundles);
+                            }
+                            Ok(Fetched { sigs, atts })
                         };
-                        Arc::new(sigs.and_then(|sigs| atts.map(|atts| Fetched { sigs, atts })))
+                        Arc::new(fetched.await)
                     }
                     .boxed()
                     .shared()

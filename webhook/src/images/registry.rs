@@ -237,6 +237,65 @@ fn client_config(insecure: &[String]) -> ClientConfig {
     }
 }
 
+/// Most bundles read per image.
+const MAX_BUNDLES: usize = 16;
+
+impl Registry {
+    /// The Sigstore bundles attached to `digest` as OCI referrers (cosign v3's default output;
+    /// the referrers API, or the `sha256-<hex>` referrers tag where the registry lacks it),
+    /// each as a DSSE layer; bundles that do not parse are left out.
+    pub async fn bundle_layers(
+        &self,
+        reference: &Reference,
+        digest: &str,
+        auth: &RegistryAuth,
+        deadline: Instant,
+    ) -> Result<Vec<Layer>, RegistryError> {
+        let registry = reference.resolve_registry().to_owned();
+        let client = self.client(&registry, auth)?;
+        client.store_auth_if_needed(&registry, auth).await;
+        let subject = Reference::with_digest(
+            reference.registry().to_owned(),
+            reference.repository().to_owned(),
+            digest.to_owned(),
+        );
+        let index = self
+            .bounded(
+                &registry,
+                deadline,
+                client.pull_referrers(&subject, Some(super::verify::BUNDLE)),
+            )
+            .await?;
+        let mut layers = Vec::new();
+        for m in index.manifests.iter().take(MAX_BUNDLES) {
+            let mref = Reference::with_digest(
+                reference.registry().to_owned(),
+                reference.repository().to_owned(),
+                m.digest.clone(),
+            );
+            let (manifest, _) = self
+                .bounded(&registry, deadline, client.pull_manifest(&mref, auth))
+                .await?;
+            let OciManifest::Image(manifest) = manifest else {
+                continue;
+            };
+            for d in manifest
+                .layers
+                .iter()
+                .filter(|d| d.media_type == super::verify::BUNDLE && d.size <= MAX_LAYER)
+            {
+                let mut blob = Vec::new();
+                self.bounded(&registry, deadline, client.pull_blob(&mref, d, &mut blob))
+                    .await?;
+                if let Ok(layer) = super::verify::bundle_layer(&blob) {
+                    layers.push(layer);
+                }
+            }
+        }
+        Ok(layers)
+    }
+}
+
 fn not_found(e: &OciDistributionError) -> bool {
     match e {
         OciDistributionError::ImageManifestNotFoundError(_) => true,

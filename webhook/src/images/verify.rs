@@ -7,6 +7,11 @@
 //! - Attestations (`sha256-<hex>.att`): each layer is a DSSE envelope
 //!   (`application/vnd.dsse.envelope.v1+json`) over an in-toto statement; the signature covers
 //!   the DSSE pre-authentication encoding, the statement's subject must be the image digest.
+//! - Sigstore bundles (cosign v3's default: OCI referrers of the image, artifact type
+//!   `application/vnd.dev.sigstore.bundle.v0.3+json`): each bundle's DSSE envelope is read as an
+//!   attestation layer ([`bundle_layer`]); a signature is an in-toto statement of predicate type
+//!   `https://sigstore.dev/cosign/sign/v1` about the image digest, attestations carry their own
+//!   predicate type, and a keyless bundle's certificate becomes the layer's certificate.
 //! - Keys: an ECDSA P-256 public key (`cosign generate-key-pair`), or keyless: a certificate in
 //!   the layer annotations that chains to a configured CA, carries the code-signing usage and the
 //!   expected issuer and subject.
@@ -27,6 +32,10 @@ pub const SIGNATURE_ANNOTATION: &str = "dev.cosignproject.cosign/signature";
 pub const CERTIFICATE_ANNOTATION: &str = "dev.sigstore.cosign/certificate";
 /// Layer annotation holding the certificate chain (PEM).
 pub const CHAIN_ANNOTATION: &str = "dev.sigstore.cosign/chain";
+/// Artifact and media type of a Sigstore bundle.
+pub const BUNDLE: &str = "application/vnd.dev.sigstore.bundle.v0.3+json";
+/// Predicate type of the statement cosign signs in a bundle-format image signature.
+pub const COSIGN_SIGN_PREDICATE: &str = "https://sigstore.dev/cosign/sign/v1";
 /// `id-kp-codeSigning`, the extended key usage of a signing certificate (DER of the OID).
 const EKU_CODE_SIGNING: &[u8] = &[0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x03, 0x03];
 
@@ -255,14 +264,93 @@ struct SignedImage {
     digest: String,
 }
 
-/// Whether some `.sig` layer was signed by `signer` and names `digest`. `Err` explains, per
-/// layer, why none did.
+#[derive(Deserialize)]
+struct Bundle {
+    #[serde(rename = "verificationMaterial", default)]
+    material: Material,
+    #[serde(rename = "dsseEnvelope")]
+    dsse: Option<serde_json::Value>,
+}
+
+#[derive(Default, Deserialize)]
+struct Material {
+    certificate: Option<RawBytes>,
+    #[serde(rename = "x509CertificateChain")]
+    chain: Option<CertChain>,
+}
+
+#[derive(Deserialize)]
+struct RawBytes {
+    #[serde(rename = "rawBytes")]
+    raw: String,
+}
+
+#[derive(Deserialize)]
+struct CertChain {
+    certificates: Vec<RawBytes>,
+}
+
+/// PEM of base64 DER.
+fn pem_of(der_b64: &str) -> Result<String, String> {
+    let der = B64
+        .decode(der_b64)
+        .map_err(|e| format!("certificate is not base64: {e}"))?;
+    let body = B64.encode(der);
+    let lines: Vec<&str> = body
+        .as_bytes()
+        .chunks(64)
+        .filter_map(|c| std::str::from_utf8(c).ok())
+        .collect();
+    Ok(format!(
+        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+        lines.join("\n")
+    ))
+}
+
+/// A Sigstore bundle (JSON) as a DSSE layer: its envelope, with its signing certificate (and
+/// chain) as the layer's certificate annotations. Only DSSE bundles are read; cosign writes
+/// those for signatures and attestations alike.
+pub fn bundle_layer(blob: &[u8]) -> Result<Layer, String> {
+    let bundle: Bundle =
+        serde_json::from_slice(blob).map_err(|e| format!("a bundle that does not parse: {e}"))?;
+    let envelope = bundle
+        .dsse
+        .ok_or("a bundle without a DSSE envelope (message signatures are not read)")?;
+    let mut annotations = BTreeMap::new();
+    let mut certs = Vec::new();
+    if let Some(c) = &bundle.material.certificate {
+        certs.push(pem_of(&c.raw)?);
+    }
+    for c in bundle.material.chain.iter().flat_map(|c| &c.certificates) {
+        certs.push(pem_of(&c.raw)?);
+    }
+    if let Some((leaf, chain)) = certs.split_first() {
+        annotations.insert(CERTIFICATE_ANNOTATION.to_owned(), leaf.clone());
+        if !chain.is_empty() {
+            annotations.insert(CHAIN_ANNOTATION.to_owned(), chain.concat());
+        }
+    }
+    Ok(Layer {
+        media_type: DSSE.to_owned(),
+        annotations,
+        blob: serde_json::to_vec(&envelope).map_err(|e| e.to_string())?,
+    })
+}
+
+/// Whether some signature — a `.sig` layer, or a bundle's signed statement — was made by
+/// `signer` and names `digest`. `Err` explains, per layer, why none did.
 pub fn verify_signatures(
     layers: &[Layer],
     digest: &str,
     signer: &Signer,
 ) -> Result<(), VerifyError> {
     let mut why = Vec::new();
+    if layers.iter().any(|l| l.media_type == DSSE) {
+        match verify_attestations(layers, digest, COSIGN_SIGN_PREDICATE, signer) {
+            Ok(_) => return Ok(()),
+            Err(e) => why.push(e.to_string()),
+        }
+    }
     for layer in layers.iter().filter(|l| l.media_type == SIMPLE_SIGNING) {
         let Some(sig) = layer
             .annotations
@@ -361,12 +449,18 @@ pub fn verify_attestations(
             continue;
         };
         let msg = pae(&env.payload_type, &payload);
+        let mut failed = "no signature".to_owned();
         let authentic = env.signatures.iter().any(|s| {
-            B64.decode(&s.sig)
-                .is_ok_and(|sig| signer.check(&layer.annotations, &msg, &sig).is_ok())
+            let checked = B64
+                .decode(&s.sig)
+                .map_err(|_| "a signature that is not base64".to_owned())
+                .and_then(|sig| signer.check(&layer.annotations, &msg, &sig));
+            checked.map_err(|e| failed = e).is_ok()
         });
         if !authentic {
-            why.push("an attestation not signed by this authority".into());
+            why.push(format!(
+                "an envelope not signed by this authority ({failed})"
+            ));
             continue;
         }
         let statement: Statement = match serde_json::from_slice(&payload) {
@@ -377,10 +471,13 @@ pub fn verify_attestations(
             }
         };
         if statement.predicate_type != predicate_type {
-            why.push(format!(
-                "an attestation of type {}",
-                statement.predicate_type
-            ));
+            // A bundle-format signature is no attestation: not worth a reason.
+            if statement.predicate_type != COSIGN_SIGN_PREDICATE {
+                why.push(format!(
+                    "an attestation of type {}",
+                    statement.predicate_type
+                ));
+            }
             continue;
         }
         if !statement
@@ -503,6 +600,68 @@ mod tests {
             annotations: BTreeMap::new(),
             blob,
         }
+    }
+
+    /// A Sigstore bundle (cosign v3's default) around `att_layer`'s envelope.
+    fn bundle(pair: &EcdsaKeyPair, digest_hex: &str, predicate_type: &str) -> Vec<u8> {
+        let envelope: serde_json::Value =
+            serde_json::from_slice(&att_layer(pair, digest_hex, predicate_type).blob).unwrap();
+        serde_json::json!({"mediaType": BUNDLE,
+            "verificationMaterial": {"publicKey": {"hint": "k"}},
+            "dsseEnvelope": envelope})
+        .to_string()
+        .into_bytes()
+    }
+
+    #[test]
+    fn bundle_signatures_verify_with_their_key_for_their_digest() {
+        let (pair, public) = key();
+        let (_, other) = key();
+        let hex = "ab".repeat(32);
+        let digest = format!("sha256:{hex}");
+        let layer = bundle_layer(&bundle(&pair, &hex, COSIGN_SIGN_PREDICATE)).unwrap();
+        assert!(
+            verify_signatures(
+                std::slice::from_ref(&layer),
+                &digest,
+                &Signer::Key(public.clone())
+            )
+            .is_ok()
+        );
+        let err = verify_signatures(std::slice::from_ref(&layer), &digest, &Signer::Key(other))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("does not verify with the key"), "{err}");
+        let elsewhere = format!("sha256:{}", "cd".repeat(32));
+        let err = verify_signatures(
+            std::slice::from_ref(&layer),
+            &elsewhere,
+            &Signer::Key(public.clone()),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("about another image"), "{err}");
+        // An attestation bundle is not a signature, but is an attestation.
+        let att = bundle_layer(&bundle(&pair, &hex, "https://slsa.dev/provenance/v0.2")).unwrap();
+        assert!(
+            verify_signatures(
+                std::slice::from_ref(&att),
+                &digest,
+                &Signer::Key(public.clone())
+            )
+            .is_err()
+        );
+        assert!(
+            verify_attestations(
+                &[att],
+                &digest,
+                "https://slsa.dev/provenance/v0.2",
+                &Signer::Key(public)
+            )
+            .is_ok()
+        );
+        assert!(bundle_layer(br#"{"mediaType": "x", "messageSignature": {}}"#).is_err());
+        assert!(bundle_layer(b"not json").is_err());
     }
 
     #[test]
