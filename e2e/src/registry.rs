@@ -322,23 +322,7 @@ impl OciRegistry {
         type_: &str,
         predicate: &str,
     ) -> Result<()> {
-        let file = self
-            .dir
-            .join(format!("predicate-bundle-{}.json", predicate.len()));
-        std::fs::write(&file, predicate)?;
-        let file = file.display().to_string();
-        self.cosign_as(
-            key,
-            &[
-                "attest",
-                "--type",
-                type_,
-                "--predicate",
-                &file,
-                &format!("{}/{repo}@{digest}", self.host),
-            ],
-            false,
-        )
+        self.attest_as(key, &format!("{repo}@{digest}"), type_, predicate, false)
     }
 
     /// Signs `<repo>@<digest>` with key `key`.
@@ -356,19 +340,25 @@ impl OciRegistry {
         type_: &str,
         predicate: &str,
     ) -> Result<()> {
+        self.attest_as(key, &format!("{repo}@{digest}"), type_, predicate, true)
+    }
+
+    fn attest_as(
+        &self,
+        key: &str,
+        image: &str,
+        type_: &str,
+        predicate: &str,
+        legacy: bool,
+    ) -> Result<()> {
         let file = self.dir.join(format!("predicate-{}.json", predicate.len()));
         std::fs::write(&file, predicate)?;
         let file = file.display().to_string();
-        self.cosign(
+        let image = format!("{}/{image}", self.host);
+        self.cosign_as(
             key,
-            &[
-                "attest",
-                "--type",
-                type_,
-                "--predicate",
-                &file,
-                &format!("{}/{repo}@{digest}", self.host),
-            ],
+            &["attest", "--type", type_, "--predicate", &file, &image],
+            legacy,
         )
     }
 

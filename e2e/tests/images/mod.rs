@@ -241,6 +241,18 @@ impl Scene<'_> {
     }
 }
 
+/// An ImagePolicy's `attestations`: SLSA provenance from `https://ci.example/builder`.
+const PROVENANCE_REQUIREMENT: &str = "  attestations:
+    - name: provenance
+      predicateType: https://slsa.dev/provenance/v0.2
+      policy:
+        rego: |
+          package palisade.attestation
+          import rego.v1
+          default allow := false
+          allow if input.predicate.builder.id == \"https://ci.example/builder\"
+";
+
 const PROVENANCE_OK: &str = r#"{"builder": {"id": "https://ci.example/builder"}}"#;
 const PROVENANCE_EVIL: &str = r#"{"builder": {"id": "https://evil.example/builder"}}"#;
 
@@ -296,19 +308,7 @@ fn image_policy_enforced_at_admission(env: &Env) -> Result<()> {
         let main_policy = apply_policy(
             "",
             "shop",
-            &format!(
-                "  pinDigest: true\n{}  attestations:
-    - name: provenance
-      predicateType: {SLSA}
-      policy:
-        rego: |
-          package palisade.attestation
-          import rego.v1
-          default allow := false
-          allow if input.predicate.builder.id == \"https://ci.example/builder\"
-",
-                ci_key(ignore_tlog)
-            ),
+            &format!("  pinDigest: true\n{}{PROVENANCE_REQUIREMENT}", ci_key(ignore_tlog)),
         )?;
         let pod = |name: &str, image: &str| scene.pod(name, image, "");
         // The unsigned image is refused once the webhook sees the policy.
@@ -556,18 +556,7 @@ fn private_registry_tampering_quorum_audit_and_templates(env: &Env) -> Result<()
         let bundle_policy = scene.policy(
             "-bundle",
             "bundle",
-            &format!(
-                "  authorities:\n{ci_only}  attestations:
-    - name: provenance
-      predicateType: {SLSA}
-      policy:
-        rego: |
-          package palisade.attestation
-          import rego.v1
-          default allow := false
-          allow if input.predicate.builder.id == \"https://ci.example/builder\"
-"
-            ),
+            &format!("  authorities:\n{ci_only}{PROVENANCE_REQUIREMENT}"),
         )?;
         cp.eventually("the bundle ImagePolicy reported Loaded", Duration::from_secs(30), || {
             scene.ready(&bundle_policy).filter(|r| r == "Loaded")
