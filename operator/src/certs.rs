@@ -215,54 +215,67 @@ pub async fn ensure(client: &Client, settings: &CertSettings) -> Result<Outcome,
             bundle.ca.into_bytes()
         }
     };
+    // (name, caBundle) of every webhook of a configuration of either kind.
+    let validating = |c: &ValidatingWebhookConfiguration| -> Vec<(String, Option<Vec<u8>>)> {
+        let hooks = c.webhooks.iter().flatten();
+        hooks
+            .map(|w| {
+                (
+                    w.name.clone(),
+                    w.client_config.ca_bundle.clone().map(|b| b.0),
+                )
+            })
+            .collect()
+    };
+    let mutating = |c: &MutatingWebhookConfiguration| -> Vec<(String, Option<Vec<u8>>)> {
+        let hooks = c.webhooks.iter().flatten();
+        hooks
+            .map(|w| {
+                (
+                    w.name.clone(),
+                    w.client_config.ca_bundle.clone().map(|b| b.0),
+                )
+            })
+            .collect()
+    };
     for name in &settings.webhook_configurations {
-        let validating: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
-        if let Some(v) = validating.get_opt(name).await? {
-            let names = v.webhooks.iter().flatten().map(|w| {
-                let current = w.client_config.ca_bundle.as_ref().map(|b| b.0.as_slice());
-                (w.name.clone(), current == Some(ca.as_slice()))
-            });
-            if patch_ca(&validating, name, names, &ca).await? {
-                outcome
-                    .patched
-                    .push(format!("ValidatingWebhookConfiguration/{name}"));
-            }
-        }
-        let mutating: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
-        if let Some(m) = mutating.get_opt(name).await? {
-            let names = m.webhooks.iter().flatten().map(|w| {
-                let current = w.client_config.ca_bundle.as_ref().map(|b| b.0.as_slice());
-                (w.name.clone(), current == Some(ca.as_slice()))
-            });
-            if patch_ca(&mutating, name, names, &ca).await? {
-                outcome
-                    .patched
-                    .push(format!("MutatingWebhookConfiguration/{name}"));
-            }
-        }
+        let patched = [
+            sync_ca(client, name, &ca, validating).await?,
+            sync_ca(client, name, &ca, mutating).await?,
+        ];
+        outcome.patched.extend(patched.into_iter().flatten());
     }
     Ok(outcome)
 }
 
-/// Sets `caBundle` on the webhooks of `name` that do not have `ca` yet (a strategic merge
-/// patch keyed by webhook name); whether anything was patched.
-async fn patch_ca<K>(
-    api: &Api<K>,
+/// Sets `caBundle` to `ca` on the webhooks of configuration `name` (of kind `K`, when it
+/// exists) that do not have it yet, with a strategic merge patch keyed by webhook name;
+/// `Kind/name` when anything was patched.
+async fn sync_ca<K>(
+    client: &Client,
     name: &str,
-    webhooks: impl Iterator<Item = (String, bool)>,
     ca: &[u8],
-) -> Result<bool, kube::Error>
+    webhooks: impl Fn(&K) -> Vec<(String, Option<Vec<u8>>)>,
+) -> Result<Option<String>, kube::Error>
 where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::ClusterResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
 {
     use base64::Engine as _;
+    let api: Api<K> = Api::all(client.clone());
+    let Some(config) = api.get_opt(name).await? else {
+        return Ok(None);
+    };
     let encoded = base64::engine::general_purpose::STANDARD.encode(ca);
-    let stale: Vec<serde_json::Value> = webhooks
-        .filter(|(_, current)| !current)
+    let stale: Vec<serde_json::Value> = webhooks(&config)
+        .into_iter()
+        .filter(|(_, current)| current.as_deref() != Some(ca))
         .map(|(w, _)| serde_json::json!({"name": w, "clientConfig": {"caBundle": encoded}}))
         .collect();
     if stale.is_empty() {
-        return Ok(false);
+        return Ok(None);
     }
     api.patch(
         name,
@@ -270,7 +283,7 @@ where
         &Patch::Strategic(serde_json::json!({ "webhooks": stale })),
     )
     .await?;
-    Ok(true)
+    Ok(Some(format!("{}/{name}", K::kind(&()))))
 }
 
 /// Runs [`ensure`] now and every `checkIntervalSeconds`, until `shutdown`.
