@@ -364,8 +364,8 @@ impl ImageVerifier {
         };
         let (reference, digest) = match &pinned {
             Some(d) => (reference.clone_with_digest(d.clone()), d.clone()),
-            None => match self.registry.resolve(image, &auth, deadline).await {
-                Ok(r) => r,
+            None => match self.registry.digest_of(&reference, &auth, deadline).await {
+                Ok(d) => (reference, d),
                 Err(e) => return fail_all(format!("cannot resolve the image digest: {e}")),
             },
         };

@@ -147,21 +147,47 @@ impl Registry {
         let reference: Reference = image
             .parse()
             .map_err(|_| RegistryError::BadReference(image.to_owned()))?;
+        let digest = self.digest_of(&reference, auth, deadline).await?;
+        Ok((reference, digest))
+    }
+
+    /// The digest `reference` names, or the one its tag resolves to now.
+    pub async fn digest_of(
+        &self,
+        reference: &Reference,
+        auth: &RegistryAuth,
+        deadline: Instant,
+    ) -> Result<String, RegistryError> {
         // A digest reference names its content: nothing to resolve.
         if let Some(digest) = reference.digest() {
-            let digest = digest.to_owned();
-            return Ok((reference, digest));
+            return Ok(digest.to_owned());
         }
         let registry = reference.resolve_registry().to_owned();
         let client = self.client(&registry, auth)?;
-        let digest = self
-            .bounded(
-                &registry,
-                deadline,
-                client.fetch_manifest_digest(&reference, auth),
-            )
-            .await?;
-        Ok((reference, digest))
+        self.bounded(
+            &registry,
+            deadline,
+            client.fetch_manifest_digest(reference, auth),
+        )
+        .await
+    }
+
+    /// The content of layer `d` of `reference` (which oci-client checks against its digest).
+    async fn blob(
+        &self,
+        client: &Client,
+        reference: &Reference,
+        d: &oci_client::manifest::OciDescriptor,
+        deadline: Instant,
+    ) -> Result<Vec<u8>, RegistryError> {
+        let mut blob = Vec::new();
+        self.bounded(
+            reference.resolve_registry(),
+            deadline,
+            client.pull_blob(reference, d, &mut blob),
+        )
+        .await?;
+        Ok(blob)
     }
 
     /// The layers of `sha256-<hex>.<suffix>` (`sig` or `att`) next to `reference`; empty when
@@ -203,10 +229,7 @@ impl Registry {
         };
         let mut layers = Vec::new();
         for d in manifest.layers.into_iter().filter(|d| d.size <= MAX_LAYER) {
-            let mut blob = Vec::new();
-            // oci-client checks the blob against its digest.
-            self.bounded(&registry, deadline, client.pull_blob(&sref, &d, &mut blob))
-                .await?;
+            let blob = self.blob(&client, &sref, &d, deadline).await?;
             layers.push(Layer {
                 media_type: d.media_type.clone(),
                 annotations: d
@@ -284,9 +307,7 @@ impl Registry {
                 .iter()
                 .filter(|d| d.media_type == super::verify::BUNDLE && d.size <= MAX_LAYER)
             {
-                let mut blob = Vec::new();
-                self.bounded(&registry, deadline, client.pull_blob(&mref, d, &mut blob))
-                    .await?;
+                let blob = self.blob(&client, &mref, d, deadline).await?;
                 if let Ok(layer) = super::verify::bundle_layer(&blob) {
                     layers.push(layer);
                 }
