@@ -75,28 +75,19 @@ impl Material {
             let [kind, ns, name, key] = parts.as_slice() else {
                 continue;
             };
-            let value = if *kind == "secret" {
-                Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), ns)
-                    .get(name)
-                    .await
-                    .map_err(|e| e.to_string())
-                    .and_then(|s| {
-                        s.data
-                            .and_then(|d| d.get(*key).map(|b| b.0.clone()))
-                            .ok_or_else(|| format!("Secret {ns}/{name} has no key {key}"))
-                    })
+            let what = if *kind == "secret" {
+                "Secret"
             } else {
-                Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(client.clone(), ns)
-                    .get(name)
-                    .await
-                    .map_err(|e| e.to_string())
-                    .and_then(|c| {
-                        c.data
-                            .and_then(|d| d.get(*key).map(|v| v.clone().into_bytes()))
-                            .ok_or_else(|| format!("ConfigMap {ns}/{name} has no key {key}"))
-                    })
-            }
-            .map_err(|e| format!("{r}: {e}"));
+                "ConfigMap"
+            };
+            let value = object_data(client, what, ns, name)
+                .await
+                .and_then(|d| d.ok_or_else(|| format!("{what} {ns}/{name} does not exist")))
+                .and_then(|mut d| {
+                    d.remove(*key)
+                        .ok_or_else(|| format!("{what} {ns}/{name} has no key {key}"))
+                })
+                .map_err(|e| format!("{r}: {e}"));
             if let Ok(mut m) = self.entries.lock()
                 && m.get(&r) != Some(&value)
             {
@@ -104,6 +95,36 @@ impl Material {
                 self.version.fetch_add(1, Ordering::AcqRel);
             }
         }
+    }
+}
+
+/// The data of Secret or ConfigMap (`kind`) `namespace/name`, by key (Secret values decoded);
+/// `None` when it does not exist.
+async fn object_data(
+    client: &Client,
+    kind: &str,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<SecretData>, String> {
+    use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+    if kind == "Secret" {
+        let secret = Api::<Secret>::namespaced(client.clone(), namespace)
+            .get_opt(name)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(secret.map(|s| {
+            let data = s.data.unwrap_or_default();
+            data.into_iter().map(|(k, v)| (k, v.0)).collect()
+        }))
+    } else {
+        let map = Api::<ConfigMap>::namespaced(client.clone(), namespace)
+            .get_opt(name)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(map.map(|c| {
+            let data = c.data.unwrap_or_default();
+            data.into_iter().map(|(k, v)| (k, v.into_bytes())).collect()
+        }))
     }
 }
 
@@ -116,18 +137,7 @@ impl PullSecretSource for ApiPullSecrets {
         namespace: &'a str,
         name: &'a str,
     ) -> futures::future::BoxFuture<'a, Result<Option<SecretData>, String>> {
-        Box::pin(async move {
-            let api =
-                Api::<k8s_openapi::api::core::v1::Secret>::namespaced(self.0.clone(), namespace);
-            let secret = api.get_opt(name).await.map_err(|e| e.to_string())?;
-            Ok(secret.map(|s| {
-                s.data
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|(k, v)| (k, v.0))
-                    .collect()
-            }))
-        })
+        Box::pin(object_data(&self.0, "Secret", namespace, name))
     }
 }
 
