@@ -100,6 +100,7 @@ pub fn publish(root: &Path, reg: &OciRegistry, key: &str, work: &Path) -> Result
             .current_dir(root),
     )
     .unwrap_or_else(|_| "unknown".into());
+    let workspace = sbom::Workspace::load(root)?;
     let mut out = Vec::new();
     for name in BINARIES {
         let bin = binary(root, name)?;
@@ -122,7 +123,7 @@ pub fn publish(root: &Path, reg: &OciRegistry, key: &str, work: &Path) -> Result
                 &format!("--label=org.opencontainers.image.revision={commit}"),
             ],
         )?;
-        let bom = sbom::cyclonedx(root, name)?;
+        let bom = workspace.cyclonedx(name)?;
         reg.sign(key, name, &digest)?;
         reg.attest(key, name, &digest, "cyclonedx", &bom.to_string())?;
         let provenance = serde_json::json!({

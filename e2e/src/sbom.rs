@@ -18,23 +18,39 @@ use crate::run_ok;
 /// Target the release binaries are built for.
 pub const TARGET: &str = "x86_64-unknown-linux-gnu";
 
-/// The SBOM of workspace package `package` (in the workspace at `root`).
-pub fn cyclonedx(root: &Path, package: &str) -> Result<Value> {
-    let text = run_ok(
-        Command::new("cargo")
-            .args([
-                "metadata",
-                "--format-version",
-                "1",
-                "--locked",
-                "--filter-platform",
-                TARGET,
-            ])
-            .current_dir(root),
-    )?;
-    let meta: Value = serde_json::from_str(&text)?;
-    let lock = std::fs::read_to_string(root.join("Cargo.lock"))?;
-    from_metadata(&meta, &checksums(&lock), package)
+/// The workspace's resolved dependency graph (`cargo metadata`) and Cargo.lock checksums, read
+/// once for the SBOMs of all its binaries.
+pub struct Workspace {
+    meta: Value,
+    checksums: BTreeMap<(String, String), String>,
+}
+
+impl Workspace {
+    /// Reads the workspace at `root`.
+    pub fn load(root: &Path) -> Result<Self> {
+        let text = run_ok(
+            Command::new("cargo")
+                .args([
+                    "metadata",
+                    "--format-version",
+                    "1",
+                    "--locked",
+                    "--filter-platform",
+                    TARGET,
+                ])
+                .current_dir(root),
+        )?;
+        let lock = std::fs::read_to_string(root.join("Cargo.lock"))?;
+        Ok(Workspace {
+            meta: serde_json::from_str(&text)?,
+            checksums: checksums(&lock),
+        })
+    }
+
+    /// The SBOM of workspace package `package`.
+    pub fn cyclonedx(&self, package: &str) -> Result<Value> {
+        from_metadata(&self.meta, &self.checksums, package)
+    }
 }
 
 /// Cargo.lock checksums by (name, version).
