@@ -177,10 +177,10 @@ fn cosign_signatures_and_attestations_verify(env: &Env) -> Result<()> {
 }
 
 /// One test namespace's view: ImagePolicies over `<host>/<dir>/**` in it, and pods in it.
-struct Scene<'a> {
-    cp: &'a palisade_e2e::ControlPlane,
-    ns: &'a str,
-    host: &'a str,
+pub struct Scene<'a> {
+    pub cp: &'a palisade_e2e::ControlPlane,
+    pub ns: &'a str,
+    pub host: &'a str,
 }
 
 impl Scene<'_> {
@@ -201,7 +201,7 @@ impl Scene<'_> {
 
     /// `kubectl apply` of pod `name` running `image` as ServiceAccount `orders`, with `extra`
     /// (YAML lines indented by two) in its spec.
-    fn pod(&self, name: &str, image: &str, extra: &str) -> Result<std::process::Output> {
+    pub fn pod(&self, name: &str, image: &str, extra: &str) -> Result<std::process::Output> {
         let (cp, ns) = (self.cp, self.ns);
         let yaml = format!(
             "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  serviceAccountName: orders\n{extra}  containers:\n    - name: app\n      image: {image}\n"
@@ -225,7 +225,7 @@ impl Scene<'_> {
     }
 
     /// Labels the namespace for the webhook and the mesh, and creates ServiceAccount `orders`.
-    fn prepare(&self) -> Result<()> {
+    pub fn prepare(&self) -> Result<()> {
         let (cp, ns) = (self.cp, self.ns);
         for label in [
             format!("{SCOPE_LABEL}=on"),

@@ -13,7 +13,7 @@ use palisade_e2e::{
     rejects,
     release::{self, Published},
     repo_root, run, run_ok,
-    webhook::{SCOPE_LABEL, WebhookProcess},
+    webhook::WebhookProcess,
 };
 
 use crate::{Env, TestFn};
@@ -173,36 +173,43 @@ fn own_images_signed_attested_and_enforced(env: &Env) -> Result<()> {
         &format!("palisade-webhook:{}.sig", replayed.replace(':', "-")),
     )?;
     let result = cp.with_temp_ns("release", |ns| {
-        for label in [format!("{SCOPE_LABEL}=on"), "istio-injection=enabled".into()] {
-            run_ok(cp.kubectl().args(["label", "namespace", ns, &label]))?;
-        }
-        run_ok(cp.kubectl().args(["create", "serviceaccount", "palisade", "-n", ns]))?;
-        let pod = |name: &str, image: &str| -> Result<std::process::Output> {
-            let yaml = format!(
-                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  serviceAccountName: palisade\n  containers:\n    - name: webhook\n      image: {image}\n"
-            );
-            let file = cp.work_dir.join(format!("pod-{ns}-{name}.yaml"));
-            std::fs::write(&file, yaml)?;
-            run(cp.kubectl().args(["apply", "-n", ns, "-f"]).arg(&file))
+        let scene = crate::images::Scene {
+            cp,
+            ns,
+            host: &reg.host,
         };
+        scene.prepare()?;
+        let pod = |name: &str, image: &str| scene.pod(name, image, "");
         let mut attempt = 0;
-        cp.eventually("Palisade's ImagePolicy enforced", Duration::from_secs(30), || {
-            attempt += 1;
-            let out = pod(&format!("tampered-{attempt}"), &tampered_ref).ok()?;
-            (!out.status.success()).then_some(out)
-        })
+        cp.eventually(
+            "Palisade's ImagePolicy enforced",
+            Duration::from_secs(30),
+            || {
+                attempt += 1;
+                let out = pod(&format!("tampered-{attempt}"), &tampered_ref).ok()?;
+                (!out.status.success()).then_some(out)
+            },
+        )
         .and_then(|out| {
-            rejects(&out, "tampered Palisade image", &[
-                "image policy palisade-images",
-                "authority palisade-release: no signature",
-            ])
+            rejects(
+                &out,
+                "tampered Palisade image",
+                &[
+                    "image policy palisade-images",
+                    "authority palisade-release: no signature",
+                ],
+            )
         })?;
-        rejects(&pod("replayed", &replayed_ref)?, "tampered image with the original's signature", &[
-            "authority palisade-release",
-            "another image",
-        ])?;
+        rejects(
+            &pod("replayed", &replayed_ref)?,
+            "tampered image with the original's signature",
+            &["authority palisade-release", "another image"],
+        )?;
         for p in &images {
-            accepts(&pod(&p.name, &p.reference)?, &format!("Palisade's own image {}", p.reference))?;
+            accepts(
+                &pod(&p.name, &p.reference)?,
+                &format!("Palisade's own image {}", p.reference),
+            )?;
         }
         Ok(())
     });
