@@ -148,6 +148,18 @@ fn parse(body: &Bytes) -> Result<AdmissionRequest<DynamicObject>, String> {
         .map_err(|e| format!("AdmissionReview without a usable request: {e}"))
 }
 
+/// What `/validate` and `/mutate` start from: the request, when it was parsed, and the
+/// deadline for answering it; a 400 (counted) when the body is not a usable review.
+fn incoming(
+    state: &AppState,
+    body: &Bytes,
+    query: Option<&str>,
+) -> Result<(AdmissionRequest<DynamicObject>, Instant, Instant), Box<Response>> {
+    let req = parse(body).map_err(|why| Box::new(bad_request(state, &why)))?;
+    let started = Instant::now();
+    Ok((req, started, deadline(started, query)))
+}
+
 /// How long the API server waits for this call (its `timeout` query parameter, 10 s when
 /// absent), less a margin for the answer's way back.
 fn deadline(started: Instant, query: Option<&str>) -> Instant {
@@ -171,12 +183,10 @@ async fn validate(
     RawQuery(query): RawQuery,
     body: Bytes,
 ) -> Response {
-    let req = match parse(&body) {
+    let (req, started, deadline) = match incoming(&state, &body, query.as_deref()) {
         Ok(r) => r,
-        Err(why) => return bad_request(&state, &why),
+        Err(bad) => return *bad,
     };
-    let started = Instant::now();
-    let deadline = deadline(started, query.as_deref());
     let namespace = req.namespace.clone().unwrap_or_default();
     let labels = state.facts.namespace_labels(&namespace);
     let image_labels = labels.clone().unwrap_or_default();
@@ -252,11 +262,10 @@ async fn mutate(
     RawQuery(query): RawQuery,
     body: Bytes,
 ) -> Response {
-    let req = match parse(&body) {
+    let (req, _, deadline) = match incoming(&state, &body, query.as_deref()) {
         Ok(r) => r,
-        Err(why) => return bad_request(&state, &why),
+        Err(bad) => return *bad,
     };
-    let deadline = deadline(Instant::now(), query.as_deref());
     let resp = AdmissionResponse::from(&req);
     let Some(images) = &state.images else {
         return Json(resp.into_review()).into_response();
