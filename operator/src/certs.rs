@@ -215,33 +215,10 @@ pub async fn ensure(client: &Client, settings: &CertSettings) -> Result<Outcome,
             bundle.ca.into_bytes()
         }
     };
-    // (name, caBundle) of every webhook of a configuration of either kind.
-    let validating = |c: &ValidatingWebhookConfiguration| -> Vec<(String, Option<Vec<u8>>)> {
-        let hooks = c.webhooks.iter().flatten();
-        hooks
-            .map(|w| {
-                (
-                    w.name.clone(),
-                    w.client_config.ca_bundle.clone().map(|b| b.0),
-                )
-            })
-            .collect()
-    };
-    let mutating = |c: &MutatingWebhookConfiguration| -> Vec<(String, Option<Vec<u8>>)> {
-        let hooks = c.webhooks.iter().flatten();
-        hooks
-            .map(|w| {
-                (
-                    w.name.clone(),
-                    w.client_config.ca_bundle.clone().map(|b| b.0),
-                )
-            })
-            .collect()
-    };
     for name in &settings.webhook_configurations {
         let patched = [
-            sync_ca(client, name, &ca, validating).await?,
-            sync_ca(client, name, &ca, mutating).await?,
+            sync_ca::<ValidatingWebhookConfiguration>(client, name, &ca).await?,
+            sync_ca::<MutatingWebhookConfiguration>(client, name, &ca).await?,
         ];
         outcome.patched.extend(patched.into_iter().flatten());
     }
@@ -251,15 +228,11 @@ pub async fn ensure(client: &Client, settings: &CertSettings) -> Result<Outcome,
 /// Sets `caBundle` to `ca` on the webhooks of configuration `name` (of kind `K`, when it
 /// exists) that do not have it yet, with a strategic merge patch keyed by webhook name;
 /// `Kind/name` when anything was patched.
-async fn sync_ca<K>(
-    client: &Client,
-    name: &str,
-    ca: &[u8],
-    webhooks: impl Fn(&K) -> Vec<(String, Option<Vec<u8>>)>,
-) -> Result<Option<String>, kube::Error>
+async fn sync_ca<K>(client: &Client, name: &str, ca: &[u8]) -> Result<Option<String>, kube::Error>
 where
     K: kube::Resource<DynamicType = (), Scope = k8s_openapi::ClusterResourceScope>
         + Clone
+        + serde::Serialize
         + serde::de::DeserializeOwned
         + std::fmt::Debug,
 {
@@ -269,10 +242,14 @@ where
         return Ok(None);
     };
     let encoded = base64::engine::general_purpose::STANDARD.encode(ca);
-    let stale: Vec<serde_json::Value> = webhooks(&config)
+    // Both kinds list `webhooks[]` with `name` and `clientConfig.caBundle` (base64 in JSON).
+    let config = serde_json::to_value(&config).map_err(kube::Error::SerdeError)?;
+    let stale: Vec<serde_json::Value> = config["webhooks"]
+        .as_array()
         .into_iter()
-        .filter(|(_, current)| current.as_deref() != Some(ca))
-        .map(|(w, _)| serde_json::json!({"name": w, "clientConfig": {"caBundle": encoded}}))
+        .flatten()
+        .filter(|w| w["clientConfig"]["caBundle"].as_str() != Some(encoded.as_str()))
+        .map(|w| serde_json::json!({"name": w["name"], "clientConfig": {"caBundle": encoded}}))
         .collect();
     if stale.is_empty() {
         return Ok(None);
