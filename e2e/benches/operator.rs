@@ -230,7 +230,7 @@ fn main() -> Result<()> {
                 .context("PALISADE_BENCH_N is a list of numbers")
         })
         .collect::<Result<_>>()?;
-    let mut opts = Options::new()?;
+    let mut opts = Options::new();
     opts.controller_manager = false;
     let cp = ControlPlane::start(&opts)?;
     cp.install_crds(&opts.bin_dir)?;

@@ -58,7 +58,7 @@ fn totals(op: &OperatorProcess) -> Result<(f64, f64)> {
 
 fn main() -> Result<()> {
     let n: usize = std::env::var("PALISADE_BENCH_N").map_or(Ok(500), |s| s.parse())?;
-    let mut opts = Options::new()?;
+    let mut opts = Options::new();
     opts.controller_manager = false;
     let cp = ControlPlane::start(&opts)?;
     cp.install_crds(&opts.bin_dir)?;

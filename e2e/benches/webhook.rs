@@ -183,7 +183,7 @@ fn main() -> Result<()> {
     let seconds: u64 = std::env::var("PALISADE_BENCH_SECONDS").map_or(Ok(10), |s| s.parse())?;
     let connections: usize =
         std::env::var("PALISADE_BENCH_CONNECTIONS").map_or(Ok(4), |s| s.parse())?;
-    let mut opts = Options::new()?;
+    let mut opts = Options::new();
     opts.controller_manager = false;
     let cp = ControlPlane::start(&opts)?;
     // The webhook is ready once its ImagePolicy cache is synced, which needs the CRD.

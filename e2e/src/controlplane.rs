@@ -24,9 +24,9 @@ use crate::pki::Pki;
 pub struct Options {
     /// Directory holding `etcd`, `kube-apiserver`, `kube-controller-manager`, `kubectl`.
     pub bin_dir: PathBuf,
-    /// Where certificates, logs, etcd data and the kubeconfig go. Removed on drop when
-    /// `keep_dir` is false.
-    pub work_dir: PathBuf,
+    /// Where certificates, logs, etcd data and the kubeconfig go; a fresh temporary directory,
+    /// made when the control plane starts, when `None`. Removed on drop when `keep_dir` is false.
+    pub work_dir: Option<PathBuf>,
     /// Keep `work_dir` after stopping.
     pub keep_dir: bool,
     /// The API server's port; a free one when `None`.
@@ -41,19 +41,21 @@ pub struct Options {
 impl Options {
     /// Defaults: binaries from [`default_bin_dir`], a fresh temporary directory, a free port,
     /// controller-manager on, 60 s to become ready.
-    pub fn new() -> Result<Self> {
-        let work_dir = tempfile::Builder::new()
-            .prefix("palisade-cp-")
-            .tempdir()?
-            .keep();
-        Ok(Options {
+    pub fn new() -> Self {
+        Options {
             bin_dir: default_bin_dir(),
-            work_dir,
+            work_dir: None,
             keep_dir: false,
             apiserver_port: None,
             controller_manager: true,
             timeout: Duration::from_mins(1),
-        })
+        }
+    }
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options::new()
     }
 }
 
@@ -112,8 +114,6 @@ impl ControlPlane {
                 );
             }
         }
-        std::fs::create_dir_all(&opts.work_dir)?;
-        let pki = Pki::write(&opts.work_dir.join("pki"))?;
         let apiserver_port = match opts.apiserver_port {
             Some(p) => {
                 TcpListener::bind(("127.0.0.1", p)).map_err(|e| {
@@ -123,8 +123,20 @@ impl ControlPlane {
             }
             None => free_port()?,
         };
+        // The directory after the checks that refuse to start, so a refused start leaves none.
+        let work_dir = match &opts.work_dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir)?;
+                dir.clone()
+            }
+            None => tempfile::Builder::new()
+                .prefix("palisade-cp-")
+                .tempdir()?
+                .keep(),
+        };
+        let pki = Pki::write(&work_dir.join("pki"))?;
         let server = format!("https://127.0.0.1:{apiserver_port}");
-        let kubeconfig = opts.work_dir.join("kubeconfig");
+        let kubeconfig = work_dir.join("kubeconfig");
         std::fs::write(&kubeconfig, kubeconfig_yaml(&server, &pki))?;
 
         let mut cp = ControlPlane {
@@ -132,7 +144,7 @@ impl ControlPlane {
             kubeconfig,
             server,
             pki,
-            work_dir: opts.work_dir.clone(),
+            work_dir,
             bin_dir: opts.bin_dir.clone(),
             keep_dir: opts.keep_dir,
             ready_after: Duration::ZERO,

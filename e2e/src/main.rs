@@ -50,7 +50,7 @@ fn main() -> ExitCode {
 /// `--state DIR`, `--port PORT`, `--no-examples`: control plane options and whether to apply
 /// the examples.
 fn parse_args(args: &[String]) -> Result<(Options, bool)> {
-    let mut opts = Options::new()?;
+    let mut opts = Options::new();
     let mut examples = true;
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -61,7 +61,7 @@ fn parse_args(args: &[String]) -> Result<(Options, bool)> {
                     std::fs::remove_dir_all(&dir)
                         .with_context(|| format!("clearing {}", dir.display()))?;
                 }
-                opts.work_dir = dir;
+                opts.work_dir = Some(dir);
                 opts.keep_dir = true;
             }
             "--port" => {

@@ -76,7 +76,7 @@ fn main() {
 }
 
 fn start() -> Result<Env> {
-    let opts = Options::new()?;
+    let opts = Options::new();
     let cp = ControlPlane::start(&opts)?;
     cp.install_crds(&opts.bin_dir)?;
     Ok(Env { cp, opts })

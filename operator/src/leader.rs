@@ -2,7 +2,9 @@
 //!
 //! A replica becomes leader when the Lease is free or expired, renews it every third of its
 //! duration, and stops leading — the process exits, to be restarted as a follower — when a
-//! renewal fails or another holder appears. Writes happen only while leading.
+//! renewal fails or another holder appears. Writes happen only while leading. On a graceful
+//! shutdown the leader gives the Lease up, so a standby takes over at its next attempt rather
+//! than after the Lease runs out (a rolling upgrade is not a lease duration without a leader).
 
 use std::time::Duration;
 
@@ -119,13 +121,40 @@ impl Leadership {
     }
 
     /// Renews the lease until it is lost; returns why.
-    pub async fn keep(self) -> LeaderError {
+    pub async fn keep(&self) -> LeaderError {
         loop {
             tokio::time::sleep(self.retry_every()).await;
             match self.renew().await {
                 Ok(()) => {}
                 Err(e) => return e,
             }
+        }
+    }
+
+    /// Gives the lease up when this replica still holds it: no holder and a one-second duration,
+    /// as client-go's `ReleaseOnCancel` leaves it. A conflict means someone else wrote the Lease
+    /// meanwhile, so it is theirs and stays as it is.
+    pub async fn release(&self) -> Result<(), LeaderError> {
+        let mut lease = self.api.get(&self.name).await?;
+        let mut spec = lease.spec.clone().unwrap_or_default();
+        if spec.holder_identity.as_deref() != Some(self.identity.as_str()) {
+            return Ok(());
+        }
+        spec.holder_identity = None;
+        spec.lease_duration_seconds = Some(1);
+        spec.renew_time = Some(MicroTime(Timestamp::now()));
+        lease.spec = Some(spec);
+        match self
+            .api
+            .replace(&self.name, &PostParams::default(), &lease)
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(lease = %self.name, "lease released");
+                Ok(())
+            }
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+            Err(e) => Err(e.into()),
         }
     }
 

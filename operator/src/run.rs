@@ -47,6 +47,7 @@ where
 fn secret_binding_controller(
     client: &Client,
     config: &Config,
+    ctl_config: kube::runtime::controller::Config,
     state: &Arc<State>,
     metrics: &Arc<Metrics>,
     shutdown: impl Future<Output = ()> + Send + Sync + Clone + 'static,
@@ -62,7 +63,7 @@ fn secret_binding_controller(
     });
     let sb_state = Arc::new(secrets::SecretState::new(Arc::clone(state), vault));
     controller_for::<SecretBinding>(client)
-        .with_config(kube::runtime::controller::Config::default().concurrency(config.concurrency))
+        .with_config(ctl_config)
         .graceful_shutdown_on(shutdown)
         .run(secrets::reconcile, error_policy, sb_state)
         .for_each(|r| async move {
@@ -82,6 +83,26 @@ fn certificate_keeper(
         Some(settings) => crate::certs::run(client.clone(), settings, shutdown).boxed(),
         None => std::future::ready(()).boxed(),
     }
+}
+
+/// Runs `work` while holding `leadership`, when there is one: a lost lease ends it with an error;
+/// `work` finishing (a graceful shutdown, every reconcile done) hands the lease to a standby.
+async fn while_leading(
+    leadership: Option<Leadership>,
+    work: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let Some(leadership) = leadership else {
+        work.await;
+        return Ok(());
+    };
+    tokio::select! {
+        () = work => {}
+        e = leadership.keep() => anyhow::bail!("leadership lost: {e}"),
+    }
+    if let Err(e) = leadership.release().await {
+        tracing::warn!(error = %e, "could not release the lease; a standby takes over when it runs out");
+    }
+    Ok(())
 }
 
 /// Runs the operator until `shutdown` resolves or leadership is lost.
@@ -123,7 +144,7 @@ pub async fn run(
     // Bounded concurrency keeps connections, memory and API server load in proportion.
     let ctl_config = kube::runtime::controller::Config::default().concurrency(config.concurrency);
     let mut auth_ctl = controller_for::<AuthPolicy>(&client).with_config(ctl_config.clone());
-    let mut rl_ctl = controller_for::<RateLimitPolicy>(&client).with_config(ctl_config);
+    let mut rl_ctl = controller_for::<RateLimitPolicy>(&client).with_config(ctl_config.clone());
     for ((api_version, kind), ar, stream) in streams {
         let key = (api_version.as_str(), kind.as_str());
         if key == ("spire.spiffe.io/v1alpha1", "ClusterSPIFFEID") {
@@ -157,7 +178,14 @@ pub async fn run(
         policies: rl_store,
     });
 
-    let sb_run = secret_binding_controller(&client, &config, &state, &metrics, shutdown.clone());
+    let sb_run = secret_binding_controller(
+        &client,
+        &config,
+        ctl_config,
+        &state,
+        &metrics,
+        shutdown.clone(),
+    );
     let certs_run = certificate_keeper(&client, &config, shutdown.clone());
 
     let auth_run = auth_ctl
@@ -179,16 +207,11 @@ pub async fn run(
     metrics.ready.store(true, Ordering::Relaxed);
     tracing::info!(kinds = discovered.len(), "controllers running");
 
-    let lost = async move {
-        match leadership {
-            Some(l) => Some(l.keep().await),
-            None => std::future::pending().await,
-        }
-    };
-    let outcome = tokio::select! {
-        _ = futures::future::join4(auth_run, rl_run, sb_run, certs_run) => Ok(()),
-        e = lost => Err(anyhow::anyhow!("leadership lost: {}", e.map(|e| e.to_string()).unwrap_or_default())),
-    };
+    let outcome = while_leading(
+        leadership,
+        futures::future::join4(auth_run, rl_run, sb_run, certs_run).map(|_| ()),
+    )
+    .await;
     metrics.ready.store(false, Ordering::Relaxed);
     server.abort();
     outcome

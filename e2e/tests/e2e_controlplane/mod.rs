@@ -107,7 +107,7 @@ fn deployment_becomes_pods_and_is_collected(env: &Env) -> Result<()> {
 fn busy_port_is_a_clear_error(env: &Env) -> Result<()> {
     let holder = TcpListener::bind("127.0.0.1:0")?;
     let port = holder.local_addr()?.port();
-    let mut opts = Options::new()?;
+    let mut opts = Options::new();
     opts.bin_dir.clone_from(&env.opts.bin_dir);
     opts.apiserver_port = Some(port);
     match ControlPlane::start(&opts) {
@@ -124,7 +124,7 @@ fn busy_port_is_a_clear_error(env: &Env) -> Result<()> {
 
 fn missing_binary_is_a_clear_error(_env: &Env) -> Result<()> {
     let empty = tempfile::tempdir()?;
-    let mut opts = Options::new()?;
+    let mut opts = Options::new();
     opts.bin_dir = empty.path().to_path_buf();
     match ControlPlane::start(&opts) {
         Ok(_) => bail!("started without binaries"),
@@ -145,12 +145,12 @@ fn alive(pid: u32) -> bool {
 }
 
 fn killed_etcd_is_reported_and_nothing_leaks(env: &Env) -> Result<()> {
-    let mut opts = Options::new()?;
+    let mut opts = Options::new();
     opts.bin_dir.clone_from(&env.opts.bin_dir);
     opts.controller_manager = false;
-    let work_dir = opts.work_dir.clone();
     let t = Instant::now();
     let mut cp = ControlPlane::start(&opts)?;
+    let work_dir = cp.work_dir.clone();
     eprintln!(
         "  warm control-plane start (etcd + kube-apiserver to /readyz): {:.1} s",
         t.elapsed().as_secs_f64()

@@ -391,6 +391,18 @@ fn crash_converges_and_resync_writes_nothing(env: &Env) -> Result<()> {
     })
 }
 
+fn lease_holder(cp: &ControlPlane) -> Result<String> {
+    run_ok(cp.kubectl().args([
+        "get",
+        "lease",
+        "palisade-e2e-leader",
+        "-n",
+        "default",
+        "-o",
+        "jsonpath={.spec.holderIdentity}",
+    ]))
+}
+
 fn two_replicas_one_leader(env: &Env) -> Result<()> {
     let cp = &env.cp;
     let lease = "leaderElection: {enabled: true, leaseName: palisade-e2e-leader, leaseNamespace: default, leaseSeconds: 6}";
@@ -399,13 +411,19 @@ fn two_replicas_one_leader(env: &Env) -> Result<()> {
         let h = s.spawn(|| {
             OperatorProcess::start(cp, "leader-b", lease).map(|op| (op, std::time::Instant::now()))
         });
-        // While the first renews its lease, the second must not lead.
-        std::thread::sleep(Duration::from_secs(8));
+        // While the first renews its lease, the second must not lead. (7 s: not a whole number
+        // of the standby's 2 s retries, so the failover figure is not one lucky retry.)
+        std::thread::sleep(Duration::from_secs(7));
         if !first.is_ready() {
             bail!("the first replica lost its lease while renewing it");
         }
         first.terminate()?;
         let stopped = std::time::Instant::now();
+        // A replica stopped gracefully gives its lease up rather than leaving it to run out.
+        let holder = lease_holder(cp)?;
+        if holder == "operator-leader-a" {
+            bail!("the stopped replica still holds the lease: it was not released on shutdown");
+        }
         let (op, ready_at) = h
             .join()
             .map_err(|_| anyhow::anyhow!("second replica thread panicked"))?
@@ -415,15 +433,18 @@ fn two_replicas_one_leader(env: &Env) -> Result<()> {
     if second_ready_at < first_stopped_at {
         bail!("the second replica led while the first still held the lease");
     }
-    let holder = run_ok(cp.kubectl().args([
-        "get",
-        "lease",
-        "palisade-e2e-leader",
-        "-n",
-        "default",
-        "-o",
-        "jsonpath={.spec.holderIdentity}",
-    ]))?;
+    // The standby tries every 2 s (a third of 6 s); waiting the lease out would take 4 s or more.
+    let takeover = second_ready_at - first_stopped_at;
+    eprintln!(
+        "  failover after a graceful stop: standby leading and ready {:.1} s later (lease 6 s)",
+        takeover.as_secs_f64()
+    );
+    if takeover > Duration::from_secs(4) {
+        bail!(
+            "the standby took {takeover:?} to lead after the leader stopped: the lease was waited out"
+        );
+    }
+    let holder = lease_holder(cp)?;
     if holder != "operator-leader-b" {
         bail!("lease held by {holder:?} after failover");
     }

@@ -418,3 +418,28 @@ fn truncate(mut s: String, max: usize) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::{AUTH_KINDS, RATE_LIMIT_KINDS};
+    use crate::translate;
+
+    fn kinds_of(
+        candidates: &[(&'static str, &'static str, String)],
+    ) -> BTreeSet<(&'static str, &'static str)> {
+        candidates.iter().map(|(v, k, _)| (*v, *k)).collect()
+    }
+
+    /// The kinds each controller watches (and discovers) are exactly the kinds its translation
+    /// can produce: a kind added to one list but not the other would go unwatched or unpruned.
+    #[test]
+    fn watched_kinds_are_the_generated_kinds() {
+        let watched: BTreeSet<(&'static str, &'static str)> = AUTH_KINDS.iter().copied().collect();
+        assert_eq!(watched, kinds_of(&translate::auth::candidates("ns", "p")));
+        let watched: BTreeSet<(&'static str, &'static str)> =
+            RATE_LIMIT_KINDS.iter().copied().collect();
+        assert_eq!(watched, kinds_of(&translate::ratelimit::candidates("p")));
+    }
+}
