@@ -154,17 +154,18 @@ fn installs_runs_with_least_privilege_and_uninstalls(env: &Env) -> Result<()> {
     }
     let key = cp.work_dir.join("chart-release-key.pub");
     std::fs::write(&key, rcgen::KeyPair::generate()?.public_key_pem())?;
-    // Both certificate sources, and the optional ImagePolicy, against the real schemas
-    // (cert-manager's CRDs included).
+    // Both certificate sources, the optional ImagePolicy and ServiceMonitor, against the real
+    // schemas (cert-manager's and the Prometheus Operator's CRDs included).
     for (variant, sets) in [
         ("defaults", vec![]),
         (
-            "cert-manager, SPIRE, Vault, own ImagePolicy",
+            "cert-manager, SPIRE, Vault, own ImagePolicy, ServiceMonitor",
             vec![
                 "certificates.source=certManager",
                 "identitySource=Spire",
                 "operator.vault.address=https://openbao.example:8200",
                 "imagePolicy.enabled=true",
+                "metrics.serviceMonitor.enabled=true",
             ],
         ),
     ] {
@@ -181,13 +182,28 @@ fn installs_runs_with_least_privilege_and_uninstalls(env: &Env) -> Result<()> {
         let rendered = run_ok(&mut cmd)?;
         let file = cp.work_dir.join("chart-rendered.yaml");
         std::fs::write(&file, &rendered)?;
+        let out = run(cp
+            .kubectl()
+            .args(["apply", "--dry-run=server", "-f"])
+            .arg(&file))?;
         accepts(
-            &run(cp
-                .kubectl()
-                .args(["apply", "--dry-run=server", "-f"])
-                .arg(&file))?,
+            &out,
             &format!("helm template ({variant}) | kubectl apply --dry-run=server"),
         )?;
+        if !sets.is_empty() {
+            // The optional objects were rendered and the API server took them.
+            let applied = String::from_utf8_lossy(&out.stdout);
+            for object in [
+                "certificate.cert-manager.io/",
+                "issuer.cert-manager.io/",
+                "imagepolicy.palisade.dev/",
+                "servicemonitor.monitoring.coreos.com/palisade",
+            ] {
+                if !applied.contains(object) {
+                    bail!("helm template ({variant}) rendered no {object}: {applied}");
+                }
+            }
+        }
     }
 
     let out = run(helm().args(["install", "palisade", "-n", NS]).arg(&chart))?;
