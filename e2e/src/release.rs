@@ -67,25 +67,38 @@ fn tarball(dir: &Path, out: &Path) -> Result<()> {
 }
 
 /// The base layer: `/etc/passwd` and `/etc/group` with user `nonroot` (65532), the system's CA
-/// bundle (for registries and Vault over TLS), and a world-writable `/tmp`.
-fn base_layer(work: &Path) -> Result<std::path::PathBuf> {
+/// bundle (for registries and Vault over TLS), and a world-writable `/tmp`. Returns the tarball
+/// and the files in it, for the SBOM.
+fn base_layer(work: &Path) -> Result<(std::path::PathBuf, Vec<sbom::ImageFile>)> {
     use std::os::unix::fs::PermissionsExt as _;
     let dir = work.join("base");
     std::fs::create_dir_all(dir.join("etc/ssl/certs"))?;
     std::fs::create_dir_all(dir.join("tmp"))?;
     std::fs::set_permissions(dir.join("tmp"), std::fs::Permissions::from_mode(0o1777))?;
-    std::fs::write(
-        dir.join("etc/passwd"),
-        "root:x:0:0:root:/root:/sbin/nologin\nnonroot:x:65532:65532:nonroot:/tmp:/sbin/nologin\n",
+    let mut files = Vec::new();
+    let mut write = |path: &str, content: &[u8], package: Option<&str>| -> Result<()> {
+        std::fs::write(dir.join(path.trim_start_matches('/')), content)?;
+        files.push(sbom::ImageFile::new(path, content, package));
+        Ok(())
+    };
+    write(
+        "/etc/passwd",
+        b"root:x:0:0:root:/root:/sbin/nologin\nnonroot:x:65532:65532:nonroot:/tmp:/sbin/nologin\n",
+        None,
     )?;
-    std::fs::write(dir.join("etc/group"), "root:x:0:\nnonroot:x:65532:\n")?;
+    write("/etc/group", b"root:x:0:\nnonroot:x:65532:\n", None)?;
+    // update-ca-certificates builds the bundle from the ca-certificates package's certificates.
     let bundle = Path::new("/etc/ssl/certs/ca-certificates.crt");
     if bundle.exists() {
-        std::fs::copy(bundle, dir.join("etc/ssl/certs/ca-certificates.crt"))?;
+        write(
+            "/etc/ssl/certs/ca-certificates.crt",
+            &std::fs::read(bundle)?,
+            Some("ca-certificates"),
+        )?;
     }
     let out = work.join("base.tar");
     tarball(&dir, &out)?;
-    Ok(out)
+    Ok((out, files))
 }
 
 /// Builds, pushes, signs and attests every image of [`BINARIES`] in `reg` with cosign key pair
@@ -93,7 +106,7 @@ fn base_layer(work: &Path) -> Result<std::path::PathBuf> {
 pub fn publish(root: &Path, reg: &OciRegistry, key: &str, work: &Path) -> Result<Vec<Published>> {
     std::fs::create_dir_all(work)?;
     let version = env!("CARGO_PKG_VERSION");
-    let base = base_layer(work)?;
+    let (base, base_files) = base_layer(work)?;
     let commit = run_ok(
         Command::new("git")
             .args(["rev-parse", "HEAD"])
@@ -123,7 +136,8 @@ pub fn publish(root: &Path, reg: &OciRegistry, key: &str, work: &Path) -> Result
                 &format!("--label=org.opencontainers.image.revision={commit}"),
             ],
         )?;
-        let bom = workspace.cyclonedx(name)?;
+        let mut bom = workspace.cyclonedx(name)?;
+        sbom::add_files(&mut bom, &base_files);
         reg.sign(key, name, &digest)?;
         reg.attest(key, name, &digest, "cyclonedx", &bom.to_string())?;
         let provenance = serde_json::json!({

@@ -2,7 +2,8 @@
 //! every crate it links (normal dependencies, resolved for the target platform; build scripts,
 //! proc macros' own dependencies and dev-dependencies are not in the binary and are left out),
 //! each with its version, licence expression, package URL and, for crates.io crates, the
-//! SHA-256 recorded in Cargo.lock.
+//! SHA-256 recorded in Cargo.lock — and the files of the image's base layer, each with its
+//! SHA-256 and, where the system's package manager knows it, the package that provided it.
 
 use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
@@ -50,6 +51,77 @@ impl Workspace {
     /// The SBOM of workspace package `package`.
     pub fn cyclonedx(&self, package: &str) -> Result<Value> {
         from_metadata(&self.meta, &self.checksums, package)
+    }
+}
+
+/// A file an image ships besides the binary (its base layer).
+#[derive(Clone, Debug)]
+pub struct ImageFile {
+    /// Absolute path inside the image.
+    pub path: String,
+    /// SHA-256 of its content, lower-case hex.
+    pub sha256: String,
+    /// Package URL of the distribution package it was copied from, when known.
+    pub purl: Option<String>,
+}
+
+impl ImageFile {
+    /// `content` at `path` in the image, made from the installed distribution package `package`
+    /// when there is one.
+    pub fn new(path: &str, content: &[u8], package: Option<&str>) -> Self {
+        ImageFile {
+            path: path.to_owned(),
+            sha256: sha256_hex(content),
+            purl: package.and_then(debian_purl),
+        }
+    }
+}
+
+/// SHA-256 of `data`, lower-case hex.
+pub fn sha256_hex(data: &[u8]) -> String {
+    use std::fmt::Write as _;
+    ring::digest::digest(&ring::digest::SHA256, data)
+        .as_ref()
+        .iter()
+        .fold(String::with_capacity(64), |mut out, b| {
+            let _ = write!(out, "{b:02x}");
+            out
+        })
+}
+
+/// `pkg:deb/<distribution>/<package>@<version>` of installed package `package`.
+fn debian_purl(package: &str) -> Option<String> {
+    let version = run_ok(
+        Command::new("dpkg-query")
+            .args(["-W", "-f", "${Version}"])
+            .arg(package),
+    )
+    .ok()?;
+    let os = std::fs::read_to_string("/etc/os-release").ok()?;
+    let distro = os
+        .lines()
+        .find_map(|l| l.strip_prefix("ID="))?
+        .trim_matches('"')
+        .to_owned();
+    Some(format!("pkg:deb/{distro}/{package}@{}", version.trim()))
+}
+
+/// Adds `files` to `bom` as `file` components.
+pub fn add_files(bom: &mut Value, files: &[ImageFile]) {
+    let Some(components) = bom["components"].as_array_mut() else {
+        return;
+    };
+    for f in files {
+        let mut c = json!({
+            "type": "file",
+            "bom-ref": format!("file:{}", f.path),
+            "name": f.path,
+            "hashes": [{"alg": "SHA-256", "content": f.sha256}],
+        });
+        if let Some(purl) = &f.purl {
+            c["purl"] = json!(purl);
+        }
+        components.push(c);
     }
 }
 
@@ -222,5 +294,20 @@ mod tests {
             checksums(lock).get(&("ring".into(), "0.17.14".into())),
             Some(&"abc".to_owned())
         );
+    }
+
+    #[test]
+    fn image_files_are_file_components_with_their_digest() {
+        let mut bom = json!({"components": [{"type": "library", "name": "ring"}]});
+        add_files(&mut bom, &[ImageFile::new("/etc/group", b"abc", None)]);
+        let file = &bom["components"][1];
+        assert_eq!(file["type"], "file");
+        assert_eq!(file["name"], "/etc/group");
+        // FIPS 180-2's "abc" test vector.
+        assert_eq!(
+            file["hashes"][0]["content"],
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert!(file.get("purl").is_none());
     }
 }

@@ -4,7 +4,7 @@
 //! admits them through the real API server and refuses a tampered image, also one carrying the
 //! genuine signature of the original.
 
-use std::{process::Command, time::Duration};
+use std::{collections::BTreeMap, process::Command, time::Duration};
 
 use anyhow::{Context, Result, bail};
 use palisade_e2e::{
@@ -114,6 +114,47 @@ fn own_images_signed_attested_and_enforced(env: &Env) -> Result<()> {
         eprintln!("  {reference}@{digest}: {components} components in its SBOM");
         if components < 50 || !has_ring {
             bail!("{name}'s SBOM lists {components} components (ring: {has_ring})");
+        }
+        // The SBOM's files are the image's files: each listed with the SHA-256 it has in the
+        // image, and every base-layer file listed.
+        let listed: BTreeMap<String, String> = statement["predicate"]["components"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|c| c["type"] == "file")
+            .filter_map(|c| {
+                Some((
+                    c["name"].as_str()?.to_owned(),
+                    c["hashes"][0]["content"].as_str()?.to_owned(),
+                ))
+            })
+            .collect();
+        for f in [
+            "etc/passwd",
+            "etc/group",
+            "etc/ssl/certs/ca-certificates.crt",
+        ] {
+            let in_image = palisade_e2e::sbom::sha256_hex(&std::fs::read(out_dir.join(f))?);
+            match listed.get(&format!("/{f}")) {
+                Some(sum) if *sum == in_image => {}
+                Some(sum) => bail!("{name}'s SBOM gives /{f} SHA-256 {sum}, the image {in_image}"),
+                None => bail!("{name}'s SBOM does not list /{f}"),
+            }
+        }
+        let bundle_purl = statement["predicate"]["components"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["name"] == "/etc/ssl/certs/ca-certificates.crt")
+            .and_then(|c| c["purl"].as_str())
+            .unwrap_or("(no package)");
+        eprintln!(
+            "  {name}: {} base-layer files in its SBOM, CA bundle from {bundle_purl}",
+            listed.len()
+        );
+        let dpkg = Command::new("dpkg-query").arg("--version").output().is_ok();
+        if dpkg && !bundle_purl.starts_with("pkg:deb/") {
+            bail!("{name}'s SBOM does not name the package the CA bundle came from");
         }
         cosign(&["verify-attestation", "--type", "slsaprovenance"])?;
     }
