@@ -48,3 +48,18 @@ seccompProfile:
 {{- $list := concat (list .Release.Namespace) .Values.webhook.exemptNamespaces | uniq -}}
 {{- toJson $list -}}
 {{- end }}
+
+{{/* Egress every Palisade pod needs: DNS, and the API server's endpoints. */}}
+{{- define "palisade.baseEgress" -}}
+- ports:
+    - {port: 53, protocol: UDP}
+    - {port: 53, protocol: TCP}
+- to:
+    {{- range .apiServerCIDRs }}
+    - ipBlock: {cidr: {{ . }}}
+    {{- end }}
+  ports:
+    {{- range .egress.apiServerPorts }}
+    - {port: {{ . }}, protocol: TCP}
+    {{- end }}
+{{- end }}

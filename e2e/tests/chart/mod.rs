@@ -136,6 +136,10 @@ fn installs_runs_with_least_privilege_and_uninstalls(env: &Env) -> Result<()> {
             "webhok.replicas=3",
             "additional properties 'webhok' not allowed",
         ),
+        (
+            "networkPolicy.egress.enabled=true",
+            "'/networkPolicy/apiServerCIDRs': minItems: got 0, want 1",
+        ),
     ] {
         let out = run(helm()
             .args(["template", "x"])
@@ -166,6 +170,8 @@ fn installs_runs_with_least_privilege_and_uninstalls(env: &Env) -> Result<()> {
                 "operator.vault.address=https://openbao.example:8200",
                 "imagePolicy.enabled=true",
                 "metrics.serviceMonitor.enabled=true",
+                "networkPolicy.egress.enabled=true",
+                "networkPolicy.apiServerCIDRs={127.0.0.1/32}",
             ],
         ),
     ] {
@@ -177,32 +183,25 @@ fn installs_runs_with_least_privilege_and_uninstalls(env: &Env) -> Result<()> {
         }
         if !sets.is_empty() {
             cmd.arg("--set-file")
-                .arg(format!("imagePolicy.publicKey={}", key.display()));
+                .arg(format!("imagePolicy.publicKey={}", key.display()))
+                .args([
+                    "--set-json",
+                    r#"networkPolicy.egress.webhook=[{"to":[{"ipBlock":{"cidr":"192.0.2.0/24"}}],"ports":[{"port":443}]}]"#,
+                ]);
         }
         let rendered = run_ok(&mut cmd)?;
         let file = cp.work_dir.join("chart-rendered.yaml");
         std::fs::write(&file, &rendered)?;
         let out = run(cp
             .kubectl()
-            .args(["apply", "--dry-run=server", "-f"])
+            .args(["apply", "--dry-run=server", "-o", "json", "-f"])
             .arg(&file))?;
         accepts(
             &out,
             &format!("helm template ({variant}) | kubectl apply --dry-run=server"),
         )?;
         if !sets.is_empty() {
-            // The optional objects were rendered and the API server took them.
-            let applied = String::from_utf8_lossy(&out.stdout);
-            for object in [
-                "certificate.cert-manager.io/",
-                "issuer.cert-manager.io/",
-                "imagepolicy.palisade.dev/",
-                "servicemonitor.monitoring.coreos.com/palisade",
-            ] {
-                if !applied.contains(object) {
-                    bail!("helm template ({variant}) rendered no {object}: {applied}");
-                }
-            }
+            optional_objects_taken(variant, &serde_json::from_slice(&out.stdout)?)?;
         }
     }
 
@@ -237,6 +236,39 @@ fn installs_runs_with_least_privilege_and_uninstalls(env: &Env) -> Result<()> {
         cp.kubectl()
             .args(["delete", "namespace", NS, "--wait=false"]),
     )?;
+    Ok(())
+}
+
+/// The optional objects were rendered and the API server took them, as the values asked.
+fn optional_objects_taken(variant: &str, applied: &serde_json::Value) -> Result<()> {
+    let items = applied["items"]
+        .as_array()
+        .context("kubectl printed no List")?;
+    let find = |kind: &str, name: &str| {
+        items
+            .iter()
+            .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+            .with_context(|| format!("helm template ({variant}) rendered no {kind} {name}"))
+    };
+    find("Certificate", "palisade-webhook")?;
+    find("Issuer", "palisade-webhook-selfsigned")?;
+    find("ImagePolicy", "palisade-images")?;
+    find("ServiceMonitor", "palisade")?;
+    // Egress: DNS and the API server for both, plus the registry rule for the webhook.
+    for (name, rules) in [("palisade-webhook", 3), ("palisade-operator", 2)] {
+        let spec = &find("NetworkPolicy", name)?["spec"];
+        let egress = spec["egress"].as_array().map_or(0, Vec::len);
+        let types = &spec["policyTypes"];
+        if egress != rules
+            || !types
+                .as_array()
+                .is_some_and(|t| t.iter().any(|t| t == "Egress"))
+        {
+            bail!(
+                "NetworkPolicy {name}: {egress} egress rules (want {rules}), policyTypes {types}"
+            );
+        }
+    }
     Ok(())
 }
 
