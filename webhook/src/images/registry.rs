@@ -4,7 +4,8 @@
 //! registry requests is counted.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
+    num::NonZeroUsize,
     sync::{
         Mutex,
         atomic::{AtomicU64, Ordering},
@@ -51,8 +52,8 @@ pub enum RegistryError {
     BadReference(String),
 }
 
-/// Most clients kept for distinct credentials before they are dropped and made anew.
-const MAX_CREDENTIALED_CLIENTS: usize = 256;
+/// Most clients kept for distinct credentials; the least recently used goes first.
+const MAX_CREDENTIALED_CLIENTS: NonZeroUsize = NonZeroUsize::new(256).unwrap();
 
 /// An OCI registry client for verification.
 ///
@@ -62,13 +63,19 @@ const MAX_CREDENTIALED_CLIENTS: usize = 256;
 pub struct Registry {
     insecure: Vec<String>,
     client: Client,
-    credentialed: Mutex<HashMap<(String, String, String), Client>>,
+    credentialed: Mutex<lru::LruCache<(String, String, String), Client>>,
     requests: AtomicU64,
+    clients_made: AtomicU64,
 }
 
 impl Registry {
     /// A client; registries in `insecure` (`host:port`) are spoken to over plain HTTP.
     pub fn new(insecure: &[String]) -> Result<Self, RegistryError> {
+        Self::keeping(insecure, MAX_CREDENTIALED_CLIENTS)
+    }
+
+    /// A client keeping at most `clients` clients for distinct credentials.
+    fn keeping(insecure: &[String], clients: NonZeroUsize) -> Result<Self, RegistryError> {
         let client =
             Client::try_from(client_config(insecure)).map_err(|e| RegistryError::Failed {
                 registry: String::new(),
@@ -77,8 +84,9 @@ impl Registry {
         Ok(Registry {
             insecure: insecure.to_vec(),
             client,
-            credentialed: Mutex::new(HashMap::new()),
+            credentialed: Mutex::new(lru::LruCache::new(clients)),
             requests: AtomicU64::new(0),
+            clients_made: AtomicU64::new(0),
         })
     }
 
@@ -102,12 +110,10 @@ impl Registry {
         if let Some(c) = clients.get(&key) {
             return Ok(c.clone());
         }
-        if clients.len() >= MAX_CREDENTIALED_CLIENTS {
-            clients.clear();
-        }
         let client =
             Client::try_from(client_config(&self.insecure)).map_err(|e| failed(e.to_string()))?;
-        clients.insert(key, client.clone());
+        self.clients_made.fetch_add(1, Ordering::Relaxed);
+        clients.put(key, client.clone());
         Ok(client)
     }
 
@@ -401,5 +407,32 @@ mod tests {
             Ok(RegistryAuth::Anonymous)
         );
         assert!(registry_auth(b"\"a string\"", "ghcr.io").is_err());
+    }
+
+    /// Clients for credentials in use survive a crowd of one-off credentials: the least
+    /// recently used one is dropped, not all of them.
+    #[test]
+    fn credentialed_clients_are_evicted_least_recently_used_first() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let full = 4;
+        let reg = Registry::keeping(&[], NonZeroUsize::new(full).unwrap()).unwrap();
+        let auth = |i: usize| RegistryAuth::Basic(format!("user{i}"), "pw".into());
+        for i in 0..full {
+            reg.client("registry.example", &auth(i)).unwrap();
+        }
+        // The first credentials are used again, then one more credential arrives.
+        reg.client("registry.example", &auth(0)).unwrap();
+        reg.client("registry.example", &auth(full)).unwrap();
+        let made = reg.clients_made.load(Ordering::Relaxed);
+        assert_eq!(made, full as u64 + 1);
+        // The recently used client is still there; the least recently used one (1) is not.
+        reg.client("registry.example", &auth(0)).unwrap();
+        assert_eq!(reg.clients_made.load(Ordering::Relaxed), made);
+        reg.client("registry.example", &auth(1)).unwrap();
+        assert_eq!(reg.clients_made.load(Ordering::Relaxed), made + 1);
+        // Anonymous reads share one client and make none.
+        reg.client("registry.example", &RegistryAuth::Anonymous)
+            .unwrap();
+        assert_eq!(reg.clients_made.load(Ordering::Relaxed), made + 1);
     }
 }
