@@ -15,7 +15,12 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use palisade_e2e::{ControlPlane, Options, registry::OciRegistry, run_ok, webhook::WebhookProcess};
+use palisade_e2e::{
+    ControlPlane, Options,
+    registry::{Layout, OciRegistry},
+    run_ok,
+    webhook::WebhookProcess,
+};
 use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -194,11 +199,7 @@ fn main() -> Result<()> {
             .args(["label", "namespace", "shop", "istio-injection=enabled"]),
     )?;
     let reg = OciRegistry::start(&opts.bin_dir, &cp.work_dir.join("registry"))?;
-    let webhook = WebhookProcess::start(
-        &cp,
-        "bench",
-        &format!("images: {{insecureRegistries: [\"{}\"]}}", reg.host),
-    )?;
+    let webhook = WebhookProcess::start(&cp, "bench", &reg.webhook_config())?;
 
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_file_iter(&cp.pki.ca_cert)? {
@@ -239,8 +240,7 @@ fn main() -> Result<()> {
     let public = std::fs::read_to_string(reg.key_pair("ci")?)?;
     let mut images = Vec::new();
     for n in ["app", "proxy", "metrics"] {
-        let digest = reg.push(&format!("shop/{n}"), "v1", n)?;
-        reg.sign("ci", &format!("shop/{n}"), &digest)?;
+        let digest = reg.push_signed("ci", &format!("shop/{n}"), n, None, Layout::Tags)?;
         images.push(format!("{}/shop/{n}@{digest}", reg.host));
     }
     let key = public

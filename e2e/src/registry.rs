@@ -13,6 +13,15 @@ use base64::{Engine as _, engine::general_purpose::STANDARD as B64};
 
 use crate::{controlplane::free_port, run_ok, spawn_logged};
 
+/// Where cosign puts what it writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// `sha256-<hex>.sig` and `.att` tags next to the image (cosign before v3).
+    Tags,
+    /// Sigstore bundles attached as OCI referrers (cosign v3's default).
+    Bundles,
+}
+
 /// A running registry. Stops it on drop.
 pub struct OciRegistry {
     child: Child,
@@ -270,18 +279,16 @@ impl OciRegistry {
     }
 
     fn cosign(&self, key: &str, args: &[&str]) -> Result<()> {
-        self.cosign_as(key, args, true)
+        self.cosign_as(key, args, Layout::Tags)
     }
 
     /// Runs cosign `args` with key pair `key`, offline (no transparency log, no signing
-    /// config); `legacy` writes cosign's `.sig`/`.att` tag layout, otherwise cosign's default:
-    /// Sigstore bundles attached as OCI referrers.
-    fn cosign_as(&self, key: &str, args: &[&str], legacy: bool) -> Result<()> {
+    /// config), writing in `layout`.
+    fn cosign_as(&self, key: &str, args: &[&str], layout: Layout) -> Result<()> {
         let key = self.dir.join(format!("key-{key}")).join("cosign.key");
-        let layout = if legacy {
-            "--new-bundle-format=false"
-        } else {
-            "--new-bundle-format=true"
+        let layout = match layout {
+            Layout::Tags => "--new-bundle-format=false",
+            Layout::Bundles => "--new-bundle-format=true",
         };
         run_ok(
             Command::new(self.bin_dir.join("cosign"))
@@ -303,26 +310,28 @@ impl OciRegistry {
         Ok(())
     }
 
-    /// Signs `<repo>@<digest>` with key `key` the way cosign v3 does by default: a Sigstore
-    /// bundle attached as an OCI referrer.
-    pub fn sign_bundle(&self, key: &str, repo: &str, digest: &str) -> Result<()> {
-        self.cosign_as(
-            key,
-            &["sign", &format!("{}/{repo}@{digest}", self.host)],
-            false,
-        )
+    /// The webhook configuration that lets it read this registry (plain HTTP on loopback).
+    pub fn webhook_config(&self) -> String {
+        format!("images: {{insecureRegistries: [\"{}\"]}}", self.host)
     }
 
-    /// Attests like [`OciRegistry::attest`], as a Sigstore bundle attached as an OCI referrer.
-    pub fn attest_bundle(
+    /// Pushes `content` as `<repo>:v1`, signs it with key `key` and, with `provenance`, attests
+    /// it as `slsaprovenance` with that predicate, in `layout`; returns its digest.
+    pub fn push_signed(
         &self,
         key: &str,
         repo: &str,
-        digest: &str,
-        type_: &str,
-        predicate: &str,
-    ) -> Result<()> {
-        self.attest_as(key, &format!("{repo}@{digest}"), type_, predicate, false)
+        content: &str,
+        provenance: Option<&str>,
+        layout: Layout,
+    ) -> Result<String> {
+        let digest = self.push(repo, "v1", content)?;
+        let image = format!("{repo}@{digest}");
+        self.cosign_as(key, &["sign", &format!("{}/{image}", self.host)], layout)?;
+        if let Some(predicate) = provenance {
+            self.attest_as(key, &image, "slsaprovenance", predicate, layout)?;
+        }
+        Ok(digest)
     }
 
     /// Signs `<repo>@<digest>` with key `key`.
@@ -340,7 +349,13 @@ impl OciRegistry {
         type_: &str,
         predicate: &str,
     ) -> Result<()> {
-        self.attest_as(key, &format!("{repo}@{digest}"), type_, predicate, true)
+        self.attest_as(
+            key,
+            &format!("{repo}@{digest}"),
+            type_,
+            predicate,
+            Layout::Tags,
+        )
     }
 
     fn attest_as(
@@ -349,7 +364,7 @@ impl OciRegistry {
         image: &str,
         type_: &str,
         predicate: &str,
-        legacy: bool,
+        layout: Layout,
     ) -> Result<()> {
         let file = self.dir.join(format!("predicate-{}.json", predicate.len()));
         std::fs::write(&file, predicate)?;
@@ -358,7 +373,7 @@ impl OciRegistry {
         self.cosign_as(
             key,
             &["attest", "--type", type_, "--predicate", &file, &image],
-            legacy,
+            layout,
         )
     }
 

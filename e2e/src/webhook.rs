@@ -236,6 +236,23 @@ webhooks:
         Ok(())
     }
 
+    /// Removes the webhook configurations named `name` (either kind) that a `register*` call
+    /// made, then returns `result`, an error with the last lines of this webhook's log added.
+    pub fn unregister_after<T>(
+        &self,
+        cp: &ControlPlane,
+        name: &str,
+        result: Result<T>,
+    ) -> Result<T> {
+        let _ = run(cp.kubectl().args([
+            "delete",
+            "validatingwebhookconfiguration,mutatingwebhookconfiguration",
+            name,
+            "--ignore-not-found",
+        ]));
+        result.map_err(|e| anyhow::anyhow!("{e:#}\nwebhook log:\n{}", self.log_tail()))
+    }
+
     /// The last lines of its log.
     pub fn log_tail(&self) -> String {
         crate::tail_lines(&self.log, 20)

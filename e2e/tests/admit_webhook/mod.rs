@@ -161,10 +161,7 @@ fn identity_secrets_and_workloads(env: &Env) -> Result<()> {
         }
         Ok(())
     });
-    let _ = run(cp
-        .kubectl()
-        .args(["delete", "validatingwebhookconfiguration", "palisade-e2e"]));
-    result.map_err(|e| anyhow::anyhow!("{e:#}\nwebhook log:\n{}", wh.log_tail()))
+    wh.unregister_after(cp, "palisade-e2e", result)
 }
 
 /// With failurePolicy Fail, a webhook that is down refuses: while it is killed and restarted
@@ -251,12 +248,7 @@ fn spire_registrations_give_identity(env: &Env) -> Result<()> {
         let _ = run(cp.kubectl().args(["delete", "clusterspiffeid", &format!("{ns}-orders")]));
         Ok(())
     });
-    let _ = run(cp.kubectl().args([
-        "delete",
-        "validatingwebhookconfiguration",
-        "palisade-e2e-spire",
-    ]));
-    result.map_err(|e| anyhow::anyhow!("{e:#}\nwebhook log:\n{}", wh.log_tail()))
+    wh.unregister_after(cp, "palisade-e2e-spire", result)
 }
 
 /// With `tls.workloadApiSocket`, the webhook serves the X.509-SVID a real SPIRE agent hands it:
@@ -299,10 +291,5 @@ fn svid_from_the_workload_api_serves_the_api_server(env: &Env) -> Result<()> {
         }
         Ok(())
     });
-    let _ = run(cp.kubectl().args([
-        "delete",
-        "validatingwebhookconfiguration",
-        "palisade-e2e-svid",
-    ]));
-    result.map_err(|e| anyhow::anyhow!("{e:#}\nwebhook log:\n{}", wh.log_tail()))
+    wh.unregister_after(cp, "palisade-e2e-svid", result)
 }

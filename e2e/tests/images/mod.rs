@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail};
 use oci_client::secrets::RegistryAuth;
 use palisade_e2e::{
     accepts,
-    registry::OciRegistry,
+    registry::{Layout, OciRegistry},
     rejects, run, run_ok,
     webhook::{SCOPE_LABEL, WebhookProcess},
 };
@@ -47,15 +47,8 @@ fn cosign_signatures_and_attestations_verify(env: &Env) -> Result<()> {
     reg.key_pair("theirs")?;
     let theirs = std::fs::read(reg.dir_key("theirs"))?;
 
-    let signed = reg.push("shop/app", "v1", "app v1")?;
-    reg.sign("ours", "shop/app", &signed)?;
-    reg.attest(
-        "ours",
-        "shop/app",
-        &signed,
-        "slsaprovenance",
-        r#"{"builder": {"id": "https://ci.example/builder"}, "invocation": {"configSource": {"uri": "git+https://git.example/shop"}}}"#,
-    )?;
+    let provenance = r#"{"builder": {"id": "https://ci.example/builder"}, "invocation": {"configSource": {"uri": "git+https://git.example/shop"}}}"#;
+    let signed = reg.push_signed("ours", "shop/app", "app v1", Some(provenance), Layout::Tags)?;
     let unsigned = reg.push("shop/unsigned", "v1", "unsigned")?;
     let foreign = reg.push("shop/foreign", "v1", "foreign")?;
     reg.sign("theirs", "shop/foreign", &foreign)?;
@@ -264,31 +257,27 @@ fn image_policy_enforced_at_admission(env: &Env) -> Result<()> {
     let cp = &env.cp;
     let reg = OciRegistry::start(&env.opts.bin_dir, &cp.work_dir.join("registry-admission"))?;
     let public = std::fs::read_to_string(reg.key_pair("ci")?)?;
-    let good = reg.push("shop/orders", "v1", "orders v1")?;
-    reg.sign("ci", "shop/orders", &good)?;
-    reg.attest("ci", "shop/orders", &good, "slsaprovenance", PROVENANCE_OK)?;
+    let ok = Some(PROVENANCE_OK);
+    let good = reg.push_signed("ci", "shop/orders", "orders v1", ok, Layout::Tags)?;
     reg.push("shop/unsigned", "v1", "unsigned")?;
     reg.key_pair("other")?;
-    let foreign = reg.push("shop/foreign", "v1", "foreign")?;
-    reg.sign("other", "shop/foreign", &foreign)?;
-    reg.attest(
-        "other",
-        "shop/foreign",
-        &foreign,
-        "slsaprovenance",
-        PROVENANCE_OK,
+    reg.push_signed("other", "shop/foreign", "foreign", ok, Layout::Tags)?;
+    reg.push_signed(
+        "ci",
+        "shop/bare",
+        "signed, not attested",
+        None,
+        Layout::Tags,
     )?;
-    let bare = reg.push("shop/bare", "v1", "signed, not attested")?;
-    reg.sign("ci", "shop/bare", &bare)?;
-    let evil = reg.push("shop/evil", "v1", "evil")?;
-    reg.sign("ci", "shop/evil", &evil)?;
-    reg.attest("ci", "shop/evil", &evil, "slsaprovenance", PROVENANCE_EVIL)?;
+    reg.push_signed(
+        "ci",
+        "shop/evil",
+        "evil",
+        Some(PROVENANCE_EVIL),
+        Layout::Tags,
+    )?;
 
-    let wh = WebhookProcess::start(
-        cp,
-        "images",
-        &format!("images: {{insecureRegistries: [\"{}\"]}}", reg.host),
-    )?;
+    let wh = WebhookProcess::start(cp, "images", &reg.webhook_config())?;
     wh.register_mutating(cp, "palisade-e2e-images")?;
     let result = cp.with_temp_ns("img", |ns| {
         let host = reg.host.clone();
@@ -348,8 +337,7 @@ fn image_policy_enforced_at_admission(env: &Env) -> Result<()> {
         cp.eventually("the broken ImagePolicy reported NotLoaded", Duration::from_secs(30), || {
             ready(&broken).filter(|r| r == "NotLoaded")
         })?;
-        let broken_image = reg.push("broken/app", "v1", "broken")?;
-        reg.sign("ci", "broken/app", &broken_image)?;
+        reg.push_signed("ci", "broken/app", "broken", None, Layout::Tags)?;
         rejects(&pod("broken", &format!("{}/broken/app:v1", reg.host))?, "image under a policy that cannot be loaded", &[
             "authority ci: not loaded",
             "transparencyLog",
@@ -438,12 +426,7 @@ fn image_policy_enforced_at_admission(env: &Env) -> Result<()> {
         let _ = run(cp.kubectl().args(["delete", "imagepolicy", &main_policy]));
         Ok(())
     });
-    let _ = run(cp.kubectl().args([
-        "delete",
-        "validatingwebhookconfiguration,mutatingwebhookconfiguration",
-        "palisade-e2e-images",
-    ]));
-    result.map_err(|e| anyhow::anyhow!("{e:#}\nwebhook log:\n{}", wh.log_tail()))
+    wh.unregister_after(cp, "palisade-e2e-images", result)
 }
 
 /// Through the real API server, against a registry that needs credentials: images are read with
@@ -467,8 +450,7 @@ fn private_registry_tampering_quorum_audit_and_templates(env: &Env) -> Result<()
         }
     }
     let ci_only = keys[..keys.find("    - name: qa").context("qa key")?].to_owned();
-    let app = reg.push("private/app", "v1", "private app")?;
-    reg.sign("ci", "private/app", &app)?;
+    let app = reg.push_signed("ci", "private/app", "private app", None, Layout::Tags)?;
     let tampered = reg.push("private/tampered", "v1", "tampered")?;
     reg.attach_signature("ci", "private/tampered", &tampered, &tampered, true)?;
     let moved = reg.push("private/moved", "v1", "moved")?;
@@ -476,36 +458,27 @@ fn private_registry_tampering_quorum_audit_and_templates(env: &Env) -> Result<()
     let two = reg.push("quorum/two", "v1", "two signers")?;
     reg.sign("ci", "quorum/two", &two)?;
     reg.sign("qa", "quorum/two", &two)?;
-    let one = reg.push("quorum/one", "v1", "one signer")?;
-    reg.sign("sec", "quorum/one", &one)?;
+    reg.push_signed("sec", "quorum/one", "one signer", None, Layout::Tags)?;
     reg.push("audit/app", "v1", "unsigned, audited")?;
     // cosign v3's default layout: Sigstore bundles as OCI referrers.
-    let bundled = reg.push("bundle/app", "v1", "bundle-signed")?;
-    reg.sign_bundle("ci", "bundle/app", &bundled)?;
-    reg.attest_bundle(
+    let ok = Some(PROVENANCE_OK);
+    reg.push_signed("ci", "bundle/app", "bundle-signed", ok, Layout::Bundles)?;
+    reg.push_signed(
         "ci",
-        "bundle/app",
-        &bundled,
-        "slsaprovenance",
-        PROVENANCE_OK,
+        "bundle/bare",
+        "bundle-signed, not attested",
+        None,
+        Layout::Bundles,
     )?;
-    let bundled_bare = reg.push("bundle/bare", "v1", "bundle-signed, not attested")?;
-    reg.sign_bundle("ci", "bundle/bare", &bundled_bare)?;
-    let bundled_other = reg.push("bundle/other", "v1", "bundle-signed by qa")?;
-    reg.sign_bundle("qa", "bundle/other", &bundled_other)?;
-    reg.attest_bundle(
+    reg.push_signed(
         "qa",
         "bundle/other",
-        &bundled_other,
-        "slsaprovenance",
-        PROVENANCE_OK,
+        "bundle-signed by qa",
+        ok,
+        Layout::Bundles,
     )?;
 
-    let wh = WebhookProcess::start(
-        cp,
-        "images-private",
-        &format!("images: {{insecureRegistries: [\"{}\"]}}", reg.host),
-    )?;
+    let wh = WebhookProcess::start(cp, "images-private", &reg.webhook_config())?;
     wh.register_mutating(cp, "palisade-e2e-images-private")?;
     let result = cp.with_temp_ns("priv", |ns| {
         let scene = Scene { cp, ns, host: &reg.host };
@@ -626,10 +599,5 @@ fn private_registry_tampering_quorum_audit_and_templates(env: &Env) -> Result<()
         }
         Ok(())
     });
-    let _ = run(cp.kubectl().args([
-        "delete",
-        "validatingwebhookconfiguration,mutatingwebhookconfiguration",
-        "palisade-e2e-images-private",
-    ]));
-    result.map_err(|e| anyhow::anyhow!("{e:#}\nwebhook log:\n{}", wh.log_tail()))
+    wh.unregister_after(cp, "palisade-e2e-images-private", result)
 }

@@ -178,11 +178,7 @@ fn own_images_signed_attested_and_enforced(env: &Env) -> Result<()> {
     let file = work.join("imagepolicy.yaml");
     std::fs::write(&file, policy)?;
     run_ok(cp.kubectl().arg("apply").arg("-f").arg(&file))?;
-    let wh = WebhookProcess::start(
-        cp,
-        "release",
-        &format!("images: {{insecureRegistries: [\"{}\"]}}", reg.host),
-    )?;
+    let wh = WebhookProcess::start(cp, "release", &reg.webhook_config())?;
     wh.register(cp, "palisade-e2e-release")?;
     let webhook = images
         .iter()
@@ -257,12 +253,7 @@ fn own_images_signed_attested_and_enforced(env: &Env) -> Result<()> {
     let _ = run(cp
         .kubectl()
         .args(["delete", "imagepolicy", "palisade-images"]));
-    let _ = run(cp.kubectl().args([
-        "delete",
-        "validatingwebhookconfiguration",
-        "palisade-e2e-release",
-    ]));
-    result.map_err(|e| anyhow::anyhow!("{e:#}\nwebhook log:\n{}", wh.log_tail()))
+    wh.unregister_after(cp, "palisade-e2e-release", result)
 }
 
 fn base64_decode(text: &str) -> Result<Vec<u8>> {
