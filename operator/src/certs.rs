@@ -189,15 +189,15 @@ pub async fn ensure(client: &Client, settings: &CertSettings) -> Result<Outcome,
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &settings.namespace);
     let live = secrets.get_opt(&settings.secret_name).await?;
     let mut outcome = Outcome::default();
-    let ca = match plan(live.as_ref(), settings, Timestamp::now()) {
+    let now = Timestamp::now();
+    let ca = match plan(live.as_ref(), settings, now) {
         None => live
             .and_then(|s| s.data)
             .and_then(|d| d.get("ca.crt").cloned())
             .map(|b| b.0)
             .unwrap_or_default(),
         Some(why) => {
-            let bundle = generate(settings, Timestamp::now())
-                .map_err(|e| kube::Error::Service(Box::new(e)))?;
+            let bundle = generate(settings, now).map_err(|e| kube::Error::Service(Box::new(e)))?;
             let mut new = secret(settings, &bundle);
             match live {
                 Some(old) => {
