@@ -96,17 +96,35 @@ impl ImageGlob {
     }
 }
 
+/// Matches path segments against glob segments in O(globs × parts) at worst: a `**` is a star
+/// over whole segments, and on a mismatch only the most recent `**` is retried one segment
+/// further (a later `**` can absorb anything an earlier one could), so no input is exponential
+/// or polynomial in the number of `**`.
 fn match_segments(globs: &[Segment], parts: &[&str]) -> bool {
-    match globs.split_first() {
-        None => parts.is_empty(),
-        Some((Segment::AnyPath, rest)) => {
-            (0..=parts.len()).any(|skip| match_segments(rest, &parts[skip..]))
+    let (mut g, mut p) = (0, 0);
+    // (glob index after the last `**`, part index it is retried from)
+    let mut retry: Option<(usize, usize)> = None;
+    while p < parts.len() {
+        match globs.get(g) {
+            Some(Segment::AnyPath) => {
+                g += 1;
+                retry = Some((g, p));
+            }
+            Some(Segment::Pattern(pieces)) if match_pattern(pieces, parts[p]) => {
+                g += 1;
+                p += 1;
+            }
+            _ => match retry {
+                Some((after, from)) => {
+                    g = after;
+                    p = from + 1;
+                    retry = Some((after, from + 1));
+                }
+                None => return false,
+            },
         }
-        Some((Segment::Pattern(pieces), rest)) => match parts.split_first() {
-            Some((part, tail)) => match_pattern(pieces, part) && match_segments(rest, tail),
-            None => false,
-        },
     }
+    globs[g..].iter().all(|s| *s == Segment::AnyPath)
 }
 
 /// Matches one segment against literal pieces separated by `*` wildcards.
@@ -268,5 +286,59 @@ mod tests {
             let g: ImageGlob = glob.parse().expect("valid glob");
             assert_eq!(g.matches(image), *want, "{glob} vs {image}");
         }
+    }
+
+    /// A glob as a regular expression: the obvious reading of the documented semantics, to
+    /// check the linear matcher against.
+    fn reference_regex(glob: &str) -> regex::Regex {
+        // Matched against "/" + path: every segment consumes "/<segment>".
+        let mut re = String::from("^");
+        for seg in glob.split('/') {
+            if seg == "**" {
+                re.push_str("(?:/[^/]+)*");
+            } else {
+                let body: Vec<String> = seg.split('*').map(regex::escape).collect();
+                re.push('/');
+                re.push_str(&body.join("[^/]*"));
+            }
+        }
+        re.push('$');
+        regex::Regex::new(&re).expect("regex")
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 512, ..Default::default() })]
+
+        /// The linear matcher agrees with the regular-expression reading on random globs and
+        /// paths over a small alphabet (so that matches are frequent).
+        #[test]
+        fn matcher_agrees_with_the_reference(
+            glob in proptest::collection::vec(
+                proptest::prop_oneof!["\\*\\*", "[ab*]{1,4}"], 1..6),
+            path in proptest::collection::vec("[ab]{1,3}", 1..7),
+        ) {
+            let glob = glob.join("/");
+            let Ok(g) = glob.parse::<ImageGlob>() else { return Ok(()) };
+            let path = path.join("/");
+            let want = reference_regex(&glob).is_match(&format!("/{path}"));
+            proptest::prop_assert_eq!(g.matches(&path), want, "{} vs {}", glob, path);
+        }
+    }
+
+    /// Many `**` against a long path that almost matches: linear, not exponential.
+    #[test]
+    fn many_double_stars_are_cheap() {
+        let glob: ImageGlob = format!("{}/c", ["**/a"; 30].join("/"))
+            .parse()
+            .expect("glob");
+        let path = ["a"; 200].join("/");
+        let started = std::time::Instant::now();
+        assert!(!glob.matches(&path));
+        assert!(glob.matches(&format!("{path}/c")));
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
     }
 }

@@ -11,6 +11,7 @@
 //! secretsInEnv: {mode: Enforce, namespaces: {legacy: Warn}}
 //! maxBodyBytes: 3145728
 //! images: {insecureRegistries: ["127.0.0.1:5000"], cacheTTLSeconds: 600, negativeCacheTTLSeconds: 30}
+//! spire: {className: prod, watchClassless: false}   # the SPIRE controller manager's class
 //! ```
 
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf};
@@ -45,6 +46,9 @@ pub struct Config {
     /// Image signature verification.
     #[serde(default)]
     pub images: ImageSettings,
+    /// Which ClusterSPIFFEIDs the SPIRE controller manager serves (identity source Spire).
+    #[serde(default)]
+    pub spire: crate::identity::SpireSettings,
 }
 
 /// Image signature verification settings.

@@ -1,7 +1,14 @@
 //! The admission decision: an AdmissionRequest and the facts it needs (namespace labels, SPIRE
 //! registrations) in, an AdmissionResponse out. Pure, so it is tested without a server.
+//!
+//! A verdict depends only on what will run. A CREATE is judged whole. An UPDATE is judged on
+//! what it changes against `oldObject`: a finding the old object already had (a policy that came
+//! later) does not block the controllers that scale, relabel or finish it, and an image already
+//! there keeps its verdict, while a changed image (the Pod `image` field is mutable), a new
+//! ephemeral container or a new finding is judged like a new pod. Objects being deleted and
+//! `status` / `scale` changes are admitted: they change nothing that runs.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use kube::core::{
     DynamicObject,
@@ -11,8 +18,10 @@ use kube::core::{
 use crate::{
     config::{Config, Mode},
     identity::{self, SpireRegistration},
+    images::reference,
+    pods::image_uses,
     secrets::{Finding, SecretsPolicy},
-    workload::pod_of,
+    workload::{PodView, pod_of},
 };
 
 /// Cluster facts a decision needs.
@@ -24,16 +33,18 @@ pub struct Facts {
     pub spire: Vec<SpireRegistration>,
 }
 
-/// What was decided, for the security event log.
+/// What was decided, for the security event log and the image checks that follow.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Verdict {
     /// `allow`, `deny` or `warn`.
     pub verdict: &'static str,
     /// The rules that fired.
     pub rules: Vec<String>,
-    /// Every image of the pod (template), with the containers that run it
-    /// (`containers "app"`), for the image checks that follow; empty when none apply.
+    /// The images to check (new, or changed by this request), with who uses them
+    /// (`containers "app"`); empty when none apply.
     pub images: BTreeMap<String, Vec<String>>,
+    /// Every image of the pod (template) as written.
+    pub all_images: BTreeSet<String>,
     /// The pod's `imagePullSecrets`, the credentials its images are read with.
     pub pull_secrets: Vec<String>,
 }
@@ -59,58 +70,53 @@ pub fn decide(
     if config.exempt_namespaces.contains(&namespace) || req.operation == Operation::Delete {
         return allow(vec![]);
     }
+    // Status and scale changes start or stop nothing new.
+    if matches!(req.sub_resource.as_deref(), Some("status" | "scale")) {
+        return allow(vec![]);
+    }
     let Some(object) = &req.object else {
         return allow(vec![]);
     };
-    let value = match serde_json::to_value(object) {
-        Ok(v) => v,
-        Err(e) => {
-            return deny(
-                req,
-                format!("cannot read the object: {e}"),
-                vec!["malformed".into()],
-            );
-        }
-    };
-    let pod = match pod_of(&req.kind.kind, &value) {
+    let pod = match view_of(req, object) {
         Ok(Some(p)) => p,
         Ok(None) => return allow(vec![]),
-        Err(e) => return deny(req, e.to_string(), vec!["malformed".into()]),
+        Err(e) => return deny(req, e, vec!["malformed".into()]),
     };
-    let images = images_of(&pod);
-    let pull_secrets = crate::pods::pull_secrets(&pod.spec);
+    let old = match (&req.operation, &req.old_object) {
+        (Operation::Update, Some(old)) => match view_of(req, old) {
+            Ok(p) => p,
+            Err(e) => return deny(req, e, vec!["malformed".into()]),
+        },
+        _ => None,
+    };
+    if old
+        .as_ref()
+        .is_some_and(|o| changes_nothing_judged(object, o, &pod))
+    {
+        return allow(vec![]);
+    }
     let what = format!("{} {}/{}", req.kind.kind, namespace, req.name.as_str());
     let mut denials = Vec::new();
     let mut warnings = Vec::new();
     let mut rules = Vec::new();
 
-    if let Err(d) = identity::check(
-        config.identity_source,
-        &config.trust_domain,
-        &namespace,
-        &facts.namespace_labels,
-        &pod,
-        &facts.spire,
-    ) {
-        rules.push("workload-identity".to_owned());
-        denials.push(d.to_string());
+    // Images: every one must parse; those the old object did not run are checked.
+    let (images, all_images, unparsed) = images_to_check(&pod, old.as_ref());
+    if !unparsed.is_empty() {
+        rules.push("image-reference".to_owned());
+        denials.extend(unparsed);
     }
 
-    match secrets.evaluate(&SecretsPolicy::input(&pod)) {
-        Ok(findings) => {
+    if let Some(d) = new_identity_denial(config, facts, &namespace, &pod, old.as_ref()) {
+        rules.push("workload-identity".to_owned());
+        denials.push(d);
+    }
+
+    match new_secret_findings(secrets, &pod, old.as_ref()) {
+        Ok(found) => {
             let mode = config.secrets_in_env.mode_for(&namespace);
-            for Finding {
-                field,
-                rule,
-                message,
-                ..
-            } in findings
-            {
+            for (rule, text) in found {
                 rules.push(format!("secrets-in-env/{rule}"));
-                let text = format!(
-                    "{message} ({}spec.{field})",
-                    template_prefix(pod.template_path)
-                );
                 match mode {
                     Mode::Enforce => denials.push(text),
                     Mode::Warn => warnings.push(text),
@@ -120,50 +126,152 @@ pub fn decide(
         // Fail closed: an evaluation error refuses, with the reason.
         Err(e) => {
             rules.push("secrets-in-env/error".to_owned());
-            denials.push(e.to_string());
+            denials.push(e);
         }
     }
 
-    if !denials.is_empty() {
-        let msg = format!("palisade denied {what}: {}", denials.join(" | "));
-        let (mut resp, mut verdict) = deny(req, msg, rules);
-        if !warnings.is_empty() {
-            resp.warnings = Some(warnings);
-        }
-        verdict.verdict = "deny";
-        verdict.images = images;
-        verdict.pull_secrets = pull_secrets;
-        return (resp, verdict);
-    }
-    let mut resp = AdmissionResponse::from(req);
-    let verdict = if warnings.is_empty() { "allow" } else { "warn" };
+    let verdict = Verdict {
+        verdict: if denials.is_empty() && warnings.is_empty() {
+            "allow"
+        } else if denials.is_empty() {
+            "warn"
+        } else {
+            "deny"
+        },
+        rules,
+        images,
+        all_images,
+        pull_secrets: crate::pods::pull_secrets(&pod.spec),
+    };
+    let mut resp = if denials.is_empty() {
+        AdmissionResponse::from(req)
+    } else {
+        AdmissionResponse::from(req)
+            .deny(format!("palisade denied {what}: {}", denials.join(" | ")))
+    };
     if !warnings.is_empty() {
         resp.warnings = Some(warnings);
     }
-    (
-        resp,
-        Verdict {
-            verdict,
-            rules,
-            images,
-            pull_secrets,
-        },
-    )
+    (resp, verdict)
 }
 
-/// Every image of a pod (template), with the containers that run it.
-fn images_of(pod: &crate::workload::PodView) -> BTreeMap<String, Vec<String>> {
+/// The images of `pod` to check (those `old` did not run, with who uses them), every image of
+/// it, and a denial for each reference that does not parse.
+fn images_to_check(
+    pod: &PodView,
+    old: Option<&PodView>,
+) -> (BTreeMap<String, Vec<String>>, BTreeSet<String>, Vec<String>) {
+    let old_images: BTreeSet<&str> = old
+        .map(|o| image_uses(&o.spec).into_iter().map(|u| u.image).collect())
+        .unwrap_or_default();
     let mut images: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for c in crate::pods::containers(&pod.spec) {
-        if let Some(image) = c.image {
-            images.entry(image.to_owned()).or_default().push(format!(
-                "{} {:?}",
-                c.kind.field(),
-                c.name
-            ));
+    let mut all_images = BTreeSet::new();
+    let mut unparsed = Vec::new();
+    for u in image_uses(&pod.spec) {
+        all_images.insert(u.image.to_owned());
+        if old_images.contains(u.image) {
+            continue;
         }
+        if let Err(e) = reference::parse(u.image) {
+            unparsed.push(format!("{}: {e}", u.user));
+            continue;
+        }
+        images.entry(u.image.to_owned()).or_default().push(u.user);
     }
-    images
+    (images, all_images, unparsed)
+}
+
+/// Why `pod` has no workload identity, unless `old` (the object an update replaces) lacked it
+/// for the same reasons.
+fn new_identity_denial(
+    config: &Config,
+    facts: &Facts,
+    namespace: &str,
+    pod: &PodView,
+    old: Option<&PodView>,
+) -> Option<String> {
+    let identity = |p: &PodView| {
+        identity::check(
+            config.identity_source,
+            &config.trust_domain,
+            namespace,
+            &facts.namespace_labels,
+            p,
+            &facts.spire,
+            &config.spire,
+        )
+        .err()
+        .map(|d| d.to_string())
+    };
+    let denial = identity(pod)?;
+    (old.and_then(identity).as_ref() != Some(&denial)).then_some(denial)
+}
+
+/// (rule, message) of each secret in the environment of `pod` that `old` (the object an update
+/// replaces) did not already have.
+fn new_secret_findings(
+    secrets: &SecretsPolicy,
+    pod: &PodView,
+    old: Option<&PodView>,
+) -> Result<Vec<(String, String)>, String> {
+    let findings = |p: &PodView| -> Result<Vec<(String, String)>, String> {
+        let found = secrets
+            .evaluate(&SecretsPolicy::input(p))
+            .map_err(|e| e.to_string())?;
+        Ok(found
+            .into_iter()
+            .map(|f: Finding| {
+                let text = format!(
+                    "{} ({}spec.{})",
+                    f.message,
+                    template_prefix(p.template_path),
+                    f.field
+                );
+                (f.rule, text)
+            })
+            .collect())
+    };
+    let found = findings(pod)?;
+    let before: BTreeSet<(String, String)> = match old.map(findings) {
+        Some(Ok(f)) => f.into_iter().collect(),
+        _ => BTreeSet::new(),
+    };
+    Ok(found.into_iter().filter(|f| !before.contains(f)).collect())
+}
+
+/// The pod (template) of `object`, read as the request's kind; `None` for kinds without one.
+fn view_of(
+    req: &AdmissionRequest<DynamicObject>,
+    object: &DynamicObject,
+) -> Result<Option<PodView>, String> {
+    let value = serde_json::to_value(object).map_err(|e| format!("cannot read the object: {e}"))?;
+    pod_of(&req.kind.kind, &value).map_err(|e| e.to_string())
+}
+
+/// Whether an UPDATE from `old` to `object` (whose pod is `pod`) changes nothing a check judges:
+/// nothing a check reads changed (finalizers, owner references, other metadata, replicas), or
+/// the object is being deleted and loses fields on its way out without starting a new image.
+fn changes_nothing_judged(object: &DynamicObject, old: &PodView, pod: &PodView) -> bool {
+    let terminating = object.metadata.deletion_timestamp.is_some() && {
+        let before: BTreeSet<&str> = image_uses(&old.spec).iter().map(|u| u.image).collect();
+        image_uses(&pod.spec)
+            .iter()
+            .all(|u| before.contains(u.image))
+    };
+    terminating || unchanged(old, pod)
+}
+
+/// Whether nothing a check reads changed: the pod spec, the labels (identity selectors) and
+/// Istio's annotations.
+fn unchanged(old: &PodView, new: &PodView) -> bool {
+    let istio = |p: &PodView| -> Vec<(String, String)> {
+        p.annotations
+            .iter()
+            .filter(|(k, _)| k.contains("istio.io/"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    };
+    old.spec == new.spec && old.labels == new.labels && istio(old) == istio(new)
 }
 
 fn template_prefix(path: &str) -> String {
@@ -244,7 +352,7 @@ mod tests {
         let mut f = Facts::default();
         if injected {
             f.namespace_labels
-                .insert("istio-injection".into(), "enabled".into());
+                .insert("istio.io/dataplane-mode".into(), "ambient".into());
         }
         f
     }
@@ -306,6 +414,121 @@ mod tests {
         assert!(resp.allowed);
         assert_eq!(v.verdict, "warn");
         assert_eq!(resp.warnings.as_ref().map(Vec::len), Some(1));
+    }
+
+    /// An UPDATE of `kind` from `old` to `new` (`sub`: its subresource).
+    fn update(
+        kind: &str,
+        old: serde_json::Value,
+        new: serde_json::Value,
+        sub: Option<&str>,
+    ) -> AdmissionRequest<DynamicObject> {
+        let mut req = request(kind, "shop", new);
+        req.operation = Operation::Update;
+        req.old_object = Some(serde_json::from_value(old).expect("old"));
+        req.sub_resource = sub.map(str::to_owned);
+        req
+    }
+
+    #[test]
+    fn controllers_can_finish_what_a_later_policy_refuses() {
+        // A pod from before the policy: default ServiceAccount and a Secret in env.
+        let env =
+            json!([{"name": "DB", "valueFrom": {"secretKeyRef": {"name": "db", "key": "pw"}}}]);
+        let old = pod("default", env.clone());
+        // The Job controller removes its finalizer; the garbage collector its owner.
+        let mut unfinalized = old.clone();
+        unfinalized["metadata"]["finalizers"] = json!([]);
+        unfinalized["metadata"]["labels"] = json!({"x": "y"});
+        let (resp, _) = run(
+            &update("Pod", old.clone(), unfinalized, None),
+            &facts(false),
+        );
+        assert!(resp.allowed, "{}", resp.result.message);
+        // Status and scale changes are never judged.
+        for sub in ["status", "scale"] {
+            let (resp, _) = run(
+                &update("Pod", old.clone(), old.clone(), Some(sub)),
+                &facts(false),
+            );
+            assert!(resp.allowed, "{sub}");
+        }
+        // A terminating object loses fields on its way out.
+        let mut terminating = old.clone();
+        terminating["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+        terminating["spec"]["activeDeadlineSeconds"] = json!(5);
+        let (resp, _) = run(
+            &update("Pod", old.clone(), terminating, None),
+            &facts(false),
+        );
+        assert!(resp.allowed, "{}", resp.result.message);
+        // An old ReplicaSet is scaled down: its template is unchanged.
+        let rs = |replicas: i32| {
+            json!({"apiVersion": "apps/v1", "kind": "ReplicaSet", "metadata": {"name": "web"},
+              "spec": {"replicas": replicas, "selector": {}, "template": {"metadata": {},
+                "spec": {"containers": [{"name": "app", "image": "r/a:1", "env": env}]}}}})
+        };
+        let (resp, _) = run(&update("ReplicaSet", rs(3), rs(0), None), &facts(false));
+        assert!(resp.allowed, "{}", resp.result.message);
+    }
+
+    #[test]
+    fn an_update_is_judged_on_what_it_changes() {
+        let old = pod("orders", json!([]));
+        // An image swap on a running pod: only the new image is checked.
+        let mut swapped = old.clone();
+        swapped["spec"]["containers"][0]["image"] = json!("r/evil:1");
+        let (resp, v) = run(&update("Pod", old.clone(), swapped, None), &facts(true));
+        assert!(resp.allowed);
+        assert_eq!(v.images.keys().collect::<Vec<_>>(), vec!["r/evil:1"]);
+        // A new ephemeral container is checked, the running ones are not.
+        let mut debugged = old.clone();
+        debugged["spec"]["ephemeralContainers"] = json!([{"name": "dbg", "image": "busybox", "env": [{"name": "K", "value": "AKIAIOSFODNN7EXAMPLE"}]}]);
+        let (resp, v) = run(
+            &update("Pod", old.clone(), debugged, Some("ephemeralcontainers")),
+            &facts(true),
+        );
+        assert!(!resp.allowed, "a new secret in env is refused");
+        assert!(
+            resp.result.message.contains("ephemeralContainers"),
+            "{}",
+            resp.result.message
+        );
+        assert_eq!(v.images.keys().collect::<Vec<_>>(), vec!["busybox"]);
+        // A new finding on an update is refused like on a create.
+        let mut leaky = old.clone();
+        leaky["spec"]["containers"][0]["env"] =
+            json!([{"name": "DB", "valueFrom": {"secretKeyRef": {"name": "db", "key": "pw"}}}]);
+        let (resp, _) = run(&update("Pod", old.clone(), leaky, None), &facts(true));
+        assert!(!resp.allowed);
+        // Moving a compliant pod to the default ServiceAccount is a new identity finding.
+        let mut anonymous = old.clone();
+        anonymous["spec"]["serviceAccountName"] = json!("default");
+        let (resp, _) = run(&update("Pod", old, anonymous, None), &facts(true));
+        assert!(!resp.allowed);
+    }
+
+    #[test]
+    fn every_image_must_parse_and_image_volumes_are_images() {
+        let mut p = pod("orders", json!([]));
+        p["spec"]["containers"][0]["image"] = json!("Registry.example.com/Shop/app:1");
+        let (resp, v) = run(&request("Pod", "shop", p), &facts(true));
+        assert!(!resp.allowed);
+        assert!(
+            resp.result.message.contains("does not parse"),
+            "{}",
+            resp.result.message
+        );
+        assert_eq!(v.rules, vec!["image-reference"]);
+        let mut p = pod("orders", json!([]));
+        p["spec"]["volumes"] =
+            json!([{"name": "models", "image": {"reference": "registry.example.com/ml/model:3"}}]);
+        let (resp, v) = run(&request("Pod", "shop", p), &facts(true));
+        assert!(resp.allowed);
+        assert_eq!(
+            v.images.get("registry.example.com/ml/model:3"),
+            Some(&vec![r#"volumes "models""#.to_owned()])
+        );
     }
 
     #[test]

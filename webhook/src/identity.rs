@@ -29,6 +29,64 @@ pub struct SpireRegistration {
     pub pod_selector: Option<LabelSelector>,
     /// Its namespace selector (all namespaces when unset).
     pub namespace_selector: Option<LabelSelector>,
+    /// Its `spec.className` (empty when unset).
+    pub class_name: String,
+    /// Why a selector did not parse: such a registration selects nothing (the controller
+    /// manager would refuse it).
+    pub invalid: Option<String>,
+}
+
+impl SpireRegistration {
+    /// A registration from a ClusterSPIFFEID as JSON.
+    pub fn from_object(name: &str, object: &serde_json::Value) -> Self {
+        let mut invalid = None;
+        let mut selector = |key: &str| -> Option<LabelSelector> {
+            let v = object.pointer(&format!("/spec/{key}"))?;
+            if v.is_null() {
+                return None;
+            }
+            match serde_json::from_value::<LabelSelector>(v.clone()) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    invalid = Some(format!("spec.{key} does not parse: {e}"));
+                    None
+                }
+            }
+        };
+        let pod_selector = selector("podSelector");
+        let namespace_selector = selector("namespaceSelector");
+        SpireRegistration {
+            name: name.to_owned(),
+            pod_selector,
+            namespace_selector,
+            class_name: object
+                .pointer("/spec/className")
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or_default()
+                .to_owned(),
+            invalid,
+        }
+    }
+
+    /// Whether the SPIRE controller manager with `settings` serves this registration.
+    pub fn served_by(&self, settings: &SpireSettings) -> bool {
+        self.invalid.is_none()
+            && (self.class_name == settings.class_name
+                || (self.class_name.is_empty() && settings.watch_classless))
+    }
+}
+
+/// Which ClusterSPIFFEIDs the cluster's SPIRE controller manager serves (its `className` and
+/// `watchClassless` settings).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SpireSettings {
+    /// The controller manager's class (empty: none configured).
+    #[serde(default)]
+    pub class_name: String,
+    /// Whether it also serves ClusterSPIFFEIDs without a class.
+    #[serde(default)]
+    pub watch_classless: bool,
 }
 
 /// How a pod gets its identity.
@@ -63,7 +121,9 @@ impl std::fmt::Display for IdentityDenial {
 }
 
 /// Decides whether the pod in `namespace` (whose labels are `namespace_labels`) has a workload
-/// identity under `source`.
+/// identity under `source`. A Pod is judged as admitted, after Istio's injection: a sidecar
+/// counts only when the proxy is really there; a pod template is judged by Istio's own
+/// injection rules.
 pub fn check(
     source: IdentitySource,
     trust_domain: &str,
@@ -71,6 +131,7 @@ pub fn check(
     namespace_labels: &BTreeMap<String, String>,
     pod: &PodView,
     spire: &[SpireRegistration],
+    spire_settings: &SpireSettings,
 ) -> Result<Coverage, IdentityDenial> {
     let sa = pod.service_account();
     let spiffe_id = SpiffeId::for_service_account(trust_domain, namespace, sa).map_or_else(
@@ -86,21 +147,8 @@ pub fn check(
         );
     }
     let coverage = match source {
-        IdentitySource::Istio => istio_coverage(namespace, namespace_labels, &pod.labels),
-        IdentitySource::Spire => spire
-            .iter()
-            .find(|r| {
-                selects(r.namespace_selector.as_ref(), namespace_labels)
-                    && selects(r.pod_selector.as_ref(), &pod.labels)
-            })
-            .map(|r| Coverage::Spire(r.name.clone()))
-            .ok_or_else(|| {
-                format!(
-                    "no SPIRE ClusterSPIFFEID selects it (none of {} matches its labels and \
-                     namespace): add an AuthPolicy selecting it, or a ClusterSPIFFEID",
-                    spire.len()
-                )
-            }),
+        IdentitySource::Istio => istio_coverage(namespace, namespace_labels, pod),
+        IdentitySource::Spire => spire_coverage(namespace_labels, pod, spire, spire_settings),
     };
     match coverage {
         Ok(c) if missing.is_empty() => Ok(c),
@@ -112,40 +160,178 @@ pub fn check(
     }
 }
 
+fn spire_coverage(
+    namespace_labels: &BTreeMap<String, String>,
+    pod: &PodView,
+    spire: &[SpireRegistration],
+    settings: &SpireSettings,
+) -> Result<Coverage, String> {
+    let selecting: Vec<&SpireRegistration> = spire
+        .iter()
+        .filter(|r| {
+            r.invalid.is_none()
+                && selects(r.namespace_selector.as_ref(), namespace_labels)
+                && selects(r.pod_selector.as_ref(), &pod.labels)
+        })
+        .collect();
+    if let Some(r) = selecting.iter().find(|r| r.served_by(settings)) {
+        return Ok(Coverage::Spire(r.name.clone()));
+    }
+    if let Some(r) = selecting.first() {
+        return Err(format!(
+            "ClusterSPIFFEID {} selects it, but its className {:?} is not served by the SPIRE \
+             controller manager (class {:?}{}): set spec.className to {:?}",
+            r.name,
+            r.class_name,
+            settings.class_name,
+            if settings.watch_classless {
+                ", and classless ones"
+            } else {
+                ""
+            },
+            settings.class_name
+        ));
+    }
+    let broken: Vec<String> = spire
+        .iter()
+        .filter_map(|r| r.invalid.as_ref().map(|why| format!("{}: {why}", r.name)))
+        .collect();
+    let mut why = format!(
+        "no SPIRE ClusterSPIFFEID selects it (none of {} matches its labels and namespace): \
+         add an AuthPolicy selecting it, or a ClusterSPIFFEID",
+        spire.len()
+    );
+    if !broken.is_empty() {
+        why.push_str("; ignored because a selector does not parse: ");
+        why.push_str(&broken.join(", "));
+    }
+    Err(why)
+}
+
 fn get<'a>(m: &'a BTreeMap<String, String>, k: &str) -> Option<&'a str> {
     m.get(k).map(String::as_str)
+}
+
+/// The label and annotation Istio reads to opt a pod in or out of injection.
+const INJECT: &str = "sidecar.istio.io/inject";
+/// The annotation the injector writes on a pod it injected.
+const SIDECAR_STATUS: &str = "sidecar.istio.io/status";
+/// The dataplane-mode label (ambient enrolment), on namespaces and pods.
+const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
+/// Namespaces Istio never injects into.
+const NEVER_INJECTED: &[&str] = &["kube-system", "kube-public"];
+
+/// Whether Istio's sidecar injector would inject a pod with `pod`'s labels, annotations and
+/// network mode in a namespace with `ns_labels`: the injector's webhook selectors (the
+/// namespace's `istio-injection` / `istio.io/rev` labels, or the pod's own
+/// `sidecar.istio.io/inject=true` / `istio.io/rev` label where the namespace has neither), then
+/// its own rules (never host-network pods or system namespaces; the pod's label, else its
+/// annotation, decides: `y`, `yes`, `true`, `on` inject, an empty value follows the default
+/// policy, anything else does not). `Err` says why not.
+fn istio_injects(
+    namespace: &str,
+    ns_labels: &BTreeMap<String, String>,
+    pod: &PodView,
+) -> Result<(), String> {
+    let ns_inject = get(ns_labels, "istio-injection");
+    let ns_rev = ns_labels.contains_key("istio.io/rev");
+    let pod_label = get(&pod.labels, INJECT);
+    let selected = match ns_inject {
+        Some("enabled") => pod_label != Some("false"),
+        Some(_) => false,
+        None if ns_rev => pod_label != Some("false"),
+        None => pod_label == Some("true") || pod.labels.contains_key("istio.io/rev"),
+    };
+    if !selected {
+        return Err(if ns_inject == Some("disabled") {
+            format!(
+                "namespace {namespace} is labelled istio-injection=disabled, so Istio injects no pod in it, whatever the pod's labels say"
+            )
+        } else if pod_label == Some("false") {
+            format!("its label {INJECT}=false turns the Istio sidecar off: remove it")
+        } else {
+            format!(
+                "namespace {namespace} has neither istio-injection=enabled, an istio.io/rev \
+                 label nor istio.io/dataplane-mode=ambient, and the pod is not labelled \
+                 {INJECT}=true: label the namespace (kubectl label namespace {namespace} \
+                 istio-injection=enabled, or istio.io/dataplane-mode=ambient)"
+            )
+        });
+    }
+    if pod.spec.host_network == Some(true) {
+        return Err("it uses hostNetwork: true, and Istio never injects a sidecar into host-network pods: remove hostNetwork".to_owned());
+    }
+    if NEVER_INJECTED.contains(&namespace) {
+        return Err(format!("Istio never injects pods in {namespace}"));
+    }
+    let decided = pod_label.or_else(|| get(&pod.annotations, INJECT));
+    match decided.map(str::to_ascii_lowercase).as_deref() {
+        None | Some("" | "y" | "yes" | "true" | "on") => Ok(()),
+        Some(other) => Err(format!(
+            "its {INJECT}: {other:?} turns the Istio sidecar off: remove it"
+        )),
+    }
+}
+
+/// Whether the pod really carries Istio's proxy: a container `istio-proxy`, or a native
+/// sidecar of that name (an init container that keeps running).
+fn has_proxy(pod: &PodView) -> bool {
+    pod.spec.containers.iter().any(|c| c.name == "istio-proxy")
+        || pod
+            .spec
+            .init_containers
+            .iter()
+            .flatten()
+            .any(|c| c.name == "istio-proxy" && c.restart_policy.as_deref() == Some("Always"))
+}
+
+/// Whether Istio's ambient mesh captures the pod: the namespace or the pod is labelled
+/// `istio.io/dataplane-mode=ambient`, the pod does not opt out with `none`, has no sidecar
+/// and does not use the host's network.
+fn istio_ambient(ns_labels: &BTreeMap<String, String>, pod: &PodView) -> Result<(), String> {
+    let pod_mode = get(&pod.labels, DATAPLANE_MODE);
+    let ns_mode = get(ns_labels, DATAPLANE_MODE);
+    if pod_mode != Some("ambient") && ns_mode != Some("ambient") {
+        return Err("not in the ambient mesh".to_owned());
+    }
+    if pod_mode == Some("none") {
+        return Err(format!(
+            "its label {DATAPLANE_MODE}=none takes it out of the ambient mesh: remove it"
+        ));
+    }
+    if pod.spec.host_network == Some(true) {
+        return Err(
+            "it uses hostNetwork: true, which the ambient mesh cannot capture: remove hostNetwork"
+                .to_owned(),
+        );
+    }
+    Ok(())
 }
 
 fn istio_coverage(
     namespace: &str,
     ns_labels: &BTreeMap<String, String>,
-    pod_labels: &BTreeMap<String, String>,
+    pod: &PodView,
 ) -> Result<Coverage, String> {
-    let pod_mode = get(pod_labels, "istio.io/dataplane-mode");
-    let ns_mode = get(ns_labels, "istio.io/dataplane-mode");
-    if pod_mode == Some("ambient") || (ns_mode == Some("ambient") && pod_mode != Some("none")) {
-        return Ok(Coverage::IstioAmbient);
+    let is_pod = pod.kind == "Pod";
+    // A pod with a sidecar (or the injector's mark) is never captured by ambient as well.
+    let sidecar_marked = has_proxy(pod) || pod.annotations.contains_key(SIDECAR_STATUS);
+    if !sidecar_marked {
+        match istio_ambient(ns_labels, pod) {
+            Ok(()) => return Ok(Coverage::IstioAmbient),
+            Err(why) if why != "not in the ambient mesh" => return Err(why),
+            Err(_) => {}
+        }
     }
-    let pod_inject = get(pod_labels, "sidecar.istio.io/inject");
-    let ns_inject = get(ns_labels, "istio-injection");
-    let ns_rev = ns_labels.contains_key("istio.io/rev");
-    if pod_inject == Some("false") {
+    istio_injects(namespace, ns_labels, pod)?;
+    if is_pod && !has_proxy(pod) {
         return Err(
-            "its label sidecar.istio.io/inject=false turns the Istio sidecar off: remove it"
+            "Istio's injection rules select it, but it has no istio-proxy container: the \
+             sidecar injector did not run (is istiod up, and its webhook registered?)"
                 .to_owned(),
         );
     }
-    if pod_inject == Some("true")
-        || ns_inject == Some("enabled")
-        || (ns_rev && ns_inject != Some("disabled"))
-    {
-        return Ok(Coverage::IstioSidecar);
-    }
-    Err(format!(
-        "namespace {namespace} has neither istio-injection=enabled, an istio.io/rev label nor \
-         istio.io/dataplane-mode=ambient, and the pod is not labelled sidecar.istio.io/inject=true: \
-         label the namespace (kubectl label namespace {namespace} istio-injection=enabled)"
-    ))
+    Ok(Coverage::IstioSidecar)
 }
 
 /// Whether a Kubernetes label selector matches `labels` (an unset selector matches all).
@@ -186,8 +372,17 @@ mod tests {
             .collect()
     }
 
+    /// A Pod as the validating hook sees it after injection (with Istio's proxy).
     fn pod(sa: Option<&str>, pod_labels: &[(&str, &str)]) -> PodView {
-        let mut spec = json!({"containers": [{"name": "app", "image": "r/app:1"}]});
+        view(
+            sa,
+            pod_labels,
+            json!({"containers": [{"name": "app", "image": "r/app:1"},
+                                  {"name": "istio-proxy", "image": "istio/proxyv2:1.31.0"}]}),
+        )
+    }
+
+    fn view(sa: Option<&str>, pod_labels: &[(&str, &str)], mut spec: serde_json::Value) -> PodView {
         if let Some(sa) = sa {
             spec["serviceAccountName"] = json!(sa);
         }
@@ -207,7 +402,87 @@ mod tests {
             &labels(ns_labels),
             p,
             &[],
+            &SpireSettings::default(),
         )
+    }
+
+    #[test]
+    fn a_sidecar_counts_only_when_istio_would_inject_and_the_proxy_is_there() {
+        let injected = [("istio-injection", "enabled")];
+        // Selected by the namespace, but the injector never ran: no proxy, no identity.
+        let bare = view(
+            Some("orders"),
+            &[],
+            json!({"containers": [{"name": "app", "image": "r/a:1"}]}),
+        );
+        let d = istio(&injected, &bare).expect_err("no proxy");
+        assert!(d.to_string().contains("no istio-proxy container"), "{d}");
+        // A native sidecar counts; an init container that exits does not.
+        let native = view(
+            Some("orders"),
+            &[],
+            json!({"containers": [{"name": "app", "image": "r/a:1"}],
+            "initContainers": [{"name": "istio-proxy", "image": "p", "restartPolicy": "Always"}]}),
+        );
+        assert_eq!(istio(&injected, &native), Ok(Coverage::IstioSidecar));
+        let init = view(
+            Some("orders"),
+            &[],
+            json!({"containers": [{"name": "app", "image": "r/a:1"}],
+            "initContainers": [{"name": "istio-proxy", "image": "p"}]}),
+        );
+        assert!(istio(&injected, &init).is_err());
+        // Istio never injects host-network pods, whatever the labels say.
+        let host = view(
+            Some("orders"),
+            &[],
+            json!({"hostNetwork": true,
+            "containers": [{"name": "app", "image": "r/a:1"}, {"name": "istio-proxy", "image": "p"}]}),
+        );
+        assert!(
+            istio(&injected, &host)
+                .expect_err("host network")
+                .to_string()
+                .contains("hostNetwork")
+        );
+        // The annotation opts out too (the label wins when both are set).
+        let mut annotated = pod(Some("orders"), &[]);
+        annotated.annotations.insert(INJECT.into(), "false".into());
+        assert!(istio(&injected, &annotated).is_err());
+        annotated.labels.insert(INJECT.into(), "true".into());
+        assert_eq!(istio(&injected, &annotated), Ok(Coverage::IstioSidecar));
+        // A namespace labelled disabled is never injected, even for a pod asking for it.
+        let asking = pod(Some("orders"), &[(INJECT, "true")]);
+        let d = istio(&[("istio-injection", "disabled")], &asking).expect_err("disabled");
+        assert!(d.to_string().contains("istio-injection=disabled"), "{d}");
+        // Templates are judged by the rules alone: their pods are checked after injection.
+        let template = pod_of("Deployment", &json!({"spec": {"template": {"metadata": {},
+            "spec": {"serviceAccountName": "orders", "containers": [{"name": "app", "image": "r/a:1"}]}}}}))
+            .expect("valid").expect("template");
+        assert_eq!(istio(&injected, &template), Ok(Coverage::IstioSidecar));
+        assert!(istio(&[], &template).is_err());
+    }
+
+    #[test]
+    fn ambient_enrolment_follows_istio() {
+        let app = json!({"containers": [{"name": "app", "image": "r/a:1"}]});
+        let ambient = [("istio.io/dataplane-mode", "ambient")];
+        assert_eq!(
+            istio(&ambient, &view(Some("o"), &[], app.clone())),
+            Ok(Coverage::IstioAmbient)
+        );
+        // The pod's own label enrols it in a namespace that is not ambient.
+        let labelled = view(
+            Some("o"),
+            &[("istio.io/dataplane-mode", "ambient")],
+            app.clone(),
+        );
+        assert_eq!(istio(&[], &labelled), Ok(Coverage::IstioAmbient));
+        let mut host = app.clone();
+        host["hostNetwork"] = json!(true);
+        assert!(istio(&ambient, &view(Some("o"), &[], host)).is_err());
+        let out = view(Some("o"), &[("istio.io/dataplane-mode", "none")], app);
+        assert!(istio(&ambient, &out).is_err());
     }
 
     #[test]
@@ -221,8 +496,15 @@ mod tests {
             istio(&[("istio.io/rev", "1-31")], &p),
             Ok(Coverage::IstioSidecar)
         );
+        // With a sidecar, ambient does not capture the pod; without one it does.
+        assert!(istio(&[("istio.io/dataplane-mode", "ambient")], &p).is_err());
+        let plain = view(
+            Some("orders"),
+            &[],
+            json!({"containers": [{"name": "app", "image": "r/a:1"}]}),
+        );
         assert_eq!(
-            istio(&[("istio.io/dataplane-mode", "ambient")], &p),
+            istio(&[("istio.io/dataplane-mode", "ambient")], &plain),
             Ok(Coverage::IstioAmbient)
         );
         let labelled = pod(Some("orders"), &[("sidecar.istio.io/inject", "true")]);
@@ -277,26 +559,52 @@ mod tests {
                 }]),
                 ..LabelSelector::default()
             }),
+            ..SpireRegistration::default()
         };
         let ns = labels(&[("kubernetes.io/metadata.name", "shop")]);
         let yes = pod(Some("orders"), &[("app", "orders")]);
         let no = pod(Some("orders"), &[("app", "web")]);
-        let spire = |p: &PodView| {
+        let spire = |p: &PodView, reg: &SpireRegistration, settings: &SpireSettings| {
             check(
                 IdentitySource::Spire,
                 "td",
                 "shop",
                 &ns,
                 p,
-                std::slice::from_ref(&reg),
+                std::slice::from_ref(reg),
+                settings,
             )
         };
+        let none = SpireSettings::default();
         assert_eq!(
-            spire(&yes),
+            spire(&yes, &reg, &none),
             Ok(Coverage::Spire("palisade-shop-orders-id".into()))
         );
-        let d = spire(&no).expect_err("not selected");
+        let d = spire(&no, &reg, &none).expect_err("not selected");
         assert!(d.to_string().contains("ClusterSPIFFEID"), "{d}");
+        // A registration of another class is not served: no identity.
+        let classed = SpireSettings {
+            class_name: "prod".into(),
+            watch_classless: false,
+        };
+        let d = spire(&yes, &reg, &classed).expect_err("classless, not served");
+        assert!(d.to_string().contains("className"), "{d}");
+        let watching = SpireSettings {
+            class_name: "prod".into(),
+            watch_classless: true,
+        };
+        assert!(spire(&yes, &reg, &watching).is_ok());
+        let mut other = reg.clone();
+        other.class_name = "dev".into();
+        assert!(spire(&yes, &other, &classed).is_err());
+        // A selector that does not parse selects nothing (never everything).
+        let broken = SpireRegistration::from_object(
+            "broken",
+            &json!({"spec": {"podSelector": {"matchLabels": "app=orders"}}}),
+        );
+        assert!(broken.invalid.is_some());
+        let d = spire(&yes, &broken, &none).expect_err("unparsable selector");
+        assert!(d.to_string().contains("does not parse"), "{d}");
     }
 
     #[test]

@@ -182,16 +182,8 @@ impl FactSource for ClusterFacts {
             .state()
             .iter()
             .map(|o| {
-                let selector = |key: &str| {
-                    o.data
-                        .pointer(&format!("/spec/{key}"))
-                        .and_then(|v| serde_json::from_value(v.clone()).ok())
-                };
-                SpireRegistration {
-                    name: o.metadata.name.clone().unwrap_or_default(),
-                    pod_selector: selector("podSelector"),
-                    namespace_selector: selector("namespaceSelector"),
-                }
+                let name = o.metadata.name.clone().unwrap_or_default();
+                SpireRegistration::from_object(&name, &o.data)
             })
             .collect()
     }

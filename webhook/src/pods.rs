@@ -77,6 +77,42 @@ pub fn pull_secrets(spec: &PodSpec) -> Vec<String> {
         .collect()
 }
 
+/// One place in a pod spec that names an image: a container of any list, or an image volume
+/// (`volumes[].image.reference`, which the kubelet pulls like a container image).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageUse<'a> {
+    /// The reference as written.
+    pub image: &'a str,
+    /// Who uses it, for messages: `containers "app"`, `volumes "data"`.
+    pub user: String,
+    /// JSON pointer of the field within the pod spec (`/containers/0/image`).
+    pub pointer: String,
+}
+
+/// Every image `spec` names: each container's (init, regular, ephemeral) and each image
+/// volume's.
+pub fn image_uses(spec: &PodSpec) -> Vec<ImageUse<'_>> {
+    let mut out: Vec<ImageUse<'_>> = containers(spec)
+        .filter_map(|c| {
+            c.image.map(|image| ImageUse {
+                image,
+                user: format!("{} {:?}", c.kind.field(), c.name),
+                pointer: format!("/{}/{}/image", c.kind.field(), c.index),
+            })
+        })
+        .collect();
+    for (i, v) in spec.volumes.iter().flatten().enumerate() {
+        if let Some(image) = v.image.as_ref().and_then(|s| s.reference.as_deref()) {
+            out.push(ImageUse {
+                image,
+                user: format!("volumes {:?}", v.name),
+                pointer: format!("/volumes/{i}/image/reference"),
+            });
+        }
+    }
+    out
+}
+
 /// Every container of `spec`: init containers, then containers, then ephemeral containers.
 pub fn containers(spec: &PodSpec) -> impl Iterator<Item = ContainerView<'_>> {
     let init = (spec.init_containers.iter().flatten().enumerate())

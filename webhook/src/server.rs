@@ -289,11 +289,18 @@ async fn mutate(
         .and_then(|p| resp.with_patch(p).map_err(|e| e.to_string()));
     match patched {
         Ok(r) => Json(r.into_review()).into_response(),
-        // Never fail a create over a pin that cannot be expressed: admit unchanged, the
-        // validating hook still verifies.
+        // A pin that cannot be expressed refuses: the image would run by its moving tag.
         Err(e) => {
             tracing::warn!(error = %e, "cannot build the digest-pinning patch");
-            Json(AdmissionResponse::from(&req).into_review()).into_response()
+            Json(
+                AdmissionResponse::from(&req)
+                    .deny(format!(
+                        "palisade cannot pin the verified image digests of Pod {}/{}: {e}",
+                        namespace, req.name
+                    ))
+                    .into_review(),
+            )
+            .into_response()
         }
     }
 }

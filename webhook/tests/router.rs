@@ -37,7 +37,7 @@ fn app(max_body: usize, ready: bool) -> axum::Router {
     let mut ns = BTreeMap::new();
     ns.insert(
         "shop".to_owned(),
-        BTreeMap::from([("istio-injection".to_owned(), "enabled".to_owned())]),
+        BTreeMap::from([("istio.io/dataplane-mode".to_owned(), "ambient".to_owned())]),
     );
     router(Arc::new(AppState {
         config,

@@ -1,21 +1,23 @@
-//! Image checks folded into an admission response: every container image (init, regular,
-//! ephemeral) of a pod or pod template, as the decision collected them, is checked against the
-//! ImagePolicies covering it; an
-//! `Enforce` failure refuses (naming the container, the image, the policy and, per authority,
-//! why), `Warn` adds a warning, `Audit` only logs. A workload whose images all verify has
-//! their digests remembered for the pods it will own.
+//! Image checks folded into an admission response: every image the decision collected (init,
+//! regular and ephemeral containers, image volumes; on an UPDATE only those it adds) is checked
+//! against the ImagePolicies covering it; an `Enforce` failure refuses (naming the container,
+//! the image, the policy and, per authority, why), `Warn` adds a warning, `Audit` only logs.
+//! Where a covering policy says `pinDigest`, a Pod's image must name the digest that verified
+//! (the mutating hook pins it; this hook checks that it did). A workload whose images all verify
+//! at creation has their digests remembered for the pods it will own.
 
 use std::{collections::BTreeMap, sync::Arc, time::Instant};
 
 use kube::core::{
     DynamicObject,
-    admission::{AdmissionRequest, AdmissionResponse},
+    admission::{AdmissionRequest, AdmissionResponse, Operation},
 };
 use palisade_api::image_policy::EnforcementMode;
 
 use super::{
-    check::{ImageVerifier, Scope},
+    check::{ImageVerifier, OwnerKey, Scope},
     policy::CompiledImagePolicy,
+    reference,
 };
 use crate::decide::Verdict;
 
@@ -36,14 +38,20 @@ pub async fn check_pod(
         return (resp, verdict);
     }
     let namespace = req.namespace.clone().unwrap_or_default();
-    let scope = scope_of(req, std::mem::take(&mut verdict.pull_secrets));
+    let mut scope = scope_of(req, std::mem::take(&mut verdict.pull_secrets));
+    scope.images = std::mem::take(&mut verdict.all_images);
+    let is_pod = req.kind.kind == "Pod";
     let mut denials = Vec::new();
     let mut warnings = Vec::new();
     // Image → verified digest, kept only while every covering policy is satisfied.
     let mut template_digests: Option<BTreeMap<String, String>> = Some(BTreeMap::new());
     for (image, users) in &seen {
+        // The decision refused references that do not parse before this point.
+        let Ok(parsed) = reference::parse(image) else {
+            continue;
+        };
         let verdicts = verifier
-            .check(image, labels, policies, &scope, deadline)
+            .check(&parsed, image, labels, policies, &scope, deadline)
             .await;
         if let Some(v) = verdicts.first().and_then(|v| v.digest.clone())
             && verdicts.iter().all(|v| v.outcome.is_ok())
@@ -54,7 +62,21 @@ pub async fn check_pod(
             template_digests = None;
         }
         for v in verdicts {
-            let Err(why) = v.outcome else { continue };
+            let outcome = match v.outcome {
+                // A Pod runs what its reference names: a tag verified now may move before the
+                // kubelet pulls it.
+                Ok(()) if is_pod && v.pin_digest && parsed.digest.is_none() => Err(format!(
+                    "{image} is not pinned to the digest that verified{}: the mutating webhook \
+                     pins it (is it registered for pods and pods/ephemeralcontainers?), or \
+                     write the image by digest",
+                    v.digest
+                        .as_deref()
+                        .map(|d| format!(" ({d})"))
+                        .unwrap_or_default()
+                )),
+                other => other,
+            };
+            let Err(why) = outcome else { continue };
             verdict.rules.push(format!("image-signature/{}", v.policy));
             let text = format!(
                 "{}: image policy {} not satisfied: {why}",
@@ -71,14 +93,26 @@ pub async fn check_pod(
             }
         }
     }
-    // A workload's template (never a pod: pods own nothing) that verified in full.
-    if req.kind.kind != "Pod"
-        && let (Some(uid), Some(digests)) = (
-            req.object.as_ref().and_then(|o| o.metadata.uid.as_deref()),
-            template_digests,
+    // A workload's template (never a pod: pods own nothing) that verified in full when it was
+    // created for real (a dry run leaves no object behind to own anything).
+    if !is_pod
+        && req.operation == Operation::Create
+        && !req.dry_run
+        && let (Some(object), Some(digests)) = (req.object.as_ref(), template_digests)
+        && let (Some(uid), Some(name)) = (
+            object.metadata.uid.as_deref(),
+            object.metadata.name.as_deref(),
         )
     {
-        verifier.remember_template(uid, digests);
+        verifier.remember_template(
+            OwnerKey {
+                namespace: namespace.clone(),
+                kind: req.kind.kind.clone(),
+                name: name.to_owned(),
+                uid: uid.to_owned(),
+            },
+            digests,
+        );
     }
     if !warnings.is_empty() {
         resp.warnings.get_or_insert_with(Vec::new).extend(warnings);
@@ -101,19 +135,22 @@ pub async fn check_pod(
     (resp, verdict)
 }
 
-/// The scope of the admitted object: its namespace, pull secrets and controlling owner.
+/// The scope of the admitted object: its namespace, pull secrets and controlling owner (in its
+/// own namespace, as ownerReferences always are).
 pub fn scope_of(req: &AdmissionRequest<DynamicObject>, pull_secrets: Vec<String>) -> Scope {
+    let namespace = req.namespace.as_deref().unwrap_or_default();
     let owner = req.object.as_ref().and_then(|o| {
         o.metadata
             .owner_references
             .iter()
             .flatten()
             .find(|r| r.controller == Some(true))
-            .map(|r| r.uid.clone())
+            .map(|r| OwnerKey {
+                namespace: namespace.to_owned(),
+                kind: r.kind.clone(),
+                name: r.name.clone(),
+                uid: r.uid.clone(),
+            })
     });
-    Scope::new(
-        req.namespace.as_deref().unwrap_or_default(),
-        pull_secrets,
-        owner,
-    )
+    Scope::new(namespace, pull_secrets, owner)
 }

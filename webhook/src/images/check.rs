@@ -1,15 +1,23 @@
-//! Admission-time image checks: for each container image the ImagePolicies covering it, the
-//! digest, the signature and attestation layers (fetched once per digest, shared by concurrent
-//! requests), and a verdict per policy, cached by (digest, policy, generation): verified results
-//! for `ttl`, failed ones for `negative_ttl`; registry errors are never cached.
+//! Admission-time image checks: for each container image the ImagePolicies covering it (matched
+//! on the canonical reference, see [`super::reference`]), the digest, the signature and
+//! attestation layers (fetched once per repository, digest and credential scope, shared by
+//! concurrent requests), and a verdict per policy.
+//!
+//! Verdicts are cached by everything that determined them: the canonical repository, the
+//! digest, the credential scope (anonymous, or the namespace and pull secrets the registry was
+//! read with), and the policy's fingerprint (uid, generation and the key material it was
+//! compiled with). Verified results live for `ttl`, failed ones for `negative_ttl`; registry
+//! errors are never cached, nor is "no signature found" for a digest this scope did not resolve
+//! itself (a repository that does not exist says nothing about the same digest elsewhere).
 //!
 //! Registries are read with the credentials of the pod's `imagePullSecrets` (read only when a
 //! registry call is needed). A workload whose template verified records the digests its tags
-//! resolved to, by its uid; a pod that workload owns and that runs the same images uses those
-//! digests instead of resolving the tags again, so a ReplicaSet's pods cost no registry call.
+//! resolved to, under its namespace, kind, name and uid; a pod whose controller is that workload
+//! and whose images are all among the template's uses those digests instead of resolving the
+//! tags again, so a ReplicaSet's pods cost no registry call.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -23,6 +31,7 @@ use palisade_api::image_policy::EnforcementMode;
 
 use super::{
     policy::{CompiledImagePolicy, predicate_allowed},
+    reference::ImageRef,
     registry::{Registry, RegistryError, registry_auth},
     verify::{Layer, verify_attestations, verify_signatures},
 };
@@ -36,8 +45,21 @@ struct Fetched {
 
 type FetchResult = Arc<Result<Fetched, RegistryError>>;
 
-/// (digest, policy name, policy generation).
-type CacheKey = (String, String, i64);
+/// (canonical repository, digest, credential scope, policy fingerprint).
+type CacheKey = (String, String, String, String);
+
+/// The workload that owns a pod: its namespace, kind, name and uid.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct OwnerKey {
+    /// Namespace (the pod's own: owners are never in another namespace).
+    pub namespace: String,
+    /// Kind (`ReplicaSet`, `Job`, ...).
+    pub kind: String,
+    /// Name.
+    pub name: String,
+    /// Uid.
+    pub uid: String,
+}
 
 /// A cached verdict and when it expires.
 type Cached = (Instant, Result<(), String>);
@@ -93,21 +115,37 @@ pub struct Scope {
     pub namespace: String,
     /// Names of its `imagePullSecrets`.
     pub pull_secrets: Vec<String>,
-    /// Uid of the workload that owns it (its controller), for template-verified digests.
-    pub owner_uid: Option<String>,
+    /// The workload that controls it, for template-verified digests.
+    pub owner: Option<OwnerKey>,
+    /// Every image of the object as written: a template's digests are used only when it lists
+    /// all of them.
+    pub images: std::collections::BTreeSet<String>,
     /// The pull secrets' docker configs, read at the first registry call.
     configs: tokio::sync::OnceCell<Result<DockerConfigs, String>>,
 }
 
 impl Scope {
     /// A scope for an object in `namespace`.
-    pub fn new(namespace: &str, pull_secrets: Vec<String>, owner_uid: Option<String>) -> Self {
+    pub fn new(namespace: &str, pull_secrets: Vec<String>, owner: Option<OwnerKey>) -> Self {
         Scope {
             namespace: namespace.to_owned(),
             pull_secrets,
-            owner_uid,
+            owner,
+            images: std::collections::BTreeSet::new(),
             configs: tokio::sync::OnceCell::new(),
         }
+    }
+
+    /// Which credentials registry reads are made with, as part of cache keys: anonymous, or
+    /// this namespace's pull secrets (so no tenant's answer is reused for another).
+    pub fn credential_scope(&self) -> String {
+        if self.pull_secrets.is_empty() {
+            return "anonymous".to_owned();
+        }
+        let mut names = self.pull_secrets.clone();
+        names.sort();
+        names.dedup();
+        format!("{}/{}", self.namespace, names.join(","))
     }
 
     /// The credentials for `registry`: those of the first pull secret that has any, else
@@ -157,8 +195,8 @@ impl Scope {
     }
 }
 
-/// Digests a workload's template verified at: owner uid → (until, image → digest).
-type TemplateDigests = HashMap<String, (Instant, BTreeMap<String, String>)>;
+/// Digests a workload's template verified at: owner → (until, image → digest).
+type TemplateDigests = HashMap<OwnerKey, (Instant, BTreeMap<String, String>)>;
 
 /// The verifier shared by all requests.
 pub struct ImageVerifier {
@@ -192,26 +230,31 @@ impl ImageVerifier {
         self
     }
 
-    /// Records that the template of the workload `uid` verified with `digests`
+    /// Records that the template of workload `owner` verified with `digests`
     /// (image as written → digest), for the pods it will own.
-    pub fn remember_template(&self, uid: &str, digests: BTreeMap<String, String>) {
+    pub fn remember_template(&self, owner: OwnerKey, digests: BTreeMap<String, String>) {
         if digests.is_empty() {
             return;
         }
-        if let Ok(mut templates) = self.templates.lock() {
-            let now = Instant::now();
-            if templates.len() > 10_000 {
-                templates.retain(|_, (until, _)| *until > now);
-            }
-            templates.insert(uid.to_owned(), (now + self.ttl, digests));
+        let mut templates = lock(&self.templates);
+        let now = Instant::now();
+        if templates.len() > 10_000 {
+            templates.retain(|_, (until, _)| *until > now);
         }
+        templates.insert(owner, (now + self.ttl, digests));
     }
 
-    /// The digest the owner's template verified `image` at, while remembered.
-    fn template_digest(&self, owner: Option<&str>, image: &str) -> Option<String> {
-        let templates = self.templates.lock().ok()?;
-        let (until, digests) = templates.get(owner?)?;
-        (*until > Instant::now())
+    /// The digest the owner's template verified `image` at, while remembered, when that
+    /// template lists every image of the pod.
+    fn template_digest(&self, scope: &Scope, image: &str) -> Option<String> {
+        let owner = scope.owner.as_ref()?;
+        if owner.namespace != scope.namespace {
+            return None;
+        }
+        let templates = lock(&self.templates);
+        let (until, digests) = templates.get(owner)?;
+        let lists_all = scope.images.iter().all(|i| digests.contains_key(i));
+        (*until > Instant::now() && lists_all)
             .then(|| digests.get(image).cloned())
             .flatten()
     }
@@ -222,7 +265,7 @@ impl ImageVerifier {
     }
 
     fn cached(&self, key: &CacheKey) -> Option<Result<(), String>> {
-        let cache = self.cache.lock().ok()?;
+        let cache = lock(&self.cache);
         cache
             .get(key)
             .filter(|(until, _)| *until > Instant::now())
@@ -235,13 +278,12 @@ impl ImageVerifier {
         } else {
             self.negative_ttl
         };
-        if let Ok(mut cache) = self.cache.lock() {
-            let now = Instant::now();
-            if cache.len() > 10_000 {
-                cache.retain(|_, (until, _)| *until > now);
-            }
-            cache.insert(key, (now + ttl, outcome.clone()));
+        let mut cache = lock(&self.cache);
+        let now = Instant::now();
+        if cache.len() > 10_000 {
+            cache.retain(|_, (until, _)| *until > now);
         }
+        cache.insert(key, (now + ttl, outcome.clone()));
     }
 
     /// The layers of `digest` (attestations only `with_atts`), fetched once however many
@@ -249,19 +291,14 @@ impl ImageVerifier {
     async fn fetch(
         &self,
         reference: &Reference,
-        digest: &str,
+        (repository, digest, credentials): (&str, &str, &str),
         auth: &RegistryAuth,
         deadline: Instant,
         with_atts: bool,
     ) -> FetchResult {
-        let key = format!("{digest} {with_atts}");
+        let key = format!("{repository}@{digest} {credentials} {with_atts}");
         let shared = {
-            let Ok(mut inflight) = self.inflight.lock() else {
-                return Arc::new(Err(RegistryError::Failed {
-                    registry: String::new(),
-                    why: "internal lock poisoned".into(),
-                }));
-            };
+            let mut inflight = lock(&self.inflight);
             inflight
                 .entry(key.clone())
                 .or_insert_with(|| {
@@ -299,9 +336,7 @@ impl ImageVerifier {
                 .clone()
         };
         let out = shared.await;
-        if let Ok(mut inflight) = self.inflight.lock() {
-            inflight.remove(&key);
-        }
+        lock(&self.inflight).remove(&key);
         out
     }
 
@@ -309,7 +344,8 @@ impl ImageVerifier {
     /// empty (and no registry call) when none does.
     pub async fn check(
         &self,
-        image: &str,
+        image: &ImageRef,
+        as_written: &str,
         labels: &BTreeMap<String, String>,
         policies: &[Arc<CompiledImagePolicy>],
         scope: &Scope,
@@ -328,33 +364,37 @@ impl ImageVerifier {
                 .map(|p| PolicyVerdict::of(p, Err(why.clone()), None))
                 .collect()
         };
-        // A digest reference is checked against the cache before anything is parsed or
-        // fetched; a tag is resolved at the registry every time (tags move), unless the pod's
-        // owner verified its template at a digest for it.
+        let credentials = scope.credential_scope();
+        let key = |digest: &str, p: &CompiledImagePolicy| -> CacheKey {
+            (
+                image.repository.clone(),
+                digest.to_owned(),
+                credentials.clone(),
+                p.fingerprint.clone(),
+            )
+        };
+        // A digest reference is checked against the cache before anything is fetched; a tag is
+        // resolved at the registry every time (tags move), unless the pod's owner verified its
+        // template at a digest for it.
         let pinned = image
-            .split_once('@')
-            .map(|(_, d)| d.to_owned())
-            .filter(|d| d.starts_with("sha256:"))
-            .or_else(|| self.template_digest(scope.owner_uid.as_deref(), image));
+            .digest
+            .clone()
+            .or_else(|| self.template_digest(scope, as_written));
         if let Some(digest) = &pinned {
             let hits: Option<Vec<PolicyVerdict>> = covering
                 .iter()
                 .map(|p| {
-                    self.cached(&(digest.clone(), p.name.clone(), p.generation))
-                        .map(|outcome| {
-                            let outcome = outcome.map_err(|why| format!("{image}: {why}"));
-                            PolicyVerdict::of(p, outcome, Some(digest))
-                        })
+                    self.cached(&key(digest, p)).map(|outcome| {
+                        let outcome = outcome.map_err(|why| format!("{as_written}: {why}"));
+                        PolicyVerdict::of(p, outcome, Some(digest))
+                    })
                 })
                 .collect();
             if let Some(hits) = hits {
                 return hits;
             }
         }
-        let reference: Reference = match image.parse() {
-            Ok(r) => r,
-            Err(_) => return fail_all(format!("image reference {image:?} does not parse")),
-        };
+        let reference = &image.reference;
         let auth = match scope
             .auth(self.pull_secrets.as_deref(), reference.resolve_registry())
             .await
@@ -362,10 +402,10 @@ impl ImageVerifier {
             Ok(a) => a,
             Err(e) => return fail_all(e),
         };
-        let (reference, digest) = match &pinned {
-            Some(d) => (reference.clone_with_digest(d.clone()), d.clone()),
-            None => match self.registry.digest_of(&reference, &auth, deadline).await {
-                Ok(d) => (reference, d),
+        let (reference, digest, resolved_here) = match &pinned {
+            Some(d) => (reference.clone_with_digest(d.clone()), d.clone(), false),
+            None => match self.registry.digest_of(reference, &auth, deadline).await {
+                Ok(d) => (reference.clone(), d, true),
                 Err(e) => return fail_all(format!("cannot resolve the image digest: {e}")),
             },
         };
@@ -373,7 +413,7 @@ impl ImageVerifier {
         let mut out = Vec::new();
         let mut fetched: Option<FetchResult> = None;
         for p in covering {
-            let key = (digest.clone(), p.name.clone(), p.generation);
+            let key = key(&digest, p);
             let outcome = if let Some(hit) = self.cached(&key) {
                 hit
             } else {
@@ -382,7 +422,13 @@ impl ImageVerifier {
                     Arc::clone(f)
                 } else {
                     let f = self
-                        .fetch(&reference, &digest, &auth, deadline, with_atts)
+                        .fetch(
+                            &reference,
+                            (&image.repository, &digest, &credentials),
+                            &auth,
+                            deadline,
+                            with_atts,
+                        )
                         .await;
                     fetched = Some(Arc::clone(&f));
                     f
@@ -390,39 +436,59 @@ impl ImageVerifier {
                 match &*layers {
                     Ok(layers) => {
                         let outcome = evaluate(p, &digest, layers);
-                        self.remember(key, &outcome);
+                        // "No signature at all" for a digest nobody resolved here may only mean
+                        // the repository named does not exist: not an answer to keep.
+                        if outcome.is_ok() || resolved_here || !layers.sigs.is_empty() {
+                            self.remember(key, &outcome);
+                        }
                         outcome
                     }
                     Err(e) => Err(format!("cannot fetch signatures: {e}")),
                 }
             };
-            let outcome = outcome.map_err(|why| format!("{image} ({digest}): {why}"));
+            let outcome = outcome.map_err(|why| format!("{as_written} ({digest}): {why}"));
             out.push(PolicyVerdict::of(p, outcome, Some(&digest)));
         }
         out
     }
 }
 
+/// The guarded value even if another thread panicked while holding the lock: every map here
+/// stays consistent between statements, and an empty answer would fail open.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Whether `layers` satisfy policy `p` for `digest`: enough authorities verify the signature,
-/// and every attestation requirement is met by an attestation one of them signed.
+/// each by a signer of its own (one key or identity never counts for two authorities), and
+/// every attestation requirement is met by an attestation one of them signed.
 fn evaluate(p: &CompiledImagePolicy, digest: &str, layers: &Fetched) -> Result<(), String> {
     let mut why = Vec::new();
     let mut verified = Vec::new();
+    let mut signers_of = Vec::new();
     for a in &p.authorities {
         match &a.signer {
             Err(e) => why.push(format!("authority {}: not loaded: {e}", a.name)),
             Ok(signer) => match verify_signatures(&layers.sigs, digest, signer) {
-                Ok(()) => verified.push(signer),
+                Ok(who) => {
+                    verified.push(signer);
+                    signers_of.push(who);
+                }
                 Err(e) => why.push(format!("authority {}: {e}", a.name)),
             },
         }
     }
     let needed = p.needed();
-    if verified.len() < needed {
+    let distinct = distinct_signers(&signers_of);
+    if distinct < needed {
+        if verified.len() > distinct {
+            why.push(format!(
+                "{} authorities verified, but by {distinct} distinct signer(s)",
+                verified.len()
+            ));
+        }
         return Err(format!(
-            "{} of {} required authorities verified: {}",
-            verified.len(),
-            needed,
+            "{distinct} of {needed} required authorities verified: {}",
             why.join("; ")
         ));
     }
@@ -461,4 +527,69 @@ fn evaluate(p: &CompiledImagePolicy, digest: &str, layers: &Fetched) -> Result<(
         }
     }
     Ok(())
+}
+
+/// The largest number of authorities that can each be given a signer of their own, from the
+/// signers each one accepted (a maximum bipartite matching; there are a handful of each).
+fn distinct_signers(signers_of: &[BTreeSet<String>]) -> usize {
+    fn assign(
+        a: usize,
+        signers_of: &[BTreeSet<String>],
+        owner: &mut HashMap<String, usize>,
+        seen: &mut BTreeSet<String>,
+    ) -> bool {
+        for s in &signers_of[a] {
+            if !seen.insert(s.clone()) {
+                continue;
+            }
+            let free = match owner.get(s) {
+                None => true,
+                Some(&other) => assign(other, signers_of, owner, seen),
+            };
+            if free {
+                owner.insert(s.clone(), a);
+                return true;
+            }
+        }
+        false
+    }
+    let mut owner = HashMap::new();
+    (0..signers_of.len())
+        .filter(|&a| assign(a, signers_of, &mut owner, &mut BTreeSet::new()))
+        .count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(items: &[&str]) -> BTreeSet<String> {
+        items.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn one_signer_counts_once_however_many_authorities_accept_it() {
+        assert_eq!(distinct_signers(&[set(&["k"]), set(&["k"])]), 1);
+        assert_eq!(distinct_signers(&[set(&["k1"]), set(&["k2"])]), 2);
+        // Authority 0 accepts both; authority 1 only k1: both can be satisfied.
+        assert_eq!(distinct_signers(&[set(&["k1", "k2"]), set(&["k1"])]), 2);
+        assert_eq!(
+            distinct_signers(&[set(&["a"]), set(&["a", "b"]), set(&["b"])]),
+            2
+        );
+        assert_eq!(distinct_signers(&[]), 0);
+    }
+
+    #[test]
+    fn credential_scopes_separate_namespaces_and_secrets() {
+        let anon = Scope::new("a", vec![], None);
+        let a = Scope::new("a", vec!["pull".into()], None);
+        let b = Scope::new("b", vec!["pull".into()], None);
+        assert_eq!(anon.credential_scope(), "anonymous");
+        assert_ne!(a.credential_scope(), b.credential_scope());
+        assert_eq!(
+            Scope::new("a", vec!["y".into(), "x".into()], None).credential_scope(),
+            Scope::new("a", vec!["x".into(), "y".into(), "x".into()], None).credential_scope()
+        );
+    }
 }

@@ -6,5 +6,6 @@ pub mod admit;
 pub mod check;
 pub mod pin;
 pub mod policy;
+pub mod reference;
 pub mod registry;
 pub mod verify;

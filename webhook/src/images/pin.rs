@@ -1,9 +1,16 @@
-//! `pinDigest`: the mutating hook rewrites a new Pod's images to the digests that were verified
-//! (`repo:tag@sha256:…`) and records them in the annotation `palisade.dev/verified-digests`.
-//! Only Pods are rewritten, so Deployments and other workloads stay as written in Git and a
-//! GitOps tool sees no drift; the validating hook then finds the pinned digests in its cache.
+//! `pinDigest`: the mutating hook rewrites a Pod's images to the digests that were verified
+//! (`repo:tag@sha256:…`) and records them in the annotation `palisade.dev/verified-digests`:
+//! on CREATE every image, on UPDATE (an image swap, or a new ephemeral container through
+//! `pods/ephemeralcontainers`) the images the update adds. Only Pods are rewritten, so
+//! Deployments and other workloads stay as written in Git and a GitOps tool sees no drift; the
+//! validating hook refuses a covered image that is not pinned, so a pin that could not be made
+//! never runs a moving tag.
 
-use std::{collections::BTreeMap, sync::Arc, time::Instant};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+    time::Instant,
+};
 
 use kube::core::{
     DynamicObject,
@@ -11,17 +18,17 @@ use kube::core::{
 };
 use serde_json::{Value, json};
 
-use super::{admit::scope_of, check::ImageVerifier, policy::CompiledImagePolicy};
+use super::{admit::scope_of, check::ImageVerifier, policy::CompiledImagePolicy, reference};
 use crate::{
     config::Config,
-    pods::{ContainerKind, containers, pull_secrets},
+    pods::{image_uses, pull_secrets},
     workload::pod_of,
 };
 
 /// Annotation holding the verified digests, `{"image as written": "sha256:…"}`.
 pub const ANNOTATION: &str = "palisade.dev/verified-digests";
 
-/// JSON Patch operations pinning the verified images of a new Pod; empty when nothing is to be
+/// JSON Patch operations pinning the verified images of a Pod; empty when nothing is to be
 /// pinned (no policy asks, or verification failed: the validating hook refuses those).
 pub async fn pin_ops(
     verifier: &ImageVerifier,
@@ -33,34 +40,54 @@ pub async fn pin_ops(
 ) -> Vec<Value> {
     let namespace = req.namespace.clone().unwrap_or_default();
     if req.kind.kind != "Pod"
-        || req.operation != Operation::Create
+        || !matches!(req.operation, Operation::Create | Operation::Update)
+        || matches!(req.sub_resource.as_deref(), Some("status" | "scale"))
         || config.exempt_namespaces.contains(&namespace)
         || !policies.iter().any(|p| p.policy.spec.pin_digest)
     {
         return Vec::new();
     }
-    let Some(object) = &req.object else {
+    let view = |o: &DynamicObject| {
+        serde_json::to_value(o)
+            .ok()
+            .and_then(|v| pod_of("Pod", &v).ok().flatten())
+    };
+    let Some(pod) = req.object.as_ref().and_then(view) else {
         return Vec::new();
     };
-    let Some(pod) = serde_json::to_value(object)
-        .ok()
-        .and_then(|v| pod_of("Pod", &v).ok().flatten())
-    else {
-        return Vec::new();
-    };
-    let scope = scope_of(req, pull_secrets(&pod.spec));
+    let old_images: BTreeSet<String> = req
+        .old_object
+        .as_ref()
+        .and_then(view)
+        .map(|o| {
+            image_uses(&o.spec)
+                .into_iter()
+                .map(|u| u.image.to_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut scope = scope_of(req, pull_secrets(&pod.spec));
+    scope.images = image_uses(&pod.spec)
+        .into_iter()
+        .map(|u| u.image.to_owned())
+        .collect();
     let mut ops = Vec::new();
     let mut pinned: BTreeMap<String, String> = BTreeMap::new();
-    // Ephemeral containers arrive through their own subresource, never in a Pod create.
-    for c in containers(&pod.spec).filter(|c| c.kind != ContainerKind::Ephemeral) {
-        let Some(image) = c.image.filter(|i| !i.contains('@')) else {
+    for u in image_uses(&pod.spec) {
+        if old_images.contains(u.image) {
+            continue;
+        }
+        let Ok(parsed) = reference::parse(u.image) else {
             continue;
         };
-        let digest = if let Some(d) = pinned.get(image) {
+        if parsed.digest.is_some() {
+            continue;
+        }
+        let digest = if let Some(d) = pinned.get(u.image) {
             Some(d.clone())
         } else {
             let verdicts = verifier
-                .check(image, labels, policies, &scope, deadline)
+                .check(&parsed, u.image, labels, policies, &scope, deadline)
                 .await;
             let all_ok = !verdicts.is_empty() && verdicts.iter().all(|v| v.outcome.is_ok());
             let wanted = verdicts.iter().any(|v| v.pin_digest);
@@ -71,16 +98,23 @@ pub async fn pin_ops(
         };
         if let Some(digest) = digest {
             ops.push(json!({"op": "replace",
-                            "path": format!("/spec/{}/{}/image", c.kind.field(), c.index),
-                            "value": format!("{image}@{digest}")}));
-            pinned.insert(image.to_owned(), digest);
+                            "path": format!("/spec{}", u.pointer),
+                            "value": format!("{}@{digest}", u.image)}));
+            pinned.insert(u.image.to_owned(), digest);
         }
     }
     if pinned.is_empty() {
         return ops;
     }
-    let record = serde_json::to_string(&pinned).unwrap_or_default();
-    // A Pod without annotations gets the map; otherwise the key is added to it.
+    // Digests pinned earlier (an update) stay recorded beside the new ones.
+    let mut record: BTreeMap<String, String> = pod
+        .annotations
+        .get(ANNOTATION)
+        .and_then(|r| serde_json::from_str(r).ok())
+        .unwrap_or_default();
+    record.extend(pinned);
+    let record = serde_json::to_string(&record).unwrap_or_default();
+    // A Pod without annotations gets the map; otherwise the key is set in it.
     if pod.annotations.is_empty() {
         ops.push(
             json!({"op": "add", "path": "/metadata/annotations", "value": {ANNOTATION: record}}),

@@ -8,6 +8,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use palisade_api::{
     ImagePolicy, ImagePolicyStatus,
     common::{Cond, build},
+    glob::ImageGlob,
     image_policy::{
         AuthorityStatus, ConfigMapKeySelector, EnforcementMode, Keyless, PredicatePolicy,
         Requirement, SecretKeySelector, TransparencyLog,
@@ -15,7 +16,10 @@ use palisade_api::{
 };
 use regorus::{CompiledPolicy, Engine, Value};
 
-use super::verify::{IdentityMatcher, Matcher, Signer};
+use super::{
+    reference::{ImageRef, canonical_glob},
+    verify::{IdentityMatcher, Matcher, Signer},
+};
 use crate::identity::selects;
 
 /// The rule a predicate policy must define.
@@ -47,8 +51,13 @@ pub struct LoadedAttestation {
 pub struct CompiledImagePolicy {
     /// Name.
     pub name: String,
-    /// `metadata.generation`, part of cache keys.
+    /// `metadata.generation`.
     pub generation: i64,
+    /// What its verdicts depend on: uid, generation and the key material it was compiled
+    /// with, so a rotated key or trust root invalidates what the old one verified at once.
+    pub fingerprint: String,
+    /// Its image globs in canonical form (see [`super::reference::canonical_glob`]).
+    pub globs: Vec<ImageGlob>,
     /// The policy as written.
     pub policy: ImagePolicy,
     /// Authorities.
@@ -61,6 +70,28 @@ impl CompiledImagePolicy {
     /// Compiles `policy`, reading referenced Secrets and ConfigMaps through `material` (see
     /// [`material_refs`]; `None`: not fetched yet).
     pub fn compile(policy: &ImagePolicy, material: MaterialLookup<'_>) -> Self {
+        // Every lookup (and its outcome) goes into the fingerprint.
+        let seen = std::cell::RefCell::new(Vec::<u8>::new());
+        let recording = |r: &str| {
+            let v = material(r);
+            let mut seen = seen.borrow_mut();
+            seen.extend_from_slice(r.as_bytes());
+            match &v {
+                Some(Ok(bytes)) => {
+                    seen.extend_from_slice(b"\x00ok\x00");
+                    seen.extend_from_slice(&(bytes.len() as u64).to_be_bytes());
+                    seen.extend_from_slice(bytes);
+                }
+                Some(Err(e)) => {
+                    seen.extend_from_slice(b"\x00err\x00");
+                    seen.extend_from_slice(e.as_bytes());
+                }
+                None => seen.extend_from_slice(b"\x00unread\x00"),
+            }
+            seen.push(0);
+            v
+        };
+        let material: MaterialLookup<'_> = &recording;
         let authorities = policy
             .spec
             .authorities
@@ -104,24 +135,38 @@ impl CompiledImagePolicy {
                 },
             })
             .collect();
+        let generation = policy.metadata.generation.unwrap_or_default();
+        let mut hashed = ring::digest::Context::new(&ring::digest::SHA256);
+        hashed.update(
+            policy
+                .metadata
+                .uid
+                .as_deref()
+                .unwrap_or_default()
+                .as_bytes(),
+        );
+        hashed.update(&generation.to_be_bytes());
+        hashed.update(&seen.borrow());
+        let fingerprint = hex(hashed.finish().as_ref());
         CompiledImagePolicy {
             name: policy.metadata.name.clone().unwrap_or_default(),
-            generation: policy.metadata.generation.unwrap_or_default(),
+            generation,
+            fingerprint,
+            globs: policy
+                .spec
+                .images
+                .iter()
+                .map(|i| canonical_glob(&i.glob))
+                .collect(),
             policy: policy.clone(),
             authorities,
             attestations,
         }
     }
 
-    /// Whether the policy covers `image` (a reference as written in the pod) in a namespace with
-    /// `labels`.
-    pub fn covers(&self, image: &str, labels: &BTreeMap<String, String>) -> bool {
-        let repo = repository_of(image);
-        self.policy
-            .spec
-            .images
-            .iter()
-            .any(|p| p.glob.matches(&repo))
+    /// Whether the policy covers `image` in a namespace with `labels`.
+    pub fn covers(&self, image: &ImageRef, labels: &BTreeMap<String, String>) -> bool {
+        self.globs.iter().any(|g| g.matches(&image.repository))
             && self
                 .policy
                 .spec
@@ -303,45 +348,21 @@ pub fn predicate_allowed(
     Ok(out == Value::Bool(true))
 }
 
-/// `registry/repo` of an image reference, without tag or digest, with Docker Hub's implicit
-/// parts made explicit (`nginx` → `docker.io/library/nginx`), as policies' globs are written.
-pub fn repository_of(image: &str) -> String {
-    let without_digest = image.split('@').next().unwrap_or(image);
-    // A tag is a `:` after the last `/` (a `:` before it belongs to a registry port).
-    let without_tag = match without_digest.rfind(':') {
-        Some(i) if !without_digest[i..].contains('/') => &without_digest[..i],
-        _ => without_digest,
-    };
-    let first = without_tag.split('/').next().unwrap_or_default();
-    let has_registry = without_tag.contains('/')
-        && (first.contains('.') || first.contains(':') || first == "localhost");
-    if has_registry {
-        without_tag.to_owned()
-    } else if without_tag.contains('/') {
-        format!("docker.io/{without_tag}")
-    } else {
-        format!("docker.io/library/{without_tag}")
-    }
+/// Lower-case hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes.iter().fold(String::new(), |mut out, b| {
+        let _ = write!(out, "{b:02x}");
+        out
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn repositories_drop_tags_and_digests_and_name_docker_hub() {
-        assert_eq!(repository_of("nginx"), "docker.io/library/nginx");
-        assert_eq!(repository_of("nginx:1.27"), "docker.io/library/nginx");
-        assert_eq!(repository_of("bitnami/redis:7"), "docker.io/bitnami/redis");
-        assert_eq!(
-            repository_of("registry.example.com/shop/app:v1"),
-            "registry.example.com/shop/app"
-        );
-        assert_eq!(
-            repository_of("127.0.0.1:5000/shop/app@sha256:abc"),
-            "127.0.0.1:5000/shop/app"
-        );
-        assert_eq!(repository_of("localhost/app:1"), "localhost/app");
+    fn img(s: &str) -> ImageRef {
+        super::super::reference::parse(s).expect("reference")
     }
 
     #[test]
@@ -377,7 +398,7 @@ mod tests {
                 .as_ref()
                 .is_err_and(|e| e.contains("does not parse"))
         );
-        assert!(c.covers("registry.example.com/shop/app:v1", &BTreeMap::new()));
+        assert!(c.covers(&img("registry.example.com/shop/app:v1"), &BTreeMap::new()));
         let now = Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
         let status = c.status(&ImagePolicyStatus::default(), &now);
         assert_eq!(status.common.observed_generation, Some(3));
@@ -403,7 +424,7 @@ mod tests {
             c.status(&status, &Time(k8s_openapi::jiff::Timestamp::MAX)),
             status
         );
-        assert!(!c.covers("registry.example.com/other/app:v1", &BTreeMap::new()));
+        assert!(!c.covers(&img("registry.example.com/other/app:v1"), &BTreeMap::new()));
     }
 
     #[test]
@@ -469,7 +490,7 @@ mod tests {
             );
         }
         assert!(c.covers(
-            "registry.example.com/shop/orders:1.4.2",
+            &img("registry.example.com/shop/orders:1.4.2"),
             &BTreeMap::from([("kubernetes.io/metadata.name".into(), "shop".into())])
         ));
     }

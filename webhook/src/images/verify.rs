@@ -16,7 +16,7 @@
 //!   the layer annotations that chains to a configured CA, carries the code-signing usage and the
 //!   expected issuer and subject.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use base64::{Engine as _, engine::general_purpose::STANDARD as B64};
 use rustls_pki_types::{CertificateDer, SubjectPublicKeyInfoDer, UnixTime, pem::PemObject};
@@ -129,13 +129,15 @@ impl Signer {
     }
 
     /// Whether `sig` over `msg` was made by this signer, using the layer's certificate
-    /// annotations for keyless signers. `Err` says why not.
+    /// annotations for keyless signers: `Ok` names who signed (the key, or the certificate's
+    /// issuer and subject), so that two authorities naming the same key or overlapping
+    /// identities are not both satisfied by one signer. `Err` says why not.
     fn check(
         &self,
         annotations: &BTreeMap<String, String>,
         msg: &[u8],
         sig: &[u8],
-    ) -> Result<(), String> {
+    ) -> Result<String, String> {
         match self {
             Signer::Key(pem) => {
                 let spki =
@@ -143,7 +145,8 @@ impl Signer {
                 let key =
                     webpki::RawPublicKeyEntity::try_from(&spki).map_err(|e| format!("{e:?}"))?;
                 key.verify_signature(webpki::ring::ECDSA_P256_SHA256, msg, sig)
-                    .map_err(|_| "signature does not verify with the key".to_owned())
+                    .map_err(|_| "signature does not verify with the key".to_owned())?;
+                Ok(format!("key {}", B64.encode(spki.as_ref())))
             }
             Signer::Keyless { roots, identities } => {
                 keyless(annotations, roots, identities, msg, sig)
@@ -177,7 +180,7 @@ fn keyless(
     identities: &[IdentityMatcher],
     msg: &[u8],
     sig: &[u8],
-) -> Result<(), String> {
+) -> Result<String, String> {
     let leaf_pem = annotations
         .get(CERTIFICATE_ANNOTATION)
         .ok_or("no signing certificate (not a keyless signature)")?;
@@ -243,7 +246,8 @@ fn keyless(
         ));
     }
     ee.verify_signature(webpki::ring::ECDSA_P256_SHA256, msg, sig)
-        .map_err(|_| "signature does not verify with the certificate's key".to_owned())
+        .map_err(|_| "signature does not verify with the certificate's key".to_owned())?;
+    Ok(format!("identity {issuer} {subject}"))
 }
 
 #[derive(Deserialize)]
@@ -337,17 +341,19 @@ pub fn bundle_layer(blob: &[u8]) -> Result<Layer, String> {
     })
 }
 
-/// Whether some signature — a `.sig` layer, or a bundle's signed statement — was made by
-/// `signer` and names `digest`. `Err` explains, per layer, why none did.
+/// The signers whose signature — a `.sig` layer, or a bundle's signed statement — names
+/// `digest`: each named once however many signatures it made (see [`Signer::check`]). `Err`
+/// explains, per layer, why none did.
 pub fn verify_signatures(
     layers: &[Layer],
     digest: &str,
     signer: &Signer,
-) -> Result<(), VerifyError> {
+) -> Result<BTreeSet<String>, VerifyError> {
     let mut why = Vec::new();
+    let mut signers = BTreeSet::new();
     if layers.iter().any(|l| l.media_type == DSSE) {
-        match verify_attestations(layers, digest, COSIGN_SIGN_PREDICATE, signer) {
-            Ok(_) => return Ok(()),
+        match signed_statements(layers, digest, COSIGN_SIGN_PREDICATE, signer) {
+            Ok(found) => signers.extend(found.into_iter().map(|(who, _)| who)),
             Err(e) => why.push(e.to_string()),
         }
     }
@@ -360,16 +366,19 @@ pub fn verify_signatures(
             why.push("a layer without a readable signature".to_owned());
             continue;
         };
-        if let Err(e) = signer.check(&layer.annotations, &layer.blob, &sig) {
-            why.push(e);
-            continue;
-        }
+        let who = match signer.check(&layer.annotations, &layer.blob, &sig) {
+            Ok(who) => who,
+            Err(e) => {
+                why.push(e);
+                continue;
+            }
+        };
         match serde_json::from_slice::<SimpleSigning>(&layer.blob) {
             Ok(p)
                 if p.critical.kind == "cosign container image signature"
                     && p.critical.image.digest == digest =>
             {
-                return Ok(());
+                signers.insert(who);
             }
             Ok(p) => why.push(format!(
                 "a valid signature for another image ({})",
@@ -377,6 +386,9 @@ pub fn verify_signatures(
             )),
             Err(e) => why.push(format!("a signed payload that does not parse: {e}")),
         }
+    }
+    if !signers.is_empty() {
+        return Ok(signers);
     }
     Err(VerifyError::NoMatch(if why.is_empty() {
         "no signature".into()
@@ -433,6 +445,18 @@ pub fn verify_attestations(
     predicate_type: &str,
     signer: &Signer,
 ) -> Result<Vec<serde_json::Value>, VerifyError> {
+    signed_statements(layers, digest, predicate_type, signer)
+        .map(|found| found.into_iter().map(|(_, p)| p).collect())
+}
+
+/// (who signed, predicate) of every DSSE statement in `layers` signed by `signer`, about
+/// `digest`, of `predicate_type`. `Err` explains why none qualified.
+fn signed_statements(
+    layers: &[Layer],
+    digest: &str,
+    predicate_type: &str,
+    signer: &Signer,
+) -> Result<Vec<(String, serde_json::Value)>, VerifyError> {
     let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
     let mut found = Vec::new();
     let mut why = Vec::new();
@@ -450,19 +474,19 @@ pub fn verify_attestations(
         };
         let msg = pae(&env.payload_type, &payload);
         let mut failed = "no signature".to_owned();
-        let authentic = env.signatures.iter().any(|s| {
-            let checked = B64
-                .decode(&s.sig)
+        let who = env.signatures.iter().find_map(|s| {
+            B64.decode(&s.sig)
                 .map_err(|_| "a signature that is not base64".to_owned())
-                .and_then(|sig| signer.check(&layer.annotations, &msg, &sig));
-            checked.map_err(|e| failed = e).is_ok()
+                .and_then(|sig| signer.check(&layer.annotations, &msg, &sig))
+                .map_err(|e| failed = e)
+                .ok()
         });
-        if !authentic {
+        let Some(who) = who else {
             why.push(format!(
                 "an envelope not signed by this authority ({failed})"
             ));
             continue;
-        }
+        };
         let statement: Statement = match serde_json::from_slice(&payload) {
             Ok(s) => s,
             Err(e) => {
@@ -488,7 +512,7 @@ pub fn verify_attestations(
             why.push("an attestation about another image".into());
             continue;
         }
-        found.push(statement.predicate);
+        found.push((who, statement.predicate));
     }
     if found.is_empty() {
         Err(VerifyError::NoMatch(if why.is_empty() {
@@ -554,9 +578,15 @@ mod tests {
         let (pair, public) = key();
         let (_, other) = key();
         let layers = [sig_layer(&pair, DIGEST)];
+        let who = verify_signatures(&layers, DIGEST, &Signer::Key(public.clone())).expect("signed");
+        assert_eq!(who.len(), 1);
+        // The same key written with other line breaks is the same signer.
+        let rewrapped = String::from_utf8(public.clone())
+            .expect("pem")
+            .replace('\n', "\r\n");
         assert_eq!(
-            verify_signatures(&layers, DIGEST, &Signer::Key(public.clone())),
-            Ok(())
+            verify_signatures(&layers, DIGEST, &Signer::Key(rewrapped.into_bytes())).ok(),
+            Some(who)
         );
         let err = verify_signatures(&layers, DIGEST, &Signer::Key(other)).expect_err("wrong key");
         assert!(
@@ -757,8 +787,11 @@ mod tests {
                 &layers,
                 DIGEST,
                 &signer(&ca, "https://issuer.example", "dev@example.com")
-            ),
-            Ok(())
+            )
+            .map(|who| who.into_iter().collect::<Vec<_>>()),
+            Ok(vec![
+                "identity https://issuer.example dev@example.com".to_owned()
+            ])
         );
         let err = verify_signatures(
             &layers,

@@ -1,0 +1,296 @@
+//! Image references in one canonical form, so that a policy covers an image however it is
+//! spelled: `REGISTRY.example.com:443/shop/orders:1`, `registry.example.com/shop/orders:1` and
+//! `registry.example.com/shop/orders@sha256:…` are the same repository, as are `nginx`,
+//! `docker.io/nginx`, `index.docker.io/library/nginx` and `registry-1.docker.io/library/nginx`.
+//!
+//! A reference is parsed with the distribution grammar (the one the container runtime uses); one
+//! that does not parse is refused, never matched by a fallback. The canonical repository is
+//! `host/path` with the host lower-cased, a default port (`:443`, `:80`) removed, Docker Hub's
+//! aliases folded into `docker.io` and its implicit `library/` made explicit. Image globs are
+//! rewritten by the same rules ([`canonical_glob`]), so both sides of a match agree.
+
+use oci_client::Reference;
+use palisade_api::glob::ImageGlob;
+
+/// Docker Hub's canonical name.
+const DOCKER_HUB: &str = "docker.io";
+
+/// Host names that all mean Docker Hub.
+const DOCKER_HUB_ALIASES: &[&str] = &[
+    "docker.io",
+    "index.docker.io",
+    "registry-1.docker.io",
+    "registry.hub.docker.com",
+];
+
+/// A parsed image reference.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageRef {
+    /// The reference as the registry client uses it (host as written).
+    pub reference: Reference,
+    /// Canonical registry host (`docker.io`, `registry.example.com`, `127.0.0.1:5000`).
+    pub host: String,
+    /// Canonical repository: `host/path` (`docker.io/library/nginx`).
+    pub repository: String,
+    /// The digest it names, if any (`sha256:…`).
+    pub digest: Option<String>,
+}
+
+/// Why a reference was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("image reference {image:?} does not parse: {why}")]
+pub struct BadReference {
+    /// The reference as written (truncated when very long).
+    pub image: String,
+    /// Why.
+    pub why: String,
+}
+
+/// Parses `image` into its canonical form.
+pub fn parse(image: &str) -> Result<ImageRef, BadReference> {
+    let bad = |why: String| BadReference {
+        image: image.chars().take(256).collect(),
+        why,
+    };
+    if image.len() > 4096 {
+        return Err(bad("longer than 4096 bytes".into()));
+    }
+    if image.trim() != image || image.is_empty() {
+        return Err(bad("empty, or surrounded by whitespace".into()));
+    }
+    let reference: Reference = image.parse().map_err(|e| bad(format!("{e}")))?;
+    let name = name_of(image);
+    let (host, path) = split_domain(name);
+    let host = canonical_host(host);
+    let path = if host == DOCKER_HUB && !path.contains('/') {
+        format!("library/{path}")
+    } else {
+        path.to_owned()
+    };
+    Ok(ImageRef {
+        digest: reference.digest().map(str::to_owned),
+        reference,
+        repository: format!("{host}/{path}"),
+        host,
+    })
+}
+
+/// The name part of a reference: without `@digest` and without `:tag` (a `:` after the last
+/// `/`; one before it belongs to a port).
+fn name_of(image: &str) -> &str {
+    let without_digest = image.split('@').next().unwrap_or(image);
+    match without_digest.rfind(':') {
+        Some(i) if !without_digest[i..].contains('/') => &without_digest[..i],
+        _ => without_digest,
+    }
+}
+
+/// Splits a name into (domain, path) as distribution does: the first component is a domain
+/// when it has a `.` or a `:`, is `localhost`, or has an upper-case letter (which a path
+/// component cannot); otherwise the domain is Docker Hub.
+fn split_domain(name: &str) -> (&str, &str) {
+    match name.split_once('/') {
+        Some((first, rest))
+            if first.contains(['.', ':'])
+                || first == "localhost"
+                || first.chars().any(|c| c.is_ascii_uppercase()) =>
+        {
+            (first, rest)
+        }
+        _ => (DOCKER_HUB, name),
+    }
+}
+
+/// A registry host in canonical form: lower-cased, without a default port, Docker Hub's
+/// aliases folded.
+pub fn canonical_host(host: &str) -> String {
+    let lower = host.to_ascii_lowercase();
+    let bare = lower
+        .strip_suffix(":443")
+        .or_else(|| lower.strip_suffix(":80"))
+        .unwrap_or(&lower);
+    if DOCKER_HUB_ALIASES.contains(&bare) {
+        DOCKER_HUB.to_owned()
+    } else {
+        bare.to_owned()
+    }
+}
+
+/// An image glob rewritten by the rules references are canonicalised with: a host segment
+/// lower-cased with its default port removed and Docker Hub's aliases folded; a glob without a
+/// host is a Docker Hub glob (`nginx` → `docker.io/library/nginx`, `team/*` →
+/// `docker.io/team/*`). Globs that start with a wildcard segment (`**`, `*`) match any host and
+/// are kept as written.
+pub fn canonical_glob(glob: &ImageGlob) -> ImageGlob {
+    let text = glob.as_str();
+    let segments: Vec<&str> = text.split('/').collect();
+    let Some((first, rest)) = segments.split_first() else {
+        return glob.clone();
+    };
+    if *first == "**" || *first == "*" && !rest.is_empty() {
+        return glob.clone();
+    }
+    let host_like = !rest.is_empty()
+        && (first.contains(['.', ':'])
+            || *first == "localhost"
+            || first.chars().any(|c| c.is_ascii_uppercase()));
+    let (host, path): (String, Vec<&str>) = if host_like {
+        // A wildcard in the port (`host:*`) is left alone; only a literal default port goes.
+        (canonical_host(first), rest.to_vec())
+    } else {
+        (DOCKER_HUB.to_owned(), segments.clone())
+    };
+    let path = if host == DOCKER_HUB && path.len() == 1 && path[0] != "**" {
+        format!("library/{}", path[0])
+    } else {
+        path.join("/")
+    };
+    format!("{host}/{path}")
+        .parse()
+        .unwrap_or_else(|_| glob.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const DIGEST: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn spellings_of_one_image_have_one_repository() {
+        let same = [
+            (
+                "registry.example.com/shop/orders",
+                &[
+                    "registry.example.com/shop/orders:1",
+                    "registry.example.com:443/shop/orders:1",
+                    "REGISTRY.Example.com/shop/orders",
+                    "Registry.example.com:443/shop/orders@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+                    "registry.example.com:80/shop/orders:v2",
+                ][..],
+            ),
+            (
+                "docker.io/library/nginx",
+                &[
+                    "nginx",
+                    "nginx:1.27",
+                    "docker.io/nginx",
+                    "docker.io/library/nginx",
+                    "index.docker.io/library/nginx",
+                    "index.docker.io/nginx:latest",
+                    "registry-1.docker.io/library/nginx",
+                    "DOCKER.IO/nginx",
+                    "docker.io:443/library/nginx",
+                ][..],
+            ),
+            (
+                "docker.io/team/app",
+                &["team/app", "index.docker.io/team/app:x"][..],
+            ),
+            ("127.0.0.1:5000/shop/a", &["127.0.0.1:5000/shop/a:1"][..]),
+            ("localhost/a", &["localhost/a", "LOCALHOST/a"][..]),
+        ];
+        for (repo, spellings) in same {
+            for s in spellings {
+                assert_eq!(parse(s).map(|r| r.repository).as_deref(), Ok(repo), "{s}");
+            }
+        }
+        assert_eq!(
+            parse(&format!("r.io/a@{DIGEST}")).map(|r| r.digest),
+            Ok(Some(DIGEST.to_owned()))
+        );
+    }
+
+    #[test]
+    fn references_that_do_not_parse_are_refused() {
+        for bad in [
+            "",
+            " nginx",
+            "nginx ",
+            "registry.example.com/Shop/orders",
+            "registry.example.com/shop/orders@sha256:abc",
+            "registry.example.com/shop/orders@md5:0123",
+            "registry.example.com//orders",
+            "http://registry.example.com/orders",
+            "a:b:c",
+            "registry.example.com/shop/orders:",
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} parsed");
+        }
+    }
+
+    #[test]
+    fn globs_are_rewritten_like_references() {
+        let cases = [
+            (
+                "REGISTRY.example.com:443/shop/**",
+                "registry.example.com/shop/**",
+            ),
+            ("index.docker.io/library/nginx", "docker.io/library/nginx"),
+            ("docker.io/nginx", "docker.io/library/nginx"),
+            ("nginx", "docker.io/library/nginx"),
+            ("team/*", "docker.io/team/*"),
+            ("docker.io/**", "docker.io/**"),
+            ("**", "**"),
+            ("*/shop/**", "*/shop/**"),
+            ("127.0.0.1:5000/**", "127.0.0.1:5000/**"),
+            ("registry.example.com:*/x", "registry.example.com:*/x"),
+        ];
+        for (glob, want) in cases {
+            let g: ImageGlob = glob.parse().expect("glob");
+            assert_eq!(canonical_glob(&g).as_str(), want, "{glob}");
+        }
+    }
+
+    fn case_mix(s: &str, mask: u64) -> String {
+        s.chars()
+            .enumerate()
+            .map(|(i, c)| {
+                if mask >> (i % 64) & 1 == 1 {
+                    c.to_ascii_uppercase()
+                } else {
+                    c
+                }
+            })
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        /// Any spelling of one image (host case, default port, Docker Hub alias, implicit
+        /// `library/`, tag or digest) is covered by exactly the same globs.
+        #[test]
+        fn any_spelling_gets_the_same_policies(
+            host in prop::sample::select(vec!["registry.example.com", "ghcr.io", "docker.io", "127.0.0.1:5000"]),
+            path in prop::collection::vec("[a-z][a-z0-9]{0,6}", 1..4),
+            mask in any::<u64>(),
+            port in any::<bool>(),
+            alias in prop::sample::select(DOCKER_HUB_ALIASES.to_vec()),
+            tag in prop::option::of("[a-zA-Z0-9][a-zA-Z0-9._-]{0,8}"),
+        ) {
+            let path = path.join("/");
+            let plain = format!("{host}/{path}");
+            let spelled_host = if host == "docker.io" { alias.to_owned() } else { host.to_owned() };
+            let mut spelled = case_mix(&spelled_host, mask);
+            if port && !spelled.contains(':') {
+                spelled.push_str(":443");
+            }
+            let mut spelled = format!("{spelled}/{path}");
+            if let Some(t) = &tag {
+                spelled = format!("{spelled}:{t}");
+            }
+            let a = parse(&plain).expect("plain parses");
+            let b = parse(&spelled).expect("spelling parses");
+            prop_assert_eq!(&a.repository, &b.repository);
+            let globs = ["registry.example.com/**", "docker.io/library/*", "ghcr.io/*/**",
+                         "nginx", "*/a*/**", "REGISTRY.EXAMPLE.COM:443/**", "index.docker.io/**"];
+            for g in globs {
+                let g = canonical_glob(&g.parse().expect("glob"));
+                prop_assert_eq!(g.matches(&a.repository), g.matches(&b.repository), "{}", g);
+            }
+        }
+    }
+}
