@@ -194,10 +194,12 @@ fn main() -> Result<()> {
     // The webhook is ready once its ImagePolicy cache is synced, which needs the CRD.
     cp.install_crds(&opts.bin_dir)?;
     run_ok(cp.kubectl().args(["create", "namespace", "shop"]))?;
-    run_ok(
-        cp.kubectl()
-            .args(["label", "namespace", "shop", "istio-injection=enabled"]),
-    )?;
+    run_ok(cp.kubectl().args([
+        "label",
+        "namespace",
+        "shop",
+        "istio.io/dataplane-mode=ambient",
+    ]))?;
     let reg = OciRegistry::start(&opts.bin_dir, &cp.work_dir.join("registry"))?;
     let webhook = WebhookProcess::start(&cp, "bench", &reg.webhook_config())?;
 

@@ -10,7 +10,8 @@
 //! exemptNamespaces: [kube-system, palisade-system]
 //! secretsInEnv: {mode: Enforce, namespaces: {legacy: Warn}}
 //! maxBodyBytes: 3145728
-//! images: {insecureRegistries: ["127.0.0.1:5000"], cacheTTLSeconds: 600, negativeCacheTTLSeconds: 30}
+//! images: {insecureRegistries: ["127.0.0.1:5000"], cacheTTLSeconds: 600, negativeCacheTTLSeconds: 30,
+//!          materialRefreshSeconds: 5}
 //! spire: {className: prod, watchClassless: false}   # the SPIRE controller manager's class
 //! ```
 
@@ -64,6 +65,10 @@ pub struct ImageSettings {
     /// How long a failed verification is remembered.
     #[serde(default = "default_negative_ttl", rename = "negativeCacheTTLSeconds")]
     pub negative_cache_ttl_seconds: u64,
+    /// How often the keys and trust roots ImagePolicies reference (Secrets, ConfigMaps) are
+    /// re-read: a rotated or revoked key stops verifying within this time.
+    #[serde(default = "default_material_refresh")]
+    pub material_refresh_seconds: u64,
 }
 
 impl Default for ImageSettings {
@@ -72,6 +77,7 @@ impl Default for ImageSettings {
             insecure_registries: Vec::new(),
             cache_ttl_seconds: default_cache_ttl(),
             negative_cache_ttl_seconds: default_negative_ttl(),
+            material_refresh_seconds: default_material_refresh(),
         }
     }
 }
@@ -82,6 +88,10 @@ fn default_cache_ttl() -> u64 {
 
 fn default_negative_ttl() -> u64 {
     30
+}
+
+fn default_material_refresh() -> u64 {
+    5
 }
 
 /// Serving certificate: files (`certFile` and `keyFile`, reloaded when both change) or the SPIFFE

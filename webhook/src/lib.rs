@@ -2,6 +2,7 @@
 //! pod templates of every workload kind) and its containers through [`pods`] (init, regular and
 //! ephemeral), so no kind of object or container escapes a check.
 
+pub mod cluster;
 pub mod config;
 pub mod decide;
 pub mod identity;

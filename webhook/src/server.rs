@@ -47,8 +47,65 @@ pub trait FactSource: Send + Sync + 'static {
     fn image_policies(&self) -> Vec<Arc<CompiledImagePolicy>> {
         Vec::new()
     }
+    /// Labels of `namespace` read from the API server, for a namespace the cache does not know
+    /// (yet): `Ok(None)` when it does not exist. Without a live source, unknown namespaces are
+    /// refused.
+    fn namespace_labels_live<'a>(
+        &'a self,
+        namespace: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<Option<BTreeMap<String, String>>, String>> {
+        Box::pin(async move {
+            Err(format!(
+                "namespace {namespace} is not in the webhook's cache"
+            ))
+        })
+    }
     /// Whether the caches are synced.
     fn ready(&self) -> bool;
+}
+
+/// The labels of the request's namespace: from the cache, else read live; a namespace that
+/// cannot be found refuses the request (its labels decide coverage: empty ones would fail open).
+async fn namespace_labels(
+    state: &AppState,
+    req: &AdmissionRequest<DynamicObject>,
+) -> Result<BTreeMap<String, String>, String> {
+    let namespace = req.namespace.as_deref().unwrap_or_default();
+    if namespace.is_empty()
+        || state
+            .config
+            .exempt_namespaces
+            .iter()
+            .any(|n| n == namespace)
+    {
+        return Ok(BTreeMap::new());
+    }
+    if let Some(labels) = state.facts.namespace_labels(namespace) {
+        return Ok(labels);
+    }
+    match state.facts.namespace_labels_live(namespace).await {
+        Ok(Some(labels)) => Ok(labels),
+        Ok(None) => Err(format!("namespace {namespace} does not exist")),
+        Err(e) => Err(format!("cannot read namespace {namespace}: {e}")),
+    }
+}
+
+/// A refusal of `req` that explains itself, with the verdict it is logged as.
+fn refused(req: &AdmissionRequest<DynamicObject>, why: &str) -> Response {
+    let what = format!(
+        "{} {}/{}",
+        req.kind.kind,
+        req.namespace.as_deref().unwrap_or_default(),
+        req.name
+    );
+    tracing::info!(target: "palisade::security", uid = %req.uid, verdict = "deny", message = %why,
+        "admission decision");
+    Json(
+        AdmissionResponse::from(req)
+            .deny(format!("palisade denied {what}: {why}"))
+            .into_review(),
+    )
+    .into_response()
 }
 
 /// Everything a request handler needs.
@@ -160,9 +217,13 @@ fn incoming(
     Ok((req, started, deadline(started, query)))
 }
 
+/// The longest `timeout` the API server allows a webhook call; a larger one is not believed.
+pub const MAX_WEBHOOK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// How long the API server waits for this call (its `timeout` query parameter, 10 s when
-/// absent), less a margin for the answer's way back.
-fn deadline(started: Instant, query: Option<&str>) -> Instant {
+/// absent, never more than the API server's maximum of 30 s), less a margin for the answer's
+/// way back.
+pub fn deadline(started: Instant, query: Option<&str>) -> Instant {
     let total = query
         .unwrap_or_default()
         .split('&')
@@ -170,7 +231,8 @@ fn deadline(started: Instant, query: Option<&str>) -> Instant {
         .and_then(|t| t.parse::<palisade_api::Duration>().ok())
         .map_or(std::time::Duration::from_secs(10), |d| {
             std::time::Duration::from_millis(d.as_millis())
-        });
+        })
+        .min(MAX_WEBHOOK_TIMEOUT);
     let margin = std::time::Duration::from_millis(750);
     started
         + total
@@ -188,26 +250,40 @@ async fn validate(
         Err(bad) => return *bad,
     };
     let namespace = req.namespace.clone().unwrap_or_default();
-    let labels = state.facts.namespace_labels(&namespace);
-    let image_labels = labels.clone().unwrap_or_default();
+    let labels = match namespace_labels(&state, &req).await {
+        Ok(l) => l,
+        Err(why) => return refused(&req, &why),
+    };
+    let image_labels = labels.clone();
     let spire = if state.config.identity_source == crate::identity::IdentitySource::Spire {
         state.facts.spire_registrations()
     } else {
         Vec::new()
     };
-    let Ok(_permit) = state.permits.acquire().await else {
-        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
+    // The permit bounds decisions on the blocking pool only (never registry I/O), and the wait
+    // for one ends with the request's deadline.
+    let permit = tokio::time::timeout_at(deadline.into(), state.permits.acquire()).await;
+    let permit = match permit {
+        Ok(Ok(p)) => p,
+        Ok(Err(_)) => return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response(),
+        Err(_) => {
+            return refused(
+                &req,
+                "the webhook is overloaded: no decision slot freed up before the request's deadline",
+            );
+        }
     };
     let st = Arc::clone(&state);
     let decided = tokio::task::spawn_blocking(move || {
         let facts = Facts {
-            namespace_labels: labels.unwrap_or_default(),
+            namespace_labels: labels,
             spire,
         };
         let (resp, verdict) = decide(&req, &facts, &st.config, &st.secrets);
         (req, resp, verdict)
     })
     .await;
+    drop(permit);
     let (req, resp, verdict) = match decided {
         Ok(d) => d,
         Err(e) => {
@@ -271,7 +347,10 @@ async fn mutate(
         return Json(resp.into_review()).into_response();
     };
     let namespace = req.namespace.clone().unwrap_or_default();
-    let labels = state.facts.namespace_labels(&namespace).unwrap_or_default();
+    let labels = match namespace_labels(&state, &req).await {
+        Ok(l) => l,
+        Err(why) => return refused(&req, &why),
+    };
     let ops = crate::images::pin::pin_ops(
         images,
         &state.facts.image_policies(),
@@ -341,12 +420,46 @@ async fn metrics(State(state): State<Arc<AppState>>) -> String {
     out
 }
 
-/// Serves `app` over TLS on `listener` until `shutdown` resolves.
+/// Limits that keep one client (or many) from exhausting the server.
+#[derive(Clone, Copy, Debug)]
+pub struct ServeLimits {
+    /// Connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// Time allowed for a TLS handshake.
+    pub handshake_timeout: std::time::Duration,
+    /// Time allowed for a request's headers to arrive (HTTP/1).
+    pub header_timeout: std::time::Duration,
+}
+
+impl Default for ServeLimits {
+    fn default() -> Self {
+        ServeLimits {
+            max_connections: 1024,
+            handshake_timeout: std::time::Duration::from_secs(10),
+            header_timeout: std::time::Duration::from_secs(10),
+        }
+    }
+}
+
+/// Serves `app` over TLS on `listener` until `shutdown` resolves, with the default limits.
 pub async fn serve_tls(
     listener: tokio::net::TcpListener,
     cert: Arc<dyn ResolvesServerCert>,
     app: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    serve_tls_with(listener, cert, app, shutdown, ServeLimits::default()).await
+}
+
+/// Serves `app` over TLS on `listener` until `shutdown` resolves. An `accept` error (file
+/// descriptors exhausted, a connection reset before it was taken) is logged and serving goes
+/// on; handshakes and request headers are bounded in time, connections in number.
+pub async fn serve_tls_with(
+    listener: tokio::net::TcpListener,
+    cert: Arc<dyn ResolvesServerCert>,
+    app: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    limits: ServeLimits,
 ) -> std::io::Result<()> {
     let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
@@ -357,10 +470,24 @@ pub async fn serve_tls(
     .with_cert_resolver(cert);
     tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     tokio::pin!(shutdown);
     loop {
-        let (tcp, _) = tokio::select! {
-            accepted = listener.accept() => accepted?,
+        // A free slot first: at the cap, new connections wait in the backlog.
+        let slot = tokio::select! {
+            slot = Arc::clone(&slots).acquire_owned() => slot.map_err(std::io::Error::other)?,
+            () = &mut shutdown => break,
+        };
+        let tcp = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot accept a connection; serving on");
+                    // EMFILE and the like clear when connections close: do not spin.
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
             () = &mut shutdown => break,
         };
         // Responses are small and latency-bound: no Nagle delay.
@@ -368,14 +495,24 @@ pub async fn serve_tls(
         let acceptor = acceptor.clone();
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
         tokio::spawn(async move {
-            let Ok(stream) = acceptor.accept(tcp).await else {
+            let _slot = slot;
+            let Ok(Ok(stream)) =
+                tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await
+            else {
                 return;
             };
             let io = hyper_util::rt::TokioIo::new(stream);
-            let _ =
-                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .serve_connection(io, service)
-                    .await;
+            let mut builder =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            builder
+                .http1()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.header_timeout);
+            builder
+                .http2()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .max_concurrent_streams(256);
+            let _ = builder.serve_connection(io, service).await;
         });
     }
     Ok(())

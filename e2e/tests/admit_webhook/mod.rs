@@ -57,7 +57,7 @@ fn namespace(cp: &ControlPlane, ns: &str, mesh: bool) -> Result<()> {
     if mesh {
         run_ok(
             cp.kubectl()
-                .args(["label", "namespace", ns, "istio-injection=enabled"]),
+                .args(["label", "namespace", ns, "istio.io/dataplane-mode=ambient"]),
         )?;
     }
     run_ok(

@@ -222,7 +222,7 @@ impl Scene<'_> {
         let (cp, ns) = (self.cp, self.ns);
         for label in [
             format!("{SCOPE_LABEL}=on"),
-            "istio-injection=enabled".into(),
+            "istio.io/dataplane-mode=ambient".into(),
         ] {
             run_ok(cp.kubectl().args(["label", "namespace", ns, &label]))?;
         }
