@@ -75,7 +75,16 @@ pub fn decide(
         return allow(vec![]);
     }
     let Some(object) = &req.object else {
-        return allow(vec![]);
+        // The API server always sends the object of a CREATE or UPDATE: without one there is
+        // nothing to judge, and nothing is admitted unjudged.
+        return deny(
+            req,
+            format!(
+                "palisade denied {} {namespace}/{}: the request has no object",
+                req.kind.kind, req.name
+            ),
+            vec!["malformed".into()],
+        );
     };
     let pod = match view_of(req, object) {
         Ok(Some(p)) => p,

@@ -517,3 +517,21 @@ pub async fn serve_tls_with(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_deadline_believes_the_api_server_only_up_to_its_maximum() {
+        let now = Instant::now();
+        let left = |q: &str| deadline(now, Some(q)).duration_since(now);
+        assert_eq!(left("timeout=5s"), std::time::Duration::from_millis(4250));
+        assert_eq!(
+            left("timeout=86400s"),
+            std::time::Duration::from_millis(29_250)
+        );
+        assert_eq!(left("x=1"), std::time::Duration::from_millis(9250));
+        assert_eq!(left("timeout=1ms"), std::time::Duration::from_millis(250));
+    }
+}

@@ -361,7 +361,7 @@ impl ImageVerifier {
         let fail_all = |why: String| {
             covering
                 .iter()
-                .map(|p| PolicyVerdict::of(p, Err(why.clone()), None))
+                .map(|p| PolicyVerdict::of(p, Err(format!("{as_written}: {why}")), None))
                 .collect()
         };
         let credentials = scope.credential_scope();

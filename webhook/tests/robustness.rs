@@ -1,0 +1,303 @@
+//! Hostile input against the webhook's HTTP surface: arbitrary bodies never panic and never
+//! allow a pod; a refused review stays refused however its object is mangled; a client that
+//! opens a connection and says nothing does not keep a connection slot.
+//!
+//! The property tests run a bounded number of cases (`PROPTEST_CASES` raises it, e.g.
+//! `PROPTEST_CASES=20000 cargo test -p palisade-webhook --test robustness`).
+
+#![allow(clippy::expect_used, missing_docs)]
+
+use std::{
+    collections::BTreeMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use axum::{
+    body::Body,
+    http::{Request, StatusCode},
+};
+use palisade_webhook::{
+    config::{Config, TlsFiles},
+    secrets::SecretsPolicy,
+    server::{AppState, Counters, FactSource, ServeLimits, router, serve_tls_with},
+    tls::ReloadingCert,
+};
+use proptest::prelude::*;
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+struct Facts;
+
+impl FactSource for Facts {
+    fn namespace_labels(&self, _: &str) -> Option<BTreeMap<String, String>> {
+        Some(BTreeMap::from([(
+            "istio.io/dataplane-mode".to_owned(),
+            "ambient".to_owned(),
+        )]))
+    }
+    fn ready(&self) -> bool {
+        true
+    }
+}
+
+fn app() -> axum::Router {
+    let config =
+        Config::parse("listen: 127.0.0.1:0\ntls: {certFile: c, keyFile: k}\n").expect("config");
+    router(Arc::new(AppState {
+        config,
+        secrets: SecretsPolicy::new().expect("policy"),
+        facts: Arc::new(Facts),
+        permits: tokio::sync::Semaphore::new(4),
+        counters: Counters::default(),
+        images: None,
+    }))
+}
+
+/// A review of a pod refused twice over: the default ServiceAccount and a Secret in env.
+fn refused_review() -> Value {
+    json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {
+            "uid": "u", "name": "p", "namespace": "shop", "operation": "CREATE",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "userInfo": {"username": "mallory"},
+            "object": {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+                       "spec": {"serviceAccountName": "default", "containers": [
+                           {"name": "app", "image": "r.example/a:1",
+                            "env": [{"name": "DB", "valueFrom": {"secretKeyRef": {"name": "db", "key": "pw"}}}]}]}},
+        }
+    })
+}
+
+fn arbitrary_json() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(|n| json!(n)),
+        "[a-zA-Z0-9:/@._-]{0,12}".prop_map(Value::String),
+    ];
+    leaf.prop_recursive(4, 32, 6, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+            prop::collection::btree_map(
+                prop_oneof![
+                    Just("kind".to_owned()),
+                    Just("request".to_owned()),
+                    Just("object".to_owned()),
+                    Just("spec".to_owned()),
+                    Just("containers".to_owned()),
+                    Just("image".to_owned()),
+                    "[a-z]{1,8}",
+                ],
+                inner,
+                0..6
+            )
+            .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+async fn post(body: String) -> (StatusCode, Value) {
+    let resp = app()
+        .oneshot(
+            Request::post("/validate")
+                .header("content-type", "application/json")
+                .body(Body::from(body))
+                .expect("request"),
+        )
+        .await
+        .expect("response");
+    let status = resp.status();
+    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+        .await
+        .expect("body");
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+fn block_on<F: Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(f)
+}
+
+/// Every JSON pointer inside `v` below `prefix`.
+fn pointers(v: &Value, prefix: &str, out: &mut Vec<String>) {
+    out.push(prefix.to_owned());
+    match v {
+        Value::Object(m) => {
+            for (k, child) in m {
+                pointers(child, &format!("{prefix}/{k}"), out);
+            }
+        }
+        Value::Array(a) => {
+            for (i, child) in a.iter().enumerate() {
+                pointers(child, &format!("{prefix}/{i}"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// Arbitrary JSON, or arbitrary bytes: a 400 or a review, never a panic, never an allowed
+    /// pod.
+    #[test]
+    fn arbitrary_bodies_never_panic_or_allow(body in arbitrary_json(), bytes in prop::collection::vec(any::<u8>(), 0..64)) {
+        for raw in [body.to_string(), String::from_utf8_lossy(&bytes).into_owned()] {
+            let (status, out) = block_on(post(raw));
+            prop_assert!(status == StatusCode::BAD_REQUEST || status == StatusCode::OK, "{}", status);
+            if status == StatusCode::OK {
+                // Only a well-formed review gets an answer; arbitrary JSON is not one of a pod.
+                prop_assert_ne!(out["response"]["allowed"].as_bool(), Some(true), "{}", out);
+            }
+        }
+    }
+
+    /// A refused pod stays refused when any one part of its object is replaced by arbitrary
+    /// JSON: malformed input refuses, it never admits.
+    #[test]
+    fn mangled_objects_stay_refused(pick in any::<prop::sample::Index>(), replacement in arbitrary_json()) {
+        let mut review = refused_review();
+        let mut all = Vec::new();
+        pointers(&review["request"]["object"], "/request/object", &mut all);
+        let target = pick.get(&all).clone();
+        if let Some(slot) = review.pointer_mut(&target) {
+            *slot = replacement;
+        }
+        let (status, out) = block_on(post(review.to_string()));
+        prop_assert!(status == StatusCode::BAD_REQUEST || status == StatusCode::OK, "{}", status);
+        if status == StatusCode::OK {
+            prop_assert_eq!(out["response"]["allowed"].as_bool(), Some(false), "{} -> {}", target, out);
+        }
+    }
+}
+
+fn serving_cert(dir: &std::path::Path) -> Arc<ReloadingCert> {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .expect("params")
+        .self_signed(&key)
+        .expect("cert");
+    std::fs::write(dir.join("tls.crt"), cert.pem()).expect("write cert");
+    std::fs::write(dir.join("tls.key"), key.serialize_pem()).expect("write key");
+    ReloadingCert::new(TlsFiles {
+        cert_file: dir.join("tls.crt"),
+        key_file: dir.join("tls.key"),
+    })
+    .expect("cert")
+}
+
+/// With one connection slot, a client that connects and never starts TLS holds it only for the
+/// handshake timeout: the next connection is served after that, not never.
+#[tokio::test]
+async fn silent_clients_do_not_keep_the_server() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cert = serving_cert(dir.path());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let limits = ServeLimits {
+        max_connections: 1,
+        handshake_timeout: Duration::from_millis(300),
+        header_timeout: Duration::from_millis(300),
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve_tls_with(
+        listener,
+        cert.serving(),
+        app(),
+        async {
+            let _ = stopped.await;
+        },
+        limits,
+    ));
+    // The silent client takes the only slot; the server closes it after the timeout.
+    let started = Instant::now();
+    let mut silent = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut buf))
+        .await
+        .expect("the server closes a silent connection");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        started.elapsed()
+    );
+    // A second silent client, then a real one: served once the silent one is cut off.
+    let _second = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .dangerous()
+    .with_custom_certificate_verifier(Arc::new(AnyCert))
+    .with_no_client_auth();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+    let mut stream = tokio::time::timeout(Duration::from_secs(5), connector.connect(name, tcp))
+        .await
+        .expect("handshake in time")
+        .expect("handshake");
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let _ = stop.send(());
+    server.await.expect("join").expect("served");
+}
+
+#[derive(Debug)]
+struct AnyCert;
+
+impl rustls::client::danger::ServerCertVerifier for AnyCert {
+    fn verify_server_cert(
+        &self,
+        _: &rustls_pki_types::CertificateDer<'_>,
+        _: &[rustls_pki_types::CertificateDer<'_>],
+        _: &rustls_pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls_pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &rustls_pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
