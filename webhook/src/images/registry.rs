@@ -1,10 +1,20 @@
 //! Fetching what verification needs from an OCI registry: the digest a tag points at, and the
-//! layers of cosign's `sha256-<hex>.sig` and `.att` manifests. Every call is bounded by a
-//! deadline, so a slow or dead registry yields an error in time, never a hang; the number of
-//! registry requests is counted.
+//! layers of cosign's `sha256-<hex>.sig` and `.att` manifests and of Sigstore bundles attached
+//! as referrers. Every call is bounded by a deadline, so a slow or dead registry yields an error
+//! in time, never a hang; the number of registry requests is counted.
+//!
+//! A registry is not trusted: every body is read in pieces and cut off at a cap (4 MiB for
+//! manifests and layers, 64 KiB for tokens and error bodies) whatever length it declares;
+//! content is checked against its digest (a manifest resolved by tag is digested here, never
+//! taken from `Docker-Content-Digest`, and a header that disagrees is an error); redirects are
+//! followed only to HTTPS (or a registry configured insecure), at most three, and never to a
+//! loopback, link-local or unspecified address unless that address is a registry configured
+//! insecure; what a registry writes in an error body never reaches a denial (only the status
+//! and a well-formed error code do).
 
 use std::{
     collections::BTreeMap,
+    net::IpAddr,
     num::NonZeroUsize,
     sync::{
         Mutex,
@@ -14,19 +24,25 @@ use std::{
 };
 
 use base64::{Engine as _, engine::general_purpose::STANDARD as B64};
-use oci_client::{
-    Client, Reference,
-    client::{ClientConfig, ClientProtocol},
-    errors::{OciDistributionError, OciErrorCode},
-    manifest::OciManifest,
-    secrets::RegistryAuth,
-};
+use oci_client::{Reference, secrets::RegistryAuth};
+use reqwest::{StatusCode, header};
 use serde::Deserialize;
 
 use super::verify::Layer;
 
-/// Largest signature or attestation layer fetched.
-const MAX_LAYER: i64 = 4 << 20;
+/// Largest manifest read (distribution's own limit).
+pub const MAX_MANIFEST: usize = 4 << 20;
+/// Largest signature, attestation or bundle layer read.
+pub const MAX_LAYER: usize = 4 << 20;
+/// Largest token response or error body read.
+const MAX_SMALL: usize = 64 << 10;
+/// Redirects followed per request.
+const MAX_REDIRECTS: usize = 3;
+
+const MANIFEST_TYPES: &str = "application/vnd.oci.image.index.v1+json, \
+    application/vnd.oci.image.manifest.v1+json, \
+    application/vnd.docker.distribution.manifest.list.v2+json, \
+    application/vnd.docker.distribution.manifest.v2+json";
 
 /// Why the registry could not answer.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -44,7 +60,7 @@ pub enum RegistryError {
     Failed {
         /// Registry host.
         registry: String,
-        /// Cause.
+        /// Cause (never text the registry wrote).
         why: String,
     },
     /// The reference does not parse.
@@ -52,69 +68,207 @@ pub enum RegistryError {
     BadReference(String),
 }
 
-/// Most clients kept for distinct credentials; the least recently used goes first.
-const MAX_CREDENTIALED_CLIENTS: NonZeroUsize = NonZeroUsize::new(256).unwrap();
+/// Most bearer tokens kept.
+const MAX_TOKENS: NonZeroUsize = NonZeroUsize::new(1024).unwrap();
 
-/// An OCI registry client for verification.
-///
-/// oci-client remembers the first credentials it is given for a registry, so requests with
-/// other credentials (another pod's imagePullSecrets) would silently reuse them: anonymous
-/// reads go through one client, and each distinct (registry, credentials) pair through its own.
+/// (host, repository, credential fingerprint).
+type TokenKey = (String, String, String);
+
+/// A token service's answer.
+#[derive(Deserialize)]
+struct Token {
+    token: Option<String>,
+    access_token: Option<String>,
+}
+
+/// How a registry asked to be authenticated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Challenge {
+    Basic,
+    Bearer {
+        realm: String,
+        service: Option<String>,
+        scope: Option<String>,
+    },
+}
+
+/// An OCI registry client for verification (see the module docs for what it does not trust).
 pub struct Registry {
     insecure: Vec<String>,
-    client: Client,
-    credentialed: Mutex<lru::LruCache<(String, String, String), Client>>,
+    http: reqwest::Client,
+    /// Bearer tokens by (host, repository, credential fingerprint), with their expiry.
+    tokens: Mutex<lru::LruCache<TokenKey, (Instant, String)>>,
+    /// Hosts that asked for Basic credentials: sent at once next time.
+    basic_hosts: Mutex<std::collections::BTreeSet<String>>,
     requests: AtomicU64,
-    clients_made: AtomicU64,
+}
+
+/// A host (with port) that redirects may not lead to: loopback, link-local, unspecified.
+fn forbidden_target(host: &str) -> bool {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    if bare.eq_ignore_ascii_case("localhost") || bare.to_ascii_lowercase().ends_with(".localhost") {
+        return true;
+    }
+    match bare.parse::<IpAddr>() {
+        Ok(IpAddr::V4(v4)) => v4.is_loopback() || v4.is_link_local() || v4.is_unspecified(),
+        Ok(IpAddr::V6(v6)) => {
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || (v6.segments()[0] & 0xffc0) == 0xfe80
+                || v6
+                    .to_ipv4_mapped()
+                    .is_some_and(|v4| v4.is_loopback() || v4.is_link_local())
+        }
+        Err(_) => false,
+    }
+}
+
+/// `host[:port]` of `url`.
+fn authority(url: &reqwest::Url) -> String {
+    match (url.host_str(), url.port()) {
+        (Some(h), Some(p)) => format!("{h}:{p}"),
+        (Some(h), None) => h.to_owned(),
+        _ => String::new(),
+    }
+}
+
+/// Whether a request may go to `url` (a redirect target or a token realm): HTTPS, or a
+/// registry configured insecure; never a loopback or link-local address unless configured.
+fn allowed_target(url: &reqwest::Url, insecure: &[String]) -> Result<(), String> {
+    let host = authority(url);
+    let configured = insecure.iter().any(|i| i.eq_ignore_ascii_case(&host));
+    if url.scheme() != "https" && !configured {
+        return Err(format!("{} is not HTTPS", url.scheme()));
+    }
+    if !configured && forbidden_target(url.host_str().unwrap_or_default()) {
+        return Err("a loopback, link-local or unspecified address".to_owned());
+    }
+    Ok(())
+}
+
+/// Lower-case hex SHA-256 digest (`sha256:…`) of `bytes`.
+fn sha256(bytes: &[u8]) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, bytes);
+    format!("sha256:{}", super::policy::hex(d.as_ref()))
+}
+
+/// The error code a registry gave, if it is a well-formed one (`MANIFEST_UNKNOWN`); anything
+/// else it wrote is dropped.
+fn error_code(body: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Errors {
+        errors: Vec<Code>,
+    }
+    #[derive(Deserialize)]
+    struct Code {
+        code: String,
+    }
+    let e: Errors = serde_json::from_slice(body).ok()?;
+    let code = e.errors.into_iter().next()?.code;
+    (!code.is_empty()
+        && code.len() <= 32
+        && code.bytes().all(|b| b.is_ascii_uppercase() || b == b'_'))
+    .then_some(code)
+}
+
+/// `key="value"` pairs of a `WWW-Authenticate` challenge.
+fn parse_challenge(value: &str) -> Option<Challenge> {
+    let (scheme, rest) = value.trim().split_once(' ').unwrap_or((value.trim(), ""));
+    if scheme.eq_ignore_ascii_case("basic") {
+        return Some(Challenge::Basic);
+    }
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let mut params = BTreeMap::new();
+    let mut rest = rest.trim();
+    while !rest.is_empty() {
+        let (key, after) = rest.split_once('=')?;
+        let after = after.trim_start();
+        let (value, tail) = if let Some(quoted) = after.strip_prefix('"') {
+            let end = quoted.find('"')?;
+            (&quoted[..end], &quoted[end + 1..])
+        } else {
+            after.split_once(',').map_or((after, ""), |(v, t)| (v, t))
+        };
+        params.insert(key.trim().to_ascii_lowercase(), value.to_owned());
+        rest = tail.trim_start_matches([',', ' ']);
+    }
+    Some(Challenge::Bearer {
+        realm: params.remove("realm")?,
+        service: params.remove("service"),
+        scope: params.remove("scope"),
+    })
+}
+
+#[derive(Deserialize)]
+struct Manifest {
+    #[serde(rename = "mediaType", default)]
+    media_type: Option<String>,
+    #[serde(default)]
+    layers: Vec<Descriptor>,
+    #[serde(default)]
+    manifests: Vec<Descriptor>,
+}
+
+#[derive(Deserialize)]
+struct Descriptor {
+    #[serde(rename = "mediaType", default)]
+    media_type: String,
+    digest: String,
+    size: i64,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
+    #[serde(rename = "artifactType", default)]
+    artifact_type: Option<String>,
+}
+
+impl Manifest {
+    fn is_index(&self) -> bool {
+        self.media_type
+            .as_deref()
+            .is_some_and(|m| m.contains("index") || m.contains("manifest.list"))
+            || (self.layers.is_empty() && !self.manifests.is_empty())
+    }
+}
+
+/// What one GET brought back.
+struct Answer {
+    status: StatusCode,
+    headers: header::HeaderMap,
+    body: Vec<u8>,
 }
 
 impl Registry {
     /// A client; registries in `insecure` (`host:port`) are spoken to over plain HTTP.
     pub fn new(insecure: &[String]) -> Result<Self, RegistryError> {
-        Self::keeping(insecure, MAX_CREDENTIALED_CLIENTS)
-    }
-
-    /// A client keeping at most `clients` clients for distinct credentials.
-    fn keeping(insecure: &[String], clients: NonZeroUsize) -> Result<Self, RegistryError> {
-        let client =
-            Client::try_from(client_config(insecure)).map_err(|e| RegistryError::Failed {
+        let allowed = insecure.to_vec();
+        let policy = reqwest::redirect::Policy::custom(move |attempt| {
+            if attempt.previous().len() >= MAX_REDIRECTS {
+                return attempt.error(format!("more than {MAX_REDIRECTS} redirects"));
+            }
+            match allowed_target(attempt.url(), &allowed) {
+                Ok(()) => attempt.follow(),
+                Err(why) => attempt.error(format!("a redirect to {why}")),
+            }
+        });
+        let http = reqwest::Client::builder()
+            .redirect(policy)
+            .connect_timeout(Duration::from_secs(2))
+            .read_timeout(Duration::from_secs(5))
+            .user_agent(concat!("palisade-webhook/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| RegistryError::Failed {
                 registry: String::new(),
-                why: e.to_string(),
+                why: format!("cannot build the HTTP client: {e}"),
             })?;
         Ok(Registry {
             insecure: insecure.to_vec(),
-            client,
-            credentialed: Mutex::new(lru::LruCache::new(clients)),
+            http,
+            tokens: Mutex::new(lru::LruCache::new(MAX_TOKENS)),
+            basic_hosts: Mutex::new(std::collections::BTreeSet::new()),
             requests: AtomicU64::new(0),
-            clients_made: AtomicU64::new(0),
         })
-    }
-
-    /// The client that speaks to `registry` with `auth`.
-    fn client(&self, registry: &str, auth: &RegistryAuth) -> Result<Client, RegistryError> {
-        let key = match auth {
-            RegistryAuth::Anonymous => return Ok(self.client.clone()),
-            RegistryAuth::Basic(user, password) => {
-                (registry.to_owned(), user.clone(), password.clone())
-            }
-            RegistryAuth::Bearer(token) => (registry.to_owned(), String::new(), token.clone()),
-        };
-        let failed = |why: String| RegistryError::Failed {
-            registry: registry.to_owned(),
-            why,
-        };
-        let mut clients = self
-            .credentialed
-            .lock()
-            .map_err(|_| failed("internal lock poisoned".into()))?;
-        if let Some(c) = clients.get(&key) {
-            return Ok(c.clone());
-        }
-        let client =
-            Client::try_from(client_config(&self.insecure)).map_err(|e| failed(e.to_string()))?;
-        self.clients_made.fetch_add(1, Ordering::Relaxed);
-        clients.put(key, client.clone());
-        Ok(client)
     }
 
     /// Registry requests made so far.
@@ -122,25 +276,205 @@ impl Registry {
         self.requests.load(Ordering::Relaxed)
     }
 
-    async fn bounded<T>(
+    /// `scheme://host` of `reference`'s registry (Docker Hub's API host for `docker.io`).
+    fn base(&self, reference: &Reference) -> (String, String) {
+        let host = match reference.resolve_registry() {
+            "index.docker.io" | "docker.io" => "registry-1.docker.io".to_owned(),
+            h => h.to_owned(),
+        };
+        let scheme = if self.insecure.iter().any(|i| i.eq_ignore_ascii_case(&host)) {
+            "http"
+        } else {
+            "https"
+        };
+        (format!("{scheme}://{host}"), host)
+    }
+
+    /// A GET of `path` (below `/v2/<repository>/`) at `reference`'s registry, authenticated as
+    /// the registry asks, its body capped at `cap`; within `deadline`.
+    async fn get(
         &self,
-        registry: &str,
+        reference: &Reference,
+        path: &str,
+        accept: &str,
+        auth: &RegistryAuth,
+        cap: usize,
         deadline: Instant,
-        call: impl Future<Output = Result<T, OciDistributionError>>,
-    ) -> Result<T, RegistryError> {
-        self.requests.fetch_add(1, Ordering::Relaxed);
+    ) -> Result<Answer, RegistryError> {
+        let (base, host) = self.base(reference);
+        let url = format!("{base}/v2/{}/{path}", reference.repository());
         let left = deadline.saturating_duration_since(Instant::now());
+        let call = async {
+            let fingerprint = credential_fingerprint(auth);
+            let token_key = (host.clone(), reference.repository().to_owned(), fingerprint);
+            let mut authorization = self.known_authorization(&host, &token_key, auth);
+            for _ in 0..2 {
+                let answer = self
+                    .send(&url, accept, authorization.as_deref(), cap, &host)
+                    .await?;
+                if answer.status != StatusCode::UNAUTHORIZED {
+                    return Ok(answer);
+                }
+                let challenge = answer
+                    .headers
+                    .get(header::WWW_AUTHENTICATE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(parse_challenge);
+                authorization = match challenge {
+                    Some(Challenge::Basic) => {
+                        let Some(basic) = basic_header(auth) else {
+                            return Ok(answer);
+                        };
+                        lock(&self.basic_hosts).insert(host.clone());
+                        Some(basic)
+                    }
+                    Some(Challenge::Bearer {
+                        realm,
+                        service,
+                        scope,
+                    }) => {
+                        let scope = scope.unwrap_or_else(|| {
+                            format!("repository:{}:pull", reference.repository())
+                        });
+                        let token = self
+                            .token(&host, &realm, service.as_deref(), &scope, auth)
+                            .await?;
+                        let expiry = Instant::now() + Duration::from_secs(50);
+                        lock(&self.tokens).put(token_key.clone(), (expiry, token.clone()));
+                        Some(format!("Bearer {token}"))
+                    }
+                    None => return Ok(answer),
+                };
+            }
+            Err(RegistryError::Failed {
+                registry: host.clone(),
+                why: "refused the credentials it asked for (HTTP 401)".to_owned(),
+            })
+        };
         match tokio::time::timeout(left, call).await {
             Err(_) => Err(RegistryError::Timeout {
-                registry: registry.to_owned(),
+                registry: host,
                 millis: left.as_millis(),
             }),
-            Ok(Err(e)) => Err(RegistryError::Failed {
-                registry: registry.to_owned(),
-                why: e.to_string(),
-            }),
-            Ok(Ok(v)) => Ok(v),
+            Ok(r) => r,
         }
+    }
+
+    /// The Authorization header to send before being asked: a cached token, or Basic
+    /// credentials for a host that asked for them before.
+    fn known_authorization(
+        &self,
+        host: &str,
+        token_key: &TokenKey,
+        auth: &RegistryAuth,
+    ) -> Option<String> {
+        if let Some((until, token)) = lock(&self.tokens).get(token_key)
+            && *until > Instant::now()
+        {
+            return Some(format!("Bearer {token}"));
+        }
+        if lock(&self.basic_hosts).contains(host) {
+            return basic_header(auth);
+        }
+        None
+    }
+
+    /// One request, its body read in pieces up to `cap`.
+    async fn send(
+        &self,
+        url: &str,
+        accept: &str,
+        authorization: Option<&str>,
+        cap: usize,
+        host: &str,
+    ) -> Result<Answer, RegistryError> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let failed = |why: String| RegistryError::Failed {
+            registry: host.to_owned(),
+            why,
+        };
+        let mut request = self.http.get(url).header(header::ACCEPT, accept);
+        if let Some(a) = authorization {
+            request = request.header(header::AUTHORIZATION, a);
+        }
+        let mut resp = request.send().await.map_err(|e| failed(describe(&e)))?;
+        let status = resp.status();
+        // Only a success's body is used whole; of an error body a little is enough.
+        let cap = if status.is_success() { cap } else { MAX_SMALL };
+        if resp.content_length().is_some_and(|l| l > cap as u64) && status.is_success() {
+            return Err(failed(format!(
+                "declares a body of {} bytes, more than the {cap} allowed",
+                resp.content_length().unwrap_or_default()
+            )));
+        }
+        let mut body = Vec::new();
+        loop {
+            match resp.chunk().await {
+                Ok(Some(chunk)) => {
+                    if body.len() + chunk.len() > cap {
+                        if status.is_success() {
+                            return Err(failed(format!("sent more than the {cap} bytes allowed")));
+                        }
+                        break;
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                Ok(None) => break,
+                Err(e) => return Err(failed(describe(&e))),
+            }
+        }
+        Ok(Answer {
+            status,
+            headers: resp.headers().clone(),
+            body,
+        })
+    }
+
+    /// A bearer token from `realm` for `scope`, with the credentials given (if any).
+    async fn token(
+        &self,
+        host: &str,
+        realm: &str,
+        service: Option<&str>,
+        scope: &str,
+        auth: &RegistryAuth,
+    ) -> Result<String, RegistryError> {
+        let failed = |why: String| RegistryError::Failed {
+            registry: host.to_owned(),
+            why,
+        };
+        let mut url = reqwest::Url::parse(realm)
+            .map_err(|_| failed("gave a token realm that is not a URL".into()))?;
+        allowed_target(&url, &self.insecure)
+            .map_err(|why| failed(format!("gave a token realm at {why}")))?;
+        {
+            let mut q = url.query_pairs_mut();
+            if let Some(s) = service {
+                q.append_pair("service", s);
+            }
+            q.append_pair("scope", scope);
+        }
+        let answer = self
+            .send(
+                url.as_str(),
+                "application/json",
+                basic_header(auth).as_deref(),
+                MAX_SMALL,
+                host,
+            )
+            .await?;
+        if !answer.status.is_success() {
+            return Err(failed(format!(
+                "token service answered HTTP {}",
+                answer.status.as_u16()
+            )));
+        }
+        let t: Token = serde_json::from_slice(&answer.body)
+            .map_err(|_| failed("token service answered something that is not a token".into()))?;
+        t.token
+            .or(t.access_token)
+            .filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_graphic()))
+            .ok_or_else(|| failed("token service answered without a token".into()))
     }
 
     /// The digest `image` points at: the one it names, or the one its tag resolves to now.
@@ -157,7 +491,8 @@ impl Registry {
         Ok((reference, digest))
     }
 
-    /// The digest `reference` names, or the one its tag resolves to now.
+    /// The digest `reference` names, or the digest of the manifest its tag serves now
+    /// (computed here from the manifest itself).
     pub async fn digest_of(
         &self,
         reference: &Reference,
@@ -168,32 +503,114 @@ impl Registry {
         if let Some(digest) = reference.digest() {
             return Ok(digest.to_owned());
         }
-        let registry = reference.resolve_registry().to_owned();
-        let client = self.client(&registry, auth)?;
-        self.bounded(
-            &registry,
-            deadline,
-            client.fetch_manifest_digest(reference, auth),
-        )
-        .await
+        let tag = reference.tag().unwrap_or("latest");
+        let (_, host) = self.base(reference);
+        let answer = self
+            .get(
+                reference,
+                &format!("manifests/{tag}"),
+                MANIFEST_TYPES,
+                auth,
+                MAX_MANIFEST,
+                deadline,
+            )
+            .await?;
+        expect_success(&answer, &host, &format!("manifest {tag}"))?;
+        let digest = sha256(&answer.body);
+        if let Some(claimed) = answer
+            .headers
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            && claimed != digest
+        {
+            return Err(RegistryError::Failed {
+                registry: host,
+                why: format!(
+                    "its Docker-Content-Digest for {tag} does not match the manifest it served ({digest})"
+                ),
+            });
+        }
+        Ok(digest)
     }
 
-    /// The content of layer `d` of `reference` (which oci-client checks against its digest).
+    /// The manifest `reference` (`path`: `manifests/<tag or digest>`), checked against
+    /// `digest` when given; `None` when the registry has no such manifest.
+    async fn manifest(
+        &self,
+        reference: &Reference,
+        name: &str,
+        digest: Option<&str>,
+        auth: &RegistryAuth,
+        deadline: Instant,
+    ) -> Result<Option<Manifest>, RegistryError> {
+        let (_, host) = self.base(reference);
+        let answer = self
+            .get(
+                reference,
+                &format!("manifests/{name}"),
+                MANIFEST_TYPES,
+                auth,
+                MAX_MANIFEST,
+                deadline,
+            )
+            .await?;
+        if answer.status == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        expect_success(&answer, &host, &format!("manifest {name}"))?;
+        if let Some(d) = digest
+            && sha256(&answer.body) != d
+        {
+            return Err(RegistryError::Failed {
+                registry: host,
+                why: format!("served manifest {name} with content that does not match its digest"),
+            });
+        }
+        serde_json::from_slice(&answer.body)
+            .map(Some)
+            .map_err(|_| RegistryError::Failed {
+                registry: host,
+                why: format!("manifest {name} is not an OCI manifest"),
+            })
+    }
+
+    /// The content of layer `d` of `reference`, checked against its digest.
     async fn blob(
         &self,
-        client: &Client,
         reference: &Reference,
-        d: &oci_client::manifest::OciDescriptor,
+        d: &Descriptor,
+        auth: &RegistryAuth,
         deadline: Instant,
     ) -> Result<Vec<u8>, RegistryError> {
-        let mut blob = Vec::new();
-        self.bounded(
-            reference.resolve_registry(),
-            deadline,
-            client.pull_blob(reference, d, &mut blob),
-        )
-        .await?;
-        Ok(blob)
+        let (_, host) = self.base(reference);
+        let failed = |why: String| RegistryError::Failed {
+            registry: host.clone(),
+            why,
+        };
+        if !d.digest.starts_with("sha256:") || d.digest.len() != 71 {
+            return Err(failed(format!(
+                "layer digest {:?} is not a sha256 digest",
+                d.digest.chars().take(80).collect::<String>()
+            )));
+        }
+        let answer = self
+            .get(
+                reference,
+                &format!("blobs/{}", d.digest),
+                "*/*",
+                auth,
+                MAX_LAYER,
+                deadline,
+            )
+            .await?;
+        expect_success(&answer, &host, &format!("blob {}", d.digest))?;
+        if sha256(&answer.body) != d.digest {
+            return Err(failed(format!(
+                "served blob {} with content that does not match its digest",
+                d.digest
+            )));
+        }
+        Ok(answer.body)
     }
 
     /// The layers of `sha256-<hex>.<suffix>` (`sig` or `att`) next to `reference`; empty when
@@ -206,63 +623,33 @@ impl Registry {
         auth: &RegistryAuth,
         deadline: Instant,
     ) -> Result<Vec<Layer>, RegistryError> {
-        let registry = reference.resolve_registry().to_owned();
-        let client = self.client(&registry, auth)?;
         let tag = format!("{}.{suffix}", digest.replace(':', "-"));
-        let sref = Reference::with_tag(
-            reference.registry().to_owned(),
-            reference.repository().to_owned(),
-            tag,
-        );
         // A missing signature manifest is an answer (no signatures), not an error.
-        let pulled = self
-            .bounded(&registry, deadline, async {
-                match client.pull_manifest(&sref, auth).await {
-                    Ok((m, _)) => Ok(Some(m)),
-                    Err(e) if not_found(&e) => Ok(None),
-                    Err(e) => Err(e),
-                }
-            })
-            .await?;
-        let Some(manifest) = pulled else {
+        let Some(manifest) = self.manifest(reference, &tag, None, auth, deadline).await? else {
             return Ok(Vec::new());
         };
-        let OciManifest::Image(manifest) = manifest else {
+        if manifest.is_index() {
+            let (_, host) = self.base(reference);
             return Err(RegistryError::Failed {
-                registry,
-                why: format!("{sref} is an index, not a signature manifest"),
+                registry: host,
+                why: format!("{tag} is an index, not a signature manifest"),
             });
-        };
+        }
         let mut layers = Vec::new();
-        for d in manifest.layers.into_iter().filter(|d| d.size <= MAX_LAYER) {
-            let blob = self.blob(&client, &sref, &d, deadline).await?;
+        for d in manifest
+            .layers
+            .iter()
+            .filter(|d| usize::try_from(d.size).is_ok_and(|s| s <= MAX_LAYER))
+            .take(MAX_BUNDLES * 4)
+        {
+            let blob = self.blob(reference, d, auth, deadline).await?;
             layers.push(Layer {
                 media_type: d.media_type.clone(),
-                annotations: d
-                    .annotations
-                    .clone()
-                    .unwrap_or_default()
-                    .into_iter()
-                    .collect(),
+                annotations: d.annotations.clone(),
                 blob,
             });
         }
         Ok(layers)
-    }
-}
-
-/// How every client is set up: plain HTTP for the `insecure` registries only, short connect
-/// and read timeouts (each call is also bounded by the request's deadline).
-fn client_config(insecure: &[String]) -> ClientConfig {
-    ClientConfig {
-        protocol: if insecure.is_empty() {
-            ClientProtocol::Https
-        } else {
-            ClientProtocol::HttpsExcept(insecure.to_vec())
-        },
-        connect_timeout: Some(Duration::from_secs(2)),
-        read_timeout: Some(Duration::from_secs(5)),
-        ..ClientConfig::default()
     }
 }
 
@@ -280,40 +667,66 @@ impl Registry {
         auth: &RegistryAuth,
         deadline: Instant,
     ) -> Result<Vec<Layer>, RegistryError> {
-        let registry = reference.resolve_registry().to_owned();
-        let client = self.client(&registry, auth)?;
-        client.store_auth_if_needed(&registry, auth).await;
-        let subject = Reference::with_digest(
-            reference.registry().to_owned(),
-            reference.repository().to_owned(),
-            digest.to_owned(),
-        );
-        let index = self
-            .bounded(
-                &registry,
+        let (_, host) = self.base(reference);
+        let answer = self
+            .get(
+                reference,
+                &format!(
+                    "referrers/{digest}?artifactType={}",
+                    super::verify::BUNDLE.replace('+', "%2B")
+                ),
+                "application/vnd.oci.image.index.v1+json",
+                auth,
+                MAX_MANIFEST,
                 deadline,
-                client.pull_referrers(&subject, Some(super::verify::BUNDLE)),
             )
             .await?;
+        let index: Manifest = if answer.status.is_success() {
+            serde_json::from_slice(&answer.body).map_err(|_| RegistryError::Failed {
+                registry: host.clone(),
+                why: "its referrers answer is not an OCI index".to_owned(),
+            })?
+        } else if answer.status.is_client_error()
+            && answer.status != StatusCode::UNAUTHORIZED
+            && answer.status != StatusCode::FORBIDDEN
+        {
+            // No referrers API: the referrers tag schema.
+            match self
+                .manifest(reference, &digest.replace(':', "-"), None, auth, deadline)
+                .await?
+            {
+                Some(m) => m,
+                None => return Ok(Vec::new()),
+            }
+        } else {
+            expect_success(&answer, &host, "referrers")?;
+            return Ok(Vec::new());
+        };
         let mut layers = Vec::new();
-        for m in index.manifests.iter().take(MAX_BUNDLES) {
-            let mref = Reference::with_digest(
-                reference.registry().to_owned(),
-                reference.repository().to_owned(),
-                m.digest.clone(),
-            );
-            let (manifest, _) = self
-                .bounded(&registry, deadline, client.pull_manifest(&mref, auth))
-                .await?;
-            let OciManifest::Image(manifest) = manifest else {
+        for m in index
+            .manifests
+            .iter()
+            .filter(|m| {
+                m.artifact_type
+                    .as_deref()
+                    .is_none_or(|t| t == super::verify::BUNDLE)
+            })
+            .take(MAX_BUNDLES)
+        {
+            let Some(manifest) = self
+                .manifest(reference, &m.digest, Some(&m.digest), auth, deadline)
+                .await?
+            else {
                 continue;
             };
-            for d in manifest
-                .layers
-                .iter()
-                .filter(|d| d.media_type == super::verify::BUNDLE && d.size <= MAX_LAYER)
-            {
-                let blob = self.blob(&client, &mref, d, deadline).await?;
+            if manifest.is_index() {
+                continue;
+            }
+            for d in manifest.layers.iter().filter(|d| {
+                d.media_type == super::verify::BUNDLE
+                    && usize::try_from(d.size).is_ok_and(|s| s <= MAX_LAYER)
+            }) {
+                let blob = self.blob(reference, d, auth, deadline).await?;
                 if let Ok(layer) = super::verify::bundle_layer(&blob) {
                     layers.push(layer);
                 }
@@ -323,18 +736,69 @@ impl Registry {
     }
 }
 
-fn not_found(e: &OciDistributionError) -> bool {
-    match e {
-        OciDistributionError::ImageManifestNotFoundError(_) => true,
-        OciDistributionError::RegistryError { envelope, .. } => envelope.errors.iter().any(|e| {
-            matches!(
-                e.code,
-                OciErrorCode::ManifestUnknown | OciErrorCode::NameUnknown
-            )
-        }),
-        OciDistributionError::ServerError { code, .. } => *code == 404,
-        _ => false,
+/// `Ok` for a 2xx answer; otherwise an error with the status and the registry's error code,
+/// never its words.
+fn expect_success(answer: &Answer, host: &str, what: &str) -> Result<(), RegistryError> {
+    if answer.status.is_success() {
+        return Ok(());
     }
+    let code = error_code(&answer.body)
+        .map(|c| format!(" ({c})"))
+        .unwrap_or_default();
+    Err(RegistryError::Failed {
+        registry: host.to_owned(),
+        why: format!("{what}: HTTP {}{code}", answer.status.as_u16()),
+    })
+}
+
+/// What went wrong with a request, in our words (connection refused, a refused redirect, ...).
+fn describe(e: &reqwest::Error) -> String {
+    use std::error::Error as _;
+    let mut why = if e.is_redirect() {
+        "refused to follow a redirect".to_owned()
+    } else if e.is_connect() {
+        "cannot connect".to_owned()
+    } else if e.is_timeout() {
+        "timed out".to_owned()
+    } else if e.is_body() || e.is_decode() {
+        "broke off the answer".to_owned()
+    } else {
+        "request failed".to_owned()
+    };
+    // The innermost cause (our redirect policy's reason, an OS error) without URLs or bodies.
+    let mut source = e.source();
+    let mut last = None;
+    while let Some(s) = source {
+        last = Some(s.to_string());
+        source = s.source();
+    }
+    if let Some(l) = last {
+        why.push_str(": ");
+        why.push_str(&l.chars().take(160).collect::<String>());
+    }
+    why
+}
+
+/// The `Authorization: Basic` value for `auth`, when it has a user and password.
+fn basic_header(auth: &RegistryAuth) -> Option<String> {
+    match auth {
+        RegistryAuth::Basic(u, p) => Some(format!("Basic {}", B64.encode(format!("{u}:{p}")))),
+        _ => None,
+    }
+}
+
+/// A fingerprint of `auth` for cache keys (never the secret itself).
+fn credential_fingerprint(auth: &RegistryAuth) -> String {
+    match auth {
+        RegistryAuth::Anonymous => "anonymous".to_owned(),
+        RegistryAuth::Basic(u, p) => sha256(format!("basic\0{u}\0{p}").as_bytes()),
+        RegistryAuth::Bearer(t) => sha256(format!("bearer\0{t}").as_bytes()),
+    }
+}
+
+/// The guarded value even if another thread panicked while holding the lock.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[derive(Deserialize)]
@@ -409,30 +873,60 @@ mod tests {
         assert!(registry_auth(b"\"a string\"", "ghcr.io").is_err());
     }
 
-    /// Clients for credentials in use survive a crowd of one-off credentials: the least
-    /// recently used one is dropped, not all of them.
     #[test]
-    fn credentialed_clients_are_evicted_least_recently_used_first() {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let full = 4;
-        let reg = Registry::keeping(&[], NonZeroUsize::new(full).unwrap()).unwrap();
-        let auth = |i: usize| RegistryAuth::Basic(format!("user{i}"), "pw".into());
-        for i in 0..full {
-            reg.client("registry.example", &auth(i)).unwrap();
+    fn redirects_and_realms_stay_off_local_addresses() {
+        let url = |u: &str| reqwest::Url::parse(u).expect("url");
+        let none: &[String] = &[];
+        assert!(allowed_target(&url("https://storage.example.com/blob"), none).is_ok());
+        for bad in [
+            "http://storage.example.com/blob",
+            "https://127.0.0.1/x",
+            "https://127.9.9.9:5000/x",
+            "https://[::1]/x",
+            "https://169.254.169.254/latest/meta-data",
+            "https://localhost/x",
+            "https://0.0.0.0/x",
+            "https://[fe80::1]/x",
+            "https://[::ffff:127.0.0.1]/x",
+        ] {
+            assert!(allowed_target(&url(bad), none).is_err(), "{bad}");
         }
-        // The first credentials are used again, then one more credential arrives.
-        reg.client("registry.example", &auth(0)).unwrap();
-        reg.client("registry.example", &auth(full)).unwrap();
-        let made = reg.clients_made.load(Ordering::Relaxed);
-        assert_eq!(made, full as u64 + 1);
-        // The recently used client is still there; the least recently used one (1) is not.
-        reg.client("registry.example", &auth(0)).unwrap();
-        assert_eq!(reg.clients_made.load(Ordering::Relaxed), made);
-        reg.client("registry.example", &auth(1)).unwrap();
-        assert_eq!(reg.clients_made.load(Ordering::Relaxed), made + 1);
-        // Anonymous reads share one client and make none.
-        reg.client("registry.example", &RegistryAuth::Anonymous)
-            .unwrap();
-        assert_eq!(reg.clients_made.load(Ordering::Relaxed), made + 1);
+        // A registry configured insecure may be local and plain HTTP.
+        let insecure = ["127.0.0.1:5000".to_owned()];
+        assert!(allowed_target(&url("http://127.0.0.1:5000/v2/"), &insecure).is_ok());
+        assert!(allowed_target(&url("http://127.0.0.1:5001/v2/"), &insecure).is_err());
+    }
+
+    #[test]
+    fn only_well_formed_error_codes_are_repeated() {
+        assert_eq!(
+            error_code(br#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"nope"}]}"#),
+            Some("MANIFEST_UNKNOWN".into())
+        );
+        assert_eq!(
+            error_code(br#"{"errors":[{"code":"<script>alert(1)</script>"}]}"#),
+            None
+        );
+        assert_eq!(error_code(b"Your password is hunter2"), None);
+    }
+
+    #[test]
+    fn challenges_parse() {
+        assert_eq!(
+            parse_challenge(
+                r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull""#
+            ),
+            Some(Challenge::Bearer {
+                realm: "https://auth.example/token".into(),
+                service: Some("registry.example".into()),
+                scope: Some("repository:a/b:pull".into()),
+            })
+        );
+        assert_eq!(
+            parse_challenge(r#"Basic realm="registry""#),
+            Some(Challenge::Basic)
+        );
+        assert_eq!(parse_challenge("Negotiate"), None);
+        assert_eq!(parse_challenge(r#"Bearer service="x""#), None);
     }
 }
