@@ -6,6 +6,7 @@
 
 pub mod chartdoc;
 pub mod controlplane;
+pub mod hostile;
 pub mod openbao;
 pub mod operator;
 pub mod pki;

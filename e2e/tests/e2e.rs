@@ -5,6 +5,7 @@
 
 mod admit_crds;
 mod admit_webhook;
+mod adversarial;
 mod chart;
 mod e2e_controlplane;
 mod e2e_operator;
@@ -35,6 +36,7 @@ fn main() {
     // one at a time so each sees only its own operator's writes.
     args.test_threads.get_or_insert(1);
     let tests: Vec<(&str, TestFn)> = [
+        adversarial::TESTS,
         admit_crds::TESTS,
         admit_webhook::TESTS,
         chart::TESTS,
