@@ -581,6 +581,52 @@ mod tests {
     }
 
     #[test]
+    fn template_digests_go_only_to_the_pods_of_that_template() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let verifier = ImageVerifier::new(
+            Registry::new(&[]).expect("registry"),
+            Duration::from_mins(1),
+            Duration::from_secs(1),
+        );
+        let owner = |ns: &str, kind: &str, name: &str, uid: &str| OwnerKey {
+            namespace: ns.into(),
+            kind: kind.into(),
+            name: name.into(),
+            uid: uid.into(),
+        };
+        let rs = owner("shop", "ReplicaSet", "web-1", "uid-1");
+        verifier.remember_template(
+            rs.clone(),
+            BTreeMap::from([("r.example/web:1".to_owned(), "sha256:aaa".to_owned())]),
+        );
+        let scope = |owner: OwnerKey, ns: &str, images: &[&str]| {
+            let mut s = Scope::new(ns, vec![], Some(owner));
+            s.images = images.iter().map(|i| (*i).to_owned()).collect();
+            s
+        };
+        let lookup = |s: &Scope| verifier.template_digest(s, "r.example/web:1");
+        assert_eq!(
+            lookup(&scope(rs.clone(), "shop", &["r.example/web:1"])),
+            Some("sha256:aaa".into())
+        );
+        // The same uid under another kind or name, or in another namespace, is not that owner.
+        for forged in [
+            owner("shop", "Job", "web-1", "uid-1"),
+            owner("shop", "ReplicaSet", "other", "uid-1"),
+            owner("shop", "ReplicaSet", "web-1", "uid-2"),
+            owner("tenant-b", "ReplicaSet", "web-1", "uid-1"),
+        ] {
+            let ns = forged.namespace.clone();
+            assert_eq!(lookup(&scope(forged, &ns, &["r.example/web:1"])), None);
+        }
+        // A pod that runs an image its template does not list gets nothing from it.
+        assert_eq!(
+            lookup(&scope(rs, "shop", &["r.example/web:1", "r.example/evil:1"])),
+            None
+        );
+    }
+
+    #[test]
     fn credential_scopes_separate_namespaces_and_secrets() {
         let anon = Scope::new("a", vec![], None);
         let a = Scope::new("a", vec!["pull".into()], None);
