@@ -13,6 +13,7 @@
 //! images: {insecureRegistries: ["127.0.0.1:5000"], cacheTTLSeconds: 600, negativeCacheTTLSeconds: 30,
 //!          materialRefreshSeconds: 5}
 //! spire: {className: prod, watchClassless: false}   # the SPIRE controller manager's class
+//! istio: {ambient: true, proxyImages: ["**/proxyv2"]}
 //! ```
 
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf};
@@ -50,6 +51,9 @@ pub struct Config {
     /// Which ClusterSPIFFEIDs the SPIRE controller manager serves (identity source Spire).
     #[serde(default)]
     pub spire: crate::identity::SpireSettings,
+    /// How Istio is installed (identity source Istio).
+    #[serde(default)]
+    pub istio: crate::identity::IstioSettings,
 }
 
 /// Image signature verification settings.

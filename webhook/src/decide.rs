@@ -170,15 +170,22 @@ fn images_to_check(
     pod: &PodView,
     old: Option<&PodView>,
 ) -> (BTreeMap<String, Vec<String>>, BTreeSet<String>, Vec<String>) {
-    let old_images: BTreeSet<&str> = old
-        .map(|o| image_uses(&o.spec).into_iter().map(|u| u.image).collect())
+    // An image is unchanged where the same field held the same reference before (the same
+    // string elsewhere in the old pod is no verdict for this field).
+    let old_images: BTreeSet<(String, &str)> = old
+        .map(|o| {
+            image_uses(&o.spec)
+                .into_iter()
+                .map(|u| (u.pointer, u.image))
+                .collect()
+        })
         .unwrap_or_default();
     let mut images: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut all_images = BTreeSet::new();
     let mut unparsed = Vec::new();
     for u in image_uses(&pod.spec) {
         all_images.insert(u.image.to_owned());
-        if old_images.contains(u.image) {
+        if old_images.contains(&(u.pointer.clone(), u.image)) {
             continue;
         }
         if let Err(e) = reference::parse(u.image) {
@@ -207,7 +214,7 @@ fn new_identity_denial(
             &facts.namespace_labels,
             p,
             &facts.spire,
-            &config.spire,
+            (&config.istio, &config.spire),
         )
         .err()
         .map(|d| d.to_string())
@@ -262,10 +269,13 @@ fn view_of(
 /// the object is being deleted and loses fields on its way out without starting a new image.
 fn changes_nothing_judged(object: &DynamicObject, old: &PodView, pod: &PodView) -> bool {
     let terminating = object.metadata.deletion_timestamp.is_some() && {
-        let before: BTreeSet<&str> = image_uses(&old.spec).iter().map(|u| u.image).collect();
+        let before: BTreeSet<(String, &str)> = image_uses(&old.spec)
+            .into_iter()
+            .map(|u| (u.pointer, u.image))
+            .collect();
         image_uses(&pod.spec)
-            .iter()
-            .all(|u| before.contains(u.image))
+            .into_iter()
+            .all(|u| before.contains(&(u.pointer, u.image)))
     };
     terminating || unchanged(old, pod)
 }

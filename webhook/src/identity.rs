@@ -45,7 +45,10 @@ impl SpireRegistration {
             if v.is_null() {
                 return None;
             }
-            match serde_json::from_value::<LabelSelector>(v.clone()) {
+            match serde_json::from_value::<LabelSelector>(v.clone())
+                .map_err(|e| e.to_string())
+                .and_then(|s| valid_selector(&s).map(|()| s))
+            {
                 Ok(s) => Some(s),
                 Err(e) => {
                     invalid = Some(format!("spec.{key} does not parse: {e}"));
@@ -73,6 +76,41 @@ impl SpireRegistration {
         self.invalid.is_none()
             && (self.class_name == settings.class_name
                 || (self.class_name.is_empty() && settings.watch_classless))
+    }
+}
+
+/// How Istio is installed: whether ambient mode (ztunnel, istio-cni) is, and which images the
+/// injected proxy runs.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IstioSettings {
+    /// Whether the ambient mesh is installed, so that `istio.io/dataplane-mode=ambient` gives an
+    /// identity.
+    #[serde(default = "yes")]
+    pub ambient: bool,
+    /// Image globs of the injected proxy (`istio-proxy`); a container of that name running
+    /// anything else, or with its command replaced, is no proxy.
+    #[serde(default = "default_proxy_images")]
+    pub proxy_images: Vec<palisade_api::glob::ImageGlob>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_proxy_images() -> Vec<palisade_api::glob::ImageGlob> {
+    ["**/proxyv2"]
+        .iter()
+        .filter_map(|g| g.parse().ok())
+        .collect()
+}
+
+impl Default for IstioSettings {
+    fn default() -> Self {
+        IstioSettings {
+            ambient: true,
+            proxy_images: default_proxy_images(),
+        }
     }
 }
 
@@ -131,8 +169,9 @@ pub fn check(
     namespace_labels: &BTreeMap<String, String>,
     pod: &PodView,
     spire: &[SpireRegistration],
-    spire_settings: &SpireSettings,
+    settings: (&IstioSettings, &SpireSettings),
 ) -> Result<Coverage, IdentityDenial> {
+    let (istio_settings, spire_settings) = settings;
     let sa = pod.service_account();
     let spiffe_id = SpiffeId::for_service_account(trust_domain, namespace, sa).map_or_else(
         |_| format!("spiffe://{trust_domain}/ns/{namespace}/sa/{sa}"),
@@ -147,7 +186,7 @@ pub fn check(
         );
     }
     let coverage = match source {
-        IdentitySource::Istio => istio_coverage(namespace, namespace_labels, pod),
+        IdentitySource::Istio => istio_coverage(namespace, namespace_labels, pod, istio_settings),
         IdentitySource::Spire => spire_coverage(namespace_labels, pod, spire, spire_settings),
     };
     match coverage {
@@ -273,16 +312,42 @@ fn istio_injects(
     }
 }
 
-/// Whether the pod really carries Istio's proxy: a container `istio-proxy`, or a native
-/// sidecar of that name (an init container that keeps running).
-fn has_proxy(pod: &PodView) -> bool {
+/// Whether the pod really carries Istio's proxy: a container `istio-proxy` (or a native
+/// sidecar of that name, an init container that keeps running) from one of the proxy images,
+/// its command not replaced.
+fn has_proxy(pod: &PodView, settings: &IstioSettings) -> bool {
+    let genuine = |image: Option<&str>, command: Option<&Vec<String>>| {
+        command.is_none_or(Vec::is_empty)
+            && image
+                .and_then(|i| crate::images::reference::parse(i).ok())
+                .is_some_and(|r| {
+                    settings
+                        .proxy_images
+                        .iter()
+                        .any(|g| crate::images::reference::canonical_glob(g).matches(&r.repository))
+                })
+    };
+    pod.spec
+        .containers
+        .iter()
+        .any(|c| c.name == "istio-proxy" && genuine(c.image.as_deref(), c.command.as_ref()))
+        || pod.spec.init_containers.iter().flatten().any(|c| {
+            c.name == "istio-proxy"
+                && c.restart_policy.as_deref() == Some("Always")
+                && genuine(c.image.as_deref(), c.command.as_ref())
+        })
+}
+
+/// Whether any container is named `istio-proxy` (genuine or not): such a pod is not captured
+/// by ambient.
+fn names_proxy(pod: &PodView) -> bool {
     pod.spec.containers.iter().any(|c| c.name == "istio-proxy")
         || pod
             .spec
             .init_containers
             .iter()
             .flatten()
-            .any(|c| c.name == "istio-proxy" && c.restart_policy.as_deref() == Some("Always"))
+            .any(|c| c.name == "istio-proxy")
 }
 
 /// Whether Istio's ambient mesh captures the pod: the namespace or the pod is labelled
@@ -312,11 +377,12 @@ fn istio_coverage(
     namespace: &str,
     ns_labels: &BTreeMap<String, String>,
     pod: &PodView,
+    settings: &IstioSettings,
 ) -> Result<Coverage, String> {
     let is_pod = pod.kind == "Pod";
     // A pod with a sidecar (or the injector's mark) is never captured by ambient as well.
-    let sidecar_marked = has_proxy(pod) || pod.annotations.contains_key(SIDECAR_STATUS);
-    if !sidecar_marked {
+    let sidecar_marked = names_proxy(pod) || pod.annotations.contains_key(SIDECAR_STATUS);
+    if !sidecar_marked && settings.ambient {
         match istio_ambient(ns_labels, pod) {
             Ok(()) => return Ok(Coverage::IstioAmbient),
             Err(why) if why != "not in the ambient mesh" => return Err(why),
@@ -324,14 +390,39 @@ fn istio_coverage(
         }
     }
     istio_injects(namespace, ns_labels, pod)?;
-    if is_pod && !has_proxy(pod) {
-        return Err(
-            "Istio's injection rules select it, but it has no istio-proxy container: the \
-             sidecar injector did not run (is istiod up, and its webhook registered?)"
-                .to_owned(),
-        );
+    if is_pod && !(has_proxy(pod, settings) && pod.annotations.contains_key(SIDECAR_STATUS)) {
+        return Err(format!(
+            "Istio's injection rules select it, but it has no istio-proxy container from the \
+             proxy images ({}) without a replaced command, and no {SIDECAR_STATUS} annotation: \
+             the sidecar injector did not run (is istiod up, and its webhook registered?)",
+            settings
+                .proxy_images
+                .iter()
+                .map(palisade_api::glob::ImageGlob::as_str)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
     }
     Ok(Coverage::IstioSidecar)
+}
+
+/// Whether a label selector is one the API server would accept: `In`/`NotIn` with values,
+/// `Exists`/`DoesNotExist` without, no other operator.
+fn valid_selector(s: &LabelSelector) -> Result<(), String> {
+    for e in s.match_expressions.iter().flatten() {
+        let values = e.values.as_deref().unwrap_or_default();
+        match e.operator.as_str() {
+            "In" | "NotIn" if values.is_empty() => {
+                return Err(format!("{} {} needs values", e.key, e.operator));
+            }
+            "Exists" | "DoesNotExist" if !values.is_empty() => {
+                return Err(format!("{} {} takes no values", e.key, e.operator));
+            }
+            "In" | "NotIn" | "Exists" | "DoesNotExist" => {}
+            other => return Err(format!("unknown operator {other:?}")),
+        }
+    }
+    Ok(())
 }
 
 /// Whether a Kubernetes label selector matches `labels` (an unset selector matches all).
@@ -382,13 +473,19 @@ mod tests {
         )
     }
 
+    /// A Pod view; one with an `istio-proxy` carries the injector's status annotation.
     fn view(sa: Option<&str>, pod_labels: &[(&str, &str)], mut spec: serde_json::Value) -> PodView {
         if let Some(sa) = sa {
             spec["serviceAccountName"] = json!(sa);
         }
+        let annotations = if spec.to_string().contains("istio-proxy") {
+            json!({SIDECAR_STATUS: "{}"})
+        } else {
+            json!({})
+        };
         pod_of(
             "Pod",
-            &json!({"metadata": {"labels": labels(pod_labels)}, "spec": spec}),
+            &json!({"metadata": {"labels": labels(pod_labels), "annotations": annotations}, "spec": spec}),
         )
         .expect("valid")
         .expect("pod")
@@ -402,7 +499,7 @@ mod tests {
             &labels(ns_labels),
             p,
             &[],
-            &SpireSettings::default(),
+            (&IstioSettings::default(), &SpireSettings::default()),
         )
     }
 
@@ -422,14 +519,14 @@ mod tests {
             Some("orders"),
             &[],
             json!({"containers": [{"name": "app", "image": "r/a:1"}],
-            "initContainers": [{"name": "istio-proxy", "image": "p", "restartPolicy": "Always"}]}),
+            "initContainers": [{"name": "istio-proxy", "image": "istio/proxyv2:1.31.0", "restartPolicy": "Always"}]}),
         );
         assert_eq!(istio(&injected, &native), Ok(Coverage::IstioSidecar));
         let init = view(
             Some("orders"),
             &[],
             json!({"containers": [{"name": "app", "image": "r/a:1"}],
-            "initContainers": [{"name": "istio-proxy", "image": "p"}]}),
+            "initContainers": [{"name": "istio-proxy", "image": "istio/proxyv2:1.31.0"}]}),
         );
         assert!(istio(&injected, &init).is_err());
         // Istio never injects host-network pods, whatever the labels say.
@@ -437,7 +534,7 @@ mod tests {
             Some("orders"),
             &[],
             json!({"hostNetwork": true,
-            "containers": [{"name": "app", "image": "r/a:1"}, {"name": "istio-proxy", "image": "p"}]}),
+            "containers": [{"name": "app", "image": "r/a:1"}, {"name": "istio-proxy", "image": "istio/proxyv2:1.31.0"}]}),
         );
         assert!(
             istio(&injected, &host)
@@ -461,6 +558,61 @@ mod tests {
             .expect("valid").expect("template");
         assert_eq!(istio(&injected, &template), Ok(Coverage::IstioSidecar));
         assert!(istio(&[], &template).is_err());
+    }
+
+    #[test]
+    fn a_container_named_istio_proxy_is_not_a_proxy() {
+        let injected = [("istio-injection", "enabled")];
+        let fake = |image: &str, command: serde_json::Value| {
+            let mut proxy = json!({"name": "istio-proxy", "image": image});
+            if !command.is_null() {
+                proxy["command"] = command;
+            }
+            view(
+                Some("orders"),
+                &[],
+                json!({"containers": [{"name": "app", "image": "r/a:1"}, proxy]}),
+            )
+        };
+        assert!(istio(&injected, &fake("r.example/fake-proxy:1", json!(null))).is_err());
+        assert!(
+            istio(
+                &injected,
+                &fake("istio/proxyv2:1.31.0", json!(["sleep", "infinity"]))
+            )
+            .is_err()
+        );
+        assert_eq!(
+            istio(
+                &injected,
+                &fake("gcr.io/istio-release/proxyv2:1.31.0", json!(null))
+            ),
+            Ok(Coverage::IstioSidecar)
+        );
+        // The injector's status annotation is part of a real injection.
+        let mut unmarked = fake("istio/proxyv2:1.31.0", json!(null));
+        unmarked.annotations.clear();
+        assert!(istio(&injected, &unmarked).is_err());
+        // Without ambient installed, its label gives no identity.
+        let plain = view(
+            Some("orders"),
+            &[("istio.io/dataplane-mode", "ambient")],
+            json!({"containers": [{"name": "app", "image": "r/a:1"}]}),
+        );
+        let no_ambient = IstioSettings {
+            ambient: false,
+            ..IstioSettings::default()
+        };
+        let got = check(
+            IdentitySource::Istio,
+            "cluster.local",
+            "shop",
+            &BTreeMap::new(),
+            &plain,
+            &[],
+            (&no_ambient, &SpireSettings::default()),
+        );
+        assert!(got.is_err());
     }
 
     #[test]
@@ -572,7 +724,7 @@ mod tests {
                 &ns,
                 p,
                 std::slice::from_ref(reg),
-                settings,
+                (&IstioSettings::default(), settings),
             )
         };
         let none = SpireSettings::default();

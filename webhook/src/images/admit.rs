@@ -152,5 +152,7 @@ pub fn scope_of(req: &AdmissionRequest<DynamicObject>, pull_secrets: Vec<String>
                 uid: r.uid.clone(),
             })
     });
-    Scope::new(namespace, pull_secrets, owner)
+    let mut scope = Scope::new(namespace, pull_secrets, owner);
+    scope.own_uid = req.object.as_ref().and_then(|o| o.metadata.uid.clone());
+    scope
 }

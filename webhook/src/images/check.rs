@@ -117,6 +117,8 @@ pub struct Scope {
     pub pull_secrets: Vec<String>,
     /// The workload that controls it, for template-verified digests.
     pub owner: Option<OwnerKey>,
+    /// Its own uid, when it has one (a template never takes digests from itself).
+    pub own_uid: Option<String>,
     /// Every image of the object as written: a template's digests are used only when it lists
     /// all of them.
     pub images: std::collections::BTreeSet<String>,
@@ -131,6 +133,7 @@ impl Scope {
             namespace: namespace.to_owned(),
             pull_secrets,
             owner,
+            own_uid: None,
             images: std::collections::BTreeSet::new(),
             configs: tokio::sync::OnceCell::new(),
         }
@@ -248,7 +251,8 @@ impl ImageVerifier {
     /// template lists every image of the pod.
     fn template_digest(&self, scope: &Scope, image: &str) -> Option<String> {
         let owner = scope.owner.as_ref()?;
-        if owner.namespace != scope.namespace {
+        // An owner in another namespace, or the object naming itself, is no owner.
+        if owner.namespace != scope.namespace || scope.own_uid.as_deref() == Some(&owner.uid) {
             return None;
         }
         let templates = lock(&self.templates);
@@ -335,7 +339,13 @@ impl ImageVerifier {
                 })
                 .clone()
         };
-        let out = shared.await;
+        // A request that joined another's fetch still answers by its own deadline.
+        let Ok(out) = tokio::time::timeout_at(deadline.into(), shared).await else {
+            return Arc::new(Err(RegistryError::Timeout {
+                registry: reference.resolve_registry().to_owned(),
+                millis: 0,
+            }));
+        };
         lock(&self.inflight).remove(&key);
         out
     }

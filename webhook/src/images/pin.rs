@@ -55,14 +55,15 @@ pub async fn pin_ops(
     let Some(pod) = req.object.as_ref().and_then(view) else {
         return Vec::new();
     };
-    let old_images: BTreeSet<String> = req
+    // (field, image) pairs the old pod already had: those keep their reference.
+    let old_images: BTreeSet<(String, String)> = req
         .old_object
         .as_ref()
         .and_then(view)
         .map(|o| {
             image_uses(&o.spec)
                 .into_iter()
-                .map(|u| u.image.to_owned())
+                .map(|u| (u.pointer, u.image.to_owned()))
                 .collect()
         })
         .unwrap_or_default();
@@ -74,7 +75,7 @@ pub async fn pin_ops(
     let mut ops = Vec::new();
     let mut pinned: BTreeMap<String, String> = BTreeMap::new();
     for u in image_uses(&pod.spec) {
-        if old_images.contains(u.image) {
+        if old_images.contains(&(u.pointer.clone(), u.image.to_owned())) {
             continue;
         }
         let Ok(parsed) = reference::parse(u.image) else {
@@ -89,8 +90,13 @@ pub async fn pin_ops(
             let verdicts = verifier
                 .check(&parsed, u.image, labels, policies, &scope, deadline)
                 .await;
-            let all_ok = !verdicts.is_empty() && verdicts.iter().all(|v| v.outcome.is_ok());
-            let wanted = verdicts.iter().any(|v| v.pin_digest);
+            // Audit and Warn policies never block a pin (they never refuse either).
+            let enforced: Vec<&super::check::PolicyVerdict> = verdicts
+                .iter()
+                .filter(|v| v.mode == palisade_api::image_policy::EnforcementMode::Enforce)
+                .collect();
+            let all_ok = !enforced.is_empty() && enforced.iter().all(|v| v.outcome.is_ok());
+            let wanted = enforced.iter().any(|v| v.pin_digest);
             verdicts
                 .into_iter()
                 .find_map(|v| v.digest)

@@ -105,14 +105,26 @@ fn split_domain(name: &str) -> (&str, &str) {
 /// aliases folded.
 pub fn canonical_host(host: &str) -> String {
     let lower = host.to_ascii_lowercase();
-    let bare = lower
-        .strip_suffix(":443")
-        .or_else(|| lower.strip_suffix(":80"))
-        .unwrap_or(&lower);
-    if DOCKER_HUB_ALIASES.contains(&bare) {
+    // The port, read as the runtime reads it: a number (`:0443` is 443).
+    let (name, port) = match lower.rsplit_once(':') {
+        Some((name, port))
+            if !port.is_empty()
+                && port.bytes().all(|b| b.is_ascii_digit())
+                && (!name.starts_with('[') || name.ends_with(']')) =>
+        {
+            let digits = port.trim_start_matches('0');
+            (name, Some(if digits.is_empty() { "0" } else { digits }))
+        }
+        _ => (lower.as_str(), None),
+    };
+    let bare = match port {
+        None | Some("443" | "80") => name.to_owned(),
+        Some(p) => format!("{name}:{p}"),
+    };
+    if DOCKER_HUB_ALIASES.contains(&bare.as_str()) {
         DOCKER_HUB.to_owned()
     } else {
-        bare.to_owned()
+        bare
     }
 }
 
@@ -169,6 +181,8 @@ mod tests {
                     "REGISTRY.Example.com/shop/orders",
                     "Registry.example.com:443/shop/orders@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
                     "registry.example.com:80/shop/orders:v2",
+                    "registry.example.com:0443/shop/orders:1",
+                    "registry.example.com:00080/shop/orders:1",
                 ][..],
             ),
             (
@@ -189,7 +203,14 @@ mod tests {
                 "docker.io/team/app",
                 &["team/app", "index.docker.io/team/app:x"][..],
             ),
-            ("127.0.0.1:5000/shop/a", &["127.0.0.1:5000/shop/a:1"][..]),
+            (
+                "127.0.0.1:5000/shop/a",
+                &["127.0.0.1:5000/shop/a:1", "127.0.0.1:05000/shop/a:1"][..],
+            ),
+            (
+                "docker.io/library/nginx",
+                &["registry-1.docker.io:0443/library/nginx"][..],
+            ),
             ("localhost/a", &["localhost/a", "LOCALHOST/a"][..]),
         ];
         for (repo, spellings) in same {
@@ -236,6 +257,7 @@ mod tests {
             ("**", "**"),
             ("*/shop/**", "*/shop/**"),
             ("127.0.0.1:5000/**", "127.0.0.1:5000/**"),
+            ("127.0.0.1:05000/**", "127.0.0.1:5000/**"),
             ("registry.example.com:*/x", "registry.example.com:*/x"),
         ];
         for (glob, want) in cases {

@@ -765,16 +765,21 @@ fn describe(e: &reqwest::Error) -> String {
     } else {
         "request failed".to_owned()
     };
-    // The innermost cause (our redirect policy's reason, an OS error) without URLs or bodies.
-    let mut source = e.source();
-    let mut last = None;
-    while let Some(s) = source {
-        last = Some(s.to_string());
-        source = s.source();
-    }
-    if let Some(l) = last {
-        why.push_str(": ");
-        why.push_str(&l.chars().take(160).collect::<String>());
+    // Only a refused redirect's reason is ours to repeat; other causes (TLS errors naming the
+    // registry's certificate, say) may carry text the registry chose.
+    if e.is_redirect() {
+        let mut source = e.source();
+        let mut last = None;
+        while let Some(s) = source {
+            last = Some(s.to_string());
+            source = s.source();
+        }
+        if let Some(l) =
+            last.filter(|l| l.starts_with("a redirect to") || l.starts_with("more than"))
+        {
+            why.push_str(": ");
+            why.push_str(&l);
+        }
     }
     why
 }
