@@ -427,8 +427,13 @@ pub struct ServeLimits {
     pub max_connections: usize,
     /// Time allowed for a TLS handshake.
     pub handshake_timeout: std::time::Duration,
-    /// Time allowed for a request's headers to arrive (HTTP/1).
+    /// Time allowed for a request's headers to arrive, and for a new connection's first
+    /// request to start.
     pub header_timeout: std::time::Duration,
+    /// Time a connection may sit with no request in flight before it is closed (gracefully).
+    pub idle_timeout: std::time::Duration,
+    /// Time one request may take, body included.
+    pub request_timeout: std::time::Duration,
 }
 
 impl Default for ServeLimits {
@@ -437,6 +442,9 @@ impl Default for ServeLimits {
             max_connections: 1024,
             handshake_timeout: std::time::Duration::from_secs(10),
             header_timeout: std::time::Duration::from_secs(10),
+            idle_timeout: std::time::Duration::from_secs(30),
+            // The API server's longest wait, and a little more.
+            request_timeout: MAX_WEBHOOK_TIMEOUT + std::time::Duration::from_secs(5),
         }
     }
 }
@@ -451,9 +459,41 @@ pub async fn serve_tls(
     serve_tls_with(listener, cert, app, shutdown, ServeLimits::default()).await
 }
 
+/// What a connection is doing: requests in flight, requests served, and when it last did
+/// anything.
+struct Activity {
+    started: Instant,
+    in_flight: AtomicU64,
+    served: AtomicU64,
+    last_millis: AtomicU64,
+}
+
+impl Activity {
+    fn touch(&self) {
+        let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_millis.store(now, Ordering::Relaxed);
+    }
+
+    /// Whether the connection has had nothing in flight for longer than its limit (the header
+    /// timeout before its first request, the idle timeout after).
+    fn idle_too_long(&self, limits: &ServeLimits) -> bool {
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
+            return false;
+        }
+        let limit = if self.served.load(Ordering::Relaxed) == 0 {
+            limits.header_timeout
+        } else {
+            limits.idle_timeout
+        };
+        let last = std::time::Duration::from_millis(self.last_millis.load(Ordering::Relaxed));
+        self.started.elapsed().saturating_sub(last) > limit
+    }
+}
+
 /// Serves `app` over TLS on `listener` until `shutdown` resolves. An `accept` error (file
 /// descriptors exhausted, a connection reset before it was taken) is logged and serving goes
-/// on; handshakes and request headers are bounded in time, connections in number.
+/// on; handshakes, request headers, whole requests and idle connections are bounded in time,
+/// connections in number.
 pub async fn serve_tls_with(
     listener: tokio::net::TcpListener,
     cert: Arc<dyn ResolvesServerCert>,
@@ -493,7 +533,7 @@ pub async fn serve_tls_with(
         // Responses are small and latency-bound: no Nagle delay.
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let app = app.clone();
         tokio::spawn(async move {
             let _slot = slot;
             let Ok(Ok(stream)) =
@@ -501,21 +541,74 @@ pub async fn serve_tls_with(
             else {
                 return;
             };
-            let io = hyper_util::rt::TokioIo::new(stream);
-            let mut builder =
-                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-            builder
-                .http1()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(limits.header_timeout);
-            builder
-                .http2()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .max_concurrent_streams(256);
-            let _ = builder.serve_connection(io, service).await;
+            serve_connection(stream, app, limits).await;
         });
     }
     Ok(())
+}
+
+/// Serves one TLS connection until the client closes it, or it idles too long (then it is
+/// shut down gracefully, and dropped if the client does not follow within 5 s).
+async fn serve_connection(
+    stream: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    app: Router,
+    limits: ServeLimits,
+) {
+    use tower::ServiceExt as _;
+    let activity = Arc::new(Activity {
+        started: Instant::now(),
+        in_flight: AtomicU64::new(0),
+        served: AtomicU64::new(0),
+        last_millis: AtomicU64::new(0),
+    });
+    let service = tower::service_fn({
+        let activity = Arc::clone(&activity);
+        move |req: axum::http::Request<hyper::body::Incoming>| {
+            let (app, activity) = (app.clone(), Arc::clone(&activity));
+            async move {
+                activity.in_flight.fetch_add(1, Ordering::Relaxed);
+                activity.served.fetch_add(1, Ordering::Relaxed);
+                let out = tokio::time::timeout(limits.request_timeout, app.oneshot(req)).await;
+                activity.in_flight.fetch_sub(1, Ordering::Relaxed);
+                activity.touch();
+                Ok::<_, std::convert::Infallible>(match out {
+                    Ok(Ok(resp)) => resp,
+                    Ok(Err(never)) => match never {},
+                    Err(_) => {
+                        (StatusCode::REQUEST_TIMEOUT, "request took too long").into_response()
+                    }
+                })
+            }
+        }
+    });
+    let io = hyper_util::rt::TokioIo::new(stream);
+    let mut builder =
+        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
+    builder
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .max_concurrent_streams(256);
+    let conn = builder.serve_connection(io, hyper_util::service::TowerToHyperService::new(service));
+    tokio::pin!(conn);
+    let check = (limits.header_timeout.min(limits.idle_timeout) / 4)
+        .max(std::time::Duration::from_millis(20));
+    let mut tick = tokio::time::interval(check);
+    loop {
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            _ = tick.tick() => {
+                if activity.idle_too_long(&limits) {
+                    break;
+                }
+            }
+        }
+    }
+    conn.as_mut().graceful_shutdown();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), conn).await;
 }
 
 #[cfg(test)]

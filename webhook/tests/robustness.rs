@@ -211,6 +211,8 @@ async fn silent_clients_do_not_keep_the_server() {
         max_connections: 1,
         handshake_timeout: Duration::from_millis(300),
         header_timeout: Duration::from_millis(300),
+        idle_timeout: Duration::from_millis(300),
+        request_timeout: Duration::from_secs(2),
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(serve_tls_with(
@@ -247,6 +249,25 @@ async fn silent_clients_do_not_keep_the_server() {
     .with_no_client_auth();
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+    // A client that completes TLS and then says nothing (over HTTP/2 or HTTP/1) is cut off too.
+    let started = Instant::now();
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+    let mut quiet = tokio::time::timeout(Duration::from_secs(5), connector.connect(name, tcp))
+        .await
+        .expect("handshake in time")
+        .expect("handshake");
+    let mut sink = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), quiet.read_to_end(&mut sink)).await;
+    assert!(
+        closed.is_ok(),
+        "a connection silent after TLS was kept open"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        started.elapsed()
+    );
     let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
     let mut stream = tokio::time::timeout(Duration::from_secs(5), connector.connect(name, tcp))
