@@ -307,7 +307,7 @@ mod tests {
     }
 
     proptest::proptest! {
-        #![proptest_config(proptest::prelude::ProptestConfig { cases: 512, ..Default::default() })]
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(512), ..Default::default() })]
 
         /// The linear matcher agrees with the regular-expression reading on random globs and
         /// paths over a small alphabet (so that matches are frequent).

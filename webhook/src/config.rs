@@ -2,7 +2,8 @@
 //!
 //! ```yaml
 //! listen: 127.0.0.1:8443
-//! tls: {certFile: /etc/palisade/tls.crt, keyFile: /etc/palisade/tls.key}
+//! tls: {certFile: /etc/palisade/tls.crt, keyFile: /etc/palisade/tls.key,
+//!       clientCAFile: /etc/palisade/apiserver-client-ca.crt}   # optional: only the API server
 //! # or an X.509-SVID from the SPIFFE Workload API:
 //! # tls: {workloadApiSocket: unix:///run/spire/agent-sockets/spire-agent.sock}
 //! trustDomain: cluster.local
@@ -112,6 +113,37 @@ pub struct Tls {
     /// SPIFFE Workload API endpoint, `unix:///path/agent.sock` (a bare path is accepted too).
     #[serde(default)]
     pub workload_api_socket: Option<String>,
+    /// PEM CA certificates: when set, only clients presenting a certificate one of them signed
+    /// are served (the API server, given a client certificate for webhooks in its admission
+    /// configuration), so nothing else on the network can post reviews.
+    #[serde(default, rename = "clientCAFile")]
+    pub client_ca_file: Option<PathBuf>,
+}
+
+impl Tls {
+    /// The client CAs, when `clientCAFile` is set.
+    pub fn client_roots(&self) -> Result<Option<rustls::RootCertStore>, String> {
+        use rustls_pki_types::{CertificateDer, pem::PemObject};
+        let Some(path) = &self.client_ca_file else {
+            return Ok(None);
+        };
+        let pem =
+            std::fs::read(path).map_err(|e| format!("tls.clientCAFile {}: {e}", path.display()))?;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(&pem) {
+            let cert = cert.map_err(|e| format!("tls.clientCAFile {}: {e}", path.display()))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("tls.clientCAFile {}: {e}", path.display()))?;
+        }
+        if roots.is_empty() {
+            return Err(format!(
+                "tls.clientCAFile {} holds no certificate",
+                path.display()
+            ));
+        }
+        Ok(Some(roots))
+    }
 }
 
 /// Where the serving certificate comes from, once validated.

@@ -104,7 +104,18 @@ async fn run(config: Config) -> anyhow::Result<()> {
     });
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     tracing::info!(listen = %config.listen, "serving admission reviews");
-    serve_tls(listener, cert, router(state), shutdown_signal()).await?;
+    let client_roots = config.tls.client_roots().map_err(|e| anyhow::anyhow!(e))?;
+    if client_roots.is_some() {
+        tracing::info!("serving only clients with a certificate from tls.clientCAFile");
+    }
+    serve_tls(
+        listener,
+        cert,
+        router(state),
+        shutdown_signal(),
+        client_roots,
+    )
+    .await?;
     Ok(())
 }
 

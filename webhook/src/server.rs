@@ -420,9 +420,11 @@ async fn metrics(State(state): State<Arc<AppState>>) -> String {
     out
 }
 
-/// Limits that keep one client (or many) from exhausting the server.
-#[derive(Clone, Copy, Debug)]
+/// Who may connect, and limits that keep one client (or many) from exhausting the server.
+#[derive(Clone, Debug)]
 pub struct ServeLimits {
+    /// When set, only clients presenting a certificate these CAs signed are served.
+    pub client_roots: Option<Arc<rustls::RootCertStore>>,
     /// Connections served at once; more wait in the listen backlog.
     pub max_connections: usize,
     /// Time allowed for a TLS handshake.
@@ -439,6 +441,7 @@ pub struct ServeLimits {
 impl Default for ServeLimits {
     fn default() -> Self {
         ServeLimits {
+            client_roots: None,
             max_connections: 1024,
             handshake_timeout: std::time::Duration::from_secs(10),
             header_timeout: std::time::Duration::from_secs(10),
@@ -449,14 +452,26 @@ impl Default for ServeLimits {
     }
 }
 
-/// Serves `app` over TLS on `listener` until `shutdown` resolves, with the default limits.
+/// Serves `app` over TLS on `listener` until `shutdown` resolves, with the default limits;
+/// with `client_roots`, only to clients presenting a certificate they signed.
 pub async fn serve_tls(
     listener: tokio::net::TcpListener,
     cert: Arc<dyn ResolvesServerCert>,
     app: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
+    client_roots: Option<rustls::RootCertStore>,
 ) -> std::io::Result<()> {
-    serve_tls_with(listener, cert, app, shutdown, ServeLimits::default()).await
+    serve_tls_with(
+        listener,
+        cert,
+        app,
+        shutdown,
+        ServeLimits {
+            client_roots: client_roots.map(Arc::new),
+            ..ServeLimits::default()
+        },
+    )
+    .await
 }
 
 /// What a connection is doing: requests in flight, requests served, and when it last did
@@ -501,12 +516,22 @@ pub async fn serve_tls_with(
     shutdown: impl Future<Output = ()> + Send + 'static,
     limits: ServeLimits,
 ) -> std::io::Result<()> {
-    let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+    let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
-    .map_err(std::io::Error::other)?
-    .with_no_client_auth()
+    .map_err(std::io::Error::other)?;
+    let mut tls = match &limits.client_roots {
+        None => tls.with_no_client_auth(),
+        Some(roots) => tls.with_client_cert_verifier(
+            rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::clone(roots),
+                Arc::new(rustls::crypto::ring::default_provider()),
+            )
+            .build()
+            .map_err(std::io::Error::other)?,
+        ),
+    }
     .with_cert_resolver(cert);
     tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
@@ -534,6 +559,7 @@ pub async fn serve_tls_with(
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let app = app.clone();
+        let limits = limits.clone();
         tokio::spawn(async move {
             let _slot = slot;
             let Ok(Ok(stream)) =
@@ -563,12 +589,13 @@ async fn serve_connection(
     });
     let service = tower::service_fn({
         let activity = Arc::clone(&activity);
+        let request_timeout = limits.request_timeout;
         move |req: axum::http::Request<hyper::body::Incoming>| {
             let (app, activity) = (app.clone(), Arc::clone(&activity));
             async move {
                 activity.in_flight.fetch_add(1, Ordering::Relaxed);
                 activity.served.fetch_add(1, Ordering::Relaxed);
-                let out = tokio::time::timeout(limits.request_timeout, app.oneshot(req)).await;
+                let out = tokio::time::timeout(request_timeout, app.oneshot(req)).await;
                 activity.in_flight.fetch_sub(1, Ordering::Relaxed);
                 activity.touch();
                 Ok::<_, std::convert::Infallible>(match out {

@@ -146,7 +146,7 @@ fn pointers(v: &Value, prefix: &str, out: &mut Vec<String>) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256), ..ProptestConfig::default() })]
 
     /// Arbitrary JSON, or arbitrary bytes: a 400 or a review, never a panic, never an allowed
     /// pod.
@@ -208,6 +208,7 @@ async fn silent_clients_do_not_keep_the_server() {
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let limits = ServeLimits {
+        client_roots: None,
         max_connections: 1,
         handshake_timeout: Duration::from_millis(300),
         header_timeout: Duration::from_millis(300),
@@ -282,6 +283,103 @@ async fn silent_clients_do_not_keep_the_server() {
     let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let _ = stop.send(());
+    server.await.expect("join").expect("served");
+}
+
+/// GET /healthz over TLS from `client` (its own client certificate, or none); the status
+/// line, or why the connection failed.
+async fn healthz(addr: std::net::SocketAddr, client: rustls::ClientConfig) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+    let mut stream = match connector.connect(name, tcp).await {
+        Ok(s) => s,
+        Err(e) => return format!("handshake failed: {e}"),
+    };
+    if let Err(e) = stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+        .await
+    {
+        return format!("write failed: {e}");
+    }
+    let mut answer = Vec::new();
+    match tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await {
+        Ok(Ok(_)) => String::from_utf8_lossy(&answer)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_owned(),
+        Ok(Err(e)) => format!("read failed: {e}"),
+        Err(_) => "no answer".to_owned(),
+    }
+}
+
+fn client_config() -> rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert> {
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCert))
+}
+
+/// With `tls.clientCAFile`, a client without a certificate from that CA — anyone on the
+/// network but the API server — gets no answer; one with such a certificate does.
+#[tokio::test]
+async fn only_clients_with_a_certificate_from_the_client_ca_are_served() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cert = serving_cert(dir.path());
+    // The CA the API server's client certificate comes from, and that certificate.
+    let ca_key = rcgen::KeyPair::generate().expect("key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).expect("ca");
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let client_key = rcgen::KeyPair::generate().expect("key");
+    let client_cert = rcgen::CertificateParams::new(vec!["kube-apiserver".to_owned()])
+        .expect("params")
+        .signed_by(&client_key, &issuer)
+        .expect("client cert");
+    // Another CA's certificate: refused too.
+    let other_key = rcgen::KeyPair::generate().expect("key");
+    let other = rcgen::CertificateParams::new(vec!["mallory".to_owned()])
+        .expect("params")
+        .self_signed(&other_key)
+        .expect("other");
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.der().clone()).expect("root");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve_tls_with(
+        listener,
+        cert.serving(),
+        app(),
+        async {
+            let _ = stopped.await;
+        },
+        ServeLimits {
+            client_roots: Some(Arc::new(roots)),
+            ..ServeLimits::default()
+        },
+    ));
+    let with = |c: &rcgen::Certificate, k: &rcgen::KeyPair| {
+        client_config()
+            .with_client_auth_cert(
+                vec![c.der().clone()],
+                rustls_pki_types::PrivateKeyDer::try_from(k.serialize_der()).expect("key"),
+            )
+            .expect("client auth")
+    };
+    let anonymous = healthz(addr, client_config().with_no_client_auth()).await;
+    assert!(!anonymous.starts_with("HTTP/1.1 200"), "{anonymous}");
+    let foreign = healthz(addr, with(&other, &other_key)).await;
+    assert!(!foreign.starts_with("HTTP/1.1 200"), "{foreign}");
+    let api_server = healthz(addr, with(&client_cert, &client_key)).await;
+    assert!(api_server.starts_with("HTTP/1.1 200"), "{api_server}");
     let _ = stop.send(());
     server.await.expect("join").expect("served");
 }

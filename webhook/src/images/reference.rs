@@ -58,21 +58,159 @@ pub fn parse(image: &str) -> Result<ImageRef, BadReference> {
     if image.trim() != image || image.is_empty() {
         return Err(bad("empty, or surrounded by whitespace".into()));
     }
-    let reference: Reference = image.parse().map_err(|e| bad(format!("{e}")))?;
-    let name = name_of(image);
-    let (host, path) = split_domain(name);
-    let host = canonical_host(host);
+    let (rest, digest) = match image.split_once('@') {
+        Some((rest, digest)) => {
+            valid_digest(digest).map_err(|why| bad(why.to_owned()))?;
+            (rest, Some(digest))
+        }
+        None => (image, None),
+    };
+    let name = name_of(rest);
+    let tag = rest
+        .get(name.len() + 1..)
+        .filter(|_| rest.len() > name.len());
+    if let Some(t) = tag {
+        valid_tag(t).map_err(|why| bad(why.to_owned()))?;
+    }
+    let (written_host, path) = split_domain(name);
+    if written_host != DOCKER_HUB || name.starts_with(DOCKER_HUB) {
+        valid_domain(written_host).map_err(|why| bad(why.to_owned()))?;
+    }
+    valid_path(path).map_err(|why| bad(why.to_owned()))?;
+    if path.len() > 255 {
+        return Err(bad("repository name longer than 255 characters".into()));
+    }
+    let host = canonical_host(written_host);
     let path = if host == DOCKER_HUB && !path.contains('/') {
         format!("library/{path}")
     } else {
         path.to_owned()
     };
+    // The registry client's reference: Docker Hub's names as it expects them.
+    let (client_host, client_path) = if canonical_host(written_host) == DOCKER_HUB {
+        (DOCKER_HUB.to_owned(), path.clone())
+    } else {
+        (written_host.to_owned(), path.clone())
+    };
+    let reference = match digest {
+        Some(d) => {
+            let mut r = Reference::with_digest(client_host, client_path, d.to_owned());
+            if let Some(t) = tag {
+                r = Reference::with_tag(
+                    r.registry().to_owned(),
+                    r.repository().to_owned(),
+                    t.to_owned(),
+                )
+                .clone_with_digest(d.to_owned());
+            }
+            r
+        }
+        None => Reference::with_tag(client_host, client_path, tag.unwrap_or("latest").to_owned()),
+    };
     Ok(ImageRef {
-        digest: reference.digest().map(str::to_owned),
+        digest: digest.map(str::to_owned),
         reference,
         repository: format!("{host}/{path}"),
         host,
     })
+}
+
+/// `algorithm:hex` with a supported algorithm and the right length of lower-case hex.
+fn valid_digest(digest: &str) -> Result<(), &'static str> {
+    let (algorithm, hex) = digest
+        .split_once(':')
+        .ok_or("digest without an algorithm")?;
+    let len = match algorithm {
+        "sha256" => 64,
+        "sha384" => 96,
+        "sha512" => 128,
+        _ => return Err("unsupported digest algorithm"),
+    };
+    if hex.len() != len || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err("digest of the wrong length or not hexadecimal");
+    }
+    Ok(())
+}
+
+/// `[\w][\w.-]{0,127}` (ASCII).
+fn valid_tag(tag: &str) -> Result<(), &'static str> {
+    let word = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
+    let ok = tag.len() <= 128
+        && tag.bytes().next().is_some_and(word)
+        && tag.bytes().all(|b| word(b) || b == b'.' || b == b'-');
+    if ok { Ok(()) } else { Err("invalid tag") }
+}
+
+/// Domain components (`[a-zA-Z0-9]` with inner `-`) separated by `.`, and an optional port.
+fn valid_domain(domain: &str) -> Result<(), &'static str> {
+    let (name, port) = match domain.rsplit_once(':') {
+        Some((name, port)) => (name, Some(port)),
+        None => (domain, None),
+    };
+    if let Some(p) = port
+        && (p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Err("invalid registry port");
+    }
+    let component = |c: &str| {
+        !c.is_empty()
+            && c.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !c.starts_with('-')
+            && !c.ends_with('-')
+    };
+    if name.split('.').all(component) {
+        Ok(())
+    } else {
+        Err("invalid registry host")
+    }
+}
+
+/// Path components `[a-z0-9]+` joined inside by `.`, `_`, `__` or runs of `-`, separated by `/`.
+fn valid_path(path: &str) -> Result<(), &'static str> {
+    let component = |c: &str| {
+        let bytes = c.as_bytes();
+        let alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+        if bytes.is_empty() || !alnum(bytes[0]) || !alnum(bytes[bytes.len() - 1]) {
+            return false;
+        }
+        let mut i = 0;
+        while i < bytes.len() {
+            let b = bytes[i];
+            if alnum(b) {
+                i += 1;
+                continue;
+            }
+            // A separator: `.`, `_`, `__` or one or more `-`, between alphanumerics.
+            let start = i;
+            match b {
+                b'.' => i += 1,
+                b'_' => {
+                    i += if bytes.get(i + 1) == Some(&b'_') {
+                        2
+                    } else {
+                        1
+                    }
+                }
+                b'-' => {
+                    while bytes.get(i) == Some(&b'-') {
+                        i += 1;
+                    }
+                }
+                _ => return false,
+            }
+            if i == start || !bytes.get(i).is_some_and(|&n| alnum(n)) {
+                return false;
+            }
+        }
+        true
+    };
+    if path.split('/').all(component) {
+        Ok(())
+    } else {
+        Err(
+            "repository path must be lower-case letters and digits, joined by '.', '_', '__' or '-'",
+        )
+    }
 }
 
 /// The name part of a reference: without `@digest` and without `:tag` (a `:` after the last
@@ -280,7 +418,27 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+        #![proptest_config(ProptestConfig { cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256), ..ProptestConfig::default() })]
+
+        /// The parser accepts exactly what the distribution grammar (oci-spec's regular
+        /// expression) accepts, on ASCII input.
+        #[test]
+        fn parser_agrees_with_the_grammar(
+            text in "[aZ0.:/_-]{1,24}",
+            digest in prop::option::of(prop::sample::select(vec![
+                "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+                "sha256:0123",
+                "md5:0123456789abcdef0123456789abcdef",
+            ])),
+        ) {
+            let image = match digest {
+                Some(d) => format!("{text}@{d}"),
+                None => text,
+            };
+            let ours = parse(&image).is_ok();
+            let grammar = image.parse::<Reference>().is_ok();
+            prop_assert_eq!(ours, grammar, "{}", image);
+        }
 
         /// Any spelling of one image (host case, default port, Docker Hub alias, implicit
         /// `library/`, tag or digest) is covered by exactly the same globs.
