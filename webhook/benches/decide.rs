@@ -65,7 +65,7 @@ fn main() {
         Config::parse("listen: 127.0.0.1:0\ntls: {certFile: c, keyFile: k}\n").expect("config");
     let secrets = SecretsPolicy::new().expect("policy");
     let facts = Facts {
-        namespace_labels: BTreeMap::from([("istio-injection".into(), "enabled".into())]),
+        namespace_labels: BTreeMap::from([("istio.io/dataplane-mode".into(), "ambient".into())]),
         spire: Vec::new(),
     };
     // Distinct pods, so no step can profit from seeing the same input twice.
