@@ -99,7 +99,7 @@ fn yes() -> bool {
 }
 
 fn default_proxy_images() -> Vec<palisade_api::glob::ImageGlob> {
-    ["**/proxyv2"]
+    ["docker.io/istio/proxyv2", "gcr.io/istio-release/proxyv2"]
         .iter()
         .filter_map(|g| g.parse().ok())
         .collect()
@@ -314,28 +314,29 @@ fn istio_injects(
 
 /// Whether the pod really carries Istio's proxy: a container `istio-proxy` (or a native
 /// sidecar of that name, an init container that keeps running) from one of the proxy images,
-/// its command not replaced.
+/// run as the injector runs it (its command not replaced, its arguments `proxy sidecar …`).
 fn has_proxy(pod: &PodView, settings: &IstioSettings) -> bool {
-    let genuine = |image: Option<&str>, command: Option<&Vec<String>>| {
-        command.is_none_or(Vec::is_empty)
-            && image
-                .and_then(|i| crate::images::reference::parse(i).ok())
-                .is_some_and(|r| {
-                    settings
-                        .proxy_images
-                        .iter()
-                        .any(|g| crate::images::reference::canonical_glob(g).matches(&r.repository))
-                })
-    };
-    pod.spec
-        .containers
-        .iter()
-        .any(|c| c.name == "istio-proxy" && genuine(c.image.as_deref(), c.command.as_ref()))
-        || pod.spec.init_containers.iter().flatten().any(|c| {
-            c.name == "istio-proxy"
-                && c.restart_policy.as_deref() == Some("Always")
-                && genuine(c.image.as_deref(), c.command.as_ref())
-        })
+    // Istio's injection template runs the image's own entrypoint with `proxy sidecar …`.
+    let genuine =
+        |image: Option<&str>, command: Option<&Vec<String>>, args: Option<&Vec<String>>| {
+            command.is_none_or(Vec::is_empty)
+                && args.is_some_and(|a| a.len() >= 2 && a[0] == "proxy" && a[1] == "sidecar")
+                && image
+                    .and_then(|i| crate::images::reference::parse(i).ok())
+                    .is_some_and(|r| {
+                        settings
+                            .proxy_images
+                            .iter()
+                            .any(|g| crate::images::reference::glob_covers(g, &r.repository))
+                    })
+        };
+    pod.spec.containers.iter().any(|c| {
+        c.name == "istio-proxy" && genuine(c.image.as_deref(), c.command.as_ref(), c.args.as_ref())
+    }) || pod.spec.init_containers.iter().flatten().any(|c| {
+        c.name == "istio-proxy"
+            && c.restart_policy.as_deref() == Some("Always")
+            && genuine(c.image.as_deref(), c.command.as_ref(), c.args.as_ref())
+    })
 }
 
 /// Whether any container is named `istio-proxy` (genuine or not): such a pod is not captured
@@ -393,7 +394,7 @@ fn istio_coverage(
     if is_pod && !(has_proxy(pod, settings) && pod.annotations.contains_key(SIDECAR_STATUS)) {
         return Err(format!(
             "Istio's injection rules select it, but it has no istio-proxy container from the \
-             proxy images ({}) without a replaced command, and no {SIDECAR_STATUS} annotation: \
+             proxy images ({}) run as `proxy sidecar`, and no {SIDECAR_STATUS} annotation: \
              the sidecar injector did not run (is istiod up, and its webhook registered?)",
             settings
                 .proxy_images
@@ -469,7 +470,7 @@ mod tests {
             sa,
             pod_labels,
             json!({"containers": [{"name": "app", "image": "r/app:1"},
-                                  {"name": "istio-proxy", "image": "istio/proxyv2:1.31.0"}]}),
+                                  {"name": "istio-proxy", "image": "istio/proxyv2:1.31.0", "args": ["proxy", "sidecar"]}]}),
         )
     }
 
@@ -519,14 +520,14 @@ mod tests {
             Some("orders"),
             &[],
             json!({"containers": [{"name": "app", "image": "r/a:1"}],
-            "initContainers": [{"name": "istio-proxy", "image": "istio/proxyv2:1.31.0", "restartPolicy": "Always"}]}),
+            "initContainers": [{"name": "istio-proxy", "image": "istio/proxyv2:1.31.0", "args": ["proxy", "sidecar"], "restartPolicy": "Always"}]}),
         );
         assert_eq!(istio(&injected, &native), Ok(Coverage::IstioSidecar));
         let init = view(
             Some("orders"),
             &[],
             json!({"containers": [{"name": "app", "image": "r/a:1"}],
-            "initContainers": [{"name": "istio-proxy", "image": "istio/proxyv2:1.31.0"}]}),
+            "initContainers": [{"name": "istio-proxy", "image": "istio/proxyv2:1.31.0", "args": ["proxy", "sidecar"]}]}),
         );
         assert!(istio(&injected, &init).is_err());
         // Istio never injects host-network pods, whatever the labels say.
@@ -534,7 +535,7 @@ mod tests {
             Some("orders"),
             &[],
             json!({"hostNetwork": true,
-            "containers": [{"name": "app", "image": "r/a:1"}, {"name": "istio-proxy", "image": "istio/proxyv2:1.31.0"}]}),
+            "containers": [{"name": "app", "image": "r/a:1"}, {"name": "istio-proxy", "image": "istio/proxyv2:1.31.0", "args": ["proxy", "sidecar"]}]}),
         );
         assert!(
             istio(&injected, &host)
@@ -564,7 +565,8 @@ mod tests {
     fn a_container_named_istio_proxy_is_not_a_proxy() {
         let injected = [("istio-injection", "enabled")];
         let fake = |image: &str, command: serde_json::Value| {
-            let mut proxy = json!({"name": "istio-proxy", "image": image});
+            let mut proxy =
+                json!({"name": "istio-proxy", "image": image, "args": ["proxy", "sidecar"]});
             if !command.is_null() {
                 proxy["command"] = command;
             }

@@ -436,6 +436,11 @@ pub struct ServeLimits {
     pub idle_timeout: std::time::Duration,
     /// Time one request may take, body included.
     pub request_timeout: std::time::Duration,
+    /// Age at which a connection is closed (gracefully) whatever it does.
+    pub max_age: std::time::Duration,
+    /// TLS handshakes in progress at once; a connection slot is taken only after one succeeds,
+    /// so clients that cannot complete one (no client certificate) never hold a slot.
+    pub max_handshakes: usize,
 }
 
 impl Default for ServeLimits {
@@ -448,6 +453,8 @@ impl Default for ServeLimits {
             idle_timeout: std::time::Duration::from_secs(30),
             // The API server's longest wait, and a little more.
             request_timeout: MAX_WEBHOOK_TIMEOUT + std::time::Duration::from_secs(5),
+            max_age: std::time::Duration::from_mins(10),
+            max_handshakes: 256,
         }
     }
 }
@@ -505,6 +512,24 @@ impl Activity {
     }
 }
 
+/// One request in flight on a connection, counted out when dropped.
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn start(activity: &Arc<Activity>) -> Self {
+        activity.in_flight.fetch_add(1, Ordering::Relaxed);
+        activity.served.fetch_add(1, Ordering::Relaxed);
+        InFlight(Arc::clone(activity))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.touch();
+    }
+}
+
 /// Serves `app` over TLS on `listener` until `shutdown` resolves. An `accept` error (file
 /// descriptors exhausted, a connection reset before it was taken) is logged and serving goes
 /// on; handshakes, request headers, whole requests and idle connections are bounded in time,
@@ -536,11 +561,12 @@ pub async fn serve_tls_with(
     tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(limits.max_handshakes));
     tokio::pin!(shutdown);
     loop {
-        // A free slot first: at the cap, new connections wait in the backlog.
-        let slot = tokio::select! {
-            slot = Arc::clone(&slots).acquire_owned() => slot.map_err(std::io::Error::other)?,
+        // A free handshake slot first: at the cap, new connections wait in the backlog.
+        let handshake = tokio::select! {
+            h = Arc::clone(&handshakes).acquire_owned() => h.map_err(std::io::Error::other)?,
             () = &mut shutdown => break,
         };
         let tcp = tokio::select! {
@@ -560,10 +586,18 @@ pub async fn serve_tls_with(
         let acceptor = acceptor.clone();
         let app = app.clone();
         let limits = limits.clone();
+        let slots = Arc::clone(&slots);
         tokio::spawn(async move {
-            let _slot = slot;
-            let Ok(Ok(stream)) =
-                tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await
+            let accepted =
+                tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await;
+            drop(handshake);
+            let Ok(Ok(stream)) = accepted else {
+                return;
+            };
+            // A connection slot once the client has proven itself; waiting for one is bounded
+            // by the header timeout, as a new connection's first request is.
+            let Ok(Ok(_slot)) =
+                tokio::time::timeout(limits.header_timeout, slots.acquire_owned()).await
             else {
                 return;
             };
@@ -593,11 +627,10 @@ async fn serve_connection(
         move |req: axum::http::Request<hyper::body::Incoming>| {
             let (app, activity) = (app.clone(), Arc::clone(&activity));
             async move {
-                activity.in_flight.fetch_add(1, Ordering::Relaxed);
-                activity.served.fetch_add(1, Ordering::Relaxed);
+                // Counted out when the handler ends or is dropped (an HTTP/2 stream reset
+                // drops it), so an abandoned request never keeps the connection busy.
+                let _in_flight = InFlight::start(&activity);
                 let out = tokio::time::timeout(request_timeout, app.oneshot(req)).await;
-                activity.in_flight.fetch_sub(1, Ordering::Relaxed);
-                activity.touch();
                 Ok::<_, std::convert::Infallible>(match out {
                     Ok(Ok(resp)) => resp,
                     Ok(Err(never)) => match never {},
@@ -618,6 +651,8 @@ async fn serve_connection(
     builder
         .http2()
         .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(Some(std::time::Duration::from_secs(20)))
+        .keep_alive_timeout(std::time::Duration::from_secs(10))
         .max_concurrent_streams(256);
     let conn = builder.serve_connection(io, hyper_util::service::TowerToHyperService::new(service));
     tokio::pin!(conn);
@@ -628,7 +663,8 @@ async fn serve_connection(
         tokio::select! {
             _ = conn.as_mut() => return,
             _ = tick.tick() => {
-                if activity.idle_too_long(&limits) {
+                // Idle too long, or simply old: every connection is renewed now and then.
+                if activity.idle_too_long(&limits) || activity.started.elapsed() > limits.max_age {
                     break;
                 }
             }
@@ -641,6 +677,38 @@ async fn serve_connection(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_abandoned_request_does_not_keep_its_connection_busy() {
+        let activity = Arc::new(Activity {
+            started: Instant::now(),
+            in_flight: AtomicU64::new(0),
+            served: AtomicU64::new(0),
+            last_millis: AtomicU64::new(0),
+        });
+        let limits = ServeLimits {
+            header_timeout: std::time::Duration::ZERO,
+            idle_timeout: std::time::Duration::ZERO,
+            ..ServeLimits::default()
+        };
+        // A handler future dropped mid-request (an HTTP/2 stream reset does that) still
+        // counts itself out.
+        let handler = async {
+            let _in_flight = InFlight::start(&activity);
+            std::future::pending::<()>().await;
+        };
+        let mut handler = Box::pin(handler);
+        let waker = futures::task::noop_waker();
+        let _ = handler
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(&waker));
+        assert_eq!(activity.in_flight.load(Ordering::Relaxed), 1);
+        assert!(!activity.idle_too_long(&limits));
+        drop(handler);
+        assert_eq!(activity.in_flight.load(Ordering::Relaxed), 0);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        assert!(activity.idle_too_long(&limits));
+    }
 
     #[test]
     fn the_deadline_believes_the_api_server_only_up_to_its_maximum() {

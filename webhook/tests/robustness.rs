@@ -214,6 +214,8 @@ async fn silent_clients_do_not_keep_the_server() {
         header_timeout: Duration::from_millis(300),
         idle_timeout: Duration::from_millis(300),
         request_timeout: Duration::from_secs(2),
+        max_age: Duration::from_mins(1),
+        max_handshakes: 1,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(serve_tls_with(

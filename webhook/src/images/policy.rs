@@ -56,7 +56,8 @@ pub struct CompiledImagePolicy {
     /// What its verdicts depend on: uid, generation and the key material it was compiled
     /// with, so a rotated key or trust root invalidates what the old one verified at once.
     pub fingerprint: String,
-    /// Its image globs in canonical form (see [`super::reference::canonical_glob`]).
+    /// Its image globs in canonical form, each glob as all the canonical globs it stands for
+    /// (see [`super::reference::canonical_glob`]).
     pub globs: Vec<ImageGlob>,
     /// The policy as written.
     pub policy: ImagePolicy,
@@ -156,7 +157,7 @@ impl CompiledImagePolicy {
                 .spec
                 .images
                 .iter()
-                .map(|i| canonical_glob(&i.glob))
+                .flat_map(|i| canonical_glob(&i.glob))
                 .collect(),
             policy: policy.clone(),
             authorities,

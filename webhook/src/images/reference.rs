@@ -126,8 +126,12 @@ fn valid_digest(digest: &str) -> Result<(), &'static str> {
         "sha512" => 128,
         _ => return Err("unsupported digest algorithm"),
     };
-    if hex.len() != len || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err("digest of the wrong length or not hexadecimal");
+    if hex.len() != len
+        || !hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        return Err("digest of the wrong length or not lower-case hexadecimal");
     }
     Ok(())
 }
@@ -266,38 +270,76 @@ pub fn canonical_host(host: &str) -> String {
     }
 }
 
-/// An image glob rewritten by the rules references are canonicalised with: a host segment
-/// lower-cased with its default port removed and Docker Hub's aliases folded; a glob without a
-/// host is a Docker Hub glob (`nginx` → `docker.io/library/nginx`, `team/*` →
-/// `docker.io/team/*`). Globs that start with a wildcard segment (`**`, `*`) match any host and
-/// are kept as written.
-pub fn canonical_glob(glob: &ImageGlob) -> ImageGlob {
+/// An image glob rewritten by the rules references are canonicalised with, as the set of
+/// canonical globs that together cover every reference the glob covers as written: a host
+/// segment lower-cased with a literal default port removed; a wildcard port also without the
+/// port (`*` can be `443`); a host pattern that could be one of Docker Hub's aliases also as
+/// `docker.io`; a first segment that could be a host or a Docker Hub namespace (`team*`) read
+/// both ways; a glob without a host as a Docker Hub glob (`nginx` → `docker.io/library/nginx`,
+/// `team/*` → `docker.io/team/*`). A glob that starts with `**` matches any host already.
+pub fn canonical_glob(glob: &ImageGlob) -> Vec<ImageGlob> {
     let text = glob.as_str();
     let segments: Vec<&str> = text.split('/').collect();
     let Some((first, rest)) = segments.split_first() else {
-        return glob.clone();
+        return vec![glob.clone()];
     };
-    if *first == "**" || *first == "*" && !rest.is_empty() {
-        return glob.clone();
+    if *first == "**" {
+        return vec![glob.clone()];
     }
-    let host_like = !rest.is_empty()
-        && (first.contains(['.', ':'])
-            || *first == "localhost"
+    let mut out: Vec<String> = Vec::new();
+    let hub_path = |path: &[&str]| -> Vec<String> {
+        let mut v = vec![format!("{DOCKER_HUB}/{}", path.join("/"))];
+        if path.len() == 1 && path[0] != "**" {
+            v.push(format!("{DOCKER_HUB}/library/{}", path[0]));
+        }
+        v
+    };
+    let could_be_host = !rest.is_empty()
+        && (first.contains(['.', ':', '*'])
+            || first.eq_ignore_ascii_case("localhost")
             || first.chars().any(|c| c.is_ascii_uppercase()));
-    let (host, path): (String, Vec<&str>) = if host_like {
-        // A wildcard in the port (`host:*`) is left alone; only a literal default port goes.
-        (canonical_host(first), rest.to_vec())
-    } else {
-        (DOCKER_HUB.to_owned(), segments.clone())
-    };
-    let path = if host == DOCKER_HUB && path.len() == 1 && path[0] != "**" {
-        format!("library/{}", path[0])
-    } else {
-        path.join("/")
-    };
-    format!("{host}/{path}")
-        .parse()
-        .unwrap_or_else(|_| glob.clone())
+    let could_be_hub_namespace = !first.contains(['.', ':'])
+        && !first.eq_ignore_ascii_case("localhost")
+        && !first.chars().any(|c| c.is_ascii_uppercase());
+    if could_be_host {
+        let host = canonical_host(first);
+        let mut hosts = vec![host.clone()];
+        // `host:*` also covers the reference whose default port was dropped.
+        if let Some((name, port)) = host.rsplit_once(':')
+            && port.contains('*')
+        {
+            hosts.push(name.to_owned());
+        }
+        // A host pattern one of Docker Hub's names fits covers Docker Hub.
+        if let Ok(h) = first.to_ascii_lowercase().parse::<ImageGlob>()
+            && DOCKER_HUB_ALIASES
+                .iter()
+                .any(|a| h.matches(a) || h.matches(&format!("{a}:443")))
+        {
+            hosts.push(DOCKER_HUB.to_owned());
+        }
+        for h in hosts {
+            if h == DOCKER_HUB {
+                out.extend(hub_path(rest));
+            } else {
+                out.push(format!("{h}/{}", rest.join("/")));
+            }
+        }
+    }
+    if could_be_hub_namespace {
+        out.extend(hub_path(&segments));
+    }
+    let mut globs: Vec<ImageGlob> = out.iter().filter_map(|g| g.parse().ok()).collect();
+    globs.dedup();
+    if globs.is_empty() {
+        globs.push(glob.clone());
+    }
+    globs
+}
+
+/// Whether any canonical form of `glob` matches the canonical `repository`.
+pub fn glob_covers(glob: &ImageGlob, repository: &str) -> bool {
+    canonical_glob(glob).iter().any(|g| g.matches(repository))
 }
 
 #[cfg(test)]
@@ -382,25 +424,52 @@ mod tests {
 
     #[test]
     fn globs_are_rewritten_like_references() {
-        let cases = [
+        let cases: &[(&str, &[&str])] = &[
             (
                 "REGISTRY.example.com:443/shop/**",
-                "registry.example.com/shop/**",
+                &["registry.example.com/shop/**"],
             ),
-            ("index.docker.io/library/nginx", "docker.io/library/nginx"),
-            ("docker.io/nginx", "docker.io/library/nginx"),
-            ("nginx", "docker.io/library/nginx"),
-            ("team/*", "docker.io/team/*"),
-            ("docker.io/**", "docker.io/**"),
-            ("**", "**"),
-            ("*/shop/**", "*/shop/**"),
-            ("127.0.0.1:5000/**", "127.0.0.1:5000/**"),
-            ("127.0.0.1:05000/**", "127.0.0.1:5000/**"),
-            ("registry.example.com:*/x", "registry.example.com:*/x"),
+            (
+                "index.docker.io/library/nginx",
+                &["docker.io/library/nginx"],
+            ),
+            ("docker.io/nginx", &["docker.io/library/nginx"]),
+            ("nginx", &["docker.io/library/nginx"]),
+            ("team/*", &["docker.io/team/*"]),
+            ("docker.io/**", &["docker.io/**"]),
+            ("**", &["**"]),
+            ("127.0.0.1:5000/**", &["127.0.0.1:5000/**"]),
+            ("127.0.0.1:05000/**", &["127.0.0.1:5000/**"]),
+            // Wildcards that could mean several things are read every way.
+            (
+                "registry.example.com:*/x",
+                &["registry.example.com:*/x", "registry.example.com/x"],
+            ),
+            ("127*/shop/**", &["127*/shop/**", "docker.io/127*/shop/**"]),
+            ("*.docker.io/**", &["*.docker.io/**", "docker.io/**"]),
+            ("*/nginx", &["*/nginx", "docker.io/library/nginx"]),
         ];
         for (glob, want) in cases {
             let g: ImageGlob = glob.parse().expect("glob");
-            assert_eq!(canonical_glob(&g).as_str(), want, "{glob}");
+            let got: Vec<String> = canonical_glob(&g)
+                .iter()
+                .map(|g| g.as_str().to_owned())
+                .collect();
+            for w in *want {
+                assert!(got.iter().any(|g| g == w), "{glob}: {got:?} lacks {w}");
+            }
+        }
+        // And they cover what they cover as written.
+        let covered = [
+            ("127.0.0.1:*/shop/**", "127.0.0.1:443/shop/orders:1"),
+            ("127*/shop/**", "127.0.0.1/shop/orders:1"),
+            ("*.docker.io/**", "registry-1.docker.io/team/app"),
+            ("*/nginx", "docker.io/nginx"),
+        ];
+        for (glob, image) in covered {
+            let g: ImageGlob = glob.parse().expect("glob");
+            let r = parse(image).expect("image");
+            assert!(glob_covers(&g, &r.repository), "{glob} misses {image}");
         }
     }
 
@@ -468,8 +537,8 @@ mod tests {
             let globs = ["registry.example.com/**", "docker.io/library/*", "ghcr.io/*/**",
                          "nginx", "*/a*/**", "REGISTRY.EXAMPLE.COM:443/**", "index.docker.io/**"];
             for g in globs {
-                let g = canonical_glob(&g.parse().expect("glob"));
-                prop_assert_eq!(g.matches(&a.repository), g.matches(&b.repository), "{}", g);
+                let g: ImageGlob = g.parse().expect("glob");
+                prop_assert_eq!(glob_covers(&g, &a.repository), glob_covers(&g, &b.repository), "{}", g);
             }
         }
     }
