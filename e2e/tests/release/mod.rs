@@ -179,7 +179,9 @@ fn own_images_signed_attested_and_enforced(env: &Env) -> Result<()> {
     std::fs::write(&file, policy)?;
     run_ok(cp.kubectl().arg("apply").arg("-f").arg(&file))?;
     let wh = WebhookProcess::start(cp, "release", &reg.webhook_config())?;
-    wh.register(cp, "palisade-e2e-release")?;
+    // Both hooks, as the chart registers them: the policy pins digests (pinDigest), so the
+    // mutating hook pins what the validating hook then requires to be pinned.
+    wh.register_mutating(cp, "palisade-e2e-release")?;
     let webhook = images
         .iter()
         .find(|p| p.name == "palisade-webhook")
