@@ -241,6 +241,10 @@ impl Config {
     pub fn parse(text: &str) -> Result<Self, String> {
         let config: Config = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
         config.tls.source()?;
+        // A zero period would stop the refresher, and revoked keys would keep verifying.
+        if config.images.material_refresh_seconds == 0 {
+            return Err("images.materialRefreshSeconds must be at least 1".into());
+        }
         Ok(config)
     }
 }
@@ -248,6 +252,17 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_material_is_refreshed_at_least_every_so_often() {
+        let base = "listen: 127.0.0.1:0\ntls: {certFile: c, keyFile: k}\n";
+        let err = Config::parse(&format!("{base}images: {{materialRefreshSeconds: 0}}\n"))
+            .expect_err("zero refused");
+        assert!(err.contains("materialRefreshSeconds"), "{err}");
+        let ok = Config::parse(&format!("{base}images: {{materialRefreshSeconds: 1}}\n"))
+            .expect("one second");
+        assert_eq!(ok.images.material_refresh_seconds, 1);
+    }
 
     #[test]
     fn tls_takes_files_or_the_workload_api_but_not_both() {
