@@ -4,6 +4,7 @@
 //! ImagePolicy status writer. [`ClusterFacts::start`] wires it to a client; the rest of the
 //! webhook reads it through [`FactSource`].
 
+use crate::lock;
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     sync::{
@@ -70,12 +71,6 @@ pub struct ClusterFacts {
 struct Material {
     entries: Mutex<HashMap<String, Result<Vec<u8>, String>>>,
     version: AtomicU64,
-}
-
-/// The guarded value even if another thread panicked holding the lock: an empty policy list
-/// would admit every image.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Material {

@@ -12,3 +12,10 @@ pub mod secrets;
 pub mod server;
 pub mod tls;
 pub mod workload;
+
+/// The guarded value even if another thread panicked while holding the lock. Every map the
+/// webhook guards stays consistent between statements, and refusing to read it (an empty
+/// policy list, say) would fail open.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

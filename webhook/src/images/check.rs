@@ -16,6 +16,7 @@
 //! and whose images are all among the template's uses those digests instead of resolving the
 //! tags again, so a ReplicaSet's pods cost no registry call.
 
+use crate::lock;
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     sync::{Arc, Mutex},
@@ -461,12 +462,6 @@ impl ImageVerifier {
         }
         out
     }
-}
-
-/// The guarded value even if another thread panicked while holding the lock: every map here
-/// stays consistent between statements, and an empty answer would fail open.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Whether `layers` satisfy policy `p` for `digest`: enough authorities verify the signature,

@@ -12,6 +12,7 @@
 //! insecure; what a registry writes in an error body never reaches a denial (only the status
 //! and a well-formed error code do).
 
+use crate::lock;
 use std::{
     collections::BTreeMap,
     net::IpAddr,
@@ -799,11 +800,6 @@ fn credential_fingerprint(auth: &RegistryAuth) -> String {
         RegistryAuth::Basic(u, p) => sha256(format!("basic\0{u}\0{p}").as_bytes()),
         RegistryAuth::Bearer(t) => sha256(format!("bearer\0{t}").as_bytes()),
     }
-}
-
-/// The guarded value even if another thread panicked while holding the lock.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[derive(Deserialize)]
