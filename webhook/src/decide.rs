@@ -19,7 +19,7 @@ use crate::{
     config::{Config, Mode},
     identity::{self, SpireRegistration},
     images::reference,
-    pods::image_uses,
+    pods::{image_uses, new_image_uses},
     secrets::{Finding, SecretsPolicy},
     workload::{PodView, pod_of},
 };
@@ -170,24 +170,13 @@ fn images_to_check(
     pod: &PodView,
     old: Option<&PodView>,
 ) -> (BTreeMap<String, Vec<String>>, BTreeSet<String>, Vec<String>) {
-    // An image is unchanged where the same field held the same reference before (the same
-    // string elsewhere in the old pod is no verdict for this field).
-    let old_images: BTreeSet<(String, &str)> = old
-        .map(|o| {
-            image_uses(&o.spec)
-                .into_iter()
-                .map(|u| (u.pointer, u.image))
-                .collect()
-        })
-        .unwrap_or_default();
     let mut images: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    let mut all_images = BTreeSet::new();
+    let all_images = image_uses(&pod.spec)
+        .into_iter()
+        .map(|u| u.image.to_owned())
+        .collect();
     let mut unparsed = Vec::new();
-    for u in image_uses(&pod.spec) {
-        all_images.insert(u.image.to_owned());
-        if old_images.contains(&(u.pointer.clone(), u.image)) {
-            continue;
-        }
+    for u in new_image_uses(&pod.spec, old.map(|o| &o.spec)) {
         if let Err(e) = reference::parse(u.image) {
             unparsed.push(format!("{}: {e}", u.user));
             continue;
@@ -268,15 +257,8 @@ fn view_of(
 /// nothing a check reads changed (finalizers, owner references, other metadata, replicas), or
 /// the object is being deleted and loses fields on its way out without starting a new image.
 fn changes_nothing_judged(object: &DynamicObject, old: &PodView, pod: &PodView) -> bool {
-    let terminating = object.metadata.deletion_timestamp.is_some() && {
-        let before: BTreeSet<(String, &str)> = image_uses(&old.spec)
-            .into_iter()
-            .map(|u| (u.pointer, u.image))
-            .collect();
-        image_uses(&pod.spec)
-            .into_iter()
-            .all(|u| before.contains(&(u.pointer, u.image)))
-    };
+    let terminating = object.metadata.deletion_timestamp.is_some()
+        && new_image_uses(&pod.spec, Some(&old.spec)).is_empty();
     terminating || unchanged(old, pod)
 }
 

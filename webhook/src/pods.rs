@@ -113,6 +113,24 @@ pub fn image_uses(spec: &PodSpec) -> Vec<ImageUse<'_>> {
     out
 }
 
+/// The image uses of `spec` that `old` (the pod spec an update replaces) did not have: a use is
+/// unchanged only where the same field held the same reference (the same string elsewhere in
+/// the old pod is no verdict for this field). Without `old`, every use.
+pub fn new_image_uses<'a>(spec: &'a PodSpec, old: Option<&PodSpec>) -> Vec<ImageUse<'a>> {
+    let before: std::collections::BTreeSet<(String, String)> = old
+        .map(|o| {
+            image_uses(o)
+                .into_iter()
+                .map(|u| (u.pointer, u.image.to_owned()))
+                .collect()
+        })
+        .unwrap_or_default();
+    image_uses(spec)
+        .into_iter()
+        .filter(|u| !before.contains(&(u.pointer.clone(), u.image.to_owned())))
+        .collect()
+}
+
 /// Every container of `spec`: init containers, then containers, then ephemeral containers.
 pub fn containers(spec: &PodSpec) -> impl Iterator<Item = ContainerView<'_>> {
     let init = (spec.init_containers.iter().flatten().enumerate())

@@ -6,11 +6,7 @@
 //! validating hook refuses a covered image that is not pinned, so a pin that could not be made
 //! never runs a moving tag.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    sync::Arc,
-    time::Instant,
-};
+use std::{collections::BTreeMap, sync::Arc, time::Instant};
 
 use kube::core::{
     DynamicObject,
@@ -21,7 +17,7 @@ use serde_json::{Value, json};
 use super::{admit::scope_of, check::ImageVerifier, policy::CompiledImagePolicy, reference};
 use crate::{
     config::Config,
-    pods::{image_uses, pull_secrets},
+    pods::{image_uses, new_image_uses, pull_secrets},
     workload::pod_of,
 };
 
@@ -55,18 +51,7 @@ pub async fn pin_ops(
     let Some(pod) = req.object.as_ref().and_then(view) else {
         return Vec::new();
     };
-    // (field, image) pairs the old pod already had: those keep their reference.
-    let old_images: BTreeSet<(String, String)> = req
-        .old_object
-        .as_ref()
-        .and_then(view)
-        .map(|o| {
-            image_uses(&o.spec)
-                .into_iter()
-                .map(|u| (u.pointer, u.image.to_owned()))
-                .collect()
-        })
-        .unwrap_or_default();
+    let old = req.old_object.as_ref().and_then(view);
     let mut scope = scope_of(req, pull_secrets(&pod.spec));
     scope.images = image_uses(&pod.spec)
         .into_iter()
@@ -74,10 +59,8 @@ pub async fn pin_ops(
         .collect();
     let mut ops = Vec::new();
     let mut pinned: BTreeMap<String, String> = BTreeMap::new();
-    for u in image_uses(&pod.spec) {
-        if old_images.contains(&(u.pointer.clone(), u.image.to_owned())) {
-            continue;
-        }
+    // Images the old pod already ran in the same field keep their reference.
+    for u in new_image_uses(&pod.spec, old.as_ref().map(|o| &o.spec)) {
         let Ok(parsed) = reference::parse(u.image) else {
             continue;
         };
