@@ -110,7 +110,13 @@ impl WebhookProcess {
         (ca, host): (&std::path::Path, &str),
         port: u16,
     ) -> Result<Self> {
-        let config = format!("listen: 127.0.0.1:{port}\n{config}\n");
+        let mut config = format!("listen: 127.0.0.1:{port}\n{config}\n");
+        // One process writes ImagePolicy status unless the test sets up an election.
+        if !config.contains("leaderElection") {
+            config.push_str(
+                "leaderElection: {enabled: false, leaseName: palisade-webhook, leaseNamespace: default, leaseSeconds: 15}\n",
+            );
+        }
         let config_path = dir.join("config.yaml");
         std::fs::write(&config_path, config)?;
         let log = dir.join("webhook.log");

@@ -25,7 +25,7 @@ pub struct Config {
     #[serde(skip)]
     pub context: Context,
     /// Leader election on a Lease.
-    #[serde(default)]
+    #[serde(default = "default_leader_election")]
     pub leader_election: LeaderElection,
     /// Where `/metrics`, `/healthz` and `/readyz` are served.
     #[serde(default = "default_metrics_address")]
@@ -47,29 +47,10 @@ fn default_concurrency() -> u16 {
     32
 }
 
-/// Leader election settings.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct LeaderElection {
-    /// Whether to elect a leader (off only for a single replica).
-    pub enabled: bool,
-    /// Lease name.
-    pub lease_name: String,
-    /// Lease namespace.
-    pub lease_namespace: String,
-    /// How long a lease lasts without renewal, in seconds.
-    pub lease_seconds: u32,
-}
+pub use palisade_lease::LeaderElection;
 
-impl Default for LeaderElection {
-    fn default() -> Self {
-        LeaderElection {
-            enabled: true,
-            lease_name: "palisade-operator".into(),
-            lease_namespace: "palisade-system".into(),
-            lease_seconds: 15,
-        }
-    }
+fn default_leader_election() -> LeaderElection {
+    LeaderElection::named("palisade-operator")
 }
 
 fn default_metrics_address() -> SocketAddr {
@@ -123,7 +104,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             context: Context::default(),
-            leader_election: LeaderElection::default(),
+            leader_election: default_leader_election(),
             metrics_address: default_metrics_address(),
             concurrency: default_concurrency(),
             vault: None,

@@ -5,7 +5,6 @@ pub mod certs;
 pub mod config;
 pub mod controller;
 pub mod diff;
-pub mod leader;
 pub mod metrics;
 pub mod names;
 pub mod run;

@@ -8,11 +8,11 @@ use kube::{
     runtime::{Controller, controller::Action, watcher},
 };
 use palisade_api::{AuthPolicy, RateLimitPolicy, SecretBinding};
+use palisade_lease::Leadership;
 
 use crate::{
     config::Config,
     controller::{self, Error, State, auth, ratelimit, secrets},
-    leader::Leadership,
     metrics::{self, Metrics},
     translate::{OWNER_NAME_LABEL, OWNER_NAMESPACE_LABEL},
 };

@@ -1,7 +1,8 @@
 //! The cluster as the webhook sees it: namespaces, ClusterSPIFFEIDs and ImagePolicies from
 //! watches, the key material ImagePolicies reference (Secrets and ConfigMaps, re-read every
 //! `material_refresh`, so a rotated or revoked key stops verifying within that time), and the
-//! ImagePolicy status writer. [`ClusterFacts::start`] wires it to a client; the rest of the
+//! ImagePolicy status writer (active on the replica holding the webhook's Lease only).
+//! [`ClusterFacts::start`] wires it to a client; the rest of the
 //! webhook reads it through [`FactSource`].
 
 use crate::lock;
@@ -9,7 +10,7 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -62,6 +63,8 @@ pub struct ClusterFacts {
     compiled: Mutex<Compiled>,
     /// Referenced Secrets' and ConfigMaps' keys.
     material: Material,
+    /// Whether this replica writes ImagePolicy status (it holds the webhook's Lease).
+    leading: Arc<AtomicBool>,
 }
 
 /// Key material read from Secrets and ConfigMaps, by `secret|configmap/<ns>/<name>/<key>`,
@@ -192,6 +195,7 @@ impl ClusterFacts {
             image_policies,
             compiled: Mutex::new(HashMap::new()),
             material: Material::default(),
+            leading: Arc::new(AtomicBool::new(false)),
         });
         let policy_stream = watcher(
             Api::<ImagePolicy>::all(client.clone()),
@@ -249,9 +253,7 @@ impl ClusterFacts {
             version = self.material.version(),
             "ImagePolicy key material changed: verdicts it gave are no longer used"
         );
-        for p in &policies {
-            self.write_status(p).await;
-        }
+        self.write_all_status().await;
     }
 
     /// The compiled form of `p` from `cache`, compiling it on first use.
@@ -266,9 +268,26 @@ impl ClusterFacts {
         }))
     }
 
+    /// The flag that lets this replica write ImagePolicy status: set it while this replica
+    /// holds the Lease (`palisade_lease::follow`), so replicas never race on status.
+    pub fn leading(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.leading)
+    }
+
+    /// Rewrites every ImagePolicy's status that is out of date (when leadership starts: the
+    /// previous leader may have stopped before writing what changed).
+    pub async fn write_all_status(&self) {
+        for p in &self.image_policies.state() {
+            self.write_status(p).await;
+        }
+    }
+
     /// Reports in an ImagePolicy's status whether its keys and predicate policies are loaded;
-    /// written only when it changes.
+    /// written only when it changes, and only by the leading replica.
     async fn write_status(&self, policy: &ImagePolicy) {
+        if !self.leading.load(Ordering::SeqCst) {
+            return;
+        }
         let compiled = self.compiled_in(&mut lock(&self.compiled), policy);
         let previous = policy.status.clone().unwrap_or_default();
         let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
@@ -289,6 +308,8 @@ impl ClusterFacts {
             .await
         {
             tracing::warn!(policy = %compiled.name, error = %e, "cannot write ImagePolicy status");
+        } else {
+            tracing::info!(policy = %compiled.name, "ImagePolicy status written");
         }
     }
 }

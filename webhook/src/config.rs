@@ -15,6 +15,8 @@
 //!          materialRefreshSeconds: 5}
 //! spire: {className: prod, watchClassless: false}   # the SPIRE controller manager's class
 //! istio: {ambient: true, proxyImages: ["**/proxyv2"]}
+//! leaderElection: {enabled: true, leaseName: palisade-webhook, leaseNamespace: palisade-system,
+//!                  leaseSeconds: 15}        # one replica writes ImagePolicy status
 //! ```
 
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf};
@@ -55,6 +57,13 @@ pub struct Config {
     /// How Istio is installed (identity source Istio).
     #[serde(default)]
     pub istio: crate::identity::IstioSettings,
+    /// The Lease that picks the one replica writing ImagePolicy status (every replica serves).
+    #[serde(default = "default_leader_election")]
+    pub leader_election: palisade_lease::LeaderElection,
+}
+
+fn default_leader_election() -> palisade_lease::LeaderElection {
+    palisade_lease::LeaderElection::named("palisade-webhook")
 }
 
 /// Image signature verification settings.

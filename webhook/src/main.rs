@@ -3,6 +3,7 @@
 
 use std::{process::ExitCode, sync::Arc, time::Duration};
 
+use futures::FutureExt;
 use kube::Client;
 use palisade_webhook::{
     cluster::{ApiPullSecrets, ClusterFacts},
@@ -93,7 +94,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
         Duration::from_secs(config.images.cache_ttl_seconds),
         Duration::from_secs(config.images.negative_cache_ttl_seconds),
     )
-    .with_pull_secrets(Arc::new(ApiPullSecrets(client)));
+    .with_pull_secrets(Arc::new(ApiPullSecrets(client.clone())));
+    let status_writer = Arc::clone(&facts);
     let state = Arc::new(AppState {
         secrets,
         facts,
@@ -102,20 +104,31 @@ async fn run(config: Config) -> anyhow::Result<()> {
         counters: palisade_webhook::server::Counters::default(),
         config: config.clone(),
     });
+    let shutdown = shutdown_signal().shared();
+    let lease = tokio::spawn(palisade_lease::follow(
+        client.clone(),
+        config.leader_election.clone(),
+        std::env::var("POD_NAME")
+            .unwrap_or_else(|_| format!("palisade-webhook-{}", std::process::id())),
+        status_writer.leading(),
+        {
+            let facts = Arc::clone(&status_writer);
+            move || {
+                let facts = Arc::clone(&facts);
+                tokio::spawn(async move { facts.write_all_status().await });
+            }
+        },
+        shutdown.clone(),
+    ));
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     tracing::info!(listen = %config.listen, "serving admission reviews");
     let client_roots = config.tls.client_roots().map_err(|e| anyhow::anyhow!(e))?;
     if client_roots.is_some() {
         tracing::info!("serving only clients with a certificate from tls.clientCAFile");
     }
-    serve_tls(
-        listener,
-        cert,
-        router(state),
-        shutdown_signal(),
-        client_roots,
-    )
-    .await?;
+    serve_tls(listener, cert, router(state), shutdown, client_roots).await?;
+    // Give the Lease up, so a standby writes status at once rather than when it runs out.
+    let _ = tokio::time::timeout(Duration::from_secs(5), lease).await;
     Ok(())
 }
 

@@ -95,6 +95,7 @@ const NOT_EXERCISED: &[&str] = &[
     "operator patch palisade.dev/secretbindings",
     "operator patch palisade.dev/secretbindings/status",
     "operator update coordination.k8s.io/leases",
+    "webhook update coordination.k8s.io/leases",
 ];
 
 #[allow(clippy::too_many_lines)]

@@ -36,6 +36,10 @@ pub const TESTS: &[(&str, TestFn)] = &[
         "images::private_registry_tampering_quorum_audit_and_templates",
         private_registry_tampering_quorum_audit_and_templates,
     ),
+    (
+        "images::one_replica_writes_policy_status",
+        one_replica_writes_policy_status,
+    ),
 ];
 
 const SLSA: &str = "https://slsa.dev/provenance/v0.2";
@@ -206,15 +210,7 @@ impl Scene<'_> {
 
     /// The reason of ImagePolicy `name`'s Ready condition, once it has one.
     fn ready(&self, name: &str) -> Option<String> {
-        run_ok(self.cp.kubectl().args([
-            "get",
-            "imagepolicy",
-            name,
-            "-o",
-            r#"jsonpath={.status.conditions[?(@.type=="Ready")].reason}"#,
-        ]))
-        .ok()
-        .filter(|r| !r.is_empty())
+        policy_ready(self.cp, name)
     }
 
     /// Labels the namespace for the webhook and the mesh, and creates ServiceAccount `orders`.
@@ -600,4 +596,110 @@ fn private_registry_tampering_quorum_audit_and_templates(env: &Env) -> Result<()
         Ok(())
     });
     wh.unregister_after(cp, "palisade-e2e-images-private", result)
+}
+
+/// Two webhook replicas share a Lease: only its holder writes ImagePolicy status (the other
+/// serves admission only), and when the holder stops, the other takes the Lease and writes what
+/// changed meanwhile.
+fn one_replica_writes_policy_status(env: &Env) -> Result<()> {
+    let cp = &env.cp;
+    let election = "leaderElection: {enabled: true, leaseName: palisade-webhook-e2e, leaseNamespace: default, leaseSeconds: 3}";
+    let holder = || {
+        run_ok(cp.kubectl().args([
+            "get",
+            "lease",
+            "palisade-webhook-e2e",
+            "-n",
+            "default",
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ]))
+        .ok()
+        .filter(|h| !h.is_empty())
+    };
+    let first = WebhookProcess::start(cp, "lease-a", election)?;
+    let first_id = format!("palisade-webhook-{}", first.pid());
+    cp.eventually(
+        "the first replica holds the Lease",
+        Duration::from_secs(30),
+        || holder().filter(|h| *h == first_id),
+    )?;
+    let second = WebhookProcess::start(cp, "lease-b", election)?;
+    let second_id = format!("palisade-webhook-{}", second.pid());
+    // A policy whose authority cannot load, so its status has something to say.
+    let policy = |name: &str| {
+        let file = cp.work_dir.join(format!("{name}.yaml"));
+        std::fs::write(
+            &file,
+            format!(
+                "apiVersion: palisade.dev/v1alpha1\nkind: ImagePolicy\nmetadata:\n  name: {name}\nspec:\n  images: [{{glob: \"lease.example/{name}/**\"}}]\n  authorities:\n    - name: ci\n      keyless: {{identities: [{{issuer: https://issuer.example, subject: dev@shop.example}}]}}\n"
+            ),
+        )?;
+        run_ok(cp.kubectl().arg("apply").arg("-f").arg(&file))?;
+        Ok::<_, anyhow::Error>(())
+    };
+    let ready = |name: &str| policy_ready(cp, name);
+    let wrote = |wh: &WebhookProcess, name: &str| {
+        wh.log_text()
+            .lines()
+            .any(|l| l.contains("ImagePolicy status written") && l.contains(&format!("\"{name}\"")))
+    };
+    let result = (|| {
+        policy("lease-one")?;
+        cp.eventually(
+            "the leader wrote the status",
+            Duration::from_secs(30),
+            || ready("lease-one"),
+        )?;
+        std::thread::sleep(Duration::from_secs(2));
+        if !wrote(&first, "lease-one") || wrote(&second, "lease-one") {
+            bail!(
+                "status of lease-one: leader wrote it {}, standby wrote it {}",
+                wrote(&first, "lease-one"),
+                wrote(&second, "lease-one")
+            );
+        }
+        // The leader stops gracefully and gives the Lease up; the standby takes it.
+        run_ok(std::process::Command::new("kill").arg(first.pid().to_string()))?;
+        cp.eventually(
+            "the standby holds the Lease",
+            Duration::from_secs(20),
+            || holder().filter(|h| *h == second_id),
+        )?;
+        policy("lease-two")?;
+        cp.eventually(
+            "the new leader wrote the status",
+            Duration::from_secs(30),
+            || ready("lease-two"),
+        )?;
+        if !wrote(&second, "lease-two") {
+            bail!(
+                "the new leader did not write lease-two's status:\n{}",
+                second.log_tail()
+            );
+        }
+        Ok(())
+    })();
+    for name in ["lease-one", "lease-two"] {
+        let _ = run(cp
+            .kubectl()
+            .args(["delete", "imagepolicy", name, "--ignore-not-found"]));
+    }
+    let _ = run(cp
+        .kubectl()
+        .args(["delete", "lease", "palisade-webhook-e2e", "-n", "default"]));
+    result
+}
+
+/// The reason of ImagePolicy `name`'s Ready condition, once it has one.
+fn policy_ready(cp: &palisade_e2e::controlplane::ControlPlane, name: &str) -> Option<String> {
+    run_ok(cp.kubectl().args([
+        "get",
+        "imagepolicy",
+        name,
+        "-o",
+        r#"jsonpath={.status.conditions[?(@.type=="Ready")].reason}"#,
+    ]))
+    .ok()
+    .filter(|r| !r.is_empty())
 }

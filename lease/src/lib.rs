@@ -5,6 +5,10 @@
 //! renewal fails or another holder appears. Writes happen only while leading. On a graceful
 //! shutdown the leader gives the Lease up, so a standby takes over at its next attempt rather
 //! than after the Lease runs out (a rolling upgrade is not a lease duration without a leader).
+//!
+//! The operator leads for its whole life ([`Leadership::acquire`], [`Leadership::keep`]); the
+//! webhook serves on every replica and only gates the writes that must happen once
+//! ([`follow`]: a flag that is set while this replica holds the Lease).
 
 use std::time::Duration;
 
@@ -18,7 +22,33 @@ use kube::{
     api::{ObjectMeta, PostParams},
 };
 
-use crate::config::LeaderElection;
+use serde::Deserialize;
+
+/// Leader election settings (`leaderElection` in the operator's and the webhook's configuration).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LeaderElection {
+    /// Whether to elect a leader (off only for a single replica).
+    pub enabled: bool,
+    /// Lease name.
+    pub lease_name: String,
+    /// Lease namespace.
+    pub lease_namespace: String,
+    /// How long a lease lasts without renewal, in seconds.
+    pub lease_seconds: u32,
+}
+
+impl LeaderElection {
+    /// Election on the Lease `name` in `palisade-system`, lasting 15 s.
+    pub fn named(name: &str) -> Self {
+        LeaderElection {
+            enabled: true,
+            lease_name: name.into(),
+            lease_namespace: "palisade-system".into(),
+            lease_seconds: 15,
+        }
+    }
+}
 
 /// A held lease.
 pub struct Leadership {
@@ -171,5 +201,59 @@ impl Leadership {
             .replace(&self.name, &PostParams::default(), &lease)
             .await?;
         Ok(())
+    }
+}
+
+/// Takes the Lease whenever it is free, keeps it while it can, and says in `leading` whether this
+/// replica holds it; `on_lead` runs each time leadership starts (to catch up with what a
+/// previous leader may have left). Runs until `shutdown` resolves, then gives the Lease up.
+/// API errors only delay the next attempt: a replica that cannot reach the Lease is no leader.
+pub async fn follow(
+    client: Client,
+    cfg: LeaderElection,
+    identity: String,
+    leading: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    on_lead: impl Fn() + Send,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    use std::sync::atomic::Ordering;
+    if !cfg.enabled {
+        leading.store(true, Ordering::SeqCst);
+        on_lead();
+        shutdown.await;
+        return;
+    }
+    let retry = Duration::from_secs(u64::from(cfg.lease_seconds.max(3) / 3));
+    let run = async {
+        loop {
+            let held = match Leadership::acquire(client.clone(), &cfg, identity.clone()).await {
+                Ok(h) => h,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot take the lease");
+                    tokio::time::sleep(retry).await;
+                    continue;
+                }
+            };
+            leading.store(true, Ordering::SeqCst);
+            on_lead();
+            let lost = held.keep().await;
+            leading.store(false, Ordering::SeqCst);
+            tracing::warn!(error = %lost, "no longer leading");
+        }
+    };
+    tokio::select! {
+        _ = run => {}
+        () = shutdown => {}
+    }
+    if leading.swap(false, Ordering::SeqCst) {
+        let me = Leadership {
+            api: Api::namespaced(client, &cfg.lease_namespace),
+            name: cfg.lease_name.clone(),
+            identity,
+            seconds: cfg.lease_seconds,
+        };
+        if let Err(e) = me.release().await {
+            tracing::warn!(error = %e, "could not release the lease; a standby takes over when it runs out");
+        }
     }
 }
