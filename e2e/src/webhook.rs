@@ -25,6 +25,10 @@ pub struct WebhookProcess {
     host: String,
 }
 
+/// The chart's match condition for pod status updates (`palisade.statusRelabels`): only those
+/// that change labels or annotations are sent.
+pub const STATUS_RELABELS: &str = "!has(request.subResource) || request.subResource != 'status' || has(object.metadata.labels) != has(oldObject.metadata.labels) || (has(object.metadata.labels) && object.metadata.labels != oldObject.metadata.labels) || has(object.metadata.annotations) != has(oldObject.metadata.annotations) || (has(object.metadata.annotations) && object.metadata.annotations != oldObject.metadata.annotations)";
+
 /// Label a namespace needs for the e2e webhook registration to apply to it.
 pub const SCOPE_LABEL: &str = "palisade.dev/e2e-webhook";
 
@@ -208,7 +212,23 @@ impl WebhookProcess {
         operations: [CREATE, UPDATE]
         resources: [jobs, cronjobs]
 ";
+        // As the chart: pod status updates that relabel go to the validating hook.
+        let status = format!(
+            "    matchConditions:
+      - name: status-relabels
+        expression: \"{STATUS_RELABELS}\"
+{rules}      - apiGroups: [\"\"]
+        apiVersions: [v1]
+        operations: [UPDATE]
+        resources: [pods/status]
+"
+        );
         let webhook = |kind: &str, hook: &str| {
+            let rules = if hook == "validate" {
+                status.as_str()
+            } else {
+                rules
+            };
             format!(
                 "apiVersion: admissionregistration.k8s.io/v1
 kind: {kind}

@@ -14,7 +14,7 @@
 //! images: {insecureRegistries: ["127.0.0.1:5000"], cacheTTLSeconds: 600, negativeCacheTTLSeconds: 30,
 //!          materialRefreshSeconds: 5}
 //! spire: {className: prod, watchClassless: false}   # the SPIRE controller manager's class
-//! istio: {ambient: true, proxyImages: ["**/proxyv2"]}
+//! istio: {ambient: true, proxyImages: ["docker.io/istio/proxyv2"]}
 //! leaderElection: {enabled: true, leaseName: palisade-webhook, leaseNamespace: palisade-system,
 //!                  leaseSeconds: 15}        # one replica writes ImagePolicy status
 //! ```

@@ -70,10 +70,12 @@ pub fn decide(
     if config.exempt_namespaces.contains(&namespace) || req.operation == Operation::Delete {
         return allow(vec![]);
     }
-    // Status and scale changes start or stop nothing new.
-    if matches!(req.sub_resource.as_deref(), Some("status" | "scale")) {
+    // Scale changes start or stop nothing new; status changes neither, unless they relabel a
+    // pod (a status update may change its labels and annotations, which select identities).
+    if req.sub_resource.as_deref() == Some("scale") {
         return allow(vec![]);
     }
+    let status = req.sub_resource.as_deref() == Some("status");
     let Some(object) = &req.object else {
         // The API server always sends the object of a CREATE or UPDATE: without one there is
         // nothing to judge, and nothing is admitted unjudged.
@@ -101,6 +103,7 @@ pub fn decide(
     if old
         .as_ref()
         .is_some_and(|o| changes_nothing_judged(object, o, &pod))
+        || (status && old.as_ref().is_none_or(|o| same_identity_metadata(o, &pod)))
     {
         return allow(vec![]);
     }
@@ -255,16 +258,18 @@ fn view_of(
 
 /// Whether an UPDATE from `old` to `object` (whose pod is `pod`) changes nothing a check judges:
 /// nothing a check reads changed (finalizers, owner references, other metadata, replicas), or
-/// the object is being deleted and loses fields on its way out without starting a new image.
+/// the object is being deleted and loses fields on its way out without starting a new image
+/// or changing what selects its identity (a terminating pod may run for its whole grace
+/// period, so a relabel still counts).
 fn changes_nothing_judged(object: &DynamicObject, old: &PodView, pod: &PodView) -> bool {
     let terminating = object.metadata.deletion_timestamp.is_some()
-        && new_image_uses(&pod.spec, Some(&old.spec)).is_empty();
-    terminating || unchanged(old, pod)
+        && new_image_uses(&pod.spec, Some(&old.spec)).is_empty()
+        && same_identity_metadata(old, pod);
+    terminating || (old.spec == pod.spec && same_identity_metadata(old, pod))
 }
 
-/// Whether nothing a check reads changed: the pod spec, the labels (identity selectors) and
-/// Istio's annotations.
-fn unchanged(old: &PodView, new: &PodView) -> bool {
+/// Whether the labels (identity selectors) and Istio's annotations are the same.
+fn same_identity_metadata(old: &PodView, new: &PodView) -> bool {
     let istio = |p: &PodView| -> Vec<(String, String)> {
         p.annotations
             .iter()
@@ -272,7 +277,7 @@ fn unchanged(old: &PodView, new: &PodView) -> bool {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect()
     };
-    old.spec == new.spec && old.labels == new.labels && istio(old) == istio(new)
+    old.labels == new.labels && istio(old) == istio(new)
 }
 
 fn template_prefix(path: &str) -> String {

@@ -320,7 +320,7 @@ fn has_proxy(pod: &PodView, settings: &IstioSettings) -> bool {
     let genuine =
         |image: Option<&str>, command: Option<&Vec<String>>, args: Option<&Vec<String>>| {
             command.is_none_or(Vec::is_empty)
-                && args.is_some_and(|a| a.len() >= 2 && a[0] == "proxy" && a[1] == "sidecar")
+                && args.is_some_and(|a| injector_args(a))
                 && image
                     .and_then(|i| crate::images::reference::parse(i).ok())
                     .is_some_and(|r| {
@@ -337,6 +337,55 @@ fn has_proxy(pod: &PodView, settings: &IstioSettings) -> bool {
             && c.restart_policy.as_deref() == Some("Always")
             && genuine(c.image.as_deref(), c.command.as_ref(), c.args.as_ref())
     })
+}
+
+/// Flags of `pilot-agent proxy` that Istio's injection templates write, and whether each takes
+/// a value.
+const PROXY_FLAGS: &[(&str, bool)] = &[
+    ("domain", true),
+    ("proxyLogLevel", true),
+    ("proxyComponentLogLevel", true),
+    ("log_output_level", true),
+    ("log_as_json", false),
+    ("log_caller", true),
+    ("log_stacktrace_level", true),
+    ("log_target", true),
+    ("stsPort", true),
+    ("outlierLogPath", true),
+    ("concurrency", true),
+    ("serviceCluster", true),
+    ("templateFile", true),
+    ("tokenManagerPlugin", true),
+];
+
+/// Whether `args` are the proxy's as the injector writes them: `proxy sidecar` and then only
+/// flags the injection templates use (with their values). Anything else — `--help`,
+/// `version`, an unknown flag — makes the agent print and exit, leaving the pod without a
+/// proxy, so it is not one.
+fn injector_args(args: &[String]) -> bool {
+    let [first, second, rest @ ..] = args else {
+        return false;
+    };
+    if first != "proxy" || second != "sidecar" {
+        return false;
+    }
+    let mut rest = rest.iter();
+    while let Some(arg) = rest.next() {
+        let Some(flag) = arg.strip_prefix("--") else {
+            return false;
+        };
+        let (name, inline) = match flag.split_once('=') {
+            Some((n, _)) => (n, true),
+            None => (flag, false),
+        };
+        let Some((_, takes_value)) = PROXY_FLAGS.iter().find(|(n, _)| *n == name) else {
+            return false;
+        };
+        if *takes_value && !inline && rest.next().is_none_or(|v| v.starts_with('-')) {
+            return false;
+        }
+    }
+    true
 }
 
 /// Whether any container is named `istio-proxy` (genuine or not): such a pod is not captured

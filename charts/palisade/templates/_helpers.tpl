@@ -63,3 +63,11 @@ seccompProfile:
     - {port: {{ . }}, protocol: TCP}
     {{- end }}
 {{- end }}
+
+{{/*
+The match condition that sends a status update to the webhook only when it changes the object's
+labels or annotations.
+*/}}
+{{- define "palisade.statusRelabels" -}}
+!has(request.subResource) || request.subResource != 'status' || has(object.metadata.labels) != has(oldObject.metadata.labels) || (has(object.metadata.labels) && object.metadata.labels != oldObject.metadata.labels) || has(object.metadata.annotations) != has(oldObject.metadata.annotations) || (has(object.metadata.annotations) && object.metadata.annotations != oldObject.metadata.annotations)
+{{- end }}

@@ -29,6 +29,10 @@ pub const TESTS: &[(&str, TestFn)] = &[
         "adversarial::pins_tenants_and_rotated_keys",
         pins_tenants_and_rotated_keys,
     ),
+    (
+        "adversarial::relabels_through_status_or_while_terminating",
+        relabels_through_status_or_while_terminating,
+    ),
 ];
 
 /// A key no image here is signed with.
@@ -153,6 +157,10 @@ fn hostile_registry_refused_in_bounded_memory(env: &Env) -> Result<()> {
                 }
             }
         }
+        // A fetch that ran out of time lets go of its connection: nothing keeps it waiting.
+        cp.eventually("the stalled signature fetches were given up", Duration::from_secs(15), || {
+            (reg.stalled.load(std::sync::atomic::Ordering::SeqCst) == 0).then_some(())
+        })?;
         let peak = peak_rss_kib(wh.pid())?;
         eprintln!(
             "  hostile registry: {} behaviours x 3 refused; {} MiB sent by the registry; webhook peak RSS {} MiB (before: {} MiB)",
@@ -321,4 +329,39 @@ fn pins_tenants_and_rotated_keys(env: &Env) -> Result<()> {
         Ok(())
     });
     wh.unregister_after(cp, "palisade-e2e-adv-images", result)
+}
+
+/// Through the real API server: a pod cannot leave the ambient mesh by relabelling itself
+/// through its `status` subresource, or while it terminates (it may run for its whole grace
+/// period); a plain status update and the removal of a finalizer still go through.
+fn relabels_through_status_or_while_terminating(env: &Env) -> Result<()> {
+    let cp = &env.cp;
+    let wh = WebhookProcess::start(cp, "relabel", "")?;
+    wh.register(cp, "palisade-e2e-relabel")?;
+    let result = cp.with_temp_ns("relabel", |ns| {
+        prepare(cp, ns, true)?;
+        accepts(&apply(cp, ns, "app", &pod_yaml("app", "registry.example.com/shop/app:1"))?, "a pod in the ambient mesh")?;
+        let patch = |sub: Option<&str>, body: &str| {
+            let mut c = cp.kubectl();
+            c.args(["patch", "pod", "app", "-n", ns, "--type=merge", "-p", body]);
+            if let Some(sub) = sub {
+                c.arg(format!("--subresource={sub}"));
+            }
+            run(&mut c)
+        };
+        let opt_out = r#"{"metadata":{"labels":{"istio.io/dataplane-mode":"none"}}}"#;
+        rejects(&patch(Some("status"), opt_out)?, "a status update that opts the pod out of the mesh", &["istio.io/dataplane-mode=none"])?;
+        accepts(&patch(Some("status"), r#"{"status":{"conditions":[{"type":"PodScheduled","status":"False","reason":"Test"}]}}"#)?, "a plain status update")?;
+        // Terminating, held by a finalizer.
+        accepts(&patch(None, r#"{"metadata":{"finalizers":["palisade.dev/e2e-hold"]}}"#)?, "adding a finalizer")?;
+        run_ok(cp.kubectl().args(["delete", "pod", "app", "-n", ns, "--wait=false"]))?;
+        rejects(&patch(None, opt_out)?, "a terminating pod opting out of the mesh", &["istio.io/dataplane-mode=none"])?;
+        accepts(&patch(None, r#"{"metadata":{"finalizers":null}}"#)?, "removing the finalizer of a terminating pod")?;
+        let labels = run(cp.kubectl().args(["get", "pod", "app", "-n", ns, "-o", "jsonpath={.metadata.labels}"]))?;
+        if labels.status.success() {
+            bail!("the terminating pod is still there: {}", String::from_utf8_lossy(&labels.stdout));
+        }
+        Ok(())
+    });
+    wh.unregister_after(cp, "palisade-e2e-relabel", result)
 }

@@ -289,6 +289,10 @@ fn installed(env: &Env, chart: &Path, helm: &dyn Fn() -> Command) -> Result<()> 
             bail!("the release has no {kind}");
         }
     }
+    // The e2e registrations use the chart's match condition for pod status updates.
+    if !manifest.contains(palisade_e2e::webhook::STATUS_RELABELS) {
+        bail!("the chart's status-relabels match condition differs from STATUS_RELABELS");
+    }
     let granted = granted_rules(&manifest)?;
 
     // Each process gets its ServiceAccount's own token: nothing but the chart's RBAC applies.

@@ -33,7 +33,7 @@ use palisade_api::image_policy::EnforcementMode;
 use super::{
     policy::{CompiledImagePolicy, predicate_allowed},
     reference::ImageRef,
-    registry::{Registry, RegistryError, registry_auth},
+    registry::{Budget, Registry, RegistryError, registry_auth},
     verify::{Layer, verify_attestations, verify_signatures},
 };
 
@@ -202,13 +202,20 @@ impl Scope {
 /// Digests a workload's template verified at: owner → (until, image → digest).
 type TemplateDigests = HashMap<OwnerKey, (Instant, BTreeMap<String, String>)>;
 
+/// Fetches of signature material under way, by what they fetch, shared by the requests that
+/// need them.
+type Inflight = Mutex<HashMap<String, Shared<BoxFuture<'static, FetchResult>>>>;
+
 /// The verifier shared by all requests.
 pub struct ImageVerifier {
     registry: Arc<Registry>,
     ttl: Duration,
     negative_ttl: Duration,
     cache: Mutex<HashMap<CacheKey, Cached>>,
-    inflight: Mutex<HashMap<String, Shared<BoxFuture<'static, FetchResult>>>>,
+    inflight: Arc<Inflight>,
+    /// Fetches of signature material running at once: with [`MAX_MATERIAL`](super::registry::MAX_MATERIAL) per fetch, this
+    /// bounds the memory registries can make the webhook hold.
+    fetches: Arc<tokio::sync::Semaphore>,
     templates: Mutex<TemplateDigests>,
     pull_secrets: Option<Arc<dyn PullSecretSource>>,
 }
@@ -221,7 +228,8 @@ impl ImageVerifier {
             ttl,
             negative_ttl,
             cache: Mutex::new(HashMap::new()),
-            inflight: Mutex::new(HashMap::new()),
+            inflight: Arc::new(Mutex::new(HashMap::new())),
+            fetches: Arc::new(tokio::sync::Semaphore::new(MAX_FETCHES)),
             templates: Mutex::new(HashMap::new()),
             pull_secrets: None,
         }
@@ -307,33 +315,25 @@ impl ImageVerifier {
             inflight
                 .entry(key.clone())
                 .or_insert_with(|| {
-                    let registry = Arc::clone(&self.registry);
-                    let (reference, digest, auth) =
-                        (reference.clone(), digest.to_owned(), auth.clone());
+                    // The fetch runs as a task of its own, bounded by the deadline of the
+                    // request that started it, and removes itself when done: nothing waits on
+                    // a fetch nobody polls, and no stale fetch is joined later.
+                    let task = tokio::spawn(fetch_material(
+                        Arc::clone(&self.registry),
+                        Arc::clone(&self.fetches),
+                        (reference.clone(), digest.to_owned(), auth.clone()),
+                        deadline,
+                        with_atts,
+                        (Arc::clone(&self.inflight), key),
+                    ));
+                    let registry = reference.resolve_registry().to_owned();
                     async move {
-                        let fetched = async {
-                            let mut sigs = registry
-                                .cosign_layers(&reference, &digest, "sig", &auth, deadline)
-                                .await?;
-                            let mut atts = if with_atts {
-                                registry
-                                    .cosign_layers(&reference, &digest, "att", &auth, deadline)
-                                    .await?
-                            } else {
-                                Vec::new()
-                            };
-                            // No tag-layout signatures (or attestations): look for Sigstore
-                            // bundles among the image's referrers (cosign v3's default).
-                            if sigs.is_empty() || (with_atts && atts.is_empty()) {
-                                let bundles = registry
-                                    .bundle_layers(&reference, &digest, &auth, deadline)
-                                    .await?;
-                                sigs.extend(bundles.iter().cloned());
-                                atts.extend(bundles);
-                            }
-                            Ok(Fetched { sigs, atts })
-                        };
-                        Arc::new(fetched.await)
+                        task.await.unwrap_or_else(|_| {
+                            Arc::new(Err(RegistryError::Failed {
+                                registry,
+                                why: "the fetch of its signatures failed".to_owned(),
+                            }))
+                        })
                     }
                     .boxed()
                     .shared()
@@ -347,7 +347,6 @@ impl ImageVerifier {
                 millis: 0,
             }));
         };
-        lock(&self.inflight).remove(&key);
         out
     }
 
@@ -562,6 +561,65 @@ fn distinct_signers(signers_of: &[BTreeSet<String>]) -> usize {
     (0..signers_of.len())
         .filter(|&a| assign(a, signers_of, &mut owner, &mut BTreeSet::new()))
         .count()
+}
+
+/// Fetches of signature material running at once (each holds at most [`MAX_MATERIAL`](super::registry::MAX_MATERIAL)).
+const MAX_FETCHES: usize = 4;
+
+/// The signature layers (and attestations `with_atts`) of `digest`, within one
+/// [`MAX_MATERIAL`](super::registry::MAX_MATERIAL) budget and one of the [`MAX_FETCHES`] slots; removes `key` from
+/// `inflight` when done.
+async fn fetch_material(
+    registry: Arc<Registry>,
+    slots: Arc<tokio::sync::Semaphore>,
+    (reference, digest, auth): (Reference, String, RegistryAuth),
+    deadline: Instant,
+    with_atts: bool,
+    (inflight, key): (Arc<Inflight>, String),
+) -> FetchResult {
+    let fetched = async {
+        let host = reference.resolve_registry().to_owned();
+        let Ok(Ok(_slot)) = tokio::time::timeout_at(deadline.into(), slots.acquire_owned()).await
+        else {
+            return Err(RegistryError::Timeout {
+                registry: host,
+                millis: 0,
+            });
+        };
+        let budget = Budget::default();
+        let mut sigs = registry
+            .cosign_layers_within(&reference, (&digest, "sig"), &auth, deadline, &budget)
+            .await?;
+        let mut atts = if with_atts {
+            registry
+                .cosign_layers_within(&reference, (&digest, "att"), &auth, deadline, &budget)
+                .await?
+        } else {
+            Vec::new()
+        };
+        // No tag-layout signatures (or attestations): look for Sigstore bundles among the
+        // image's referrers (cosign v3's default).
+        if sigs.is_empty() || (with_atts && atts.is_empty()) {
+            let bundles = registry
+                .bundle_layers(&reference, &digest, &auth, deadline, &budget)
+                .await?;
+            sigs.extend(bundles.iter().cloned());
+            atts.extend(bundles);
+        }
+        Ok(Fetched { sigs, atts })
+    };
+    let out = Arc::new(
+        tokio::time::timeout_at(deadline.into(), fetched)
+            .await
+            .unwrap_or_else(|_| {
+                Err(RegistryError::Timeout {
+                    registry: reference.resolve_registry().to_owned(),
+                    millis: 0,
+                })
+            }),
+    );
+    lock(&inflight).remove(&key);
+    out
 }
 
 #[cfg(test)]

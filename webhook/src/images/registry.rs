@@ -581,13 +581,23 @@ impl Registry {
         reference: &Reference,
         d: &Descriptor,
         auth: &RegistryAuth,
-        deadline: Instant,
+        (deadline, budget): (Instant, &Budget),
     ) -> Result<Vec<u8>, RegistryError> {
         let (_, host) = self.base(reference);
         let failed = |why: String| RegistryError::Failed {
             registry: host.clone(),
             why,
         };
+        let size = usize::try_from(d.size)
+            .ok()
+            .filter(|s| *s <= MAX_LAYER)
+            .ok_or_else(|| {
+                failed(format!(
+                    "layer {} is larger than {MAX_LAYER} bytes",
+                    d.digest
+                ))
+            })?;
+        budget.take(size, &host)?;
         if !d.digest.starts_with("sha256:") || d.digest.len() != 71 {
             return Err(failed(format!(
                 "layer digest {:?} is not a sha256 digest",
@@ -600,7 +610,7 @@ impl Registry {
                 &format!("blobs/{}", d.digest),
                 "*/*",
                 auth,
-                MAX_LAYER,
+                size,
                 deadline,
             )
             .await?;
@@ -624,6 +634,25 @@ impl Registry {
         auth: &RegistryAuth,
         deadline: Instant,
     ) -> Result<Vec<Layer>, RegistryError> {
+        self.cosign_layers_within(
+            reference,
+            (digest, suffix),
+            auth,
+            deadline,
+            &Budget::default(),
+        )
+        .await
+    }
+
+    /// [`Registry::cosign_layers`], the layers kept counted against `budget`.
+    pub async fn cosign_layers_within(
+        &self,
+        reference: &Reference,
+        (digest, suffix): (&str, &str),
+        auth: &RegistryAuth,
+        deadline: Instant,
+        budget: &Budget,
+    ) -> Result<Vec<Layer>, RegistryError> {
         let tag = format!("{}.{suffix}", digest.replace(':', "-"));
         // A missing signature manifest is an answer (no signatures), not an error.
         let Some(manifest) = self.manifest(reference, &tag, None, auth, deadline).await? else {
@@ -641,9 +670,9 @@ impl Registry {
             .layers
             .iter()
             .filter(|d| usize::try_from(d.size).is_ok_and(|s| s <= MAX_LAYER))
-            .take(MAX_BUNDLES * 4)
+            .take(MAX_BUNDLES)
         {
-            let blob = self.blob(reference, d, auth, deadline).await?;
+            let blob = self.blob(reference, d, auth, (deadline, budget)).await?;
             layers.push(Layer {
                 media_type: d.media_type.clone(),
                 annotations: d.annotations.clone(),
@@ -657,6 +686,40 @@ impl Registry {
 /// Most bundles read per image.
 const MAX_BUNDLES: usize = 16;
 
+/// Most bytes of signature material (signature layers, attestations, bundles) kept for one
+/// image: a registry that lists many large layers (or the same one many times) is refused
+/// rather than let one request hold an unbounded share of the webhook's memory.
+pub const MAX_MATERIAL: usize = 8 << 20;
+
+/// What is left of [`MAX_MATERIAL`] for one image's signature material.
+#[derive(Debug)]
+pub struct Budget(std::sync::atomic::AtomicUsize);
+
+impl Default for Budget {
+    fn default() -> Self {
+        Budget(std::sync::atomic::AtomicUsize::new(MAX_MATERIAL))
+    }
+}
+
+impl Budget {
+    /// Takes `n` bytes, or says why it cannot.
+    fn take(&self, n: usize, host: &str) -> Result<(), RegistryError> {
+        use std::sync::atomic::Ordering;
+        self.0
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| {
+                left.checked_sub(n)
+            })
+            .map(|_| ())
+            .map_err(|_| RegistryError::Failed {
+                registry: host.to_owned(),
+                why: format!(
+                    "the image's signature material is larger than {} MiB",
+                    MAX_MATERIAL >> 20
+                ),
+            })
+    }
+}
+
 impl Registry {
     /// The Sigstore bundles attached to `digest` as OCI referrers (cosign v3's default output;
     /// the referrers API, or the `sha256-<hex>` referrers tag where the registry lacks it),
@@ -667,6 +730,7 @@ impl Registry {
         digest: &str,
         auth: &RegistryAuth,
         deadline: Instant,
+        budget: &Budget,
     ) -> Result<Vec<Layer>, RegistryError> {
         let (_, host) = self.base(reference);
         let answer = self
@@ -723,11 +787,16 @@ impl Registry {
             if manifest.is_index() {
                 continue;
             }
-            for d in manifest.layers.iter().filter(|d| {
-                d.media_type == super::verify::BUNDLE
-                    && usize::try_from(d.size).is_ok_and(|s| s <= MAX_LAYER)
-            }) {
-                let blob = self.blob(reference, d, auth, deadline).await?;
+            for d in manifest
+                .layers
+                .iter()
+                .filter(|d| {
+                    d.media_type == super::verify::BUNDLE
+                        && usize::try_from(d.size).is_ok_and(|s| s <= MAX_LAYER)
+                })
+                .take(MAX_BUNDLES)
+            {
+                let blob = self.blob(reference, d, auth, (deadline, budget)).await?;
                 if let Ok(layer) = super::verify::bundle_layer(&blob) {
                     layers.push(layer);
                 }

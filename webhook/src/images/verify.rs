@@ -393,7 +393,7 @@ pub fn verify_signatures(
     Err(VerifyError::NoMatch(if why.is_empty() {
         "no signature".into()
     } else {
-        why.join("; ")
+        distinct(&why)
     }))
 }
 
@@ -518,11 +518,22 @@ fn signed_statements(
         Err(VerifyError::NoMatch(if why.is_empty() {
             format!("no {predicate_type} attestation")
         } else {
-            why.join("; ")
+            distinct(&why)
         }))
     } else {
         Ok(found)
     }
+}
+
+/// `why`, each reason once, in order, joined with `; ` (a registry can list the same bad
+/// signature many times; the denial says it once).
+fn distinct(why: &[String]) -> String {
+    let mut seen = std::collections::HashSet::new();
+    why.iter()
+        .filter(|w| seen.insert(w.as_str()))
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 #[cfg(test)]
