@@ -549,10 +549,13 @@ pub async fn serve_tls_with(
     let mut tls = match &limits.client_roots {
         None => tls.with_no_client_auth(),
         Some(roots) => tls.with_client_cert_verifier(
+            // A certificate, when one is presented, must chain to the roots; a client without
+            // one (the kubelet's probes) reaches the probe paths only (see `serve_connection`).
             rustls::server::WebPkiClientVerifier::builder_with_provider(
                 Arc::clone(roots),
                 Arc::new(rustls::crypto::ring::default_provider()),
             )
+            .allow_unauthenticated()
             .build()
             .map_err(std::io::Error::other)?,
         ),
@@ -601,7 +604,13 @@ pub async fn serve_tls_with(
             else {
                 return;
             };
-            serve_connection(stream, app, limits).await;
+            let anonymous = limits.client_roots.is_some()
+                && stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .is_none_or(<[_]>::is_empty);
+            serve_connection(stream, app, limits, anonymous).await;
         });
     }
     Ok(())
@@ -609,10 +618,13 @@ pub async fn serve_tls_with(
 
 /// Serves one TLS connection until the client closes it, or it idles too long (then it is
 /// shut down gracefully, and dropped if the client does not follow within 5 s).
+/// An `anonymous` client (no certificate where `tls.clientCAFile` asks for one) is answered on
+/// the probe paths only.
 async fn serve_connection(
     stream: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
     app: Router,
     limits: ServeLimits,
+    anonymous: bool,
 ) {
     use tower::ServiceExt as _;
     let activity = Arc::new(Activity {
@@ -630,6 +642,13 @@ async fn serve_connection(
                 // Counted out when the handler ends or is dropped (an HTTP/2 stream reset
                 // drops it), so an abandoned request never keeps the connection busy.
                 let _in_flight = InFlight::start(&activity);
+                if anonymous && !matches!(req.uri().path(), "/healthz" | "/readyz") {
+                    return Ok((
+                        StatusCode::FORBIDDEN,
+                        "a client certificate from tls.clientCAFile is required",
+                    )
+                        .into_response());
+                }
                 let out = tokio::time::timeout(request_timeout, app.oneshot(req)).await;
                 Ok::<_, std::convert::Infallible>(match out {
                     Ok(Ok(resp)) => resp,

@@ -292,6 +292,26 @@ async fn silent_clients_do_not_keep_the_server() {
 /// GET /healthz over TLS from `client` (its own client certificate, or none); the status
 /// line, or why the connection failed.
 async fn healthz(addr: std::net::SocketAddr, client: rustls::ClientConfig) -> String {
+    send(
+        addr,
+        client,
+        "GET /healthz HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n",
+    )
+    .await
+}
+
+/// POST of an empty AdmissionReview body to /validate, as [`healthz`].
+async fn validate(addr: std::net::SocketAddr, client: rustls::ClientConfig) -> String {
+    send(
+        addr,
+        client,
+        "POST /validate HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}",
+    )
+    .await
+}
+
+/// `request` over TLS from `client`; the status line, or why the connection failed.
+async fn send(addr: std::net::SocketAddr, client: rustls::ClientConfig, request: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
     let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
@@ -300,10 +320,7 @@ async fn healthz(addr: std::net::SocketAddr, client: rustls::ClientConfig) -> St
         Ok(s) => s,
         Err(e) => return format!("handshake failed: {e}"),
     };
-    if let Err(e) = stream
-        .write_all(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
-        .await
-    {
+    if let Err(e) = stream.write_all(request.as_bytes()).await {
         return format!("write failed: {e}");
     }
     let mut answer = Vec::new();
@@ -327,7 +344,8 @@ fn client_config() -> rustls::ConfigBuilder<rustls::ClientConfig, rustls::client
 }
 
 /// With `tls.clientCAFile`, a client without a certificate from that CA — anyone on the
-/// network but the API server — gets no answer; one with such a certificate does.
+/// network but the API server — gets no decision (the kubelet's probes are still answered);
+/// one with another CA's certificate gets no connection; the API server's certificate is served.
 #[tokio::test]
 async fn only_clients_with_a_certificate_from_the_client_ca_are_served() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -376,12 +394,19 @@ async fn only_clients_with_a_certificate_from_the_client_ca_are_served() {
             )
             .expect("client auth")
     };
-    let anonymous = healthz(addr, client_config().with_no_client_auth()).await;
-    assert!(!anonymous.starts_with("HTTP/1.1 200"), "{anonymous}");
+    // Without a certificate: the probes (the kubelet's) are answered, reviews are not.
+    let anonymous = validate(addr, client_config().with_no_client_auth()).await;
+    assert!(anonymous.starts_with("HTTP/1.1 403"), "{anonymous}");
+    let probe = healthz(addr, client_config().with_no_client_auth()).await;
+    assert!(probe.starts_with("HTTP/1.1 200"), "{probe}");
+    // Another CA's certificate: no connection at all.
+    let foreign = validate(addr, with(&other, &other_key)).await;
+    assert!(!foreign.starts_with("HTTP/1.1"), "{foreign}");
     let foreign = healthz(addr, with(&other, &other_key)).await;
-    assert!(!foreign.starts_with("HTTP/1.1 200"), "{foreign}");
-    let api_server = healthz(addr, with(&client_cert, &client_key)).await;
-    assert!(api_server.starts_with("HTTP/1.1 200"), "{api_server}");
+    assert!(!foreign.starts_with("HTTP/1.1"), "{foreign}");
+    // The API server's certificate: the review is read (and refused as malformed).
+    let api_server = validate(addr, with(&client_cert, &client_key)).await;
+    assert!(api_server.starts_with("HTTP/1.1 400"), "{api_server}");
     let _ = stop.send(());
     server.await.expect("join").expect("served");
 }

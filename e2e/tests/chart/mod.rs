@@ -148,6 +148,23 @@ fn installs_runs_with_least_privilege_and_uninstalls(env: &Env) -> Result<()> {
             .args(["--set", set]))?;
         rejects(&out, &format!("helm template --set {set}"), &[needle])?;
     }
+    // webhook.clientCAConfigMap: the webhook is told to ask for client certificates, and the
+    // CA it reads is the ConfigMap's, mounted where the configuration says.
+    let rendered = run_ok(
+        helm()
+            .args(["template", "x"])
+            .arg(&chart)
+            .args(["--set", "webhook.clientCAConfigMap=apiserver-webhook-ca"]),
+    )?;
+    for needle in [
+        "clientCAFile: /etc/palisade/client-ca/ca.crt",
+        "mountPath: /etc/palisade/client-ca",
+        "name: apiserver-webhook-ca",
+    ] {
+        if !rendered.contains(needle) {
+            bail!("helm template with webhook.clientCAConfigMap lacks {needle:?}");
+        }
+    }
     // Other tests may have made it already (the Vault tests keep their operator account there).
     if run(cp.kubectl().args(["get", "namespace", NS]))?
         .status

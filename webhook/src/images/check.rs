@@ -385,11 +385,15 @@ impl ImageVerifier {
         };
         // A digest reference is checked against the cache before anything is fetched; a tag is
         // resolved at the registry every time (tags move), unless the pod's owner verified its
-        // template at a digest for it.
-        let pinned = image
-            .digest
-            .clone()
-            .or_else(|| self.template_digest(scope, as_written));
+        // template at a digest for it and an enforced policy pins it there (otherwise the pod
+        // would run whatever the tag names by then).
+        let pins = covering
+            .iter()
+            .any(|p| p.policy.spec.pin_digest && p.mode() == EnforcementMode::Enforce);
+        let pinned = image.digest.clone().or_else(|| {
+            pins.then(|| self.template_digest(scope, as_written))
+                .flatten()
+        });
         if let Some(digest) = &pinned {
             let hits: Option<Vec<PolicyVerdict>> = covering
                 .iter()
@@ -687,6 +691,57 @@ mod tests {
             lookup(&scope(rs, "shop", &["r.example/web:1", "r.example/evil:1"])),
             None
         );
+    }
+
+    /// A template's digest stands in for a pod's tag only when an enforced policy pins the pod
+    /// to it; otherwise the tag is resolved again (the pod would run whatever it names by then).
+    #[tokio::test]
+    async fn template_digests_stand_in_for_tags_only_when_pinned() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let verifier = ImageVerifier::new(
+            Registry::new(&[]).expect("registry"),
+            Duration::from_mins(1),
+            Duration::from_secs(1),
+        );
+        let rs = OwnerKey {
+            namespace: "shop".into(),
+            kind: "ReplicaSet".into(),
+            name: "web-1".into(),
+            uid: "uid-1".into(),
+        };
+        let image = "registry.invalid/shop/web:1";
+        verifier.remember_template(
+            rs.clone(),
+            BTreeMap::from([(image.to_owned(), format!("sha256:{}", "a".repeat(64)))]),
+        );
+        let mut scope = Scope::new("shop", vec![], Some(rs));
+        scope.images = BTreeSet::from([image.to_owned()]);
+        for (pin, resolved) in [(false, true), (true, false)] {
+            let policy: palisade_api::ImagePolicy = serde_json::from_value(serde_json::json!({
+                "apiVersion": "palisade.dev/v1alpha1", "kind": "ImagePolicy",
+                "metadata": {"name": "p", "uid": "u", "generation": 1},
+                "spec": {"images": [{"glob": "registry.invalid/shop/**"}], "pinDigest": pin,
+                         "authorities": [{"name": "k", "key": {"publicKey": "x"}}]}
+            }))
+            .expect("policy");
+            let policies = [Arc::new(CompiledImagePolicy::compile(&policy, &|_| None))];
+            let verdicts = verifier
+                .check(
+                    &super::super::reference::parse(image).expect("reference"),
+                    image,
+                    &BTreeMap::new(),
+                    &policies,
+                    &scope,
+                    Instant::now() + Duration::from_secs(3),
+                )
+                .await;
+            let why = verdicts[0].outcome.clone().expect_err("refused");
+            assert_eq!(
+                why.contains("cannot resolve the image digest"),
+                resolved,
+                "pinDigest {pin}: {why}"
+            );
+        }
     }
 
     #[test]
