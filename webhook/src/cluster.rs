@@ -5,7 +5,7 @@
 //! [`ClusterFacts::start`] wires it to a client; the rest of the
 //! webhook reads it through [`FactSource`].
 
-use crate::lock;
+use crate::{FactError, lock};
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     sync::{
@@ -72,12 +72,12 @@ pub struct ClusterFacts {
 /// what the old material verified is no longer found in the verdict cache).
 #[derive(Default)]
 struct Material {
-    entries: Mutex<HashMap<String, Result<Vec<u8>, String>>>,
+    entries: Mutex<HashMap<String, Result<Vec<u8>, FactError>>>,
     version: AtomicU64,
 }
 
 impl Material {
-    fn get(&self, key: &str) -> Option<Result<Vec<u8>, String>> {
+    fn get(&self, key: &str) -> Option<Result<Vec<u8>, FactError>> {
         lock(&self.entries).get(key).cloned()
     }
 
@@ -98,14 +98,16 @@ impl Material {
             } else {
                 "ConfigMap"
             };
+            let object = format!("{what} {ns}/{name}");
             let value = object_data(client, what, ns, name)
                 .await
-                .and_then(|d| d.ok_or_else(|| format!("{what} {ns}/{name} does not exist")))
+                .and_then(|d| d.ok_or_else(|| FactError::Missing(object.clone())))
                 .and_then(|mut d| {
-                    d.remove(*key)
-                        .ok_or_else(|| format!("{what} {ns}/{name} has no key {key}"))
-                })
-                .map_err(|e| format!("{r}: {e}"));
+                    d.remove(*key).ok_or_else(|| FactError::NoKey {
+                        object: object.clone(),
+                        key: (*key).to_owned(),
+                    })
+                });
             let mut m = lock(&self.entries);
             if m.get(r) != Some(&value) {
                 m.insert(r.clone(), value);
@@ -124,12 +126,16 @@ async fn object_data(
     kind: &str,
     namespace: &str,
     name: &str,
-) -> Result<Option<SecretData>, String> {
+) -> Result<Option<SecretData>, FactError> {
+    let failed = |e: kube::Error| FactError::Api {
+        object: format!("{kind} {namespace}/{name}"),
+        why: e.to_string(),
+    };
     if kind == "Secret" {
         let secret = Api::<Secret>::namespaced(client.clone(), namespace)
             .get_opt(name)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(failed)?;
         Ok(secret.map(|s| {
             let data = s.data.unwrap_or_default();
             data.into_iter().map(|(k, v)| (k, v.0)).collect()
@@ -138,7 +144,7 @@ async fn object_data(
         let map = Api::<ConfigMap>::namespaced(client.clone(), namespace)
             .get_opt(name)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(failed)?;
         Ok(map.map(|c| {
             let data = c.data.unwrap_or_default();
             data.into_iter().map(|(k, v)| (k, v.into_bytes())).collect()
@@ -154,7 +160,7 @@ impl PullSecretSource for ApiPullSecrets {
         &'a self,
         namespace: &'a str,
         name: &'a str,
-    ) -> BoxFuture<'a, Result<Option<SecretData>, String>> {
+    ) -> BoxFuture<'a, Result<Option<SecretData>, FactError>> {
         Box::pin(object_data(&self.0, "Secret", namespace, name))
     }
 }
@@ -324,13 +330,16 @@ impl FactSource for ClusterFacts {
     fn namespace_labels_live<'a>(
         &'a self,
         namespace: &'a str,
-    ) -> BoxFuture<'a, Result<Option<BTreeMap<String, String>>, String>> {
+    ) -> BoxFuture<'a, Result<Option<BTreeMap<String, String>>, FactError>> {
         Box::pin(async move {
             let api: Api<Namespace> = Api::all(self.client.clone());
             let ns = api
                 .get_metadata_opt(namespace)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| FactError::Api {
+                    object: format!("namespace {namespace}"),
+                    why: e.to_string(),
+                })?;
             Ok(ns.map(|n| n.metadata.labels.unwrap_or_default()))
         })
     }

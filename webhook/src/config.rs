@@ -129,27 +129,47 @@ pub struct Tls {
     pub client_ca_file: Option<PathBuf>,
 }
 
+/// Why the configuration cannot be used.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// The YAML does not match the settings (an unknown key, a wrong type).
+    #[error("{0}")]
+    Syntax(String),
+    /// `tls` names no certificate source, or two.
+    #[error("tls: {0}")]
+    TlsSource(&'static str),
+    /// `tls.clientCAFile` cannot be read or holds no usable certificate.
+    #[error("tls.clientCAFile {path}: {why}")]
+    ClientCa {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// A period of zero (the refresher would stop, and revoked keys keep verifying).
+    #[error("images.materialRefreshSeconds must be at least 1")]
+    NoMaterialRefresh,
+}
+
 impl Tls {
     /// The client CAs, when `clientCAFile` is set.
-    pub fn client_roots(&self) -> Result<Option<rustls::RootCertStore>, String> {
+    pub fn client_roots(&self) -> Result<Option<rustls::RootCertStore>, ConfigError> {
         use rustls_pki_types::{CertificateDer, pem::PemObject};
         let Some(path) = &self.client_ca_file else {
             return Ok(None);
         };
-        let pem =
-            std::fs::read(path).map_err(|e| format!("tls.clientCAFile {}: {e}", path.display()))?;
+        let failed = |why: String| ConfigError::ClientCa {
+            path: path.clone(),
+            why,
+        };
+        let pem = std::fs::read(path).map_err(|e| failed(e.to_string()))?;
         let mut roots = rustls::RootCertStore::empty();
         for cert in CertificateDer::pem_slice_iter(&pem) {
-            let cert = cert.map_err(|e| format!("tls.clientCAFile {}: {e}", path.display()))?;
-            roots
-                .add(cert)
-                .map_err(|e| format!("tls.clientCAFile {}: {e}", path.display()))?;
+            let cert = cert.map_err(|e| failed(e.to_string()))?;
+            roots.add(cert).map_err(|e| failed(e.to_string()))?;
         }
         if roots.is_empty() {
-            return Err(format!(
-                "tls.clientCAFile {} holds no certificate",
-                path.display()
-            ));
+            return Err(failed("holds no certificate".to_owned()));
         }
         Ok(Some(roots))
     }
@@ -166,7 +186,7 @@ pub enum TlsSource {
 
 impl Tls {
     /// The one source configured, or why the settings are unusable.
-    pub fn source(&self) -> Result<TlsSource, String> {
+    pub fn source(&self) -> Result<TlsSource, ConfigError> {
         match (&self.cert_file, &self.key_file, &self.workload_api_socket) {
             (Some(cert), Some(key), None) => Ok(TlsSource::Files(TlsFiles {
                 cert_file: cert.clone(),
@@ -180,13 +200,19 @@ impl Tls {
                 };
                 Ok(TlsSource::WorkloadApi(endpoint))
             }
-            (None, None, Some(_)) => Err("tls.workloadApiSocket is empty".into()),
-            (_, _, Some(_)) => {
-                Err("tls: set either certFile and keyFile, or workloadApiSocket, not both".into())
-            }
-            (Some(_), None, None) => Err("tls.certFile is set without tls.keyFile".into()),
-            (None, Some(_), None) => Err("tls.keyFile is set without tls.certFile".into()),
-            (None, None, None) => Err("tls: set certFile and keyFile, or workloadApiSocket".into()),
+            (None, None, Some(_)) => Err(ConfigError::TlsSource("workloadApiSocket is empty")),
+            (_, _, Some(_)) => Err(ConfigError::TlsSource(
+                "set either certFile and keyFile, or workloadApiSocket, not both",
+            )),
+            (Some(_), None, None) => Err(ConfigError::TlsSource(
+                "certFile is set without tls.keyFile",
+            )),
+            (None, Some(_), None) => Err(ConfigError::TlsSource(
+                "keyFile is set without tls.certFile",
+            )),
+            (None, None, None) => Err(ConfigError::TlsSource(
+                "set certFile and keyFile, or workloadApiSocket",
+            )),
         }
     }
 }
@@ -247,12 +273,12 @@ fn default_max_body() -> usize {
 
 impl Config {
     /// Parses configuration text; unknown keys and an unusable `tls` section are errors.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let config: Config = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let config: Config =
+            serde_yaml::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
         config.tls.source()?;
-        // A zero period would stop the refresher, and revoked keys would keep verifying.
         if config.images.material_refresh_seconds == 0 {
-            return Err("images.materialRefreshSeconds must be at least 1".into());
+            return Err(ConfigError::NoMaterialRefresh);
         }
         Ok(config)
     }
@@ -267,7 +293,7 @@ mod tests {
         let base = "listen: 127.0.0.1:0\ntls: {certFile: c, keyFile: k}\n";
         let err = Config::parse(&format!("{base}images: {{materialRefreshSeconds: 0}}\n"))
             .expect_err("zero refused");
-        assert!(err.contains("materialRefreshSeconds"), "{err}");
+        assert_eq!(err, ConfigError::NoMaterialRefresh);
         let ok = Config::parse(&format!("{base}images: {{materialRefreshSeconds: 1}}\n"))
             .expect("one second");
         assert_eq!(ok.images.material_refresh_seconds, 1);
@@ -295,7 +321,9 @@ mod tests {
             ("{workloadApiSocket: ' '}", "is empty"),
             ("{certFile: c, keyFile: k, socket: s}", "unknown field"),
         ] {
-            let err = Config::parse(&format!("listen: 127.0.0.1:0\ntls: {tls}\n")).expect_err(tls);
+            let err = Config::parse(&format!("listen: 127.0.0.1:0\ntls: {tls}\n"))
+                .expect_err(tls)
+                .to_string();
             assert!(err.contains(why), "{tls}: {err}");
         }
     }

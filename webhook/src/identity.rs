@@ -33,7 +33,32 @@ pub struct SpireRegistration {
     pub class_name: String,
     /// Why a selector did not parse: such a registration selects nothing (the controller
     /// manager would refuse it).
-    pub invalid: Option<String>,
+    pub invalid: Option<SelectorError>,
+}
+
+/// Why a ClusterSPIFFEID's selector does not parse.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SelectorError {
+    /// It is not a label selector at all.
+    #[error("spec.{field} does not parse: {why}")]
+    Shape {
+        /// `podSelector` or `namespaceSelector`.
+        field: String,
+        /// The decoder's words.
+        why: String,
+    },
+    /// An expression the API server would refuse.
+    #[error("spec.{field} does not parse: {key} {operator} {problem}")]
+    Expression {
+        /// `podSelector` or `namespaceSelector`.
+        field: String,
+        /// The expression's key.
+        key: String,
+        /// Its operator.
+        operator: String,
+        /// What is wrong with it.
+        problem: &'static str,
+    },
 }
 
 impl SpireRegistration {
@@ -46,12 +71,15 @@ impl SpireRegistration {
                 return None;
             }
             match serde_json::from_value::<LabelSelector>(v.clone())
-                .map_err(|e| e.to_string())
-                .and_then(|s| valid_selector(&s).map(|()| s))
+                .map_err(|e| SelectorError::Shape {
+                    field: key.to_owned(),
+                    why: e.to_string(),
+                })
+                .and_then(|s| valid_selector(key, &s).map(|()| s))
             {
                 Ok(s) => Some(s),
                 Err(e) => {
-                    invalid = Some(format!("spec.{key} does not parse: {e}"));
+                    invalid = Some(e);
                     None
                 }
             }
@@ -143,8 +171,92 @@ pub enum Coverage {
 pub struct IdentityDenial {
     /// The SPIFFE ID the pod would have had.
     pub spiffe_id: String,
-    /// What is missing, each with what to change.
-    pub missing: Vec<String>,
+    /// What is missing, each saying what to change.
+    pub missing: Vec<IdentityGap>,
+}
+
+/// One reason a pod has no usable identity; its text says what to change.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum IdentityGap {
+    /// It runs as the namespace's shared `default` ServiceAccount.
+    #[error(
+        "it runs as the namespace's `default` ServiceAccount, which every pod shares: set \
+         spec.serviceAccountName to a ServiceAccount of its own"
+    )]
+    DefaultServiceAccount,
+    /// A ClusterSPIFFEID selects it, but its class is not one the controller manager serves.
+    #[error(
+        "ClusterSPIFFEID {name} selects it, but its className {class:?} is not served by the \
+         SPIRE controller manager (class {served:?}{}): set spec.className to {served:?}",
+        if *.classless { ", and classless ones" } else { "" }
+    )]
+    SpireClassNotServed {
+        /// The ClusterSPIFFEID.
+        name: String,
+        /// Its class.
+        class: String,
+        /// The class served.
+        served: String,
+        /// Whether classless ones are served too.
+        classless: bool,
+    },
+    /// No ClusterSPIFFEID selects it.
+    #[error(
+        "no SPIRE ClusterSPIFFEID selects it (none of {count} matches its labels and namespace): \
+         add an AuthPolicy selecting it, or a ClusterSPIFFEID{}",
+        if .unparsable.is_empty() { String::new() } else {
+            format!("; ignored because a selector does not parse: {}", .unparsable.join(", "))
+        }
+    )]
+    NoSpireRegistration {
+        /// ClusterSPIFFEIDs known.
+        count: usize,
+        /// Those ignored, with why (`name: reason`).
+        unparsable: Vec<String>,
+    },
+    /// The namespace turns injection off.
+    #[error(
+        "namespace {0} is labelled istio-injection=disabled, so Istio injects no pod in it, whatever the pod's labels say"
+    )]
+    NamespaceInjectionDisabled(String),
+    /// The pod's label turns injection off.
+    #[error("its label {INJECT}=false turns the Istio sidecar off: remove it")]
+    PodLabelInjectionOff,
+    /// Neither the namespace nor the pod asks for the mesh.
+    #[error(
+        "namespace {0} has neither istio-injection=enabled, an istio.io/rev label nor \
+         istio.io/dataplane-mode=ambient, and the pod is not labelled {INJECT}=true: label the \
+         namespace (kubectl label namespace {0} istio-injection=enabled, or \
+         istio.io/dataplane-mode=ambient)"
+    )]
+    NotEnrolled(String),
+    /// Host-network pods get no sidecar.
+    #[error(
+        "it uses hostNetwork: true, and Istio never injects a sidecar into host-network pods: remove hostNetwork"
+    )]
+    HostNetworkSidecar,
+    /// Istio never injects pods in this namespace.
+    #[error("Istio never injects pods in {0}")]
+    NeverInjected(String),
+    /// The label or annotation turns injection off.
+    #[error("its {INJECT}: {0:?} turns the Istio sidecar off: remove it")]
+    InjectionOff(String),
+    /// Neither the namespace nor the pod is in the ambient mesh.
+    #[error("not in the ambient mesh")]
+    NotAmbient,
+    /// The pod opts out of the ambient mesh.
+    #[error("its label {DATAPLANE_MODE}=none takes it out of the ambient mesh: remove it")]
+    AmbientOptOut,
+    /// Host-network pods are not captured by ambient.
+    #[error("it uses hostNetwork: true, which the ambient mesh cannot capture: remove hostNetwork")]
+    HostNetworkAmbient,
+    /// Injection rules select it, but the proxy is not there.
+    #[error(
+        "Istio's injection rules select it, but it has no istio-proxy container from the proxy \
+         images ({0}) run as `proxy sidecar`, and no {SIDECAR_STATUS} annotation: the sidecar \
+         injector did not run (is istiod up, and its webhook registered?)"
+    )]
+    NoProxy(String),
 }
 
 impl std::fmt::Display for IdentityDenial {
@@ -153,7 +265,11 @@ impl std::fmt::Display for IdentityDenial {
             f,
             "pod would run as {} but has no workload identity: {}",
             self.spiffe_id,
-            self.missing.join("; ")
+            self.missing
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ")
         )
     }
 }
@@ -179,11 +295,7 @@ pub fn check(
     );
     let mut missing = Vec::new();
     if sa == "default" {
-        missing.push(
-            "it runs as the namespace's `default` ServiceAccount, which every pod shares: \
-             set spec.serviceAccountName to a ServiceAccount of its own"
-                .to_owned(),
-        );
+        missing.push(IdentityGap::DefaultServiceAccount);
     }
     let coverage = match source {
         IdentitySource::Istio => istio_coverage(namespace, namespace_labels, pod, istio_settings),
@@ -204,7 +316,7 @@ fn spire_coverage(
     pod: &PodView,
     spire: &[SpireRegistration],
     settings: &SpireSettings,
-) -> Result<Coverage, String> {
+) -> Result<Coverage, IdentityGap> {
     let selecting: Vec<&SpireRegistration> = spire
         .iter()
         .filter(|r| {
@@ -217,34 +329,20 @@ fn spire_coverage(
         return Ok(Coverage::Spire(r.name.clone()));
     }
     if let Some(r) = selecting.first() {
-        return Err(format!(
-            "ClusterSPIFFEID {} selects it, but its className {:?} is not served by the SPIRE \
-             controller manager (class {:?}{}): set spec.className to {:?}",
-            r.name,
-            r.class_name,
-            settings.class_name,
-            if settings.watch_classless {
-                ", and classless ones"
-            } else {
-                ""
-            },
-            settings.class_name
-        ));
+        return Err(IdentityGap::SpireClassNotServed {
+            name: r.name.clone(),
+            class: r.class_name.clone(),
+            served: settings.class_name.clone(),
+            classless: settings.watch_classless,
+        });
     }
-    let broken: Vec<String> = spire
-        .iter()
-        .filter_map(|r| r.invalid.as_ref().map(|why| format!("{}: {why}", r.name)))
-        .collect();
-    let mut why = format!(
-        "no SPIRE ClusterSPIFFEID selects it (none of {} matches its labels and namespace): \
-         add an AuthPolicy selecting it, or a ClusterSPIFFEID",
-        spire.len()
-    );
-    if !broken.is_empty() {
-        why.push_str("; ignored because a selector does not parse: ");
-        why.push_str(&broken.join(", "));
-    }
-    Err(why)
+    Err(IdentityGap::NoSpireRegistration {
+        count: spire.len(),
+        unparsable: spire
+            .iter()
+            .filter_map(|r| r.invalid.as_ref().map(|why| format!("{}: {why}", r.name)))
+            .collect(),
+    })
 }
 
 fn get<'a>(m: &'a BTreeMap<String, String>, k: &str) -> Option<&'a str> {
@@ -271,7 +369,7 @@ fn istio_injects(
     namespace: &str,
     ns_labels: &BTreeMap<String, String>,
     pod: &PodView,
-) -> Result<(), String> {
+) -> Result<(), IdentityGap> {
     let ns_inject = get(ns_labels, "istio-injection");
     let ns_rev = ns_labels.contains_key("istio.io/rev");
     let pod_label = get(&pod.labels, INJECT);
@@ -283,32 +381,23 @@ fn istio_injects(
     };
     if !selected {
         return Err(if ns_inject == Some("disabled") {
-            format!(
-                "namespace {namespace} is labelled istio-injection=disabled, so Istio injects no pod in it, whatever the pod's labels say"
-            )
+            IdentityGap::NamespaceInjectionDisabled(namespace.to_owned())
         } else if pod_label == Some("false") {
-            format!("its label {INJECT}=false turns the Istio sidecar off: remove it")
+            IdentityGap::PodLabelInjectionOff
         } else {
-            format!(
-                "namespace {namespace} has neither istio-injection=enabled, an istio.io/rev \
-                 label nor istio.io/dataplane-mode=ambient, and the pod is not labelled \
-                 {INJECT}=true: label the namespace (kubectl label namespace {namespace} \
-                 istio-injection=enabled, or istio.io/dataplane-mode=ambient)"
-            )
+            IdentityGap::NotEnrolled(namespace.to_owned())
         });
     }
     if pod.spec.host_network == Some(true) {
-        return Err("it uses hostNetwork: true, and Istio never injects a sidecar into host-network pods: remove hostNetwork".to_owned());
+        return Err(IdentityGap::HostNetworkSidecar);
     }
     if NEVER_INJECTED.contains(&namespace) {
-        return Err(format!("Istio never injects pods in {namespace}"));
+        return Err(IdentityGap::NeverInjected(namespace.to_owned()));
     }
     let decided = pod_label.or_else(|| get(&pod.annotations, INJECT));
     match decided.map(str::to_ascii_lowercase).as_deref() {
         None | Some("" | "y" | "yes" | "true" | "on") => Ok(()),
-        Some(other) => Err(format!(
-            "its {INJECT}: {other:?} turns the Istio sidecar off: remove it"
-        )),
+        Some(other) => Err(IdentityGap::InjectionOff(other.to_owned())),
     }
 }
 
@@ -403,22 +492,17 @@ fn names_proxy(pod: &PodView) -> bool {
 /// Whether Istio's ambient mesh captures the pod: the namespace or the pod is labelled
 /// `istio.io/dataplane-mode=ambient`, the pod does not opt out with `none`, has no sidecar
 /// and does not use the host's network.
-fn istio_ambient(ns_labels: &BTreeMap<String, String>, pod: &PodView) -> Result<(), String> {
+fn istio_ambient(ns_labels: &BTreeMap<String, String>, pod: &PodView) -> Result<(), IdentityGap> {
     let pod_mode = get(&pod.labels, DATAPLANE_MODE);
     let ns_mode = get(ns_labels, DATAPLANE_MODE);
     if pod_mode != Some("ambient") && ns_mode != Some("ambient") {
-        return Err("not in the ambient mesh".to_owned());
+        return Err(IdentityGap::NotAmbient);
     }
     if pod_mode == Some("none") {
-        return Err(format!(
-            "its label {DATAPLANE_MODE}=none takes it out of the ambient mesh: remove it"
-        ));
+        return Err(IdentityGap::AmbientOptOut);
     }
     if pod.spec.host_network == Some(true) {
-        return Err(
-            "it uses hostNetwork: true, which the ambient mesh cannot capture: remove hostNetwork"
-                .to_owned(),
-        );
+        return Err(IdentityGap::HostNetworkAmbient);
     }
     Ok(())
 }
@@ -428,29 +512,26 @@ fn istio_coverage(
     ns_labels: &BTreeMap<String, String>,
     pod: &PodView,
     settings: &IstioSettings,
-) -> Result<Coverage, String> {
+) -> Result<Coverage, IdentityGap> {
     let is_pod = pod.kind == "Pod";
     // A pod with a sidecar (or the injector's mark) is never captured by ambient as well.
     let sidecar_marked = names_proxy(pod) || pod.annotations.contains_key(SIDECAR_STATUS);
     if !sidecar_marked && settings.ambient {
         match istio_ambient(ns_labels, pod) {
             Ok(()) => return Ok(Coverage::IstioAmbient),
-            Err(why) if why != "not in the ambient mesh" => return Err(why),
-            Err(_) => {}
+            Err(IdentityGap::NotAmbient) => {}
+            Err(why) => return Err(why),
         }
     }
     istio_injects(namespace, ns_labels, pod)?;
     if is_pod && !(has_proxy(pod, settings) && pod.annotations.contains_key(SIDECAR_STATUS)) {
-        return Err(format!(
-            "Istio's injection rules select it, but it has no istio-proxy container from the \
-             proxy images ({}) run as `proxy sidecar`, and no {SIDECAR_STATUS} annotation: \
-             the sidecar injector did not run (is istiod up, and its webhook registered?)",
+        return Err(IdentityGap::NoProxy(
             settings
                 .proxy_images
                 .iter()
                 .map(palisade_api::glob::ImageGlob::as_str)
                 .collect::<Vec<_>>()
-                .join(", ")
+                .join(", "),
         ));
     }
     Ok(Coverage::IstioSidecar)
@@ -458,19 +539,21 @@ fn istio_coverage(
 
 /// Whether a label selector is one the API server would accept: `In`/`NotIn` with values,
 /// `Exists`/`DoesNotExist` without, no other operator.
-fn valid_selector(s: &LabelSelector) -> Result<(), String> {
+fn valid_selector(field: &str, s: &LabelSelector) -> Result<(), SelectorError> {
     for e in s.match_expressions.iter().flatten() {
         let values = e.values.as_deref().unwrap_or_default();
-        match e.operator.as_str() {
-            "In" | "NotIn" if values.is_empty() => {
-                return Err(format!("{} {} needs values", e.key, e.operator));
-            }
-            "Exists" | "DoesNotExist" if !values.is_empty() => {
-                return Err(format!("{} {} takes no values", e.key, e.operator));
-            }
-            "In" | "NotIn" | "Exists" | "DoesNotExist" => {}
-            other => return Err(format!("unknown operator {other:?}")),
-        }
+        let problem = match e.operator.as_str() {
+            "In" | "NotIn" if values.is_empty() => "needs values",
+            "Exists" | "DoesNotExist" if !values.is_empty() => "takes no values",
+            "In" | "NotIn" | "Exists" | "DoesNotExist" => continue,
+            _ => "is not an operator",
+        };
+        return Err(SelectorError::Expression {
+            field: field.to_owned(),
+            key: e.key.clone(),
+            operator: e.operator.clone(),
+            problem,
+        });
     }
     Ok(())
 }

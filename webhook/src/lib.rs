@@ -13,6 +13,36 @@ pub mod server;
 pub mod tls;
 pub mod workload;
 
+/// Why a fact could not be read from the cluster (a namespace, a Secret or ConfigMap key).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FactError {
+    /// A namespace the cache does not know, with no live source to ask.
+    #[error("namespace {0} is not in the webhook's cache")]
+    NotCached(String),
+    /// The object does not exist (`Secret ns/name`, `namespace x`).
+    #[error("{0} does not exist")]
+    Missing(String),
+    /// The object exists without the key.
+    #[error("{object} has no key {key}")]
+    NoKey {
+        /// `Secret ns/name` or `ConfigMap ns/name`.
+        object: String,
+        /// The key.
+        key: String,
+    },
+    /// Not read yet (the refresher has not reached it).
+    #[error("{0} not read yet")]
+    NotReadYet(String),
+    /// The API server refused or failed the read.
+    #[error("cannot read {object}: {why}")]
+    Api {
+        /// What was read.
+        object: String,
+        /// The client's error.
+        why: String,
+    },
+}
+
 /// The guarded value even if another thread panicked while holding the lock. Every map the
 /// webhook guards stays consistent between statements, and refusing to read it (an empty
 /// policy list, say) would fail open.

@@ -36,7 +36,7 @@ fn main() -> ExitCode {
     }
     let config = match std::fs::read_to_string(path)
         .map_err(|e| e.to_string())
-        .and_then(|t| Config::parse(&t))
+        .and_then(|t| Config::parse(&t).map_err(|e| e.to_string()))
     {
         Ok(c) => c,
         Err(e) => {
@@ -77,7 +77,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             let svid = SvidCert::connect(&endpoint, Duration::from_mins(1)).await?;
             (svid.serving(), svid.spawn_follower())
         }
-        Err(e) => anyhow::bail!(e),
+        Err(e) => return Err(e.into()),
     };
     let secrets = SecretsPolicy::new()?;
     let client = Client::try_default().await?;
@@ -122,7 +122,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     ));
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     tracing::info!(listen = %config.listen, "serving admission reviews");
-    let client_roots = config.tls.client_roots().map_err(|e| anyhow::anyhow!(e))?;
+    let client_roots = config.tls.client_roots()?;
     if client_roots.is_some() {
         tracing::info!("serving only clients with a certificate from tls.clientCAFile");
     }

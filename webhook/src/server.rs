@@ -53,12 +53,9 @@ pub trait FactSource: Send + Sync + 'static {
     fn namespace_labels_live<'a>(
         &'a self,
         namespace: &'a str,
-    ) -> futures::future::BoxFuture<'a, Result<Option<BTreeMap<String, String>>, String>> {
-        Box::pin(async move {
-            Err(format!(
-                "namespace {namespace} is not in the webhook's cache"
-            ))
-        })
+    ) -> futures::future::BoxFuture<'a, Result<Option<BTreeMap<String, String>>, crate::FactError>>
+    {
+        Box::pin(async move { Err(crate::FactError::NotCached(namespace.to_owned())) })
     }
     /// Whether the caches are synced.
     fn ready(&self) -> bool;
@@ -69,7 +66,7 @@ pub trait FactSource: Send + Sync + 'static {
 async fn namespace_labels(
     state: &AppState,
     req: &AdmissionRequest<DynamicObject>,
-) -> Result<BTreeMap<String, String>, String> {
+) -> Result<BTreeMap<String, String>, crate::FactError> {
     let namespace = req.namespace.as_deref().unwrap_or_default();
     if namespace.is_empty()
         || state
@@ -85,8 +82,8 @@ async fn namespace_labels(
     }
     match state.facts.namespace_labels_live(namespace).await {
         Ok(Some(labels)) => Ok(labels),
-        Ok(None) => Err(format!("namespace {namespace} does not exist")),
-        Err(e) => Err(format!("cannot read namespace {namespace}: {e}")),
+        Ok(None) => Err(crate::FactError::Missing(format!("namespace {namespace}"))),
+        Err(e) => Err(e),
     }
 }
 
@@ -252,7 +249,7 @@ async fn validate(
     let namespace = req.namespace.clone().unwrap_or_default();
     let labels = match namespace_labels(&state, &req).await {
         Ok(l) => l,
-        Err(why) => return refused(&req, &why),
+        Err(why) => return refused(&req, &why.to_string()),
     };
     let image_labels = labels.clone();
     let spire = if state.config.identity_source == crate::identity::IdentitySource::Spire {
@@ -349,7 +346,7 @@ async fn mutate(
     let namespace = req.namespace.clone().unwrap_or_default();
     let labels = match namespace_labels(&state, &req).await {
         Ok(l) => l,
-        Err(why) => return refused(&req, &why),
+        Err(why) => return refused(&req, &why.to_string()),
     };
     let ops = crate::images::pin::pin_ops(
         images,

@@ -154,7 +154,7 @@ async fn run(file: &Path) -> Result<String, String> {
     if let Some(extra) = &case.config {
         config_yaml.push_str(&serde_yaml::to_string(extra).map_err(|e| e.to_string())?);
     }
-    let config = Config::parse(&config_yaml)?;
+    let config = Config::parse(&config_yaml).map_err(|e| e.to_string())?;
     let namespaces = case.namespaces.clone().unwrap_or_else(|| {
         BTreeMap::from([(
             "shop".to_owned(),

@@ -33,7 +33,7 @@ use palisade_api::image_policy::EnforcementMode;
 use super::{
     policy::{CompiledImagePolicy, predicate_allowed},
     reference::ImageRef,
-    registry::{Budget, Registry, RegistryError, registry_auth},
+    registry::{Budget, PullSecretError, Registry, RegistryError, registry_auth},
     verify::{Layer, verify_attestations, verify_signatures},
 };
 
@@ -106,7 +106,7 @@ pub trait PullSecretSource: Send + Sync {
         &'a self,
         namespace: &'a str,
         name: &'a str,
-    ) -> BoxFuture<'a, Result<Option<SecretData>, String>>;
+    ) -> BoxFuture<'a, Result<Option<SecretData>, crate::FactError>>;
 }
 
 /// What a check knows about the object beyond its images.
@@ -124,7 +124,7 @@ pub struct Scope {
     /// all of them.
     pub images: std::collections::BTreeSet<String>,
     /// The pull secrets' docker configs, read at the first registry call.
-    configs: tokio::sync::OnceCell<Result<DockerConfigs, String>>,
+    configs: tokio::sync::OnceCell<Result<DockerConfigs, PullSecretError>>,
 }
 
 impl Scope {
@@ -159,7 +159,7 @@ impl Scope {
         &self,
         source: Option<&dyn PullSecretSource>,
         registry: &str,
-    ) -> Result<RegistryAuth, String> {
+    ) -> Result<RegistryAuth, PullSecretError> {
         let (Some(source), false) = (source, self.pull_secrets.is_empty()) else {
             return Ok(RegistryAuth::Anonymous);
         };
@@ -168,10 +168,12 @@ impl Scope {
             .get_or_init(|| async {
                 let mut out = Vec::new();
                 for name in &self.pull_secrets {
-                    let data = source
-                        .read(&self.namespace, name)
-                        .await
-                        .map_err(|e| format!("cannot read imagePullSecret {name}: {e}"))?;
+                    let data = source.read(&self.namespace, name).await.map_err(|source| {
+                        PullSecretError::Unreadable {
+                            name: name.clone(),
+                            source,
+                        }
+                    })?;
                     let Some(mut data) = data else { continue };
                     if let Some(config) = data.remove(".dockerconfigjson") {
                         out.push((name.clone(), config));
@@ -192,7 +194,12 @@ impl Scope {
             match registry_auth(config, registry) {
                 Ok(RegistryAuth::Anonymous) => {}
                 Ok(auth) => return Ok(auth),
-                Err(e) => return Err(format!("imagePullSecret {name}: {e}")),
+                Err(e) => {
+                    return Err(PullSecretError::In {
+                        name: name.clone(),
+                        source: Box::new(e),
+                    });
+                }
             }
         }
         Ok(RegistryAuth::Anonymous)
@@ -414,7 +421,7 @@ impl ImageVerifier {
             .await
         {
             Ok(a) => a,
-            Err(e) => return fail_all(e),
+            Err(e) => return fail_all(e.to_string()),
         };
         let (reference, digest, resolved_here) = match &pinned {
             Some(d) => (reference.clone_with_digest(d.clone()), d.clone(), false),

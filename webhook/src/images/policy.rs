@@ -85,7 +85,7 @@ impl CompiledImagePolicy {
                 }
                 Some(Err(e)) => {
                     seen.extend_from_slice(b"\x00err\x00");
-                    seen.extend_from_slice(e.as_bytes());
+                    seen.extend_from_slice(e.to_string().as_bytes());
                 }
                 None => seen.extend_from_slice(b"\x00unread\x00"),
             }
@@ -260,7 +260,7 @@ impl CompiledImagePolicy {
 }
 
 /// Reads a referenced key (`secret|configmap/<ns>/<name>/<key>`): `None` when not fetched yet.
-pub type MaterialLookup<'a> = &'a dyn Fn(&str) -> Option<Result<Vec<u8>, String>>;
+pub type MaterialLookup<'a> = &'a dyn Fn(&str) -> Option<Result<Vec<u8>, crate::FactError>>;
 
 /// Palisade's own namespace, where references without a namespace point.
 pub const OWN_NAMESPACE: &str = "palisade-system";
@@ -299,7 +299,9 @@ pub fn material_refs(policy: &ImagePolicy) -> Vec<String> {
 }
 
 fn fetched(material: MaterialLookup<'_>, r: &str) -> Result<Vec<u8>, String> {
-    material(r).unwrap_or_else(|| Err(format!("{r} not read yet")))
+    material(r)
+        .unwrap_or_else(|| Err(crate::FactError::NotReadYet(r.to_owned())))
+        .map_err(|e| e.to_string())
 }
 
 fn keyless_signer(k: &Keyless, material: MaterialLookup<'_>) -> Result<Signer, String> {

@@ -133,18 +133,56 @@ fn authority(url: &reqwest::Url) -> String {
     }
 }
 
+/// Why a redirect target or token realm is refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TargetRefused {
+    /// Plain HTTP (or another scheme) to a registry not configured insecure.
+    #[error("{0} is not HTTPS")]
+    NotHttps(String),
+    /// An address a registry has no business sending the webhook to.
+    #[error("a loopback, link-local or unspecified address")]
+    LocalAddress,
+}
+
 /// Whether a request may go to `url` (a redirect target or a token realm): HTTPS, or a
 /// registry configured insecure; never a loopback or link-local address unless configured.
-fn allowed_target(url: &reqwest::Url, insecure: &[String]) -> Result<(), String> {
+fn allowed_target(url: &reqwest::Url, insecure: &[String]) -> Result<(), TargetRefused> {
     let host = authority(url);
     let configured = insecure.iter().any(|i| i.eq_ignore_ascii_case(&host));
     if url.scheme() != "https" && !configured {
-        return Err(format!("{} is not HTTPS", url.scheme()));
+        return Err(TargetRefused::NotHttps(url.scheme().to_owned()));
     }
     if !configured && forbidden_target(url.host_str().unwrap_or_default()) {
-        return Err("a loopback, link-local or unspecified address".to_owned());
+        return Err(TargetRefused::LocalAddress);
     }
     Ok(())
+}
+
+/// Why a pull secret gives no credentials.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PullSecretError {
+    /// The Secret could not be read.
+    #[error("cannot read imagePullSecret {name}: {source}")]
+    Unreadable {
+        /// The Secret.
+        name: String,
+        /// Why.
+        source: crate::FactError,
+    },
+    /// Its data is not a docker config.
+    #[error("not a docker config: {0}")]
+    NotDockerConfig(String),
+    /// An `auth` entry that is not base64 of `user:password`.
+    #[error("auth is not base64 of user:password")]
+    BadAuth,
+    /// One of the pod's pull secrets is unusable.
+    #[error("imagePullSecret {name}: {source}")]
+    In {
+        /// The Secret.
+        name: String,
+        /// What is wrong with it.
+        source: Box<PullSecretError>,
+    },
 }
 
 /// Lower-case hex SHA-256 digest (`sha256:…`) of `bytes`.
@@ -886,9 +924,12 @@ struct DockerAuth {
 
 /// The credentials for `registry` in a `.dockerconfigjson` (an imagePullSecret); anonymous when
 /// it has none for that registry.
-pub fn registry_auth(dockerconfigjson: &[u8], registry: &str) -> Result<RegistryAuth, String> {
+pub fn registry_auth(
+    dockerconfigjson: &[u8],
+    registry: &str,
+) -> Result<RegistryAuth, PullSecretError> {
     let config: DockerConfig = serde_json::from_slice(dockerconfigjson)
-        .map_err(|e| format!("not a docker config: {e}"))?;
+        .map_err(|e| PullSecretError::NotDockerConfig(e.to_string()))?;
     for (key, a) in &config.auths {
         let host = key
             .trim_start_matches("https://")
@@ -909,8 +950,8 @@ pub fn registry_auth(dockerconfigjson: &[u8], registry: &str) -> Result<Registry
                 .decode(b)
                 .ok()
                 .and_then(|d| String::from_utf8(d).ok())
-                .ok_or("auth is not base64")?;
-            let (u, p) = decoded.split_once(':').ok_or("auth is not user:password")?;
+                .ok_or(PullSecretError::BadAuth)?;
+            let (u, p) = decoded.split_once(':').ok_or(PullSecretError::BadAuth)?;
             return Ok(RegistryAuth::Basic(u.to_owned(), p.to_owned()));
         }
     }
