@@ -26,8 +26,8 @@ pub struct WebhookProcess {
 }
 
 /// The chart's match condition for pod status updates (`palisade.statusRelabels`): only those
-/// that change labels or annotations are sent.
-pub const STATUS_RELABELS: &str = "!has(request.subResource) || request.subResource != 'status' || has(object.metadata.labels) != has(oldObject.metadata.labels) || (has(object.metadata.labels) && object.metadata.labels != oldObject.metadata.labels) || has(object.metadata.annotations) != has(oldObject.metadata.annotations) || (has(object.metadata.annotations) && object.metadata.annotations != oldObject.metadata.annotations)";
+/// that change labels or Istio's injection annotations are sent.
+pub const STATUS_RELABELS: &str = "!has(request.subResource) || request.subResource != 'status' || has(object.metadata.labels) != has(oldObject.metadata.labels) || (has(object.metadata.labels) && object.metadata.labels != oldObject.metadata.labels) || ['sidecar.istio.io/inject', 'sidecar.istio.io/status'].exists(k, (has(object.metadata.annotations) && k in object.metadata.annotations) != (has(oldObject.metadata.annotations) && k in oldObject.metadata.annotations) || (has(object.metadata.annotations) && k in object.metadata.annotations && object.metadata.annotations[k] != oldObject.metadata.annotations[k]))";
 
 /// Label a namespace needs for the e2e webhook registration to apply to it.
 pub const SCOPE_LABEL: &str = "palisade.dev/e2e-webhook";

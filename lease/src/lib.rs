@@ -9,6 +9,9 @@
 //! The operator leads for its whole life ([`Leadership::acquire`], [`Leadership::keep`]); the
 //! webhook serves on every replica and only gates the writes that must happen once
 //! ([`follow`]: a flag that is set while this replica holds the Lease).
+//!
+//! Expiry is judged against this replica's clock; replicas whose clocks differ by more than a
+//! renewal interval may both lead for a moment (the writes they gate are idempotent).
 
 use std::time::Duration;
 
@@ -50,6 +53,15 @@ impl LeaderElection {
     }
 }
 
+/// This replica's identity in a Lease: the pod's name (`POD_NAME`, from the downward API), else
+/// the host name, with the process id so two processes on one host differ.
+pub fn identity(program: &str) -> String {
+    let host = std::env::var("POD_NAME")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| program.to_owned());
+    format!("{host}-{}", std::process::id())
+}
+
 /// A held lease.
 pub struct Leadership {
     api: Api<Lease>,
@@ -67,6 +79,9 @@ pub enum LeaderError {
     /// Another replica took the lease.
     #[error("lease {0} is now held by {1}")]
     Lost(String, String),
+    /// A renewal did not finish in time.
+    #[error("lease {0} could not be renewed in time")]
+    RenewTimeout(String),
 }
 
 impl Leadership {
@@ -150,13 +165,16 @@ impl Leadership {
         }
     }
 
-    /// Renews the lease until it is lost; returns why.
+    /// Renews the lease until it is lost; returns why. A renewal that takes longer than a
+    /// third of the lease counts as lost: by the time it could succeed, another replica may
+    /// hold the lease.
     pub async fn keep(&self) -> LeaderError {
         loop {
             tokio::time::sleep(self.retry_every()).await;
-            match self.renew().await {
-                Ok(()) => {}
-                Err(e) => return e,
+            match tokio::time::timeout(self.retry_every(), self.renew()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return e,
+                Err(_) => return LeaderError::RenewTimeout(self.name.clone()),
             }
         }
     }

@@ -268,16 +268,19 @@ fn changes_nothing_judged(object: &DynamicObject, old: &PodView, pod: &PodView) 
     terminating || (old.spec == pod.spec && same_identity_metadata(old, pod))
 }
 
-/// Whether the labels (identity selectors) and Istio's annotations are the same.
+/// Whether what selects the pod's identity is the same: its labels, and the annotations the
+/// identity check reads (Istio's injection switch and the injector's status). Other
+/// annotations — such as the one Istio's CNI agent writes through `pods/status` — change
+/// nothing here.
 fn same_identity_metadata(old: &PodView, new: &PodView) -> bool {
-    let istio = |p: &PodView| -> Vec<(String, String)> {
+    let read = |p: &PodView| -> Vec<(String, String)> {
         p.annotations
             .iter()
-            .filter(|(k, _)| k.contains("istio.io/"))
+            .filter(|(k, _)| crate::identity::IDENTITY_ANNOTATIONS.contains(&k.as_str()))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect()
     };
-    old.labels == new.labels && istio(old) == istio(new)
+    old.labels == new.labels && read(old) == read(new)
 }
 
 fn template_prefix(path: &str) -> String {

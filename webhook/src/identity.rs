@@ -353,6 +353,8 @@ fn get<'a>(m: &'a BTreeMap<String, String>, k: &str) -> Option<&'a str> {
 const INJECT: &str = "sidecar.istio.io/inject";
 /// The annotation the injector writes on a pod it injected.
 const SIDECAR_STATUS: &str = "sidecar.istio.io/status";
+/// The pod annotations the identity check reads (with the pod's labels).
+pub const IDENTITY_ANNOTATIONS: &[&str] = &[INJECT, SIDECAR_STATUS];
 /// The dataplane-mode label (ambient enrolment), on namespaces and pods.
 const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
 /// Namespaces Istio never injects into.
@@ -428,23 +430,32 @@ fn has_proxy(pod: &PodView, settings: &IstioSettings) -> bool {
     })
 }
 
-/// Flags of `pilot-agent proxy` that Istio's injection templates write, and whether each takes
-/// a value.
-const PROXY_FLAGS: &[(&str, bool)] = &[
-    ("domain", true),
-    ("proxyLogLevel", true),
-    ("proxyComponentLogLevel", true),
-    ("log_output_level", true),
-    ("log_as_json", false),
-    ("log_caller", true),
-    ("log_stacktrace_level", true),
-    ("log_target", true),
-    ("stsPort", true),
-    ("outlierLogPath", true),
-    ("concurrency", true),
-    ("serviceCluster", true),
-    ("templateFile", true),
-    ("tokenManagerPlugin", true),
+/// What a flag's value must look like.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum FlagValue {
+    /// Words (a domain, log levels): any value not starting with `-`.
+    Text,
+    /// A number (`pilot-agent` exits on anything else).
+    Number,
+    /// A boolean flag: bare, or `=true`/`=false`.
+    Bool,
+}
+
+/// Flags of `pilot-agent proxy` that Istio's injection templates write, and their values.
+/// Flags that redirect the agent elsewhere (`templateFile`, `tokenManagerPlugin`) are left out.
+const PROXY_FLAGS: &[(&str, FlagValue)] = &[
+    ("domain", FlagValue::Text),
+    ("proxyLogLevel", FlagValue::Text),
+    ("proxyComponentLogLevel", FlagValue::Text),
+    ("log_output_level", FlagValue::Text),
+    ("log_as_json", FlagValue::Bool),
+    ("log_caller", FlagValue::Text),
+    ("log_stacktrace_level", FlagValue::Text),
+    ("log_target", FlagValue::Text),
+    ("stsPort", FlagValue::Number),
+    ("outlierLogPath", FlagValue::Text),
+    ("concurrency", FlagValue::Number),
+    ("serviceCluster", FlagValue::Text),
 ];
 
 /// Whether `args` are the proxy's as the injector writes them: `proxy sidecar` and then only
@@ -464,13 +475,26 @@ fn injector_args(args: &[String]) -> bool {
             return false;
         };
         let (name, inline) = match flag.split_once('=') {
-            Some((n, _)) => (n, true),
-            None => (flag, false),
+            Some((n, v)) => (n, Some(v)),
+            None => (flag, None),
         };
-        let Some((_, takes_value)) = PROXY_FLAGS.iter().find(|(n, _)| *n == name) else {
+        let Some((_, kind)) = PROXY_FLAGS.iter().find(|(n, _)| *n == name) else {
             return false;
         };
-        if *takes_value && !inline && rest.next().is_none_or(|v| v.starts_with('-')) {
+        let value = match (kind, inline) {
+            (FlagValue::Bool, v) => v.unwrap_or("true"),
+            (_, Some(v)) => v,
+            (_, None) => match rest.next() {
+                Some(v) => v.as_str(),
+                None => return false,
+            },
+        };
+        let ok = match kind {
+            FlagValue::Text => !value.is_empty() && !value.starts_with('-'),
+            FlagValue::Number => !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()),
+            FlagValue::Bool => matches!(value, "true" | "false"),
+        };
+        if !ok {
             return false;
         }
     }

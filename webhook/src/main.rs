@@ -108,8 +108,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let lease = tokio::spawn(palisade_lease::follow(
         client.clone(),
         config.leader_election.clone(),
-        std::env::var("POD_NAME")
-            .unwrap_or_else(|_| format!("palisade-webhook-{}", std::process::id())),
+        palisade_lease::identity("palisade-webhook"),
         status_writer.leading(),
         {
             let facts = Arc::clone(&status_writer);

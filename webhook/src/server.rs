@@ -616,7 +616,7 @@ pub async fn serve_tls_with(
 /// Serves one TLS connection until the client closes it, or it idles too long (then it is
 /// shut down gracefully, and dropped if the client does not follow within 5 s).
 /// An `anonymous` client (no certificate where `tls.clientCAFile` asks for one) is answered on
-/// the probe paths only.
+/// the probe paths and `/metrics` (read-only counters, for Prometheus) only.
 async fn serve_connection(
     stream: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
     app: Router,
@@ -639,7 +639,7 @@ async fn serve_connection(
                 // Counted out when the handler ends or is dropped (an HTTP/2 stream reset
                 // drops it), so an abandoned request never keeps the connection busy.
                 let _in_flight = InFlight::start(&activity);
-                if anonymous && !matches!(req.uri().path(), "/healthz" | "/readyz") {
+                if anonymous && !matches!(req.uri().path(), "/healthz" | "/readyz" | "/metrics") {
                     return Ok((
                         StatusCode::FORBIDDEN,
                         "a client certificate from tls.clientCAFile is required",

@@ -65,9 +65,10 @@ seccompProfile:
 {{- end }}
 
 {{/*
-The match condition that sends a status update to the webhook only when it changes the object's
-labels or annotations.
+The match condition that sends a status update to the webhook only when it changes what selects
+the pod's identity: its labels, or Istio's injection annotations (not, say, the annotation Istio's
+CNI agent writes through pods/status on every ambient pod).
 */}}
 {{- define "palisade.statusRelabels" -}}
-!has(request.subResource) || request.subResource != 'status' || has(object.metadata.labels) != has(oldObject.metadata.labels) || (has(object.metadata.labels) && object.metadata.labels != oldObject.metadata.labels) || has(object.metadata.annotations) != has(oldObject.metadata.annotations) || (has(object.metadata.annotations) && object.metadata.annotations != oldObject.metadata.annotations)
+!has(request.subResource) || request.subResource != 'status' || has(object.metadata.labels) != has(oldObject.metadata.labels) || (has(object.metadata.labels) && object.metadata.labels != oldObject.metadata.labels) || ['sidecar.istio.io/inject', 'sidecar.istio.io/status'].exists(k, (has(object.metadata.annotations) && k in object.metadata.annotations) != (has(oldObject.metadata.annotations) && k in oldObject.metadata.annotations) || (has(object.metadata.annotations) && k in object.metadata.annotations && object.metadata.annotations[k] != oldObject.metadata.annotations[k]))
 {{- end }}

@@ -220,9 +220,10 @@ pub struct ImageVerifier {
     negative_ttl: Duration,
     cache: Mutex<HashMap<CacheKey, Cached>>,
     inflight: Arc<Inflight>,
-    /// Fetches of signature material running at once: with [`MAX_MATERIAL`](super::registry::MAX_MATERIAL) per fetch, this
-    /// bounds the memory registries can make the webhook hold.
-    fetches: Arc<tokio::sync::Semaphore>,
+    /// Fetches of signature material running at once, in all and per registry: with
+    /// [`MAX_MATERIAL`](super::registry::MAX_MATERIAL) per fetch, this bounds the memory
+    /// registries can make the webhook hold, and one slow registry cannot take every slot.
+    fetches: Arc<Slots>,
     templates: Mutex<TemplateDigests>,
     pull_secrets: Option<Arc<dyn PullSecretSource>>,
 }
@@ -236,7 +237,7 @@ impl ImageVerifier {
             negative_ttl,
             cache: Mutex::new(HashMap::new()),
             inflight: Arc::new(Mutex::new(HashMap::new())),
-            fetches: Arc::new(tokio::sync::Semaphore::new(MAX_FETCHES)),
+            fetches: Arc::new(Slots::default()),
             templates: Mutex::new(HashMap::new()),
             pull_secrets: None,
         }
@@ -317,6 +318,11 @@ impl ImageVerifier {
         with_atts: bool,
     ) -> FetchResult {
         let key = format!("{repository}@{digest} {credentials} {with_atts}");
+        let started = Instant::now();
+        // The fetch is shared: it runs for as long as any request may want it, not only as
+        // long as the one that started it (a request with a short deadline must not make the
+        // others that join it fail early).
+        let fetch_deadline = deadline.max(started + MIN_FETCH_TIME);
         let shared = {
             let mut inflight = lock(&self.inflight);
             inflight
@@ -329,7 +335,7 @@ impl ImageVerifier {
                         Arc::clone(&self.registry),
                         Arc::clone(&self.fetches),
                         (reference.clone(), digest.to_owned(), auth.clone()),
-                        deadline,
+                        fetch_deadline,
                         with_atts,
                         (Arc::clone(&self.inflight), key),
                     ));
@@ -351,7 +357,7 @@ impl ImageVerifier {
         let Ok(out) = tokio::time::timeout_at(deadline.into(), shared).await else {
             return Arc::new(Err(RegistryError::Timeout {
                 registry: reference.resolve_registry().to_owned(),
-                millis: 0,
+                millis: deadline.saturating_duration_since(started).as_millis(),
             }));
         };
         out
@@ -574,15 +580,68 @@ fn distinct_signers(signers_of: &[BTreeSet<String>]) -> usize {
         .count()
 }
 
-/// Fetches of signature material running at once (each holds at most [`MAX_MATERIAL`](super::registry::MAX_MATERIAL)).
-const MAX_FETCHES: usize = 4;
+/// Fetches of signature material running at once (each holds at most
+/// [`MAX_MATERIAL`](super::registry::MAX_MATERIAL)), in all and from one registry.
+const MAX_FETCHES: usize = 8;
+const MAX_FETCHES_PER_REGISTRY: usize = 2;
+/// How long a shared fetch may run at least, whatever the deadline of the request that started
+/// it.
+const MIN_FETCH_TIME: Duration = Duration::from_secs(5);
+
+/// Fetch slots: [`MAX_FETCHES`] in all, [`MAX_FETCHES_PER_REGISTRY`] per registry host.
+struct Slots {
+    all: Arc<tokio::sync::Semaphore>,
+    per_registry: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
+}
+
+impl Default for Slots {
+    fn default() -> Self {
+        Slots {
+            all: Arc::new(tokio::sync::Semaphore::new(MAX_FETCHES)),
+            per_registry: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl Slots {
+    /// A slot for a fetch from `registry`, waiting no longer than `deadline`.
+    async fn take(
+        &self,
+        registry: &str,
+        deadline: Instant,
+    ) -> Option<(
+        tokio::sync::OwnedSemaphorePermit,
+        tokio::sync::OwnedSemaphorePermit,
+    )> {
+        let host =
+            {
+                let mut map = lock(&self.per_registry);
+                if map.len() > 1024 {
+                    // Forget registries nothing is fetching from.
+                    map.retain(|_, s| s.available_permits() < MAX_FETCHES_PER_REGISTRY);
+                }
+                Arc::clone(map.entry(registry.to_owned()).or_insert_with(|| {
+                    Arc::new(tokio::sync::Semaphore::new(MAX_FETCHES_PER_REGISTRY))
+                }))
+            };
+        let both = async {
+            let one = host.acquire_owned().await.ok()?;
+            let all = Arc::clone(&self.all).acquire_owned().await.ok()?;
+            Some((one, all))
+        };
+        tokio::time::timeout_at(deadline.into(), both)
+            .await
+            .ok()
+            .flatten()
+    }
+}
 
 /// The signature layers (and attestations `with_atts`) of `digest`, within one
 /// [`MAX_MATERIAL`](super::registry::MAX_MATERIAL) budget and one of the [`MAX_FETCHES`] slots; removes `key` from
 /// `inflight` when done.
 async fn fetch_material(
     registry: Arc<Registry>,
-    slots: Arc<tokio::sync::Semaphore>,
+    slots: Arc<Slots>,
     (reference, digest, auth): (Reference, String, RegistryAuth),
     deadline: Instant,
     with_atts: bool,
@@ -590,11 +649,11 @@ async fn fetch_material(
 ) -> FetchResult {
     let fetched = async {
         let host = reference.resolve_registry().to_owned();
-        let Ok(Ok(_slot)) = tokio::time::timeout_at(deadline.into(), slots.acquire_owned()).await
-        else {
-            return Err(RegistryError::Timeout {
+        let Some(_slot) = slots.take(&host, deadline).await else {
+            return Err(RegistryError::Failed {
                 registry: host,
-                millis: 0,
+                why: "every slot for fetching its signatures stayed busy until the deadline"
+                    .to_owned(),
             });
         };
         let budget = Budget::default();
@@ -619,13 +678,14 @@ async fn fetch_material(
         }
         Ok(Fetched { sigs, atts })
     };
+    let started = Instant::now();
     let out = Arc::new(
         tokio::time::timeout_at(deadline.into(), fetched)
             .await
             .unwrap_or_else(|_| {
                 Err(RegistryError::Timeout {
                     registry: reference.resolve_registry().to_owned(),
-                    millis: 0,
+                    millis: deadline.saturating_duration_since(started).as_millis(),
                 })
             }),
     );

@@ -33,6 +33,9 @@ use super::verify::Layer;
 
 /// Largest manifest read (distribution's own limit).
 pub const MAX_MANIFEST: usize = 4 << 20;
+/// Largest signature manifest, referrers index or bundle manifest read: these list a few
+/// signatures (a keyless one carries its certificates, a few KiB), never megabytes.
+pub const MAX_SIGNATURE_MANIFEST: usize = 256 << 10;
 /// Largest signature, attestation or bundle layer read.
 pub const MAX_LAYER: usize = 4 << 20;
 /// Largest token response or error body read.
@@ -572,15 +575,16 @@ impl Registry {
         Ok(digest)
     }
 
-    /// The manifest `reference` (`path`: `manifests/<tag or digest>`), checked against
-    /// `digest` when given; `None` when the registry has no such manifest.
+    /// The signature manifest `reference` (`path`: `manifests/<tag or digest>`), checked
+    /// against `digest` when given; `None` when the registry has no such manifest. Its bytes
+    /// count against `budget` (parsed, its annotations are kept with the layers).
     async fn manifest(
         &self,
         reference: &Reference,
-        name: &str,
-        digest: Option<&str>,
+        (name, digest): (&str, Option<&str>),
         auth: &RegistryAuth,
         deadline: Instant,
+        budget: &Budget,
     ) -> Result<Option<Manifest>, RegistryError> {
         let (_, host) = self.base(reference);
         let answer = self
@@ -589,13 +593,14 @@ impl Registry {
                 &format!("manifests/{name}"),
                 MANIFEST_TYPES,
                 auth,
-                MAX_MANIFEST,
+                MAX_SIGNATURE_MANIFEST,
                 deadline,
             )
             .await?;
         if answer.status == StatusCode::NOT_FOUND {
             return Ok(None);
         }
+        budget.take(answer.body.len(), &host)?;
         expect_success(&answer, &host, &format!("manifest {name}"))?;
         if let Some(d) = digest
             && sha256(&answer.body) != d
@@ -693,7 +698,10 @@ impl Registry {
     ) -> Result<Vec<Layer>, RegistryError> {
         let tag = format!("{}.{suffix}", digest.replace(':', "-"));
         // A missing signature manifest is an answer (no signatures), not an error.
-        let Some(manifest) = self.manifest(reference, &tag, None, auth, deadline).await? else {
+        let Some(manifest) = self
+            .manifest(reference, (&tag, None), auth, deadline, budget)
+            .await?
+        else {
             return Ok(Vec::new());
         };
         if manifest.is_index() {
@@ -713,7 +721,16 @@ impl Registry {
             let blob = self.blob(reference, d, auth, (deadline, budget)).await?;
             layers.push(Layer {
                 media_type: d.media_type.clone(),
-                annotations: d.annotations.clone(),
+                // Only what verification reads: signature, certificate, chain, bundle.
+                annotations: d
+                    .annotations
+                    .iter()
+                    .filter(|(k, _)| {
+                        k.starts_with("dev.cosignproject.cosign/")
+                            || k.starts_with("dev.sigstore.cosign/")
+                    })
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
                 blob,
             });
         }
@@ -780,11 +797,12 @@ impl Registry {
                 ),
                 "application/vnd.oci.image.index.v1+json",
                 auth,
-                MAX_MANIFEST,
+                MAX_SIGNATURE_MANIFEST,
                 deadline,
             )
             .await?;
         let index: Manifest = if answer.status.is_success() {
+            budget.take(answer.body.len(), &host)?;
             serde_json::from_slice(&answer.body).map_err(|_| RegistryError::Failed {
                 registry: host.clone(),
                 why: "its referrers answer is not an OCI index".to_owned(),
@@ -795,7 +813,13 @@ impl Registry {
         {
             // No referrers API: the referrers tag schema.
             match self
-                .manifest(reference, &digest.replace(':', "-"), None, auth, deadline)
+                .manifest(
+                    reference,
+                    (&digest.replace(':', "-"), None),
+                    auth,
+                    deadline,
+                    budget,
+                )
                 .await?
             {
                 Some(m) => m,
@@ -817,7 +841,13 @@ impl Registry {
             .take(MAX_BUNDLES)
         {
             let Some(manifest) = self
-                .manifest(reference, &m.digest, Some(&m.digest), auth, deadline)
+                .manifest(
+                    reference,
+                    (&m.digest, Some(&m.digest)),
+                    auth,
+                    deadline,
+                    budget,
+                )
                 .await?
             else {
                 continue;
