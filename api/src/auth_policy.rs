@@ -48,6 +48,10 @@ use crate::{
     .message("spec.selector and spec.targetRefs are mutually exclusive: select pods by label, or attach to Gateways/Services, not both"))]
 #[x_kube(validation = Rule::new("has(self.rules) || has(self.deny) || has(self.external) || has(self.jwt) || self.mtls != 'Inherit'")
     .message("an AuthPolicy must declare at least one of rules, deny, external, jwt or mtls"))]
+#[x_kube(validation = Rule::new("!has(self.external) || has(self.jwt)")
+    .message("external needs jwt: the authorizer verifies tokens of the issuer jwt names, and trusts no other"))]
+#[x_kube(validation = Rule::new("has(self.jwt) || ((!has(self.rules) || self.rules.all(r, !has(r.when) || size(r.when) == 0)) && (!has(self.deny) || self.deny.all(r, !has(r.when) || size(r.when) == 0)))")
+    .message("when conditions read a validated token: set jwt to name its issuer"))]
 #[serde(rename_all = "camelCase")]
 pub struct AuthPolicySpec {
     /// Pods in this namespace the policy protects, by label. When neither `selector` nor
@@ -173,7 +177,14 @@ pub enum Source {
     /// A workload with exactly this SPIFFE ID.
     SpiffeId(SpiffeId),
     /// Any workload in this namespace.
-    Namespace(#[schemars(length(min = 1, max = 63))] String),
+    Namespace(
+        #[schemars(length(min = 1, max = 63))]
+        #[schemars(extend("x-kubernetes-validations" = [{
+            "rule": "self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')",
+            "message": "must be a namespace name (a lower-case DNS label): Istio would read '*' as a wildcard"
+        }]))]
+        String,
+    ),
 }
 
 /// A ServiceAccount, by name and namespace.
@@ -182,10 +193,18 @@ pub enum Source {
 pub struct ServiceAccountRef {
     /// ServiceAccount name.
     #[schemars(length(min = 1, max = 253))]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "self.matches('^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$')",
+        "message": "must be a ServiceAccount name (a lower-case DNS subdomain): Istio would read '*' as a wildcard"
+    }]))]
     pub name: String,
     /// ServiceAccount namespace; defaults to the policy's namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 63))]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')",
+        "message": "must be a namespace name (a lower-case DNS label): Istio would read '*' as a wildcard"
+    }]))]
     pub namespace: Option<String>,
 }
 
@@ -202,6 +221,8 @@ pub struct Operation {
     #[schemars(length(max = 16), inner(length(min = 1, max = 256)))]
     #[x_kube(validation = Rule::new("self.all(p, p.matches('^([*]|/[^*]*[*]?|[*][^*]+)$'))")
         .message("paths must be exact (/api/orders), a prefix (/api/*), a suffix (*.json) or *"))]
+    #[x_kube(validation = Rule::new("self.all(p, !p.contains('{') && !p.contains('}'))")
+        .message("paths may not contain { or }: Istio reads them as path templates"))]
     pub paths: Vec<PathPattern>,
     /// Destination ports; any one may match.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -268,7 +289,12 @@ impl HttpMethod {
 pub enum When {
     /// The token's `scope` claim must contain every one of these scopes.
     JwtScopes(
-        #[schemars(length(min = 1, max = 16), inner(length(min = 1, max = 253)))] Vec<String>,
+        #[schemars(length(min = 1, max = 16), inner(length(min = 1, max = 253)))]
+        #[schemars(extend("x-kubernetes-validations" = [{
+            "rule": "self.all(s, !s.contains('*'))",
+            "message": "scopes are literals: Istio would read '*' as a wildcard"
+        }]))]
+        Vec<String>,
     ),
     /// A claim must hold one of the listed values.
     Claim(ClaimMatch),
@@ -280,9 +306,17 @@ pub enum When {
 pub struct ClaimMatch {
     /// Claim name, e.g. `groups`. Nested claims use `.`: `realm_access.roles`.
     #[schemars(length(min = 1, max = 253))]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "self.matches('^[A-Za-z0-9_:-]+([.][A-Za-z0-9_:-]+)*$')",
+        "message": "must be a claim name (letters, digits, _ : -), nested with ."
+    }]))]
     pub name: String,
     /// Accepted values; any one may match.
-    #[schemars(length(min = 1, max = 32), inner(length(max = 1024)))]
+    #[schemars(length(min = 1, max = 32), inner(length(min = 1, max = 1024)))]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "self.all(v, size(v) > 0 && !v.contains('*'))",
+        "message": "claim values are non-empty literals: Istio would read '*' as a wildcard"
+    }]))]
     pub values: Vec<String>,
 }
 

@@ -76,6 +76,8 @@ pub enum RateLimitBackend {
 /// One limit: at most `requests` per `per`, with up to `burst` extra requests absorbed.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.requests + (has(self.burst) ? self.burst : 0) <= 4294967295")
+    .message("requests + burst must fit a token bucket (at most 4294967295)"))]
 pub struct Limit {
     /// A name for the limit, unique within the policy; appears in status and in metrics.
     #[schemars(length(min = 1, max = 63))]

@@ -121,15 +121,17 @@ fn auth_policy_lifecycle(env: &Env) -> Result<()> {
             get(cp, ns, kind, name).with_context(|| format!("{kind}/{name} missing"))?;
         }
 
-        // Update: without jwt the RequestAuthentication goes and the DENY policy loses its
-        // "no token" rule.
+        // Update: without jwt (and the token conditions that need it) the RequestAuthentication
+        // goes and the DENY policy loses its "no token" rule.
         apply_yaml(
             cp,
             ns,
-            &ORDERS.replace(
-                "  jwt: {issuer: https://auth.example.com, audiences: [orders]}\n",
-                "",
-            ),
+            &ORDERS
+                .replace(
+                    "  jwt: {issuer: https://auth.example.com, audiences: [orders]}\n",
+                    "",
+                )
+                .replace("      when: [{jwtScopes: [orders:read]}]\n", ""),
         )?;
         cp.eventually(
             "RequestAuthentication pruned, DENY updated, generation 2 observed",
@@ -286,11 +288,11 @@ fn spire_identities_are_cleaned_up_by_the_finalizer(env: &Env) -> Result<()> {
     let _op = OperatorProcess::start(
         cp,
         "spire",
-        "identitySource: Spire\ntrustDomain: prod.example",
+        "identitySource: Spire\ntrustDomain: prod.example\nspireClassName: prod",
     )?;
     cp.with_temp_ns("op-spire", |ns| {
         apply_yaml(cp, ns, ORDERS)?;
-        let name = format!("palisade-{ns}-orders-id");
+        let name = format!("palisade-{ns}.orders-id");
         let id = cp.eventually("ClusterSPIFFEID", WAIT, || {
             let out = run(cp
                 .kubectl()
@@ -303,6 +305,7 @@ fn spire_identities_are_cleaned_up_by_the_finalizer(env: &Env) -> Result<()> {
         })?;
         if id["spec"]["podSelector"]["matchLabels"]["app"] != "orders"
             || id["spec"]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] != ns
+            || id["spec"]["className"] != "prod"
         {
             bail!("ClusterSPIFFEID selects the wrong pods: {}", id["spec"]);
         }

@@ -7,7 +7,7 @@
 //! | `external` | `AuthorizationPolicy` `<p>-ext`, action CUSTOM, and the OPA data ConfigMap |
 //! | `jwt` | `RequestAuthentication` `<p>-jwt` |
 //! | `mtls: Strict/Permissive` | `PeerAuthentication` `<p>-mtls` |
-//! | identity source SPIRE | `ClusterSPIFFEID` `<ns>-<p>-id` (cluster-scoped) |
+//! | identity source SPIRE | `ClusterSPIFFEID` `<ns>.<p>-id` (cluster-scoped, with `spireClassName` as its class) |
 //!
 //! Istio evaluates CUSTOM, then DENY, then ALLOW; these are separate objects so each action keeps
 //! its own semantics.
@@ -68,7 +68,13 @@ pub fn translate(policy: &AuthPolicy, ctx: &Context) -> Desired {
     };
 
     if let Some(rules) = &spec.rules {
-        let rules = rules.iter().map(|r| istio_rule(r, ns, ctx)).collect();
+        // Claims in an ALLOW rule are read from a token of this policy's issuer only: Istio
+        // validates every RequestAuthentication on the workload and ORs them.
+        let issuer = spec.jwt.as_ref().map(|j| j.issuer.as_str());
+        let rules = rules
+            .iter()
+            .map(|r| istio_rule(r, ns, ctx, issuer))
+            .collect();
         let s = authz("ALLOW", Some(rules), None);
         out.objects.push(owner.object(
             SECURITY_V1,
@@ -103,7 +109,35 @@ pub fn translate(policy: &AuthPolicy, ctx: &Context) -> Desired {
         ));
         out.objects.push(opa_config_map(policy, &owner, name));
     }
-    if let Some(jwt) = &spec.jwt {
+    request_authentication(policy, &attach, &owner, &mut out);
+    peer_authentication(policy, &owner, &mut out);
+    if ctx.identity_source == IdentitySource::Spire && spec.target_refs.is_none() {
+        out.objects.push(cluster_spiffe_id(policy, &owner, ctx));
+    }
+    out
+}
+
+/// The RequestAuthentication for `jwt`, attached as the policy's other objects are; and the
+/// report of what only the external authorizer enforces, when there is none.
+fn request_authentication(
+    policy: &AuthPolicy,
+    attach: &Map<String, Value>,
+    owner: &Owner<'_>,
+    out: &mut Desired,
+) {
+    if let Some(jwt) = &policy.spec.jwt
+        && jwt.max_token_lifetime.is_some()
+        && policy.spec.external.is_none()
+    {
+        out.unsupported(
+            "NotEnforcedWithoutExternal",
+            "jwt.maxTokenLifetime is enforced by the external authorizer (Palisade's OPA policy), \
+             and this policy has no external: Istio checks expiry, not lifetime; add external \
+             (provider: your OPA ext_authz provider) or remove maxTokenLifetime"
+                .into(),
+        );
+    }
+    if let Some(jwt) = &policy.spec.jwt {
         let mut rule = Map::new();
         rule.insert("issuer".into(), json!(jwt.issuer));
         if let Some(uri) = &jwt.jwks_uri {
@@ -116,15 +150,10 @@ pub fn translate(policy: &AuthPolicy, ctx: &Context) -> Desired {
         out.objects.push(owner.object(
             SECURITY_V1,
             "RequestAuthentication",
-            &names::generated(name, "jwt"),
+            &names::generated(owner.name, "jwt"),
             Value::Object(s),
         ));
     }
-    peer_authentication(policy, &owner, &mut out);
-    if ctx.identity_source == IdentitySource::Spire && spec.target_refs.is_none() {
-        out.objects.push(cluster_spiffe_id(policy, &owner));
-    }
-    out
 }
 
 /// The DENY rules: `deny`, plus "no valid token" when the JWT is required.
@@ -133,28 +162,54 @@ fn deny_rules(policy: &AuthPolicy, ctx: &Context, out: &mut Desired) -> Vec<Valu
     let ns = policy.metadata.namespace.as_deref().unwrap_or_default();
     let mut rules = Vec::new();
     for (i, rule) in spec.deny.iter().flatten().enumerate() {
-        if rule
-            .to
-            .iter()
-            .any(|op| !op.methods.is_empty() || !op.paths.is_empty())
-            && rule.to.iter().all(|op| op.ports.is_empty())
-        {
+        if let Some(field) = http_only_on_tcp(rule) {
             out.warn(
                 "DenyHttpFieldsWithoutPorts",
                 format!(
-                    "deny[{i}] matches HTTP methods or paths but names no ports: on plain TCP traffic \
-                     Istio ignores HTTP fields, so this rule refuses every TCP connection; add the \
-                     HTTP ports to its `to` entries"
+                    "deny[{i}] matches {field}, which only HTTP requests carry, and names no ports \
+                     for it: on plain TCP traffic Istio drops HTTP fields from a DENY rule, so this \
+                     rule refuses every TCP connection; name the HTTP ports in the same `to` entry"
                 ),
             );
         }
-        rules.push(istio_rule(rule, ns, ctx));
+        rules.push(istio_rule(rule, ns, ctx, None));
     }
     if spec.jwt.as_ref().is_some_and(|j| j.require_token) {
-        // Requests with no valid token have no request principal: refuse them.
-        rules.push(json!({"from": [{"source": {"notRequestPrincipals": ["*"]}}]}));
+        out.warn(
+            "TokenRequiredOnTcp",
+            "jwt.requireToken refuses requests without a token of this issuer; TCP connections \
+             carry no token, so every TCP port of the selected workloads is refused too: set \
+             requireToken: false (and require the token with rules) where a workload serves TCP"
+                .into(),
+        );
+    }
+    if let Some(jwt) = spec.jwt.as_ref().filter(|j| j.require_token) {
+        // Requests without a valid token of this issuer have no request principal `<iss>/...`:
+        // refuse them (a token another RequestAuthentication on the workload validated does not
+        // count).
+        rules.push(
+            json!({"from": [{"source": {"notRequestPrincipals": [format!("{}/*", jwt.issuer)]}}]}),
+        );
     }
     rules
+}
+
+/// The HTTP-only field of a DENY rule that would make it refuse all TCP traffic: a `to` entry
+/// with methods or paths but no ports (on TCP, Istio drops what it cannot match, and what is
+/// left of the entry matches everything), or `when` conditions (tokens) with no port named at
+/// all.
+fn http_only_on_tcp(rule: &AuthRule) -> Option<&'static str> {
+    if rule
+        .to
+        .iter()
+        .any(|op| (!op.methods.is_empty() || !op.paths.is_empty()) && op.ports.is_empty())
+    {
+        return Some("HTTP methods or paths");
+    }
+    if !rule.when.is_empty() && rule.to.iter().all(|op| op.ports.is_empty()) {
+        return Some("token claims or scopes (when)");
+    }
+    None
 }
 
 fn peer_authentication(policy: &AuthPolicy, owner: &Owner<'_>, out: &mut Desired) {
@@ -207,8 +262,11 @@ fn peer_authentication(policy: &AuthPolicy, owner: &Owner<'_>, out: &mut Desired
 }
 
 /// The SPIRE registration that gives the selected pods the same SPIFFE IDs the rules name.
-fn cluster_spiffe_id(policy: &AuthPolicy, owner: &Owner<'_>) -> Value {
+fn cluster_spiffe_id(policy: &AuthPolicy, owner: &Owner<'_>, ctx: &Context) -> Value {
     let mut s = Map::new();
+    if !ctx.spire_class_name.is_empty() {
+        s.insert("className".into(), json!(ctx.spire_class_name));
+    }
     s.insert(
         "spiffeIDTemplate".into(),
         json!("spiffe://{{ .TrustDomain }}/ns/{{ .PodMeta.Namespace }}/sa/{{ .PodSpec.ServiceAccountName }}"),
@@ -266,17 +324,26 @@ pub fn candidates(namespace: &str, name: &str) -> Vec<(&'static str, &'static st
             "ClusterSPIFFEID",
             cluster_spiffe_id_name(namespace, name),
         ),
+        // The name earlier releases gave it (`<ns>-<name>`, which two policies could share):
+        // pruned when found.
+        (
+            SPIRE_V1ALPHA1,
+            "ClusterSPIFFEID",
+            names::generated(&format!("{namespace}-{name}"), "id"),
+        ),
     ]
 }
 
-/// Name of the ClusterSPIFFEID generated for the AuthPolicy `namespace/name`.
+/// Name of the ClusterSPIFFEID generated for the AuthPolicy `namespace/name`: `.` joins the
+/// two, and a namespace cannot contain one, so no two policies share it (`shop-a/orders` and
+/// `shop/a-orders` would both have been `shop-a-orders` with a dash).
 pub fn cluster_spiffe_id_name(namespace: &str, name: &str) -> String {
-    names::generated(&format!("{namespace}-{name}"), "id")
+    names::generated(&format!("{namespace}.{name}"), "id")
 }
 
 /// One Palisade rule as one Istio rule. Sources of one kind are merged into one `source` (values
 /// in a list OR); different kinds become separate `from` entries (entries OR).
-fn istio_rule(rule: &AuthRule, ns: &str, ctx: &Context) -> Value {
+fn istio_rule(rule: &AuthRule, ns: &str, ctx: &Context, issuer: Option<&str>) -> Value {
     let mut principals = Vec::new();
     let mut namespaces = Vec::new();
     for source in &rule.from {
@@ -320,6 +387,9 @@ fn istio_rule(rule: &AuthRule, ns: &str, ctx: &Context) -> Value {
                 }));
             }
         }
+    }
+    if let (Some(iss), false) = (issuer, when.is_empty()) {
+        when.push(json!({"key": "request.auth.claims[iss]", "values": [iss]}));
     }
     let mut r = Map::new();
     put(&mut r, "from", Value::Array(from));
@@ -394,13 +464,18 @@ fn opa_config_map(policy: &AuthPolicy, owner: &Owner<'_>, name: &str) -> Value {
             allowed.push("aud");
         }
     }
-    let data = json!({
-        "palisade": {"config": {"authz": {
-            "maxTokenLifetimeSeconds": max_lifetime,
-            "allowedClaims": allowed,
-            "requiredScopes": required,
-        }}}
-    });
+    let mut token = Map::new();
+    if let Some(jwt) = &spec.jwt {
+        token.insert("issuer".into(), json!(jwt.issuer));
+        token.insert("audiences".into(), json!(jwt.audiences));
+        if let Some(uri) = &jwt.jwks_uri {
+            token.insert("jwksUri".into(), json!(uri));
+        }
+    }
+    token.insert("maxTokenLifetimeSeconds".into(), json!(max_lifetime));
+    token.insert("allowedClaims".into(), json!(allowed));
+    token.insert("requiredScopes".into(), json!(required));
+    let data = json!({"palisade": {"config": {"authz": token}}});
     owner.object(
         "v1",
         "ConfigMap",
@@ -410,4 +485,27 @@ fn opa_config_map(policy: &AuthPolicy, owner: &Owner<'_>, name: &str) -> Value {
             "data.json": serde_json::to_string_pretty(&data).unwrap_or_default(),
         }}),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two policies never share a ClusterSPIFFEID: namespaces cannot contain the `.` that
+    /// joins namespace and name.
+    #[test]
+    fn cluster_spiffe_id_names_do_not_collide_across_namespaces() {
+        assert_ne!(
+            cluster_spiffe_id_name("shop-a", "orders"),
+            cluster_spiffe_id_name("shop", "a-orders")
+        );
+        assert_ne!(
+            cluster_spiffe_id_name("shop", "a.orders"),
+            cluster_spiffe_id_name("shop-a", "orders")
+        );
+        assert_eq!(
+            cluster_spiffe_id_name("shop", "orders"),
+            "palisade-shop.orders-id"
+        );
+    }
 }

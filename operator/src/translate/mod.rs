@@ -36,6 +36,10 @@ pub struct Context {
     pub default_rate_limit_backend: RateLimitBackend,
     /// Envoy Gateway rate limit type: `Global` needs Envoy Gateway's rate-limit service.
     pub envoy_gateway_rate_limit: EnvoyGatewayRateLimit,
+    /// The class of the SPIRE controller manager (`className` in its configuration): generated
+    /// ClusterSPIFFEIDs carry it, so a controller manager configured with a class serves them.
+    /// Empty: none (they are served only by one that watches classless ones).
+    pub spire_class_name: String,
 }
 
 impl Default for Context {
@@ -45,6 +49,7 @@ impl Default for Context {
             identity_source: IdentitySource::Istio,
             default_rate_limit_backend: RateLimitBackend::EnvoyGateway,
             envoy_gateway_rate_limit: EnvoyGatewayRateLimit::Global,
+            spire_class_name: String::new(),
         }
     }
 }

@@ -95,13 +95,23 @@ fn envoy_gateway(policy: &RateLimitPolicy, ctx: &Context, owner: &Owner<'_>) -> 
     if rules.is_empty() {
         return out;
     }
-    let spec = json!({
+    if kind == "Local"
+        && let Err((reason, why)) = local_rules_accepted(&rules)
+    {
+        out.unsupported(reason, why);
+        return out;
+    }
+    let mut spec = json!({
         "targetRefs": [target_ref(policy)],
         "rateLimit": {
             "type": kind,
             kind.to_ascii_lowercase(): {"rules": rules},
         },
     });
+    // A route's own policy would displace the Gateway's for that route: merged, both count.
+    if !gateway_target {
+        spec["mergeType"] = json!("StrategicMerge");
+    }
     out.objects.push(owner.object(
         "gateway.envoyproxy.io/v1alpha1",
         "BackendTrafficPolicy",
@@ -109,6 +119,55 @@ fn envoy_gateway(policy: &RateLimitPolicy, ctx: &Context, owner: &Owner<'_>) -> 
         spec,
     ));
     out
+}
+
+/// Whether Envoy Gateway accepts these Local rules, and means by them what the policy says: one
+/// rule at most without client selectors (the default bucket); every unit a multiple of the
+/// default's; and no default beside matched rules, since a request a matched rule counts never
+/// takes a token from the default bucket.
+fn local_rules_accepted(rules: &[Value]) -> Result<(), (&'static str, String)> {
+    let seconds = |r: &Value| match r["limit"]["unit"].as_str() {
+        Some("Second") => 1,
+        Some("Minute") => 60,
+        Some("Hour") => 3_600,
+        _ => 86_400,
+    };
+    let defaults: Vec<&Value> = rules
+        .iter()
+        .filter(|r| r.get("clientSelectors").is_none())
+        .collect();
+    if defaults.len() > 1 {
+        return Err((
+            "LocalDefaultRules",
+            format!(
+                "{} limits match every request; Envoy Gateway's Local rate limits allow one such \
+                 limit per policy: merge them, or use Global",
+                defaults.len()
+            ),
+        ));
+    }
+    if let Some(default) = defaults.first() {
+        if rules.len() > 1 {
+            return Err((
+                "LocalDefaultBypassed",
+                "a limit on every request beside limits on matched requests: with Local rate \
+                 limits a request a matched limit counts is not counted by the limit on every \
+                 request, so it would escape it; put the limit on every request in a policy of \
+                 its own, or use Global"
+                    .into(),
+            ));
+        }
+        let unit = seconds(default);
+        if rules.iter().any(|r| seconds(r) % unit != 0) {
+            return Err((
+                "LocalUnitNotMultiple",
+                "Envoy Gateway's Local rate limits need every limit's period to be a multiple of \
+                 the period of the limit on every request"
+                    .into(),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Envoy Gateway's unit for a period, when it has one.
@@ -169,10 +228,18 @@ fn eg_rules(limit: &Limit, gateway_target: bool, ctx: &Context) -> Result<Vec<Va
             }
         }
         Some(LimitKey::Header(name)) => {
+            // A request without the header is counted too: all such requests share one counter
+            // (a Distinct match only counts requests that carry the header).
+            let mut missing = selectors[0].clone();
             selectors[0].insert(
                 "headers".into(),
                 json!([{"name": name, "type": "Distinct"}]),
             );
+            missing.insert(
+                "headers".into(),
+                json!([{"name": name, "type": "RegularExpression", "value": ".*", "invert": true}]),
+            );
+            selectors.push(missing);
         }
         Some(LimitKey::JwtClaim(claim)) => {
             return Err(format!(
@@ -188,13 +255,7 @@ fn eg_rules(limit: &Limit, gateway_target: bool, ctx: &Context) -> Result<Vec<Va
             );
         }
     }
-    if ctx.envoy_gateway_rate_limit == EnvoyGatewayRateLimit::Local && limit.key.is_some() {
-        return Err(
-            "a key — Envoy Gateway local rate limits keep one counter per rule, not per client; \
-             configure Global rate limits"
-                .into(),
-        );
-    }
+    let _ = ctx;
     Ok(selectors
         .into_iter()
         .map(|s| {
@@ -207,8 +268,8 @@ fn eg_rules(limit: &Limit, gateway_target: bool, ctx: &Context) -> Result<Vec<Va
                 json!({"requests": limit.requests, "unit": unit}),
             );
             // On a Gateway target, Envoy Gateway gives each route its own counters unless
-            // `shared`; a limit without a key promises one counter for the whole target.
-            if gateway_target && limit.key.is_none() {
+            // `shared`; a limit promises one counter (per key) for the whole target.
+            if gateway_target {
                 rule.insert("shared".into(), json!(true));
             }
             Value::Object(rule)
@@ -216,29 +277,30 @@ fn eg_rules(limit: &Limit, gateway_target: bool, ctx: &Context) -> Result<Vec<Va
         .collect())
 }
 
-/// One Envoy Gateway path match for a list of paths: `Exact` for a single exact path, otherwise
-/// a regular expression, so the paths share one counter (separate rules would each count).
+/// One Envoy Gateway path match for a list of paths: a regular expression, so the paths share
+/// one counter (separate rules would each count). Envoy matches it against `:path`, query
+/// string included, so an exact path also matches itself followed by `?…` (otherwise
+/// `/api/orders?x` would escape a limit on `/api/orders`).
 fn eg_path(paths: &[PathPattern]) -> Option<Value> {
-    match paths {
-        [] => None,
-        [p] if !p.ends_with('*') => Some(json!({"type": "Exact", "value": p})),
-        _ => {
-            let mut re = String::from("^(");
-            for (i, p) in paths.iter().enumerate() {
-                if i > 0 {
-                    re.push('|');
-                }
-                match p.strip_suffix('*') {
-                    Some(prefix) => {
-                        let _ = write!(re, "{}.*", regex_escape(prefix));
-                    }
-                    None => re.push_str(&regex_escape(p)),
-                }
+    if paths.is_empty() {
+        return None;
+    }
+    let mut re = String::from("^(");
+    for (i, p) in paths.iter().enumerate() {
+        if i > 0 {
+            re.push('|');
+        }
+        match p.strip_suffix('*') {
+            Some(prefix) => {
+                let _ = write!(re, "{}.*", regex_escape(prefix));
             }
-            re.push_str(")$");
-            Some(json!({"type": "RegularExpression", "value": re}))
+            None => {
+                let _ = write!(re, "{}(\\?.*)?", regex_escape(p));
+            }
         }
     }
+    re.push_str(")$");
+    Some(json!({"type": "RegularExpression", "value": re}))
 }
 
 fn regex_escape(s: &str) -> String {
@@ -260,6 +322,17 @@ fn istio_local(policy: &RateLimitPolicy, owner: &Owner<'_>) -> Desired {
             "IstioLocal enforces limits in a gateway proxy: target the Gateway, not an HTTPRoute \
              (or use backend EnvoyGateway)"
                 .into(),
+        );
+        return out;
+    }
+    if let Some(section) = &policy.spec.target_ref.section_name {
+        out.unsupported(
+            "SectionNameUnsupported",
+            format!(
+                "IstioLocal cannot limit one listener ({section:?}): an EnvoyFilter attaches to the \
+                 whole Gateway (Istio's targetRefs have no sectionName), so the limits would apply \
+                 to every listener; drop sectionName or use backend EnvoyGateway"
+            ),
         );
         return out;
     }
@@ -381,13 +454,23 @@ mod tests {
     fn paths_share_one_matcher() {
         assert_eq!(eg_path(&[]), None);
         assert_eq!(
-            eg_path(&["/a".into()]),
-            Some(json!({"type": "Exact", "value": "/a"}))
-        );
-        assert_eq!(
             eg_path(&["/api/*".into(), "/v1.0/x".into()]),
-            Some(json!({"type": "RegularExpression", "value": "^(/api/.*|/v1\\.0/x)$"}))
+            Some(json!({"type": "RegularExpression", "value": "^(/api/.*|/v1\\.0/x(\\?.*)?)$"}))
         );
+    }
+
+    /// Envoy matches the path regex against `:path`, query string included: an exact path
+    /// matches with any query, and nothing else.
+    #[test]
+    fn exact_paths_match_with_a_query_string_and_nothing_else() {
+        let m = eg_path(&["/api/orders".into()]).expect("a match");
+        let re = regex::Regex::new(m["value"].as_str().expect("regex")).expect("valid");
+        for hit in ["/api/orders", "/api/orders?x=1", "/api/orders?"] {
+            assert!(re.is_match(hit), "{hit}");
+        }
+        for miss in ["/api/ordersx", "/api/orders/1", "/api", "/API/orders"] {
+            assert!(!re.is_match(miss), "{miss}");
+        }
     }
 
     #[test]
