@@ -276,7 +276,7 @@ impl ClusterFacts {
 
     /// The flag that lets this replica write ImagePolicy status: set it while this replica
     /// holds the Lease (`palisade_lease::follow`), so replicas never race on status.
-    pub fn leading(&self) -> Arc<AtomicBool> {
+    pub fn leading_flag(&self) -> Arc<AtomicBool> {
         Arc::clone(&self.leading)
     }
 
@@ -321,6 +321,10 @@ impl ClusterFacts {
 }
 
 impl FactSource for ClusterFacts {
+    fn leading(&self) -> Option<bool> {
+        Some(self.leading.load(Ordering::SeqCst))
+    }
+
     fn namespace_labels(&self, namespace: &str) -> Option<BTreeMap<String, String>> {
         self.namespaces
             .get(&ObjectRef::new(namespace))

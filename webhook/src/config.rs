@@ -154,12 +154,16 @@ pub enum ConfigError {
 impl Tls {
     /// The client CAs, when `clientCAFile` is set.
     pub fn client_roots(&self) -> Result<Option<rustls::RootCertStore>, ConfigError> {
+        self.client_ca_file.as_deref().map(read_roots).transpose()
+    }
+}
+
+/// The CA certificates in the PEM file at `path`; at least one.
+pub fn read_roots(path: &std::path::Path) -> Result<rustls::RootCertStore, ConfigError> {
+    {
         use rustls_pki_types::{CertificateDer, pem::PemObject};
-        let Some(path) = &self.client_ca_file else {
-            return Ok(None);
-        };
         let failed = |why: String| ConfigError::ClientCa {
-            path: path.clone(),
+            path: path.to_path_buf(),
             why,
         };
         let pem = std::fs::read(path).map_err(|e| failed(e.to_string()))?;
@@ -171,7 +175,7 @@ impl Tls {
         if roots.is_empty() {
             return Err(failed("holds no certificate".to_owned()));
         }
-        Ok(Some(roots))
+        Ok(roots)
     }
 }
 

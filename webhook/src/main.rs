@@ -109,7 +109,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         client.clone(),
         config.leader_election.clone(),
         palisade_lease::identity("palisade-webhook"),
-        status_writer.leading(),
+        status_writer.leading_flag(),
         {
             let facts = Arc::clone(&status_writer);
             move || {
@@ -121,7 +121,14 @@ async fn run(config: Config) -> anyhow::Result<()> {
     ));
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     tracing::info!(listen = %config.listen, "serving admission reviews");
-    let client_roots = config.tls.client_roots()?;
+    let client_roots = match &config.tls.client_ca_file {
+        Some(path) => {
+            let ca = Arc::new(palisade_webhook::tls::ClientCa::load(path.clone())?);
+            let _reloader = ca.spawn_reloader(Duration::from_secs(2));
+            Some(ca)
+        }
+        None => None,
+    };
     if client_roots.is_some() {
         tracing::info!("serving only clients with a certificate from tls.clientCAFile");
     }

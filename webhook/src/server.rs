@@ -59,6 +59,11 @@ pub trait FactSource: Send + Sync + 'static {
     }
     /// Whether the caches are synced.
     fn ready(&self) -> bool;
+    /// Whether this replica holds the Lease that lets it write ImagePolicy status (`None`
+    /// where there is no election).
+    fn leading(&self) -> Option<bool> {
+        None
+    }
 }
 
 /// The labels of the request's namespace: from the cache, else read live; a namespace that
@@ -406,6 +411,15 @@ async fn metrics(State(state): State<Arc<AppState>>) -> String {
     );
     c.latency
         .render("palisade_webhook_decision_duration_seconds", &mut out);
+    if let Some(leading) = state.facts.leading() {
+        let _ = write!(
+            out,
+            "# TYPE palisade_webhook_leading gauge
+palisade_webhook_leading {}
+",
+            u8::from(leading)
+        );
+    }
     if let Some(images) = &state.images {
         let _ = write!(
             out,
@@ -420,8 +434,8 @@ async fn metrics(State(state): State<Arc<AppState>>) -> String {
 /// Who may connect, and limits that keep one client (or many) from exhausting the server.
 #[derive(Clone, Debug)]
 pub struct ServeLimits {
-    /// When set, only clients presenting a certificate these CAs signed are served.
-    pub client_roots: Option<Arc<rustls::RootCertStore>>,
+    /// When set, only clients presenting a certificate these CAs signed get decisions.
+    pub client_roots: Option<Arc<crate::tls::ClientCa>>,
     /// Connections served at once; more wait in the listen backlog.
     pub max_connections: usize,
     /// Time allowed for a TLS handshake.
@@ -457,13 +471,13 @@ impl Default for ServeLimits {
 }
 
 /// Serves `app` over TLS on `listener` until `shutdown` resolves, with the default limits;
-/// with `client_roots`, only to clients presenting a certificate they signed.
+/// with `client_roots`, decisions only to clients presenting a certificate they signed.
 pub async fn serve_tls(
     listener: tokio::net::TcpListener,
     cert: Arc<dyn ResolvesServerCert>,
     app: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
-    client_roots: Option<rustls::RootCertStore>,
+    client_roots: Option<Arc<crate::tls::ClientCa>>,
 ) -> std::io::Result<()> {
     serve_tls_with(
         listener,
@@ -471,7 +485,7 @@ pub async fn serve_tls(
         app,
         shutdown,
         ServeLimits {
-            client_roots: client_roots.map(Arc::new),
+            client_roots,
             ..ServeLimits::default()
         },
     )
@@ -545,17 +559,9 @@ pub async fn serve_tls_with(
     .map_err(std::io::Error::other)?;
     let mut tls = match &limits.client_roots {
         None => tls.with_no_client_auth(),
-        Some(roots) => tls.with_client_cert_verifier(
-            // A certificate, when one is presented, must chain to the roots; a client without
-            // one (the kubelet's probes) reaches the probe paths only (see `serve_connection`).
-            rustls::server::WebPkiClientVerifier::builder_with_provider(
-                Arc::clone(roots),
-                Arc::new(rustls::crypto::ring::default_provider()),
-            )
-            .allow_unauthenticated()
-            .build()
-            .map_err(std::io::Error::other)?,
-        ),
+        // A certificate, when one is presented, must chain to the roots; a client without one
+        // (the kubelet's probes) reaches the probe paths only (see `serve_connection`).
+        Some(ca) => tls.with_client_cert_verifier(Arc::clone(ca) as _),
     }
     .with_cert_resolver(cert);
     tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];

@@ -232,3 +232,159 @@ impl SvidCert {
         })
     }
 }
+
+/// The client certificate check of `tls.clientCAFile`, re-read when the file changes, so a
+/// rotated API-server client CA is accepted without a restart. A client that presents a
+/// certificate must chain it to the current CAs; one that presents none is let through the
+/// handshake and answered on the probe paths only (see `server::serve_connection`).
+pub struct ClientCa {
+    path: Option<PathBuf>,
+    current: ArcSwap<ClientVerifier>,
+    pem: Mutex<Vec<u8>>,
+}
+
+/// One built verifier.
+struct ClientVerifier(Arc<dyn rustls::server::danger::ClientCertVerifier>);
+
+impl std::fmt::Debug for ClientCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientCa")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+fn client_verifier(roots: rustls::RootCertStore) -> Result<ClientVerifier, TlsError> {
+    rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::new(rustls::crypto::ring::default_provider()),
+    )
+    .allow_unauthenticated()
+    .build()
+    .map(ClientVerifier)
+    .map_err(|e| TlsError::Load {
+        path: "client CA".into(),
+        why: e.to_string(),
+    })
+}
+
+impl ClientCa {
+    /// A fixed set of CAs.
+    pub fn from_roots(roots: rustls::RootCertStore) -> Result<Self, TlsError> {
+        Ok(ClientCa {
+            path: None,
+            current: ArcSwap::from_pointee(client_verifier(roots)?),
+            pem: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The CAs in the PEM file at `path`, re-read by [`ClientCa::reload`].
+    pub fn load(path: PathBuf) -> Result<Self, TlsError> {
+        let pem = std::fs::read(&path).map_err(|e| TlsError::Load {
+            path: path.display().to_string(),
+            why: e.to_string(),
+        })?;
+        let roots = crate::config::read_roots(&path).map_err(|e| TlsError::Load {
+            path: path.display().to_string(),
+            why: e.to_string(),
+        })?;
+        Ok(ClientCa {
+            current: ArcSwap::from_pointee(client_verifier(roots)?),
+            pem: Mutex::new(pem),
+            path: Some(path),
+        })
+    }
+
+    /// Re-reads the file when its content changed; `Ok(true)` when new CAs are in use. A file
+    /// that cannot be read or holds no CA keeps the CAs in use (and says why).
+    pub fn reload(&self) -> Result<bool, TlsError> {
+        let Some(path) = &self.path else {
+            return Ok(false);
+        };
+        let failed = |why: String| TlsError::Load {
+            path: path.display().to_string(),
+            why,
+        };
+        let pem = std::fs::read(path).map_err(|e| failed(e.to_string()))?;
+        if *crate::lock(&self.pem) == pem {
+            return Ok(false);
+        }
+        let roots = crate::config::read_roots(path).map_err(|e| failed(e.to_string()))?;
+        self.current.store(Arc::new(client_verifier(roots)?));
+        *crate::lock(&self.pem) = pem;
+        Ok(true)
+    }
+
+    /// Re-reads the file every `every` until the process ends.
+    pub fn spawn_reloader(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
+        let ca = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                match ca.reload() {
+                    Ok(true) => tracing::info!("client CA reloaded"),
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "client CA not reloaded; the previous CAs stay in use");
+                    }
+                }
+            }
+        })
+    }
+}
+
+impl rustls::server::danger::ClientCertVerifier for ClientCa {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        // No hints: the API server presents the certificate it is configured with anyway.
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        self.current
+            .load()
+            .0
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.current
+            .load()
+            .0
+            .verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.current
+            .load()
+            .0
+            .verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.current.load().0.supported_verify_schemes()
+    }
+}

@@ -369,31 +369,12 @@ async fn only_clients_with_a_certificate_from_the_client_ca_are_served() {
         .expect("other");
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca.der().clone()).expect("root");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serve_tls_with(
-        listener,
-        cert.serving(),
-        app(),
-        async {
-            let _ = stopped.await;
-        },
-        ServeLimits {
-            client_roots: Some(Arc::new(roots)),
-            ..ServeLimits::default()
-        },
-    ));
-    let with = |c: &rcgen::Certificate, k: &rcgen::KeyPair| {
-        client_config()
-            .with_client_auth_cert(
-                vec![c.der().clone()],
-                rustls_pki_types::PrivateKeyDer::try_from(k.serialize_der()).expect("key"),
-            )
-            .expect("client auth")
-    };
+    let (addr, stop, server) = serve_with_client_ca(
+        &cert,
+        Arc::new(palisade_webhook::tls::ClientCa::from_roots(roots).expect("verifier")),
+    )
+    .await;
+    let with = with_client_cert;
     // Without a certificate: the probes (the kubelet's) are answered, reviews are not.
     let anonymous = validate(addr, client_config().with_no_client_auth()).await;
     assert!(anonymous.starts_with("HTTP/1.1 403"), "{anonymous}");
@@ -446,4 +427,101 @@ impl rustls::client::danger::ServerCertVerifier for AnyCert {
             .signature_verification_algorithms
             .supported_schemes()
     }
+}
+
+/// A CA and a client certificate it issued (with its key).
+fn ca_with_client(name: &str) -> (rcgen::Certificate, rcgen::Certificate, rcgen::KeyPair) {
+    let ca_key = rcgen::KeyPair::generate().expect("key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).expect("ca");
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec![name.to_owned()])
+        .expect("params")
+        .signed_by(&key, &issuer)
+        .expect("client cert");
+    (ca, cert, key)
+}
+
+/// The API server's client CA rotates: once `tls.clientCAFile` holds the new CA, certificates
+/// from it are served and those of the old one get no connection, with no restart.
+#[tokio::test]
+async fn a_rotated_client_ca_is_used_without_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cert = serving_cert(dir.path());
+    let (old_ca, old_cert, old_key) = ca_with_client("kube-apiserver");
+    let (new_ca, new_cert, new_key) = ca_with_client("kube-apiserver");
+    let ca_file = dir.path().join("client-ca.crt");
+    std::fs::write(&ca_file, old_ca.pem()).expect("write");
+    let ca = Arc::new(palisade_webhook::tls::ClientCa::load(ca_file.clone()).expect("load"));
+    let (addr, stop, server) = serve_with_client_ca(&cert, Arc::clone(&ca)).await;
+    let with = with_client_cert;
+    assert!(
+        validate(addr, with(&old_cert, &old_key))
+            .await
+            .starts_with("HTTP/1.1 400")
+    );
+    assert!(
+        !validate(addr, with(&new_cert, &new_key))
+            .await
+            .starts_with("HTTP/1.1")
+    );
+    assert!(!ca.reload().expect("unchanged"), "nothing to reload yet");
+    std::fs::write(&ca_file, new_ca.pem()).expect("rotate");
+    assert!(ca.reload().expect("reloaded"), "the new CA is read");
+    let new = validate(addr, with(&new_cert, &new_key)).await;
+    assert!(new.starts_with("HTTP/1.1 400"), "{new}");
+    let old = validate(addr, with(&old_cert, &old_key)).await;
+    assert!(!old.starts_with("HTTP/1.1"), "{old}");
+    // A broken file keeps the CA in use.
+    std::fs::write(&ca_file, "not a certificate").expect("break");
+    assert!(ca.reload().is_err());
+    assert!(
+        validate(addr, with(&new_cert, &new_key))
+            .await
+            .starts_with("HTTP/1.1 400")
+    );
+    let _ = stop.send(());
+    server.await.expect("join").expect("served");
+}
+
+/// A client presenting certificate `c` (key `k`).
+fn with_client_cert(c: &rcgen::Certificate, k: &rcgen::KeyPair) -> rustls::ClientConfig {
+    client_config()
+        .with_client_auth_cert(
+            vec![c.der().clone()],
+            rustls_pki_types::PrivateKeyDer::try_from(k.serialize_der()).expect("key"),
+        )
+        .expect("client auth")
+}
+
+/// The test app served over TLS with client certificates checked by `ca`: its address, the
+/// sender that stops it, and its task.
+async fn serve_with_client_ca(
+    cert: &palisade_webhook::tls::ReloadingCert,
+    ca: Arc<palisade_webhook::tls::ClientCa>,
+) -> (
+    std::net::SocketAddr,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve_tls_with(
+        listener,
+        cert.serving(),
+        app(),
+        async {
+            let _ = stopped.await;
+        },
+        ServeLimits {
+            client_roots: Some(ca),
+            ..ServeLimits::default()
+        },
+    ));
+    (addr, stop, server)
 }

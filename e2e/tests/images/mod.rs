@@ -626,6 +626,13 @@ fn one_replica_writes_policy_status(env: &Env) -> Result<()> {
     )?;
     let second = WebhookProcess::start(cp, "lease-b", election)?;
     let second_id = format!("-{}", second.pid());
+    let leading = |wh: &WebhookProcess| -> Result<String> {
+        let (_, m) = wh.curl(&["/metrics"])?;
+        Ok(m.lines()
+            .find_map(|l| l.strip_prefix("palisade_webhook_leading "))
+            .unwrap_or("absent")
+            .to_owned())
+    };
     // A policy whose authority cannot load, so its status has something to say.
     let policy = |name: &str| {
         let file = cp.work_dir.join(format!("{name}.yaml"));
@@ -652,6 +659,13 @@ fn one_replica_writes_policy_status(env: &Env) -> Result<()> {
             || ready("lease-one"),
         )?;
         std::thread::sleep(Duration::from_secs(2));
+        if (leading(&first)?, leading(&second)?) != ("1".into(), "0".into()) {
+            bail!(
+                "palisade_webhook_leading: {} on the leader, {} on the standby",
+                leading(&first)?,
+                leading(&second)?
+            );
+        }
         if !wrote(&first, "lease-one") || wrote(&second, "lease-one") {
             bail!(
                 "status of lease-one: leader wrote it {}, standby wrote it {}",
