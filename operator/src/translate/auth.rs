@@ -41,6 +41,11 @@ pub fn translate(policy: &AuthPolicy, ctx: &Context) -> Desired {
     };
     let spec = &policy.spec;
     let mut out = Desired::default();
+    if let Some(refusal) = unenforceable_scope(policy, ctx) {
+        out.unsupported(refusal.0, refusal.1);
+        return out;
+    }
+    scope_warnings(policy, ctx, &mut out);
 
     // Where the Istio objects attach: a pod selector, Gateway API/Service targets, or the whole
     // namespace.
@@ -153,6 +158,94 @@ fn request_authentication(
             &names::generated(owner.name, "jwt"),
             Value::Object(s),
         ));
+    }
+}
+
+/// Why nothing of this policy can be generated as written: a policy in the mesh's root namespace
+/// (Istio applies it to every workload of the mesh), or a target naming a section (Istio's
+/// targetRefs have none: the policy would cover the whole Gateway).
+fn unenforceable_scope(policy: &AuthPolicy, ctx: &Context) -> Option<(&'static str, String)> {
+    let ns = policy.metadata.namespace.as_deref().unwrap_or_default();
+    if ns == ctx.mesh_root_namespace && !ctx.allow_root_namespace_policies {
+        return Some((
+            "RootNamespacePolicy",
+            format!(
+                "{ns} is the mesh's root namespace: Istio applies its policies to every workload \
+                 of the mesh, so an ALLOW rule here opens every workload another policy \
+                 restricts; move the policy to the namespace it protects (or set \
+                 allowRootNamespacePolicies in the operator configuration)"
+            ),
+        ));
+    }
+    let sections: Vec<&str> = policy
+        .spec
+        .target_refs
+        .iter()
+        .flatten()
+        .filter_map(|t| t.section_name.as_deref())
+        .collect();
+    if !sections.is_empty() {
+        return Some((
+            "SectionNameUnsupported",
+            format!(
+                "targetRefs name sections ({}): Istio's AuthorizationPolicy attaches to a whole \
+                 Gateway or Service, so the policy would cover more than written; drop \
+                 sectionName or attach a separate Gateway",
+                sections.join(", ")
+            ),
+        ));
+    }
+    None
+}
+
+/// What the mesh enforces only under conditions Palisade cannot see from the policy: targets
+/// (only a waypoint enforces a Service target, only an Istio-managed gateway a Gateway target;
+/// sidecars and ztunnel ignore both), and DENY paths under a path normalisation that lets
+/// `//admin` or `/admin%2Fx` past `/admin/*`.
+fn scope_warnings(policy: &AuthPolicy, ctx: &Context, out: &mut Desired) {
+    for t in policy.spec.target_refs.iter().flatten() {
+        let (reason, how) = if t.kind == "Service" {
+            (
+                "WaypointRequired",
+                "only the waypoint proxy the Service uses (label istio.io/use-waypoint) enforces \
+                 it; sidecars and ztunnel ignore policies with targetRefs",
+            )
+        } else {
+            (
+                "IstioGatewayRequired",
+                "only a gateway Istio deploys (gatewayClassName istio) enforces it; another \
+                 controller's Gateway (Envoy Gateway's, say) ignores Istio policies: use that \
+                 controller's own policy there",
+            )
+        };
+        out.warn(reason, format!("target {} {}: {how}", t.kind, t.name));
+    }
+    let deny_paths: Vec<&str> = policy
+        .spec
+        .deny
+        .iter()
+        .flatten()
+        .flat_map(|r| &r.to)
+        .flat_map(|op| &op.paths)
+        .map(String::as_str)
+        .filter(|p| p.starts_with('/'))
+        .collect();
+    let lets_through = match ctx.mesh_path_normalization {
+        super::PathNormalization::Base => Some("`//` or `%2F`"),
+        super::PathNormalization::MergeSlashes => Some("`%2F`"),
+        super::PathNormalization::DecodeAndMergeSlashes => None,
+    };
+    if let (Some(spelling), false) = (lets_through, deny_paths.is_empty()) {
+        out.warn(
+            "PathNormalization",
+            format!(
+                "deny paths ({}) are matched after the mesh's path normalisation, which keeps \
+                 {spelling} as written: a request spelling the path that way is not refused; set \
+                 meshConfig.pathNormalization to DECODE_AND_MERGE_SLASHES and \
+                 meshPathNormalization in the operator configuration",
+                deny_paths.join(", ")
+            ),
+        );
     }
 }
 

@@ -40,6 +40,27 @@ pub struct Context {
     /// ClusterSPIFFEIDs carry it, so a controller manager configured with a class serves them.
     /// Empty: none (they are served only by one that watches classless ones).
     pub spire_class_name: String,
+    /// The mesh's root namespace (`meshConfig.rootNamespace`): Istio applies policies there to
+    /// every workload of the mesh.
+    pub mesh_root_namespace: String,
+    /// Whether AuthPolicies may live in the root namespace (and so apply mesh-wide).
+    pub allow_root_namespace_policies: bool,
+    /// How the mesh normalises request paths before authorization
+    /// (`meshConfig.pathNormalization`).
+    pub mesh_path_normalization: PathNormalization,
+}
+
+/// Istio's request path normalisation (`meshConfig.pathNormalization.normalization`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum PathNormalization {
+    /// RFC 3986 normalisation only (Istio's default): `//` and `%2F` stay as they are.
+    #[default]
+    Base,
+    /// Also merges `//` into `/`.
+    MergeSlashes,
+    /// Also decodes `%2F`/`%5C` and merges slashes.
+    DecodeAndMergeSlashes,
 }
 
 impl Default for Context {
@@ -50,6 +71,9 @@ impl Default for Context {
             default_rate_limit_backend: RateLimitBackend::EnvoyGateway,
             envoy_gateway_rate_limit: EnvoyGatewayRateLimit::Global,
             spire_class_name: String::new(),
+            mesh_root_namespace: "istio-system".into(),
+            allow_root_namespace_policies: false,
+            mesh_path_normalization: PathNormalization::Base,
         }
     }
 }
