@@ -6,6 +6,7 @@ pub mod config;
 pub mod controller;
 pub mod diff;
 pub mod metrics;
+pub mod model;
 pub mod names;
 pub mod run;
 pub mod translate;

@@ -289,8 +289,8 @@ fn deny_rules(policy: &AuthPolicy, ctx: &Context, out: &mut Desired) -> Vec<Valu
 
 /// The HTTP-only field of a DENY rule that would make it refuse all TCP traffic: a `to` entry
 /// with methods or paths but no ports (on TCP, Istio drops what it cannot match, and what is
-/// left of the entry matches everything), or `when` conditions (tokens) with no port named at
-/// all.
+/// left of the entry matches everything), or `when` conditions (tokens) on a rule one of whose
+/// entries names no port.
 fn http_only_on_tcp(rule: &AuthRule) -> Option<&'static str> {
     if rule
         .to
@@ -299,7 +299,9 @@ fn http_only_on_tcp(rule: &AuthRule) -> Option<&'static str> {
     {
         return Some("HTTP methods or paths");
     }
-    if !rule.when.is_empty() && rule.to.iter().all(|op| op.ports.is_empty()) {
+    // An entry without ports lets the rule apply to every port (an empty `to` too).
+    if !rule.when.is_empty() && (rule.to.is_empty() || rule.to.iter().any(|op| op.ports.is_empty()))
+    {
         return Some("token claims or scopes (when)");
     }
     None

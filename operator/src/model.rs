@@ -1,0 +1,305 @@
+//! Two readings of one AuthPolicy, for the tests that hold them equal:
+//!
+//! - [`meaning`]: what the AuthPolicy says, as the README defines it;
+//! - [`istio_allows`]: what Istio decides for a request, given the objects the translator
+//!   generated (PeerAuthentication, RequestAuthentication, DENY and ALLOW AuthorizationPolicies),
+//!   following Istio's evaluation: mutual TLS, then DENY, then ALLOW; HTTP-only attributes
+//!   (methods, paths, request principals, token claims) dropped from DENY rules and disabling
+//!   ALLOW rules on TCP ports; principal, path and value matches with Istio's `*` forms.
+//!
+//! A request is one connection or HTTP request to one workload selected by the policy.
+//! External authorization (CUSTOM) is outside the model.
+
+use std::collections::BTreeMap;
+
+use palisade_api::{
+    AuthPolicy, SpiffeId,
+    auth_policy::{AuthRule, MtlsMode, Operation, Source, When},
+};
+use serde_json::Value;
+
+/// A validated token: its issuer and claims (string or list values).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Token {
+    /// `iss`.
+    pub issuer: String,
+    /// `sub`.
+    pub subject: String,
+    /// Claims by name; nested claims by their dotted path.
+    pub claims: BTreeMap<String, Vec<String>>,
+}
+
+/// One request to a workload the policy selects.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Request {
+    /// The caller's mesh identity `(namespace, service account)`, when it speaks mutual TLS.
+    pub peer: Option<(String, String)>,
+    /// The destination port.
+    pub port: u16,
+    /// HTTP method and path, when the port speaks HTTP (plain TCP otherwise).
+    pub http: Option<(String, String)>,
+    /// A token some RequestAuthentication on the workload validated.
+    pub token: Option<Token>,
+}
+
+/// What the AuthPolicy says about `req`, as the README defines it: with `mtls: Strict` a caller
+/// without mutual TLS is refused; with `jwt.requireToken` a request without a token of the
+/// policy's issuer is refused; a request matching a `deny` rule is refused; when `rules` is set,
+/// a request matching none of them is refused. A rule matches when the request matches one
+/// `from`, one `to` and every `when` (claims of the policy's issuer for `rules`, of any
+/// validated token for `deny`). Methods and paths are HTTP attributes: plain TCP has none.
+pub fn meaning(policy: &AuthPolicy, trust_domain: &str, req: &Request) -> bool {
+    let spec = &policy.spec;
+    let ns = policy.metadata.namespace.as_deref().unwrap_or_default();
+    if spec.mtls == MtlsMode::Strict && req.peer.is_none() {
+        return false;
+    }
+    let issuer = spec.jwt.as_ref().map(|j| j.issuer.as_str());
+    let own_token = req
+        .token
+        .as_ref()
+        .filter(|t| Some(t.issuer.as_str()) == issuer);
+    if spec.jwt.as_ref().is_some_and(|j| j.require_token) && own_token.is_none() {
+        return false;
+    }
+    let any_token = req.token.as_ref();
+    if spec
+        .deny
+        .iter()
+        .flatten()
+        .any(|r| rule_means(r, ns, trust_domain, req, any_token))
+    {
+        return false;
+    }
+    match &spec.rules {
+        None => true,
+        Some(rules) => rules
+            .iter()
+            .any(|r| rule_means(r, ns, trust_domain, req, own_token)),
+    }
+}
+
+fn rule_means(
+    rule: &AuthRule,
+    ns: &str,
+    trust_domain: &str,
+    req: &Request,
+    token: Option<&Token>,
+) -> bool {
+    let from = rule.from.is_empty()
+        || rule.from.iter().any(|s| {
+            let Some((peer_ns, peer_sa)) = &req.peer else {
+                return false;
+            };
+            match s {
+                Source::ServiceAccount(sa) => {
+                    sa.name == *peer_sa && sa.namespace.as_deref().unwrap_or(ns) == peer_ns
+                }
+                Source::SpiffeId(id) => {
+                    SpiffeId::for_service_account(trust_domain, peer_ns, peer_sa)
+                        .is_ok_and(|p| p == *id)
+                }
+                Source::Namespace(n) => n == peer_ns,
+            }
+        });
+    let to = rule.to.is_empty() || rule.to.iter().any(|op| operation_means(op, req));
+    let when = rule.when.iter().all(|w| {
+        let Some(t) = token else { return false };
+        match w {
+            When::JwtScopes(scopes) => scopes
+                .iter()
+                .all(|s| t.claims.get("scope").is_some_and(|v| v.contains(s))),
+            When::Claim(c) => t
+                .claims
+                .get(&c.name)
+                .is_some_and(|v| v.iter().any(|x| c.values.contains(x))),
+        }
+    });
+    from && to && when
+}
+
+fn operation_means(op: &Operation, req: &Request) -> bool {
+    let ports = op.ports.is_empty() || op.ports.iter().any(|p| p.0 == i32::from(req.port));
+    let http = match &req.http {
+        None => op.methods.is_empty() && op.paths.is_empty(),
+        Some((method, path)) => {
+            (op.methods.is_empty() || op.methods.iter().any(|m| m.as_str() == method))
+                && (op.paths.is_empty() || op.paths.iter().any(|p| istio_string_match(p, path)))
+        }
+    };
+    ports && http
+}
+
+/// Istio's string match: `*` alone, `prefix*`, `*suffix`, or exact.
+pub fn istio_string_match(pattern: &str, value: &str) -> bool {
+    if pattern == "*" {
+        return true;
+    }
+    if let Some(prefix) = pattern.strip_suffix('*') {
+        return value.starts_with(prefix);
+    }
+    if let Some(suffix) = pattern.strip_prefix('*') {
+        return value.ends_with(suffix);
+    }
+    pattern == value
+}
+
+/// What Istio decides for `req` given the `objects` an AuthPolicy was translated into.
+pub fn istio_allows(objects: &[Value], trust_domain: &str, req: &Request) -> bool {
+    let strict = objects
+        .iter()
+        .any(|o| o["kind"] == "PeerAuthentication" && o["spec"]["mtls"]["mode"] == "STRICT");
+    if strict && req.peer.is_none() {
+        return false;
+    }
+    let policies: Vec<&Value> = objects
+        .iter()
+        .filter(|o| o["kind"] == "AuthorizationPolicy")
+        .collect();
+    let rules_of = |action: &str| -> Vec<&Value> {
+        policies
+            .iter()
+            .filter(|p| p["spec"]["action"] == action)
+            .flat_map(|p| p["spec"]["rules"].as_array().into_iter().flatten())
+            .collect()
+    };
+    let attrs = Attributes::of(req, trust_domain);
+    if rules_of("DENY")
+        .iter()
+        .any(|r| istio_rule_matches(r, &attrs, Action::Deny))
+    {
+        return false;
+    }
+    let allow_policies = policies.iter().any(|p| p["spec"]["action"] == "ALLOW");
+    !allow_policies
+        || rules_of("ALLOW")
+            .iter()
+            .any(|r| istio_rule_matches(r, &attrs, Action::Allow))
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Action {
+    Deny,
+    Allow,
+}
+
+/// The attributes Istio's RBAC filter sees.
+struct Attributes<'a> {
+    principal: Option<String>,
+    namespace: Option<&'a str>,
+    request_principal: Option<String>,
+    claims: Option<&'a BTreeMap<String, Vec<String>>>,
+    port: u16,
+    http: Option<&'a (String, String)>,
+}
+
+impl<'a> Attributes<'a> {
+    fn of(req: &'a Request, trust_domain: &str) -> Self {
+        Attributes {
+            principal: req
+                .peer
+                .as_ref()
+                .map(|(ns, sa)| format!("{trust_domain}/ns/{ns}/sa/{sa}")),
+            namespace: req.peer.as_ref().map(|(ns, _)| ns.as_str()),
+            request_principal: req
+                .token
+                .as_ref()
+                .map(|t| format!("{}/{}", t.issuer, t.subject)),
+            claims: req.token.as_ref().map(|t| &t.claims),
+            port: req.port,
+            http: req.http.as_ref(),
+        }
+    }
+}
+
+fn strings(v: &Value) -> Vec<&str> {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect()
+}
+
+/// Whether one Istio rule matches. On plain TCP, HTTP-only fields are dropped from a DENY rule
+/// (it matches as if they were absent) and make an ALLOW rule match nothing.
+fn istio_rule_matches(rule: &Value, a: &Attributes<'_>, action: Action) -> bool {
+    let tcp = a.http.is_none();
+    // Some(true/false) for a field that constrains; None for a dropped one.
+    let http_only = |matched: bool| -> Option<bool> {
+        match (tcp, action) {
+            (false, _) => Some(matched),
+            (true, Action::Deny) => None,
+            (true, Action::Allow) => Some(false),
+        }
+    };
+    let from = rule["from"].as_array().is_none_or(|entries| {
+        entries.iter().any(|e| {
+            let s = &e["source"];
+            let mut ok = true;
+            let principals = strings(&s["principals"]);
+            if !principals.is_empty() {
+                ok &= a
+                    .principal
+                    .as_deref()
+                    .is_some_and(|p| principals.iter().any(|x| istio_string_match(x, p)));
+            }
+            let namespaces = strings(&s["namespaces"]);
+            if !namespaces.is_empty() {
+                ok &= a
+                    .namespace
+                    .is_some_and(|n| namespaces.iter().any(|x| istio_string_match(x, n)));
+            }
+            let not_request = strings(&s["notRequestPrincipals"]);
+            if !not_request.is_empty() {
+                let inside = a
+                    .request_principal
+                    .as_deref()
+                    .is_some_and(|p| not_request.iter().any(|x| istio_string_match(x, p)));
+                ok &= http_only(!inside).unwrap_or(true);
+            }
+            ok
+        })
+    });
+    let to = rule["to"].as_array().is_none_or(|ops| {
+        ops.iter().any(|o| {
+            let op = &o["operation"];
+            let mut ok = true;
+            let ports = strings(&op["ports"]);
+            if !ports.is_empty() {
+                ok &= ports.iter().any(|p| p.parse() == Ok(a.port));
+            }
+            let methods = strings(&op["methods"]);
+            if !methods.is_empty() {
+                let m = a.http.is_some_and(|(m, _)| methods.contains(&m.as_str()));
+                ok &= http_only(m).unwrap_or(true);
+            }
+            let paths = strings(&op["paths"]);
+            if !paths.is_empty() {
+                let m = a
+                    .http
+                    .is_some_and(|(_, p)| paths.iter().any(|x| istio_string_match(x, p)));
+                ok &= http_only(m).unwrap_or(true);
+            }
+            ok
+        })
+    });
+    let when = rule["when"].as_array().is_none_or(|conds| {
+        conds.iter().all(|c| {
+            let key = c["key"].as_str().unwrap_or_default();
+            let values = strings(&c["values"]);
+            let claim = key
+                .strip_prefix("request.auth.claims[")
+                .and_then(|k| k.strip_suffix(']'))
+                .map(|k| k.replace("][", "."));
+            let matched = match (claim, a.claims) {
+                (Some(name), Some(claims)) => claims.get(&name).is_some_and(|v| {
+                    v.iter()
+                        .any(|x| values.iter().any(|p| istio_string_match(p, x)))
+                }),
+                _ => false,
+            };
+            http_only(matched).unwrap_or(true)
+        })
+    });
+    from && to && when
+}
