@@ -105,6 +105,27 @@ async fn while_leading(
     Ok(())
 }
 
+/// The AuthPolicy controller also reconciles a policy when another that may apply to the same
+/// workloads changes (ALLOW policies add up), with the cache of every AuthPolicy in its state.
+fn with_siblings(
+    ctl: Controller<AuthPolicy>,
+    client: &Client,
+    state: &Arc<State>,
+) -> (Controller<AuthPolicy>, Arc<auth::AuthState>) {
+    let store = ctl.store();
+    let mapper = store.clone();
+    let ctl = ctl.watches(
+        Api::<AuthPolicy>::all(client.clone()),
+        watcher::Config::default(),
+        move |p| auth::overlapping(&mapper, &p),
+    );
+    let state = Arc::new(auth::AuthState {
+        shared: Arc::clone(state),
+        policies: store,
+    });
+    (ctl, state)
+}
+
 /// Runs the operator until `shutdown` resolves or leadership is lost.
 pub async fn run(
     client: Client,
@@ -166,6 +187,7 @@ pub async fn run(
             rl_ctl = rl_ctl.owns_stream_with(stream, ar);
         }
     }
+    let (auth_ctl, auth_state) = with_siblings(auth_ctl, &client, &state);
     let rl_store = rl_ctl.store();
     let mapper_store = rl_store.clone();
     rl_ctl = rl_ctl.watches(
@@ -190,7 +212,7 @@ pub async fn run(
 
     let auth_run = auth_ctl
         .graceful_shutdown_on(shutdown.clone())
-        .run(auth::reconcile, error_policy, Arc::clone(&state))
+        .run(auth::reconcile, error_policy, auth_state)
         .for_each(|r| async move {
             if let Err(e) = r {
                 tracing::debug!(error = %e, "AuthPolicy controller");

@@ -34,6 +34,10 @@ pub const TESTS: &[(&str, TestFn)] = &[
         "e2e_operator::two_replicas_one_leader",
         two_replicas_one_leader,
     ),
+    (
+        "e2e_operator::allow_policies_that_add_up_are_reported",
+        allow_policies_that_add_up_are_reported,
+    ),
 ];
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -453,4 +457,40 @@ fn two_replicas_one_leader(env: &Env) -> Result<()> {
     }
     drop(second);
     Ok(())
+}
+
+/// Istio allows a request any ALLOW policy on the workload matches: a namespace-wide
+/// `rules: [{}]` reopens the workloads another AuthPolicy restricts. Both policies say so in a
+/// Warning condition naming the other, and the warning goes when the wide policy does.
+fn allow_policies_that_add_up_are_reported(env: &Env) -> Result<()> {
+    let cp = &env.cp;
+    let _op = OperatorProcess::start(cp, "widen", "")?;
+    cp.with_temp_ns("op-widen", |ns| {
+        apply_yaml(
+            cp,
+            ns,
+            "apiVersion: palisade.dev/v1alpha1\nkind: AuthPolicy\nmetadata: {name: orders}\nspec:\n  selector: {matchLabels: {app: orders}}\n  rules: [{from: [{serviceAccount: {name: frontend}}]}]\n",
+        )?;
+        apply_yaml(
+            cp,
+            ns,
+            "apiVersion: palisade.dev/v1alpha1\nkind: AuthPolicy\nmetadata: {name: open}\nspec:\n  rules: [{}]\n",
+        )?;
+        let warning = |name: &str| -> Option<String> {
+            let p = get(cp, ns, "authpolicy", name)?;
+            condition(&p, "Warning").and_then(|c| c["message"].as_str().map(str::to_owned))
+        };
+        cp.eventually("orders reports that open widens it", WAIT, || {
+            warning("orders").filter(|m| m.contains("AuthPolicies open also apply"))
+        })?;
+        cp.eventually("open reports that it widens orders", WAIT, || {
+            warning("open").filter(|m| m.contains("AuthPolicies orders select"))
+        })?;
+        run_ok(cp.kubectl().args(["delete", "authpolicy", "open", "-n", ns]))?;
+        cp.eventually("orders no longer widened", WAIT, || {
+            let p = get(cp, ns, "authpolicy", "orders")?;
+            condition(&p, "Warning").is_none().then_some(())
+        })?;
+        Ok(())
+    })
 }

@@ -7,7 +7,13 @@
 use std::{sync::Arc, time::Instant};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::{Api, Resource, ResourceExt, runtime::controller::Action};
+use kube::{
+    Api, Resource, ResourceExt,
+    runtime::{
+        controller::Action,
+        reflector::{ObjectRef, Store},
+    },
+};
 use palisade_api::{AuthPolicy, AuthPolicyStatus};
 
 use super::{Error, RESYNC, State, enforce, publish_events, readiness};
@@ -19,10 +25,31 @@ use crate::{
 /// Finalizer that removes an AuthPolicy's cluster-scoped ClusterSPIFFEID.
 pub const FINALIZER: &str = "palisade.dev/cluster-objects";
 
+/// State of the AuthPolicy controller: the shared state plus its cache of AuthPolicies, which
+/// decide together what a workload allows (Istio ORs the ALLOW policies on a workload).
+pub struct AuthState {
+    /// Shared state.
+    pub shared: Arc<State>,
+    /// Every AuthPolicy.
+    pub policies: Store<AuthPolicy>,
+}
+
+/// The AuthPolicies that may apply to the same workloads as `policy` (itself included): a
+/// change to one can widen or narrow what the others promise.
+pub fn overlapping(store: &Store<AuthPolicy>, policy: &AuthPolicy) -> Vec<ObjectRef<AuthPolicy>> {
+    store
+        .state()
+        .iter()
+        .filter(|p| translate::auth::overlap(p, policy))
+        .map(|p| ObjectRef::from_obj(&**p))
+        .collect()
+}
+
 /// Reconciles one AuthPolicy.
-pub async fn reconcile(policy: Arc<AuthPolicy>, state: Arc<State>) -> Result<Action, Error> {
+pub async fn reconcile(policy: Arc<AuthPolicy>, auth: Arc<AuthState>) -> Result<Action, Error> {
     let started = Instant::now();
-    let result = reconcile_inner(&policy, &state).await;
+    let state = &auth.shared;
+    let result = reconcile_inner(&policy, state, &auth.policies).await;
     state.metrics.reconciled(
         "AuthPolicy",
         result.as_ref().err().map(Error::reason),
@@ -31,7 +58,11 @@ pub async fn reconcile(policy: Arc<AuthPolicy>, state: Arc<State>) -> Result<Act
     result
 }
 
-async fn reconcile_inner(policy: &AuthPolicy, state: &State) -> Result<Action, Error> {
+async fn reconcile_inner(
+    policy: &AuthPolicy,
+    state: &State,
+    policies: &Store<AuthPolicy>,
+) -> Result<Action, Error> {
     let ns = policy.namespace().unwrap_or_default();
     let name = policy.name_any();
     let api: Api<AuthPolicy> = Api::namespaced(state.client.clone(), &ns);
@@ -66,7 +97,15 @@ async fn reconcile_inner(policy: &AuthPolicy, state: &State) -> Result<Action, E
         super::set_finalizers(state, &api, &name, &all).await?;
     }
 
-    let desired = translate::auth::translate(policy, &state.ctx);
+    let mut desired = translate::auth::translate(policy, &state.ctx);
+    let siblings: Vec<Arc<AuthPolicy>> = policies
+        .state()
+        .into_iter()
+        .filter(|p| p.metadata.namespace == policy.metadata.namespace)
+        .collect();
+    desired
+        .notes
+        .extend(translate::auth::widenings(policy, &siblings));
     let enforced = enforce(
         state,
         &translate::auth::candidates(&ns, &name),

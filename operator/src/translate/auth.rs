@@ -582,9 +582,144 @@ fn opa_config_map(policy: &AuthPolicy, owner: &Owner<'_>, name: &str) -> Value {
     )
 }
 
+/// Whether two AuthPolicies of one namespace can apply to the same workload: neither attaches by
+/// targetRefs (those attach elsewhere), and no label both select takes different values in them
+/// (a policy without a selector covers the whole namespace).
+pub fn overlap(a: &AuthPolicy, b: &AuthPolicy) -> bool {
+    if a.metadata.namespace != b.metadata.namespace
+        || a.spec.target_refs.is_some()
+        || b.spec.target_refs.is_some()
+    {
+        return false;
+    }
+    let (Some(sa), Some(sb)) = (&a.spec.selector, &b.spec.selector) else {
+        return true;
+    };
+    sa.match_labels
+        .iter()
+        .all(|(k, v)| sb.match_labels.get(k).is_none_or(|w| w == v))
+}
+
+/// How other AuthPolicies change what `policy` promises. Istio allows a request when any ALLOW
+/// policy on the workload matches it, so a policy with `rules` ("everything else is refused")
+/// is widened by another policy that applies to the same workloads and allows a rule it does not
+/// have, and widens such a policy in turn. Both sides are reported (Warnings naming the other).
+pub fn widenings(policy: &AuthPolicy, others: &[std::sync::Arc<AuthPolicy>]) -> Vec<super::Note> {
+    let mut notes = Vec::new();
+    let Some(mine) = &policy.spec.rules else {
+        return notes;
+    };
+    let name = policy.metadata.name.as_deref().unwrap_or_default();
+    // Whether rules `a` allow a request rules `b` do not: read syntactically (a rule `b` lacks),
+    // except that a rule with no condition allows everything.
+    let beyond = |a: &[AuthRule], b: &[AuthRule]| {
+        !b.contains(&AuthRule::default()) && a.iter().any(|r| !b.contains(r))
+    };
+    let mut widened_by = Vec::new();
+    let mut widens = Vec::new();
+    for other in others {
+        let other_name = other.metadata.name.as_deref().unwrap_or_default();
+        if other_name == name
+            || other.metadata.deletion_timestamp.is_some()
+            || !overlap(policy, other)
+        {
+            continue;
+        }
+        let Some(theirs) = &other.spec.rules else {
+            continue;
+        };
+        if beyond(theirs, mine) {
+            widened_by.push(other_name.to_owned());
+        }
+        if beyond(mine, theirs) {
+            widens.push(other_name.to_owned());
+        }
+    }
+    widened_by.sort();
+    widens.sort();
+    if !widened_by.is_empty() {
+        notes.push(super::Note {
+            reason: "WidenedBy",
+            message: format!(
+                "AuthPolicies {} also apply to workloads this policy selects and allow requests \
+                 its rules do not: Istio allows a request any ALLOW policy on the workload \
+                 matches, so there this policy does not refuse everything else; narrow their \
+                 selectors or merge the rules",
+                widened_by.join(", ")
+            ),
+            severity: super::Severity::Warning,
+        });
+    }
+    if !widens.is_empty() {
+        notes.push(super::Note {
+            reason: "Widens",
+            message: format!(
+                "this policy also applies to workloads AuthPolicies {} select and allows \
+                 requests their rules do not, so there they do not refuse everything else",
+                widens.join(", ")
+            ),
+            severity: super::Severity::Warning,
+        });
+    }
+    notes
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn policy(name: &str, selector: Option<&str>, rules: &serde_json::Value) -> AuthPolicy {
+        let mut spec = json!({"rules": rules});
+        if let Some(app) = selector {
+            spec["selector"] = json!({"matchLabels": {"app": app}});
+        }
+        serde_json::from_value(json!({
+            "apiVersion": "palisade.dev/v1alpha1", "kind": "AuthPolicy",
+            "metadata": {"name": name, "namespace": "shop"}, "spec": spec,
+        }))
+        .expect("policy")
+    }
+
+    /// A namespace-wide `rules: [{}]` reopens every workload another policy restricts: both
+    /// are told; policies on other workloads, or with the same rules, are not.
+    #[test]
+    fn allow_policies_that_add_up_are_reported_on_both_sides() {
+        let orders = policy(
+            "orders",
+            Some("orders"),
+            &json!([{"from": [{"serviceAccount": {"name": "frontend"}}]}]),
+        );
+        let open = policy("open", None, &json!([{}]));
+        let payments = policy("payments", Some("payments"), &json!([{}]));
+        let twin = policy(
+            "twin",
+            Some("orders"),
+            &json!([{"from": [{"serviceAccount": {"name": "frontend"}}]}]),
+        );
+        let all: Vec<std::sync::Arc<AuthPolicy>> = [&orders, &open, &payments, &twin]
+            .into_iter()
+            .cloned()
+            .map(std::sync::Arc::new)
+            .collect();
+        let reasons = |p: &AuthPolicy| -> Vec<(&'static str, String)> {
+            widenings(p, &all)
+                .into_iter()
+                .map(|n| (n.reason, n.message))
+                .collect()
+        };
+        let on_orders = reasons(&orders);
+        assert_eq!(on_orders.len(), 1, "{on_orders:?}");
+        assert_eq!(on_orders[0].0, "WidenedBy");
+        assert!(on_orders[0].1.contains("open"), "{on_orders:?}");
+        assert!(!on_orders[0].1.contains("twin") && !on_orders[0].1.contains("payments"));
+        let on_open = reasons(&open);
+        // payments allows everything already: open adds nothing there.
+        assert!(on_open.iter().any(|(r, m)| *r == "Widens"
+            && m.contains("orders")
+            && m.contains("twin")
+            && !m.contains("payments")));
+        assert!(overlap(&open, &payments) && !overlap(&orders, &payments));
+    }
 
     /// Two policies never share a ClusterSPIFFEID: namespaces cannot contain the `.` that
     /// joins namespace and name.
