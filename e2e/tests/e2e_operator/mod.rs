@@ -38,6 +38,10 @@ pub const TESTS: &[(&str, TestFn)] = &[
         "e2e_operator::allow_policies_that_add_up_are_reported",
         allow_policies_that_add_up_are_reported,
     ),
+    (
+        "e2e_operator::a_refused_allow_policy_relaxes_nothing",
+        a_refused_allow_policy_relaxes_nothing,
+    ),
 ];
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -491,6 +495,46 @@ fn allow_policies_that_add_up_are_reported(env: &Env) -> Result<()> {
             let p = get(cp, ns, "authpolicy", "orders")?;
             condition(&p, "Warning").is_none().then_some(())
         })?;
+        Ok(())
+    })
+}
+
+/// When the API server refuses the ALLOW policy (here a ValidatingAdmissionPolicy standing in
+/// for istiod's validation), nothing that could widen what the workload accepts is applied:
+/// no PeerAuthentication or RequestAuthentication appears, and the AuthPolicy is not Ready.
+fn a_refused_allow_policy_relaxes_nothing(env: &Env) -> Result<()> {
+    let cp = &env.cp;
+    let _op = OperatorProcess::start(cp, "tiers", "")?;
+    cp.with_temp_ns("op-tiers", |ns| {
+        let vap = format!(
+            "apiVersion: admissionregistration.k8s.io/v1\nkind: ValidatingAdmissionPolicy\nmetadata: {{name: refuse-allow-{ns}}}\nspec:\n  failurePolicy: Fail\n  matchConstraints:\n    resourceRules: [{{apiGroups: [security.istio.io], apiVersions: ['*'], operations: [CREATE, UPDATE], resources: [authorizationpolicies]}}]\n  validations: [{{expression: \"object.metadata.name != 'palisade-orders-allow'\", message: refused for the test}}]\n---\napiVersion: admissionregistration.k8s.io/v1\nkind: ValidatingAdmissionPolicyBinding\nmetadata: {{name: refuse-allow-{ns}}}\nspec:\n  policyName: refuse-allow-{ns}\n  validationActions: [Deny]\n  matchResources: {{namespaceSelector: {{matchLabels: {{kubernetes.io/metadata.name: {ns}}}}}}}\n"
+        );
+        let file = cp.work_dir.join(format!("vap-{ns}.yaml"));
+        std::fs::write(&file, vap)?;
+        run_ok(cp.kubectl().arg("apply").arg("-f").arg(&file))?;
+        // The binding takes a moment to be in force: wait until a probe is refused.
+        cp.eventually("the refusal in force", WAIT, || {
+            let probe = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: palisade-orders-allow}\nspec: {action: ALLOW}\n";
+            let f = cp.work_dir.join(format!("probe-{ns}.yaml"));
+            std::fs::write(&f, probe).ok()?;
+            let out = run(cp.kubectl().args(["apply", "--dry-run=server", "-n", ns, "-f"]).arg(&f)).ok()?;
+            (!out.status.success()).then_some(())
+        })?;
+        apply_yaml(cp, ns, ORDERS)?;
+        let policy = cp.eventually("AuthPolicy not Ready", WAIT, || {
+            let p = get(cp, ns, "authpolicy", "orders")?;
+            (condition(&p, "Ready")?["status"] == "False").then_some(p)
+        })?;
+        std::thread::sleep(Duration::from_secs(2));
+        for (kind, name) in [
+            ("peerauthentication", "palisade-orders-mtls"),
+            ("requestauthentication", "palisade-orders-jwt"),
+        ] {
+            if get(cp, ns, kind, name).is_some() {
+                bail!("{kind} {name} applied although the ALLOW policy was refused: {}", policy["status"]);
+            }
+        }
+        let _ = run(cp.kubectl().arg("delete").arg("-f").arg(&file));
         Ok(())
     })
 }

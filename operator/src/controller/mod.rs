@@ -218,10 +218,23 @@ pub async fn enforce(
     use apply::Outcome;
     let mut result = Enforced::default();
     let mut keep = std::collections::BTreeSet::new();
-    // The objects of one policy are independent: apply them concurrently.
-    let outcomes =
-        futures::future::join_all(desired.iter().map(|obj| apply::apply(state, obj))).await;
-    for (obj, outcome) in desired.iter().zip(outcomes) {
+    // Objects that restrict first, then those that could widen what a workload accepts
+    // (RequestAuthentication, then PeerAuthentication and SPIRE registrations), each tier
+    // concurrently; a failure stops before the next tier, so a refused ALLOW policy never
+    // leaves a new PeerAuthentication in force over a workload with no ALLOW policy.
+    let mut outcomes = Vec::with_capacity(desired.len());
+    for tier in 0..3 {
+        let objects: Vec<&serde_json::Value> =
+            desired.iter().filter(|o| apply_tier(o) == tier).collect();
+        let applied =
+            futures::future::join_all(objects.iter().map(|obj| apply::apply(state, obj))).await;
+        let failed = applied.iter().any(Result::is_err);
+        outcomes.extend(objects.into_iter().zip(applied));
+        if failed {
+            break;
+        }
+    }
+    for (obj, outcome) in outcomes {
         let kind = obj["kind"].as_str().unwrap_or_default().to_owned();
         let obj_name = obj["metadata"]["name"]
             .as_str()
@@ -245,6 +258,15 @@ pub async fn enforce(
     }
     result.deleted = apply::prune(state, candidates, owner_kind, namespace, name, &keep).await?;
     Ok(result)
+}
+
+/// The order in which a generated object is applied: restricting kinds first.
+fn apply_tier(obj: &serde_json::Value) -> u8 {
+    match obj["kind"].as_str() {
+        Some("RequestAuthentication") => 1,
+        Some("PeerAuthentication" | "ClusterSPIFFEID") => 2,
+        _ => 0,
+    }
 }
 
 /// The `Ready`/`Stalled` conditions for an enforcement result and the translation notes.
