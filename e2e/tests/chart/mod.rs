@@ -152,7 +152,7 @@ fn installs_runs_with_least_privilege_and_uninstalls(env: &Env) -> Result<()> {
     // CA it reads is the ConfigMap's, mounted where the configuration says.
     let rendered = run_ok(
         helm()
-            .args(["template", "x"])
+            .args(["template", "x", "--kube-version", "1.36.3"])
             .arg(&chart)
             .args(["--set", "webhook.clientCAConfigMap=apiserver-webhook-ca"]),
     )?;
