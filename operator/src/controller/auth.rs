@@ -34,13 +34,13 @@ pub struct AuthState {
     pub policies: Store<AuthPolicy>,
 }
 
-/// The AuthPolicies that may apply to the same workloads as `policy` (itself included): a
-/// change to one can widen or narrow what the others promise.
+/// The other AuthPolicies that may apply to the same workloads as `policy`: a change to one can
+/// widen or narrow what the others promise (its own events reconcile it already).
 pub fn overlapping(store: &Store<AuthPolicy>, policy: &AuthPolicy) -> Vec<ObjectRef<AuthPolicy>> {
     store
         .state()
         .iter()
-        .filter(|p| translate::auth::overlap(p, policy))
+        .filter(|p| p.metadata.name != policy.metadata.name && translate::auth::overlap(p, policy))
         .map(|p| ObjectRef::from_obj(&**p))
         .collect()
 }
