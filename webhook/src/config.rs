@@ -151,24 +151,20 @@ pub enum ConfigError {
     NoMaterialRefresh,
 }
 
-impl Tls {
-    /// The client CAs, when `clientCAFile` is set.
-    pub fn client_roots(&self) -> Result<Option<rustls::RootCertStore>, ConfigError> {
-        self.client_ca_file.as_deref().map(read_roots).transpose()
-    }
-}
-
-/// The CA certificates in the PEM file at `path`; at least one.
-pub fn read_roots(path: &std::path::Path) -> Result<rustls::RootCertStore, ConfigError> {
+/// The CA certificates in `pem`, the content of the file at `path` (named in errors); at least
+/// one.
+pub fn parse_roots(
+    path: &std::path::Path,
+    pem: &[u8],
+) -> Result<rustls::RootCertStore, ConfigError> {
     {
         use rustls_pki_types::{CertificateDer, pem::PemObject};
         let failed = |why: String| ConfigError::ClientCa {
             path: path.to_path_buf(),
             why,
         };
-        let pem = std::fs::read(path).map_err(|e| failed(e.to_string()))?;
         let mut roots = rustls::RootCertStore::empty();
-        for cert in CertificateDer::pem_slice_iter(&pem) {
+        for cert in CertificateDer::pem_slice_iter(pem) {
             let cert = cert.map_err(|e| failed(e.to_string()))?;
             roots.add(cert).map_err(|e| failed(e.to_string()))?;
         }

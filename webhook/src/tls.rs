@@ -284,7 +284,7 @@ impl ClientCa {
             path: path.display().to_string(),
             why: e.to_string(),
         })?;
-        let roots = crate::config::read_roots(&path).map_err(|e| TlsError::Load {
+        let roots = crate::config::parse_roots(&path, &pem).map_err(|e| TlsError::Load {
             path: path.display().to_string(),
             why: e.to_string(),
         })?;
@@ -309,7 +309,7 @@ impl ClientCa {
         if *crate::lock(&self.pem) == pem {
             return Ok(false);
         }
-        let roots = crate::config::read_roots(path).map_err(|e| failed(e.to_string()))?;
+        let roots = crate::config::parse_roots(path, &pem).map_err(|e| failed(e.to_string()))?;
         self.current.store(Arc::new(client_verifier(roots)?));
         *crate::lock(&self.pem) = pem;
         Ok(true)

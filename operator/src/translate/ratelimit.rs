@@ -66,7 +66,7 @@ fn envoy_gateway(policy: &RateLimitPolicy, ctx: &Context, owner: &Owner<'_>) -> 
     let gateway_target = policy.spec.target_ref.kind == "Gateway";
     let mut rules = Vec::new();
     for limit in &policy.spec.limits {
-        match eg_rules(limit, gateway_target, ctx) {
+        match eg_rules(limit, gateway_target) {
             Ok(mut r) => rules.append(&mut r),
             Err(why) => out.unsupported(
                 "Unsupported",
@@ -183,7 +183,7 @@ fn eg_unit(millis: u64) -> Option<&'static str> {
 
 /// The Envoy Gateway rules for one limit (two for `clientIP`: one per address family, each
 /// client getting its own counter).
-fn eg_rules(limit: &Limit, gateway_target: bool, ctx: &Context) -> Result<Vec<Value>, String> {
+fn eg_rules(limit: &Limit, gateway_target: bool) -> Result<Vec<Value>, String> {
     let unit = eg_unit(limit.per.as_millis()).ok_or_else(|| {
         format!(
             "per {} — Envoy Gateway counts per 1s, 1m, 1h or 24h only; restate the limit in one of those",
@@ -255,7 +255,6 @@ fn eg_rules(limit: &Limit, gateway_target: bool, ctx: &Context) -> Result<Vec<Va
             );
         }
     }
-    let _ = ctx;
     Ok(selectors
         .into_iter()
         .map(|s| {
