@@ -76,10 +76,23 @@ pub fn translate(policy: &AuthPolicy, ctx: &Context) -> Desired {
         // Claims in an ALLOW rule are read from a token of this policy's issuer only: Istio
         // validates every RequestAuthentication on the workload and ORs them.
         let issuer = spec.jwt.as_ref().map(|j| j.issuer.as_str());
-        let rules = rules
-            .iter()
-            .map(|r| istio_rule(r, ns, ctx, issuer))
-            .collect();
+        let mut allow = Vec::new();
+        for (i, r) in rules.iter().enumerate() {
+            // An ALLOW rule that is not literal is left out: the workload then refuses what it
+            // would have allowed (never more than the policy says).
+            match wildcard_literal(r, ns, ctx) {
+                Some(field) => out.unsupported(
+                    "WildcardLiteral",
+                    format!(
+                        "rules[{i}] is left out: {field} is not a literal Istio would match as \
+                         written (a `*` becomes a wildcard); fix it (the API server refuses such \
+                         values in new and updated policies)"
+                    ),
+                ),
+                None => allow.push(istio_rule(r, ns, ctx, issuer)),
+            }
+        }
+        let rules = allow;
         let s = authz("ALLOW", Some(rules), None);
         out.objects.push(owner.object(
             SECURITY_V1,
@@ -198,6 +211,46 @@ fn unenforceable_scope(policy: &AuthPolicy, ctx: &Context) -> Option<(&'static s
     None
 }
 
+/// The first name, scope or claim of `rule` that Istio would not read literally (a `*` becomes
+/// a wildcard). The CRD's rules refuse them, but a policy stored before those rules existed keeps
+/// its values until it is next updated.
+fn wildcard_literal(rule: &AuthRule, ns: &str, ctx: &Context) -> Option<String> {
+    let bad = |v: &str| v.is_empty() || v.contains('*');
+    for source in &rule.from {
+        match source {
+            Source::ServiceAccount(sa) => {
+                let sa_ns = sa.namespace.as_deref().unwrap_or(ns);
+                if bad(&sa.name)
+                    || bad(sa_ns)
+                    || SpiffeId::for_service_account(&ctx.trust_domain, sa_ns, &sa.name).is_err()
+                {
+                    return Some(format!("serviceAccount {sa_ns}/{}", sa.name));
+                }
+            }
+            Source::Namespace(n) if bad(n) => return Some(format!("namespace {n:?}")),
+            Source::Namespace(_) | Source::SpiffeId(_) => {}
+        }
+    }
+    for w in &rule.when {
+        let (what, values, name_ok) = match w {
+            When::JwtScopes(s) => ("jwtScopes", s, true),
+            When::Claim(c) => (
+                "claim values",
+                &c.values,
+                c.name.split('.').all(|p| {
+                    !p.is_empty()
+                        && p.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"_:-".contains(&b))
+                }),
+            ),
+        };
+        if !name_ok || values.iter().any(|v| bad(v)) {
+            return Some(format!("{what} {values:?}"));
+        }
+    }
+    None
+}
+
 /// What the mesh enforces only under conditions Palisade cannot see from the policy: targets
 /// (only a waypoint enforces a Service target, only an Istio-managed gateway a Gateway target;
 /// sidecars and ztunnel ignore both), and DENY paths under a path normalisation that lets
@@ -262,6 +315,16 @@ fn deny_rules(policy: &AuthPolicy, ctx: &Context, out: &mut Desired) -> Vec<Valu
                     "deny[{i}] matches {field}, which only HTTP requests carry, and names no ports \
                      for it: on plain TCP traffic Istio drops HTTP fields from a DENY rule, so this \
                      rule refuses every TCP connection; name the HTTP ports in the same `to` entry"
+                ),
+            );
+        }
+        if let Some(field) = wildcard_literal(rule, ns, ctx) {
+            // Kept: a wildcard in a DENY rule refuses more, never less.
+            out.warn(
+                "WildcardLiteral",
+                format!(
+                    "deny[{i}]: {field} is not a literal, and Istio reads `*` as a wildcard, so \
+                     the rule refuses more than written; fix it"
                 ),
             );
         }
@@ -445,8 +508,8 @@ fn istio_rule(rule: &AuthRule, ns: &str, ctx: &Context, issuer: Option<&str>) ->
         match source {
             Source::ServiceAccount(sa) => {
                 let sa_ns = sa.namespace.as_deref().unwrap_or(ns);
-                // Names are validated by the API server; a name that still does not form a
-                // SPIFFE ID is written as Istio would derive it.
+                // A name that does not form a SPIFFE ID never gets here (`wildcard_literal`);
+                // the fallback writes what Istio would derive.
                 principals.push(
                     SpiffeId::for_service_account(&ctx.trust_domain, sa_ns, &sa.name).map_or_else(
                         |_| format!("{}/ns/{sa_ns}/sa/{}", ctx.trust_domain, sa.name),
