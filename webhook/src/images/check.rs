@@ -811,6 +811,38 @@ mod tests {
         }
     }
 
+    /// One registry gets at most two fetch slots, all registries together eight: a slow
+    /// registry cannot hold every slot.
+    #[tokio::test]
+    async fn fetch_slots_are_bounded_per_registry_and_in_all() {
+        let slots = Slots::default();
+        let soon = || Instant::now() + Duration::from_millis(50);
+        let slow_a = slots.take("slow.example", soon()).await.expect("first");
+        let slow_b = slots.take("slow.example", soon()).await.expect("second");
+        assert!(
+            slots.take("slow.example", soon()).await.is_none(),
+            "a third slot for one registry"
+        );
+        let mut held = vec![slow_a, slow_b];
+        for i in 0..MAX_FETCHES - MAX_FETCHES_PER_REGISTRY {
+            held.push(
+                slots
+                    .take(&format!("r{i}.example"), soon())
+                    .await
+                    .expect("other registries still get slots"),
+            );
+        }
+        assert!(
+            slots.take("fresh.example", soon()).await.is_none(),
+            "more than 8 in all"
+        );
+        held.pop();
+        assert!(
+            slots.take("fresh.example", soon()).await.is_some(),
+            "a freed slot is reused"
+        );
+    }
+
     #[test]
     fn credential_scopes_separate_namespaces_and_secrets() {
         let anon = Scope::new("a", vec![], None);
