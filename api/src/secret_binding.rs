@@ -70,7 +70,8 @@ pub struct SecretBindingSpec {
     pub token_max_ttl: Option<Duration>,
 
     /// The audience the workload's ServiceAccount token must carry to log in. Defaults to the
-    /// operator's configured audience.
+    /// operator's configured audience; any other must be among the audiences the operator
+    /// configuration allows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     pub audience: Option<String>,
@@ -88,8 +89,9 @@ pub struct SecretBindingSpec {
     pub database: Option<Vec<DatabaseGrant>>,
 
     /// What happens to the Vault role, policy and database roles when this binding is deleted:
-    /// `Delete` (default) removes them and revokes the leases issued under them; `Retain` leaves
-    /// them in Vault.
+    /// `Delete` (default) removes them and revokes the leases and tokens issued under them;
+    /// `Retain` leaves them in Vault, and is honoured only where the operator configuration
+    /// allows it (otherwise deletion removes access all the same).
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
 }
@@ -209,6 +211,8 @@ impl JsonSchema for KvVersion {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("duration(self.defaultTTL) <= duration(self.maxTTL)")
     .message("defaultTTL must not exceed maxTTL"))]
+#[x_kube(validation = Rule::new("has(self.profile)")
+    .message("profile is required: name one of the grant profiles the operator configuration offers for this connection"))]
 pub struct DatabaseGrant {
     /// The database secrets engine mount, e.g. `database`.
     #[schemars(length(min = 1, max = 128))]
@@ -222,15 +226,14 @@ pub struct DatabaseGrant {
         .message("must be a connection name of letters, digits, '-' and '_'"))]
     pub connection: String,
 
-    /// SQL run to create the user; `{{name}}`, `{{password}}` and `{{expiration}}` are filled in
-    /// by Vault.
-    #[schemars(length(min = 1, max = 16), inner(length(min = 1, max = 4096)))]
-    pub creation_statements: Vec<String>,
-
-    /// SQL run to drop the user when its lease ends. Defaults to the plugin's own.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 16), inner(length(min = 1, max = 4096)))]
-    pub revocation_statements: Vec<String>,
+    /// The grant profile: which SQL Vault runs to create and drop the credential's user, chosen
+    /// among the profiles the platform team configured for this connection (for example
+    /// `readonly`). A binding never supplies SQL itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')")
+        .message("must be a profile name (lower-case letters, digits and '-')"))]
+    pub profile: Option<String>,
 
     /// Lifetime of a credential unless renewed.
     #[serde(rename = "defaultTTL")]
@@ -256,7 +259,8 @@ pub struct SecretBindingStatus {
     /// Name of the Kubernetes-auth role written for this binding.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vault_role: Option<String>,
-    /// Database roles written for this binding, as `<mount>/roles/<name>`.
+    /// Database roles written for this binding, as `<mount>/roles/<name>` (a report only: the
+    /// operator never acts on what status says).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub database_roles: Vec<String>,
 }

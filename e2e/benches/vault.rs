@@ -31,7 +31,7 @@ fn bindings(n: usize) -> String {
     for i in 0..n {
         let _ = write!(
             out,
-            "---\napiVersion: palisade.dev/v1alpha1\nkind: SecretBinding\nmetadata: {{name: svc-{i}, namespace: {NS}}}\nspec:\n  serviceAccountNames: [svc-{i}]\n  kv: [{{mount: secret, path: {NS}/svc-{i}/*}}]\n  database:\n    - {{mount: database, connection: {NS}-pg, creationStatements: [\"CREATE ROLE \\\"{{{{name}}}}\\\" LOGIN PASSWORD '{{{{password}}}}';\"], defaultTTL: 1h, maxTTL: 24h}}\n"
+            "---\napiVersion: palisade.dev/v1alpha1\nkind: SecretBinding\nmetadata: {{name: svc-{i}, namespace: {NS}}}\nspec:\n  serviceAccountNames: [svc-{i}]\n  kv: [{{mount: secret, path: {NS}/svc-{i}/*}}]\n  database:\n    - {{mount: database, connection: {NS}_pg, profile: readonly, defaultTTL: 1h, maxTTL: 24h}}\n"
         );
     }
     out
@@ -64,7 +64,7 @@ fn main() -> Result<()> {
     cp.install_crds(&opts.bin_dir)?;
     let pg = Postgres::start()?;
     let bao = OpenBao::start(&opts.bin_dir, &cp.work_dir.join("openbao"))?;
-    bao.bootstrap(&cp, &pg, &[&format!("{NS}-pg")])?;
+    bao.bootstrap(&cp, &pg, &[(&format!("{NS}_pg"), NS)], EXAMPLE_TENANCY)?;
     run_ok(cp.kubectl().args(["create", "namespace", NS]))?;
     let file = cp.work_dir.join("bindings.yaml");
     std::fs::write(&file, bindings(n))?;

@@ -112,7 +112,7 @@ fn up(args: &[String]) -> Result<()> {
     // bootstrapped once with the root token; the operator then logs in with its ServiceAccount.
     let pg = Postgres::start()?;
     let bao = OpenBao::start(&opts.bin_dir, &cp.work_dir.join("openbao"))?;
-    bao.bootstrap(&cp, &pg, &["orders-pg"])?;
+    bao.bootstrap(&cp, &pg, &[("orders-pg", "shop")], EXAMPLE_TENANCY)?;
     eprintln!(
         "[up] OpenBao serving {} (CA {}), PostgreSQL on 127.0.0.1:{}",
         bao.addr,

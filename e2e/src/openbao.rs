@@ -18,30 +18,23 @@ use crate::{ControlPlane, controlplane::free_port, postgres::Postgres, run, run_
 /// the prefix of every name the operator may write, so it can never rewrite its own grant.
 pub const OPERATOR_ROLE: &str = "palisade_operator";
 
-/// What the operator may do in Vault: only objects named `palisade-*`.
-pub const OPERATOR_POLICY: &str = r#"
-path "sys/policies/acl/palisade-*" {
-  capabilities = ["create", "read", "update", "delete"]
-}
-path "auth/kubernetes/role/palisade-*" {
-  capabilities = ["create", "read", "update", "delete"]
-}
-path "database/roles/palisade-*" {
-  capabilities = ["create", "read", "update", "delete"]
-}
-path "sys/leases/revoke-prefix/database/creds/palisade-*" {
-  capabilities = ["update", "sudo"]
-}
-"#;
-
 /// The `vault` settings beyond the connection that the quick start and the tests use: each
-/// namespace owns `secret/<namespace>/` and the database connections `<namespace>-*`; namespace
-/// `shop` also gets connection `orders-pg` (the example binding's).
+/// namespace owns `secret/<namespace>/` and the database connections `<namespace>_*` with the
+/// `readonly` profile; namespace `shop` also gets connection `orders-pg` (the example binding's)
+/// with `readonly` or `readwrite`. The profiles put credentials in the platform's group roles
+/// (see `postgres::Postgres::prepare_for_vault`).
 pub const EXAMPLE_TENANCY: &str = r#"  cleanupTimeoutSeconds: 20
   tenancy:
     kv: [{mount: secret, version: 2, pathPrefix: "{namespace}/"}]
-    database: [{mount: database, connection: "{namespace}-*"}]
-    namespaces: {shop: {database: [{mount: database, connection: orders-pg}]}}
+    database: [{mount: database, connection: "{namespace}_*", profiles: [readonly]}]
+    namespaces: {shop: {database: [{mount: database, connection: orders-pg, profiles: [readonly, readwrite]}]}}
+    profiles:
+      readonly:
+        creationStatements:
+          - CREATE ROLE "{{name}}" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}' IN ROLE palisade_readonly;
+      readwrite:
+        creationStatements:
+          - CREATE ROLE "{{name}}" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}' IN ROLE palisade_readwrite;
 "#;
 
 /// A running dev-mode OpenBao. Stops it on drop.
@@ -155,10 +148,32 @@ impl OpenBao {
             .map(|_| ())
     }
 
-    /// Kubernetes auth against `cp`, the operator's policy and role for ServiceAccount
-    /// `palisade-system/palisade-operator`, and database connection `connection` to `pg`
-    /// usable by roles `palisade-*`.
-    pub fn bootstrap(&self, cp: &ControlPlane, pg: &Postgres, connections: &[&str]) -> Result<()> {
+    /// The operator's Vault policy for the operator configuration `vault_extra` (see
+    /// [`OpenBao::operator_config`]), as `palisade-operator --config F --vault-policy` renders
+    /// it.
+    pub fn operator_policy(&self, vault_extra: &str) -> Result<String> {
+        let config = self.dir_file("operator-config.yaml", &self.operator_config(vault_extra))?;
+        run_ok(
+            Command::new(crate::operator::workspace_bin("palisade-operator")?).args([
+                "--config",
+                &config,
+                "--vault-policy",
+            ]),
+        )
+    }
+
+    /// Kubernetes auth against `cp`; the operator's policy (rendered from the operator
+    /// configuration `vault_extra`) and login role for ServiceAccount
+    /// `palisade-system/palisade-operator`; and, for each `(connection, namespace)`, a database
+    /// connection to `pg` as its least-privileged `vault_admin` account whose `allowed_roles`
+    /// are only the role names bindings of that namespace produce.
+    pub fn bootstrap(
+        &self,
+        cp: &ControlPlane,
+        pg: &Postgres,
+        connections: &[(&str, &str)],
+        vault_extra: &str,
+    ) -> Result<()> {
         let kubectl = |args: &[&str]| run_ok(cp.kubectl().args(args));
         let _ = kubectl(&["create", "namespace", "palisade-system"]);
         for sa in ["palisade-operator", "vault-token-reviewer"] {
@@ -188,7 +203,7 @@ impl OpenBao {
             &format!("token_reviewer_jwt={}", reviewer.trim()),
         ])?;
         let policy = self.dir.join("operator-policy.hcl");
-        std::fs::write(&policy, OPERATOR_POLICY)?;
+        std::fs::write(&policy, self.operator_policy(vault_extra)?)?;
         self.root(&[
             "policy",
             "write",
@@ -205,15 +220,17 @@ impl OpenBao {
             "token_ttl=10m",
         ])?;
         self.root(&["secrets", "enable", "database"])?;
-        for c in connections {
+        let vault_password = format!("vault-{}", std::process::id());
+        pg.prepare_for_vault(&vault_password)?;
+        for (c, namespace) in connections {
             self.root(&[
                 "write",
                 &format!("database/config/{c}"),
                 "plugin_name=postgresql-database-plugin",
                 &format!("connection_url={}", pg.vault_connection_url()),
-                &format!("username={}", crate::postgres::SUPERUSER),
-                &format!("password={}", pg.password),
-                "allowed_roles=palisade-*",
+                &format!("username={}", crate::postgres::VAULT_ADMIN),
+                &format!("password={vault_password}"),
+                &format!("allowed_roles=palisade-{namespace}.*"),
                 "verify_connection=true",
             ])?;
         }

@@ -12,8 +12,25 @@ use anyhow::{Context, Result, bail};
 
 use crate::{controlplane::free_port, run, run_ok, spawn_logged};
 
-/// Superuser name Vault connects as.
+/// The cluster's superuser (bootstrap and test inspection only).
 pub const SUPERUSER: &str = "postgres";
+
+/// The account Vault connects as: it may create roles and hand out the two group roles below,
+/// nothing else (not a superuser, owns no table).
+pub const VAULT_ADMIN: &str = "vault_admin";
+
+/// What the platform team sets up once: Vault's least-privileged account, the group roles the
+/// grant profiles put credentials in (`palisade_readonly` reads `orders`,
+/// `palisade_readwrite` also writes it) and a table no profile reaches (`payroll`).
+const PLATFORM_SQL: &str = "
+CREATE TABLE IF NOT EXISTS orders (id int);
+CREATE TABLE IF NOT EXISTS payroll (salary int);
+CREATE ROLE palisade_readonly NOLOGIN;
+CREATE ROLE palisade_readwrite NOLOGIN;
+GRANT SELECT ON orders TO palisade_readonly;
+GRANT SELECT, INSERT, UPDATE ON orders TO palisade_readwrite;
+REVOKE ALL ON payroll FROM PUBLIC;
+";
 
 /// A running PostgreSQL server. Stops it and removes its files on drop.
 pub struct Postgres {
@@ -112,6 +129,21 @@ impl Postgres {
             std::thread::sleep(Duration::from_millis(200));
         }
         Ok(pg)
+    }
+
+    /// Creates Vault's account (`VAULT_ADMIN`, password `vault_password`) and the platform's
+    /// group roles and tables.
+    pub fn prepare_for_vault(&self, vault_password: &str) -> Result<()> {
+        self.psql(SUPERUSER, &self.password, PLATFORM_SQL)?;
+        self.psql(
+            SUPERUSER,
+            &self.password,
+            &format!(
+                "CREATE ROLE {VAULT_ADMIN} LOGIN CREATEROLE PASSWORD '{vault_password}'; \
+                 GRANT palisade_readonly, palisade_readwrite TO {VAULT_ADMIN} WITH ADMIN OPTION;"
+            ),
+        )?;
+        Ok(())
     }
 
     /// Runs `sql` as `user` over TCP with a password; the rows, or the server's refusal.

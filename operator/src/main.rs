@@ -1,4 +1,6 @@
-//! `palisade-operator [--config FILE]`: reconciles AuthPolicies and RateLimitPolicies.
+//! `palisade-operator [--config FILE]`: reconciles AuthPolicies, RateLimitPolicies and
+//! SecretBindings. `palisade-operator --config FILE --vault-policy` prints the Vault policy the
+//! operator's own Vault login role needs for that configuration, and exits.
 //! Logs are JSON lines on stderr (`RUST_LOG` filters them); SIGINT/SIGTERM stop it gracefully.
 
 use std::{path::PathBuf, process::ExitCode};
@@ -10,7 +12,7 @@ fn main() -> ExitCode {
         .json()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,kube=warn,vaultrs=off,rustify=off".into()),
+                .unwrap_or_else(|_| "info,kube=warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -24,8 +26,24 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         },
+        [flag, path, print] if flag == "--config" && print == "--vault-policy" => {
+            return match Config::load(&PathBuf::from(path)) {
+                Ok(Config { vault: Some(v), .. }) => {
+                    print!("{}", v.operator_policy());
+                    ExitCode::SUCCESS
+                }
+                Ok(_) => {
+                    eprintln!("palisade-operator: {path} has no vault section");
+                    ExitCode::from(2)
+                }
+                Err(e) => {
+                    eprintln!("palisade-operator: {e}");
+                    ExitCode::from(2)
+                }
+            };
+        }
         _ => {
-            eprintln!("usage: palisade-operator [--config FILE]");
+            eprintln!("usage: palisade-operator [--config FILE [--vault-policy]]");
             return ExitCode::from(2);
         }
     };

@@ -38,6 +38,7 @@ pub struct Metrics {
     writes: Family<Labels, Counter>,
     vault_requests: Counter,
     vault_writes: Counter,
+    vault_swept: Counter,
     /// Set once this replica leads and its caches are synced.
     pub ready: AtomicBool,
 }
@@ -77,6 +78,12 @@ impl Default for Metrics {
             "Writes to Vault (creates, updates, deletes, lease revocations)",
             vault_writes.clone(),
         );
+        let vault_swept = Counter::default();
+        registry.register(
+            "vault_swept",
+            "SecretBindings whose Vault objects the sweep removed because the binding was gone",
+            vault_swept.clone(),
+        );
         // Every write series exists from the start, so "0 writes" is a reading, not an absence.
         for what in WRITE_KINDS {
             let _ = writes.get_or_create(&vec![("what", (*what).to_owned())]);
@@ -88,6 +95,7 @@ impl Default for Metrics {
             writes,
             vault_requests,
             vault_writes,
+            vault_swept,
             ready: AtomicBool::new(false),
         }
     }
@@ -118,6 +126,11 @@ impl Metrics {
         if write {
             self.vault_writes.inc();
         }
+    }
+
+    /// Records one binding whose Vault objects the sweep removed.
+    pub fn vault_swept(&self) {
+        self.vault_swept.inc();
     }
 
     /// Requests and writes sent to Vault so far.

@@ -54,16 +54,19 @@ fn secret_binding_controller(
 ) -> impl Future<Output = ()> {
     // Vault's HTTP client (reqwest over rustls) uses the process-wide crypto provider.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let vault = config.vault.clone().map(|v| {
-        Arc::new(crate::vault::Vault::new(
-            v,
-            client.clone(),
-            Arc::clone(metrics),
-        ))
+    let vault = config.vault.clone().and_then(|v| {
+        match crate::vault::Vault::new(v, client.clone(), Arc::clone(metrics)) {
+            Ok(v) => Some(Arc::new(v)),
+            Err(e) => {
+                tracing::error!(error = %e, "Vault client cannot be set up; SecretBindings report VaultNotConfigured");
+                None
+            }
+        }
     });
     let sb_state = Arc::new(secrets::SecretState::new(Arc::clone(state), vault));
-    controller_for::<SecretBinding>(client)
-        .with_config(ctl_config)
+    let ctl = controller_for::<SecretBinding>(client);
+    tokio::spawn(secrets::sweeper(Arc::clone(&sb_state), ctl.store()));
+    ctl.with_config(ctl_config)
         .graceful_shutdown_on(shutdown)
         .run(secrets::reconcile, error_policy, sb_state)
         .for_each(|r| async move {

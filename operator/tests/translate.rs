@@ -47,8 +47,15 @@ fn rate_limit_policies() {
 }
 
 #[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct VaultFixture {
     tenancy: translate::vault::Tenancy,
+    #[serde(default)]
+    workloads: translate::vault::VaultDefaults,
+    #[serde(default)]
+    cluster: Option<String>,
+    #[serde(default)]
+    allow_retain: bool,
     binding: SecretBinding,
 }
 
@@ -60,8 +67,17 @@ fn secret_bindings() {
         let text = std::fs::read_to_string(path).expect("readable fixture");
         let value: serde_json::Value = serde_yaml::from_str(&text).expect("fixture is YAML");
         let f: VaultFixture = serde_json::from_value(value).expect("fixture parses");
-        let defaults = translate::vault::VaultDefaults::default();
-        let out = translate::vault::translate(&f.binding, &f.tenancy, &defaults);
+        f.tenancy.validate().unwrap_or_else(|e| {
+            panic!("{}: the fixture's tenancy is refused: {e}", path.display())
+        });
+        let naming = translate::vault::Naming { cluster: f.cluster };
+        let grants = translate::vault::Grants {
+            tenancy: &f.tenancy,
+            workloads: &f.workloads,
+            naming: &naming,
+            allow_retain: f.allow_retain,
+        };
+        let out = translate::vault::translate(&f.binding, &grants);
         let attack = path
             .file_name()
             .and_then(|n| n.to_str())

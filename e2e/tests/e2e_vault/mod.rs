@@ -40,8 +40,14 @@ fn rig(env: &Env, tag: &str) -> Result<Rig> {
     let cp = &env.cp;
     let pg = Postgres::start()?;
     let bao = OpenBao::start(&env.opts.bin_dir, &cp.work_dir.join(format!("bao-{tag}")))?;
-    bao.bootstrap(cp, &pg, &["orders-pg", "shop-reports"])?;
-    let op = OperatorProcess::start(cp, tag, &bao.operator_config(EXAMPLE_TENANCY))?;
+    let extra = format!("{EXAMPLE_TENANCY}  sweepIntervalSeconds: 10\n");
+    bao.bootstrap(
+        cp,
+        &pg,
+        &[("orders-pg", "shop"), ("shop_reports", "shop")],
+        &extra,
+    )?;
+    let op = OperatorProcess::start(cp, tag, &bao.operator_config(&extra))?;
     Ok(Rig { pg, bao, op })
 }
 
@@ -189,13 +195,13 @@ fn secret_binding_lifecycle(env: &Env) -> Result<()> {
         }
 
         // A credential with a one-minute lifetime, checked again at the end.
-        let short = "apiVersion: palisade.dev/v1alpha1\nkind: SecretBinding\nmetadata: {name: reports, namespace: shop}\nspec:\n  serviceAccountNames: [orders]\n  database:\n    - mount: database\n      connection: shop-reports\n      creationStatements: [\"CREATE ROLE \\\"{{name}}\\\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';\"]\n      defaultTTL: 1m\n      maxTTL: 1m\n";
+        let short = "apiVersion: palisade.dev/v1alpha1\nkind: SecretBinding\nmetadata: {name: reports, namespace: shop}\nspec:\n  serviceAccountNames: [orders]\n  database:\n    - mount: database\n      connection: shop_reports\n      profile: readonly\n      defaultTTL: 1m\n      maxTTL: 1m\n";
         accepts(&apply(cp, "shop", "reports", short)?, "short-lived binding")?;
         wait_condition(cp, "shop", "reports", "Ready", "True")?;
         let reports_token = bao.login(cp, "shop", "orders", "palisade-shop.reports")?;
         let issued = std::time::Instant::now();
         let (short_user, short_password, _) =
-            creds(&bao, &reports_token, "palisade-shop.reports.shop-reports")?;
+            creds(&bao, &reports_token, "palisade-shop.reports.shop_reports")?;
         pg.psql(&short_user, &short_password, "SELECT 1")?;
 
         // An annotation change makes the operator reconcile the binding without changing it.
@@ -348,7 +354,9 @@ fn tenancy_refusals_write_nothing(env: &Env) -> Result<()> {
         for (name, grants, why) in [
             ("other-ns-path", "  kv: [{mount: secret, path: payments/*}]\n", "outside what namespace"),
             ("kv-version", "  kv: [{mount: secret, path: NS/app, version: 1}]\n", "KV version 2"),
-            ("other-connection", "  database: [{mount: database, connection: orders-pg, creationStatements: [x], defaultTTL: 1m, maxTTL: 1h}]\n", "connection not open"),
+            ("other-connection", "  database: [{mount: database, connection: orders-pg, profile: readonly, defaultTTL: 1m, maxTTL: 1h}]\n", "connection not open"),
+            // `{namespace}_*` is NS's; NS-eu_pg would be namespace NS-eu's.
+            ("neighbour-connection", "  database: [{mount: database, connection: NS-eu_pg, profile: readonly, defaultTTL: 1m, maxTTL: 1h}]\n", "connection not open"),
             ("unlisted-mount", "  kv: [{mount: sys, path: NS/x}]\n", "is not open to namespace"),
         ] {
             let grants = grants.replace("NS", ns);

@@ -1,15 +1,18 @@
 //! The SecretBinding controller: tenancy guard, then Vault's policy, Kubernetes-auth role and
-//! database roles made to match, read-before-write so a no-op resync writes nothing and a hand
-//! edit in Vault is repaired and reported.
+//! database roles made to match ([`crate::vault::sync`]), read-before-write so a no-op resync
+//! writes nothing and a hand edit in Vault is repaired and reported.
 //!
-//! Deletion (with `deletionPolicy: Delete`) revokes the leases issued under the binding's
-//! database roles, then removes the roles, the login role and the policy. The finalizer that
-//! guarantees this is bounded: if Vault stays unreachable for `cleanupTimeoutSeconds` after the
-//! deletion began, the binding is released anyway (with a Warning event naming what was left), so
-//! a namespace deletion can never hang on Vault.
+//! Access is taken away by default. A binding that is refused (tenancy narrowed, a grant edited
+//! outside its area) loses what was written for it before. Deletion removes everything unless
+//! the operator configuration allows `Retain`. What is removed is always found from names the
+//! operator computes from the binding's namespace and name, never from its status. The
+//! finalizer that guarantees removal is bounded: if Vault stays unreachable for
+//! `cleanupTimeoutSeconds` after the deletion began, the binding is released anyway (with a
+//! Warning event naming what was left), so a namespace deletion can never hang on Vault; the
+//! periodic sweep removes what was left once Vault answers.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -20,9 +23,10 @@ use kube::{
     runtime::{
         controller::Action,
         events::{Event, EventType},
+        reflector::Store,
     },
 };
-use palisade_api::{SecretBinding, SecretBindingStatus, secret_binding::DeletionPolicy};
+use palisade_api::{SecretBinding, SecretBindingStatus};
 
 use super::{Enforced, Error, RESYNC, State, publish_events, set_finalizers};
 use crate::{
@@ -30,11 +34,14 @@ use crate::{
         auth::jiff_now,
         status::{self, Cond},
     },
-    translate::vault::{self as tv, VaultDesired},
-    vault::{Vault, VaultError},
+    translate::vault::{self as tv, Naming, VaultDesired},
+    vault::{
+        Vault, VaultError,
+        sync::{self as vs, Scope, Synced},
+    },
 };
 
-/// Finalizer that removes a binding's Vault objects and revokes its leases.
+/// Finalizer that removes a binding's Vault objects and revokes its leases and tokens.
 pub const FINALIZER: &str = "palisade.dev/vault-cleanup";
 
 /// State of the SecretBinding controller.
@@ -43,6 +50,8 @@ pub struct SecretState {
     pub shared: Arc<State>,
     /// The Vault client; `None` when the operator has no `vault` configuration.
     pub vault: Option<Arc<Vault>>,
+    naming: Naming,
+    database_mounts: BTreeSet<String>,
     /// Consecutive Vault failures per binding, for backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -50,10 +59,25 @@ pub struct SecretState {
 impl SecretState {
     /// State for the controller.
     pub fn new(shared: Arc<State>, vault: Option<Arc<Vault>>) -> Self {
+        let (naming, database_mounts) = vault.as_ref().map_or_else(Default::default, |v| {
+            (v.settings().naming(), v.settings().database_mounts())
+        });
         SecretState {
             shared,
             vault,
+            naming,
+            database_mounts,
             failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Where syncs, removals and sweeps look.
+    pub fn scope<'a>(&'a self, vault: &'a Vault) -> Scope<'a> {
+        Scope {
+            naming: &self.naming,
+            auth_mount: &vault.settings().workloads.kubernetes_auth_mount,
+            database_mounts: &self.database_mounts,
+            correct_drift: vault.settings().drift_correction,
         }
     }
 
@@ -75,158 +99,27 @@ impl SecretState {
     }
 }
 
-/// What one sync changed in Vault.
-#[derive(Debug, Default)]
-pub struct Synced {
-    /// Objects written because they were missing or different, as `kind name`.
-    pub changed: Vec<String>,
-    /// Of those, the ones that existed with different content although the binding had not
-    /// changed: hand edits, written back.
-    pub drift: Vec<String>,
-    /// Hand edits left in place because drift correction is off.
-    pub drift_left: Vec<String>,
-    /// Objects removed because the binding no longer asks for them.
-    pub deleted: Vec<String>,
+/// What a finalizer does after a removal attempt.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Release the binding.
+    Release,
+    /// Release it although Vault cleanup failed: the timeout has passed.
+    Abandon,
+    /// Try again after this long.
+    Retry(Duration),
 }
 
-/// How one object compares with what is wanted.
-struct Compared {
-    /// Whether it exists in Vault.
-    existed: bool,
-    /// Whether it differs from what is wanted.
-    differs: bool,
-}
-
-/// What to do about one object: write it or not, recording why in `out`. A difference on an
-/// object that exists while the binding is unchanged is drift: written back when
-/// `correct_drift`, otherwise only reported.
-fn plan(
-    what: String,
-    c: &Compared,
-    spec_changed: bool,
-    correct_drift: bool,
-    out: &mut Synced,
-) -> bool {
-    if !c.differs {
-        return false;
+/// The finalizer's decision: release after a successful removal; after a failed one, retry
+/// (never later than the deadline) until `limit` seconds have passed since deletion began.
+pub fn verdict(removed: bool, since: u64, limit: u64, backoff: Duration) -> Verdict {
+    if removed {
+        Verdict::Release
+    } else if since >= limit {
+        Verdict::Abandon
+    } else {
+        Verdict::Retry(backoff.min(Duration::from_secs((limit - since).max(1))))
     }
-    let drift = c.existed && !spec_changed;
-    if drift && !correct_drift {
-        out.drift_left.push(what);
-        return false;
-    }
-    if drift {
-        out.drift.push(what.clone());
-    }
-    out.changed.push(what);
-    true
-}
-
-/// Makes Vault hold `desired`, removing the database roles in `previous_db_roles`
-/// (`<mount>/roles/<name>`) it no longer lists, with their leases. `spec_changed` says whether
-/// the binding changed since the last successful sync (so differences are updates, not drift).
-pub async fn sync(
-    vault: &Vault,
-    desired: &VaultDesired,
-    previous_db_roles: &[String],
-    spec_changed: bool,
-) -> Result<Synced, VaultError> {
-    let mut out = Synced::default();
-    let correct = vault.settings().drift_correction;
-    // Database roles first, the policy that lets workloads use them next, the login role last:
-    // a workload can never log in to a role whose policy points at missing roles.
-    for role in &desired.database_roles {
-        let live = vault.read_database_role(&role.mount, &role.name).await?;
-        let c = Compared {
-            existed: live.is_some(),
-            differs: live.as_ref() != Some(role),
-        };
-        if plan(
-            format!("database role {}", role.path()),
-            &c,
-            spec_changed,
-            correct,
-            &mut out,
-        ) {
-            vault.write_database_role(role).await?;
-        }
-    }
-    let text = desired.policy.hcl();
-    let live = vault.read_policy(&desired.policy.name).await?;
-    let c = Compared {
-        existed: live.is_some(),
-        differs: live.as_deref() != Some(text.as_str()),
-    };
-    if plan(
-        format!("policy {}", desired.policy.name),
-        &c,
-        spec_changed,
-        correct,
-        &mut out,
-    ) {
-        vault.write_policy(&desired.policy).await?;
-    }
-    let live = vault
-        .read_role(&desired.role.mount, &desired.role.name)
-        .await?;
-    let c = Compared {
-        existed: live.is_some(),
-        differs: live.as_ref() != Some(&desired.role),
-    };
-    let what = format!(
-        "role auth/{}/role/{}",
-        desired.role.mount, desired.role.name
-    );
-    if plan(what, &c, spec_changed, correct, &mut out) {
-        vault.write_role(&desired.role).await?;
-    }
-    let wanted: BTreeSet<String> = desired
-        .database_roles
-        .iter()
-        .map(tv::DatabaseRole::path)
-        .collect();
-    for stale in previous_db_roles.iter().filter(|p| !wanted.contains(*p)) {
-        if retire_database_role(vault, stale).await? {
-            out.deleted.push(format!("database role {stale}"));
-        }
-    }
-    Ok(out)
-}
-
-/// Revokes every lease issued under the database role at `path` (`<mount>/roles/<name>`),
-/// then deletes the role; `false` when `path` does not name a role.
-async fn retire_database_role(vault: &Vault, path: &str) -> Result<bool, VaultError> {
-    let Some((mount, name)) = path.split_once("/roles/") else {
-        return Ok(false);
-    };
-    vault
-        .revoke_prefix(&format!("{mount}/creds/{name}"))
-        .await?;
-    vault.delete_database_role(mount, name).await?;
-    Ok(true)
-}
-
-/// Removes everything a binding owns in Vault: leases first, then database roles, the login
-/// role and the policy. Returns what it removed.
-pub async fn remove(
-    vault: &Vault,
-    namespace: &str,
-    name: &str,
-    db_roles: &[String],
-) -> Result<Vec<String>, VaultError> {
-    let base = tv::base_name(namespace, name);
-    let mut done = Vec::new();
-    for path in db_roles {
-        if retire_database_role(vault, path).await? {
-            done.push(format!("database role {path} and its leases"));
-        }
-    }
-    let mount = vault.settings().workloads.kubernetes_auth_mount.clone();
-    vault.delete_role(&mount, &base).await?;
-    done.push(format!("role auth/{mount}/role/{base}"));
-    vault.delete_policy(&base).await?;
-    done.push(format!("policy {base}"));
-    Ok(done)
 }
 
 /// Reconciles one SecretBinding.
@@ -239,26 +132,6 @@ pub async fn reconcile(sb: Arc<SecretBinding>, st: Arc<SecretState>) -> Result<A
         started.elapsed(),
     );
     result
-}
-
-/// The database roles a binding may own in Vault: those its status records and those its spec
-/// asks for (a status write can lag behind a Vault write).
-fn owned_db_roles(sb: &SecretBinding) -> Vec<String> {
-    let ns = sb.namespace().unwrap_or_default();
-    let name = sb.name_any();
-    let mut all: BTreeSet<String> = sb
-        .status
-        .as_ref()
-        .map(|s| s.database_roles.iter().cloned().collect())
-        .unwrap_or_default();
-    for db in sb.spec.database.iter().flatten() {
-        all.insert(format!(
-            "{}/roles/{}",
-            db.mount,
-            tv::database_role_name(&ns, &name, &db.connection)
-        ));
-    }
-    all.into_iter().collect()
 }
 
 async fn publish(state: &State, sb: &SecretBinding, type_: EventType, reason: &str, note: String) {
@@ -274,6 +147,13 @@ async fn publish(state: &State, sb: &SecretBinding, type_: EventType, reason: &s
     }
 }
 
+/// Whether deleting this binding leaves its Vault objects: only when it asks for `Retain` and
+/// the operator configuration allows it.
+fn retained(sb: &SecretBinding, vault: &Vault) -> bool {
+    sb.spec.deletion_policy == palisade_api::secret_binding::DeletionPolicy::Retain
+        && vault.settings().allow_retain
+}
+
 async fn finalize(
     sb: &SecretBinding,
     st: &SecretState,
@@ -286,15 +166,31 @@ async fn finalize(
     if !sb.finalizers().iter().any(|f| f == FINALIZER) {
         return Ok(Action::await_change());
     }
-    let outcome = match (&st.vault, sb.spec.deletion_policy) {
-        (Some(vault), DeletionPolicy::Delete) => {
-            Some(remove(vault, &ns, &name, &owned_db_roles(sb)).await)
+    let outcome = match &st.vault {
+        Some(vault) if !retained(sb, vault) => {
+            let base = st.naming.base(&ns, &name);
+            Some(vs::remove(&**vault, &st.scope(vault), &base).await)
         }
         _ => None,
     };
-    let release = match outcome {
-        None => true,
-        Some(Ok(done)) => {
+    let since = sb
+        .meta()
+        .deletion_timestamp
+        .as_ref()
+        .map_or(0, |t| (jiff_now().as_second() - t.0.as_second()).max(0));
+    let limit = st
+        .vault
+        .as_ref()
+        .map_or(0, |v| v.settings().cleanup_timeout_seconds);
+    let since = u64::try_from(since).unwrap_or(0);
+    let v = verdict(
+        outcome.as_ref().is_none_or(Result::is_ok),
+        since,
+        limit,
+        st.backoff(&key),
+    );
+    match (&v, outcome) {
+        (Verdict::Release, Some(Ok(done))) if !done.is_empty() => {
             publish(
                 state,
                 sb,
@@ -303,60 +199,45 @@ async fn finalize(
                 format!("removed {}", done.join(", ")),
             )
             .await;
-            true
         }
-        Some(Err(e)) => {
-            let since = sb
-                .meta()
-                .deletion_timestamp
-                .as_ref()
-                .map_or(0, |t| (jiff_now().as_second() - t.0.as_second()).max(0));
-            let limit = st
-                .vault
-                .as_ref()
-                .map_or(0, |v| v.settings().cleanup_timeout_seconds);
-            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-            if since >= limit {
-                publish(
-                    state,
-                    sb,
-                    EventType::Warning,
-                    "VaultCleanupAbandoned",
-                    format!(
-                        "released after {since}s without Vault cleanup ({e}); remove policy and role {} and its database roles by hand",
-                        tv::base_name(&ns, &name)
-                    ),
-                )
-                .await;
-                true
-            } else {
-                tracing::warn!(binding = %key, error = %e, "Vault cleanup failed; retrying");
-                return Ok(Action::requeue(st.backoff(&key).min(Duration::from_secs(
-                    u64::try_from(limit - since).unwrap_or(1).max(1),
-                ))));
-            }
+        (Verdict::Abandon, Some(Err(e))) => {
+            publish(
+                state,
+                sb,
+                EventType::Warning,
+                "VaultCleanupAbandoned",
+                format!(
+                    "released after {since}s without Vault cleanup ({e}); the periodic sweep removes what is left of {} once Vault answers",
+                    st.naming.base(&ns, &name)
+                ),
+            )
+            .await;
         }
-    };
-    if release {
-        st.succeeded(&key);
-        let rest: Vec<String> = sb
-            .finalizers()
-            .iter()
-            .filter(|f| *f != FINALIZER)
-            .cloned()
-            .collect();
-        set_finalizers(state, api, &name, &rest).await?;
+        (Verdict::Retry(delay), Some(Err(e))) => {
+            tracing::warn!(binding = %key, error = %e, "Vault cleanup failed; retrying");
+            return Ok(Action::requeue(*delay));
+        }
+        _ => {}
     }
+    st.succeeded(&key);
+    let rest: Vec<String> = sb
+        .finalizers()
+        .iter()
+        .filter(|f| *f != FINALIZER)
+        .cloned()
+        .collect();
+    set_finalizers(state, api, &name, &rest).await?;
     Ok(Action::await_change())
 }
 
-/// The finalizer is there exactly when deletion has something to do (`deletionPolicy: Delete`).
+/// The finalizer is there exactly when deletion has something to do (everything but an allowed
+/// `Retain`).
 async fn ensure_finalizer(
     state: &State,
     sb: &SecretBinding,
     api: &Api<SecretBinding>,
+    wants: bool,
 ) -> Result<(), Error> {
-    let wants = sb.spec.deletion_policy == DeletionPolicy::Delete;
     let has = sb.finalizers().iter().any(|f| f == FINALIZER);
     if wants != has {
         let mut all: Vec<String> = sb
@@ -374,24 +255,54 @@ async fn ensure_finalizer(
 }
 
 /// Reports a binding that is not accepted (refused by the tenancy guard, or no Vault is
-/// configured); nothing is written to Vault.
-async fn refused(state: &State, sb: &SecretBinding, refusal: tv::Refusal) -> Result<Action, Error> {
+/// configured) and takes away whatever was written for it before.
+async fn refused(
+    st: &SecretState,
+    sb: &SecretBinding,
+    refusal: tv::Refusal,
+) -> Result<Action, Error> {
+    let state = &*st.shared;
+    let ns = sb.namespace().unwrap_or_default();
+    let key = format!("{ns}/{}", sb.name_any());
+    let removal = match &st.vault {
+        Some(vault) => {
+            let base = st.naming.base(&ns, &sb.name_any());
+            Some(vs::remove(&**vault, &st.scope(vault), &base).await)
+        }
+        None => None,
+    };
+    let (ready_msg, retry) = match &removal {
+        None | Some(Ok(_)) => ("not accepted; it has no access in Vault".to_owned(), None),
+        Some(Err(e)) => (
+            format!("not accepted; removing the access it had failed and is retried: {e}"),
+            Some(st.backoff(&key)),
+        ),
+    };
+    if let Some(Ok(done)) = &removal
+        && !done.is_empty()
+    {
+        publish(
+            state,
+            sb,
+            EventType::Warning,
+            "AccessRemoved",
+            format!("refused binding: removed {}", done.join(", ")),
+        )
+        .await;
+    }
     let previous = sb.status.clone().unwrap_or_default();
     let now = Time(jiff_now());
     let conds = [
         Cond::new("Accepted", false, &refusal.reason, refusal.message.clone()),
-        Cond::new(
-            "Ready",
-            false,
-            &refusal.reason,
-            "not accepted; nothing was written to Vault",
-        ),
+        Cond::new("Ready", false, &refusal.reason, ready_msg),
     ];
     let new = SecretBindingStatus {
         common: status::build(&previous.common, sb.meta().generation, &conds, &now),
-        ..previous.clone()
+        vault_policy: None,
+        vault_role: None,
+        database_roles: Vec::new(),
     };
-    if new != previous {
+    if new.common.conditions != previous.common.conditions {
         publish(
             state,
             sb,
@@ -402,7 +313,10 @@ async fn refused(state: &State, sb: &SecretBinding, refusal: tv::Refusal) -> Res
         .await;
     }
     super::write_status(state, sb, &new, &previous).await?;
-    Ok(Action::await_change())
+    if retry.is_none() {
+        st.succeeded(&key);
+    }
+    Ok(retry.map_or_else(|| Action::requeue(RESYNC), Action::requeue))
 }
 
 /// `Ready` after a successful sync: true, unless hand edits were left in place (drift
@@ -424,6 +338,20 @@ async fn ready_condition(state: &State, sb: &SecretBinding, synced: &Synced) -> 
     Cond::new("Ready", false, "Drifted", msg)
 }
 
+fn accepted_condition(ns: &str, desired: &VaultDesired) -> Cond {
+    let mut msg = format!(
+        "within the tenancy of namespace {ns}: policy {}, role {}, {} database roles",
+        desired.policy.name,
+        desired.role.name,
+        desired.database_roles.len()
+    );
+    for n in &desired.notes {
+        msg.push_str("; ");
+        msg.push_str(n);
+    }
+    Cond::new("Accepted", true, "Accepted", msg)
+}
+
 async fn reconcile_inner(sb: &SecretBinding, st: &SecretState) -> Result<Action, Error> {
     let state = &*st.shared;
     let ns = sb.namespace().unwrap_or_default();
@@ -438,35 +366,20 @@ async fn reconcile_inner(sb: &SecretBinding, st: &SecretState) -> Result<Action,
             reason: "VaultNotConfigured".into(),
             message: "the operator has no vault configuration".into(),
         };
-        return refused(state, sb, refusal).await;
+        return refused(st, sb, refusal).await;
     };
     let previous = sb.status.clone().unwrap_or_default();
     let now = Time(jiff_now());
 
-    ensure_finalizer(state, sb, &api).await?;
+    ensure_finalizer(state, sb, &api, !retained(sb, vault)).await?;
 
     let settings = vault.settings();
-    let desired = match tv::translate(sb, &settings.tenancy, &settings.workloads) {
+    let desired = match tv::translate(sb, &settings.grants(&st.naming)) {
         Ok(d) => d,
-        Err(refusal) => return refused(state, sb, refusal).await,
+        Err(refusal) => return refused(st, sb, refusal).await,
     };
-
-    let accepted = Cond::new(
-        "Accepted",
-        true,
-        "Accepted",
-        format!(
-            "within the tenancy of namespace {ns}: policy {}, role {}, {} database roles",
-            desired.policy.name,
-            desired.role.name,
-            desired.database_roles.len()
-        ),
-    );
-    // Unchanged since the last successful sync: differences found now are hand edits.
-    let spec_changed = !(previous.common.observed_generation == sb.meta().generation
-        && palisade_api::common::find_condition(&previous.common.conditions, "Ready")
-            .is_some_and(|c| c.status == "True"));
-    match sync(vault, &desired, &previous.database_roles, spec_changed).await {
+    let accepted = accepted_condition(&ns, &desired);
+    match vs::sync(&**vault, &st.scope(vault), &desired).await {
         Ok(synced) => {
             st.succeeded(&key);
             let ready = ready_condition(state, sb, &synced).await;
@@ -523,43 +436,68 @@ async fn reconcile_inner(sb: &SecretBinding, st: &SecretState) -> Result<Action,
     }
 }
 
+/// Every `sweepIntervalSeconds`, finds Vault objects of this operator whose SecretBinding no
+/// longer exists (its finalizer was removed by hand, cleanup was abandoned while Vault was
+/// down, or it was deleted while the operator was away) and removes them, logging and counting
+/// what it removed. Waits for the binding cache to be complete first: a partial cache would
+/// make live bindings look gone.
+pub async fn sweeper(st: Arc<SecretState>, bindings: Store<SecretBinding>) {
+    let Some(vault) = st.vault.clone() else {
+        return;
+    };
+    if bindings.wait_until_ready().await.is_err() {
+        return;
+    }
+    let every = Duration::from_secs(vault.settings().sweep_interval_seconds);
+    loop {
+        tokio::time::sleep(every).await;
+        let scope = st.scope(&vault);
+        let found = match vs::inventory(&*vault, &scope).await {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(error = %e, "Vault sweep: cannot list objects");
+                continue;
+            }
+        };
+        let live: BTreeMap<(String, String), String> = bindings
+            .state()
+            .iter()
+            .map(|b| {
+                (
+                    (b.namespace().unwrap_or_default(), b.name_any()),
+                    b.uid().unwrap_or_default(),
+                )
+            })
+            .collect();
+        for (base, outcome) in vs::sweep(&*vault, &scope, &found, &live).await {
+            match outcome {
+                Ok(done) => {
+                    st.shared.metrics.vault_swept();
+                    tracing::warn!(object = %base, removed = ?done, "Vault sweep: removed the access of a SecretBinding that no longer exists");
+                }
+                Err(e) => {
+                    tracing::warn!(object = %base, error = %e, "Vault sweep: removal failed; retried at the next sweep");
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn only_differences_on_an_unchanged_binding_are_drift() {
-        let c = |existed, differs| Compared { existed, differs };
-        let mut out = Synced::default();
-        assert!(!plan("same".into(), &c(true, false), false, true, &mut out));
-        assert!(plan(
-            "created".into(),
-            &c(false, true),
-            false,
-            true,
-            &mut out
-        ));
-        assert!(plan("updated".into(), &c(true, true), true, true, &mut out));
-        assert!(plan("edited".into(), &c(true, true), false, true, &mut out));
-        assert_eq!(out.changed, ["created", "updated", "edited"]);
-        assert_eq!(out.drift, ["edited"]);
-        // With correction off, a hand edit is reported and left; creations still happen.
-        let mut out = Synced::default();
-        assert!(!plan(
-            "edited".into(),
-            &c(true, true),
-            false,
-            false,
-            &mut out
-        ));
-        assert!(plan(
-            "created".into(),
-            &c(false, true),
-            false,
-            false,
-            &mut out
-        ));
-        assert_eq!(out.drift_left, ["edited"]);
-        assert_eq!(out.changed, ["created"]);
+    fn a_failed_cleanup_is_retried_until_the_deadline_then_abandoned() {
+        let b = Duration::from_secs(8);
+        assert_eq!(verdict(true, 500, 120, b), Verdict::Release);
+        assert_eq!(verdict(false, 0, 120, b), Verdict::Retry(b));
+        // Never retried later than the deadline.
+        assert_eq!(
+            verdict(false, 117, 120, b),
+            Verdict::Retry(Duration::from_secs(3))
+        );
+        assert_eq!(verdict(false, 120, 120, b), Verdict::Abandon);
+        assert_eq!(verdict(false, 121, 120, b), Verdict::Abandon);
     }
 }
