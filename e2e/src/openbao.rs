@@ -22,7 +22,8 @@ pub const OPERATOR_ROLE: &str = "palisade_operator";
 /// namespace owns `secret/<namespace>/` and the database connections `<namespace>_*` with the
 /// `readonly` profile; namespace `shop` also gets connection `orders-pg` (the example binding's)
 /// with `readonly` or `readwrite`. The profiles put credentials in the platform's group roles
-/// (see `postgres::Postgres::prepare_for_vault`).
+/// (see `postgres::Postgres::prepare_for_vault`) and drop them by name: the plugin's default
+/// revocation revokes privileges on every table, which a least-privileged account cannot.
 pub const EXAMPLE_TENANCY: &str = r#"  cleanupTimeoutSeconds: 20
   tenancy:
     kv: [{mount: secret, version: 2, pathPrefix: "{namespace}/"}]
@@ -32,10 +33,16 @@ pub const EXAMPLE_TENANCY: &str = r#"  cleanupTimeoutSeconds: 20
       readonly:
         creationStatements:
           - CREATE ROLE "{{name}}" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}' IN ROLE palisade_readonly;
+        revocationStatements: ['DROP ROLE IF EXISTS "{{name}}";']
       readwrite:
         creationStatements:
           - CREATE ROLE "{{name}}" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}' IN ROLE palisade_readwrite;
+        revocationStatements: ['DROP ROLE IF EXISTS "{{name}}";']
 "#;
+
+fn vault_password(pg: &Postgres) -> String {
+    format!("vault-{}", pg.port)
+}
 
 /// A running dev-mode OpenBao. Stops it on drop.
 pub struct OpenBao {
@@ -220,21 +227,27 @@ impl OpenBao {
             "token_ttl=10m",
         ])?;
         self.root(&["secrets", "enable", "database"])?;
-        let vault_password = format!("vault-{}", std::process::id());
-        pg.prepare_for_vault(&vault_password)?;
+        pg.prepare_for_vault(&vault_password(pg))?;
         for (c, namespace) in connections {
-            self.root(&[
-                "write",
-                &format!("database/config/{c}"),
-                "plugin_name=postgresql-database-plugin",
-                &format!("connection_url={}", pg.vault_connection_url()),
-                &format!("username={}", crate::postgres::VAULT_ADMIN),
-                &format!("password={vault_password}"),
-                &format!("allowed_roles=palisade-{namespace}.*"),
-                "verify_connection=true",
-            ])?;
+            self.add_connection(pg, c, namespace)?;
         }
         Ok(())
+    }
+
+    /// Database connection `connection` to `pg` as `vault_admin`, usable only by the role
+    /// names bindings of `namespace` produce (`palisade-<namespace>.*`).
+    pub fn add_connection(&self, pg: &Postgres, connection: &str, namespace: &str) -> Result<()> {
+        self.root(&[
+            "write",
+            &format!("database/config/{connection}"),
+            "plugin_name=postgresql-database-plugin",
+            &format!("connection_url={}", pg.vault_connection_url()),
+            &format!("username={}", crate::postgres::VAULT_ADMIN),
+            &format!("password={}", vault_password(pg)),
+            &format!("allowed_roles=palisade-{namespace}.*"),
+            "verify_connection=true",
+        ])
+        .map(|_| ())
     }
 
     /// The operator configuration's `vault` section for this server.

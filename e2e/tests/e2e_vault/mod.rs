@@ -17,6 +17,8 @@ use serde_json::Value;
 
 use crate::{Env, TestFn};
 
+mod attacks;
+
 pub const TESTS: &[(&str, TestFn)] = &[
     (
         "e2e_vault::secret_binding_lifecycle",
@@ -26,17 +28,21 @@ pub const TESTS: &[(&str, TestFn)] = &[
         "e2e_vault::tenancy_refusals_write_nothing",
         tenancy_refusals_write_nothing,
     ),
+    (
+        "e2e_vault::tenant_and_operator_attacks_get_nothing",
+        attacks::tenant_and_operator_attacks_get_nothing,
+    ),
 ];
 
 const WAIT: Duration = Duration::from_mins(1);
 
-struct Rig {
-    pg: Postgres,
-    bao: OpenBao,
-    op: OperatorProcess,
+pub(super) struct Rig {
+    pub(super) pg: Postgres,
+    pub(super) bao: OpenBao,
+    pub(super) op: OperatorProcess,
 }
 
-fn rig(env: &Env, tag: &str) -> Result<Rig> {
+pub(super) fn rig(env: &Env, tag: &str) -> Result<Rig> {
     let cp = &env.cp;
     let pg = Postgres::start()?;
     let bao = OpenBao::start(&env.opts.bin_dir, &cp.work_dir.join(format!("bao-{tag}")))?;
@@ -51,7 +57,7 @@ fn rig(env: &Env, tag: &str) -> Result<Rig> {
     Ok(Rig { pg, bao, op })
 }
 
-fn binding(cp: &ControlPlane, ns: &str, name: &str) -> Option<Value> {
+pub(super) fn binding(cp: &ControlPlane, ns: &str, name: &str) -> Option<Value> {
     let out = run(cp
         .kubectl()
         .args(["get", "secretbinding", name, "-n", ns, "-o", "json"]))
@@ -72,7 +78,7 @@ fn condition(obj: &Value, type_: &str) -> (String, String, String) {
     (s("status"), s("reason"), s("message"))
 }
 
-fn wait_condition(
+pub(super) fn wait_condition(
     cp: &ControlPlane,
     ns: &str,
     name: &str,
@@ -86,7 +92,12 @@ fn wait_condition(
     })
 }
 
-fn apply(cp: &ControlPlane, ns: &str, tag: &str, yaml: &str) -> Result<std::process::Output> {
+pub(super) fn apply(
+    cp: &ControlPlane,
+    ns: &str,
+    tag: &str,
+    yaml: &str,
+) -> Result<std::process::Output> {
     let file = cp.work_dir.join(format!("sb-{ns}-{tag}.yaml"));
     std::fs::write(&file, yaml)?;
     run(cp.kubectl().args(["apply", "-n", ns, "-f"]).arg(&file))
@@ -100,7 +111,7 @@ fn vault_totals(op: &OperatorProcess) -> Result<(f64, f64)> {
 }
 
 /// `database/creds/<role>` as a client: (username, password, lease id).
-fn creds(bao: &OpenBao, token: &str, role: &str) -> Result<(String, String, String)> {
+pub(super) fn creds(bao: &OpenBao, token: &str, role: &str) -> Result<(String, String, String)> {
     let out = bao.bao(
         token,
         &["read", "-format=json", &format!("database/creds/{role}")],
@@ -350,7 +361,6 @@ fn tenancy_refusals_write_nothing(env: &Env) -> Result<()> {
         let sb = |name: &str, grants: &str| {
             format!("apiVersion: palisade.dev/v1alpha1\nkind: SecretBinding\nmetadata:\n  name: {name}\nspec:\n  serviceAccountNames: [app]\n{grants}")
         };
-        let before = vault_totals(&op)?;
         for (name, grants, why) in [
             ("other-ns-path", "  kv: [{mount: secret, path: payments/*}]\n", "outside what namespace"),
             ("kv-version", "  kv: [{mount: secret, path: NS/app, version: 1}]\n", "KV version 2"),
@@ -369,9 +379,11 @@ fn tenancy_refusals_write_nothing(env: &Env) -> Result<()> {
                 bail!("{name}: a policy was written for a refused binding");
             }
         }
-        let after = vault_totals(&op)?;
-        if after.1 > before.1 {
-            bail!("refused bindings wrote to Vault: writes {} -> {}", before.1, after.1);
+        // Refusal takes access away (deletes and revocations); it never creates anything.
+        for name in ["other-ns-path", "kv-version", "other-connection", "neighbour-connection", "unlisted-mount"] {
+            if bao.root(&["read", &format!("auth/kubernetes/role/palisade-{ns}.{name}")]).is_ok() {
+                bail!("{name}: a login role exists for a refused binding");
+            }
         }
         // What the schema rules out never reaches the operator.
         for (name, grants, needle) in [

@@ -54,6 +54,9 @@ pub struct SecretState {
     database_mounts: BTreeSet<String>,
     /// Consecutive Vault failures per binding, for backoff.
     failures: Mutex<HashMap<String, u32>>,
+    /// Refused bindings whose access this process already removed, by key, with the uid and
+    /// generation refused: a resync of an unchanged refused binding does not repeat it.
+    removed: Mutex<HashMap<String, (String, Option<i64>)>>,
 }
 
 impl SecretState {
@@ -68,6 +71,7 @@ impl SecretState {
             naming,
             database_mounts,
             failures: Mutex::new(HashMap::new()),
+            removed: Mutex::new(HashMap::new()),
         }
     }
 
@@ -264,7 +268,10 @@ async fn refused(
     let state = &*st.shared;
     let ns = sb.namespace().unwrap_or_default();
     let key = format!("{ns}/{}", sb.name_any());
+    let seen = (sb.uid().unwrap_or_default(), sb.meta().generation);
+    let done_before = st.removed.lock().is_ok_and(|r| r.get(&key) == Some(&seen));
     let removal = match &st.vault {
+        Some(_) if done_before => Some(Ok(Vec::new())),
         Some(vault) => {
             let base = st.naming.base(&ns, &sb.name_any());
             Some(vs::remove(&**vault, &st.scope(vault), &base).await)
@@ -315,6 +322,9 @@ async fn refused(
     super::write_status(state, sb, &new, &previous).await?;
     if retry.is_none() {
         st.succeeded(&key);
+        if let Ok(mut r) = st.removed.lock() {
+            r.insert(key.clone(), seen);
+        }
     }
     Ok(retry.map_or_else(|| Action::requeue(RESYNC), Action::requeue))
 }
@@ -379,6 +389,9 @@ async fn reconcile_inner(sb: &SecretBinding, st: &SecretState) -> Result<Action,
         Err(refusal) => return refused(st, sb, refusal).await,
     };
     let accepted = accepted_condition(&ns, &desired);
+    if let Ok(mut r) = st.removed.lock() {
+        r.remove(&key);
+    }
     match vs::sync(&**vault, &st.scope(vault), &desired).await {
         Ok(synced) => {
             st.succeeded(&key);

@@ -724,6 +724,7 @@ fn normalised(v: &Value) -> Value {
             let mut s: Vec<String> = items
                 .iter()
                 .map(|i| i.as_str().map_or_else(|| i.to_string(), str::to_owned))
+                .filter(|i| !i.is_empty())
                 .collect();
             s.sort();
             s.dedup();
@@ -755,7 +756,7 @@ pub fn differences(desired: &Map<String, Value>, live: &Map<String, Value>) -> V
         match live.get(k) {
             None if is_empty(want) || MAY_BE_ABSENT.contains(&k.as_str()) => {}
             None => out.push(k.clone()),
-            Some(have) if is_empty(want) && is_empty(have) => {}
+            Some(have) if is_empty(&normalised(want)) && is_empty(&normalised(have)) => {}
             Some(have) if normalised(have) != normalised(want) => out.push(k.clone()),
             Some(_) => {}
         }
@@ -766,10 +767,8 @@ pub fn differences(desired: &Map<String, Value>, live: &Map<String, Value>) -> V
         }
         let alias = ALIASES.iter().find(|(a, _)| a == k).map(|(_, t)| *t);
         let fine = match alias.and_then(|t| desired.get(t)) {
-            Some(want) => {
-                (is_empty(want) && is_empty(have)) || normalised(have) == normalised(want)
-            }
-            None => is_empty(have),
+            Some(want) => normalised(have) == normalised(want),
+            None => is_empty(&normalised(have)),
         };
         if !fine {
             out.push(k.clone());

@@ -69,11 +69,46 @@ async fn read_map<V: VaultApi>(
     }))
 }
 
+/// Whether the login role at `auth/<mount>/role/<base>` is one Palisade wrote for the policy
+/// `base`: it attaches that policy only. A policy whose ownership line was edited away still
+/// belongs to Palisade when such a role exists (a hand edit, repaired as drift); without one it
+/// is somebody else's.
+async fn role_vouches<V: VaultApi>(
+    api: &V,
+    scope: &Scope<'_>,
+    base: &str,
+) -> Result<bool, VaultError> {
+    let Some(role) = read_map(api, &role_path(scope.auth_mount, base)).await? else {
+        return Ok(false);
+    };
+    Ok(role.get("token_policies").map(normalised_list) == Some(vec![base.to_owned()]))
+}
+
+fn normalised_list(v: &Value) -> Vec<String> {
+    match v {
+        Value::Array(a) => a
+            .iter()
+            .filter_map(Value::as_str)
+            .map(str::to_owned)
+            .collect(),
+        Value::String(s) => s.split(',').map(str::to_owned).collect(),
+        _ => Vec::new(),
+    }
+}
+
 /// Who a policy text says it belongs to, checked against `want`: `Ok(None)` when it is
 /// `want`'s binding, `Ok(Some(old))` when it is an earlier binding of the same name (whose
 /// access must go first), an error when it is not Palisade's or another binding's.
-fn ownership(name: &str, text: &str, want: &Marker) -> Result<Option<Marker>, VaultError> {
+fn ownership(
+    name: &str,
+    text: &str,
+    want: &Marker,
+    vouched: bool,
+) -> Result<Option<Marker>, VaultError> {
     let Some(m) = Marker::parse(text) else {
+        if vouched {
+            return Ok(None);
+        }
         return Err(VaultError::NotOwned(format!(
             "policy {name} exists in Vault and was not written by Palisade; nothing was changed (rename or remove it)"
         )));
@@ -108,6 +143,7 @@ fn plan(what: String, c: Compared, changed: bool, scope: &Scope<'_>, out: &mut S
     if drift {
         out.drift.push(what.clone());
     }
+    tracing::info!(object = %what, drift, "writing to Vault");
     out.changed.push(what);
     true
 }
@@ -123,8 +159,14 @@ pub async fn sync<V: VaultApi>(
     let mut out = Synced::default();
     let policy = &desired.policy;
     let mut live = read_policy(api, &policy.name).await?;
+    let vouched = match &live {
+        Some(text) if Marker::parse(text).is_none() => {
+            role_vouches(api, scope, &policy.name).await?
+        }
+        _ => false,
+    };
     if let Some(text) = &live
-        && let Some(old) = ownership(&policy.name, text, &policy.marker)?
+        && let Some(old) = ownership(&policy.name, text, &policy.marker, vouched)?
     {
         // The same name, an earlier binding: its tokens and leases must not carry over.
         let removed = remove(api, scope, &policy.name).await?;
@@ -133,10 +175,12 @@ pub async fn sync<V: VaultApi>(
         live = None;
     }
     let fresh = live.is_none();
-    let changed = live
-        .as_deref()
-        .and_then(Marker::parse)
-        .is_none_or(|m| m.digest != policy.marker.digest);
+    // Without its ownership line the digest is unknown: what differs is a hand edit.
+    let changed = !vouched
+        && live
+            .as_deref()
+            .and_then(Marker::parse)
+            .is_none_or(|m| m.digest != policy.marker.digest);
     let text = policy.hcl();
     let differs = live.as_deref() != Some(text.as_str());
     let c = Compared {
@@ -160,10 +204,9 @@ pub async fn sync<V: VaultApi>(
         } else {
             read_map(api, &role.path()).await?
         };
-        let differs = live
-            .as_ref()
-            .is_none_or(|l| !differences(&body, l).is_empty());
-        let what = format!("database role {}", role.path());
+        let diff = live.as_ref().map(|l| differences(&body, l));
+        let differs = diff.as_ref().is_none_or(|d| !d.is_empty());
+        let what = described(format!("database role {}", role.path()), diff.as_deref());
         let c = Compared {
             existed: live.is_some(),
             differs,
@@ -180,14 +223,19 @@ pub async fn sync<V: VaultApi>(
     } else {
         read_map(api, &path).await?
     };
-    let differs = live
-        .as_ref()
-        .is_none_or(|l| !differences(&body, l).is_empty());
+    let diff = live.as_ref().map(|l| differences(&body, l));
+    let differs = diff.as_ref().is_none_or(|d| !d.is_empty());
     let c = Compared {
         existed: live.is_some(),
         differs,
     };
-    if plan(format!("role {path}"), c, changed, scope, &mut out) {
+    if plan(
+        described(format!("role {path}"), diff.as_deref()),
+        c,
+        changed,
+        scope,
+        &mut out,
+    ) {
         api.write(&path, role.request()).await?;
     }
     if changed {
@@ -208,6 +256,14 @@ pub async fn sync<V: VaultApi>(
     Ok(out)
 }
 
+/// `what`, with the fields that differ when some do.
+fn described(what: String, diff: Option<&[String]>) -> String {
+    match diff {
+        Some(d) if !d.is_empty() => format!("{what} ({})", d.join(", ")),
+        _ => what,
+    }
+}
+
 /// The database roles of binding `base` on every database mount, found by listing (never from
 /// the binding's status).
 async fn database_roles_of<V: VaultApi>(
@@ -226,19 +282,22 @@ async fn database_roles_of<V: VaultApi>(
     Ok(out)
 }
 
-/// Deletes a database role (no new credentials), then revokes every lease issued under it
-/// (`sync=true`: the database users are dropped before this returns).
+/// Revokes every lease issued under a database role (`sync=true`: the database users are
+/// dropped before this returns), then deletes the role. In that order because Vault revokes a
+/// credential with its role's statements: once the role is gone, revocation fails. Callers have
+/// already taken away every policy that reads the role's credentials, so none is issued in
+/// between.
 async fn retire_database_role<V: VaultApi>(
     api: &V,
     mount: &str,
     name: &str,
 ) -> Result<(), VaultError> {
-    api.delete(&format!("{mount}/roles/{name}")).await?;
     api.write(
         &format!("sys/leases/revoke-prefix/{mount}/creds/{name}?sync=true"),
         json!({}),
     )
     .await?;
+    api.delete(&format!("{mount}/roles/{name}")).await?;
     Ok(())
 }
 
@@ -273,7 +332,8 @@ async fn revoke_tokens<V: VaultApi>(
 
 /// Takes away everything binding `base` (a name this operator computed) has in Vault, in the
 /// order that never widens: the login role (no new logins), the policy (existing tokens lose
-/// access at once), the database roles (no new credentials) and their leases, then the tokens.
+/// access at once, and nothing can read new credentials), the leases of the database roles and
+/// the roles themselves, then the tokens.
 /// Every step is tried even when an earlier one failed; the first error is returned after all
 /// were tried. A policy that is not Palisade's, or another binding's, is left alone.
 pub async fn remove<V: VaultApi>(
@@ -291,6 +351,7 @@ pub async fn remove<V: VaultApi>(
         }
     };
     let role = role_path(scope.auth_mount, base);
+    let vouched = role_vouches(api, scope, base).await.unwrap_or(false);
     let r = api.delete(&role).await;
     if r.is_ok() {
         done.push(format!("role {role}"));
@@ -298,7 +359,7 @@ pub async fn remove<V: VaultApi>(
     keep(r);
     match read_policy(api, base).await {
         Ok(Some(text)) => {
-            let ours = Marker::parse(&text).is_some_and(|m| {
+            let ours = Marker::parse(&text).map_or(vouched, |m| {
                 scope.naming.binding_of(base) == Some((m.namespace.clone(), m.name.clone()))
                     && m.cluster == scope.naming.cluster.clone().unwrap_or_else(|| "-".into())
             });
@@ -537,10 +598,14 @@ mod tests {
             v.put(ROLE, Value::Object(role.clone()));
             v.take_calls();
             let out = run_sync(&v, &d, false).await.expect("sync");
-            assert_eq!(out.drift_left, [format!("role {ROLE}")], "{field}");
+            assert_eq!(
+                out.drift_left,
+                [format!("role {ROLE} ({field})")],
+                "{field}"
+            );
             assert!(writes(&v.take_calls()).is_empty(), "{field}: left in place");
             let out = run_sync(&v, &d, true).await.expect("sync");
-            assert_eq!(out.drift, [format!("role {ROLE}")], "{field}");
+            assert_eq!(out.drift, [format!("role {ROLE} ({field})")], "{field}");
             assert_eq!(writes(&v.take_calls()), [format!("PUT {ROLE}")]);
             as_vault_reports(&v, &d);
         }
@@ -551,7 +616,18 @@ mod tests {
         );
         v.put(DB_ROLE, Value::Object(db));
         let out = run_sync(&v, &d, true).await.expect("sync");
-        assert_eq!(out.drift, [format!("database role {DB_ROLE}")]);
+        assert_eq!(
+            out.drift,
+            [format!("database role {DB_ROLE} (rollback_statements)")]
+        );
+        // A policy whose ownership line was edited away is still this binding's (its login
+        // role attaches only it): repaired as drift, not refused.
+        v.put(
+            &format!("sys/policies/acl/{BASE}"),
+            json!({"policy": "path \"secret/data/*\" { capabilities = [\"read\"] }"}),
+        );
+        let out = run_sync(&v, &d, true).await.expect("sync");
+        assert_eq!(out.drift, [format!("policy {BASE}")]);
     }
 
     #[tokio::test]
@@ -636,11 +712,11 @@ mod tests {
             "{w:?}"
         );
         assert!(
-            at("DELETE sys/policies/acl/") < at(&format!("DELETE {DB_ROLE}")),
+            at("DELETE sys/policies/acl/") < at("PUT sys/leases/revoke-prefix/"),
             "{w:?}"
         );
         assert!(
-            at(&format!("DELETE {DB_ROLE}")) < at("PUT sys/leases/revoke-prefix/"),
+            at("PUT sys/leases/revoke-prefix/") < at(&format!("DELETE {DB_ROLE}")),
             "{w:?}"
         );
         assert!(

@@ -1,0 +1,192 @@
+//! SecretBinding tenancy from the attacker's side, against the real OpenBao and PostgreSQL:
+//! what a namespace owner (or whoever holds the operator's Vault identity) tries, and what
+//! they do not get.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use palisade_e2e::{ControlPlane, accepts, openbao::OPERATOR_ROLE, rejects, run, run_ok};
+
+use super::{Rig, apply, binding, creds, rig, wait_condition};
+use crate::Env;
+
+fn sb(name: &str, grants: &str) -> String {
+    format!(
+        "apiVersion: palisade.dev/v1alpha1\nkind: SecretBinding\nmetadata:\n  name: {name}\nspec:\n  serviceAccountNames: [app]\n{grants}"
+    )
+}
+
+fn denied(out: &std::process::Output, what: &str) -> Result<()> {
+    if out.status.success() {
+        bail!(
+            "{what}: allowed ({})",
+            String::from_utf8_lossy(&out.stdout).trim()
+        );
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    if !err.contains("permission denied") && !err.contains("403") {
+        bail!("{what}: failed, but not as refused: {}", err.trim());
+    }
+    Ok(())
+}
+
+fn kubectl(cp: &ControlPlane, args: &[&str]) -> Result<String> {
+    run_ok(cp.kubectl().args(args))
+}
+
+/// Class by class: SQL from the tenant, connections of a neighbour, access that outlives its
+/// binding, the operator's identity widened, objects of another owner, status used as input,
+/// the `default` policy.
+#[allow(clippy::too_many_lines)]
+pub fn tenant_and_operator_attacks_get_nothing(env: &Env) -> Result<()> {
+    let cp = &env.cp;
+    let Rig { pg, bao, op } = rig(env, "vault-attacks")?;
+    let result = cp.with_temp_ns("vault", |ns| {
+        for sa in ["app", "other"] {
+            kubectl(cp, &["create", "serviceaccount", sa, "-n", ns])?;
+        }
+        let conn = format!("{ns}_pg");
+        bao.add_connection(&pg, &conn, ns)?;
+        let db = |profile: &str| {
+            format!("  database: [{{mount: database, connection: {conn}, profile: {profile}, defaultTTL: 1h, maxTTL: 2h}}]\n")
+        };
+
+        // 1. SQL is the platform's: the schema has no field for it...
+        let sql = format!("  database: [{{mount: database, connection: {conn}, creationStatements: [\"CREATE ROLE \\\"{{{{name}}}}\\\" SUPERUSER LOGIN PASSWORD '{{{{password}}}}'\"], defaultTTL: 1h, maxTTL: 2h}}]\n");
+        rejects(&apply(cp, ns, "sql", &sb("sql", &sql))?, "tenant SQL", &["creationStatements"])?;
+        // ...a profile the connection does not offer is refused...
+        accepts(&apply(cp, ns, "rw", &sb("rw", &db("readwrite")))?, "rw")?;
+        let (_, reason, _) = wait_condition(cp, ns, "rw", "Accepted", "False")?;
+        if reason != "ProfileNotAllowed" {
+            bail!("profile not offered: reason {reason}");
+        }
+        // ...and the credential of an offered one can do what the profile says, nothing more.
+        accepts(&apply(cp, ns, "db", &sb("db", &db("readonly")))?, "db")?;
+        wait_condition(cp, ns, "db", "Ready", "True")?;
+        let token = bao.login(cp, ns, "app", &format!("palisade-{ns}.db"))?;
+        let (user, password, _) = creds(&bao, &token, &format!("palisade-{ns}.db.{conn}"))?;
+        pg.psql(&user, &password, "SELECT count(*) FROM orders")?;
+        let catalogue = pg.psql(
+            "postgres",
+            &pg.password,
+            &format!("SELECT rolsuper OR rolcreaterole OR rolcreatedb OR rolbypassrls OR pg_has_role('{user}', 'pg_execute_server_program', 'MEMBER') FROM pg_roles WHERE rolname = '{user}'"),
+        )?;
+        if catalogue != "f" {
+            bail!("the credential {user} holds a privilege (catalogue says {catalogue:?})");
+        }
+        for sql in ["SELECT count(*) FROM payroll", "INSERT INTO orders VALUES (1)", "COPY (SELECT 1) TO PROGRAM 'true'", "CREATE ROLE intruder"] {
+            if pg.psql(&user, &password, sql).is_ok() {
+                bail!("the readonly credential ran {sql:?}");
+            }
+        }
+        // The `default` policy is not attached to workload tokens.
+        let policies = bao.root(&["token", "lookup", "-format=json", &token])?;
+        if policies.contains("\"default\"") {
+            bail!("the workload token carries the default policy: {policies}");
+        }
+
+        // 2. The operator's own identity cannot widen what a credential or a login may do.
+        let op_token = bao.login(cp, "palisade-system", "palisade-operator", OPERATOR_ROLE)?;
+        let role = format!("auth/kubernetes/role/palisade-{ns}.evil");
+        for (what, args) in [
+            ("superuser SQL", vec![format!("database/roles/palisade-{ns}.evil.{conn}"), format!("db_name={conn}"), "creation_statements=CREATE ROLE \"{{name}}\" SUPERUSER LOGIN PASSWORD '{{password}}'".into()]),
+            ("the default policy", vec![role.clone(), "bound_service_account_names=app".into(), format!("bound_service_account_namespaces={ns}"), "token_policies=default".into()]),
+            ("a foreign policy in a list", vec![role.clone(), "bound_service_account_names=app".into(), format!("bound_service_account_namespaces={ns}"), format!("token_policies=palisade-{ns}.db,{OPERATOR_ROLE}")]),
+            ("a ServiceAccount glob", vec![role.clone(), "bound_service_account_names=*".into(), format!("bound_service_account_namespaces={ns}"), format!("token_policies=palisade-{ns}.db")]),
+            ("the operator's namespace", vec![role.clone(), "bound_service_account_names=palisade-operator".into(), "bound_service_account_namespaces=palisade-system".into(), format!("token_policies=palisade-{ns}.db")]),
+            ("a token period", vec![role.clone(), "bound_service_account_names=app".into(), format!("bound_service_account_namespaces={ns}"), format!("token_policies=palisade-{ns}.db"), "token_period=720h".into()]),
+        ] {
+            let mut a = vec!["write".to_owned()];
+            a.extend(args);
+            let a: Vec<&str> = a.iter().map(String::as_str).collect();
+            denied(&bao.bao_output(&op_token, &a)?, &format!("operator identity writing {what}"))?;
+        }
+        // A connection serves only its namespace's role names, even to a Vault admin's role.
+        bao.root(&["write", &format!("database/roles/palisade-intruder.x.{conn}"), &format!("db_name={conn}"), "creation_statements=CREATE ROLE \"{{name}}\" LOGIN PASSWORD '{{password}}'"])?;
+        if bao.root(&["read", &format!("database/creds/palisade-intruder.x.{conn}")]).is_ok() {
+            bail!("connection {conn} issued a credential for another namespace's role name");
+        }
+
+        // 3. Access is taken away: when the binding becomes refused...
+        let kv = |path: &str| format!("  kv: [{{mount: secret, path: {path}}}]\n");
+        bao.root(&["kv", "put", &format!("secret/{ns}/app/key"), "v=1"])?;
+        accepts(&apply(cp, ns, "kv", &sb("kv", &kv(&format!("{ns}/app/*"))))?, "kv")?;
+        wait_condition(cp, ns, "kv", "Ready", "True")?;
+        let kv_token = bao.login(cp, ns, "app", &format!("palisade-{ns}.kv"))?;
+        bao.bao(&kv_token, &["kv", "get", &format!("secret/{ns}/app/key")])?;
+        accepts(&apply(cp, ns, "kv2", &sb("kv", &kv("payments/*")))?, "kv edited outside")?;
+        wait_condition(cp, ns, "kv", "Accepted", "False")?;
+        cp.eventually("the refused binding's access removed", Duration::from_secs(30), || {
+            bao.bao(&kv_token, &["kv", "get", &format!("secret/{ns}/app/key")]).is_err().then_some(())
+        })?;
+        if bao.login(cp, ns, "app", &format!("palisade-{ns}.kv")).is_ok() {
+            bail!("a refused binding still logs in");
+        }
+        // ...when its finalizer is removed by hand before deletion (the sweep finds it)...
+        accepts(&apply(cp, ns, "gone", &sb("gone", &kv(&format!("{ns}/app/*"))))?, "gone")?;
+        wait_condition(cp, ns, "gone", "Ready", "True")?;
+        let gone_token = bao.login(cp, ns, "app", &format!("palisade-{ns}.gone"))?;
+        kubectl(cp, &["patch", "secretbinding", "gone", "-n", ns, "--type=merge", "-p", "{\"metadata\":{\"finalizers\":null}}"])?;
+        kubectl(cp, &["delete", "secretbinding", "gone", "-n", ns, "--wait=true"])?;
+        let deleted = Instant::now();
+        cp.eventually("the sweep to remove an unfinalized binding's access", Duration::from_secs(60), || {
+            bao.root(&["policy", "read", &format!("palisade-{ns}.gone")]).is_err().then_some(())
+        })?;
+        eprintln!("  unfinalized binding's access removed {:.0} s after deletion", deleted.elapsed().as_secs_f64());
+        if bao.root(&["token", "lookup", &gone_token]).is_ok() || bao.login(cp, ns, "app", &format!("palisade-{ns}.gone")).is_ok() {
+            bail!("the swept binding's token or login still works");
+        }
+        // ...and on deletion even when the tenant asks to Retain.
+        let retain = format!("  deletionPolicy: Retain\n{}", db("readonly"));
+        accepts(&apply(cp, ns, "keep", &sb("keep", &retain))?, "keep")?;
+        let (_, _, msg) = wait_condition(cp, ns, "keep", "Accepted", "True")?;
+        if !msg.contains("Retain is not allowed") {
+            bail!("Accepted does not say Retain is refused: {msg}");
+        }
+        wait_condition(cp, ns, "keep", "Ready", "True")?;
+        let keep_token = bao.login(cp, ns, "app", &format!("palisade-{ns}.keep"))?;
+        let (keep_user, keep_password, _) = creds(&bao, &keep_token, &format!("palisade-{ns}.keep.{conn}"))?;
+        kubectl(cp, &["delete", "secretbinding", "keep", "-n", ns, "--timeout=60s"])?;
+        if pg.psql(&keep_user, &keep_password, "SELECT 1").is_ok() {
+            bail!("a Retain binding's credential works after deletion");
+        }
+        if bao.root(&["token", "lookup", &keep_token]).is_ok() {
+            bail!("a deleted binding's Vault token was not revoked");
+        }
+
+        // 4. A policy of the same name that Palisade did not write is neither used nor changed.
+        let handmade = format!("palisade-{ns}.handmade");
+        let text = "path \"secret/data/*\" {\n  capabilities = [\"read\"]\n}\n";
+        bao.root(&["policy", "write", &handmade, &bao.dir_file("handmade.hcl", text)?])?;
+        accepts(&apply(cp, ns, "handmade", &sb("handmade", &kv(&format!("{ns}/app/*"))))?, "handmade")?;
+        let (_, reason, msg) = wait_condition(cp, ns, "handmade", "Ready", "False")?;
+        if reason != "NotOwned" {
+            bail!("a foreign policy of the same name: Ready=False {reason}: {msg}");
+        }
+        if bao.root(&["policy", "read", &handmade])?.trim() != text.trim() {
+            bail!("the hand-made policy was changed");
+        }
+
+        // 5. Status is not input: naming another binding's database role there and deleting
+        // the binding leaves the other's credential working.
+        accepts(&apply(cp, ns, "victim", &sb("victim", &db("readonly")))?, "victim")?;
+        wait_condition(cp, ns, "victim", "Ready", "True")?;
+        let victim_token = bao.login(cp, ns, "app", &format!("palisade-{ns}.victim"))?;
+        let (v_user, v_password, _) = creds(&bao, &victim_token, &format!("palisade-{ns}.victim.{conn}"))?;
+        accepts(&apply(cp, ns, "liar", &sb("liar", &kv(&format!("{ns}/app/*"))))?, "liar")?;
+        wait_condition(cp, ns, "liar", "Ready", "True")?;
+        let patch = format!("{{\"status\":{{\"databaseRoles\":[\"database/roles/palisade-{ns}.victim.{conn}\"]}}}}");
+        kubectl(cp, &["patch", "secretbinding", "liar", "-n", ns, "--subresource=status", "--type=merge", "-p", &patch])?;
+        kubectl(cp, &["delete", "secretbinding", "liar", "-n", ns, "--timeout=60s"])?;
+        pg.psql(&v_user, &v_password, "SELECT 1")
+            .map_err(|e| anyhow::anyhow!("deleting a binding whose status named another's role revoked that credential: {e}"))?;
+        if binding(cp, ns, "victim").is_none() || bao.root(&["read", &format!("database/roles/palisade-{ns}.victim.{conn}")]).is_err() {
+            bail!("the victim's database role is gone");
+        }
+        for name in ["db", "rw", "kv", "handmade", "victim"] {
+            let _ = run(cp.kubectl().args(["delete", "secretbinding", name, "-n", ns, "--timeout=60s"]));
+        }
+        Ok(())
+    });
+    result.map_err(|e| anyhow::anyhow!("{e:#}\noperator log:\n{}", op.log_tail()))
+}
