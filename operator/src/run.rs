@@ -65,7 +65,7 @@ fn secret_binding_controller(
     });
     let sb_state = Arc::new(secrets::SecretState::new(Arc::clone(state), vault));
     let ctl = controller_for::<SecretBinding>(client);
-    tokio::spawn(secrets::sweeper(Arc::clone(&sb_state), ctl.store()));
+    tokio::spawn(secrets::sweeper(Arc::clone(&sb_state)));
     ctl.with_config(ctl_config)
         .graceful_shutdown_on(shutdown)
         .run(secrets::reconcile, error_policy, sb_state)

@@ -5,7 +5,12 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
-use palisade_e2e::{ControlPlane, accepts, openbao::OPERATOR_ROLE, rejects, run, run_ok};
+use palisade_e2e::{
+    ControlPlane, accepts,
+    openbao::{EXAMPLE_TENANCY, OPERATOR_ROLE},
+    operator::OperatorProcess,
+    rejects, run, run_ok,
+};
 
 use super::{Rig, apply, binding, creds, rig, wait_condition};
 use crate::Env;
@@ -41,6 +46,7 @@ fn kubectl(cp: &ControlPlane, args: &[&str]) -> Result<String> {
 pub fn tenant_and_operator_attacks_get_nothing(env: &Env) -> Result<()> {
     let cp = &env.cp;
     let Rig { pg, bao, op } = rig(env, "vault-attacks")?;
+    let op = std::cell::RefCell::new(Some(op));
     let result = cp.with_temp_ns("vault", |ns| {
         for sa in ["app", "other"] {
             kubectl(cp, &["create", "serviceaccount", sa, "-n", ns])?;
@@ -126,10 +132,18 @@ pub fn tenant_and_operator_attacks_get_nothing(env: &Env) -> Result<()> {
         accepts(&apply(cp, ns, "gone", &sb("gone", &kv(&format!("{ns}/app/*"))))?, "gone")?;
         wait_condition(cp, ns, "gone", "Ready", "True")?;
         let gone_token = bao.login(cp, ns, "app", &format!("palisade-{ns}.gone"))?;
+        // With the operator away, so the finalizer cannot be put back or run.
+        if let Some(running) = op.borrow_mut().take() {
+            running.terminate()?;
+        }
         kubectl(cp, &["patch", "secretbinding", "gone", "-n", ns, "--type=merge", "-p", "{\"metadata\":{\"finalizers\":null}}"])?;
         kubectl(cp, &["delete", "secretbinding", "gone", "-n", ns, "--wait=true"])?;
         let deleted = Instant::now();
-        cp.eventually("the sweep to remove an unfinalized binding's access", Duration::from_secs(60), || {
+        *op.borrow_mut() = Some(OperatorProcess::start(cp, "vault-attacks-2", &bao.operator_config(&format!("{EXAMPLE_TENANCY}  sweepIntervalSeconds: 10\n")))?);
+        if bao.root(&["policy", "read", &format!("palisade-{ns}.gone")]).is_err() {
+            bail!("the policy was removed before the sweep could run");
+        }
+        cp.eventually("the sweep to remove an unfinalized binding's access", Duration::from_mins(1), || {
             bao.root(&["policy", "read", &format!("palisade-{ns}.gone")]).is_err().then_some(())
         })?;
         eprintln!("  unfinalized binding's access removed {:.0} s after deletion", deleted.elapsed().as_secs_f64());
@@ -188,5 +202,10 @@ pub fn tenant_and_operator_attacks_get_nothing(env: &Env) -> Result<()> {
         }
         Ok(())
     });
-    result.map_err(|e| anyhow::anyhow!("{e:#}\noperator log:\n{}", op.log_tail()))
+    let tail = op
+        .borrow()
+        .as_ref()
+        .map(OperatorProcess::log_tail)
+        .unwrap_or_default();
+    result.map_err(|e| anyhow::anyhow!("{e:#}\noperator log:\n{tail}"))
 }

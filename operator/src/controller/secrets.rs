@@ -23,7 +23,6 @@ use kube::{
     runtime::{
         controller::Action,
         events::{Event, EventType},
-        reflector::Store,
     },
 };
 use palisade_api::{SecretBinding, SecretBindingStatus};
@@ -452,15 +451,13 @@ async fn reconcile_inner(sb: &SecretBinding, st: &SecretState) -> Result<Action,
 /// Every `sweepIntervalSeconds`, finds Vault objects of this operator whose SecretBinding no
 /// longer exists (its finalizer was removed by hand, cleanup was abandoned while Vault was
 /// down, or it was deleted while the operator was away) and removes them, logging and counting
-/// what it removed. Waits for the binding cache to be complete first: a partial cache would
-/// make live bindings look gone.
-pub async fn sweeper(st: Arc<SecretState>, bindings: Store<SecretBinding>) {
+/// what it removed. The bindings are listed from the API server at each sweep; a sweep whose
+/// list fails removes nothing.
+pub async fn sweeper(st: Arc<SecretState>) {
     let Some(vault) = st.vault.clone() else {
         return;
     };
-    if bindings.wait_until_ready().await.is_err() {
-        return;
-    }
+    let api: Api<SecretBinding> = Api::all(st.shared.client.clone());
     let every = Duration::from_secs(vault.settings().sweep_interval_seconds);
     loop {
         tokio::time::sleep(every).await;
@@ -472,8 +469,17 @@ pub async fn sweeper(st: Arc<SecretState>, bindings: Store<SecretBinding>) {
                 continue;
             }
         };
+        if found.is_empty() {
+            continue;
+        }
+        let bindings = match api.list(&kube::api::ListParams::default()).await {
+            Ok(l) => l.items,
+            Err(e) => {
+                tracing::warn!(error = %e, "Vault sweep: cannot list SecretBindings; nothing removed");
+                continue;
+            }
+        };
         let live: BTreeMap<(String, String), String> = bindings
-            .state()
             .iter()
             .map(|b| {
                 (
