@@ -34,10 +34,12 @@ pub const EXAMPLE_TENANCY: &str = r#"  cleanupTimeoutSeconds: 20
         creationStatements:
           - CREATE ROLE "{{name}}" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}' IN ROLE palisade_readonly;
         revocationStatements: ['DROP ROLE IF EXISTS "{{name}}";']
+        renewStatements: ['ALTER ROLE "{{name}}" VALID UNTIL ''{{expiration}}'';']
       readwrite:
         creationStatements:
           - CREATE ROLE "{{name}}" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}' IN ROLE palisade_readwrite;
         revocationStatements: ['DROP ROLE IF EXISTS "{{name}}";']
+        renewStatements: ['ALTER ROLE "{{name}}" VALID UNTIL ''{{expiration}}'';']
 "#;
 
 fn vault_password(pg: &Postgres) -> String {

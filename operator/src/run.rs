@@ -63,7 +63,7 @@ fn secret_binding_controller(
             }
         }
     });
-    let sb_state = Arc::new(secrets::SecretState::new(Arc::clone(state), vault));
+    let sb_state = Arc::new(secrets::SecretState::new(Arc::clone(state), vault.clone()));
     let ctl = controller_for::<SecretBinding>(client);
     tokio::spawn(secrets::sweeper(Arc::clone(&sb_state)));
     ctl.with_config(ctl_config)
@@ -72,6 +72,12 @@ fn secret_binding_controller(
         .for_each(|r| async move {
             if let Err(e) = r {
                 tracing::debug!(error = %e, "SecretBinding controller");
+            }
+        })
+        // The drained controller's Vault token is revoked, not left to expire.
+        .then(move |()| async move {
+            if let Some(v) = vault {
+                v.logout().await;
             }
         })
 }

@@ -132,6 +132,9 @@ pub fn tenant_and_operator_attacks_get_nothing(env: &Env) -> Result<()> {
         accepts(&apply(cp, ns, "gone", &sb("gone", &kv(&format!("{ns}/app/*"))))?, "gone")?;
         wait_condition(cp, ns, "gone", "Ready", "True")?;
         let gone_token = bao.login(cp, ns, "app", &format!("palisade-{ns}.gone"))?;
+        let gone_policy = binding(cp, ns, "gone")
+            .and_then(|b| b["status"]["vaultPolicy"].as_str().map(str::to_owned))
+            .unwrap_or_default();
         // With the operator away, so the finalizer cannot be put back or run.
         if let Some(running) = op.borrow_mut().take() {
             running.terminate()?;
@@ -140,11 +143,11 @@ pub fn tenant_and_operator_attacks_get_nothing(env: &Env) -> Result<()> {
         kubectl(cp, &["delete", "secretbinding", "gone", "-n", ns, "--wait=true"])?;
         let deleted = Instant::now();
         *op.borrow_mut() = Some(OperatorProcess::start(cp, "vault-attacks-2", &bao.operator_config(&format!("{EXAMPLE_TENANCY}  sweepIntervalSeconds: 10\n")))?);
-        if bao.root(&["policy", "read", &format!("palisade-{ns}.gone")]).is_err() {
+        if bao.root(&["policy", "read", &gone_policy]).is_err() {
             bail!("the policy was removed before the sweep could run");
         }
         cp.eventually("the sweep to remove an unfinalized binding's access", Duration::from_mins(1), || {
-            bao.root(&["policy", "read", &format!("palisade-{ns}.gone")]).is_err().then_some(())
+            bao.root(&["policy", "read", &gone_policy]).is_err().then_some(())
         })?;
         eprintln!("  unfinalized binding's access removed {:.0} s after deletion", deleted.elapsed().as_secs_f64());
         if bao.root(&["token", "lookup", &gone_token]).is_ok() || bao.login(cp, ns, "app", &format!("palisade-{ns}.gone")).is_ok() {
@@ -168,17 +171,22 @@ pub fn tenant_and_operator_attacks_get_nothing(env: &Env) -> Result<()> {
             bail!("a deleted binding's Vault token was not revoked");
         }
 
-        // 4. A policy of the same name that Palisade did not write is neither used nor changed.
-        let handmade = format!("palisade-{ns}.handmade");
-        let text = "path \"secret/data/*\" {\n  capabilities = [\"read\"]\n}\n";
-        bao.root(&["policy", "write", &handmade, &bao.dir_file("handmade.hcl", text)?])?;
+        // 4. A login role of the same name that Palisade did not write is neither used, changed
+        // nor deleted (also when the binding is then deleted).
+        let handmade = format!("auth/kubernetes/role/palisade-{ns}.handmade");
+        bao.root(&["write", &handmade, "bound_service_account_names=other", &format!("bound_service_account_namespaces={ns}"), "token_policies=platform-reports"])?;
+        let before = bao.root(&["read", "-format=json", &handmade])?;
         accepts(&apply(cp, ns, "handmade", &sb("handmade", &kv(&format!("{ns}/app/*"))))?, "handmade")?;
         let (_, reason, msg) = wait_condition(cp, ns, "handmade", "Ready", "False")?;
         if reason != "NotOwned" {
-            bail!("a foreign policy of the same name: Ready=False {reason}: {msg}");
+            bail!("a foreign login role of the same name: Ready=False {reason}: {msg}");
         }
-        if bao.root(&["policy", "read", &handmade])?.trim() != text.trim() {
-            bail!("the hand-made policy was changed");
+        kubectl(cp, &["delete", "secretbinding", "handmade", "-n", ns, "--wait=false"])?;
+        std::thread::sleep(Duration::from_secs(3));
+        let after = bao.root(&["read", "-format=json", &handmade])?;
+        let fields = |t: &str| serde_json::from_str::<serde_json::Value>(t).map(|v| v["data"].clone()).unwrap_or_default();
+        if fields(&before) != fields(&after) {
+            bail!("the hand-made login role was changed: {after}");
         }
 
         // 5. Status is not input: naming another binding's database role there and deleting
@@ -197,7 +205,7 @@ pub fn tenant_and_operator_attacks_get_nothing(env: &Env) -> Result<()> {
         if binding(cp, ns, "victim").is_none() || bao.root(&["read", &format!("database/roles/palisade-{ns}.victim.{conn}")]).is_err() {
             bail!("the victim's database role is gone");
         }
-        for name in ["db", "rw", "kv", "handmade", "victim"] {
+        for name in ["db", "rw", "kv", "victim"] {
             let _ = run(cp.kubectl().args(["delete", "secretbinding", name, "-n", ns, "--timeout=60s"]));
         }
         Ok(())

@@ -173,6 +173,15 @@ fn secret_binding_lifecycle(env: &Env) -> Result<()> {
         {
             bail!("status does not name what was written: {}", obj["status"]);
         }
+        // The policy is this binding's own: its name carries the binding's uid.
+        let policy = obj["status"]["vaultPolicy"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let uid = obj["metadata"]["uid"].as_str().unwrap_or_default();
+        if policy != format!("{role}.{}", &uid[..8]) {
+            bail!("policy {policy:?} does not carry uid {uid}");
+        }
 
         // The workload logs in with its own ServiceAccount token and reads its secret...
         let token = bao.login(cp, "shop", "orders", role)?;
@@ -245,10 +254,10 @@ fn secret_binding_lifecycle(env: &Env) -> Result<()> {
             "widened.hcl",
             "path \"secret/data/*\" { capabilities = [\"read\"] }\n",
         )?;
-        bao.root(&["policy", "write", role, &widened])?;
+        bao.root(&["policy", "write", &policy, &widened])?;
         touch("2")?;
         cp.eventually("the policy repaired", WAIT, || {
-            let text = bao.root(&["policy", "read", role]).ok()?;
+            let text = bao.root(&["policy", "read", &policy]).ok()?;
             (!text.contains("secret/data/*") && text.contains("secret/data/shop/orders/*"))
                 .then_some(())
         })?;
@@ -315,7 +324,7 @@ fn secret_binding_lifecycle(env: &Env) -> Result<()> {
         if bao.login(cp, "shop", "orders", role).is_ok() {
             bail!("login still works after the binding was deleted");
         }
-        if bao.root(&["policy", "read", role]).is_ok() {
+        if bao.root(&["policy", "read", &policy]).is_ok() {
             bail!("policy {role} still exists");
         }
 
@@ -375,7 +384,8 @@ fn tenancy_refusals_write_nothing(env: &Env) -> Result<()> {
             if reason != "OutsideTenancy" || !msg.contains(why) {
                 bail!("{name}: Accepted=False {reason}: {msg} (want OutsideTenancy, {why:?})");
             }
-            if bao.root(&["policy", "read", &format!("palisade-{ns}.{name}")]).is_ok() {
+            let listed = bao.root(&["policy", "list"])?;
+            if listed.lines().any(|p| p.starts_with(&format!("palisade-{ns}.{name}."))) {
                 bail!("{name}: a policy was written for a refused binding");
             }
         }

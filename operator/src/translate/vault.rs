@@ -97,6 +97,10 @@ pub struct GrantProfile {
     /// SQL dropping it; the plugin's own when empty.
     #[serde(default)]
     pub revocation_statements: Vec<String>,
+    /// SQL run when a credential's lease is renewed (e.g. extending PostgreSQL's
+    /// `VALID UNTIL`); none when empty, so a renewal then extends only the lease.
+    #[serde(default)]
+    pub renew_statements: Vec<String>,
 }
 
 /// Mount paths Vault reserves for itself; no area may name them.
@@ -157,6 +161,12 @@ fn check_mount(mount: &str, what: &str) -> Result<(), String> {
 impl KvArea {
     fn check(&self, what: &str, templated: bool) -> Result<(), String> {
         check_mount(&self.mount, what)?;
+        if self.mount.contains(NS) {
+            return Err(format!(
+                "{what} mount {:?}: KV mounts are not templated (a namespace named like another mount, `database` say, would own it); template the pathPrefix",
+                self.mount
+            ));
+        }
         if self.path_prefix.contains('*') {
             return Err(format!(
                 "{what} pathPrefix {:?}: no wildcards",
@@ -176,13 +186,29 @@ impl KvArea {
         Ok(())
     }
 
-    fn instance(&self, namespace: &str) -> (String, String) {
-        (
-            template(&self.mount, namespace),
-            template(&self.path_prefix, namespace)
-                .trim_end_matches('/')
-                .to_owned(),
-        )
+    /// The ACL path prefixes the area covers for `namespace` (KV v2 keeps data, metadata and
+    /// versions under separate prefixes of the mount).
+    fn acl_prefixes(&self, namespace: &str) -> Vec<String> {
+        let m = template(&self.mount, namespace);
+        let p = template(&self.path_prefix, namespace)
+            .trim_end_matches('/')
+            .to_owned();
+        let join = |a: &str| {
+            [m.as_str(), a, p.as_str()]
+                .iter()
+                .filter(|x| !x.is_empty())
+                .copied()
+                .collect::<Vec<_>>()
+                .join("/")
+        };
+        if self.version == 1 {
+            vec![join("")]
+        } else {
+            ["data", "metadata", "delete", "undelete", "destroy"]
+                .iter()
+                .map(|k| join(k))
+                .collect()
+        }
     }
 }
 
@@ -241,11 +267,14 @@ struct AreaRef<'a> {
     at: String,
 }
 
-fn kv_overlap(a: &(String, String), b: &(String, String)) -> bool {
-    let seg_prefix = |x: &str, y: &str| {
-        x.is_empty() || y == x || y.strip_prefix(x).is_some_and(|r| r.starts_with('/'))
-    };
-    a.0 == b.0 && (seg_prefix(&a.1, &b.1) || seg_prefix(&b.1, &a.1))
+/// Whether ACL path `x` is `y` or a whole-segment prefix of it.
+fn seg_prefix(x: &str, y: &str) -> bool {
+    y == x || y.strip_prefix(x).is_some_and(|r| r.starts_with('/'))
+}
+
+fn kv_overlap(a: &[String], b: &[String]) -> bool {
+    a.iter()
+        .any(|x| b.iter().any(|y| seg_prefix(x, y) || seg_prefix(y, x)))
 }
 
 fn connection_overlap(a: &str, b: &str) -> bool {
@@ -317,7 +346,34 @@ impl Tenancy {
                 });
             }
         }
-        Self::check_collisions(&areas)
+        Self::check_collisions(&areas)?;
+        Self::check_kv_beside_database(&areas)
+    }
+
+    /// No KV area may reach into a database mount (whose roles and credentials live there).
+    fn check_kv_beside_database(areas: &[AreaRef<'_>]) -> Result<(), String> {
+        let names = Self::probe_names(areas);
+        let db_mounts: BTreeSet<&str> = areas
+            .iter()
+            .filter_map(|a| a.db.map(|d| d.mount.as_str()))
+            .collect();
+        for a in areas {
+            let Some(kv) = a.kv else { continue };
+            for n in &names {
+                for prefix in kv.acl_prefixes(n) {
+                    if let Some(m) = db_mounts
+                        .iter()
+                        .find(|m| seg_prefix(m, &prefix) || seg_prefix(&prefix, m))
+                    {
+                        return Err(format!(
+                            "{} reaches into database mount {m:?}: a namespace could write its roles or read every credential",
+                            a.at
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Namespace names worth trying: every run of namespace characters in any area and every
@@ -347,6 +403,14 @@ impl Tenancy {
                 }
             }
         }
+        // A name that continues another (`shop-eu` after `shop`) catches patterns that would
+        // reach past a namespace's own names.
+        let extended: Vec<String> = out
+            .iter()
+            .flat_map(|n| [format!("{n}-x"), format!("{n}x")])
+            .filter(|n| is_namespace_name(n))
+            .collect();
+        out.extend(extended);
         out
     }
 
@@ -369,7 +433,7 @@ impl Tenancy {
                         }
                         let clash = match (a.kv, b.kv, a.db, b.db) {
                             (Some(x), Some(y), _, _) => {
-                                kv_overlap(&x.instance(&na), &y.instance(&nb))
+                                kv_overlap(&x.acl_prefixes(&na), &y.acl_prefixes(&nb))
                             }
                             (_, _, Some(x), Some(y)) => {
                                 x.mount == y.mount
@@ -449,7 +513,25 @@ impl Naming {
         format!("{}.{connection}", self.base(namespace, name))
     }
 
-    /// The (namespace, binding name) a policy or login role name of this operator belongs to;
+    /// The policy of one incarnation of a binding: `<base>.<first 8 characters of its uid>`.
+    /// A binding deleted and created again under the same name gets another policy name, so a
+    /// token issued for the earlier one (which holds only that name) never regains access.
+    pub fn policy(&self, namespace: &str, name: &str, uid: &str) -> String {
+        format!("{}.{}", self.base(namespace, name), uid_tag(uid))
+    }
+
+    /// The (namespace, binding name, uid tag) a policy name of this operator belongs to.
+    pub fn policy_of(&self, policy: &str) -> Option<(String, String, String)> {
+        let (base, tag) = policy.rsplit_once('.')?;
+        let (ns, name) = self.binding_of(base)?;
+        (tag.len() == 8
+            && tag
+                .chars()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()))
+        .then(|| (ns, name, tag.to_owned()))
+    }
+
+    /// The (namespace, binding name) a login role name of this operator belongs to;
     /// `None` for names it does not write.
     pub fn binding_of(&self, object: &str) -> Option<(String, String)> {
         let rest = object.strip_prefix(&self.prefix())?;
@@ -467,6 +549,17 @@ impl Naming {
     }
 }
 
+/// The first 8 characters of a uid (lower-case hex), `00000000` when there is none.
+pub fn uid_tag(uid: &str) -> String {
+    let tag: String = uid
+        .chars()
+        .filter(char::is_ascii_hexdigit)
+        .take(8)
+        .collect::<String>()
+        .to_ascii_lowercase();
+    format!("{tag:0<8}")
+}
+
 /// Who wrote a policy, as recorded in its first line: which cluster, which binding (and which
 /// incarnation of it) and a digest of everything desired for it. Only the policy carries it;
 /// the login role and database roles are named after it.
@@ -482,6 +575,10 @@ pub struct Marker {
     pub uid: String,
     /// Digest of the desired policy, role and database roles.
     pub digest: String,
+    /// Whether the binding's objects stay after it is deleted (an allowed `Retain`): the sweep
+    /// leaves them.
+    #[serde(default)]
+    pub retain: bool,
 }
 
 const MARKER: &str = "# palisade-owner";
@@ -489,8 +586,13 @@ const MARKER: &str = "# palisade-owner";
 impl Marker {
     fn line(&self) -> String {
         format!(
-            "{MARKER} cluster={} namespace={} name={} uid={} desired={}",
-            self.cluster, self.namespace, self.name, self.uid, self.digest
+            "{MARKER} cluster={} namespace={} name={} uid={} desired={}{}",
+            self.cluster,
+            self.namespace,
+            self.name,
+            self.uid,
+            self.digest,
+            if self.retain { " retain=true" } else { "" }
         )
     }
 
@@ -506,6 +608,10 @@ impl Marker {
                 "name" => &mut m.name,
                 "uid" => &mut m.uid,
                 "desired" => &mut m.digest,
+                "retain" => {
+                    m.retain = v == "true";
+                    continue;
+                }
                 _ => continue,
             };
             v.clone_into(slot);
@@ -647,6 +753,9 @@ pub struct DatabaseRole {
     pub creation_statements: Vec<String>,
     /// SQL dropping it (the profile's).
     pub revocation_statements: Vec<String>,
+    /// SQL run on renewal (the profile's).
+    #[serde(default)]
+    pub renew_statements: Vec<String>,
     /// Credential lifetime, seconds.
     pub default_ttl: u64,
     /// Longest lifetime, seconds.
@@ -666,7 +775,7 @@ impl DatabaseRole {
             "creation_statements": self.creation_statements,
             "revocation_statements": self.revocation_statements,
             "rollback_statements": [],
-            "renew_statements": [],
+            "renew_statements": self.renew_statements,
             "default_ttl": self.default_ttl,
             "max_ttl": self.max_ttl,
             "credential_type": "password",
@@ -692,7 +801,7 @@ impl DatabaseRole {
             "creation_statements": self.creation_statements,
             "revocation_statements": pinned(&self.revocation_statements),
             "rollback_statements": [""],
-            "renew_statements": [""],
+            "renew_statements": pinned(&self.renew_statements),
             "default_ttl": self.default_ttl,
             "max_ttl": self.max_ttl,
             "credential_type": "password",
@@ -954,6 +1063,8 @@ pub fn translate(sb: &SecretBinding, grants: &Grants<'_>) -> Result<VaultDesired
     let audience = check_identity(sb, &namespace, grants.workloads)?;
 
     let base = grants.naming.base(&namespace, &name);
+    let uid = sb.metadata.uid.clone().unwrap_or_default();
+    let policy_name = grants.naming.policy(&namespace, &name, &uid);
     let mut rules: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for (i, kv) in spec.kv.iter().flatten().enumerate() {
         check_kv(i, kv, &kv_areas, &namespace, &mut rules)?;
@@ -972,6 +1083,7 @@ pub fn translate(sb: &SecretBinding, grants: &Grants<'_>) -> Result<VaultDesired
             profile: db.profile.clone().unwrap_or_default(),
             creation_statements: profile.creation_statements.clone(),
             revocation_statements: profile.revocation_statements.clone(),
+            renew_statements: profile.renew_statements.clone(),
             default_ttl: db.default_ttl.as_secs(),
             max_ttl: db.max_ttl.as_secs(),
         };
@@ -983,20 +1095,31 @@ pub fn translate(sb: &SecretBinding, grants: &Grants<'_>) -> Result<VaultDesired
     }
     database_roles.sort_by(|a, b| (&a.mount, &a.name).cmp(&(&b.mount, &b.name)));
 
-    let token_ttl = spec
-        .token_ttl
-        .as_ref()
-        .map_or(3600, palisade_api::Duration::as_secs);
-    let token_max_ttl = spec
+    // Without tokenTTL, an hour, but never more than tokenMaxTTL (Vault refuses ttl > max_ttl).
+    let max = spec
         .token_max_ttl
         .as_ref()
-        .map_or(token_ttl, palisade_api::Duration::as_secs);
+        .map(palisade_api::Duration::as_secs);
+    let token_ttl = spec.token_ttl.as_ref().map_or(
+        max.map_or(3600, |m| m.min(3600)),
+        palisade_api::Duration::as_secs,
+    );
+    let token_max_ttl = max.unwrap_or(token_ttl);
+    // What a workload needs to keep its token and leases alive within their maximum lifetimes
+    // (the `default` policy, which would give it, is not attached).
+    for (path, cap) in [
+        ("auth/token/lookup-self", "read"),
+        ("auth/token/renew-self", "update"),
+        ("sys/leases/renew", "update"),
+    ] {
+        rules.entry(path.into()).or_default().insert(cap.into());
+    }
     let role = KubernetesRole {
         mount: grants.workloads.kubernetes_auth_mount.clone(),
         name: base.clone(),
         bound_service_account_names: spec.service_account_names.iter().cloned().collect(),
         bound_service_account_namespaces: BTreeSet::from([namespace.clone()]),
-        token_policies: BTreeSet::from([base.clone()]),
+        token_policies: BTreeSet::from([policy_name.clone()]),
         token_ttl,
         token_max_ttl,
         audience,
@@ -1013,14 +1136,15 @@ pub fn translate(sb: &SecretBinding, grants: &Grants<'_>) -> Result<VaultDesired
     }
     Ok(VaultDesired {
         policy: AclPolicy {
-            name: base,
+            name: policy_name,
             rules,
             marker: Marker {
                 cluster: grants.naming.cluster.clone().unwrap_or_else(|| "-".into()),
                 namespace,
                 name,
-                uid: sb.metadata.uid.clone().unwrap_or_default(),
+                uid,
                 digest,
+                retain: wants_retain && grants.allow_retain,
             },
         },
         role,
@@ -1327,7 +1451,7 @@ mod tests {
         }
         let fine = [
             "database: [{mount: database, connection: \"{namespace}_*\", profiles: [ro]}, {mount: database, connection: \"{namespace}\", profiles: [ro]}]",
-            "kv: [{mount: secret, version: 2, pathPrefix: \"{namespace}/\"}, {mount: \"kv/{namespace}\", version: 1, pathPrefix: \"\"}]",
+            "kv: [{mount: secret, version: 2, pathPrefix: \"{namespace}/\"}, {mount: kv, version: 1, pathPrefix: \"teams/{namespace}/\"}]",
             "kv: [{mount: secret, version: 2, pathPrefix: \"{namespace}/\"}]\nnamespaces: {shop: {kv: [{mount: shared, version: 2, pathPrefix: reports/}]}, billing: {kv: [{mount: shared, version: 2, pathPrefix: reports/}]}}",
             "database: [{mount: database, connection: \"{namespace}_*\", profiles: [ro]}]\nnamespaces: {shop: {database: [{mount: database, connection: orders-pg, profiles: [ro]}]}}",
         ];

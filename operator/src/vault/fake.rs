@@ -108,7 +108,13 @@ impl VaultApi for FakeVault {
             return Ok(None);
         }
         match path {
-            "auth/token/lookup-accessor" => Ok(self.get(&format!("token/{}", accessor()))),
+            // A `null` token stands for one that expired or vanished after it was listed.
+            "auth/token/lookup-accessor" => match self.get(&format!("token/{}", accessor())) {
+                Some(Value::Null) => Err(VaultError::Api(
+                    "auth/token/lookup-accessor: 400 invalid accessor".into(),
+                )),
+                other => Ok(other),
+            },
             "auth/token/revoke-accessor" => {
                 self.remove_prefix(&format!("token/{}", accessor()));
                 Ok(None)

@@ -38,7 +38,7 @@ pub mod sync;
 ///   namespace: tenants             # Vault/OpenBao namespace everything lives in (optional)
 ///   clusterId: east                # names become palisade-east_<ns>.<name> (optional)
 ///   authMount: kubernetes          # where the operator logs in
-///   role: palisade-operator        # its login role
+///   role: palisade_operator        # its login role (never under the palisade- prefix)
 ///   serviceAccount: {namespace: palisade-system, name: palisade-operator}
 ///   tokenAudience: vault           # audience of the operator's own TokenRequest
 ///   workloads: {kubernetesAuthMount: kubernetes, audience: vault, allowedAudiences: []}
@@ -170,6 +170,13 @@ impl VaultSettings {
                 "vault.workloads: audience {a:?} would let tokens issued for the API server log in"
             ));
         }
+        let prefix = self.naming().prefix();
+        if self.role.to_ascii_lowercase().starts_with(&prefix) {
+            return Err(format!(
+                "vault.role {:?}: the operator's own login role must not start with {prefix:?}, the prefix of everything it may write (it could rewrite its own grant)",
+                self.role
+            ));
+        }
         if self.sweep_interval_seconds < 10 {
             return Err("vault.sweepIntervalSeconds: at least 10".into());
         }
@@ -292,6 +299,8 @@ fn http_client(settings: &VaultSettings) -> Result<reqwest::Client, VaultError> 
     let mut b = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .connect_timeout(Duration::from_secs(5))
+        // A redirect would carry the Vault token (or the login JWT) elsewhere.
+        .redirect(reqwest::redirect::Policy::none())
         .no_proxy();
     if let Some(path) = &settings.ca_file {
         let pem = std::fs::read(path)
@@ -359,30 +368,7 @@ impl Vault {
         body: Option<&Value>,
         token: Option<&str>,
     ) -> Result<Outcome, VaultError> {
-        let url = format!("{}/v1/{path}", self.settings.address.trim_end_matches('/'));
-        let mut req = self.http.request(method, url);
-        if let Some(t) = token {
-            req = req.header("X-Vault-Token", t);
-        }
-        if let Some(ns) = &self.settings.namespace {
-            req = req.header("X-Vault-Namespace", ns);
-        }
-        if let Some(b) = body {
-            req = req
-                .header("Content-Type", "application/json")
-                .body(b.to_string());
-        }
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| VaultError::Unavailable(format!("{path}: {e}")))?;
-        let code = resp.status().as_u16();
-        let bytes = resp.bytes().await.map(|b| b.to_vec()).unwrap_or_default();
-        Ok(match code {
-            404 => Outcome::Done(None),
-            200..=299 => Outcome::Done(Some(bytes)),
-            _ => Outcome::Status(code, String::from_utf8_lossy(&bytes).trim().to_owned()),
-        })
+        exchange(&self.http, &self.settings, method, path, body, token).await
     }
 
     /// Logs in anew with a fresh ServiceAccount token.
@@ -421,32 +407,41 @@ impl Vault {
 
     /// Revokes a token this client no longer uses (best effort: it expires anyway).
     async fn revoke_own(&self, token: &str) {
-        self.metrics.vault_request(true);
-        match self
-            .exchange(
-                reqwest::Method::POST,
-                "auth/token/revoke-self",
-                Some(&json!({})),
-                Some(token),
-            )
-            .await
-        {
-            Ok(Outcome::Done(_)) => tracing::debug!("revoked the superseded Vault token"),
-            Ok(Outcome::Status(code, text)) => {
-                tracing::warn!(code, %text, "cannot revoke the superseded Vault token");
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot revoke the superseded Vault token"),
-        }
+        revoke_token(&self.http, &self.settings, &self.metrics, token).await;
     }
 
     /// Replaces the session with a fresh login and revokes the token it replaces.
+    /// Calls still in flight may hold the token it replaces: that one is revoked after they
+    /// are bound to have finished (past the 10 s request timeout).
     async fn relogin(&self, guard: &mut Option<Session>) -> Result<String, VaultError> {
         let fresh = self.login().await?;
         let token = fresh.token.clone();
         if let Some(old) = guard.replace(fresh) {
-            self.revoke_own(&old.token).await;
+            let http = self.http.clone();
+            let settings = self.settings.clone();
+            let metrics = Arc::clone(&self.metrics);
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                revoke_token(&http, &settings, &metrics, &old.token).await;
+            });
         }
         Ok(token)
+    }
+
+    /// Whether this client's current token is still valid (`auth/token/lookup-self`): a 403 on a
+    /// valid token is a refusal, not a reason to log in again.
+    async fn token_valid(&self, token: &str) -> bool {
+        self.metrics.vault_request(false);
+        matches!(
+            self.exchange(
+                reqwest::Method::GET,
+                "auth/token/lookup-self",
+                None,
+                Some(token)
+            )
+            .await,
+            Ok(Outcome::Done(Some(_)))
+        )
     }
 
     /// Gives up the current session (on shutdown): its token is revoked.
@@ -464,11 +459,18 @@ impl Vault {
         body: Option<&Value>,
     ) -> Result<Option<Vec<u8>>, VaultError> {
         let write = !matches!(*method, reqwest::Method::GET) && method.as_str() != "LIST";
+        let mut refused: Option<String> = None;
         for attempt in 0..2 {
             let token = {
                 let mut guard = self.session.lock().await;
                 match guard.as_ref() {
-                    Some(s) if attempt == 0 && s.expires > Instant::now() => s.token.clone(),
+                    // After a 403 with this token, a fresh login, unless another call has
+                    // already replaced it.
+                    Some(s)
+                        if s.expires > Instant::now() && refused.as_deref() != Some(&s.token) =>
+                    {
+                        s.token.clone()
+                    }
                     _ => self.relogin(&mut guard).await?,
                 }
             };
@@ -478,13 +480,80 @@ impl Vault {
                 .await?
             {
                 Outcome::Done(b) => return Ok(b),
-                Outcome::Status(403, _) if attempt == 0 => {}
+                Outcome::Status(403, text) if attempt == 0 => {
+                    if self.token_valid(&token).await {
+                        return Err(classify(403, path, &text));
+                    }
+                    refused = Some(token);
+                }
                 Outcome::Status(code, text) => return Err(classify(code, path, &text)),
             }
         }
         Err(VaultError::Denied(format!(
             "{path}: permission denied after a fresh login"
         )))
+    }
+}
+
+/// One HTTP exchange with Vault, as `token`.
+async fn exchange(
+    http: &reqwest::Client,
+    settings: &VaultSettings,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<&Value>,
+    token: Option<&str>,
+) -> Result<Outcome, VaultError> {
+    let url = format!("{}/v1/{path}", settings.address.trim_end_matches('/'));
+    let mut req = http.request(method, url);
+    if let Some(t) = token {
+        req = req.header("X-Vault-Token", t);
+    }
+    if let Some(ns) = &settings.namespace {
+        req = req.header("X-Vault-Namespace", ns);
+    }
+    if let Some(b) = body {
+        req = req
+            .header("Content-Type", "application/json")
+            .body(b.to_string());
+    }
+    let resp = req
+        .send()
+        .await
+        .map_err(|e| VaultError::Unavailable(format!("{path}: {e}")))?;
+    let code = resp.status().as_u16();
+    let bytes = resp.bytes().await.map(|b| b.to_vec()).unwrap_or_default();
+    Ok(match code {
+        404 => Outcome::Done(None),
+        200..=299 => Outcome::Done(Some(bytes)),
+        _ => Outcome::Status(code, String::from_utf8_lossy(&bytes).trim().to_owned()),
+    })
+}
+
+/// Revokes one of the operator's own tokens (best effort: it expires anyway).
+async fn revoke_token(
+    http: &reqwest::Client,
+    settings: &VaultSettings,
+    metrics: &Metrics,
+    token: &str,
+) {
+    metrics.vault_request(true);
+    let body = json!({});
+    match exchange(
+        http,
+        settings,
+        reqwest::Method::POST,
+        "auth/token/revoke-self",
+        Some(&body),
+        Some(token),
+    )
+    .await
+    {
+        Ok(Outcome::Done(_)) => tracing::debug!("revoked a superseded Vault token"),
+        Ok(Outcome::Status(code, text)) => {
+            tracing::warn!(code, %text, "cannot revoke a superseded Vault token");
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot revoke a superseded Vault token"),
     }
 }
 
@@ -590,7 +659,7 @@ impl VaultSettings {
              \"token_bound_cidrs\" = [\"\"]\n    \"token_type\" = [\"default\"]\n    \"token_strictly_bind_ip\" = [\"false\"]\n  }}\n  \
              denied_parameters = {{\n    \
              \"bound_service_account_names\" = [\"***\"]\n    \
-             \"bound_service_account_namespaces\" = [\"***\", \"*,*\", {own:?}]\n    \
+             \"bound_service_account_namespaces\" = [\"***\", \"*,*\", \"*{own}*\"]\n    \
              \"token_policies\" = [\"*,*\"]\n  }}\n}}\n\
              path \"auth/token/accessors\" {{\n  capabilities = [\"list\", \"sudo\"]\n}}\n\
              path \"auth/token/lookup-accessor\" {{\n  capabilities = [\"update\"]\n}}\n\
@@ -612,6 +681,12 @@ impl VaultSettings {
             .values()
             .map(|g| pinned(&g.creation_statements))
             .collect();
+        let renew: BTreeSet<String> = self
+            .tenancy
+            .profiles
+            .values()
+            .map(|g| pinned(&g.renew_statements))
+            .collect();
         let revocation: BTreeSet<String> = self
             .tenancy
             .profiles
@@ -625,10 +700,11 @@ impl VaultSettings {
                  path \"{m}/roles/{p}*\" {{\n  capabilities = [\"create\", \"read\", \"update\", \"delete\"]\n  allowed_parameters = {{\n    \
                  \"db_name\" = []\n    \"default_ttl\" = []\n    \"max_ttl\" = []\n    \
                  \"credential_type\" = [\"password\"]\n    \
-                 \"rollback_statements\" = [[\"\"]]\n    \"renew_statements\" = [[\"\"]]\n    \
+                 \"rollback_statements\" = [[\"\"]]\n    \"renew_statements\" = [{}]\n    \
                  \"creation_statements\" = [{}]\n    \
                  \"revocation_statements\" = [{}]\n  }}\n}}\n\
                  path \"sys/leases/revoke-prefix/{m}/creds/{p}*\" {{\n  capabilities = [\"update\", \"sudo\"]\n}}\n",
+                renew.iter().cloned().collect::<Vec<_>>().join(", "),
                 creation.join(", "),
                 revocation.iter().cloned().collect::<Vec<_>>().join(", "),
             );

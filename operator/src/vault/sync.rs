@@ -69,21 +69,6 @@ async fn read_map<V: VaultApi>(
     }))
 }
 
-/// Whether the login role at `auth/<mount>/role/<base>` is one Palisade wrote for the policy
-/// `base`: it attaches that policy only. A policy whose ownership line was edited away still
-/// belongs to Palisade when such a role exists (a hand edit, repaired as drift); without one it
-/// is somebody else's.
-async fn role_vouches<V: VaultApi>(
-    api: &V,
-    scope: &Scope<'_>,
-    base: &str,
-) -> Result<bool, VaultError> {
-    let Some(role) = read_map(api, &role_path(scope.auth_mount, base)).await? else {
-        return Ok(false);
-    };
-    Ok(role.get("token_policies").map(normalised_list) == Some(vec![base.to_owned()]))
-}
-
 fn normalised_list(v: &Value) -> Vec<String> {
     match v {
         Value::Array(a) => a
@@ -96,18 +81,35 @@ fn normalised_list(v: &Value) -> Vec<String> {
     }
 }
 
-/// Who a policy text says it belongs to, checked against `want`: `Ok(None)` when it is
-/// `want`'s binding, `Ok(Some(old))` when it is an earlier binding of the same name (whose
-/// access must go first), an error when it is not Palisade's or another binding's.
-fn ownership(
-    name: &str,
-    text: &str,
-    want: &Marker,
-    vouched: bool,
-) -> Result<Option<Marker>, VaultError> {
+fn list_field(m: &Map<String, Value>, key: &str) -> BTreeSet<String> {
+    m.get(key)
+        .map(normalised_list)
+        .unwrap_or_default()
+        .into_iter()
+        .collect()
+}
+
+/// Whether the login role `role` attaches exactly `policy`: such a role vouches that a policy
+/// whose ownership line was edited away is still Palisade's (a hand edit, repaired as drift);
+/// without one it is somebody else's.
+async fn role_vouches<V: VaultApi>(
+    api: &V,
+    scope: &Scope<'_>,
+    role: &str,
+    policy: &str,
+) -> Result<bool, VaultError> {
+    let Some(role) = read_map(api, &role_path(scope.auth_mount, role)).await? else {
+        return Ok(false);
+    };
+    Ok(list_field(&role, "token_policies") == BTreeSet::from([policy.to_owned()]))
+}
+
+/// Checks who a policy text says it belongs to against `want`: an error when it is not
+/// Palisade's (and no login role vouches for it) or another binding's or cluster's.
+fn ownership(name: &str, text: &str, want: &Marker, vouched: bool) -> Result<(), VaultError> {
     let Some(m) = Marker::parse(text) else {
         if vouched {
-            return Ok(None);
+            return Ok(());
         }
         return Err(VaultError::NotOwned(format!(
             "policy {name} exists in Vault and was not written by Palisade; nothing was changed (rename or remove it)"
@@ -119,11 +121,37 @@ fn ownership(
             m.namespace, m.name, m.cluster
         )));
     }
-    Ok((!m.uid.is_empty() && !want.uid.is_empty() && m.uid != want.uid).then_some(m))
+    Ok(())
 }
 
-/// Whether to write one object, recording why in `out`. A difference while the desired state is
-/// unchanged is drift: written back when correcting, otherwise only reported.
+/// Before a binding's objects are first written: a login role of the same name must be absent
+/// or one Palisade wrote for this binding (attaching only its policies); a hand-made one is not
+/// overwritten.
+async fn check_role_owner<V: VaultApi>(
+    api: &V,
+    scope: &Scope<'_>,
+    desired: &VaultDesired,
+) -> Result<(), VaultError> {
+    let path = role_path(scope.auth_mount, &desired.role.name);
+    let Some(role) = read_map(api, &path).await? else {
+        return Ok(());
+    };
+    let m = &desired.policy.marker;
+    let ours = list_field(&role, "token_policies").iter().all(|p| {
+        scope
+            .naming
+            .policy_of(p)
+            .is_some_and(|(ns, n, _)| ns == m.namespace && n == m.name)
+    });
+    if ours {
+        Ok(())
+    } else {
+        Err(VaultError::NotOwned(format!(
+            "role {path} exists in Vault and attaches policies that are not this binding's; nothing was changed (rename or remove it)"
+        )))
+    }
+}
+
 /// How one object compares: whether it exists and whether it differs from what is wanted.
 #[derive(Clone, Copy)]
 struct Compared {
@@ -131,6 +159,8 @@ struct Compared {
     differs: bool,
 }
 
+/// Whether to write one object, recording why in `out`. A difference while the desired state is
+/// unchanged is drift: written back when correcting, otherwise only reported.
 fn plan(what: String, c: Compared, changed: bool, scope: &Scope<'_>, out: &mut Synced) -> bool {
     if !c.differs {
         return false;
@@ -148,9 +178,11 @@ fn plan(what: String, c: Compared, changed: bool, scope: &Scope<'_>, out: &mut S
     true
 }
 
-/// Makes Vault hold `desired`: the policy first (it carries the ownership marker; a narrowed
+/// Makes Vault hold `desired`: the policy first (it carries the ownership record; a narrowed
 /// binding loses access there before anything else), then database roles, then the login
-/// role; database roles the binding no longer lists are removed with their leases.
+/// role. On a change, what the binding no longer has goes too: database roles with their
+/// leases, the credentials of a role whose SQL changed, the tokens of ServiceAccounts no longer
+/// listed, and the policies of earlier bindings of the same name with their tokens.
 pub async fn sync<V: VaultApi>(
     api: &V,
     scope: &Scope<'_>,
@@ -158,45 +190,73 @@ pub async fn sync<V: VaultApi>(
 ) -> Result<Synced, VaultError> {
     let mut out = Synced::default();
     let policy = &desired.policy;
-    let mut live = read_policy(api, &policy.name).await?;
+    let live = read_policy(api, &policy.name).await?;
     let vouched = match &live {
         Some(text) if Marker::parse(text).is_none() => {
-            role_vouches(api, scope, &policy.name).await?
+            role_vouches(api, scope, &desired.role.name, &policy.name).await?
         }
         _ => false,
     };
-    if let Some(text) = &live
-        && let Some(old) = ownership(&policy.name, text, &policy.marker, vouched)?
-    {
-        // The same name, an earlier binding: its tokens and leases must not carry over.
-        let removed = remove(api, scope, &policy.name).await?;
-        tracing::info!(policy = %policy.name, old_uid = %old.uid, ?removed, "removed an earlier binding's access");
-        out.deleted.extend(removed);
-        live = None;
+    if let Some(text) = &live {
+        ownership(&policy.name, text, &policy.marker, vouched)?;
     }
     let fresh = live.is_none();
+    if fresh {
+        check_role_owner(api, scope, desired).await?;
+    }
     // Without its ownership line the digest is unknown: what differs is a hand edit.
     let changed = !vouched
         && live
             .as_deref()
             .and_then(Marker::parse)
             .is_none_or(|m| m.digest != policy.marker.digest);
+    // A change to existing objects is staged: the policy first records no digest, so a sync
+    // interrupted halfway is finished as a change next time, not taken for drift.
+    let staged = changed && !fresh;
     let text = policy.hcl();
-    let differs = live.as_deref() != Some(text.as_str());
     let c = Compared {
         existed: !fresh,
-        differs,
+        differs: live.as_deref() != Some(text.as_str()),
     };
-    if plan(
+    let wrote_policy = plan(
         format!("policy {}", policy.name),
         c,
         changed,
         scope,
         &mut out,
-    ) {
+    );
+    if wrote_policy {
+        let first = if staged {
+            let mut pending = policy.clone();
+            "pending".clone_into(&mut pending.marker.digest);
+            pending.hcl()
+        } else {
+            text.clone()
+        };
+        api.write(&policy_path(&policy.name), json!({"policy": first}))
+            .await?;
+    }
+    sync_database_roles(api, scope, desired, fresh, changed, &mut out).await?;
+    sync_login_role(api, scope, desired, fresh, changed, &mut out).await?;
+    if changed {
+        retire_stale(api, scope, desired, &mut out).await?;
+    }
+    if wrote_policy && staged {
         api.write(&policy_path(&policy.name), json!({"policy": text}))
             .await?;
     }
+    Ok(out)
+}
+
+/// The database roles of a sync; a role whose SQL changed loses the credentials made with it.
+async fn sync_database_roles<V: VaultApi>(
+    api: &V,
+    scope: &Scope<'_>,
+    desired: &VaultDesired,
+    fresh: bool,
+    changed: bool,
+    out: &mut Synced,
+) -> Result<(), VaultError> {
     for role in &desired.database_roles {
         let body = role.body();
         let live = if fresh {
@@ -205,16 +265,43 @@ pub async fn sync<V: VaultApi>(
             read_map(api, &role.path()).await?
         };
         let diff = live.as_ref().map(|l| differences(&body, l));
-        let differs = diff.as_ref().is_none_or(|d| !d.is_empty());
-        let what = described(format!("database role {}", role.path()), diff.as_deref());
         let c = Compared {
             existed: live.is_some(),
-            differs,
+            differs: diff.as_ref().is_none_or(|d| !d.is_empty()),
         };
-        if plan(what, c, changed, scope, &mut out) {
+        let what = described(format!("database role {}", role.path()), diff.as_deref());
+        if plan(what, c, changed, scope, out) {
             api.write(&role.path(), role.request()).await?;
+            let sql_changed = diff
+                .as_ref()
+                .is_some_and(|d| d.iter().any(|f| f.ends_with("_statements")));
+            if sql_changed {
+                // Credentials made with other SQL must not outlive it.
+                api.write(
+                    &format!(
+                        "sys/leases/revoke-prefix/{}/creds/{}?sync=true",
+                        role.mount, role.name
+                    ),
+                    json!({}),
+                )
+                .await?;
+                out.deleted
+                    .push(format!("leases of {} (its SQL changed)", role.path()));
+            }
         }
     }
+    Ok(())
+}
+
+/// The login role of a sync; ServiceAccounts it no longer lists lose their tokens.
+async fn sync_login_role<V: VaultApi>(
+    api: &V,
+    scope: &Scope<'_>,
+    desired: &VaultDesired,
+    fresh: bool,
+    changed: bool,
+    out: &mut Synced,
+) -> Result<(), VaultError> {
     let role = &desired.role;
     let body = role.body();
     let path = role_path(&role.mount, &role.name);
@@ -224,36 +311,105 @@ pub async fn sync<V: VaultApi>(
         read_map(api, &path).await?
     };
     let diff = live.as_ref().map(|l| differences(&body, l));
-    let differs = diff.as_ref().is_none_or(|d| !d.is_empty());
     let c = Compared {
         existed: live.is_some(),
-        differs,
+        differs: diff.as_ref().is_none_or(|d| !d.is_empty()),
     };
     if plan(
         described(format!("role {path}"), diff.as_deref()),
         c,
         changed,
         scope,
-        &mut out,
+        out,
     ) {
         api.write(&path, role.request()).await?;
-    }
-    if changed {
-        let wanted: BTreeSet<String> = desired
-            .database_roles
-            .iter()
-            .map(crate::translate::vault::DatabaseRole::path)
+        let dropped: BTreeSet<String> = live
+            .as_ref()
+            .map(|l| list_field(l, "bound_service_account_names"))
+            .unwrap_or_default()
+            .difference(&role.bound_service_account_names)
+            .cloned()
             .collect();
-        for (mount, name) in database_roles_of(api, scope, &policy.name).await? {
-            let path = format!("{mount}/roles/{name}");
-            if !wanted.contains(&path) {
-                retire_database_role(api, &mount, &name).await?;
-                out.deleted
-                    .push(format!("database role {path} and its leases"));
-            }
+        if !dropped.is_empty() {
+            let m = TokenMatch {
+                auth_mount: scope.auth_mount,
+                role: &role.name,
+                policies: &role.token_policies,
+                service_accounts: Some(&dropped),
+            };
+            let n = revoke_tokens(api, &m).await?;
+            out.deleted
+                .push(format!("{n} tokens of ServiceAccounts no longer listed"));
         }
     }
-    Ok(out)
+    Ok(())
+}
+
+/// On a change: removes the database roles the binding no longer lists (with their leases), and
+/// the policies of earlier bindings of the same name (with their tokens).
+async fn retire_stale<V: VaultApi>(
+    api: &V,
+    scope: &Scope<'_>,
+    desired: &VaultDesired,
+    out: &mut Synced,
+) -> Result<(), VaultError> {
+    let base = &desired.role.name;
+    let wanted: BTreeSet<String> = desired
+        .database_roles
+        .iter()
+        .map(crate::translate::vault::DatabaseRole::path)
+        .collect();
+    for (mount, name) in database_roles_of(api, scope, base).await? {
+        let path = format!("{mount}/roles/{name}");
+        if !wanted.contains(&path) {
+            retire_database_role(api, &mount, &name).await?;
+            out.deleted
+                .push(format!("database role {path} and its leases"));
+        }
+    }
+    let m = &desired.policy.marker;
+    let earlier: BTreeSet<String> = incarnations(api, scope, &m.namespace, &m.name)
+        .await?
+        .into_iter()
+        .filter(|p| *p != desired.policy.name)
+        .collect();
+    if !earlier.is_empty() {
+        for p in &earlier {
+            api.delete(&policy_path(p)).await?;
+            out.deleted
+                .push(format!("policy {p} of an earlier binding"));
+        }
+        let tm = TokenMatch {
+            auth_mount: scope.auth_mount,
+            role: "",
+            policies: &earlier,
+            service_accounts: None,
+        };
+        let n = revoke_tokens(api, &tm).await?;
+        out.deleted
+            .push(format!("{n} tokens of earlier bindings of this name"));
+    }
+    Ok(())
+}
+
+/// The policies of every incarnation of binding `namespace/name` (any uid), by listing.
+async fn incarnations<V: VaultApi>(
+    api: &V,
+    scope: &Scope<'_>,
+    namespace: &str,
+    name: &str,
+) -> Result<Vec<String>, VaultError> {
+    Ok(api
+        .list("sys/policies/acl")
+        .await?
+        .into_iter()
+        .filter(|p| {
+            scope
+                .naming
+                .policy_of(p)
+                .is_some_and(|(ns, n, _)| ns == namespace && n == name)
+        })
+        .collect())
 }
 
 /// `what`, with the fields that differ when some do.
@@ -301,27 +457,63 @@ async fn retire_database_role<V: VaultApi>(
     Ok(())
 }
 
-/// Revokes every token issued by logging in to login role `role` on `auth_mount`.
-async fn revoke_tokens<V: VaultApi>(
-    api: &V,
-    auth_mount: &str,
-    role: &str,
-) -> Result<usize, VaultError> {
-    let login = format!("auth/{auth_mount}/login");
-    let mut revoked = 0;
-    for accessor in api.list("auth/token/accessors").await? {
-        let Some(info) = api
-            .write("auth/token/lookup-accessor", json!({"accessor": accessor}))
-            .await?
-        else {
-            continue;
-        };
-        let from_role = info.pointer("/meta/role").and_then(Value::as_str) == Some(role);
+/// Which tokens to revoke: issued through `auth_mount`'s login, and either carrying one of
+/// `policies` (Vault reports them lower-cased) or logged in to `role` (in any case: Vault finds
+/// roles case-insensitively and records the name as sent); when `service_accounts` is set,
+/// only theirs.
+struct TokenMatch<'a> {
+    auth_mount: &'a str,
+    role: &'a str,
+    policies: &'a BTreeSet<String>,
+    service_accounts: Option<&'a BTreeSet<String>>,
+}
+
+impl TokenMatch<'_> {
+    fn matches(&self, info: &Value) -> bool {
+        let login = format!("auth/{}/login", self.auth_mount);
         let via_login = info
             .get("path")
             .and_then(Value::as_str)
             .is_some_and(|p| p.starts_with(&login));
-        if from_role && via_login {
+        let held: BTreeSet<String> = info
+            .get("policies")
+            .map(normalised_list)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|p| p.to_ascii_lowercase())
+            .collect();
+        let by_policy = self
+            .policies
+            .iter()
+            .any(|p| held.contains(&p.to_ascii_lowercase()));
+        let by_role = !self.role.is_empty()
+            && info
+                .pointer("/meta/role")
+                .and_then(Value::as_str)
+                .is_some_and(|r| r.eq_ignore_ascii_case(self.role));
+        let sa_ok = self.service_accounts.is_none_or(|s| {
+            info.pointer("/meta/service_account_name")
+                .and_then(Value::as_str)
+                .is_some_and(|n| s.contains(n))
+        });
+        via_login && (by_policy || by_role) && sa_ok
+    }
+}
+
+/// Revokes every token `m` matches. An accessor that vanished or expired while the list was
+/// read (Vault answers 400 or 403 for it) is skipped, not fatal; Vault being unavailable is.
+async fn revoke_tokens<V: VaultApi>(api: &V, m: &TokenMatch<'_>) -> Result<usize, VaultError> {
+    let mut revoked = 0;
+    for accessor in api.list("auth/token/accessors").await? {
+        let info = match api
+            .write("auth/token/lookup-accessor", json!({"accessor": accessor}))
+            .await
+        {
+            Ok(Some(info)) => info,
+            Ok(None) | Err(VaultError::Api(_) | VaultError::Denied(_)) => continue,
+            Err(e) => return Err(e),
+        };
+        if m.matches(&info) {
             api.write("auth/token/revoke-accessor", json!({"accessor": accessor}))
                 .await?;
             revoked += 1;
@@ -330,12 +522,12 @@ async fn revoke_tokens<V: VaultApi>(
     Ok(revoked)
 }
 
-/// Takes away everything binding `base` (a name this operator computed) has in Vault, in the
-/// order that never widens: the login role (no new logins), the policy (existing tokens lose
-/// access at once, and nothing can read new credentials), the leases of the database roles and
-/// the roles themselves, then the tokens.
-/// Every step is tried even when an earlier one failed; the first error is returned after all
-/// were tried. A policy that is not Palisade's, or another binding's, is left alone.
+/// Takes away everything binding `base` (a name this operator computed) has in Vault, every
+/// incarnation, in the order that never widens: the login role (no new logins), its policies
+/// (existing tokens lose access at once, and nothing can read new credentials), the leases of
+/// the database roles and the roles themselves, then the tokens. Every step is tried even when
+/// an earlier one failed; the first error is returned after all were tried. A login role or
+/// policy that is not Palisade's, or another binding's, is left alone and reported.
 pub async fn remove<V: VaultApi>(
     api: &V,
     scope: &Scope<'_>,
@@ -350,34 +542,46 @@ pub async fn remove<V: VaultApi>(
             first_error = Some(e);
         }
     };
+    let Some((ns, name)) = scope.naming.binding_of(base) else {
+        return Ok(done);
+    };
     let role = role_path(scope.auth_mount, base);
-    let vouched = role_vouches(api, scope, base).await.unwrap_or(false);
-    let r = api.delete(&role).await;
-    if r.is_ok() {
-        done.push(format!("role {role}"));
-    }
-    keep(r);
-    match read_policy(api, base).await {
-        Ok(Some(text)) => {
-            let ours = Marker::parse(&text).map_or(vouched, |m| {
-                scope.naming.binding_of(base) == Some((m.namespace.clone(), m.name.clone()))
-                    && m.cluster == scope.naming.cluster.clone().unwrap_or_else(|| "-".into())
+    let mut policies = match incarnations(api, scope, &ns, &name).await {
+        Ok(p) => p.into_iter().collect::<BTreeSet<String>>(),
+        Err(e) => {
+            keep(Err(e));
+            BTreeSet::new()
+        }
+    };
+    let mut vouched = BTreeSet::new();
+    match read_map(api, &role).await {
+        Ok(Some(r)) => {
+            let attached = list_field(&r, "token_policies");
+            let ours = attached.iter().all(|p| {
+                scope
+                    .naming
+                    .policy_of(p)
+                    .is_some_and(|(n, b, _)| n == ns && b == name)
             });
             if ours {
-                let r = api.delete(&policy_path(base)).await;
+                let r = api.delete(&role).await;
                 if r.is_ok() {
-                    done.push(format!("policy {base}"));
+                    done.push(format!("role {role}"));
                 }
                 keep(r);
+                policies.extend(attached.iter().cloned());
+                vouched = attached;
             } else {
                 keep(Err(VaultError::NotOwned(format!(
-                    "policy {base} was not written for this binding; left in place"
+                    "role {role} attaches policies that are not this binding's; left in place"
                 ))));
             }
         }
         Ok(None) => {}
         Err(e) => keep(Err(e)),
     }
+    let removed_policies =
+        remove_own_policies(api, scope, &policies, &vouched, &mut done, &mut keep).await;
     match database_roles_of(api, scope, base).await {
         Ok(roles) => {
             for (mount, name) in roles {
@@ -390,7 +594,13 @@ pub async fn remove<V: VaultApi>(
         }
         Err(e) => keep(Err(e)),
     }
-    match revoke_tokens(api, scope.auth_mount, base).await {
+    let m = TokenMatch {
+        auth_mount: scope.auth_mount,
+        role: base,
+        policies: &removed_policies,
+        service_accounts: None,
+    };
+    match revoke_tokens(api, &m).await {
         Ok(0) => {}
         Ok(n) => done.push(format!("{n} tokens of role {base}")),
         Err(e) => keep(Err(e)),
@@ -401,60 +611,120 @@ pub async fn remove<V: VaultApi>(
     }
 }
 
-/// One binding name found in Vault by the sweep.
+/// Deletes those of `policies` that are this binding's (its ownership record says so, or, without
+/// one, its login role attached it); the ones gone.
+async fn remove_own_policies<V: VaultApi>(
+    api: &V,
+    scope: &Scope<'_>,
+    policies: &BTreeSet<String>,
+    vouched: &BTreeSet<String>,
+    done: &mut Vec<String>,
+    keep: &mut impl FnMut(Result<(), VaultError>),
+) -> BTreeSet<String> {
+    let cluster = scope.naming.cluster.clone().unwrap_or_else(|| "-".into());
+    let mut removed_policies = BTreeSet::new();
+    for p in policies {
+        let Some((m_ns, m_name, _)) = scope.naming.policy_of(p) else {
+            continue;
+        };
+        match read_policy(api, p).await {
+            Ok(Some(text)) => {
+                let ours = Marker::parse(&text).map_or(vouched.contains(p), |m| {
+                    (m.cluster.as_str(), m.namespace.as_str(), m.name.as_str())
+                        == (cluster.as_str(), m_ns.as_str(), m_name.as_str())
+                });
+                if ours {
+                    let r = api.delete(&policy_path(p)).await;
+                    if r.is_ok() {
+                        done.push(format!("policy {p}"));
+                        removed_policies.insert(p.clone());
+                    }
+                    keep(r);
+                } else {
+                    keep(Err(VaultError::NotOwned(format!(
+                        "policy {p} was not written for this binding; left in place"
+                    ))));
+                }
+            }
+            Ok(None) => {
+                removed_policies.insert(p.clone());
+            }
+            Err(e) => keep(Err(e)),
+        }
+    }
+    removed_policies
+}
+
+/// One binding found in Vault by the sweep.
 #[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Found {
     /// Its namespace.
     pub namespace: String,
     /// Its name.
     pub name: String,
-    /// The uid its policy records, when there is one.
-    pub uid: Option<String>,
+    /// The uids its policies record.
+    pub uids: BTreeSet<String>,
+    /// Whether a policy records an allowed `Retain`.
+    pub retain: bool,
 }
 
-/// Every binding this operator has objects for in Vault: from policy names (with the uid their
-/// marker records; foreign policies are skipped), login roles and database roles.
+/// Every binding this operator has objects for in Vault: from policy names (with the uids and
+/// `Retain` their ownership records state; policies without one, or another's, are skipped),
+/// login roles and database roles.
 pub async fn inventory<V: VaultApi>(api: &V, scope: &Scope<'_>) -> Result<Vec<Found>, VaultError> {
-    let mut found = std::collections::BTreeMap::new();
-    for name in api.list("sys/policies/acl").await? {
-        let Some((ns, n)) = scope.naming.binding_of(&name) else {
+    let mut found: std::collections::BTreeMap<(String, String), Found> =
+        std::collections::BTreeMap::new();
+    for p in api.list("sys/policies/acl").await? {
+        let Some((ns, n, _)) = scope.naming.policy_of(&p) else {
             continue;
         };
-        let Some(text) = read_policy(api, &name).await? else {
+        let Some(m) = read_policy(api, &p)
+            .await?
+            .as_deref()
+            .and_then(Marker::parse)
+        else {
             continue;
         };
-        let Some(m) = Marker::parse(&text) else {
+        if (m.namespace.as_str(), m.name.as_str()) != (ns.as_str(), n.as_str()) {
             continue;
-        };
-        if (m.namespace.as_str(), m.name.as_str()) == (ns.as_str(), n.as_str()) {
-            found.insert((ns, n), Some(m.uid));
         }
+        let f = found
+            .entry((ns.clone(), n.clone()))
+            .or_insert_with(|| Found {
+                namespace: ns,
+                name: n,
+                uids: BTreeSet::new(),
+                retain: false,
+            });
+        f.uids.insert(m.uid);
+        f.retain |= m.retain;
     }
-    let mut names: Vec<String> = api.list(&format!("auth/{}/role", scope.auth_mount)).await?;
+    let mut bases: Vec<String> = api.list(&format!("auth/{}/role", scope.auth_mount)).await?;
     for mount in scope.database_mounts {
         for role in api.list(&format!("{mount}/roles")).await? {
             if let Some((base, _)) = role.rsplit_once('.') {
-                names.push(base.to_owned());
+                bases.push(base.to_owned());
             }
         }
     }
-    for name in names {
-        if let Some(key) = scope.naming.binding_of(&name) {
-            found.entry(key).or_insert(None);
+    for b in bases {
+        if let Some((ns, n)) = scope.naming.binding_of(&b) {
+            found
+                .entry((ns.clone(), n.clone()))
+                .or_insert_with(|| Found {
+                    namespace: ns,
+                    name: n,
+                    uids: BTreeSet::new(),
+                    retain: false,
+                });
         }
     }
-    Ok(found
-        .into_iter()
-        .map(|((namespace, name), uid)| Found {
-            namespace,
-            name,
-            uid,
-        })
-        .collect())
+    Ok(found.into_values().collect())
 }
 
 /// Removes the Vault objects of every binding in `found` that `live` (the current bindings'
-/// uids by namespace and name) does not have; returns what it removed, per binding.
+/// uids by namespace and name) does not have — except an allowed `Retain` — and the policies of
+/// earlier incarnations of the ones it has; returns what it removed, per binding.
 pub async fn sweep<V: VaultApi>(
     api: &V,
     scope: &Scope<'_>,
@@ -463,20 +733,47 @@ pub async fn sweep<V: VaultApi>(
 ) -> Vec<(String, Result<Vec<String>, VaultError>)> {
     let mut out = Vec::new();
     for f in found {
-        let current = live.get(&(f.namespace.clone(), f.name.clone()));
-        let orphan = match (current, &f.uid) {
-            (None, _) => true,
-            (Some(uid), Some(recorded)) => {
-                !recorded.is_empty() && !uid.is_empty() && uid != recorded
+        let base = scope.naming.base(&f.namespace, &f.name);
+        match live.get(&(f.namespace.clone(), f.name.clone())) {
+            None if f.retain => {}
+            None => out.push((base.clone(), remove(api, scope, &base).await)),
+            Some(uid) => {
+                let current = crate::translate::vault::uid_tag(uid);
+                let earlier: BTreeSet<String> = f
+                    .uids
+                    .iter()
+                    .filter(|u| crate::translate::vault::uid_tag(u) != current)
+                    .map(|u| scope.naming.policy(&f.namespace, &f.name, u))
+                    .collect();
+                if !earlier.is_empty() {
+                    out.push((base.clone(), remove_policies(api, scope, &earlier).await));
+                }
             }
-            (Some(_), None) => false,
-        };
-        if orphan {
-            let base = scope.naming.base(&f.namespace, &f.name);
-            out.push((base.clone(), remove(api, scope, &base).await));
         }
     }
     out
+}
+
+/// Deletes `policies` (earlier incarnations of a live binding) and revokes their tokens.
+async fn remove_policies<V: VaultApi>(
+    api: &V,
+    scope: &Scope<'_>,
+    policies: &BTreeSet<String>,
+) -> Result<Vec<String>, VaultError> {
+    let mut done = Vec::new();
+    for p in policies {
+        api.delete(&policy_path(p)).await?;
+        done.push(format!("policy {p}"));
+    }
+    let m = TokenMatch {
+        auth_mount: scope.auth_mount,
+        role: "",
+        policies,
+        service_accounts: None,
+    };
+    let n = revoke_tokens(api, &m).await?;
+    done.push(format!("{n} tokens"));
+    Ok(done)
 }
 
 #[cfg(test)]
@@ -490,12 +787,15 @@ mod tests {
 
     const TENANCY: &str = "kv: [{mount: secret, version: 2, pathPrefix: \"{namespace}/\"}]\ndatabase: [{mount: database, connection: \"{namespace}_*\", profiles: [ro, rw]}]\nprofiles:\n  ro: {creationStatements: [\"CREATE ROLE ro\"]}\n  rw: {creationStatements: [\"CREATE ROLE rw\"], revocationStatements: [\"DROP ROLE x\"]}\n";
 
-    fn desired(uid: &str, profile: &str, tenancy: &str) -> VaultDesired {
-        let tenancy: Tenancy = serde_yaml::from_str(tenancy).expect("tenancy");
-        let sb: SecretBinding = serde_yaml::from_str(&format!(
-            "apiVersion: palisade.dev/v1alpha1\nkind: SecretBinding\nmetadata: {{name: orders, namespace: shop, uid: {uid}}}\nspec:\n  serviceAccountNames: [orders]\n  kv: [{{mount: secret, path: shop/orders/*}}]\n  database: [{{mount: database, connection: shop_pg, profile: {profile}, defaultTTL: 1h, maxTTL: 2h}}]\n"
+    fn binding(uid: &str, profile: &str, sas: &str) -> SecretBinding {
+        serde_yaml::from_str(&format!(
+            "apiVersion: palisade.dev/v1alpha1\nkind: SecretBinding\nmetadata: {{name: orders, namespace: shop, uid: {uid}}}\nspec:\n  serviceAccountNames: [{sas}]\n  kv: [{{mount: secret, path: shop/orders/*}}]\n  database: [{{mount: database, connection: shop_pg, profile: {profile}, defaultTTL: 1h, maxTTL: 2h}}]\n"
         ))
-        .expect("binding");
+        .expect("binding")
+    }
+
+    fn translated(sb: &SecretBinding, tenancy: &str) -> VaultDesired {
+        let tenancy: Tenancy = serde_yaml::from_str(tenancy).expect("tenancy");
         let naming = Naming::default();
         let grants = Grants {
             tenancy: &tenancy,
@@ -503,15 +803,22 @@ mod tests {
             naming: &naming,
             allow_retain: false,
         };
-        translate(&sb, &grants).expect("granted")
+        translate(sb, &grants).expect("granted")
     }
 
-    fn scope(correct_drift: bool) -> (Naming, BTreeSet<String>, bool) {
-        (
-            Naming::default(),
-            BTreeSet::from(["database".to_owned()]),
+    fn desired(uid: &str, profile: &str, tenancy: &str) -> VaultDesired {
+        translated(&binding(uid, profile, "orders"), tenancy)
+    }
+
+    fn with_scope<T>(correct_drift: bool, f: impl FnOnce(&Scope<'_>) -> T) -> T {
+        let naming = Naming::default();
+        let mounts = BTreeSet::from(["database".to_owned()]);
+        f(&Scope {
+            naming: &naming,
+            auth_mount: "kubernetes",
+            database_mounts: &mounts,
             correct_drift,
-        )
+        })
     }
 
     async fn run_sync(
@@ -519,23 +826,25 @@ mod tests {
         d: &VaultDesired,
         correct: bool,
     ) -> Result<Synced, VaultError> {
-        let (naming, mounts, c) = scope(correct);
+        let naming = Naming::default();
+        let mounts = BTreeSet::from(["database".to_owned()]);
         let s = Scope {
             naming: &naming,
             auth_mount: "kubernetes",
             database_mounts: &mounts,
-            correct_drift: c,
+            correct_drift: correct,
         };
         sync(v, &s, d).await
     }
 
     async fn run_remove(v: &FakeVault, base: &str) -> Result<Vec<String>, VaultError> {
-        let (naming, mounts, c) = scope(true);
+        let naming = Naming::default();
+        let mounts = BTreeSet::from(["database".to_owned()]);
         let s = Scope {
             naming: &naming,
             auth_mount: "kubernetes",
             database_mounts: &mounts,
-            correct_drift: c,
+            correct_drift: true,
         };
         remove(v, &s, base).await
     }
@@ -550,28 +859,26 @@ mod tests {
 
     /// Stands in for what Vault reports on a read: the fields a write stores, typed.
     fn as_vault_reports(v: &FakeVault, d: &VaultDesired) {
-        v.put(
-            "auth/kubernetes/role/palisade-shop.orders",
-            Value::Object(d.role.body()),
-        );
+        v.put(ROLE, Value::Object(d.role.body()));
         for r in &d.database_roles {
             v.put(&r.path(), Value::Object(r.body()));
         }
     }
 
     const BASE: &str = "palisade-shop.orders";
+    const POLICY_A: &str = "sys/policies/acl/palisade-shop.orders.a1000000";
     const ROLE: &str = "auth/kubernetes/role/palisade-shop.orders";
     const DB_ROLE: &str = "database/roles/palisade-shop.orders.shop_pg";
 
     #[tokio::test]
     async fn a_new_binding_takes_three_writes_policy_first_and_a_resync_none() {
         let v = FakeVault::default();
-        let d = desired("u1", "ro", TENANCY);
+        let d = desired("a1", "ro", TENANCY);
         let out = run_sync(&v, &d, true).await.expect("sync");
         assert_eq!(
             writes(&v.take_calls()),
             [
-                format!("PUT sys/policies/acl/{BASE}"),
+                format!("PUT {POLICY_A}"),
                 format!("PUT {DB_ROLE}"),
                 format!("PUT {ROLE}")
             ]
@@ -585,7 +892,7 @@ mod tests {
     #[tokio::test]
     async fn a_hand_edit_of_any_field_is_drift_and_left_only_when_correction_is_off() {
         let v = FakeVault::default();
-        let d = desired("u1", "ro", TENANCY);
+        let d = desired("a1", "ro", TENANCY);
         run_sync(&v, &d, true).await.expect("sync");
         as_vault_reports(&v, &d);
         for (field, value) in [
@@ -623,27 +930,55 @@ mod tests {
         // A policy whose ownership line was edited away is still this binding's (its login
         // role attaches only it): repaired as drift, not refused.
         v.put(
-            &format!("sys/policies/acl/{BASE}"),
+            POLICY_A,
             json!({"policy": "path \"secret/data/*\" { capabilities = [\"read\"] }"}),
         );
+        as_vault_reports(&v, &d);
         let out = run_sync(&v, &d, true).await.expect("sync");
-        assert_eq!(out.drift, [format!("policy {BASE}")]);
+        assert_eq!(out.drift, [format!("policy {}", d.policy.name)]);
     }
 
     #[tokio::test]
-    async fn a_configuration_change_is_applied_even_without_drift_correction() {
+    async fn a_change_is_applied_without_drift_correction_and_an_interrupted_one_is_finished() {
         let v = FakeVault::default();
-        run_sync(&v, &desired("u1", "rw", TENANCY), true)
+        run_sync(&v, &desired("a1", "rw", TENANCY), true)
             .await
             .expect("sync");
-        as_vault_reports(&v, &desired("u1", "rw", TENANCY));
+        as_vault_reports(&v, &desired("a1", "rw", TENANCY));
+        v.put(
+            "lease/database/creds/palisade-shop.orders.shop_pg/l1",
+            json!({}),
+        );
         // The platform team narrows the profile: no longer drift, a change.
         let narrowed = TENANCY.replace("CREATE ROLE rw", "CREATE ROLE rw NOINHERIT");
-        let d = desired("u1", "rw", &narrowed);
+        let d = desired("a1", "rw", &narrowed);
         v.take_calls();
-        let out = run_sync(&v, &d, false).await.expect("sync");
+        // The login role write fails halfway: the policy says "pending", not the new digest.
+        v.fail(&format!("PUT {ROLE}"));
+        let d2 = translated(&binding("a1", "rw", "orders, batch"), &narrowed);
+        run_sync(&v, &d2, false).await.expect_err("interrupted");
+        let text = v.get(POLICY_A).expect("policy")["policy"].to_string();
+        assert!(text.contains("desired=pending"), "{text}");
+        assert!(
+            v.get("lease/database/creds/palisade-shop.orders.shop_pg/l1")
+                .is_none(),
+            "credentials made with the old SQL are revoked"
+        );
+        let v2 = FakeVault::default();
+        run_sync(&v2, &desired("a1", "rw", TENANCY), true)
+            .await
+            .expect("sync");
+        as_vault_reports(&v2, &desired("a1", "rw", TENANCY));
+        v2.take_calls();
+        let out = run_sync(&v2, &d, false).await.expect("sync");
         assert!(out.drift_left.is_empty(), "{out:?}");
-        assert!(writes(&v.take_calls()).contains(&format!("PUT {DB_ROLE}")));
+        let w = writes(&v2.take_calls());
+        assert!(w.contains(&format!("PUT {DB_ROLE}")), "{w:?}");
+        assert_eq!(
+            w.last(),
+            Some(&format!("PUT {POLICY_A}")),
+            "the digest is written last"
+        );
     }
 
     #[tokio::test]
@@ -653,33 +988,37 @@ mod tests {
             "# palisade-owner cluster=west namespace=shop name=orders uid=x desired=y\n",
         ] {
             let v = FakeVault::default();
-            v.put(&format!("sys/policies/acl/{BASE}"), json!({"policy": text}));
-            let err = run_sync(&v, &desired("u1", "ro", TENANCY), true)
+            v.put(POLICY_A, json!({"policy": text}));
+            let err = run_sync(&v, &desired("a1", "ro", TENANCY), true)
                 .await
                 .expect_err("not owned");
             assert!(matches!(err, VaultError::NotOwned(_)), "{err}");
             assert!(writes(&v.take_calls()).is_empty());
             let err = run_remove(&v, BASE).await.expect_err("not owned");
             assert!(matches!(err, VaultError::NotOwned(_)), "{err}");
-            assert!(
-                v.get(&format!("sys/policies/acl/{BASE}")).is_some(),
-                "left in place"
-            );
+            assert!(v.get(POLICY_A).is_some(), "left in place");
         }
+        // A hand-made login role attaching another policy is neither overwritten nor deleted.
+        let v = FakeVault::default();
+        v.put(ROLE, json!({"token_policies": ["admin"]}));
+        let err = run_sync(&v, &desired("a1", "ro", TENANCY), true)
+            .await
+            .expect_err("not owned");
+        assert!(matches!(err, VaultError::NotOwned(_)), "{err}");
+        assert!(writes(&v.take_calls()).is_empty());
+        run_remove(&v, BASE).await.expect_err("not owned");
+        assert_eq!(v.get(ROLE), Some(json!({"token_policies": ["admin"]})));
     }
 
-    fn with_tokens_and_leases(v: &FakeVault) {
-        v.put(
-            "token/a1",
-            json!({"meta": {"role": BASE}, "path": "auth/kubernetes/login"}),
-        );
-        v.put(
-            "token/a2",
-            json!({"meta": {"role": "palisade-shop.other"}, "path": "auth/kubernetes/login"}),
-        );
+    fn with_tokens_and_leases(v: &FakeVault, policy: &str) {
+        let login = "auth/kubernetes/login";
+        v.put("token/a1", json!({"meta": {"role": BASE, "service_account_name": "orders"}, "path": login, "policies": [policy]}));
+        // Logged in with the role name in upper case: Vault records it as sent.
+        v.put("token/a4", json!({"meta": {"role": BASE.to_ascii_uppercase(), "service_account_name": "orders"}, "path": login, "policies": [policy]}));
+        v.put("token/a2", json!({"meta": {"role": "palisade-shop.other"}, "path": login, "policies": ["palisade-shop.other.b2000000"]}));
         v.put(
             "token/a3",
-            json!({"meta": {"role": BASE}, "path": "auth/other/login"}),
+            json!({"meta": {"role": BASE}, "path": "auth/other/login", "policies": [policy]}),
         );
         v.put(
             "lease/database/creds/palisade-shop.orders.shop_pg/l1",
@@ -694,11 +1033,12 @@ mod tests {
     #[tokio::test]
     async fn removal_stops_logins_and_access_before_revoking_and_revokes_only_its_own() {
         let v = FakeVault::default();
-        run_sync(&v, &desired("u1", "ro", TENANCY), true)
-            .await
-            .expect("sync");
+        let d = desired("a1", "ro", TENANCY);
+        run_sync(&v, &d, true).await.expect("sync");
         v.put("database/roles/palisade-shop.orders.x.shop_pg", json!({}));
-        with_tokens_and_leases(&v);
+        with_tokens_and_leases(&v, &d.policy.name);
+        // An accessor that vanished meanwhile (Vault answers 400) does not stop the rest.
+        v.put("token/a0", json!(null));
         v.take_calls();
         run_remove(&v, BASE).await.expect("removed");
         let w = writes(&v.take_calls());
@@ -720,15 +1060,15 @@ mod tests {
             "{w:?}"
         );
         assert!(
-            at("PUT sys/leases/revoke-prefix/") < at("PUT auth/token/revoke-accessor"),
+            at(&format!("DELETE {DB_ROLE}")) < at("PUT auth/token/revoke-accessor"),
             "{w:?}"
         );
-        let left = v.paths();
         assert_eq!(
-            left,
+            v.paths(),
             [
                 "database/roles/palisade-shop.orders.x.shop_pg",
                 "lease/database/creds/palisade-shop.orders.x.shop_pg/l2",
+                "token/a0",
                 "token/a2",
                 "token/a3",
             ],
@@ -739,10 +1079,9 @@ mod tests {
     #[tokio::test]
     async fn a_failing_step_does_not_stop_the_others() {
         let v = FakeVault::default();
-        run_sync(&v, &desired("u1", "ro", TENANCY), true)
-            .await
-            .expect("sync");
-        with_tokens_and_leases(&v);
+        let d = desired("a1", "ro", TENANCY);
+        run_sync(&v, &d, true).await.expect("sync");
+        with_tokens_and_leases(&v, &d.policy.name);
         v.fail("DELETE sys/policies/acl/");
         let err = run_remove(&v, BASE).await.expect_err("reported");
         assert!(matches!(err, VaultError::Unavailable(_)));
@@ -753,69 +1092,100 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_binding_recreated_under_the_same_name_does_not_inherit_tokens() {
+    async fn a_binding_recreated_under_the_same_name_never_revives_earlier_tokens() {
         let v = FakeVault::default();
-        run_sync(&v, &desired("old", "ro", TENANCY), true)
-            .await
-            .expect("sync");
-        with_tokens_and_leases(&v);
-        let out = run_sync(&v, &desired("new", "ro", TENANCY), true)
-            .await
-            .expect("sync");
-        assert!(!out.deleted.is_empty());
+        let old = desired("a1", "ro", TENANCY);
+        run_sync(&v, &old, true).await.expect("sync");
+        with_tokens_and_leases(&v, &old.policy.name);
+        let new = desired("b2", "ro", TENANCY);
+        assert_ne!(
+            old.policy.name, new.policy.name,
+            "each incarnation has its own policy"
+        );
+        assert!(!new.role.token_policies.contains(&old.policy.name));
+        let out = run_sync(&v, &new, true).await.expect("sync");
+        assert!(!out.deleted.is_empty(), "{out:?}");
+        assert!(v.get(POLICY_A).is_none(), "the earlier policy is gone");
         assert!(
             v.get("token/a1").is_none(),
-            "the earlier binding's token is revoked"
+            "the earlier binding's tokens are revoked"
         );
-        assert!(
-            v.get("lease/database/creds/palisade-shop.orders.shop_pg/l1")
-                .is_none()
-        );
-        let text =
-            v.get(&format!("sys/policies/acl/{BASE}")).expect("policy")["policy"].to_string();
-        assert!(text.contains("uid=new"));
+    }
+
+    #[tokio::test]
+    async fn service_accounts_taken_off_a_binding_lose_their_tokens() {
+        let v = FakeVault::default();
+        let both = translated(&binding("a1", "ro", "orders, batch"), TENANCY);
+        run_sync(&v, &both, true).await.expect("sync");
+        as_vault_reports(&v, &both);
+        let login = "auth/kubernetes/login";
+        let p = &both.policy.name;
+        v.put("token/t1", json!({"meta": {"role": BASE, "service_account_name": "orders"}, "path": login, "policies": [p]}));
+        v.put("token/t2", json!({"meta": {"role": BASE, "service_account_name": "batch"}, "path": login, "policies": [p]}));
+        let one = translated(&binding("a1", "ro", "orders"), TENANCY);
+        run_sync(&v, &one, true).await.expect("sync");
+        assert!(v.get("token/t2").is_none(), "batch is no longer listed");
+        assert!(v.get("token/t1").is_some(), "orders still is");
     }
 
     #[tokio::test]
     async fn the_sweep_removes_only_objects_whose_binding_is_gone() {
         let v = FakeVault::default();
-        run_sync(&v, &desired("u1", "ro", TENANCY), true)
+        run_sync(&v, &desired("a1", "ro", TENANCY), true)
             .await
             .expect("sync");
         v.put("auth/kubernetes/role/palisade-gone.app", json!({}));
         v.put("database/roles/palisade-gone.app.gone_pg", json!({}));
         v.put(
-            "sys/policies/acl/palisade-hand.made",
+            "sys/policies/acl/palisade-kept.app.c3000000",
+            json!({"policy": "# palisade-owner cluster=- namespace=kept name=app uid=c3 desired=x retain=true\n"}),
+        );
+        v.put(
+            "sys/policies/acl/palisade-hand.made.d4000000",
             json!({"policy": "path \"x\" {}"}),
         );
         v.put("sys/policies/acl/admin", json!({"policy": "path \"*\" {}"}));
-        let (naming, mounts, _) = scope(true);
-        let s = Scope {
-            naming: &naming,
-            auth_mount: "kubernetes",
-            database_mounts: &mounts,
-            correct_drift: true,
-        };
-        let found = inventory(&v, &s).await.expect("inventory");
+        let live = BTreeMap::from([(("shop".to_owned(), "orders".to_owned()), "a1".to_owned())]);
+        let (found, swept) = with_scope(true, |s| {
+            futures::executor::block_on(async {
+                let found = inventory(&v, s).await.expect("inventory");
+                let swept = sweep(&v, s, &found, &live).await;
+                (found, swept)
+            })
+        });
         let names: Vec<(&str, &str)> = found
             .iter()
             .map(|f| (f.namespace.as_str(), f.name.as_str()))
             .collect();
-        assert_eq!(names, [("gone", "app"), ("shop", "orders")]);
-        let live = BTreeMap::from([(("shop".to_owned(), "orders".to_owned()), "u1".to_owned())]);
-        let swept = sweep(&v, &s, &found, &live).await;
-        assert_eq!(swept.len(), 1);
+        assert_eq!(
+            names,
+            [("gone", "app"), ("kept", "app"), ("shop", "orders")]
+        );
+        assert_eq!(swept.len(), 1, "{swept:?}");
         assert_eq!(swept[0].0, "palisade-gone.app");
         assert!(v.get("auth/kubernetes/role/palisade-gone.app").is_none());
         assert!(v.get("database/roles/palisade-gone.app.gone_pg").is_none());
         assert!(v.get(ROLE).is_some(), "a live binding keeps its role");
         assert!(
-            v.get("sys/policies/acl/palisade-hand.made").is_some(),
+            v.get("sys/policies/acl/palisade-kept.app.c3000000")
+                .is_some(),
+            "Retain allowed"
+        );
+        assert!(
+            v.get("sys/policies/acl/palisade-hand.made.d4000000")
+                .is_some(),
             "not Palisade's"
         );
-        // A binding recreated with a new uid: the old incarnation's objects are swept.
-        let live = BTreeMap::from([(("shop".to_owned(), "orders".to_owned()), "u2".to_owned())]);
-        let swept = sweep(&v, &s, &found, &live).await;
-        assert_eq!(swept.len(), 2);
+        // The binding recreated with another uid: only the earlier incarnation's policy goes.
+        let live = BTreeMap::from([(("shop".to_owned(), "orders".to_owned()), "b2".to_owned())]);
+        let swept = with_scope(true, |s| {
+            futures::executor::block_on(async {
+                let found = inventory(&v, s).await.expect("inventory");
+                sweep(&v, s, &found, &live).await
+            })
+        });
+        assert_eq!(swept.len(), 1, "{swept:?}");
+        assert!(v.get(POLICY_A).is_none());
+        assert!(v.get(ROLE).is_some(), "the live binding's login role stays");
     }
 }
