@@ -100,6 +100,7 @@ pub fn tenant_and_operator_attacks_get_nothing(env: &Env) -> Result<()> {
             ("a foreign policy in a list", vec![role.clone(), "bound_service_account_names=app".into(), format!("bound_service_account_namespaces={ns}"), format!("token_policies=palisade-{ns}.db,{OPERATOR_ROLE}")]),
             ("a ServiceAccount glob", vec![role.clone(), "bound_service_account_names=*".into(), format!("bound_service_account_namespaces={ns}"), format!("token_policies=palisade-{ns}.db")]),
             ("the operator's namespace", vec![role.clone(), "bound_service_account_names=palisade-operator".into(), "bound_service_account_namespaces=palisade-system".into(), format!("token_policies=palisade-{ns}.db")]),
+            ("the operator's namespace with a trailing space", vec![role.clone(), "bound_service_account_names=palisade-operator".into(), "bound_service_account_namespaces=palisade-system ".into(), format!("token_policies=palisade-{ns}.db")]),
             ("a token period", vec![role.clone(), "bound_service_account_names=app".into(), format!("bound_service_account_namespaces={ns}"), format!("token_policies=palisade-{ns}.db"), "token_period=720h".into()]),
         ] {
             let mut a = vec!["write".to_owned()];
@@ -162,6 +163,8 @@ pub fn tenant_and_operator_attacks_get_nothing(env: &Env) -> Result<()> {
         }
         wait_condition(cp, ns, "keep", "Ready", "True")?;
         let keep_token = bao.login(cp, ns, "app", &format!("palisade-{ns}.keep"))?;
+        // Vault finds roles in any case and records the name as sent: this token is revoked too.
+        let upper_token = bao.login(cp, ns, "app", &format!("palisade-{ns}.keep").to_ascii_uppercase())?;
         let (keep_user, keep_password, _) = creds(&bao, &keep_token, &format!("palisade-{ns}.keep.{conn}"))?;
         kubectl(cp, &["delete", "secretbinding", "keep", "-n", ns, "--timeout=60s"])?;
         if pg.psql(&keep_user, &keep_password, "SELECT 1").is_ok() {
@@ -169,6 +172,9 @@ pub fn tenant_and_operator_attacks_get_nothing(env: &Env) -> Result<()> {
         }
         if bao.root(&["token", "lookup", &keep_token]).is_ok() {
             bail!("a deleted binding's Vault token was not revoked");
+        }
+        if bao.root(&["token", "lookup", &upper_token]).is_ok() {
+            bail!("a token logged in with the role name in upper case was not revoked");
         }
 
         // 4. A login role of the same name that Palisade did not write is neither used, changed
