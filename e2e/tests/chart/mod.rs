@@ -165,6 +165,23 @@ fn installs_runs_with_least_privilege_and_uninstalls(env: &Env) -> Result<()> {
             bail!("helm template with webhook.clientCAConfigMap lacks {needle:?}");
         }
     }
+    // operator.vaultCAConfigMap: mounted for the operator and made its only Vault CA.
+    let rendered = run_ok(
+        helm()
+            .args(["template", "x", "--kube-version", "1.36.3"])
+            .arg(&chart)
+            .args(["--set", "operator.vaultCAConfigMap=vault-ca"])
+            .args(["--set", "operator.vault.address=https://vault.example:8200"]),
+    )?;
+    for needle in [
+        "caFile: /etc/palisade/vault-ca/ca.crt",
+        "mountPath: /etc/palisade/vault-ca",
+        "name: vault-ca",
+    ] {
+        if !rendered.contains(needle) {
+            bail!("helm template with operator.vaultCAConfigMap lacks {needle:?}");
+        }
+    }
     // Other tests may have made it already (the Vault tests keep their operator account there).
     if run(cp.kubectl().args(["get", "namespace", NS]))?
         .status
