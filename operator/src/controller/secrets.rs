@@ -81,6 +81,7 @@ impl SecretState {
             auth_mount: &vault.settings().workloads.kubernetes_auth_mount,
             database_mounts: &self.database_mounts,
             correct_drift: vault.settings().drift_correction,
+            allow_retain: vault.settings().allow_retain,
         }
     }
 

@@ -4,9 +4,9 @@
 //!
 //! The client logs in with Kubernetes auth using a short-lived token of its own ServiceAccount
 //! (TokenRequest), revokes the Vault token it replaces, and speaks Vault's HTTP API directly over
-//! one rustls client whose only trust roots are the configured CA (or the platform's roots when
-//! none is configured). No environment variable changes what it trusts: `VAULT_SKIP_VERIFY`,
-//! `VAULT_CACERT` and their OpenBao spellings are never read.
+//! one rustls client that follows no redirects and whose only trust root is the configured CA.
+//! Without one it uses the platform's roots (which `SSL_CERT_FILE`/`SSL_CERT_DIR` can change);
+//! `VAULT_SKIP_VERIFY`, `VAULT_CACERT` and their OpenBao spellings are never read.
 
 use std::{
     collections::BTreeSet,
@@ -560,7 +560,7 @@ async fn revoke_token(
 fn classify(code: u16, path: &str, text: &str) -> VaultError {
     match code {
         403 => VaultError::Denied(format!("{path}: 403 {text}")),
-        500.. => VaultError::Unavailable(format!("{path}: {code} {text}")),
+        429 | 500.. => VaultError::Unavailable(format!("{path}: {code} {text}")),
         _ => VaultError::Api(format!("{path}: {code} {text}")),
     }
 }
@@ -661,6 +661,8 @@ impl VaultSettings {
              \"bound_service_account_names\" = [\"***\"]\n    \
              \"bound_service_account_namespaces\" = [\"***\", \"*,*\", \"*{own}*\"]\n    \
              \"token_policies\" = [\"*,*\"]\n  }}\n}}\n\
+             path \"auth/token/lookup-self\" {{\n  capabilities = [\"read\"]\n}}\n\
+             path \"auth/token/revoke-self\" {{\n  capabilities = [\"update\"]\n}}\n\
              path \"auth/token/accessors\" {{\n  capabilities = [\"list\", \"sudo\"]\n}}\n\
              path \"auth/token/lookup-accessor\" {{\n  capabilities = [\"update\"]\n}}\n\
              path \"auth/token/revoke-accessor\" {{\n  capabilities = [\"update\"]\n}}\n",

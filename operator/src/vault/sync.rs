@@ -24,6 +24,8 @@ pub struct Scope<'a> {
     pub database_mounts: &'a BTreeSet<String>,
     /// Write back hand edits.
     pub correct_drift: bool,
+    /// Whether `Retain` is honoured (the sweep keeps what a policy marks so only then).
+    pub allow_retain: bool,
 }
 
 /// What one sync changed in Vault.
@@ -126,15 +128,15 @@ fn ownership(name: &str, text: &str, want: &Marker, vouched: bool) -> Result<(),
 
 /// Before a binding's objects are first written: a login role of the same name must be absent
 /// or one Palisade wrote for this binding (attaching only its policies); a hand-made one is not
-/// overwritten.
+/// overwritten. Whether one exists.
 async fn check_role_owner<V: VaultApi>(
     api: &V,
     scope: &Scope<'_>,
     desired: &VaultDesired,
-) -> Result<(), VaultError> {
+) -> Result<bool, VaultError> {
     let path = role_path(scope.auth_mount, &desired.role.name);
     let Some(role) = read_map(api, &path).await? else {
-        return Ok(());
+        return Ok(false);
     };
     let m = &desired.policy.marker;
     let ours = list_field(&role, "token_policies").iter().all(|p| {
@@ -144,7 +146,7 @@ async fn check_role_owner<V: VaultApi>(
             .is_some_and(|(ns, n, _)| ns == m.namespace && n == m.name)
     });
     if ours {
-        Ok(())
+        Ok(true)
     } else {
         Err(VaultError::NotOwned(format!(
             "role {path} exists in Vault and attaches policies that are not this binding's; nothing was changed (rename or remove it)"
@@ -201,9 +203,9 @@ pub async fn sync<V: VaultApi>(
         ownership(&policy.name, text, &policy.marker, vouched)?;
     }
     let fresh = live.is_none();
-    if fresh {
-        check_role_owner(api, scope, desired).await?;
-    }
+    // A login role left by an earlier binding of this name (recreation) makes a fresh policy a
+    // change to stage like any other.
+    let earlier_role = fresh && check_role_owner(api, scope, desired).await?;
     // Without its ownership line the digest is unknown: what differs is a hand edit.
     let changed = !vouched
         && live
@@ -212,7 +214,7 @@ pub async fn sync<V: VaultApi>(
             .is_none_or(|m| m.digest != policy.marker.digest);
     // A change to existing objects is staged: the policy first records no digest, so a sync
     // interrupted halfway is finished as a change next time, not taken for drift.
-    let staged = changed && !fresh;
+    let staged = changed && (!fresh || earlier_role);
     let text = policy.hcl();
     let c = Compared {
         existed: !fresh,
@@ -271,20 +273,21 @@ async fn sync_database_roles<V: VaultApi>(
         };
         let what = described(format!("database role {}", role.path()), diff.as_deref());
         if plan(what, c, changed, scope, out) {
-            api.write(&role.path(), role.request()).await?;
             let sql_changed = diff
                 .as_ref()
                 .is_some_and(|d| d.iter().any(|f| f.ends_with("_statements")));
+            let revoke = format!(
+                "sys/leases/revoke-prefix/{}/creds/{}?sync=true",
+                role.mount, role.name
+            );
+            // Credentials made with other SQL must not outlive it: revoked before the write (so
+            // a failed write is retried with them) and after it (for any issued in between).
             if sql_changed {
-                // Credentials made with other SQL must not outlive it.
-                api.write(
-                    &format!(
-                        "sys/leases/revoke-prefix/{}/creds/{}?sync=true",
-                        role.mount, role.name
-                    ),
-                    json!({}),
-                )
-                .await?;
+                api.write(&revoke, json!({})).await?;
+            }
+            api.write(&role.path(), role.request()).await?;
+            if sql_changed {
+                api.write(&revoke, json!({})).await?;
                 out.deleted
                     .push(format!("leases of {} (its SQL changed)", role.path()));
             }
@@ -323,21 +326,18 @@ async fn sync_login_role<V: VaultApi>(
         out,
     ) {
         api.write(&path, role.request()).await?;
-        let dropped: BTreeSet<String> = live
-            .as_ref()
-            .map(|l| list_field(l, "bound_service_account_names"))
-            .unwrap_or_default()
-            .difference(&role.bound_service_account_names)
-            .cloned()
-            .collect();
-        if !dropped.is_empty() {
-            let m = TokenMatch {
-                auth_mount: scope.auth_mount,
-                role: &role.name,
-                policies: &role.token_policies,
-                service_accounts: Some(&dropped),
-            };
-            let n = revoke_tokens(api, &m).await?;
+    }
+    // On every change (not only the sync that rewrote the role, which may have failed after
+    // the write): tokens of ServiceAccounts the binding no longer lists are revoked.
+    if changed && !fresh {
+        let m = TokenMatch {
+            auth_mount: scope.auth_mount,
+            role: &role.name,
+            policies: &role.token_policies,
+            keep: Some(&role.bound_service_account_names),
+        };
+        let n = revoke_tokens(api, &m).await?;
+        if n > 0 {
             out.deleted
                 .push(format!("{n} tokens of ServiceAccounts no longer listed"));
         }
@@ -383,7 +383,7 @@ async fn retire_stale<V: VaultApi>(
             auth_mount: scope.auth_mount,
             role: "",
             policies: &earlier,
-            service_accounts: None,
+            keep: None,
         };
         let n = revoke_tokens(api, &tm).await?;
         out.deleted
@@ -459,13 +459,13 @@ async fn retire_database_role<V: VaultApi>(
 
 /// Which tokens to revoke: issued through `auth_mount`'s login, and either carrying one of
 /// `policies` (Vault reports them lower-cased) or logged in to `role` (in any case: Vault finds
-/// roles case-insensitively and records the name as sent); when `service_accounts` is set,
-/// only theirs.
+/// roles case-insensitively and records the name as sent); when `keep` is set, the tokens of
+/// those ServiceAccounts are kept.
 struct TokenMatch<'a> {
     auth_mount: &'a str,
     role: &'a str,
     policies: &'a BTreeSet<String>,
-    service_accounts: Option<&'a BTreeSet<String>>,
+    keep: Option<&'a BTreeSet<String>>,
 }
 
 impl TokenMatch<'_> {
@@ -491,12 +491,23 @@ impl TokenMatch<'_> {
                 .pointer("/meta/role")
                 .and_then(Value::as_str)
                 .is_some_and(|r| r.eq_ignore_ascii_case(self.role));
-        let sa_ok = self.service_accounts.is_none_or(|s| {
-            info.pointer("/meta/service_account_name")
+        let sa_ok = self.keep.is_none_or(|s| {
+            !info
+                .pointer("/meta/service_account_name")
                 .and_then(Value::as_str)
                 .is_some_and(|n| s.contains(n))
         });
         via_login && (by_policy || by_role) && sa_ok
+    }
+}
+
+/// Whether Vault's answer says the token behind an accessor is gone (expired, revoked or never
+/// there): 400 "invalid accessor", 403 "bad token". Other refusals are real.
+fn vanished(e: &VaultError) -> bool {
+    match e {
+        VaultError::Api(t) => t.contains(" 400 "),
+        VaultError::Denied(t) => t.contains("bad token") || t.contains("invalid accessor"),
+        _ => false,
     }
 }
 
@@ -510,13 +521,19 @@ async fn revoke_tokens<V: VaultApi>(api: &V, m: &TokenMatch<'_>) -> Result<usize
             .await
         {
             Ok(Some(info)) => info,
-            Ok(None) | Err(VaultError::Api(_) | VaultError::Denied(_)) => continue,
+            Ok(None) => continue,
+            Err(e) if vanished(&e) => continue,
             Err(e) => return Err(e),
         };
         if m.matches(&info) {
-            api.write("auth/token/revoke-accessor", json!({"accessor": accessor}))
-                .await?;
-            revoked += 1;
+            match api
+                .write("auth/token/revoke-accessor", json!({"accessor": accessor}))
+                .await
+            {
+                Ok(_) => revoked += 1,
+                Err(e) if vanished(&e) => {}
+                Err(e) => return Err(e),
+            }
         }
     }
     Ok(revoked)
@@ -557,12 +574,13 @@ pub async fn remove<V: VaultApi>(
     match read_map(api, &role).await {
         Ok(Some(r)) => {
             let attached = list_field(&r, "token_policies");
-            let ours = attached.iter().all(|p| {
-                scope
-                    .naming
-                    .policy_of(p)
-                    .is_some_and(|(n, b, _)| n == ns && b == name)
-            });
+            let ours = !attached.is_empty()
+                && attached.iter().all(|p| {
+                    scope
+                        .naming
+                        .policy_of(p)
+                        .is_some_and(|(n, b, _)| n == ns && b == name)
+                });
             if ours {
                 let r = api.delete(&role).await;
                 if r.is_ok() {
@@ -572,9 +590,11 @@ pub async fn remove<V: VaultApi>(
                 policies.extend(attached.iter().cloned());
                 vouched = attached;
             } else {
-                keep(Err(VaultError::NotOwned(format!(
-                    "role {role} attaches policies that are not this binding's; left in place"
-                ))));
+                // Not Palisade's: nothing under this name is touched, its tokens and
+                // database roles included.
+                return Err(VaultError::NotOwned(format!(
+                    "role {role} attaches policies that are not this binding's; nothing was removed"
+                )));
             }
         }
         Ok(None) => {}
@@ -598,7 +618,7 @@ pub async fn remove<V: VaultApi>(
         auth_mount: scope.auth_mount,
         role: base,
         policies: &removed_policies,
-        service_accounts: None,
+        keep: None,
     };
     match revoke_tokens(api, &m).await {
         Ok(0) => {}
@@ -735,7 +755,7 @@ pub async fn sweep<V: VaultApi>(
     for f in found {
         let base = scope.naming.base(&f.namespace, &f.name);
         match live.get(&(f.namespace.clone(), f.name.clone())) {
-            None if f.retain => {}
+            None if f.retain && scope.allow_retain => {}
             None => out.push((base.clone(), remove(api, scope, &base).await)),
             Some(uid) => {
                 let current = crate::translate::vault::uid_tag(uid);
@@ -769,7 +789,7 @@ async fn remove_policies<V: VaultApi>(
         auth_mount: scope.auth_mount,
         role: "",
         policies,
-        service_accounts: None,
+        keep: None,
     };
     let n = revoke_tokens(api, &m).await?;
     done.push(format!("{n} tokens"));
@@ -818,6 +838,7 @@ mod tests {
             auth_mount: "kubernetes",
             database_mounts: &mounts,
             correct_drift,
+            allow_retain: true,
         })
     }
 
@@ -833,6 +854,7 @@ mod tests {
             auth_mount: "kubernetes",
             database_mounts: &mounts,
             correct_drift: correct,
+            allow_retain: true,
         };
         sync(v, &s, d).await
     }
@@ -845,6 +867,7 @@ mod tests {
             auth_mount: "kubernetes",
             database_mounts: &mounts,
             correct_drift: true,
+            allow_retain: true,
         };
         remove(v, &s, base).await
     }
@@ -859,7 +882,10 @@ mod tests {
 
     /// Stands in for what Vault reports on a read: the fields a write stores, typed.
     fn as_vault_reports(v: &FakeVault, d: &VaultDesired) {
-        v.put(ROLE, Value::Object(d.role.body()));
+        v.put(
+            &format!("auth/kubernetes/role/{}", d.role.name),
+            Value::Object(d.role.body()),
+        );
         for r in &d.database_roles {
             v.put(&r.path(), Value::Object(r.body()));
         }
@@ -1006,8 +1032,21 @@ mod tests {
             .expect_err("not owned");
         assert!(matches!(err, VaultError::NotOwned(_)), "{err}");
         assert!(writes(&v.take_calls()).is_empty());
+        v.put(DB_ROLE, json!({"db_name": "shop_pg"}));
+        v.put(
+            "token/t1",
+            json!({"meta": {"role": BASE}, "path": "auth/kubernetes/login", "policies": ["admin"]}),
+        );
         run_remove(&v, BASE).await.expect_err("not owned");
         assert_eq!(v.get(ROLE), Some(json!({"token_policies": ["admin"]})));
+        assert!(
+            v.get(DB_ROLE).is_some() && v.get("token/t1").is_some(),
+            "nothing under its name is touched"
+        );
+        // Neither is a role that attaches no policy at all.
+        v.put(ROLE, json!({"token_policies": []}));
+        run_remove(&v, BASE).await.expect_err("not owned");
+        assert!(v.get(ROLE).is_some());
     }
 
     fn with_tokens_and_leases(v: &FakeVault, policy: &str) {
@@ -1134,7 +1173,10 @@ mod tests {
         run_sync(&v, &desired("a1", "ro", TENANCY), true)
             .await
             .expect("sync");
-        v.put("auth/kubernetes/role/palisade-gone.app", json!({}));
+        v.put(
+            "auth/kubernetes/role/palisade-gone.app",
+            json!({"token_policies": ["palisade-gone.app.e5000000"]}),
+        );
         v.put("database/roles/palisade-gone.app.gone_pg", json!({}));
         v.put(
             "sys/policies/acl/palisade-kept.app.c3000000",
@@ -1187,5 +1229,89 @@ mod tests {
         assert_eq!(swept.len(), 1, "{swept:?}");
         assert!(v.get(POLICY_A).is_none());
         assert!(v.get(ROLE).is_some(), "the live binding's login role stays");
+    }
+
+    #[tokio::test]
+    async fn a_binding_whose_name_extends_another_keeps_everything_when_the_other_goes() {
+        let v = FakeVault::default();
+        let short = desired("a1", "ro", TENANCY);
+        let long: SecretBinding = serde_yaml::from_str(
+            "apiVersion: palisade.dev/v1alpha1\nkind: SecretBinding\nmetadata: {name: orders.a1000000, namespace: shop, uid: b2}\nspec:\n  serviceAccountNames: [orders]\n  database: [{mount: database, connection: shop_pg, profile: ro, defaultTTL: 1h, maxTTL: 2h}]\n",
+        )
+        .expect("binding");
+        let long = translated(&long, TENANCY);
+        // Binding `orders.a1000000`'s login role has the name of binding `orders`'s policy.
+        assert_eq!(long.role.name, short.policy.name);
+        run_sync(&v, &short, true).await.expect("sync");
+        run_sync(&v, &long, true).await.expect("sync");
+        as_vault_reports(&v, &long);
+        let login = "auth/kubernetes/login";
+        v.put("token/l1", json!({"meta": {"role": long.role.name}, "path": login, "policies": [long.policy.name]}));
+        v.put(
+            &format!(
+                "lease/{}/l1",
+                long.database_roles[0].path().replace("/roles/", "/creds/")
+            ),
+            json!({}),
+        );
+        let kept = |v: &FakeVault| -> Vec<String> {
+            v.paths()
+                .into_iter()
+                .filter(|p| p.contains("orders.a1000000") || p == "token/l1")
+                .collect()
+        };
+        let before = kept(&v);
+        run_remove(&v, BASE).await.expect("removed");
+        let live = BTreeMap::from([(
+            ("shop".to_owned(), "orders.a1000000".to_owned()),
+            "b2".to_owned(),
+        )]);
+        let swept = with_scope(true, |s| {
+            futures::executor::block_on(async {
+                let found = inventory(&v, s).await.expect("inventory");
+                sweep(&v, s, &found, &live).await
+            })
+        });
+        assert!(
+            swept
+                .iter()
+                .all(|(b, _)| b != "palisade-shop.orders.a1000000"),
+            "{swept:?}"
+        );
+        let after = kept(&v);
+        assert!(
+            before.iter().all(|p| after.contains(p)
+                || p == &short
+                    .policy
+                    .name
+                    .replace("palisade", "sys/policies/acl/palisade")),
+            "{before:?} -> {after:?}"
+        );
+        assert!(
+            v.get(&format!("sys/policies/acl/{}", long.policy.name))
+                .is_some()
+        );
+        assert!(
+            v.get(&format!("auth/kubernetes/role/{}", long.role.name))
+                .is_some()
+        );
+        assert!(v.get("token/l1").is_some());
+    }
+
+    #[tokio::test]
+    async fn a_recreated_binding_is_staged_like_any_change() {
+        let v = FakeVault::default();
+        let old = desired("a1", "ro", TENANCY);
+        run_sync(&v, &old, true).await.expect("sync");
+        as_vault_reports(&v, &old);
+        let new = desired("b2", "ro", TENANCY);
+        v.fail(&format!("PUT {ROLE}"));
+        run_sync(&v, &new, false).await.expect_err("interrupted");
+        let p = format!("sys/policies/acl/{}", new.policy.name);
+        let text = v.get(&p).expect("policy")["policy"].to_string();
+        assert!(
+            text.contains("desired=pending"),
+            "an interrupted recreation is not taken as done"
+        );
     }
 }
