@@ -383,7 +383,15 @@ fn crash_converges_and_resync_writes_nothing(env: &Env) -> Result<()> {
         if !status.success() {
             bail!("graceful shutdown exited with {status}");
         }
-        // A fresh replica reconciles everything once; nothing needs writing.
+        // A fresh replica reconciles everything once; nothing needs writing. Namespaces other
+        // tests are still deleting would make it try (and count) writes there: wait them out.
+        cp.eventually("no namespace terminating", Duration::from_mins(2), || {
+            let phases = run_ok(cp.kubectl().args([
+                "get", "namespaces", "-o", "jsonpath={.items[*].status.phase}",
+            ]))
+            .ok()?;
+            (!phases.contains("Terminating")).then_some(())
+        })?;
         let op = OperatorProcess::start(cp, "resync", "")?;
         cp.eventually("a full resync", WAIT, || {
             (op.counter("palisade_operator_reconciles_total").ok()? >= f64::from(N)).then_some(())
