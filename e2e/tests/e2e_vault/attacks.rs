@@ -177,6 +177,24 @@ pub fn tenant_and_operator_attacks_get_nothing(env: &Env) -> Result<()> {
             bail!("a token logged in with the role name in upper case was not revoked");
         }
 
+        // 3b. Vault's certificate is checked against the configured CA only: an operator
+        // given another CA talks to nobody (and no environment variable changes that).
+        if let Some(running) = op.borrow_mut().take() {
+            running.terminate()?;
+        }
+        let wrong_ca = bao
+            .operator_config(&format!("{EXAMPLE_TENANCY}  sweepIntervalSeconds: 10\n"))
+            .replace(&bao.ca.display().to_string(), &cp.pki.ca_cert.display().to_string());
+        let wrong = OperatorProcess::start(cp, "vault-attacks-ca", &wrong_ca)?;
+        accepts(&apply(cp, ns, "tls", &sb("tls", &kv(&format!("{ns}/app/*"))))?, "tls")?;
+        let (_, reason, msg) = wait_condition(cp, ns, "tls", "VaultUnavailable", "True")?;
+        if !msg.to_ascii_lowercase().contains("certificate") && !msg.contains("UnknownIssuer") {
+            bail!("an operator trusting another CA reached Vault, or said so unclearly: {reason}: {msg}");
+        }
+        wrong.terminate()?;
+        *op.borrow_mut() = Some(OperatorProcess::start(cp, "vault-attacks-3", &bao.operator_config(&format!("{EXAMPLE_TENANCY}  sweepIntervalSeconds: 10\n")))?);
+        wait_condition(cp, ns, "tls", "Ready", "True")?;
+
         // 4. A login role of the same name that Palisade did not write is neither used, changed
         // nor deleted (also when the binding is then deleted).
         let handmade = format!("auth/kubernetes/role/palisade-{ns}.handmade");
@@ -211,7 +229,7 @@ pub fn tenant_and_operator_attacks_get_nothing(env: &Env) -> Result<()> {
         if binding(cp, ns, "victim").is_none() || bao.root(&["read", &format!("database/roles/palisade-{ns}.victim.{conn}")]).is_err() {
             bail!("the victim's database role is gone");
         }
-        for name in ["db", "rw", "kv", "victim"] {
+        for name in ["db", "rw", "kv", "victim", "tls"] {
             let _ = run(cp.kubectl().args(["delete", "secretbinding", name, "-n", ns, "--timeout=60s"]));
         }
         Ok(())

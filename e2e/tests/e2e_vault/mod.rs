@@ -261,6 +261,17 @@ fn secret_binding_lifecycle(env: &Env) -> Result<()> {
             (!text.contains("secret/data/*") && text.contains("secret/data/shop/orders/*"))
                 .then_some(())
         })?;
+        // So is a hand edit of a role field Palisade does not set: a token period (periodic
+        // tokens that never reach a maximum lifetime).
+        let role_path = format!("auth/kubernetes/role/{role}");
+        bao.root(&["write", &role_path, "token_period=720h"])?;
+        touch("3")?;
+        cp.eventually("the role's token period reset", WAIT, || {
+            let period = bao
+                .root(&["read", "-field=token_period", &role_path])
+                .ok()?;
+            (period == "0").then_some(())
+        })?;
         cp.eventually("a DriftReverted event", WAIT, || {
             let ev = run_ok(cp.kubectl().args([
                 "get",

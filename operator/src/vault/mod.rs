@@ -520,7 +520,7 @@ async fn exchange(
     let resp = req
         .send()
         .await
-        .map_err(|e| VaultError::Unavailable(format!("{path}: {e}")))?;
+        .map_err(|e| VaultError::Unavailable(format!("{path}: {}", chain(&e))))?;
     let code = resp.status().as_u16();
     let bytes = resp.bytes().await.map(|b| b.to_vec()).unwrap_or_default();
     Ok(match code {
@@ -528,6 +528,21 @@ async fn exchange(
         200..=299 => Outcome::Done(Some(bytes)),
         _ => Outcome::Status(code, String::from_utf8_lossy(&bytes).trim().to_owned()),
     })
+}
+
+/// An error with its causes (a TLS refusal is only in the innermost one).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
 }
 
 /// Revokes one of the operator's own tokens (best effort: it expires anyway).
