@@ -240,7 +240,10 @@ pub async fn sync<V: VaultApi>(
     }
     sync_database_roles(api, scope, desired, fresh, changed, &mut out).await?;
     sync_login_role(api, scope, desired, fresh, changed, &mut out).await?;
-    if changed {
+    // A brand-new binding (no policy, no login role of its name) has nothing stale to look for
+    // (listing every policy and role per new binding would cost O(n) each); what an abandoned
+    // cleanup left of an earlier binding of the name is the sweep's.
+    if changed && (!fresh || earlier_role) {
         retire_stale(api, scope, desired, &mut out).await?;
     }
     if wrote_policy && staged {
