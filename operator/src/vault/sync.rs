@@ -377,20 +377,8 @@ async fn retire_stale<V: VaultApi>(
         .filter(|p| *p != desired.policy.name)
         .collect();
     if !earlier.is_empty() {
-        for p in &earlier {
-            api.delete(&policy_path(p)).await?;
-            out.deleted
-                .push(format!("policy {p} of an earlier binding"));
-        }
-        let tm = TokenMatch {
-            auth_mount: scope.auth_mount,
-            role: "",
-            policies: &earlier,
-            keep: None,
-        };
-        let n = revoke_tokens(api, &tm).await?;
         out.deleted
-            .push(format!("{n} tokens of earlier bindings of this name"));
+            .extend(remove_policies(api, scope, &earlier).await?);
     }
     Ok(())
 }
