@@ -253,6 +253,27 @@ pub async fn sync<V: VaultApi>(
     Ok(out)
 }
 
+/// Reads the object at `path` (unless the binding is fresh: nothing of it exists) and compares
+/// it whole with `body`: the fields that differ, and the comparison.
+async fn compare<V: VaultApi>(
+    api: &V,
+    path: &str,
+    body: &Map<String, Value>,
+    fresh: bool,
+) -> Result<(Option<Vec<String>>, Compared), VaultError> {
+    let live = if fresh {
+        None
+    } else {
+        read_map(api, path).await?
+    };
+    let diff = live.as_ref().map(|l| differences(body, l));
+    let c = Compared {
+        existed: live.is_some(),
+        differs: diff.as_ref().is_none_or(|d| !d.is_empty()),
+    };
+    Ok((diff, c))
+}
+
 /// The database roles of a sync; a role whose SQL changed loses the credentials made with it.
 async fn sync_database_roles<V: VaultApi>(
     api: &V,
@@ -263,17 +284,7 @@ async fn sync_database_roles<V: VaultApi>(
     out: &mut Synced,
 ) -> Result<(), VaultError> {
     for role in &desired.database_roles {
-        let body = role.body();
-        let live = if fresh {
-            None
-        } else {
-            read_map(api, &role.path()).await?
-        };
-        let diff = live.as_ref().map(|l| differences(&body, l));
-        let c = Compared {
-            existed: live.is_some(),
-            differs: diff.as_ref().is_none_or(|d| !d.is_empty()),
-        };
+        let (diff, c) = compare(api, &role.path(), &role.body(), fresh).await?;
         let what = described(format!("database role {}", role.path()), diff.as_deref());
         if plan(what, c, changed, scope, out) {
             let sql_changed = diff
@@ -309,18 +320,8 @@ async fn sync_login_role<V: VaultApi>(
     out: &mut Synced,
 ) -> Result<(), VaultError> {
     let role = &desired.role;
-    let body = role.body();
     let path = role_path(&role.mount, &role.name);
-    let live = if fresh {
-        None
-    } else {
-        read_map(api, &path).await?
-    };
-    let diff = live.as_ref().map(|l| differences(&body, l));
-    let c = Compared {
-        existed: live.is_some(),
-        differs: diff.as_ref().is_none_or(|d| !d.is_empty()),
-    };
+    let (diff, c) = compare(api, &path, &role.body(), fresh).await?;
     if plan(
         described(format!("role {path}"), diff.as_deref()),
         c,
