@@ -129,6 +129,10 @@ pub fn tenant_and_operator_attacks_get_nothing(env: &Env) -> Result<()> {
         if bao.login(cp, ns, "app", &format!("palisade-{ns}.kv")).is_ok() {
             bail!("a refused binding still logs in");
         }
+        cp.eventually("an AccessRemoved event", Duration::from_secs(30), || {
+            let ev = kubectl(cp, &["get", "events", "-n", ns, "--field-selector", "involvedObject.name=kv,reason=AccessRemoved", "-o", "name"]).ok()?;
+            (!ev.trim().is_empty()).then_some(())
+        })?;
         // ...when its finalizer is removed by hand before deletion (the sweep finds it)...
         accepts(&apply(cp, ns, "gone", &sb("gone", &kv(&format!("{ns}/app/*"))))?, "gone")?;
         wait_condition(cp, ns, "gone", "Ready", "True")?;
