@@ -148,38 +148,41 @@ fn installs_runs_with_least_privilege_and_uninstalls(env: &Env) -> Result<()> {
             .args(["--set", set]))?;
         rejects(&out, &format!("helm template --set {set}"), &[needle])?;
     }
-    // webhook.clientCAConfigMap: the webhook is told to ask for client certificates, and the
-    // CA it reads is the ConfigMap's, mounted where the configuration says.
-    let rendered = run_ok(
-        helm()
-            .args(["template", "x", "--kube-version", "1.36.3"])
-            .arg(&chart)
-            .args(["--set", "webhook.clientCAConfigMap=apiserver-webhook-ca"]),
-    )?;
-    for needle in [
-        "clientCAFile: /etc/palisade/client-ca/ca.crt",
-        "mountPath: /etc/palisade/client-ca",
-        "name: apiserver-webhook-ca",
+    // A CA ConfigMap is mounted where the configuration that reads it says: for the webhook's
+    // client certificates, and as the operator's only Vault CA.
+    for (sets, needles) in [
+        (
+            &["webhook.clientCAConfigMap=apiserver-webhook-ca"][..],
+            [
+                "clientCAFile: /etc/palisade/client-ca/ca.crt",
+                "mountPath: /etc/palisade/client-ca",
+                "name: apiserver-webhook-ca",
+            ],
+        ),
+        (
+            &[
+                "operator.vaultCAConfigMap=vault-ca",
+                "operator.vault.address=https://vault.example:8200",
+            ][..],
+            [
+                "caFile: /etc/palisade/vault-ca/ca.crt",
+                "mountPath: /etc/palisade/vault-ca",
+                "name: vault-ca",
+            ],
+        ),
     ] {
-        if !rendered.contains(needle) {
-            bail!("helm template with webhook.clientCAConfigMap lacks {needle:?}");
+        let mut cmd = helm();
+        cmd.args(["template", "x", "--kube-version", "1.36.3"])
+            .arg(&chart);
+        for set in sets {
+            cmd.args(["--set", set]);
         }
-    }
-    // operator.vaultCAConfigMap: mounted for the operator and made its only Vault CA.
-    let rendered = run_ok(
-        helm()
-            .args(["template", "x", "--kube-version", "1.36.3"])
-            .arg(&chart)
-            .args(["--set", "operator.vaultCAConfigMap=vault-ca"])
-            .args(["--set", "operator.vault.address=https://vault.example:8200"]),
-    )?;
-    for needle in [
-        "caFile: /etc/palisade/vault-ca/ca.crt",
-        "mountPath: /etc/palisade/vault-ca",
-        "name: vault-ca",
-    ] {
-        if !rendered.contains(needle) {
-            bail!("helm template with operator.vaultCAConfigMap lacks {needle:?}");
+        let rendered = run_ok(&mut cmd)?;
+        if let Some(needle) = needles.iter().find(|n| !rendered.contains(*n)) {
+            bail!(
+                "helm template --set {} lacks {needle:?}",
+                sets.join(" --set ")
+            );
         }
     }
     // Other tests may have made it already (the Vault tests keep their operator account there).

@@ -259,11 +259,18 @@ impl DatabaseArea {
     }
 }
 
-/// One area as the collision check sees it: whose it is (`None`: every namespace's) and what.
+/// A KV or database area.
+#[derive(Clone, Copy)]
+enum Area<'a> {
+    Kv(&'a KvArea),
+    Db(&'a DatabaseArea),
+}
+
+/// One area as the collision check sees it: whose it is (`None`: every namespace's), what, and
+/// where the configuration states it.
 struct AreaRef<'a> {
     owner: Option<&'a str>,
-    kv: Option<&'a KvArea>,
-    db: Option<&'a DatabaseArea>,
+    area: Area<'a>,
     at: String,
 }
 
@@ -299,67 +306,52 @@ impl Tenancy {
             }
         }
         let mut areas = Vec::new();
-        for (i, a) in self.kv.iter().enumerate() {
-            let at = format!("tenancy.kv[{i}]");
-            a.check(&at, true)?;
-            areas.push(AreaRef {
-                owner: None,
-                kv: Some(a),
-                db: None,
-                at,
-            });
-        }
-        for (i, a) in self.database.iter().enumerate() {
-            let at = format!("tenancy.database[{i}]");
-            a.check(&at, true, &self.profiles)?;
-            areas.push(AreaRef {
-                owner: None,
-                kv: None,
-                db: Some(a),
-                at,
-            });
-        }
-        for (ns, extra) in &self.namespaces {
-            if !is_namespace_name(ns) {
+        let templated = std::iter::once((None, "tenancy".to_owned(), &self.kv, &self.database));
+        let listed = self.namespaces.iter().map(|(ns, e)| {
+            let at = format!("tenancy.namespaces.{ns}");
+            (Some(ns.as_str()), at, &e.kv, &e.database)
+        });
+        for (owner, base, kv, database) in templated.chain(listed) {
+            if let Some(ns) = owner
+                && !is_namespace_name(ns)
+            {
                 return Err(format!(
                     "tenancy.namespaces: {ns:?} is not a namespace name"
                 ));
             }
-            for (i, a) in extra.kv.iter().enumerate() {
-                let at = format!("tenancy.namespaces.{ns}.kv[{i}]");
-                a.check(&at, false)?;
-                areas.push(AreaRef {
-                    owner: Some(ns),
-                    kv: Some(a),
-                    db: None,
-                    at,
-                });
+            for (i, a) in kv.iter().enumerate() {
+                let at = format!("{base}.kv[{i}]");
+                a.check(&at, owner.is_none())?;
+                let area = Area::Kv(a);
+                areas.push(AreaRef { owner, area, at });
             }
-            for (i, a) in extra.database.iter().enumerate() {
-                let at = format!("tenancy.namespaces.{ns}.database[{i}]");
-                a.check(&at, false, &self.profiles)?;
-                areas.push(AreaRef {
-                    owner: Some(ns),
-                    kv: None,
-                    db: Some(a),
-                    at,
-                });
+            for (i, a) in database.iter().enumerate() {
+                let at = format!("{base}.database[{i}]");
+                a.check(&at, owner.is_none(), &self.profiles)?;
+                let area = Area::Db(a);
+                areas.push(AreaRef { owner, area, at });
             }
         }
-        Self::check_collisions(&areas)?;
-        Self::check_kv_beside_database(&areas)
+        let names = Self::probe_names(&areas);
+        Self::check_collisions(&areas, &names)?;
+        Self::check_kv_beside_database(&areas, &names)
     }
 
     /// No KV area may reach into a database mount (whose roles and credentials live there).
-    fn check_kv_beside_database(areas: &[AreaRef<'_>]) -> Result<(), String> {
-        let names = Self::probe_names(areas);
+    fn check_kv_beside_database(
+        areas: &[AreaRef<'_>],
+        names: &BTreeSet<String>,
+    ) -> Result<(), String> {
         let db_mounts: BTreeSet<&str> = areas
             .iter()
-            .filter_map(|a| a.db.map(|d| d.mount.as_str()))
+            .filter_map(|a| match a.area {
+                Area::Db(d) => Some(d.mount.as_str()),
+                Area::Kv(_) => None,
+            })
             .collect();
         for a in areas {
-            let Some(kv) = a.kv else { continue };
-            for n in &names {
+            let Area::Kv(kv) = a.area else { continue };
+            for n in names {
                 for prefix in kv.acl_prefixes(n) {
                     if let Some(m) = db_mounts
                         .iter()
@@ -384,10 +376,9 @@ impl Tenancy {
             if let Some(o) = a.owner {
                 out.insert(o.to_owned());
             }
-            let text = match (a.kv, a.db) {
-                (Some(k), _) => format!("{}/{}", k.mount, k.path_prefix),
-                (_, Some(d)) => d.connection.clone(),
-                _ => String::new(),
+            let text = match a.area {
+                Area::Kv(k) => format!("{}/{}", k.mount, k.path_prefix),
+                Area::Db(d) => d.connection.clone(),
             }
             .replace(NS, "/");
             for run in text.split(|c: char| !namespace_char(c)) {
@@ -414,8 +405,7 @@ impl Tenancy {
         out
     }
 
-    fn check_collisions(areas: &[AreaRef<'_>]) -> Result<(), String> {
-        let names = Self::probe_names(areas);
+    fn check_collisions(areas: &[AreaRef<'_>], names: &BTreeSet<String>) -> Result<(), String> {
         let owners = |a: &AreaRef<'_>| -> Vec<String> {
             a.owner
                 .map_or_else(|| names.iter().cloned().collect(), |o| vec![o.to_owned()])
@@ -431,11 +421,11 @@ impl Tenancy {
                         if na == nb {
                             continue;
                         }
-                        let clash = match (a.kv, b.kv, a.db, b.db) {
-                            (Some(x), Some(y), _, _) => {
+                        let clash = match (a.area, b.area) {
+                            (Area::Kv(x), Area::Kv(y)) => {
                                 kv_overlap(&x.acl_prefixes(&na), &y.acl_prefixes(&nb))
                             }
-                            (_, _, Some(x), Some(y)) => {
+                            (Area::Db(x), Area::Db(y)) => {
                                 x.mount == y.mount
                                     && connection_overlap(
                                         &template(&x.connection, &na),
@@ -529,6 +519,17 @@ impl Naming {
                 .chars()
                 .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()))
         .then(|| (ns, name, tag.to_owned()))
+    }
+
+    /// Whether `policy` is the policy of some incarnation of binding `namespace/name`.
+    pub fn is_policy_of(&self, policy: &str, namespace: &str, name: &str) -> bool {
+        self.policy_of(policy)
+            .is_some_and(|(ns, n, _)| ns == namespace && n == name)
+    }
+
+    /// The cluster as an ownership record states it (`-` when none).
+    pub fn marker_cluster(&self) -> String {
+        self.cluster.clone().unwrap_or_else(|| "-".into())
     }
 
     /// The (namespace, binding name) a login role name of this operator belongs to;
@@ -1139,7 +1140,7 @@ pub fn translate(sb: &SecretBinding, grants: &Grants<'_>) -> Result<VaultDesired
             name: policy_name,
             rules,
             marker: Marker {
-                cluster: grants.naming.cluster.clone().unwrap_or_else(|| "-".into()),
+                cluster: grants.naming.marker_cluster(),
                 namespace,
                 name,
                 uid,

@@ -23,7 +23,9 @@ use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
 use crate::metrics::Metrics;
-use crate::translate::vault::{Grants, Naming, Tenancy, VaultDefaults, is_namespace_name};
+use crate::translate::vault::{
+    GrantProfile, Grants, Naming, Tenancy, VaultDefaults, is_namespace_name,
+};
 
 #[cfg(test)]
 pub mod fake;
@@ -685,31 +687,22 @@ impl VaultSettings {
             audiences = hcl_list(audiences),
             own = self.service_account.namespace,
         );
-        let pinned = |s: &[String]| {
-            if s.is_empty() {
-                hcl_list([String::new()])
-            } else {
-                hcl_list(s.iter().cloned())
-            }
+        // Each statement field may take exactly the list one profile gives it (`[""]` for none).
+        let pinned = |field: fn(&GrantProfile) -> &Vec<String>| -> String {
+            let lists: BTreeSet<String> = self
+                .tenancy
+                .profiles
+                .values()
+                .map(|g| match field(g).as_slice() {
+                    [] => hcl_list([String::new()]),
+                    s => hcl_list(s.iter().cloned()),
+                })
+                .collect();
+            lists.into_iter().collect::<Vec<_>>().join(", ")
         };
-        let creation: Vec<String> = self
-            .tenancy
-            .profiles
-            .values()
-            .map(|g| pinned(&g.creation_statements))
-            .collect();
-        let renew: BTreeSet<String> = self
-            .tenancy
-            .profiles
-            .values()
-            .map(|g| pinned(&g.renew_statements))
-            .collect();
-        let revocation: BTreeSet<String> = self
-            .tenancy
-            .profiles
-            .values()
-            .map(|g| pinned(&g.revocation_statements))
-            .collect();
+        let renew = pinned(|g| &g.renew_statements);
+        let creation = pinned(|g| &g.creation_statements);
+        let revocation = pinned(|g| &g.revocation_statements);
         for m in self.database_mounts() {
             let _ = write!(
                 out,
@@ -717,13 +710,10 @@ impl VaultSettings {
                  path \"{m}/roles/{p}*\" {{\n  capabilities = [\"create\", \"read\", \"update\", \"delete\"]\n  allowed_parameters = {{\n    \
                  \"db_name\" = []\n    \"default_ttl\" = []\n    \"max_ttl\" = []\n    \
                  \"credential_type\" = [\"password\"]\n    \
-                 \"rollback_statements\" = [[\"\"]]\n    \"renew_statements\" = [{}]\n    \
-                 \"creation_statements\" = [{}]\n    \
-                 \"revocation_statements\" = [{}]\n  }}\n}}\n\
+                 \"rollback_statements\" = [[\"\"]]\n    \"renew_statements\" = [{renew}]\n    \
+                 \"creation_statements\" = [{creation}]\n    \
+                 \"revocation_statements\" = [{revocation}]\n  }}\n}}\n\
                  path \"sys/leases/revoke-prefix/{m}/creds/{p}*\" {{\n  capabilities = [\"update\", \"sudo\"]\n}}\n",
-                renew.iter().cloned().collect::<Vec<_>>().join(", "),
-                creation.join(", "),
-                revocation.iter().cloned().collect::<Vec<_>>().join(", "),
             );
         }
         out

@@ -139,12 +139,9 @@ async fn check_role_owner<V: VaultApi>(
         return Ok(false);
     };
     let m = &desired.policy.marker;
-    let ours = list_field(&role, "token_policies").iter().all(|p| {
-        scope
-            .naming
-            .policy_of(p)
-            .is_some_and(|(ns, n, _)| ns == m.namespace && n == m.name)
-    });
+    let ours = list_field(&role, "token_policies")
+        .iter()
+        .all(|p| scope.naming.is_policy_of(p, &m.namespace, &m.name));
     if ours {
         Ok(true)
     } else {
@@ -193,8 +190,9 @@ pub async fn sync<V: VaultApi>(
     let mut out = Synced::default();
     let policy = &desired.policy;
     let live = read_policy(api, &policy.name).await?;
+    let live_marker = live.as_deref().and_then(Marker::parse);
     let vouched = match &live {
-        Some(text) if Marker::parse(text).is_none() => {
+        Some(_) if live_marker.is_none() => {
             role_vouches(api, scope, &desired.role.name, &policy.name).await?
         }
         _ => false,
@@ -208,12 +206,14 @@ pub async fn sync<V: VaultApi>(
     let earlier_role = fresh && check_role_owner(api, scope, desired).await?;
     // Without its ownership line the digest is unknown: what differs is a hand edit.
     let changed = !vouched
-        && live
-            .as_deref()
-            .and_then(Marker::parse)
+        && live_marker
+            .as_ref()
             .is_none_or(|m| m.digest != policy.marker.digest);
     // A change to existing objects is staged: the policy first records no digest, so a sync
-    // interrupted halfway is finished as a change next time, not taken for drift.
+    // interrupted halfway is finished as a change next time, not taken for drift. A brand-new
+    // binding (no policy, no login role of its name) is not: it has nothing to finish, and
+    // nothing stale to look for either (listing every policy and role per new binding would
+    // cost O(n) each; what an abandoned cleanup left of an earlier binding is the sweep's).
     let staged = changed && (!fresh || earlier_role);
     let text = policy.hcl();
     let c = Compared {
@@ -240,10 +240,7 @@ pub async fn sync<V: VaultApi>(
     }
     sync_database_roles(api, scope, desired, fresh, changed, &mut out).await?;
     sync_login_role(api, scope, desired, fresh, changed, &mut out).await?;
-    // A brand-new binding (no policy, no login role of its name) has nothing stale to look for
-    // (listing every policy and role per new binding would cost O(n) each); what an abandoned
-    // cleanup left of an earlier binding of the name is the sweep's.
-    if changed && (!fresh || earlier_role) {
+    if staged {
         retire_stale(api, scope, desired, &mut out).await?;
     }
     if wrote_policy && staged {
@@ -290,18 +287,14 @@ async fn sync_database_roles<V: VaultApi>(
             let sql_changed = diff
                 .as_ref()
                 .is_some_and(|d| d.iter().any(|f| f.ends_with("_statements")));
-            let revoke = format!(
-                "sys/leases/revoke-prefix/{}/creds/{}?sync=true",
-                role.mount, role.name
-            );
             // Credentials made with other SQL must not outlive it: revoked before the write (so
             // a failed write is retried with them) and after it (for any issued in between).
             if sql_changed {
-                api.write(&revoke, json!({})).await?;
+                revoke_leases(api, &role.mount, &role.name).await?;
             }
             api.write(&role.path(), role.request()).await?;
             if sql_changed {
-                api.write(&revoke, json!({})).await?;
+                revoke_leases(api, &role.mount, &role.name).await?;
                 out.deleted
                     .push(format!("leases of {} (its SQL changed)", role.path()));
             }
@@ -395,12 +388,7 @@ async fn incarnations<V: VaultApi>(
         .list("sys/policies/acl")
         .await?
         .into_iter()
-        .filter(|p| {
-            scope
-                .naming
-                .policy_of(p)
-                .is_some_and(|(ns, n, _)| ns == namespace && n == name)
-        })
+        .filter(|p| scope.naming.is_policy_of(p, namespace, name))
         .collect())
 }
 
@@ -440,13 +428,21 @@ async fn retire_database_role<V: VaultApi>(
     mount: &str,
     name: &str,
 ) -> Result<(), VaultError> {
+    revoke_leases(api, mount, name).await?;
+    api.delete(&format!("{mount}/roles/{name}")).await?;
+    Ok(())
+}
+
+/// Revokes every lease issued under database role `mount`/`name`, waiting until Vault has run
+/// the revocation statements (`sync=true`). Vault treats the prefix as `<prefix>/`, so role
+/// `<name>2`'s leases are not touched.
+async fn revoke_leases<V: VaultApi>(api: &V, mount: &str, name: &str) -> Result<(), VaultError> {
     api.write(
         &format!("sys/leases/revoke-prefix/{mount}/creds/{name}?sync=true"),
         json!({}),
     )
-    .await?;
-    api.delete(&format!("{mount}/roles/{name}")).await?;
-    Ok(())
+    .await
+    .map(|_| ())
 }
 
 /// Which tokens to revoke: issued through `auth_mount`'s login, and either carrying one of
@@ -567,12 +563,9 @@ pub async fn remove<V: VaultApi>(
         Ok(Some(r)) => {
             let attached = list_field(&r, "token_policies");
             let ours = !attached.is_empty()
-                && attached.iter().all(|p| {
-                    scope
-                        .naming
-                        .policy_of(p)
-                        .is_some_and(|(n, b, _)| n == ns && b == name)
-                });
+                && attached
+                    .iter()
+                    .all(|p| scope.naming.is_policy_of(p, &ns, &name));
             if ours {
                 let r = api.delete(&role).await;
                 if r.is_ok() {
@@ -633,7 +626,7 @@ async fn remove_own_policies<V: VaultApi>(
     done: &mut Vec<String>,
     keep: &mut impl FnMut(Result<(), VaultError>),
 ) -> BTreeSet<String> {
-    let cluster = scope.naming.cluster.clone().unwrap_or_else(|| "-".into());
+    let cluster = scope.naming.marker_cluster();
     let mut removed_policies = BTreeSet::new();
     for p in policies {
         let Some((m_ns, m_name, _)) = scope.naming.policy_of(p) else {
@@ -680,6 +673,22 @@ pub struct Found {
     pub retain: bool,
 }
 
+/// The entry of binding `ns/name` in an inventory, made empty when new.
+fn found_entry(
+    found: &mut std::collections::BTreeMap<(String, String), Found>,
+    ns: String,
+    name: String,
+) -> &mut Found {
+    found
+        .entry((ns.clone(), name.clone()))
+        .or_insert_with(|| Found {
+            namespace: ns,
+            name,
+            uids: BTreeSet::new(),
+            retain: false,
+        })
+}
+
 /// Every binding this operator has objects for in Vault: from policy names (with the uids and
 /// `Retain` their ownership records state; policies without one, or another's, are skipped),
 /// login roles and database roles.
@@ -700,14 +709,7 @@ pub async fn inventory<V: VaultApi>(api: &V, scope: &Scope<'_>) -> Result<Vec<Fo
         if (m.namespace.as_str(), m.name.as_str()) != (ns.as_str(), n.as_str()) {
             continue;
         }
-        let f = found
-            .entry((ns.clone(), n.clone()))
-            .or_insert_with(|| Found {
-                namespace: ns,
-                name: n,
-                uids: BTreeSet::new(),
-                retain: false,
-            });
+        let f = found_entry(&mut found, ns, n);
         f.uids.insert(m.uid);
         f.retain |= m.retain;
     }
@@ -721,14 +723,7 @@ pub async fn inventory<V: VaultApi>(api: &V, scope: &Scope<'_>) -> Result<Vec<Fo
     }
     for b in bases {
         if let Some((ns, n)) = scope.naming.binding_of(&b) {
-            found
-                .entry((ns.clone(), n.clone()))
-                .or_insert_with(|| Found {
-                    namespace: ns,
-                    name: n,
-                    uids: BTreeSet::new(),
-                    retain: false,
-                });
+            found_entry(&mut found, ns, n);
         }
     }
     Ok(found.into_values().collect())
