@@ -126,6 +126,21 @@ fn ownership(name: &str, text: &str, want: &Marker, vouched: bool) -> Result<(),
     Ok(())
 }
 
+/// Whether a login role is one Palisade wrote for binding `namespace/name`: it attaches policies,
+/// all of them the binding's. A role attaching nothing is not (Palisade never writes one).
+fn attaches_only_own(
+    role: &Map<String, Value>,
+    scope: &Scope<'_>,
+    namespace: &str,
+    name: &str,
+) -> bool {
+    let attached = list_field(role, "token_policies");
+    !attached.is_empty()
+        && attached
+            .iter()
+            .all(|p| scope.naming.is_policy_of(p, namespace, name))
+}
+
 /// Before a binding's objects are first written: a login role of the same name must be absent
 /// or one Palisade wrote for this binding (attaching only its policies); a hand-made one is not
 /// overwritten. Whether one exists.
@@ -139,10 +154,7 @@ async fn check_role_owner<V: VaultApi>(
         return Ok(false);
     };
     let m = &desired.policy.marker;
-    let ours = list_field(&role, "token_policies")
-        .iter()
-        .all(|p| scope.naming.is_policy_of(p, &m.namespace, &m.name));
-    if ours {
+    if attaches_only_own(&role, scope, &m.namespace, &m.name) {
         Ok(true)
     } else {
         Err(VaultError::NotOwned(format!(
@@ -562,11 +574,7 @@ pub async fn remove<V: VaultApi>(
     match read_map(api, &role).await {
         Ok(Some(r)) => {
             let attached = list_field(&r, "token_policies");
-            let ours = !attached.is_empty()
-                && attached
-                    .iter()
-                    .all(|p| scope.naming.is_policy_of(p, &ns, &name));
-            if ours {
+            if attaches_only_own(&r, scope, &ns, &name) {
                 let r = api.delete(&role).await;
                 if r.is_ok() {
                     done.push(format!("role {role}"));
@@ -1034,6 +1042,14 @@ mod tests {
         v.put(ROLE, json!({"token_policies": []}));
         run_remove(&v, BASE).await.expect_err("not owned");
         assert!(v.get(ROLE).is_some());
+        // Nor overwritten by a new binding of that name.
+        v.take_calls();
+        let err = run_sync(&v, &desired("a1", "ro", TENANCY), true)
+            .await
+            .expect_err("not owned");
+        assert!(matches!(err, VaultError::NotOwned(_)), "{err}");
+        assert!(writes(&v.take_calls()).is_empty());
+        assert_eq!(v.get(ROLE), Some(json!({"token_policies": []})));
     }
 
     fn with_tokens_and_leases(v: &FakeVault, policy: &str) {
