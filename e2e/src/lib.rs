@@ -6,7 +6,9 @@
 
 pub mod chartdoc;
 pub mod controlplane;
+pub mod envoy;
 pub mod hostile;
+pub mod istiod;
 pub mod openbao;
 pub mod operator;
 pub mod pki;

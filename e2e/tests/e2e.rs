@@ -11,6 +11,7 @@ mod e2e_controlplane;
 mod e2e_operator;
 mod e2e_vault;
 mod images;
+mod mesh;
 mod policies;
 mod release;
 
@@ -44,6 +45,7 @@ fn main() {
         e2e_operator::TESTS,
         e2e_vault::TESTS,
         images::TESTS,
+        mesh::TESTS,
         policies::TESTS,
         release::TESTS,
     ]

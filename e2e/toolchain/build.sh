@@ -3,7 +3,7 @@
 # into a cache directory keyed by tool and version. A second run finds them and builds nothing.
 #
 #   e2e/toolchain/build.sh [TOOL...]     TOOL: k8s crds opa spire openbao cosign crane registry helm
-#                                        gitleaks conftest (default: all but gitleaks and conftest)
+#                                        istio gitleaks conftest (default: all but gitleaks and conftest)
 #   e2e/toolchain/build.sh --print-bin   the directory holding every built binary (created)
 #
 # Environment: PALISADE_CACHE (default ~/.cache/palisade-e2e).
@@ -42,6 +42,7 @@ TOOLS=(
 MODULE_TOOLS=(
   "spire   v1.13.3 spire   1 spire-server=github.com/spiffe/spire/cmd/spire-server spire-agent=github.com/spiffe/spire/cmd/spire-agent"
   "openbao v2.4.0  openbao 0 bao=github.com/openbao/openbao"
+  "istio   1.31-eed52ebb istio 0 pilot-discovery=istio.io/istio/pilot/cmd/pilot-discovery xdsdump=./xdsdump"
 )
 
 if [[ "${1:-}" == "--print-bin" ]]; then
@@ -160,7 +161,7 @@ build_module() {
 }
 
 want=("$@")
-((${#want[@]})) || want=(k8s crds opa spire openbao cosign crane registry helm)
+((${#want[@]})) || want=(k8s crds opa spire openbao istio cosign crane registry helm)
 total=$SECONDS
 for w in "${want[@]}"; do
   case "$w" in
@@ -177,7 +178,7 @@ for w in "${want[@]}"; do
         if [[ "${f[0]}" == "$w" ]]; then build_module "${f[@]}"; found=1; fi
       done
       ((found)) || {
-        log "unknown tool '$w' (known: k8s crds helm opa conftest cosign crane registry gitleaks spire openbao)"
+        log "unknown tool '$w' (known: k8s crds helm opa conftest cosign crane registry gitleaks spire openbao istio)"
         exit 2
       }
       ;;

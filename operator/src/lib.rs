@@ -9,5 +9,7 @@ pub mod metrics;
 pub mod model;
 pub mod names;
 pub mod run;
+#[cfg(feature = "strategies")]
+pub mod strategies;
 pub mod translate;
 pub mod vault;

@@ -212,6 +212,18 @@ impl<'a> Attributes<'a> {
     }
 }
 
+fn has_http_field(rule: &Value) -> bool {
+    let ops = rule["to"].as_array().into_iter().flatten();
+    let sources = rule["from"].as_array().into_iter().flatten();
+    ops.into_iter().any(|o| {
+        !strings(&o["operation"]["methods"]).is_empty()
+            || !strings(&o["operation"]["paths"]).is_empty()
+    }) || sources.into_iter().any(|s| {
+        !strings(&s["source"]["requestPrincipals"]).is_empty()
+            || !strings(&s["source"]["notRequestPrincipals"]).is_empty()
+    }) || rule["when"].as_array().is_some_and(|w| !w.is_empty())
+}
+
 fn strings(v: &Value) -> Vec<&str> {
     v.as_array()
         .into_iter()
@@ -221,9 +233,14 @@ fn strings(v: &Value) -> Vec<&str> {
 }
 
 /// Whether one Istio rule matches. On plain TCP, HTTP-only fields are dropped from a DENY rule
-/// (it matches as if they were absent) and make an ALLOW rule match nothing.
+/// (it matches as if they were absent), and an ALLOW rule with an HTTP-only field anywhere (an
+/// operation's methods or paths, a request principal, a claim) is skipped whole: istiod
+/// generates nothing for it on TCP filter chains, its other operations included.
 fn istio_rule_matches(rule: &Value, a: &Attributes<'_>, action: Action) -> bool {
     let tcp = a.http.is_none();
+    if tcp && action == Action::Allow && has_http_field(rule) {
+        return false;
+    }
     // Some(true/false) for a field that constrains; None for a dropped one.
     let http_only = |matched: bool| -> Option<bool> {
         match (tcp, action) {

@@ -46,7 +46,7 @@ pub const TESTS: &[(&str, TestFn)] = &[
 
 const WAIT: Duration = Duration::from_secs(30);
 
-fn get(cp: &ControlPlane, ns: &str, kind: &str, name: &str) -> Option<Value> {
+pub(crate) fn get(cp: &ControlPlane, ns: &str, kind: &str, name: &str) -> Option<Value> {
     let out = run(cp
         .kubectl()
         .args(["get", kind, name, "-n", ns, "-o", "json"]))
@@ -57,14 +57,14 @@ fn get(cp: &ControlPlane, ns: &str, kind: &str, name: &str) -> Option<Value> {
         .flatten()
 }
 
-fn apply_yaml(cp: &ControlPlane, ns: &str, yaml: &str) -> Result<()> {
+pub(crate) fn apply_yaml(cp: &ControlPlane, ns: &str, yaml: &str) -> Result<()> {
     let file = cp.work_dir.join(format!("apply-{ns}-{}.yaml", yaml.len()));
     std::fs::write(&file, yaml)?;
     run_ok(cp.kubectl().args(["apply", "-n", ns, "-f"]).arg(&file))?;
     Ok(())
 }
 
-fn condition<'a>(obj: &'a Value, type_: &str) -> Option<&'a Value> {
+pub(crate) fn condition<'a>(obj: &'a Value, type_: &str) -> Option<&'a Value> {
     obj["status"]["conditions"]
         .as_array()?
         .iter()

@@ -89,7 +89,7 @@ pub fn translate(policy: &AuthPolicy, ctx: &Context) -> Desired {
                          values in new and updated policies)"
                     ),
                 ),
-                None => allow.push(istio_rule(r, ns, ctx, issuer)),
+                None => allow.extend(istio_rules(r, ns, ctx, issuer)),
             }
         }
         let rules = allow;
@@ -497,6 +497,33 @@ pub fn candidates(namespace: &str, name: &str) -> Vec<(&'static str, &'static st
 /// `shop/a-orders` would both have been `shop-a-orders` with a dash).
 pub fn cluster_spiffe_id_name(namespace: &str, name: &str) -> String {
     names::generated(&format!("{namespace}.{name}"), "id")
+}
+
+/// One Palisade ALLOW rule as Istio rules. A `to` list that mixes operations with HTTP fields
+/// (methods, paths) and operations with ports only becomes two rules with the same `from`, one
+/// per kind: on a plain TCP port istiod skips a whole ALLOW rule when any of its operations has
+/// an HTTP field, which would take the port-only operations with it. (A rule with `when` is
+/// HTTP-only as a whole and stays one rule.)
+fn istio_rules(rule: &AuthRule, ns: &str, ctx: &Context, issuer: Option<&str>) -> Vec<Value> {
+    let http = |op: &&Operation| !op.methods.is_empty() || !op.paths.is_empty();
+    let (with_http, port_only): (Vec<&Operation>, Vec<&Operation>) = rule.to.iter().partition(http);
+    if !rule.when.is_empty()
+        || with_http.is_empty()
+        || port_only.is_empty()
+        || port_only.iter().any(|op| op.ports.is_empty())
+    {
+        return vec![istio_rule(rule, ns, ctx, issuer)];
+    }
+    [with_http, port_only]
+        .into_iter()
+        .map(|ops| {
+            let part = AuthRule {
+                to: ops.into_iter().cloned().collect(),
+                ..rule.clone()
+            };
+            istio_rule(&part, ns, ctx, issuer)
+        })
+        .collect()
 }
 
 /// One Palisade rule as one Istio rule. Sources of one kind are merged into one `source` (values
