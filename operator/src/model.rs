@@ -49,34 +49,61 @@ pub struct Request {
 /// `from`, one `to` and every `when` (claims of the policy's issuer for `rules`, of any
 /// validated token for `deny`). Methods and paths are HTTP attributes: plain TCP has none.
 pub fn meaning(policy: &AuthPolicy, trust_domain: &str, req: &Request) -> bool {
+    passes_gates(policy, trust_domain, req)
+        && allowed_by_rules(policy, trust_domain, req).unwrap_or(true)
+}
+
+/// What several AuthPolicies that all apply to one workload promise together: each one's mTLS,
+/// token and `deny` requirements hold, and where any of them has `rules`, a request must match a
+/// rule of one of them (Istio allows what any ALLOW policy on the workload allows; Palisade
+/// reports such widening as `WidenedBy`/`Widens`).
+pub fn combined(policies: &[AuthPolicy], trust_domain: &str, req: &Request) -> bool {
+    if !policies.iter().all(|p| passes_gates(p, trust_domain, req)) {
+        return false;
+    }
+    let mut with_rules = policies
+        .iter()
+        .filter_map(|p| allowed_by_rules(p, trust_domain, req))
+        .peekable();
+    with_rules.peek().is_none() || with_rules.any(|allowed| allowed)
+}
+
+/// The token of the policy's own issuer, if the request carries one.
+fn own_token<'a>(policy: &AuthPolicy, req: &'a Request) -> Option<&'a Token> {
+    let issuer = policy.spec.jwt.as_ref().map(|j| j.issuer.as_str());
+    req.token
+        .as_ref()
+        .filter(|t| Some(t.issuer.as_str()) == issuer)
+}
+
+/// mTLS, `requireToken` and `deny`: what refuses a request whatever the rules allow.
+fn passes_gates(policy: &AuthPolicy, trust_domain: &str, req: &Request) -> bool {
     let spec = &policy.spec;
     let ns = policy.metadata.namespace.as_deref().unwrap_or_default();
     if spec.mtls == MtlsMode::Strict && req.peer.is_none() {
         return false;
     }
-    let issuer = spec.jwt.as_ref().map(|j| j.issuer.as_str());
-    let own_token = req
-        .token
-        .as_ref()
-        .filter(|t| Some(t.issuer.as_str()) == issuer);
-    if spec.jwt.as_ref().is_some_and(|j| j.require_token) && own_token.is_none() {
+    if spec.jwt.as_ref().is_some_and(|j| j.require_token) && own_token(policy, req).is_none() {
         return false;
     }
     let any_token = req.token.as_ref();
-    if spec
+    !spec
         .deny
         .iter()
         .flatten()
         .any(|r| rule_means(r, ns, trust_domain, req, any_token))
-    {
-        return false;
-    }
-    match &spec.rules {
-        None => true,
-        Some(rules) => rules
+}
+
+/// Whether a rule allows the request; `None` when the policy has no `rules`.
+fn allowed_by_rules(policy: &AuthPolicy, trust_domain: &str, req: &Request) -> Option<bool> {
+    let ns = policy.metadata.namespace.as_deref().unwrap_or_default();
+    let own = own_token(policy, req);
+    let rules = policy.spec.rules.as_ref()?;
+    Some(
+        rules
             .iter()
-            .any(|r| rule_means(r, ns, trust_domain, req, own_token)),
-    }
+            .any(|r| rule_means(r, ns, trust_domain, req, own)),
+    )
 }
 
 fn rule_means(
@@ -265,6 +292,13 @@ fn istio_rule_matches(rule: &Value, a: &Attributes<'_>, action: Action) -> bool 
                 ok &= a
                     .namespace
                     .is_some_and(|n| namespaces.iter().any(|x| istio_string_match(x, n)));
+            }
+            let not_principals = strings(&s["notPrincipals"]);
+            if !not_principals.is_empty() {
+                ok &= a
+                    .principal
+                    .as_deref()
+                    .is_none_or(|p| !not_principals.iter().any(|x| istio_string_match(x, p)));
             }
             let not_request = strings(&s["notRequestPrincipals"]);
             if !not_request.is_empty() {

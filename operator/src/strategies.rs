@@ -86,16 +86,16 @@ fn rule(ns: &str, with_jwt: bool) -> impl Strategy<Value = Value> + use<> {
         })
 }
 
-/// AuthPolicies named `name` in `ns` selecting `app: <app>`: rules and deny rules over the
-/// sources, operations and conditions above, every mTLS mode, with and without `jwt` (issuer
-/// [`ISSUER`], keys at `jwks_uri` when given) and `requireToken`.
+/// AuthPolicies named `name` in `ns` selecting `app: <app>` (the whole namespace without `app`):
+/// rules and deny rules over the sources, operations and conditions above, every mTLS mode, with
+/// and without `jwt` (issuer [`ISSUER`], keys at `jwks_uri` when given) and `requireToken`.
 pub fn policy(
     ns: &str,
     name: &str,
-    app: &str,
+    app: Option<&str>,
     jwks_uri: Option<&str>,
 ) -> impl Strategy<Value = AuthPolicy> + use<> {
-    let (ns, name, app) = (ns.to_owned(), name.to_owned(), app.to_owned());
+    let (ns, name, app) = (ns.to_owned(), name.to_owned(), app.map(str::to_owned));
     let jwks_uri = jwks_uri.map(str::to_owned);
     let rule_ns = ns.clone();
     (any::<bool>(), any::<bool>(), 0..3usize)
@@ -110,10 +110,10 @@ pub fn policy(
             "a valid AuthPolicy",
             move |((with_jwt, require, mtls), rules, deny)| {
                 let mode = ["Strict", "Permissive", "Inherit"][mtls];
-                let mut spec = json!({
-                    "selector": {"matchLabels": {"app": app}},
-                    "mtls": mode,
-                });
+                let mut spec = json!({"mtls": mode});
+                if let Some(app) = &app {
+                    spec["selector"] = json!({"matchLabels": {"app": app}});
+                }
                 if !deny.is_empty() {
                     spec["deny"] = json!(deny);
                 }
@@ -159,6 +159,25 @@ fn token() -> impl Strategy<Value = Option<Token>> {
                 ),
             ]),
         })
+    })
+}
+
+/// Two or three AuthPolicies (`p0`, `p1`, ...) in `ns` that all apply to the workload labelled
+/// `app: <app>`, each selecting it or the whole namespace.
+pub fn several(
+    ns: &str,
+    app: &str,
+    jwks_uri: Option<&str>,
+) -> impl Strategy<Value = Vec<AuthPolicy>> + use<> {
+    let (ns, app, jwks_uri) = (ns.to_owned(), app.to_owned(), jwks_uri.map(str::to_owned));
+    prop::collection::vec(any::<bool>(), 2..=3).prop_flat_map(move |wide| {
+        wide.iter()
+            .enumerate()
+            .map(|(i, w)| {
+                let app = (!w).then_some(app.as_str());
+                policy(&ns, &format!("p{i}"), app, jwks_uri.as_deref())
+            })
+            .collect::<Vec<_>>()
     })
 }
 

@@ -10,7 +10,10 @@
 
 #![allow(clippy::expect_used, missing_docs)]
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{
+    Arc,
+    atomic::{AtomicU64, Ordering},
+};
 
 use palisade_operator::{
     model,
@@ -35,7 +38,7 @@ proptest! {
 
     #[test]
     fn generated_istio_policy_means_what_the_auth_policy_says(
-        policy in strategies::policy("shop", "p", "orders", None),
+        policy in strategies::policy("shop", "p", Some("orders"), None),
         requests in prop::collection::vec(strategies::request("shop"), 64),
     ) {
         let ctx = Context::default();
@@ -63,6 +66,32 @@ proptest! {
                 ALLOWED.load(Ordering::Relaxed),
                 COMPARED.load(Ordering::Relaxed) - ALLOWED.load(Ordering::Relaxed)
             );
+        }
+    }
+
+    /// Several AuthPolicies on one workload: where none reports that another widens it
+    /// (`WidenedBy`/`Widens`), what they promise together is what each one says.
+    #[test]
+    fn unreported_overlaps_widen_nothing(
+        policies in strategies::several("shop", "orders", None),
+        requests in prop::collection::vec(strategies::request("shop"), 64),
+    ) {
+        let siblings: Vec<Arc<_>> = policies.iter().cloned().map(Arc::new).collect();
+        let reported = policies.iter().any(|p| {
+            translate::auth::widenings(p, &siblings)
+                .iter()
+                .any(|n| n.reason == "WidenedBy" || n.reason == "Widens")
+        });
+        if !reported {
+            let td = Context::default().trust_domain;
+            for req in &requests {
+                let each = policies.iter().all(|p| model::meaning(p, &td, req));
+                prop_assert_eq!(
+                    model::combined(&policies, &td, req), each,
+                    "{:?}: no widening reported, yet together they decide otherwise than each: {}",
+                    req, serde_json::to_string(&policies.iter().map(|p| &p.spec).collect::<Vec<_>>()).unwrap_or_default()
+                );
+            }
         }
     }
 }

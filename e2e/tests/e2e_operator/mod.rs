@@ -148,7 +148,8 @@ fn auth_policy_lifecycle(env: &Env) -> Result<()> {
                 let p = get(cp, ns, "authpolicy", "orders")?;
                 let deny = get(cp, ns, "authorizationpolicy", "palisade-orders-deny")?;
                 (get(cp, ns, "requestauthentication", "palisade-orders-jwt").is_none()
-                    && deny["spec"]["rules"].as_array()?.len() == 1
+                    // the deny entry and "no peer identity" (mtls: Strict)
+                    && deny["spec"]["rules"].as_array()?.len() == 2
                     && p["status"]["observedGeneration"] == 2)
                     .then_some(())
             },
@@ -376,8 +377,9 @@ fn crash_converges_and_resync_writes_nothing(env: &Env) -> Result<()> {
             (out.lines().filter(|l| *l == "True").count() == N as usize).then_some(())
         })?;
         let (ap, pa) = (count(cp, ns, "authorizationpolicies")?, count(cp, ns, "peerauthentications")?);
-        if (ap, pa) != (N as usize, N as usize) {
-            bail!("expected {N} AuthorizationPolicies and {N} PeerAuthentications, found {ap} and {pa}");
+        // Each policy: ALLOW, DENY ("no peer identity", mtls: Strict) and a PeerAuthentication.
+        if (ap, pa) != (2 * N as usize, N as usize) {
+            bail!("expected {} AuthorizationPolicies and {N} PeerAuthentications, found {ap} and {pa}", 2 * N);
         }
         let status = op.terminate()?;
         if !status.success() {

@@ -35,7 +35,7 @@ use palisade_operator::{
     translate::{self, Context as TranslateContext},
 };
 use proptest::{
-    strategy::{Strategy, ValueTree},
+    strategy::{BoxedStrategy, Strategy, ValueTree},
     test_runner::{Config, RngAlgorithm, TestRng, TestRunner},
 };
 use serde_json::json;
@@ -53,6 +53,10 @@ pub const TESTS: &[(&str, TestFn)] = &[
     (
         "mesh::real_istio_config_means_what_the_auth_policy_says",
         real_istio_config_means_what_the_auth_policy_says,
+    ),
+    (
+        "mesh::several_auth_policies_on_one_workload",
+        several_auth_policies_on_one_workload,
     ),
 ];
 
@@ -121,76 +125,97 @@ fn cases() -> u32 {
     std::env::var("MESH_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(48)
+        .unwrap_or(32)
 }
 
 fn real_istio_config_means_what_the_auth_policy_says(env: &Env) -> Result<()> {
+    run_cases(env, "one AuthPolicy per workload", |ns, jwks| {
+        strategies::policy(ns, "p0", Some(APP), Some(jwks))
+            .prop_map(|p| vec![p])
+            .boxed()
+    })
+}
+
+/// Two or three AuthPolicies on one workload, namespace-wide ones included: istiod's
+/// configuration decides what they promise together ([`model::combined`]).
+fn several_auth_policies_on_one_workload(env: &Env) -> Result<()> {
+    run_cases(env, "several AuthPolicies per workload", |ns, jwks| {
+        strategies::several(ns, APP, Some(jwks)).boxed()
+    })
+}
+
+/// The workload every case's policies protect.
+const APP: &str = "orders";
+
+fn run_cases(
+    env: &Env,
+    what: &str,
+    policies: impl Fn(&str, &str) -> BoxedStrategy<Vec<AuthPolicy>>,
+) -> Result<()> {
     let cp = &env.cp;
     let istiod = Istiod::start(cp, &env.opts.bin_dir)?;
     let jwks = JwksServer::start(cp)?;
     let _op = OperatorProcess::start(cp, "mesh-meaning", "")?;
-    cp.with_temp_ns("mesh", |ns| {
-        // The mesh also validates tokens of the policy's issuer and of another one.
-        let keys = jwks.jwks.clone();
-        let ra = json!({
-            "apiVersion": "security.istio.io/v1", "kind": "RequestAuthentication",
-            "metadata": {"name": "mesh-issuers", "namespace": ns},
-            "spec": {"jwtRules": [
-                {"issuer": ISSUER, "jwks": keys, "forwardOriginalToken": true},
-                {"issuer": OTHER_ISSUER, "jwks": keys, "forwardOriginalToken": true},
-            ]},
+    let mut stats = Stats::default();
+    // A new seed each run, printed so a failure can be replayed (`MESH_SEED`).
+    let seed: u64 = std::env::var("MESH_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_secs())
         });
-        let out = apply_stdin(cp, &serde_json::to_string(&ra)?)?;
-        palisade_e2e::accepts(&out, "the mesh's RequestAuthentication")?;
-        let mut stats = Stats::default();
-        // A new seed each run, printed so a failure can be replayed (`MESH_SEED`).
-        let seed: u64 = std::env::var("MESH_SEED")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(1, |d| d.as_secs())
+    eprintln!("  seed {seed} (MESH_SEED={seed} replays this run)");
+    let mut bytes = [0u8; 32];
+    bytes[..8].copy_from_slice(&seed.to_le_bytes());
+    let mut runner = TestRunner::new_with_rng(
+        Config::default(),
+        TestRng::from_seed(RngAlgorithm::ChaCha, &bytes),
+    );
+    for case in 0..cases() {
+        cp.with_temp_ns("mesh", |ns| {
+            // The mesh also validates tokens of the policy's issuer and of another one.
+            let ra = json!({
+                "apiVersion": "security.istio.io/v1", "kind": "RequestAuthentication",
+                "metadata": {"name": "mesh-issuers", "namespace": ns},
+                "spec": {"jwtRules": [
+                    {"issuer": ISSUER, "jwks": jwks.jwks, "forwardOriginalToken": true},
+                    {"issuer": OTHER_ISSUER, "jwks": jwks.jwks, "forwardOriginalToken": true},
+                ]},
             });
-        eprintln!("  seed {seed} (MESH_SEED={seed} replays this run)");
-        let mut bytes = [0u8; 32];
-        bytes[..8].copy_from_slice(&seed.to_le_bytes());
-        let mut runner = TestRunner::new_with_rng(
-            Config::default(),
-            TestRng::from_seed(RngAlgorithm::ChaCha, &bytes),
-        );
-        for case in 0..cases() {
-            let name = format!("p{case}");
-            let app = format!("orders{case}");
+            let out = apply_stdin(cp, &serde_json::to_string(&ra)?)?;
+            palisade_e2e::accepts(&out, "the mesh's RequestAuthentication")?;
             let strategy = (
-                strategies::policy(ns, &name, &app, Some(&jwks.uri)),
+                policies(ns, &jwks.uri),
                 proptest::collection::vec(strategies::request(ns), 64),
             );
             let tree = strategy
                 .new_tree(&mut runner)
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
-            let (policy, requests) = tree.current();
-            check_case(cp, &istiod, case, &policy, &requests, &mut stats).with_context(|| {
+            let (policies, requests) = tree.current();
+            let specs: Vec<_> = policies.iter().map(|p| &p.spec).collect();
+            check_case(cp, &istiod, case, &policies, &requests, &mut stats).with_context(|| {
                 format!(
-                    "case {case}: policy {}",
-                    serde_json::to_string(&policy.spec).unwrap_or_default()
+                    "case {case}: policies {}",
+                    serde_json::to_string(&specs).unwrap_or_default()
                 )
-            })?;
-        }
-        eprintln!(
-            "  {} generated AuthPolicies through the operator and the real istiod: {} requests \
-             compared ({} allowed, {} refused), decisions by kind {:?}; {} left to an external \
-             authorizer; {} policies refused by the API server",
-            cases(),
-            stats.compared,
-            stats.allowed,
-            stats.compared - stats.allowed,
-            stats.decisions,
-            stats.external,
-            stats.refused
-        );
-        Ok(())
-    })
+            })
+        })?;
+    }
+    eprintln!(
+        "  {} cases of {what} through the operator and the real istiod: {} requests compared \
+         ({} allowed, {} refused), decisions by kind {:?}; {} left to an external authorizer; {} \
+         cases refused by the API server",
+        cases(),
+        stats.compared,
+        stats.allowed,
+        stats.compared - stats.allowed,
+        stats.decisions,
+        stats.external,
+        stats.refused
+    );
+    Ok(())
 }
 
 #[derive(Default)]
@@ -206,51 +231,58 @@ fn check_case(
     cp: &ControlPlane,
     istiod: &Istiod,
     case: u32,
-    policy: &AuthPolicy,
+    policies: &[AuthPolicy],
     requests: &[Request],
     stats: &mut Stats,
 ) -> Result<()> {
-    let ns = policy.metadata.namespace.as_deref().unwrap_or_default();
-    let name = policy.metadata.name.as_deref().unwrap_or_default();
+    let Some(ns) = policies
+        .first()
+        .and_then(|p| p.metadata.namespace.as_deref())
+    else {
+        bail!("no policy");
+    };
     let ctx = TranslateContext::default();
-    let out = translate::auth::translate(policy, &ctx);
-    let mut doc = serde_json::to_value(policy)?;
-    doc["metadata"].as_object_mut().map(|m| m.remove("uid"));
-    let applied = apply_stdin(cp, &serde_json::to_string(&doc)?)?;
-    if !applied.status.success() {
-        // The API server refuses it (CEL): nothing is written, nothing to compare.
-        stats.refused += 1;
-        return Ok(());
+    let mut notes = Vec::new();
+    let mut objects = Vec::new();
+    for policy in policies {
+        let out = translate::auth::translate(policy, &ctx);
+        notes.push(out.notes);
+        objects.extend(out.objects);
+        let mut doc = serde_json::to_value(policy)?;
+        doc["metadata"].as_object_mut().map(|m| m.remove("uid"));
+        if !apply_stdin(cp, &serde_json::to_string(&doc)?)?
+            .status
+            .success()
+        {
+            // The API server refuses it (CEL): nothing is written, nothing to compare.
+            stats.refused += 1;
+            return Ok(());
+        }
     }
-    let ready = cp.eventually("the AuthPolicy reconciled", WAIT, || {
-        let p = get(cp, ns, "authpolicy", name)?;
-        (p["status"]["observedGeneration"] == 1)
-            .then(|| condition(&p, "Ready").cloned())
-            .flatten()
-    })?;
-    if ready["status"] != "True" {
-        bail!("the operator did not apply it: {ready}");
+    for policy in policies {
+        let name = policy.metadata.name.as_deref().unwrap_or_default();
+        let ready = cp.eventually("the AuthPolicy reconciled", WAIT, || {
+            let p = get(cp, ns, "authpolicy", name)?;
+            (p["status"]["observedGeneration"] == 1)
+                .then(|| condition(&p, "Ready").cloned())
+                .flatten()
+        })?;
+        if ready["status"] != "True" {
+            bail!("the operator did not apply {name}: {ready}");
+        }
     }
     // A marker policy written after the operator's objects: once a push carries it, istiod has
     // seen everything before it. It denies only port 1, which no request uses.
-    let marker = format!("marker{case}");
-    let app = format!("orders{case}");
     let yaml = serde_json::to_string(&json!({
         "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
-        "metadata": {"name": marker, "namespace": ns},
-        "spec": {"selector": {"matchLabels": {"app": app}}, "action": "DENY",
+        "metadata": {"name": "marker", "namespace": ns},
+        "spec": {"selector": {"matchLabels": {"app": APP}}, "action": "DENY",
                  "rules": [{"to": [{"operation": {"ports": ["1"]}}]}]},
     }))?;
     palisade_e2e::accepts(&apply_stdin(cp, &yaml)?, "the marker policy")?;
     let ip = format!("10.20.{}.{}", case / 200, case % 200 + 2);
-    let mut sidecar = istiod.sidecar(
-        ns,
-        "orders",
-        &format!("{app}-0"),
-        &format!("app={app}"),
-        &ip,
-    )?;
-    let needle = format!("policy[{marker}]");
+    let mut sidecar = istiod.sidecar(ns, "orders", "orders-0", &format!("app={APP}"), &ip)?;
+    let needle = format!("ns[{ns}]-policy[marker]");
     let push = sidecar
         .wait_for(WAIT, |p| {
             p.rbac_policies().iter().any(|n| n.contains(&needle))
@@ -269,8 +301,10 @@ fn check_case(
         }
         *stats.decisions.entry(kind(&decided)).or_default() += 1;
     }
-    for req in requests.iter().filter(|r| compared(policy, &out.notes, r)) {
-        let said = model::meaning(policy, TRUST_DOMAIN, req);
+    let compared_by_all =
+        |r: &&Request| policies.iter().zip(&notes).all(|(p, n)| compared(p, n, r));
+    for req in requests.iter().filter(compared_by_all) {
+        let said = model::combined(policies, TRUST_DOMAIN, req);
         let decided = envoy::decide(&push, &envoy_request(req, &ip)?)?;
         if decided == Decision::External {
             stats.external += 1;
@@ -281,10 +315,10 @@ fn check_case(
         *stats.decisions.entry(kind(&decided)).or_default() += 1;
         if said != decided.allowed() {
             bail!(
-                "request {req:?}: the AuthPolicy says {}, the Envoy configuration istiod generated \
-                 decides {decided:?}\ngenerated objects: {}\npush: {}",
+                "request {req:?}: the AuthPolicies say {}, the Envoy configuration istiod \
+                 generated decides {decided:?}\ngenerated objects: {}\npush: {}",
                 if said { "allow" } else { "refuse" },
-                serde_json::to_string(&out.objects).unwrap_or_default(),
+                serde_json::to_string(&objects).unwrap_or_default(),
                 dump(&push)
             );
         }

@@ -302,7 +302,8 @@ fn scope_warnings(policy: &AuthPolicy, ctx: &Context, out: &mut Desired) {
     }
 }
 
-/// The DENY rules: `deny`, plus "no valid token" when the JWT is required.
+/// The DENY rules: `deny`, plus "no valid token" when the JWT is required and "no peer
+/// identity" with `mtls: Strict`.
 fn deny_rules(policy: &AuthPolicy, ctx: &Context, out: &mut Desired) -> Vec<Value> {
     let spec = &policy.spec;
     let ns = policy.metadata.namespace.as_deref().unwrap_or_default();
@@ -346,6 +347,14 @@ fn deny_rules(policy: &AuthPolicy, ctx: &Context, out: &mut Desired) -> Vec<Valu
         rules.push(
             json!({"from": [{"source": {"notRequestPrincipals": [format!("{}/*", jwt.issuer)]}}]}),
         );
+    }
+    if spec.mtls == MtlsMode::Strict && spec.target_refs.is_none() {
+        // (Policies attached by targetRefs get no PeerAuthentication: `MtlsNotAppliedToTargets`.)
+        // The PeerAuthentication alone does not hold when another one wins for the workload (a
+        // workload-level PERMISSIVE one beats a namespace-level STRICT one; of two
+        // workload-level ones the oldest wins). DENY policies all apply: refuse connections
+        // without a peer identity here too.
+        rules.push(json!({"from": [{"source": {"notPrincipals": ["*"]}}]}));
     }
     rules
 }
