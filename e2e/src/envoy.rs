@@ -498,7 +498,8 @@ pub fn string_match(m: &Value, value: &str) -> Result<bool> {
 /// Every provider reads the `Authorization` header, so one token is seen by all of them. A
 /// provider verifies it when the issuer is the provider's and the provider's keys hold the
 /// token's (istiod inlines a JWKS it fetched, or a placeholder that verifies nothing when it
-/// could not fetch one). Requirements: `providerName` needs a token that provider verifies;
+/// could not fetch one), and the token carries one of the provider's audiences, if it lists any.
+/// Requirements: `providerName` needs a token that provider verifies;
 /// `allowMissing` accepts a request without a token and a token some provider verifies;
 /// `requiresAny` / `requiresAll` combine.
 fn jwt_authn(filter: &Value, req: &Request) -> Result<std::result::Result<Option<Value>, String>> {
@@ -511,11 +512,24 @@ fn jwt_authn(filter: &Value, req: &Request) -> Result<std::result::Result<Option
                 })?;
                 let jwks: Value = serde_json::from_str(inline)
                     .with_context(|| format!("provider {name}: JWKS {inline}"))?;
-                jwks["keys"]
+                let key = jwks["keys"]
                     .as_array()
                     .into_iter()
                     .flatten()
-                    .any(|k| k["kid"].as_str() == Some(jwt.key_id.as_str()))
+                    .any(|k| k["kid"].as_str() == Some(jwt.key_id.as_str()));
+                // A provider with audiences accepts a token carrying one of them.
+                let wanted: Vec<&str> = p["audiences"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str)
+                    .collect();
+                let aud = &jwt.payload["aud"];
+                let carried: Vec<&str> = match aud.as_array() {
+                    Some(list) => list.iter().filter_map(Value::as_str).collect(),
+                    None => aud.as_str().into_iter().collect(),
+                };
+                key && (wanted.is_empty() || carried.iter().any(|a| wanted.contains(a)))
             }
             _ => false,
         };

@@ -25,6 +25,8 @@ pub struct Token {
     pub issuer: String,
     /// `sub`.
     pub subject: String,
+    /// `aud`.
+    pub audiences: Vec<String>,
     /// Claims by name; nested claims by their dotted path.
     pub claims: BTreeMap<String, Vec<String>>,
 }
@@ -47,7 +49,8 @@ pub struct Request {
 /// policy's issuer is refused; a request matching a `deny` rule is refused; when `rules` is set,
 /// a request matching none of them is refused. A rule matches when the request matches one
 /// `from`, one `to` and every `when` (claims of the policy's issuer for `rules`, of any
-/// validated token for `deny`). Methods and paths are HTTP attributes: plain TCP has none.
+/// validated token for `deny`). Methods and paths are HTTP attributes: plain TCP has none; a
+/// path matches without its query string.
 pub fn meaning(policy: &AuthPolicy, trust_domain: &str, req: &Request) -> bool {
     passes_gates(policy, trust_domain, req)
         && allowed_by_rules(policy, trust_domain, req).unwrap_or(true)
@@ -68,12 +71,14 @@ pub fn combined(policies: &[AuthPolicy], trust_domain: &str, req: &Request) -> b
     with_rules.peek().is_none() || with_rules.any(|allowed| allowed)
 }
 
-/// The token of the policy's own issuer, if the request carries one.
+/// The token of the policy's own issuer and (when it names any) one of its audiences, if the
+/// request carries one.
 fn own_token<'a>(policy: &AuthPolicy, req: &'a Request) -> Option<&'a Token> {
-    let issuer = policy.spec.jwt.as_ref().map(|j| j.issuer.as_str());
-    req.token
-        .as_ref()
-        .filter(|t| Some(t.issuer.as_str()) == issuer)
+    let jwt = policy.spec.jwt.as_ref()?;
+    req.token.as_ref().filter(|t| {
+        t.issuer == jwt.issuer
+            && (jwt.audiences.is_empty() || t.audiences.iter().any(|a| jwt.audiences.contains(a)))
+    })
 }
 
 /// mTLS, `requireToken` and `deny`: what refuses a request whatever the rules allow.
@@ -151,10 +156,20 @@ fn operation_means(op: &Operation, req: &Request) -> bool {
         None => op.methods.is_empty() && op.paths.is_empty(),
         Some((method, path)) => {
             (op.methods.is_empty() || op.methods.iter().any(|m| m.as_str() == method))
-                && (op.paths.is_empty() || op.paths.iter().any(|p| istio_string_match(p, path)))
+                && (op.paths.is_empty()
+                    || op
+                        .paths
+                        .iter()
+                        .any(|p| istio_string_match(p, without_query(path))))
         }
     };
     ports && http
+}
+
+/// The path of a request target: paths match without the query string (Istio matches the
+/// `url_path`, which leaves it out).
+pub fn without_query(path: &str) -> &str {
+    path.split_once('?').map_or(path, |(p, _)| p)
 }
 
 /// Istio's string match: `*` alone, `prefix*`, `*suffix`, or exact.
@@ -216,6 +231,7 @@ struct Attributes<'a> {
     namespace: Option<&'a str>,
     request_principal: Option<String>,
     claims: Option<&'a BTreeMap<String, Vec<String>>>,
+    audiences: Option<&'a [String]>,
     port: u16,
     http: Option<&'a (String, String)>,
 }
@@ -233,10 +249,33 @@ impl<'a> Attributes<'a> {
                 .as_ref()
                 .map(|t| format!("{}/{}", t.issuer, t.subject)),
             claims: req.token.as_ref().map(|t| &t.claims),
+            audiences: req.token.as_ref().map(|t| t.audiences.as_slice()),
             port: req.port,
             http: req.http.as_ref(),
         }
     }
+}
+
+/// One `when` condition: a claim or the audiences, with `values` and `notValues`.
+fn condition_matches(c: &Value, a: &Attributes<'_>) -> bool {
+    let key = c["key"].as_str().unwrap_or_default();
+    let claim = key
+        .strip_prefix("request.auth.claims[")
+        .and_then(|k| k.strip_suffix(']'))
+        .map(|k| k.replace("][", "."));
+    let present: Option<&[String]> = match (claim, a.claims) {
+        _ if key == "request.auth.audiences" => a.audiences,
+        (Some(name), Some(claims)) => claims.get(&name).map(Vec::as_slice),
+        _ => None,
+    };
+    let any_of = |patterns: &[&str]| {
+        present.is_some_and(|v| {
+            v.iter()
+                .any(|x| patterns.iter().any(|p| istio_string_match(p, x)))
+        })
+    };
+    let (values, not_values) = (strings(&c["values"]), strings(&c["notValues"]));
+    (values.is_empty() || any_of(&values)) && (not_values.is_empty() || !any_of(&not_values))
 }
 
 fn has_http_field(rule: &Value) -> bool {
@@ -300,6 +339,14 @@ fn istio_rule_matches(rule: &Value, a: &Attributes<'_>, action: Action) -> bool 
                     .as_deref()
                     .is_none_or(|p| !not_principals.iter().any(|x| istio_string_match(x, p)));
             }
+            let request = strings(&s["requestPrincipals"]);
+            if !request.is_empty() {
+                let inside = a
+                    .request_principal
+                    .as_deref()
+                    .is_some_and(|p| request.iter().any(|x| istio_string_match(x, p)));
+                ok &= http_only(inside).unwrap_or(true);
+            }
             let not_request = strings(&s["notRequestPrincipals"]);
             if !not_request.is_empty() {
                 let inside = a
@@ -326,31 +373,20 @@ fn istio_rule_matches(rule: &Value, a: &Attributes<'_>, action: Action) -> bool 
             }
             let paths = strings(&op["paths"]);
             if !paths.is_empty() {
-                let m = a
-                    .http
-                    .is_some_and(|(_, p)| paths.iter().any(|x| istio_string_match(x, p)));
+                let m = a.http.is_some_and(|(_, p)| {
+                    paths
+                        .iter()
+                        .any(|x| istio_string_match(x, without_query(p)))
+                });
                 ok &= http_only(m).unwrap_or(true);
             }
             ok
         })
     });
     let when = rule["when"].as_array().is_none_or(|conds| {
-        conds.iter().all(|c| {
-            let key = c["key"].as_str().unwrap_or_default();
-            let values = strings(&c["values"]);
-            let claim = key
-                .strip_prefix("request.auth.claims[")
-                .and_then(|k| k.strip_suffix(']'))
-                .map(|k| k.replace("][", "."));
-            let matched = match (claim, a.claims) {
-                (Some(name), Some(claims)) => claims.get(&name).is_some_and(|v| {
-                    v.iter()
-                        .any(|x| values.iter().any(|p| istio_string_match(p, x)))
-                }),
-                _ => false,
-            };
-            http_only(matched).unwrap_or(true)
-        })
+        conds
+            .iter()
+            .all(|c| http_only(condition_matches(c, a)).unwrap_or(true))
     });
     from && to && when
 }

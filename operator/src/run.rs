@@ -123,10 +123,11 @@ fn with_siblings(
 ) -> (Controller<AuthPolicy>, Arc<auth::AuthState>) {
     let store = ctl.store();
     let mapper = store.clone();
+    let root = state.ctx.mesh_root_namespace.clone();
     let ctl = ctl.watches(
         Api::<AuthPolicy>::all(client.clone()),
         watcher::Config::default(),
-        move |p| auth::overlapping(&mapper, &p),
+        move |p| auth::overlapping(&mapper, &p, &root),
     );
     let state = Arc::new(auth::AuthState {
         shared: Arc::clone(state),

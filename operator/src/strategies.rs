@@ -18,6 +18,9 @@ use crate::{
 pub const ISSUER: &str = "https://auth.shop.example";
 /// Another issuer the mesh also validates tokens of.
 pub const OTHER_ISSUER: &str = "https://other.example";
+/// The audience a generated policy's `jwt` may require (tokens carry it, another one, both or
+/// none).
+pub const AUDIENCE: &str = "orders-api";
 /// A port that speaks HTTP.
 pub const HTTP_PORT: u16 = 8080;
 /// A port that speaks plain TCP.
@@ -98,17 +101,17 @@ pub fn policy(
     let (ns, name, app) = (ns.to_owned(), name.to_owned(), app.map(str::to_owned));
     let jwks_uri = jwks_uri.map(str::to_owned);
     let rule_ns = ns.clone();
-    (any::<bool>(), any::<bool>(), 0..3usize)
-        .prop_flat_map(move |(with_jwt, require, mtls)| {
+    (any::<bool>(), any::<bool>(), 0..3usize, any::<bool>())
+        .prop_flat_map(move |(with_jwt, require, mtls, audience)| {
             (
-                Just((with_jwt, require, mtls)),
+                Just((with_jwt, require, mtls, audience)),
                 prop::option::of(prop::collection::vec(rule(&rule_ns, with_jwt), 0..=3)),
                 prop::collection::vec(rule(&rule_ns, with_jwt), 0..=2),
             )
         })
         .prop_filter_map(
             "a valid AuthPolicy",
-            move |((with_jwt, require, mtls), rules, deny)| {
+            move |((with_jwt, require, mtls, audience), rules, deny)| {
                 let mode = ["Strict", "Permissive", "Inherit"][mtls];
                 let mut spec = json!({"mtls": mode});
                 if let Some(app) = &app {
@@ -122,6 +125,9 @@ pub fn policy(
                 }
                 if with_jwt {
                     spec["jwt"] = json!({"issuer": ISSUER, "requireToken": require});
+                    if audience {
+                        spec["jwt"]["audiences"] = json!([AUDIENCE]);
+                    }
                     if let Some(uri) = &jwks_uri {
                         spec["jwt"]["jwksUri"] = json!(uri);
                     }
@@ -141,11 +147,13 @@ fn token() -> impl Strategy<Value = Option<Token>> {
         prop::sample::select(vec![ISSUER, OTHER_ISSUER]),
         prop::sample::subsequence(vec!["orders:read", "orders:write"], 0..=2),
         prop::sample::subsequence(vec!["staff", "banned"], 0..=2),
+        prop::sample::subsequence(vec![AUDIENCE, "payments-api"], 0..=2),
     ))
     .prop_map(|t| {
-        t.map(|(issuer, scopes, groups)| Token {
+        t.map(|(issuer, scopes, groups, audiences)| Token {
             issuer: issuer.into(),
             subject: "alice".into(),
+            audiences: audiences.into_iter().map(str::to_owned).collect(),
             claims: BTreeMap::from([
                 ("iss".to_owned(), vec![issuer.to_owned()]),
                 ("sub".to_owned(), vec!["alice".to_owned()]),
@@ -198,6 +206,8 @@ pub fn request(ns: &str) -> impl Strategy<Value = Request> + use<> {
             "/admin/x",
             "/x.json",
             "/",
+            "/api/orders?page=2",
+            "/admin/x?f=.json",
         ]),
         token(),
     )

@@ -78,7 +78,7 @@ proptest! {
     ) {
         let siblings: Vec<Arc<_>> = policies.iter().cloned().map(Arc::new).collect();
         let reported = policies.iter().any(|p| {
-            translate::auth::widenings(p, &siblings)
+            translate::auth::widenings(p, &siblings, "istio-system")
                 .iter()
                 .any(|n| n.reason == "WidenedBy" || n.reason == "Widens")
         });

@@ -378,7 +378,7 @@ fn envoy_request(req: &Request, ip: &str) -> Result<envoy::Request> {
 }
 
 /// The JWT payload of a model token: `iss` and `sub` are strings, `scope` the space-delimited
-/// string OAuth 2 defines, other claims lists.
+/// string OAuth 2 defines, `aud` a string or a list, other claims lists.
 fn payload(t: &model::Token) -> serde_json::Value {
     let mut p = serde_json::Map::new();
     for (name, values) in &t.claims {
@@ -391,6 +391,16 @@ fn payload(t: &model::Token) -> serde_json::Value {
     }
     p.insert("iss".into(), json!(t.issuer));
     p.insert("sub".into(), json!(t.subject));
+    // `aud` is a string or a list (RFC 7519): both forms are generated.
+    match t.audiences.as_slice() {
+        [] => {}
+        [one] => {
+            p.insert("aud".into(), json!(one));
+        }
+        many => {
+            p.insert("aud".into(), json!(many));
+        }
+    }
     serde_json::Value::Object(p)
 }
 

@@ -36,12 +36,18 @@ pub struct AuthState {
 
 /// The other AuthPolicies that may apply to the same workloads as `policy`: a change to one can
 /// widen or narrow what the others promise (its own events reconcile it already).
-pub fn overlapping(store: &Store<AuthPolicy>, policy: &AuthPolicy) -> Vec<ObjectRef<AuthPolicy>> {
+pub fn overlapping(
+    store: &Store<AuthPolicy>,
+    policy: &AuthPolicy,
+    root: &str,
+) -> Vec<ObjectRef<AuthPolicy>> {
+    let me = ObjectRef::from_obj(policy);
     store
         .state()
         .iter()
-        .filter(|p| p.metadata.name != policy.metadata.name && translate::auth::overlap(p, policy))
+        .filter(|p| translate::auth::overlap(p, policy, root))
         .map(|p| ObjectRef::from_obj(&**p))
+        .filter(|r| *r != me)
         .collect()
 }
 
@@ -98,14 +104,17 @@ async fn reconcile_inner(
     }
 
     let mut desired = translate::auth::translate(policy, &state.ctx);
+    // Policies of this namespace and of the mesh root namespace can apply to its workloads
+    // (and a root-namespace policy to every namespace's).
+    let root = state.ctx.mesh_root_namespace.as_str();
     let siblings: Vec<Arc<AuthPolicy>> = policies
         .state()
         .into_iter()
-        .filter(|p| p.metadata.namespace == policy.metadata.namespace)
+        .filter(|p| translate::auth::overlap(p, policy, root))
         .collect();
     desired
         .notes
-        .extend(translate::auth::widenings(policy, &siblings));
+        .extend(translate::auth::widenings(policy, &siblings, root));
     let enforced = enforce(
         state,
         &translate::auth::candidates(&ns, &name),

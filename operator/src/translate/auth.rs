@@ -14,7 +14,7 @@
 
 use palisade_api::{
     AuthPolicy, SpiffeId,
-    auth_policy::{AuthRule, MtlsMode, Operation, Source, When},
+    auth_policy::{AuthRule, JwtSpec, MtlsMode, Operation, Source, When},
 };
 use serde_json::{Map, Value, json};
 
@@ -75,7 +75,7 @@ pub fn translate(policy: &AuthPolicy, ctx: &Context) -> Desired {
     if let Some(rules) = &spec.rules {
         // Claims in an ALLOW rule are read from a token of this policy's issuer only: Istio
         // validates every RequestAuthentication on the workload and ORs them.
-        let issuer = spec.jwt.as_ref().map(|j| j.issuer.as_str());
+        let jwt = spec.jwt.as_ref();
         let mut allow = Vec::new();
         for (i, r) in rules.iter().enumerate() {
             // An ALLOW rule that is not literal is left out: the workload then refuses what it
@@ -89,7 +89,7 @@ pub fn translate(policy: &AuthPolicy, ctx: &Context) -> Desired {
                          values in new and updated policies)"
                     ),
                 ),
-                None => allow.extend(istio_rules(r, ns, ctx, issuer)),
+                None => allow.extend(istio_rules(r, ns, ctx, jwt)),
             }
         }
         let rules = allow;
@@ -347,6 +347,14 @@ fn deny_rules(policy: &AuthPolicy, ctx: &Context, out: &mut Desired) -> Vec<Valu
         rules.push(
             json!({"from": [{"source": {"notRequestPrincipals": [format!("{}/*", jwt.issuer)]}}]}),
         );
+        if !jwt.audiences.is_empty() {
+            // A token of this issuer for another audience, which another RequestAuthentication
+            // on the workload may have accepted, does not count either.
+            rules.push(json!({
+                "from": [{"source": {"requestPrincipals": [format!("{}/*", jwt.issuer)]}}],
+                "when": [{"key": "request.auth.audiences", "notValues": jwt.audiences}],
+            }));
+        }
     }
     if spec.mtls == MtlsMode::Strict && spec.target_refs.is_none() {
         // (Policies attached by targetRefs get no PeerAuthentication: `MtlsNotAppliedToTargets`.)
@@ -513,7 +521,7 @@ pub fn cluster_spiffe_id_name(namespace: &str, name: &str) -> String {
 /// per kind: on a plain TCP port istiod skips a whole ALLOW rule when any of its operations has
 /// an HTTP field, which would take the port-only operations with it. (A rule with `when` is
 /// HTTP-only as a whole and stays one rule.)
-fn istio_rules(rule: &AuthRule, ns: &str, ctx: &Context, issuer: Option<&str>) -> Vec<Value> {
+fn istio_rules(rule: &AuthRule, ns: &str, ctx: &Context, jwt: Option<&JwtSpec>) -> Vec<Value> {
     let http = |op: &&Operation| !op.methods.is_empty() || !op.paths.is_empty();
     let (with_http, port_only): (Vec<&Operation>, Vec<&Operation>) = rule.to.iter().partition(http);
     if !rule.when.is_empty()
@@ -521,7 +529,7 @@ fn istio_rules(rule: &AuthRule, ns: &str, ctx: &Context, issuer: Option<&str>) -
         || port_only.is_empty()
         || port_only.iter().any(|op| op.ports.is_empty())
     {
-        return vec![istio_rule(rule, ns, ctx, issuer)];
+        return vec![istio_rule(rule, ns, ctx, jwt)];
     }
     [with_http, port_only]
         .into_iter()
@@ -530,16 +538,15 @@ fn istio_rules(rule: &AuthRule, ns: &str, ctx: &Context, issuer: Option<&str>) -
                 to: ops.into_iter().cloned().collect(),
                 ..rule.clone()
             };
-            istio_rule(&part, ns, ctx, issuer)
+            istio_rule(&part, ns, ctx, jwt)
         })
         .collect()
 }
 
-/// One Palisade rule as one Istio rule. Sources of one kind are merged into one `source` (values
-/// in a list OR); different kinds become separate `from` entries (entries OR).
-fn istio_rule(rule: &AuthRule, ns: &str, ctx: &Context, issuer: Option<&str>) -> Value {
+/// One Palisade rule as one Istio rule. Every source becomes a principal of one `source` (values
+/// in a list OR).
+fn istio_rule(rule: &AuthRule, ns: &str, ctx: &Context, jwt: Option<&JwtSpec>) -> Value {
     let mut principals = Vec::new();
-    let mut namespaces = Vec::new();
     for source in &rule.from {
         match source {
             Source::ServiceAccount(sa) => {
@@ -554,15 +561,14 @@ fn istio_rule(rule: &AuthRule, ns: &str, ctx: &Context, issuer: Option<&str>) ->
                 );
             }
             Source::SpiffeId(id) => principals.push(id.istio_principal().to_owned()),
-            Source::Namespace(n) => namespaces.push(n.clone()),
+            // Istio's `namespaces` matches `*/ns/<n>/*` in any trust domain: a principal
+            // prefix binds the namespace to this mesh's trust domain.
+            Source::Namespace(n) => principals.push(format!("{}/ns/{n}/sa/*", ctx.trust_domain)),
         }
     }
     let mut from = Vec::new();
     if !principals.is_empty() {
         from.push(json!({"source": {"principals": principals}}));
-    }
-    if !namespaces.is_empty() {
-        from.push(json!({"source": {"namespaces": namespaces}}));
     }
     let mut when = Vec::new();
     for w in &rule.when {
@@ -582,8 +588,14 @@ fn istio_rule(rule: &AuthRule, ns: &str, ctx: &Context, issuer: Option<&str>) ->
             }
         }
     }
-    if let (Some(iss), false) = (issuer, when.is_empty()) {
-        when.push(json!({"key": "request.auth.claims[iss]", "values": [iss]}));
+    if let (Some(jwt), false) = (jwt, when.is_empty()) {
+        // Every RequestAuthentication on the workload validates tokens, and they all write the
+        // same claims: bind the conditions to this policy's issuer and audiences here, since a
+        // token another one accepted (say, a mesh-wide one without audiences) would pass.
+        when.push(json!({"key": "request.auth.claims[iss]", "values": [jwt.issuer]}));
+        if !jwt.audiences.is_empty() {
+            when.push(json!({"key": "request.auth.audiences", "values": jwt.audiences}));
+        }
     }
     let mut r = Map::new();
     put(&mut r, "from", Value::Array(from));
@@ -681,16 +693,39 @@ fn opa_config_map(policy: &AuthPolicy, owner: &Owner<'_>, name: &str) -> Value {
     )
 }
 
-/// Whether two AuthPolicies of one namespace can apply to the same workload: neither attaches by
-/// targetRefs (those attach elsewhere), and no label both select takes different values in them
-/// (a policy without a selector covers the whole namespace).
-pub fn overlap(a: &AuthPolicy, b: &AuthPolicy) -> bool {
-    if a.metadata.namespace != b.metadata.namespace
-        || a.spec.target_refs.is_some()
-        || b.spec.target_refs.is_some()
-    {
-        return false;
+/// Whether two AuthPolicies can apply to the same workload or target.
+///
+/// - A policy without `selector` and `targetRefs` covers its whole namespace, Istio-deployed
+///   gateway pods included, and in the mesh root namespace `root` every namespace.
+/// - Two policies with `targetRefs` overlap when they name a common target.
+/// - Two selectors overlap unless a label both select takes different values in them.
+pub fn overlap(a: &AuthPolicy, b: &AuthPolicy, root: &str) -> bool {
+    let wide = |p: &AuthPolicy| p.spec.selector.is_none() && p.spec.target_refs.is_none();
+    let in_root = |p: &AuthPolicy| p.metadata.namespace.as_deref() == Some(root);
+    if a.metadata.namespace != b.metadata.namespace {
+        // Only a root-namespace policy reaches another namespace (selectors still apply).
+        let (r, other) = match (in_root(a), in_root(b)) {
+            (true, false) => (a, b),
+            (false, true) => (b, a),
+            _ => return false,
+        };
+        return wide(r) || (other.spec.target_refs.is_none() && selectors_meet(r, other));
     }
+    if wide(a) || wide(b) {
+        return true;
+    }
+    match (&a.spec.target_refs, &b.spec.target_refs) {
+        (Some(x), Some(y)) => x.iter().any(|t| {
+            y.iter()
+                .any(|u| (&t.group, &t.kind, &t.name) == (&u.group, &u.kind, &u.name))
+        }),
+        (Some(_), None) | (None, Some(_)) => false,
+        (None, None) => selectors_meet(a, b),
+    }
+}
+
+/// Whether two selectors can select one pod (a missing selector selects every pod).
+fn selectors_meet(a: &AuthPolicy, b: &AuthPolicy) -> bool {
     let (Some(sa), Some(sb)) = (&a.spec.selector, &b.spec.selector) else {
         return true;
     };
@@ -703,35 +738,48 @@ pub fn overlap(a: &AuthPolicy, b: &AuthPolicy) -> bool {
 /// policy on the workload matches it, so a policy with `rules` ("everything else is refused")
 /// is widened by another policy that applies to the same workloads and allows a rule it does not
 /// have, and widens such a policy in turn. Both sides are reported (Warnings naming the other).
-pub fn widenings(policy: &AuthPolicy, others: &[std::sync::Arc<AuthPolicy>]) -> Vec<super::Note> {
+pub fn widenings(
+    policy: &AuthPolicy,
+    others: &[std::sync::Arc<AuthPolicy>],
+    root: &str,
+) -> Vec<super::Note> {
     let mut notes = Vec::new();
     let Some(mine) = &policy.spec.rules else {
         return notes;
     };
+    let ns = policy.metadata.namespace.as_deref().unwrap_or_default();
     let name = policy.metadata.name.as_deref().unwrap_or_default();
-    // Whether rules `a` allow a request rules `b` do not: read syntactically (a rule `b` lacks),
-    // except that a rule with no condition allows everything.
-    let beyond = |a: &[AuthRule], b: &[AuthRule]| {
-        !b.contains(&AuthRule::default()) && a.iter().any(|r| !b.contains(r))
-    };
     let mut widened_by = Vec::new();
     let mut widens = Vec::new();
     for other in others {
+        let other_ns = other.metadata.namespace.as_deref().unwrap_or_default();
         let other_name = other.metadata.name.as_deref().unwrap_or_default();
-        if other_name == name
+        if (other_ns, other_name) == (ns, name)
             || other.metadata.deletion_timestamp.is_some()
-            || !overlap(policy, other)
+            || !overlap(policy, other, root)
         {
             continue;
         }
         let Some(theirs) = &other.spec.rules else {
             continue;
         };
+        // Whether rules `a` allow a request rules `b` do not: read syntactically (a rule `b`
+        // lacks), except that a rule with no condition allows everything. Across namespaces the
+        // same text names other callers (a service account's namespace defaults to the
+        // policy's), so every rule counts.
+        let beyond = |a: &[AuthRule], b: &[AuthRule]| {
+            !b.contains(&AuthRule::default()) && a.iter().any(|r| other_ns != ns || !b.contains(r))
+        };
+        let shown = if other_ns == ns {
+            other_name.to_owned()
+        } else {
+            format!("{other_ns}/{other_name}")
+        };
         if beyond(theirs, mine) {
-            widened_by.push(other_name.to_owned());
+            widened_by.push(shown.clone());
         }
         if beyond(mine, theirs) {
-            widens.push(other_name.to_owned());
+            widens.push(shown);
         }
     }
     widened_by.sort();
@@ -801,7 +849,7 @@ mod tests {
             .map(std::sync::Arc::new)
             .collect();
         let reasons = |p: &AuthPolicy| -> Vec<(&'static str, String)> {
-            widenings(p, &all)
+            widenings(p, &all, "istio-system")
                 .into_iter()
                 .map(|n| (n.reason, n.message))
                 .collect()
@@ -817,7 +865,79 @@ mod tests {
             && m.contains("orders")
             && m.contains("twin")
             && !m.contains("payments")));
-        assert!(overlap(&open, &payments) && !overlap(&orders, &payments));
+        assert!(
+            overlap(&open, &payments, "istio-system")
+                && !overlap(&orders, &payments, "istio-system")
+        );
+    }
+
+    /// A namespace-wide policy also reaches a Gateway target (Istio applies it to gateway pods
+    /// of the namespace), and a namespace-wide policy of the mesh root namespace reaches every
+    /// namespace, where the same rule text names other callers: both widenings are reported.
+    #[test]
+    fn gateway_targets_and_root_namespace_policies_overlap() {
+        let root = "istio-system";
+        let with = |mut p: AuthPolicy, ns: &str, spec: serde_json::Value| {
+            p.metadata.namespace = Some(ns.into());
+            if let Some(refs) = spec.get("targetRefs") {
+                p.spec.target_refs = serde_json::from_value(refs.clone()).ok();
+            }
+            p
+        };
+        let gateway = json!({"targetRefs": [{"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "public"}]});
+        let public = with(
+            policy("public", None, &json!([{"to": [{"paths": ["/public/*"]}]}])),
+            "shop",
+            gateway.clone(),
+        );
+        let admin = policy("admin", None, &json!([{"to": [{"paths": ["/admin/*"]}]}]));
+        let other_gateway = with(
+            policy("other", None, &json!([{}])),
+            "shop",
+            json!({"targetRefs": [{"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "private"}]}),
+        );
+        let orders = policy(
+            "orders",
+            Some("orders"),
+            &json!([{"from": [{"serviceAccount": {"name": "frontend"}}]}]),
+        );
+        let mesh = with(
+            policy(
+                "mesh",
+                None,
+                &json!([{"from": [{"serviceAccount": {"name": "frontend"}}]}]),
+            ),
+            root,
+            json!({}),
+        );
+        let elsewhere = with(
+            policy("elsewhere", None, &json!([{}])),
+            "billing",
+            json!({}),
+        );
+        assert!(overlap(&public, &admin, root) && overlap(&admin, &public, root));
+        assert!(!overlap(&public, &other_gateway, root) && !overlap(&public, &orders, root));
+        assert!(overlap(&mesh, &orders, root) && overlap(&orders, &mesh, root));
+        assert!(!overlap(&elsewhere, &orders, root));
+        let all: Vec<std::sync::Arc<AuthPolicy>> = [&public, &admin, &orders, &mesh]
+            .into_iter()
+            .cloned()
+            .map(std::sync::Arc::new)
+            .collect();
+        let widened = |p: &AuthPolicy| -> String {
+            widenings(p, &all, root)
+                .into_iter()
+                .filter(|n| n.reason == "WidenedBy")
+                .map(|n| n.message)
+                .collect()
+        };
+        assert!(widened(&public).contains("admin"), "{}", widened(&public));
+        // The root policy's `frontend` is istio-system/frontend, not shop/frontend.
+        assert!(
+            widened(&orders).contains("istio-system/mesh"),
+            "{}",
+            widened(&orders)
+        );
     }
 
     /// Two policies never share a ClusterSPIFFEID: namespaces cannot contain the `.` that
