@@ -59,6 +59,54 @@ pub fn first_difference(desired: &Value, live: &Value) -> Option<String> {
     (!walk(desired, live, &mut path)).then_some(if path.is_empty() { ".".into() } else { path })
 }
 
+/// Kinds whose every top-level `spec` field decides what the mesh enforces: a field Palisade
+/// does not set there (a selector on a namespace-wide policy, `rules` on a policy that has
+/// none, `portLevelMtls`, `targetRefs`) changes the meaning.
+const MEANINGFUL_SPEC: &[&str] = &[
+    "AuthorizationPolicy",
+    "PeerAuthentication",
+    "RequestAuthentication",
+];
+
+/// Metadata that makes Istio ignore an object or read it as a dry run.
+const DISABLING: &[(&str, &str)] = &[
+    ("annotations", "istio.io/dry-run"),
+    ("labels", "istio.io/rev"),
+];
+
+/// The fields of a live generated object that someone else added and that change what it
+/// enforces, as JSON Pointers with the live value: top-level `spec` fields of the mesh security
+/// kinds that `desired` does not set, and the metadata that disables an Istio object. Server-side
+/// apply keeps another manager's fields, so the subset check alone would never see them.
+pub fn foreign_fields(desired: &Value, live: &Value) -> Vec<(String, Value)> {
+    let mut out = Vec::new();
+    let kind = desired["kind"].as_str().unwrap_or_default();
+    if MEANINGFUL_SPEC.contains(&kind)
+        && let Some(spec) = live["spec"].as_object()
+    {
+        for (k, v) in spec {
+            if desired["spec"].get(k).is_none() {
+                out.push((format!("/spec/{}", escape(k)), v.clone()));
+            }
+        }
+    }
+    if kind.ends_with("Policy") || kind.ends_with("Authentication") || kind == "EnvoyFilter" {
+        for (field, key) in DISABLING {
+            if let Some(v) = live["metadata"][field].get(*key)
+                && desired["metadata"][field].get(*key).is_none()
+            {
+                out.push((format!("/metadata/{field}/{}", escape(key)), v.clone()));
+            }
+        }
+    }
+    out
+}
+
+/// A JSON Pointer reference token (RFC 6901).
+fn escape(key: &str) -> String {
+    key.replace('~', "~0").replace('/', "~1")
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -90,6 +138,38 @@ mod tests {
             first_difference(&desired, &added).as_deref(),
             Some(".spec.rules[0].to[0].operation.paths")
         );
+    }
+
+    /// What another manager added that changes the meaning is found, with its live value;
+    /// what only describes the object is not.
+    #[test]
+    fn foreign_fields_that_change_meaning() {
+        let desired = json!({"kind": "AuthorizationPolicy",
+            "metadata": {"labels": {"app.kubernetes.io/managed-by": "palisade"}},
+            "spec": {"action": "ALLOW"}});
+        let live = json!({"kind": "AuthorizationPolicy",
+            "metadata": {"labels": {"app.kubernetes.io/managed-by": "palisade", "istio.io/rev": "none", "team": "x"},
+                         "annotations": {"istio.io/dry-run": "true", "note": "y"}},
+            "spec": {"action": "ALLOW", "rules": [{}], "selector": {"matchLabels": {"none": "none"}}}});
+        let found: Vec<String> = foreign_fields(&desired, &live)
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect();
+        assert_eq!(
+            found,
+            [
+                "/spec/rules",
+                "/spec/selector",
+                "/metadata/annotations/istio.io~1dry-run",
+                "/metadata/labels/istio.io~1rev"
+            ]
+        );
+        assert!(foreign_fields(&desired, &desired).is_empty());
+        // Other kinds: only the disabling metadata counts (server defaults fill their specs).
+        let btp = json!({"kind": "BackendTrafficPolicy", "spec": {"rateLimit": {}}});
+        let live_btp =
+            json!({"kind": "BackendTrafficPolicy", "spec": {"rateLimit": {}, "mergeType": "x"}});
+        assert!(foreign_fields(&btp, &live_btp).is_empty());
     }
 
     #[test]

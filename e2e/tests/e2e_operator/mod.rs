@@ -42,6 +42,10 @@ pub const TESTS: &[(&str, TestFn)] = &[
         "e2e_operator::a_refused_allow_policy_relaxes_nothing",
         a_refused_allow_policy_relaxes_nothing,
     ),
+    (
+        "e2e_operator::added_fields_that_disable_a_policy_are_removed",
+        added_fields_that_disable_a_policy_are_removed,
+    ),
 ];
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -545,6 +549,66 @@ fn a_refused_allow_policy_relaxes_nothing(env: &Env) -> Result<()> {
             }
         }
         let _ = run(cp.kubectl().arg("delete").arg("-f").arg(&file));
+        Ok(())
+    })
+}
+
+/// Someone with write access to Istio objects adds fields Palisade never sets, each of which
+/// turns enforcement off while every field Palisade set stays as it was: the dry-run
+/// annotation (DENY rules become shadow rules), a revision label no istiod serves, a selector
+/// that matches nothing on a namespace-wide ALLOW policy (no ALLOW policy left: everything is
+/// allowed), and plain text on one port of one workload (`portLevelMtls`). Each is removed,
+/// and reported as drift.
+fn added_fields_that_disable_a_policy_are_removed(env: &Env) -> Result<()> {
+    let cp = &env.cp;
+    let _op = OperatorProcess::start(cp, "foreign", "")?;
+    cp.with_temp_ns("op-foreign", |ns| {
+        apply_yaml(
+            cp,
+            ns,
+            "apiVersion: palisade.dev/v1alpha1\nkind: AuthPolicy\nmetadata: {name: wide}\nspec:\n  rules: [{from: [{serviceAccount: {name: frontend}}]}]\n  deny: [{to: [{paths: [/admin/*], ports: [8080]}]}]\n",
+        )?;
+        cp.eventually("AuthPolicy Ready", WAIT, || {
+            let p = get(cp, ns, "authpolicy", "wide")?;
+            (condition(&p, "Ready")?["status"] == "True").then_some(())
+        })?;
+        let edit = |args: &[&str]| -> Result<()> {
+            run_ok(cp.kubectl().args(args).args(["-n", ns, "--field-manager=intruder"]))?;
+            Ok(())
+        };
+        edit(&["annotate", "authorizationpolicy", "palisade-wide-deny", "istio.io/dry-run=true"])?;
+        edit(&["label", "authorizationpolicy", "palisade-wide-allow", "istio.io/rev=nowhere"])?;
+        edit(&[
+            "patch", "authorizationpolicy", "palisade-wide-allow", "--type=merge", "-p",
+            r#"{"spec":{"selector":{"matchLabels":{"none":"none"}}}}"#,
+        ])?;
+        edit(&[
+            "patch", "peerauthentication", "palisade-wide-mtls", "--type=merge", "-p",
+            r#"{"spec":{"selector":{"matchLabels":{"app":"orders"}},"portLevelMtls":{"8080":{"mode":"DISABLE"}}}}"#,
+        ])?;
+        cp.eventually("every added field removed", WAIT, || {
+            let deny = get(cp, ns, "authorizationpolicy", "palisade-wide-deny")?;
+            let allow = get(cp, ns, "authorizationpolicy", "palisade-wide-allow")?;
+            let pa = get(cp, ns, "peerauthentication", "palisade-wide-mtls")?;
+            (deny["metadata"]["annotations"].get("istio.io/dry-run").is_none()
+                && allow["metadata"]["labels"].get("istio.io/rev").is_none()
+                && allow["spec"].get("selector").is_none()
+                && pa["spec"].get("portLevelMtls").is_none()
+                && pa["spec"].get("selector").is_none())
+            .then_some(())
+        })?;
+        let notes = || {
+            run_ok(cp.kubectl().args([
+                "get", "events.events.k8s.io", "-n", ns, "-o", "jsonpath={.items[*].note}",
+            ]))
+            .unwrap_or_default()
+        };
+        cp.eventually("DriftReverted event naming an added field", WAIT, || {
+            let out = notes();
+            // The first revert's Event; later ones join its series.
+            (out.contains("reverted hand edits") && out.contains("istio.io~1dry-run")).then_some(())
+        })
+        .with_context(notes)?;
         Ok(())
     })
 }

@@ -117,13 +117,38 @@ pub async fn apply(state: &State, desired: &Value) -> Result<Outcome, Error> {
             .transpose()?,
         None => None,
     };
+    // Fields someone else added that change what the object enforces: removed with a JSON
+    // Patch that first tests they still hold what was read.
+    let foreign = live
+        .as_ref()
+        .map(|l| diff::foreign_fields(desired, l))
+        .unwrap_or_default();
+    if !foreign.is_empty() {
+        let ops: Vec<Value> = foreign
+            .iter()
+            .flat_map(|(path, value)| {
+                [
+                    serde_json::json!({"op": "test", "path": path, "value": value}),
+                    serde_json::json!({"op": "remove", "path": path}),
+                ]
+            })
+            .collect();
+        let patch: json_patch::Patch = serde_json::from_value(Value::Array(ops))?;
+        api.patch(name, &PatchParams::default(), &Patch::<()>::Json(patch))
+            .await?;
+        state.metrics.write("revert");
+    }
+    let reverted = foreign.first().map(|(path, _)| path.clone());
     let outcome = match &live {
         Some(l) if diff::is_subset(desired, l) => {
             state.applied.record(desired);
-            return Ok(Outcome::Unchanged);
+            return Ok(match reverted {
+                None => Outcome::Unchanged,
+                drift => Outcome::Updated { drift },
+            });
         }
         Some(l) => Outcome::Updated {
-            drift: diff::first_difference(desired, l),
+            drift: reverted.or_else(|| diff::first_difference(desired, l)),
         },
         None => Outcome::Created,
     };
