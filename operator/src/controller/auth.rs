@@ -4,7 +4,7 @@
 //! cluster-scoped and cannot be garbage-collected through an owner reference. Everything else is
 //! owned by the AuthPolicy and removed by the garbage collector when it goes.
 
-use std::{sync::Arc, time::Instant};
+use std::sync::Arc;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::{
@@ -53,15 +53,9 @@ pub fn overlapping(
 
 /// Reconciles one AuthPolicy.
 pub async fn reconcile(policy: Arc<AuthPolicy>, auth: Arc<AuthState>) -> Result<Action, Error> {
-    let started = Instant::now();
-    let state = &auth.shared;
-    let result = reconcile_inner(&policy, state, &auth.policies).await;
-    state.metrics.reconciled(
-        "AuthPolicy",
-        result.as_ref().err().map(Error::reason),
-        started.elapsed(),
-    );
-    result
+    let (ns, name) = (policy.namespace().unwrap_or_default(), policy.name_any());
+    let work = reconcile_inner(&policy, &auth.shared, &auth.policies);
+    super::measured(&auth.shared.metrics, "AuthPolicy", &ns, &name, work).await
 }
 
 async fn reconcile_inner(

@@ -193,6 +193,27 @@ impl Error {
     }
 }
 
+/// Runs one reconcile of the `kind` object `namespace/name` inside a tracing span and records
+/// its result and duration (a failed reconcile counts under its error's reason).
+pub async fn measured(
+    metrics: &Metrics,
+    kind: &'static str,
+    namespace: &str,
+    name: &str,
+    work: impl std::future::Future<Output = Result<kube::runtime::controller::Action, Error>>,
+) -> Result<kube::runtime::controller::Action, Error> {
+    use tracing::Instrument as _;
+    let started = std::time::Instant::now();
+    let span = tracing::info_span!("reconcile", kind, namespace, name);
+    let result = work.instrument(span).await;
+    metrics.reconciled(
+        kind,
+        result.as_ref().err().map(Error::reason),
+        started.elapsed(),
+    );
+    result
+}
+
 /// What applying one policy's desired objects did.
 #[derive(Debug, Default)]
 pub struct Enforced {

@@ -1,7 +1,7 @@
 //! The RateLimitPolicy controller: resolve conflicts (oldest policy per target wins), translate,
 //! apply, prune, status. A policy that loses its target produces nothing and says who won.
 
-use std::{sync::Arc, time::Instant};
+use std::sync::Arc;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::{
@@ -33,14 +33,9 @@ pub async fn reconcile(
     policy: Arc<RateLimitPolicy>,
     rl: Arc<RateLimitState>,
 ) -> Result<Action, Error> {
-    let started = Instant::now();
-    let result = reconcile_inner(&policy, &rl).await;
-    rl.shared.metrics.reconciled(
-        "RateLimitPolicy",
-        result.as_ref().err().map(Error::reason),
-        started.elapsed(),
-    );
-    result
+    let (ns, name) = (policy.namespace().unwrap_or_default(), policy.name_any());
+    let work = reconcile_inner(&policy, &rl);
+    super::measured(&rl.shared.metrics, "RateLimitPolicy", &ns, &name, work).await
 }
 
 async fn reconcile_inner(policy: &RateLimitPolicy, rl: &RateLimitState) -> Result<Action, Error> {

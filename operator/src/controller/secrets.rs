@@ -14,7 +14,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -128,14 +128,9 @@ pub fn verdict(removed: bool, since: u64, limit: u64, backoff: Duration) -> Verd
 
 /// Reconciles one SecretBinding.
 pub async fn reconcile(sb: Arc<SecretBinding>, st: Arc<SecretState>) -> Result<Action, Error> {
-    let started = Instant::now();
-    let result = reconcile_inner(&sb, &st).await;
-    st.shared.metrics.reconciled(
-        "SecretBinding",
-        result.as_ref().err().map(Error::reason),
-        started.elapsed(),
-    );
-    result
+    let (ns, name) = (sb.namespace().unwrap_or_default(), sb.name_any());
+    let work = reconcile_inner(&sb, &st);
+    super::measured(&st.shared.metrics, "SecretBinding", &ns, &name, work).await
 }
 
 async fn publish(state: &State, sb: &SecretBinding, type_: EventType, reason: &str, note: String) {
