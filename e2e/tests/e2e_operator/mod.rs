@@ -539,6 +539,11 @@ fn a_refused_allow_policy_relaxes_nothing(env: &Env) -> Result<()> {
             let p = get(cp, ns, "authpolicy", "orders")?;
             (condition(&p, "Ready")?["status"] == "False").then_some(p)
         })?;
+        // The condition names the step and the object that failed.
+        let message = condition(&policy, "Ready").and_then(|c| c["message"].as_str()).unwrap_or_default();
+        if !message.starts_with("applying AuthorizationPolicy/palisade-orders-allow: ") {
+            bail!("Ready=False does not name the failed step and object: {message}");
+        }
         std::thread::sleep(Duration::from_secs(2));
         for (kind, name) in [
             ("peerauthentication", "palisade-orders-mtls"),

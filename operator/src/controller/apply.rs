@@ -13,7 +13,7 @@ use kube::{
 };
 use serde_json::Value;
 
-use super::{Error, FIELD_MANAGER, State, generated::GeneratedObject};
+use super::{Error, FIELD_MANAGER, State, Step, generated::GeneratedObject};
 use crate::{
     diff,
     translate::{OWNER_KIND_LABEL, OWNER_NAME_LABEL, OWNER_NAMESPACE_LABEL},
@@ -88,8 +88,21 @@ impl AppliedCache {
     }
 }
 
-/// Applies `desired` unless the live object already holds it.
+/// Applies `desired` unless the live object already holds it; an error names the object.
 pub async fn apply(state: &State, desired: &Value) -> Result<Outcome, Error> {
+    apply_one(state, desired).await.map_err(|e| {
+        e.at(
+            Step::Apply,
+            format!(
+                "{}/{}",
+                desired["kind"].as_str().unwrap_or_default(),
+                desired["metadata"]["name"].as_str().unwrap_or_default()
+            ),
+        )
+    })
+}
+
+async fn apply_one(state: &State, desired: &Value) -> Result<Outcome, Error> {
     let api_version = desired["apiVersion"].as_str().unwrap_or_default();
     let kind = desired["kind"].as_str().unwrap_or_default();
     let name = desired["metadata"]["name"].as_str().unwrap_or_default();
@@ -213,7 +226,7 @@ pub async fn prune(
         match api.delete(obj_name, &DeleteParams::background()).await {
             Ok(_) => {}
             Err(kube::Error::Api(e)) if e.code == 404 => {}
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(Error::from(e).at(Step::Prune, format!("{kind}/{obj_name}"))),
         }
         state.metrics.write("delete");
         state.applied.forget(&format!(

@@ -180,15 +180,54 @@ pub enum Error {
     /// A call to Vault failed.
     #[error("{0}")]
     Vault(#[from] crate::vault::VaultError),
+    /// A step of a reconcile failed on one object.
+    #[error("{step} {object}: {source}")]
+    Step {
+        /// What was being done.
+        step: Step,
+        /// The object, as `Kind/name` or `Kind namespace/name`.
+        object: String,
+        /// Why it failed.
+        source: Box<Error>,
+    },
+}
+
+/// The steps of a reconcile that write to the API server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Step {
+    /// Server-side apply of a generated object (or removal of fields someone added).
+    #[error("applying")]
+    Apply,
+    /// Deletion of a generated object the policy no longer produces.
+    #[error("pruning")]
+    Prune,
+    /// The policy's status.
+    #[error("writing the status of")]
+    WriteStatus,
+    /// The policy's finalizers.
+    #[error("setting the finalizers of")]
+    SetFinalizers,
 }
 
 impl Error {
-    /// Short reason, e.g. for the `reason` label of the error metric.
+    /// Short reason, e.g. for the `reason` label of the error metric (the failed step's own
+    /// reason: the label stays bounded).
     pub fn reason(&self) -> &'static str {
         match self {
             Error::Kube(_) => "ApiError",
             Error::Serde(_) => "SerializationError",
             Error::Vault(e) => e.reason(),
+            Error::Step { source, .. } => source.reason(),
+        }
+    }
+
+    /// This error as the failure of `step` on `object`.
+    #[must_use]
+    pub fn at(self, step: Step, object: impl Into<String>) -> Self {
+        Error::Step {
+            step,
+            object: object.into(),
+            source: Box::new(self),
         }
     }
 }
@@ -364,7 +403,17 @@ where
             "status": value,
         })),
     )
-    .await?;
+    .await
+    .map_err(|e| {
+        Error::from(e).at(
+            Step::WriteStatus,
+            format!(
+                "{} {}",
+                K::kind(&()),
+                meta.name.as_deref().unwrap_or_default()
+            ),
+        )
+    })?;
     state.metrics.write("status");
     state.applied.record_as(key, &content);
     Ok(())
@@ -385,7 +434,8 @@ where
         &kube::api::PatchParams::default(),
         &kube::api::Patch::Merge(serde_json::json!({"metadata": {"finalizers": finalizers}})),
     )
-    .await?;
+    .await
+    .map_err(|e| Error::from(e).at(Step::SetFinalizers, name))?;
     state.metrics.write("finalizer");
     Ok(())
 }
