@@ -59,9 +59,9 @@ pub fn first_difference(desired: &Value, live: &Value) -> Option<String> {
     (!walk(desired, live, &mut path)).then_some(if path.is_empty() { ".".into() } else { path })
 }
 
-/// Kinds whose every top-level `spec` field decides what the mesh enforces: a field Palisade
-/// does not set there (a selector on a namespace-wide policy, `rules` on a policy that has
-/// none, `portLevelMtls`, `targetRefs`) changes the meaning.
+/// Kinds whose every `spec` field decides what the mesh enforces: a field Palisade does not set
+/// there (a selector on a namespace-wide policy, `rules` on a policy that has none,
+/// `portLevelMtls`, a label in a selector, `ipBlocks` in a source) changes the meaning.
 const MEANINGFUL_SPEC: &[&str] = &[
     "AuthorizationPolicy",
     "PeerAuthentication",
@@ -74,28 +74,36 @@ const DISABLING: &[(&str, &str)] = &[
     ("labels", "istio.io/rev"),
 ];
 
-/// The fields of a live generated object that someone else added and that change what it
-/// enforces, as JSON Pointers with the live value: top-level `spec` fields of the mesh security
-/// kinds that `desired` does not set, and the metadata that disables an Istio object. Server-side
-/// apply keeps another manager's fields, so the subset check alone would never see them.
-pub fn foreign_fields(desired: &Value, live: &Value) -> Vec<(String, Value)> {
+/// One repair of a live generated object: the JSON Pointer, the live value there (tested before
+/// the change), and what replaces it (`None`: removed).
+pub type Repair = (String, Value, Option<Value>);
+
+/// What someone else added to a live generated object that changes what it enforces, as
+/// repairs. For the mesh security kinds the live `spec` must hold nothing Palisade did not set,
+/// at any depth (an extra label in a selector, an `ipBlocks` in a rule's source, an inline
+/// `jwks` beside `jwksUri` all change the meaning): otherwise the whole `spec` is replaced with
+/// Palisade's. The metadata that disables an Istio object is removed. Server-side apply keeps
+/// another manager's fields, so the subset check alone would never see these.
+pub fn foreign_fields(desired: &Value, live: &Value) -> Vec<Repair> {
     let mut out = Vec::new();
     let kind = desired["kind"].as_str().unwrap_or_default();
-    if MEANINGFUL_SPEC.contains(&kind)
-        && let Some(spec) = live["spec"].as_object()
-    {
-        for (k, v) in spec {
-            if desired["spec"].get(k).is_none() {
-                out.push((format!("/spec/{}", escape(k)), v.clone()));
-            }
-        }
+    if MEANINGFUL_SPEC.contains(&kind) && !is_subset(&live["spec"], &desired["spec"]) {
+        out.push((
+            "/spec".into(),
+            live["spec"].clone(),
+            Some(desired["spec"].clone()),
+        ));
     }
     if kind.ends_with("Policy") || kind.ends_with("Authentication") || kind == "EnvoyFilter" {
         for (field, key) in DISABLING {
             if let Some(v) = live["metadata"][field].get(*key)
                 && desired["metadata"][field].get(*key).is_none()
             {
-                out.push((format!("/metadata/{field}/{}", escape(key)), v.clone()));
+                out.push((
+                    format!("/metadata/{field}/{}", escape(key)),
+                    v.clone(),
+                    None,
+                ));
             }
         }
     }
@@ -140,31 +148,60 @@ mod tests {
         );
     }
 
-    /// What another manager added that changes the meaning is found, with its live value;
-    /// what only describes the object is not.
+    /// What another manager added that changes the meaning is found, at any depth of a mesh
+    /// security object's spec; what only describes the object is not.
     #[test]
     fn foreign_fields_that_change_meaning() {
         let desired = json!({"kind": "AuthorizationPolicy",
             "metadata": {"labels": {"app.kubernetes.io/managed-by": "palisade"}},
-            "spec": {"action": "ALLOW"}});
+            "spec": {"action": "DENY", "selector": {"matchLabels": {"app": "orders"}},
+                     "rules": [{"from": [{"source": {"notPrincipals": ["*"]}}]}]}});
         let live = json!({"kind": "AuthorizationPolicy",
             "metadata": {"labels": {"app.kubernetes.io/managed-by": "palisade", "istio.io/rev": "none", "team": "x"},
                          "annotations": {"istio.io/dry-run": "true", "note": "y"}},
-            "spec": {"action": "ALLOW", "rules": [{}], "selector": {"matchLabels": {"none": "none"}}}});
-        let found: Vec<String> = foreign_fields(&desired, &live)
-            .into_iter()
-            .map(|(p, _)| p)
-            .collect();
+            "spec": desired["spec"].clone()});
+        let paths = |live: &Value| -> Vec<String> {
+            foreign_fields(&desired, live)
+                .into_iter()
+                .map(|(p, _, _)| p)
+                .collect()
+        };
         assert_eq!(
-            found,
+            paths(&live),
             [
-                "/spec/rules",
-                "/spec/selector",
                 "/metadata/annotations/istio.io~1dry-run",
                 "/metadata/labels/istio.io~1rev"
             ]
         );
         assert!(foreign_fields(&desired, &desired).is_empty());
+        // Added at any depth: a selector label, a source field, a top-level key.
+        for (pointer, value) in [
+            ("/spec/selector/matchLabels/zz", json!("none")),
+            (
+                "/spec/rules/0/from/0/source/ipBlocks",
+                json!(["192.0.2.1/32"]),
+            ),
+            (
+                "/spec/rules/0/when",
+                json!([{"key": "request.headers[x]", "values": ["q"]}]),
+            ),
+            (
+                "/spec/targetRefs",
+                json!([{"kind": "Gateway", "name": "x"}]),
+            ),
+        ] {
+            let mut tampered = desired.clone();
+            let (parent, key) = pointer.rsplit_once('/').expect("a pointer");
+            tampered
+                .pointer_mut(parent)
+                .and_then(Value::as_object_mut)
+                .expect("an object")
+                .insert(key.into(), value);
+            let found = foreign_fields(&desired, &tampered);
+            assert_eq!(found.len(), 1, "{pointer}");
+            assert_eq!(found[0].0, "/spec");
+            assert_eq!(found[0].2.as_ref(), Some(&desired["spec"]), "{pointer}");
+        }
         // Other kinds: only the disabling metadata counts (server defaults fill their specs).
         let btp = json!({"kind": "BackendTrafficPolicy", "spec": {"rateLimit": {}}});
         let live_btp =

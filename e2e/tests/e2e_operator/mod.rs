@@ -562,8 +562,8 @@ fn a_refused_allow_policy_relaxes_nothing(env: &Env) -> Result<()> {
 /// turns enforcement off while every field Palisade set stays as it was: the dry-run
 /// annotation (DENY rules become shadow rules), a revision label no istiod serves, a selector
 /// that matches nothing on a namespace-wide ALLOW policy (no ALLOW policy left: everything is
-/// allowed), and plain text on one port of one workload (`portLevelMtls`). Each is removed,
-/// and reported as drift.
+/// allowed), plain text on one port of one workload (`portLevelMtls`), and a source added inside
+/// a deny rule (it then refuses one address only). Each is removed, and reported as drift.
 fn added_fields_that_disable_a_policy_are_removed(env: &Env) -> Result<()> {
     let cp = &env.cp;
     let _op = OperatorProcess::start(cp, "foreign", "")?;
@@ -591,11 +591,17 @@ fn added_fields_that_disable_a_policy_are_removed(env: &Env) -> Result<()> {
             "patch", "peerauthentication", "palisade-wide-mtls", "--type=merge", "-p",
             r#"{"spec":{"selector":{"matchLabels":{"app":"orders"}},"portLevelMtls":{"8080":{"mode":"DISABLE"}}}}"#,
         ])?;
+        // Nested in a rule Palisade wrote: the deny rule now applies to one address only.
+        edit(&[
+            "patch", "authorizationpolicy", "palisade-wide-deny", "--type=json", "-p",
+            r#"[{"op":"add","path":"/spec/rules/0/from","value":[{"source":{"ipBlocks":["192.0.2.1/32"]}}]}]"#,
+        ])?;
         cp.eventually("every added field removed", WAIT, || {
             let deny = get(cp, ns, "authorizationpolicy", "palisade-wide-deny")?;
             let allow = get(cp, ns, "authorizationpolicy", "palisade-wide-allow")?;
             let pa = get(cp, ns, "peerauthentication", "palisade-wide-mtls")?;
             (deny["metadata"]["annotations"].get("istio.io/dry-run").is_none()
+                && deny["spec"]["rules"][0].get("from").is_none()
                 && allow["metadata"]["labels"].get("istio.io/rev").is_none()
                 && allow["spec"].get("selector").is_none()
                 && pa["spec"].get("portLevelMtls").is_none()

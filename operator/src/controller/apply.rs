@@ -139,19 +139,30 @@ async fn apply_one(state: &State, desired: &Value) -> Result<Outcome, Error> {
     if !foreign.is_empty() {
         let ops: Vec<Value> = foreign
             .iter()
-            .flat_map(|(path, value)| {
+            .flat_map(|(path, value, with)| {
+                let change = match with {
+                    Some(v) => serde_json::json!({"op": "replace", "path": path, "value": v}),
+                    None => serde_json::json!({"op": "remove", "path": path}),
+                };
                 [
                     serde_json::json!({"op": "test", "path": path, "value": value}),
-                    serde_json::json!({"op": "remove", "path": path}),
+                    change,
                 ]
             })
             .collect();
         let patch: json_patch::Patch = serde_json::from_value(Value::Array(ops))?;
-        api.patch(name, &PatchParams::default(), &Patch::<()>::Json(patch))
-            .await?;
-        state.metrics.write("revert");
+        match api
+            .patch(name, &PatchParams::default(), &Patch::<()>::Json(patch))
+            .await
+        {
+            Ok(_) => state.metrics.write("revert"),
+            // The object changed since it was read (the test failed): its watch event brings
+            // another reconcile; the apply below still restores Palisade's own fields.
+            Err(kube::Error::Api(e)) if e.code == 422 || e.code == 409 => {}
+            Err(e) => return Err(e.into()),
+        }
     }
-    let reverted = foreign.first().map(|(path, _)| path.clone());
+    let reverted = foreign.first().map(|(path, _, _)| path.clone());
     let outcome = match &live {
         Some(l) if diff::is_subset(desired, l) => {
             state.applied.record(desired);
