@@ -311,16 +311,8 @@ fn policy_matches(policy: &Value, ctx: &Ctx<'_>) -> Result<bool> {
             bail!("RBAC policy field {key} is not modelled");
         }
     }
-    let any = |list: &Value, f: &dyn Fn(&Value) -> Result<bool>| -> Result<bool> {
-        for x in list.as_array().into_iter().flatten() {
-            if f(x)? {
-                return Ok(true);
-            }
-        }
-        Ok(false)
-    };
-    Ok(any(&policy["permissions"], &|p| permission(p, ctx))?
-        && any(&policy["principals"], &|p| principal(p, ctx))?)
+    Ok(any_of(&policy["permissions"], &|p| permission(p, ctx))?
+        && any_of(&policy["principals"], &|p| principal(p, ctx))?)
 }
 
 /// The single key of a oneof object.

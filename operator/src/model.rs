@@ -269,13 +269,15 @@ fn condition_matches(c: &Value, a: &Attributes<'_>) -> bool {
         _ => None,
     };
     let any_of = |patterns: &[&str]| {
-        present.is_some_and(|v| {
-            v.iter()
-                .any(|x| patterns.iter().any(|p| istio_string_match(p, x)))
-        })
+        present.is_some_and(|v| v.iter().any(|x| matches_any(patterns, Some(x))))
     };
     let (values, not_values) = (strings(&c["values"]), strings(&c["notValues"]));
     (values.is_empty() || any_of(&values)) && (not_values.is_empty() || !any_of(&not_values))
+}
+
+/// Whether `value` is present and one of Istio's `patterns` matches it.
+fn matches_any(patterns: &[&str], value: Option<&str>) -> bool {
+    value.is_some_and(|v| patterns.iter().any(|p| istio_string_match(p, v)))
 }
 
 fn has_http_field(rule: &Value) -> bool {
@@ -319,41 +321,27 @@ fn istio_rule_matches(rule: &Value, a: &Attributes<'_>, action: Action) -> bool 
         entries.iter().any(|e| {
             let s = &e["source"];
             let mut ok = true;
+            let peer = a.principal.as_deref();
             let principals = strings(&s["principals"]);
             if !principals.is_empty() {
-                ok &= a
-                    .principal
-                    .as_deref()
-                    .is_some_and(|p| principals.iter().any(|x| istio_string_match(x, p)));
+                ok &= matches_any(&principals, peer);
             }
             let namespaces = strings(&s["namespaces"]);
             if !namespaces.is_empty() {
-                ok &= a
-                    .namespace
-                    .is_some_and(|n| namespaces.iter().any(|x| istio_string_match(x, n)));
+                ok &= matches_any(&namespaces, a.namespace);
             }
             let not_principals = strings(&s["notPrincipals"]);
             if !not_principals.is_empty() {
-                ok &= a
-                    .principal
-                    .as_deref()
-                    .is_none_or(|p| !not_principals.iter().any(|x| istio_string_match(x, p)));
+                ok &= !matches_any(&not_principals, peer);
             }
+            let token = a.request_principal.as_deref();
             let request = strings(&s["requestPrincipals"]);
             if !request.is_empty() {
-                let inside = a
-                    .request_principal
-                    .as_deref()
-                    .is_some_and(|p| request.iter().any(|x| istio_string_match(x, p)));
-                ok &= http_only(inside).unwrap_or(true);
+                ok &= http_only(matches_any(&request, token)).unwrap_or(true);
             }
             let not_request = strings(&s["notRequestPrincipals"]);
             if !not_request.is_empty() {
-                let inside = a
-                    .request_principal
-                    .as_deref()
-                    .is_some_and(|p| not_request.iter().any(|x| istio_string_match(x, p)));
-                ok &= http_only(!inside).unwrap_or(true);
+                ok &= http_only(!matches_any(&not_request, token)).unwrap_or(true);
             }
             ok
         })

@@ -82,7 +82,7 @@ fn istiod_validates_what_palisade_writes(env: &Env) -> Result<()> {
                 "metadata": {"name": "hand-made", "namespace": ns},
                 "spec": {"rules": [rule]},
             }))?;
-            let out = apply_stdin(cp, &yaml)?;
+            let out = apply_doc(cp, &yaml)?;
             rejects(&out, what, &["rev.validation.istio.io"])?;
         }
         // Every example AuthPolicy's objects pass it.
@@ -114,7 +114,7 @@ fn istiod_validates_what_palisade_writes(env: &Env) -> Result<()> {
     })
 }
 
-fn apply_stdin(cp: &ControlPlane, doc: &str) -> Result<std::process::Output> {
+fn apply_doc(cp: &ControlPlane, doc: &str) -> Result<std::process::Output> {
     let file = cp.work_dir.join(format!("mesh-{}.json", doc.len()));
     std::fs::write(&file, doc)?;
     run(cp.kubectl().arg("apply").arg("-f").arg(&file))
@@ -184,7 +184,7 @@ fn run_cases(
                     {"issuer": OTHER_ISSUER, "jwks": jwks.jwks, "forwardOriginalToken": true},
                 ]},
             });
-            let out = apply_stdin(cp, &serde_json::to_string(&ra)?)?;
+            let out = apply_doc(cp, &serde_json::to_string(&ra)?)?;
             palisade_e2e::accepts(&out, "the mesh's RequestAuthentication")?;
             let strategy = (
                 policies(ns, &jwks.uri),
@@ -250,7 +250,7 @@ fn check_case(
         objects.extend(out.objects);
         let mut doc = serde_json::to_value(policy)?;
         doc["metadata"].as_object_mut().map(|m| m.remove("uid"));
-        if !apply_stdin(cp, &serde_json::to_string(&doc)?)?
+        if !apply_doc(cp, &serde_json::to_string(&doc)?)?
             .status
             .success()
         {
@@ -279,7 +279,7 @@ fn check_case(
         "spec": {"selector": {"matchLabels": {"app": APP}}, "action": "DENY",
                  "rules": [{"to": [{"operation": {"ports": ["1"]}}]}]},
     }))?;
-    palisade_e2e::accepts(&apply_stdin(cp, &yaml)?, "the marker policy")?;
+    palisade_e2e::accepts(&apply_doc(cp, &yaml)?, "the marker policy")?;
     let ip = format!("10.20.{}.{}", case / 200, case % 200 + 2);
     let mut sidecar = istiod.sidecar(ns, "orders", "orders-0", &format!("app={APP}"), &ip)?;
     let needle = format!("ns[{ns}]-policy[marker]");

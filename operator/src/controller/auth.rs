@@ -98,14 +98,10 @@ async fn reconcile_inner(
     }
 
     let mut desired = translate::auth::translate(policy, &state.ctx);
-    // Policies of this namespace and of the mesh root namespace can apply to its workloads
-    // (and a root-namespace policy to every namespace's).
+    // `widenings` keeps the policies that can apply to this one's workloads: of this namespace
+    // and of the mesh root namespace (or, for a root-namespace policy, of every namespace).
     let root = state.ctx.mesh_root_namespace.as_str();
-    let siblings: Vec<Arc<AuthPolicy>> = policies
-        .state()
-        .into_iter()
-        .filter(|p| translate::auth::overlap(p, policy, root))
-        .collect();
+    let siblings = policies.state();
     desired
         .notes
         .extend(translate::auth::widenings(policy, &siblings, root));
