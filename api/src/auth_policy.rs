@@ -126,6 +126,10 @@ pub struct JwtSpec {
     /// Accepted `aud` values; any one must be present. When empty, the audience is not checked.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16), inner(length(min = 1, max = 512)))]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "self.all(a, !a.contains('*'))",
+        "message": "audiences are literals: Istio would read '*' as a wildcard"
+    }]))]
     pub audiences: Vec<String>,
 
     /// The longest lifetime (`exp` - `iat`) an access token may have; longer-lived tokens are

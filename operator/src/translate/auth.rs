@@ -155,6 +155,21 @@ fn request_authentication(
                 .into(),
         );
     }
+    if let Some(jwt) = &policy.spec.jwt
+        && let Some(a) = jwt
+            .audiences
+            .iter()
+            .find(|a| a.is_empty() || a.contains('*'))
+    {
+        out.unsupported(
+            "WildcardLiteral",
+            format!(
+                "jwt.audiences {a:?} is not a literal, and Istio reads `*` as a wildcard in the \
+                 authorization rules: it is left out of them, so tokens for it are refused; fix \
+                 it (the API server refuses such values in new and updated policies)"
+            ),
+        );
+    }
     if let Some(jwt) = &policy.spec.jwt {
         let mut rule = Map::new();
         rule.insert("issuer".into(), json!(jwt.issuer));
@@ -352,7 +367,7 @@ fn deny_rules(policy: &AuthPolicy, ctx: &Context, out: &mut Desired) -> Vec<Valu
             // on the workload may have accepted, does not count either.
             rules.push(json!({
                 "from": [{"source": {"requestPrincipals": [format!("{}/*", jwt.issuer)]}}],
-                "when": [{"key": "request.auth.audiences", "notValues": jwt.audiences}],
+                "when": [{"key": "request.auth.audiences", "notValues": audience_values(jwt)}],
             }));
         }
     }
@@ -543,6 +558,28 @@ fn istio_rules(rule: &AuthRule, ns: &str, ctx: &Context, jwt: Option<&JwtSpec>) 
         .collect()
 }
 
+/// A value no token's `aud` holds: it stands in when no audience is a literal.
+const NO_AUDIENCE: &str = "palisade.dev/no-literal-audience";
+
+/// The policy's audiences as Istio authorization values: literals only. There a `*` is a
+/// wildcard (the RequestAuthentication compares audiences exactly), so a non-literal audience
+/// is left out (reported as `WildcardLiteral`), and when none is left a value no token carries
+/// stands in: rules bound to the audience match nothing, and every token of the issuer counts
+/// as one for another audience.
+fn audience_values(jwt: &JwtSpec) -> Vec<&str> {
+    let literal: Vec<&str> = jwt
+        .audiences
+        .iter()
+        .map(String::as_str)
+        .filter(|a| !a.is_empty() && !a.contains('*'))
+        .collect();
+    if literal.is_empty() {
+        vec![NO_AUDIENCE]
+    } else {
+        literal
+    }
+}
+
 /// One Palisade rule as one Istio rule. Every source becomes a principal of one `source` (values
 /// in a list OR).
 fn istio_rule(rule: &AuthRule, ns: &str, ctx: &Context, jwt: Option<&JwtSpec>) -> Value {
@@ -594,7 +631,7 @@ fn istio_rule(rule: &AuthRule, ns: &str, ctx: &Context, jwt: Option<&JwtSpec>) -
         // token another one accepted (say, a mesh-wide one without audiences) would pass.
         when.push(json!({"key": "request.auth.claims[iss]", "values": [jwt.issuer]}));
         if !jwt.audiences.is_empty() {
-            when.push(json!({"key": "request.auth.audiences", "values": jwt.audiences}));
+            when.push(json!({"key": "request.auth.audiences", "values": audience_values(jwt)}));
         }
     }
     let mut r = Map::new();
