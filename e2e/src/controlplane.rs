@@ -12,12 +12,16 @@ use std::{
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, anyhow, bail};
 
-use crate::pki::Pki;
+use crate::{
+    netns::{Holder, NODE_IP, Relay},
+    pki::Pki,
+};
 
 /// What to start and where.
 #[derive(Clone, Debug)]
@@ -36,6 +40,9 @@ pub struct Options {
     pub controller_manager: bool,
     /// How long to wait for readiness.
     pub timeout: Duration,
+    /// Run inside a node's namespaces: the API server on the node's address (so pods reach it
+    /// through the `kubernetes` Service), reached from the host through a relay.
+    pub inside: Option<Arc<Holder>>,
 }
 
 impl Options {
@@ -49,6 +56,7 @@ impl Options {
             apiserver_port: None,
             controller_manager: true,
             timeout: Duration::from_mins(1),
+            inside: None,
         }
     }
 }
@@ -92,7 +100,14 @@ pub struct ControlPlane {
     keep_dir: bool,
     /// Seconds from start to API server readiness.
     pub ready_after: Duration,
+    /// The node's namespaces, when it runs inside them.
+    inside: Option<Arc<Holder>>,
+    /// Relays from the host into the namespaces (the API server's).
+    _relays: Vec<Relay>,
 }
+
+/// The API server's port inside a node's namespaces.
+pub const INSIDE_APISERVER_PORT: u16 = 6443;
 
 impl ControlPlane {
     /// Starts etcd, kube-apiserver and (optionally) kube-controller-manager and waits until the
@@ -115,6 +130,7 @@ impl ControlPlane {
             }
         }
         let apiserver_port = match opts.apiserver_port {
+            _ if opts.inside.is_some() => INSIDE_APISERVER_PORT,
             Some(p) => {
                 TcpListener::bind(("127.0.0.1", p)).map_err(|e| {
                     anyhow!("kube-apiserver: port 127.0.0.1:{p} is not available ({e}); choose another or stop what holds it")
@@ -135,7 +151,22 @@ impl ControlPlane {
                 .keep(),
         };
         let pki = Pki::write(&work_dir.join("pki"))?;
-        let server = format!("https://127.0.0.1:{apiserver_port}");
+        let mut relays = Vec::new();
+        let server = match &opts.inside {
+            Some(holder) => {
+                let relay =
+                    holder.forward(SocketAddr::from(([127, 0, 0, 1], INSIDE_APISERVER_PORT)))?;
+                let server = format!("https://127.0.0.1:{}", relay.port());
+                relays.push(relay);
+                // Components inside use the API server directly.
+                std::fs::write(
+                    work_dir.join("kubeconfig-inside"),
+                    kubeconfig_yaml(&format!("https://127.0.0.1:{INSIDE_APISERVER_PORT}"), &pki),
+                )?;
+                server
+            }
+            None => format!("https://127.0.0.1:{apiserver_port}"),
+        };
         let kubeconfig = work_dir.join("kubeconfig");
         std::fs::write(&kubeconfig, kubeconfig_yaml(&server, &pki))?;
 
@@ -148,6 +179,8 @@ impl ControlPlane {
             bin_dir: opts.bin_dir.clone(),
             keep_dir: opts.keep_dir,
             ready_after: Duration::ZERO,
+            inside: opts.inside.clone(),
+            _relays: relays,
         };
         let deadline = started + opts.timeout;
 
@@ -165,9 +198,26 @@ impl ControlPlane {
         self.work_dir.join("audit.log")
     }
 
+    /// A kubeconfig for components inside the node's namespaces (`None` on the host).
+    pub fn kubeconfig_inside(&self) -> Option<PathBuf> {
+        self.inside
+            .as_ref()
+            .map(|_| self.work_dir.join("kubeconfig-inside"))
+    }
+
     fn start_etcd_and_apiserver(&mut self, apiserver_port: u16, deadline: Instant) -> Result<()> {
-        let etcd_client = free_port()?;
-        let etcd_peer = free_port()?;
+        let (etcd_client, etcd_peer) = if self.inside.is_some() {
+            (2379, 2380)
+        } else {
+            (free_port()?, free_port()?)
+        };
+        // Inside a node: every address of the node (its namespace is private), advertised as the
+        // node's, with the `kubernetes` Service's endpoints kept by the API server.
+        let (bind, advertise, reconciler) = if self.inside.is_some() {
+            ("0.0.0.0".to_owned(), NODE_IP.to_string(), "lease")
+        } else {
+            ("127.0.0.1".to_owned(), "127.0.0.1".to_owned(), "none")
+        };
         let data = self.work_dir.join("etcd");
         self.spawn(
             "etcd",
@@ -199,10 +249,10 @@ impl ControlPlane {
             "kube-apiserver",
             &[
                 &format!("--etcd-servers=http://127.0.0.1:{etcd_client}"),
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
+                &format!("--bind-address={bind}"),
+                &format!("--advertise-address={advertise}"),
                 &format!("--secure-port={apiserver_port}"),
-                "--endpoint-reconciler-type=none",
+                &format!("--endpoint-reconciler-type={reconciler}"),
                 "--service-cluster-ip-range=10.0.0.0/24",
                 "--authorization-mode=RBAC",
                 "--allow-privileged=true",
@@ -229,7 +279,11 @@ impl ControlPlane {
     }
 
     fn start_controller_manager(&mut self, deadline: Instant) -> Result<()> {
-        let kcfg = self.kubeconfig.display().to_string();
+        let kcfg = self
+            .kubeconfig_inside()
+            .unwrap_or_else(|| self.kubeconfig.clone())
+            .display()
+            .to_string();
         let kcm_port = free_port()?;
         let p = self.pki.clone();
         self.spawn(
@@ -261,7 +315,12 @@ impl ControlPlane {
         let log = self.work_dir.join(format!("{name}.log"));
         let out = File::create(&log)?;
         let err = out.try_clone()?;
-        let child = Command::new(self.bin_dir.join(name))
+        let program = self.bin_dir.join(name);
+        let mut cmd = match &self.inside {
+            Some(holder) => holder.command(&program),
+            None => Command::new(&program),
+        };
+        let child = cmd
             .args(args)
             .stdin(Stdio::null())
             .stdout(out)
@@ -317,8 +376,12 @@ impl ControlPlane {
 
     fn wait_port(&mut self, who: &str, port: u16, deadline: Instant) -> Result<()> {
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        self.wait_for(who, deadline, &format!("waiting for port {port}"), |_| {
-            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+        self.wait_for(who, deadline, &format!("waiting for port {port}"), |cp| {
+            let timeout = Duration::from_millis(200);
+            match &cp.inside {
+                Some(holder) => holder.connect(addr, timeout).is_ok(),
+                None => std::net::TcpStream::connect_timeout(&addr, timeout).is_ok(),
+            }
         })
     }
 

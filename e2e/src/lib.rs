@@ -9,6 +9,8 @@ pub mod controlplane;
 pub mod envoy;
 pub mod hostile;
 pub mod istiod;
+pub mod netns;
+pub mod node;
 pub mod openbao;
 pub mod operator;
 pub mod pki;

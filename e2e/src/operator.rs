@@ -82,23 +82,54 @@ impl OperatorProcess {
             metrics_addr,
             log,
         };
-        op.wait_ready(Duration::from_secs(30))?;
+        op.wait_leading(Duration::from_secs(30))?;
         Ok(op)
     }
 
-    /// Waits until `/readyz` answers 200 (leading, controllers running).
-    pub fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+    /// Starts a replica with `extra_config` as [`Self::start`] does, but returns once it is
+    /// ready, leading or not (a standby is ready).
+    pub fn start_standby(cp: &ControlPlane, tag: &str, extra_config: &str) -> Result<Self> {
+        let port = free_port()?;
+        let metrics_addr = format!("127.0.0.1:{port}");
+        let config = format!("metricsAddress: {metrics_addr}\n{extra_config}\n");
+        let config_path = cp.work_dir.join(format!("operator-{tag}.yaml"));
+        std::fs::write(&config_path, config)?;
+        let log = cp.work_dir.join(format!("operator-{tag}.log"));
+        let child = spawn_logged(
+            Command::new(workspace_bin("palisade-operator")?)
+                .arg("--config")
+                .arg(&config_path)
+                .env("KUBECONFIG", &cp.kubeconfig)
+                .env("RUST_LOG", "info,kube=warn")
+                .env("POD_NAME", format!("operator-{tag}")),
+            &log,
+        )?;
+        let mut op = OperatorProcess {
+            child,
+            metrics_addr,
+            log,
+        };
+        op.wait_for("ready", Duration::from_secs(30), OperatorProcess::is_ready)?;
+        Ok(op)
+    }
+
+    /// Waits until this replica leads and its controllers run (`palisade_operator_leading 1`).
+    pub fn wait_leading(&mut self, timeout: Duration) -> Result<()> {
+        self.wait_for("leading", timeout, OperatorProcess::is_leading)
+    }
+
+    fn wait_for(&mut self, what: &str, timeout: Duration, pred: fn(&Self) -> bool) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait()? {
                 bail!("palisade-operator exited ({status}): {}", self.log_tail());
             }
-            if self.get("/readyz").is_ok_and(|(code, _)| code == 200) {
+            if pred(self) {
                 return Ok(());
             }
             if Instant::now() > deadline {
                 bail!(
-                    "palisade-operator not ready after {timeout:?}: {}",
+                    "palisade-operator not {what} after {timeout:?}: {}",
                     self.log_tail()
                 );
             }
@@ -106,9 +137,15 @@ impl OperatorProcess {
         }
     }
 
-    /// Whether `/readyz` says 200 now.
+    /// Whether `/readyz` says 200 now (the API server answered it; leading or standby).
     pub fn is_ready(&self) -> bool {
         self.get("/readyz").is_ok_and(|(code, _)| code == 200)
+    }
+
+    /// Whether it leads now (`palisade_operator_leading` is 1).
+    pub fn is_leading(&self) -> bool {
+        self.counter("palisade_operator_leading")
+            .is_ok_and(|v| (v - 1.0).abs() < f64::EPSILON)
     }
 
     /// A plain HTTP/1.0 GET against the metrics server: (status code, body).

@@ -64,6 +64,11 @@ impl Pki {
                 "kubernetes",
                 "kubernetes.default",
                 "kubernetes.default.svc",
+                "kubernetes.default.svc.cluster.local",
+                // The `kubernetes` Service's address and the node's, for a control plane that
+                // runs on a node (pods reach it through the Service).
+                "10.0.0.1",
+                "10.200.0.1",
             ],
             true,
         )?;

@@ -289,6 +289,29 @@ webhooks:
         self.child.id()
     }
 
+    /// Sends SIGTERM (as the kubelet does when the pod is deleted) and returns at once.
+    pub fn sigterm(&self) -> Result<()> {
+        crate::run_ok(Command::new("kill").args(["-TERM", &self.child.id().to_string()]))?;
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for the process to exit; its exit status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "palisade-webhook still running after {timeout:?}: {}",
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// The whole log (security events).
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

@@ -3,7 +3,8 @@
 # into a cache directory keyed by tool and version. A second run finds them and builds nothing.
 #
 #   e2e/toolchain/build.sh [TOOL...]     TOOL: k8s crds opa spire openbao cosign crane registry helm
-#                                        istio gitleaks conftest (default: all but gitleaks and conftest)
+#                                        istio node gitleaks conftest (default: all but gitleaks and
+#                                        conftest)
 #   e2e/toolchain/build.sh --print-bin   the directory holding every built binary (created)
 #
 # Environment: PALISADE_CACHE (default ~/.cache/palisade-e2e).
@@ -45,6 +46,13 @@ MODULE_TOOLS=(
   "istio   1.31-eed52ebb istio 0 pilot-discovery=istio.io/istio/pilot/cmd/pilot-discovery xdsdump=./xdsdump"
 )
 
+# A real node: container runtime, CNI plugins, and the Kubernetes node components (built from the
+# same wrapper module as the control plane, sharing its build cache). runc needs cgo and libseccomp.
+RUNC_VERSION=v1.5.3
+CONTAINERD_VERSION=v2.4.2
+CNI_VERSION=v1.10.0
+NODE_K8S=(kubelet kube-proxy kube-scheduler)
+
 if [[ "${1:-}" == "--print-bin" ]]; then
   echo "$bin"
   exit 0
@@ -60,6 +68,17 @@ fail() {
 # link TOOL DIR: expose DIR/TOOL as $bin/TOOL.
 link() { ln -sfn "$2/$1" "$bin/$1"; }
 
+# The version stamp every Kubernetes binary reports.
+k8s_ldflags() {
+  local minor p ld=""
+  minor=$(cut -d. -f2 <<<"$K8S_VERSION")
+  for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ld+=" -X $p.gitVersion=$K8S_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$minor -X $p.gitTreeState=clean"
+    ld+=" -X $p.buildDate=2026-01-01T00:00:00Z"
+  done
+  echo "$ld"
+}
+
 build_k8s() {
   local dir="$cache/k8s-$K8S_VERSION" names=(kube-apiserver kube-controller-manager etcd kubectl)
   local missing=0 n
@@ -67,13 +86,8 @@ build_k8s() {
   if ((missing == 0)); then
     log "k8s $K8S_VERSION: cached in $dir"
   else
-    local start=$SECONDS logf="$cache/k8s-$K8S_VERSION.log" minor
-    minor=$(cut -d. -f2 <<<"$K8S_VERSION")
-    local ld=""
-    for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-      ld+=" -X $p.gitVersion=$K8S_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$minor -X $p.gitTreeState=clean"
-      ld+=" -X $p.buildDate=2026-01-01T00:00:00Z"
-    done
+    local start=$SECONDS logf="$cache/k8s-$K8S_VERSION.log" ld
+    ld=$(k8s_ldflags)
     mkdir -p "$dir.tmp"
     log "k8s $K8S_VERSION: downloading modules (etcd, kube-apiserver, kube-controller-manager, kubectl)"
     (cd "$here/k8s" && go mod download) >"$logf" 2>&1 || fail "k8s" "go mod download" "$logf"
@@ -160,12 +174,74 @@ build_module() {
   for pair in "$@"; do link "${pair%%=*}" "$dir"; done
 }
 
+# go_install_into DIR LOG PKG@VERSION...: go install into DIR (cgo as CGO_ENABLED says).
+go_install_into() {
+  local dir=$1 logf=$2
+  shift 2
+  GOBIN="$dir" go install -trimpath -ldflags "-s -w" "$@" >>"$logf" 2>&1
+}
+
+build_node() {
+  local dir="$cache/node-$K8S_VERSION-$CONTAINERD_VERSION" logf="$cache/node.log"
+  local names=(runc containerd containerd-shim-runc-v2 ctr bridge host-local loopback portmap pause "${NODE_K8S[@]}")
+  local missing=0 n
+  for n in "${names[@]}"; do [[ -x "$dir/$n" ]] || missing=1; done
+  if ((missing == 0)); then
+    log "node: cached in $dir"
+  else
+    local start=$SECONDS t
+    mkdir -p "$dir" && : >"$logf"
+    if [[ ! -x "$dir/runc" ]]; then
+      log "node: runc $RUNC_VERSION (cgo, seccomp)"
+      pkg-config --exists libseccomp 2>/dev/null || fail "runc" "libseccomp not found (apt-get install libseccomp-dev pkg-config)" "$logf"
+      CGO_ENABLED=1 GOBIN="$dir" go install -trimpath -tags seccomp "github.com/opencontainers/runc@$RUNC_VERSION" >>"$logf" 2>&1 ||
+        fail "runc" "go install" "$logf"
+    fi
+    if [[ ! -x "$dir/containerd-shim-runc-v2" ]]; then
+      t=$SECONDS
+      log "node: containerd $CONTAINERD_VERSION (cold: a few minutes)"
+      go_install_into "$dir" "$logf" "github.com/containerd/containerd/v2/cmd/containerd@$CONTAINERD_VERSION" \
+        "github.com/containerd/containerd/v2/cmd/ctr@$CONTAINERD_VERSION" \
+        "github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2@$CONTAINERD_VERSION" ||
+        fail "containerd" "go install" "$logf"
+      log "node: containerd built in $((SECONDS - t)) s"
+    fi
+    if [[ ! -x "$dir/portmap" ]]; then
+      log "node: CNI plugins $CNI_VERSION"
+      go_install_into "$dir" "$logf" "github.com/containernetworking/plugins/plugins/main/bridge@$CNI_VERSION" \
+        "github.com/containernetworking/plugins/plugins/ipam/host-local@$CNI_VERSION" \
+        "github.com/containernetworking/plugins/plugins/main/loopback@$CNI_VERSION" \
+        "github.com/containernetworking/plugins/plugins/meta/portmap@$CNI_VERSION" ||
+        fail "cni" "go install" "$logf"
+    fi
+    if [[ ! -x "$dir/pause" ]]; then
+      # The sandbox image's one binary, from the Kubernetes module's own source.
+      local src
+      src=$(cd "$here/k8s" && go list -m -f '{{.Dir}}' k8s.io/kubernetes)/build/pause/linux/pause.c
+      [[ -f "$src" ]] || fail "pause" "find build/pause/linux/pause.c" "$logf"
+      gcc -Os -static -DVERSION=palisade-e2e -o "$dir/pause" "$src" >>"$logf" 2>&1 || fail "pause" "gcc -static" "$logf"
+    fi
+    for n in "${NODE_K8S[@]}"; do
+      [[ -x "$dir/$n" ]] && continue
+      t=$SECONDS
+      log "node: building $n (cold: several minutes)"
+      (cd "$here/k8s" && go build -trimpath -ldflags "-s -w $(k8s_ldflags)" -o "$dir/$n.tmp" "./cmd/$n") >>"$logf" 2>&1 ||
+        fail "$n" "go build" "$logf"
+      mv "$dir/$n.tmp" "$dir/$n"
+      log "node: $n built in $((SECONDS - t)) s"
+    done
+    log "node: built in $((SECONDS - start)) s"
+  fi
+  for n in "${names[@]}"; do link "$n" "$dir"; done
+}
+
 want=("$@")
-((${#want[@]})) || want=(k8s crds opa spire openbao istio cosign crane registry helm)
+((${#want[@]})) || want=(k8s crds opa spire openbao istio node cosign crane registry helm)
 total=$SECONDS
 for w in "${want[@]}"; do
   case "$w" in
     k8s) build_k8s ;;
+    node) build_node ;;
     crds) build_crds ;;
     *)
       found=0
@@ -178,7 +254,7 @@ for w in "${want[@]}"; do
         if [[ "${f[0]}" == "$w" ]]; then build_module "${f[@]}"; found=1; fi
       done
       ((found)) || {
-        log "unknown tool '$w' (known: k8s crds helm opa conftest cosign crane registry gitleaks spire openbao istio)"
+        log "unknown tool '$w' (known: k8s crds helm opa conftest cosign crane registry gitleaks spire openbao istio node)"
         exit 2
       }
       ;;

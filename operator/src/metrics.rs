@@ -1,5 +1,9 @@
-//! Prometheus metrics: reconciles (by kind and result), reconcile durations, and API writes (by
-//! what was written), served on `/metrics` with `/healthz` and `/readyz`.
+//! Prometheus metrics: reconciles (by kind and result), reconcile durations, API writes (by what
+//! was written) and whether this replica leads, served on `/metrics` with `/healthz` and `/readyz`.
+//!
+//! Readiness does not depend on leadership: a standby that reached the API server is ready, so a
+//! Deployment of several replicas becomes fully available and a rolling upgrade can proceed while
+//! the old leader still holds the Lease. `palisade_operator_leading` says which replica leads.
 
 use std::{
     net::SocketAddr,
@@ -16,6 +20,7 @@ use prometheus_client::{
     metrics::{
         counter::Counter,
         family::Family,
+        gauge::Gauge,
         histogram::{Histogram, exponential_buckets},
     },
     registry::Registry,
@@ -39,7 +44,8 @@ pub struct Metrics {
     vault_requests: Counter,
     vault_writes: Counter,
     vault_swept: Counter,
-    /// Set once this replica leads and its caches are synced.
+    leading: Gauge,
+    /// Set once the API server answered this replica: it can lead (a standby is ready).
     pub ready: AtomicBool,
 }
 
@@ -84,6 +90,12 @@ impl Default for Metrics {
             "SecretBindings whose Vault objects the sweep removed because the binding was gone",
             vault_swept.clone(),
         );
+        let leading = Gauge::default();
+        registry.register(
+            "leading",
+            "1 while this replica holds the leader Lease (or runs without leader election) and its controllers run",
+            leading.clone(),
+        );
         // Every write series exists from the start, so "0 writes" is a reading, not an absence.
         for what in WRITE_KINDS {
             let _ = writes.get_or_create(&vec![("what", (*what).to_owned())]);
@@ -96,6 +108,7 @@ impl Default for Metrics {
             vault_requests,
             vault_writes,
             vault_swept,
+            leading,
             ready: AtomicBool::new(false),
         }
     }
@@ -126,6 +139,16 @@ impl Metrics {
         if write {
             self.vault_writes.inc();
         }
+    }
+
+    /// Records whether this replica leads (its controllers run).
+    pub fn set_leading(&self, leading: bool) {
+        self.leading.set(i64::from(leading));
+    }
+
+    /// Whether this replica leads.
+    pub fn is_leading(&self) -> bool {
+        self.leading.get() == 1
     }
 
     /// Records one binding whose Vault objects the sweep removed.
@@ -180,7 +203,7 @@ pub async fn serve(
                 } else {
                     (
                         StatusCode::SERVICE_UNAVAILABLE,
-                        "not leading or caches not synced",
+                        "the API server has not answered yet",
                     )
                         .into_response()
                 }

@@ -136,6 +136,39 @@ fn with_siblings(
     (ctl, state)
 }
 
+/// Waits until the API server answers (its version), retrying every 2 s and logging each failure.
+async fn reachable(client: &Client) {
+    loop {
+        match client.apiserver_version().await {
+            Ok(_) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "the API server does not answer yet; not ready");
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            }
+        }
+    }
+}
+
+/// Ready once the API server answers: a standby is ready too (it takes over when the leader
+/// goes), so readiness never waits for a Lease another replica holds. Then the Lease, when
+/// leader election is on.
+async fn ready_then_lead(
+    client: &Client,
+    config: &Config,
+    metrics: &Metrics,
+) -> anyhow::Result<Option<Leadership>> {
+    reachable(client).await;
+    metrics.ready.store(true, Ordering::Relaxed);
+    if !config.leader_election.enabled {
+        return Ok(None);
+    }
+    let identity = std::env::var("POD_NAME")
+        .unwrap_or_else(|_| format!("palisade-operator-{}", std::process::id()));
+    Ok(Some(
+        Leadership::acquire(client.clone(), &config.leader_election, identity).await?,
+    ))
+}
+
 /// Runs the operator until `shutdown` resolves or leadership is lost.
 pub async fn run(
     client: Client,
@@ -150,15 +183,9 @@ pub async fn run(
         shutdown.clone(),
     ));
 
-    let identity = std::env::var("POD_NAME")
-        .unwrap_or_else(|_| format!("palisade-operator-{}", std::process::id()));
-    let leadership = if config.leader_election.enabled {
-        tokio::select! {
-            l = Leadership::acquire(client.clone(), &config.leader_election, identity) => Some(l?),
-            () = shutdown.clone() => return Ok(()),
-        }
-    } else {
-        None
+    let leadership = tokio::select! {
+        l = ready_then_lead(&client, &config, &metrics) => l?,
+        () = shutdown.clone() => return Ok(()),
     };
 
     let discovered = controller::discover(&client).await;
@@ -236,7 +263,7 @@ pub async fn run(
                 tracing::debug!(error = %e, "RateLimitPolicy controller");
             }
         });
-    metrics.ready.store(true, Ordering::Relaxed);
+    metrics.set_leading(true);
     tracing::info!(kinds = discovered.len(), "controllers running");
 
     let outcome = while_leading(
@@ -244,6 +271,7 @@ pub async fn run(
         futures::future::join4(auth_run, rl_run, sb_run, certs_run).map(|_| ()),
     )
     .await;
+    metrics.set_leading(false);
     metrics.ready.store(false, Ordering::Relaxed);
     server.abort();
     outcome

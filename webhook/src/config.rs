@@ -60,6 +60,15 @@ pub struct Config {
     /// The Lease that picks the one replica writing ImagePolicy status (every replica serves).
     #[serde(default = "default_leader_election")]
     pub leader_election: palisade_lease::LeaderElection,
+    /// After SIGTERM: seconds during which `/readyz` fails but every request, new connections
+    /// included, is still served, so the API server and kube-proxy stop sending here before the
+    /// listener closes. In-flight requests are finished after that.
+    #[serde(default = "default_drain_seconds")]
+    pub drain_seconds: u64,
+}
+
+fn default_drain_seconds() -> u64 {
+    5
 }
 
 fn default_leader_election() -> palisade_lease::LeaderElection {

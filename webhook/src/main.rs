@@ -1,7 +1,11 @@
 //! `palisade-webhook --config FILE`: the admission webhook server. Logs (including one
 //! security event per decision, target `palisade::security`) are JSON lines on stderr.
 
-use std::{process::ExitCode, sync::Arc, time::Duration};
+use std::{
+    process::ExitCode,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
 
 use futures::FutureExt;
 use kube::Client;
@@ -104,7 +108,22 @@ async fn run(config: Config) -> anyhow::Result<()> {
         counters: palisade_webhook::server::Counters::default(),
         config: config.clone(),
     });
-    let shutdown = shutdown_signal().shared();
+    let shutdown = {
+        let state = Arc::clone(&state);
+        let drain = Duration::from_secs(config.drain_seconds);
+        async move {
+            shutdown_signal().await;
+            // Not ready any more, but still serving: endpoints and the API server's connections
+            // move to the other replicas meanwhile, and a late request still gets an answer.
+            state.counters.draining.store(true, Ordering::Relaxed);
+            tracing::info!(
+                seconds = drain.as_secs(),
+                "draining: not ready, still serving"
+            );
+            tokio::time::sleep(drain).await;
+        }
+        .shared()
+    };
     let lease = tokio::spawn(palisade_lease::follow(
         client.clone(),
         config.leader_election.clone(),

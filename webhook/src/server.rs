@@ -569,7 +569,12 @@ pub async fn serve_tls_with(
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let handshakes = Arc::new(tokio::sync::Semaphore::new(limits.max_handshakes));
     tokio::pin!(shutdown);
+    // Told to every connection when the listener closes, so each finishes what it serves and
+    // closes cleanly (HTTP/2 GOAWAY, or `Connection: close` on HTTP/1.1) rather than being cut.
+    let (closing, closed) = tokio::sync::watch::channel(false);
+    let mut connections = tokio::task::JoinSet::new();
     loop {
+        while connections.try_join_next().is_some() {}
         // A free handshake slot first: at the cap, new connections wait in the backlog.
         let handshake = tokio::select! {
             h = Arc::clone(&handshakes).acquire_owned() => h.map_err(std::io::Error::other)?,
@@ -593,7 +598,8 @@ pub async fn serve_tls_with(
         let app = app.clone();
         let limits = limits.clone();
         let slots = Arc::clone(&slots);
-        tokio::spawn(async move {
+        let closed = closed.clone();
+        connections.spawn(async move {
             let accepted =
                 tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await;
             drop(handshake);
@@ -613,8 +619,21 @@ pub async fn serve_tls_with(
                     .1
                     .peer_certificates()
                     .is_none_or(<[_]>::is_empty);
-            serve_connection(stream, app, limits, anonymous).await;
+            serve_connection(stream, app, limits, anonymous, closed).await;
         });
+    }
+    // Requests in flight finish (each is bounded by the request timeout); then the server ends.
+    let _ = closing.send(true);
+    let wait_for = limits.request_timeout + std::time::Duration::from_secs(5);
+    let finished = tokio::time::timeout(wait_for, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if finished.is_err() {
+        tracing::warn!(
+            left = connections.len(),
+            "connections still open after the request timeout; closing them"
+        );
     }
     Ok(())
 }
@@ -628,6 +647,7 @@ async fn serve_connection(
     app: Router,
     limits: ServeLimits,
     anonymous: bool,
+    mut closed: tokio::sync::watch::Receiver<bool>,
 ) {
     use tower::ServiceExt as _;
     let activity = Arc::new(Activity {
@@ -684,6 +704,7 @@ async fn serve_connection(
     loop {
         tokio::select! {
             _ = conn.as_mut() => return,
+            _ = closed.wait_for(|c| *c) => break,
             _ = tick.tick() => {
                 // Idle too long, or simply old: every connection is renewed now and then.
                 if activity.idle_too_long(&limits) || activity.started.elapsed() > limits.max_age {
@@ -693,7 +714,8 @@ async fn serve_connection(
         }
     }
     conn.as_mut().graceful_shutdown();
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), conn).await;
+    // In-flight requests finish (each is bounded by the request timeout); an idle one closes now.
+    let _ = tokio::time::timeout(limits.request_timeout, conn).await;
 }
 
 #[cfg(test)]

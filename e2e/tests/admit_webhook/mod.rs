@@ -2,7 +2,7 @@
 //! in environment variables, every workload kind and ephemeral containers checked, malformed
 //! reviews refused with a 400.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use palisade_e2e::{
@@ -29,6 +29,10 @@ pub const TESTS: &[(&str, TestFn)] = &[
     (
         "admit_webhook::restart_under_load_admits_nothing_wrongly",
         restart_under_load_admits_nothing_wrongly,
+    ),
+    (
+        "admit_webhook::sigterm_drains_before_closing",
+        sigterm_drains_before_closing,
     ),
 ];
 
@@ -222,6 +226,60 @@ fn restart_under_load_admits_nothing_wrongly(env: &Env) -> Result<()> {
         "palisade-e2e-restart",
     ]));
     result
+}
+
+/// SIGTERM (a pod deleted, a rollout) first drains: `/readyz` fails at once so endpoints move
+/// away, while the API server's requests, on its open connections and on new ones, are still
+/// answered with real decisions for `drainSeconds`; only then does the process exit, cleanly.
+fn sigterm_drains_before_closing(env: &Env) -> Result<()> {
+    let cp = &env.cp;
+    let mut wh = WebhookProcess::start(cp, "drain", "drainSeconds: 4")?;
+    wh.register(cp, "palisade-e2e-drain")?;
+    let result = cp.with_temp_ns("wh-drain", |ns| {
+        namespace(cp, ns, true)?;
+        wait_enforced(cp, ns)?;
+        let out = apply(cp, ns, "before", &pod("before", Some("orders"), ""))?;
+        if !out.status.success() {
+            bail!("a compliant pod was refused before the drain: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        wh.sigterm()?;
+        let signalled = Instant::now();
+        cp.eventually("/readyz failing after SIGTERM", Duration::from_secs(2), || {
+            let (code, _) = wh.curl(&["/readyz"]).ok()?;
+            (code == 503).then_some(())
+        })?;
+        // Still deciding, both ways, through the API server.
+        let good = apply(cp, ns, "during", &pod("during", Some("orders"), ""))?;
+        if !good.status.success() {
+            bail!(
+                "a compliant pod was refused while the webhook drained: {}",
+                String::from_utf8_lossy(&good.stderr)
+            );
+        }
+        let bad = apply(cp, ns, "bad-during", &pod("bad-during", None, SECRET_ENV))?;
+        let why = String::from_utf8_lossy(&bad.stderr).into_owned();
+        if bad.status.success() || !why.contains("palisade") {
+            bail!("a non-compliant pod was not refused by the draining webhook: {why}");
+        }
+        let answered_within = signalled.elapsed();
+        if answered_within >= Duration::from_secs(4) {
+            bail!("the checks took {answered_within:?}: longer than the drain, nothing was shown");
+        }
+        let status = wh.wait_exit(Duration::from_secs(20))?;
+        let exited_after = signalled.elapsed();
+        eprintln!(
+            "  SIGTERM: /readyz 503 at once, decisions served, exit {status} after {:.1} s (drain 4 s)",
+            exited_after.as_secs_f64()
+        );
+        if !status.success() {
+            bail!("the webhook exited with {status} after draining");
+        }
+        if exited_after < Duration::from_secs(4) {
+            bail!("the webhook exited {exited_after:?} after SIGTERM: before its drain ended");
+        }
+        Ok(())
+    });
+    wh.unregister_after(cp, "palisade-e2e-drain", result)
 }
 
 /// With SPIRE as identity source, a pod is admitted when a ClusterSPIFFEID selects it.

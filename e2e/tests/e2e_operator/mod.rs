@@ -432,36 +432,37 @@ fn two_replicas_one_leader(env: &Env) -> Result<()> {
     let cp = &env.cp;
     let lease = "leaderElection: {enabled: true, leaseName: palisade-e2e-leader, leaseNamespace: default, leaseSeconds: 6}";
     let first = OperatorProcess::start(cp, "leader-a", lease)?;
-    let (second, second_ready_at, first_stopped_at) = std::thread::scope(|s| {
-        let h = s.spawn(|| {
-            OperatorProcess::start(cp, "leader-b", lease).map(|op| (op, std::time::Instant::now()))
-        });
-        // While the first renews its lease, the second must not lead. (7 s: not a whole number
-        // of the standby's 2 s retries, so the failover figure is not one lucky retry.)
-        std::thread::sleep(Duration::from_secs(7));
-        if !first.is_ready() {
-            bail!("the first replica lost its lease while renewing it");
-        }
-        first.terminate()?;
-        let stopped = std::time::Instant::now();
-        // A replica stopped gracefully gives its lease up rather than leaving it to run out.
-        let holder = lease_holder(cp)?;
-        if holder == "operator-leader-a" {
-            bail!("the stopped replica still holds the lease: it was not released on shutdown");
-        }
-        let (op, ready_at) = h
-            .join()
-            .map_err(|_| anyhow::anyhow!("second replica thread panicked"))?
-            .context("the second replica never took over")?;
-        Ok::<_, anyhow::Error>((op, ready_at, stopped))
-    })?;
-    if second_ready_at < first_stopped_at {
-        bail!("the second replica led while the first still held the lease");
+    // The second replica is ready while the first leads: readiness does not wait for the Lease,
+    // so a Deployment of two replicas is fully available and a rolling upgrade can proceed.
+    let mut second = OperatorProcess::start_standby(cp, "leader-b", lease)?;
+    // While the first renews its lease, the second must not lead. (7 s: not a whole number
+    // of the standby's 2 s retries, so the failover figure is not one lucky retry.)
+    std::thread::sleep(Duration::from_secs(7));
+    if !first.is_leading() {
+        bail!("the first replica lost its lease while renewing it");
     }
+    if second.is_leading() {
+        bail!("the second replica leads while the first holds the lease");
+    }
+    if !second.is_ready() {
+        bail!(
+            "the standby is not ready while the first leads: a two-replica Deployment would never become available"
+        );
+    }
+    first.terminate()?;
+    let stopped = std::time::Instant::now();
+    // A replica stopped gracefully gives its lease up rather than leaving it to run out.
+    let holder = lease_holder(cp)?;
+    if holder == "operator-leader-a" {
+        bail!("the stopped replica still holds the lease: it was not released on shutdown");
+    }
+    second
+        .wait_leading(Duration::from_secs(20))
+        .context("the second replica never took over")?;
     // The standby tries every 2 s (a third of 6 s); waiting the lease out would take 4 s or more.
-    let takeover = second_ready_at - first_stopped_at;
+    let takeover = stopped.elapsed();
     eprintln!(
-        "  failover after a graceful stop: standby leading and ready {:.1} s later (lease 6 s)",
+        "  failover after a graceful stop: standby leading {:.1} s later (lease 6 s)",
         takeover.as_secs_f64()
     );
     if takeover > Duration::from_secs(4) {

@@ -1,0 +1,72 @@
+//! End-to-end tests on a real node: kubelet, containerd and runc, the CNI bridge, kube-proxy and
+//! kube-scheduler beside the control plane, all in one private network and mount namespace
+//! (see `palisade_e2e::node`), started once for this binary and stopped when the tests end.
+//! Run with `cargo test -p palisade-e2e --test node`; the binaries come from
+//! `e2e/toolchain/build.sh node`.
+
+mod on_node;
+
+use std::{sync::Arc, time::Instant};
+
+use libtest_mimic::{Arguments, Failed, Trial};
+use palisade_e2e::{controlplane::default_bin_dir, node::Node};
+
+/// What the tests share.
+pub struct Env {
+    /// The node and its control plane.
+    pub node: Node,
+    /// The host's network, firewall and kernel settings before the node started.
+    pub host_before: on_node::HostState,
+}
+
+type TestFn = fn(&Env) -> anyhow::Result<()>;
+
+fn main() {
+    let mut args = Arguments::from_args();
+    args.test_threads.get_or_insert(1);
+    let host_before = on_node::HostState::now();
+    let t = Instant::now();
+    let started = match Node::start(&default_bin_dir()) {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("node: cannot start the node: {e:#}");
+            std::process::exit(1);
+        }
+    };
+    eprintln!(
+        "node: API server ready after {:.1} s, node Ready after {:.1} s (total {:.1} s)",
+        started.timings.apiserver.as_secs_f64(),
+        started.timings.node_ready.as_secs_f64(),
+        t.elapsed().as_secs_f64()
+    );
+    let cgroup_root = started.cgroup_root().to_owned();
+    let env = Arc::new(Env {
+        node: started,
+        host_before: host_before.clone(),
+    });
+    let trials = on_node::TESTS
+        .iter()
+        .map(|&(name, f)| {
+            let env = Arc::clone(&env);
+            Trial::test(name, move || {
+                f(&env).map_err(|e| Failed::from(format!("{e:#}")))
+            })
+        })
+        .collect();
+    let conclusion = libtest_mimic::run(&args, trials);
+    let t = Instant::now();
+    drop(env); // stops the node before checking what it left
+    eprintln!("node: stopped in {:.1} s", t.elapsed().as_secs_f64());
+    // The node stopped: nothing of it may remain on the host.
+    let after = on_node::HostState::now();
+    let left = palisade_e2e::node::leftovers(&cgroup_root);
+    let differences = host_before.differences(&after);
+    if !left.is_empty() || !differences.is_empty() {
+        eprintln!("node::nothing_left_on_the_host_after_stop FAILED\n{left}{differences}");
+        std::process::exit(101);
+    }
+    eprintln!(
+        "node::nothing_left_on_the_host_after_stop ... ok (cgroups, links, routes, iptables, sysctls, mounts)"
+    );
+    conclusion.exit();
+}
