@@ -79,10 +79,26 @@ pub fn default_bin_dir() -> PathBuf {
     cache.join("bin")
 }
 
-struct Component {
-    name: &'static str,
-    child: Child,
-    log: PathBuf,
+/// A process started from a built binary, with its log.
+pub(crate) struct Component {
+    pub(crate) name: &'static str,
+    pub(crate) child: Child,
+    pub(crate) log: PathBuf,
+}
+
+/// Fails with the name and log tail of the first of `components` that has exited.
+pub(crate) fn check_exited(components: &mut [Component]) -> Result<()> {
+    for c in components {
+        if let Some(status) = c.child.try_wait()? {
+            bail!(
+                "{} exited ({status}) — last lines of {}:\n{}",
+                c.name,
+                c.log.display(),
+                tail(&c.log, 15)
+            );
+        }
+    }
+    Ok(())
 }
 
 /// A running control plane. Stops everything on drop.
@@ -336,17 +352,7 @@ impl ControlPlane {
 
     /// Fails with the component's name and log tail if any component has exited.
     pub fn check_alive(&mut self) -> Result<()> {
-        for c in &mut self.components {
-            if let Some(status) = c.child.try_wait()? {
-                bail!(
-                    "{} exited ({status}) — last lines of {}:\n{}",
-                    c.name,
-                    c.log.display(),
-                    tail(&c.log, 15)
-                );
-            }
-        }
-        Ok(())
+        check_exited(&mut self.components)
     }
 
     fn wait_for(

@@ -31,7 +31,7 @@ pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
 
 /// Kernel settings the kubelet writes that are not per network namespace: each gets a plain
 /// file bind-mounted over it inside, so the host's values never change.
-const MASKED_SYSCTLS: &[&str] = &[
+pub const MASKED_SYSCTLS: &[&str] = &[
     "vm/overcommit_memory",
     "vm/panic_on_oom",
     "kernel/panic",
@@ -67,7 +67,9 @@ impl Holder {
         let mut script = String::from("set -eu\n");
         script.push_str("ip link set lo up\n");
         // (No dummy device in this kernel: one end of a veth pair whose peer stays inside.)
-        script.push_str("ip link add node0 type veth peer name node0-peer\nip link set node0-peer up\n");
+        script.push_str(
+            "ip link add node0 type veth peer name node0-peer\nip link set node0-peer up\n",
+        );
         let _ = writeln!(script, "ip addr add {NODE_IP}/32 dev node0");
         script.push_str("ip link set node0 up\n");
         // Service IPs must be routable before kube-proxy's rules rewrite them.

@@ -12,7 +12,7 @@ use std::{
     net::SocketAddr,
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
-    process::{Child, Command},
+    process::Command,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -21,6 +21,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::{
     ControlPlane, Options,
+    controlplane::{Component, check_exited},
     netns::{Holder, NODE_IP, Relay, ns_inode},
     registry::OciRegistry,
     run, run_ok, spawn_logged,
@@ -50,12 +51,6 @@ const NODE_BINARIES: &[&str] = &[
     "kube-scheduler",
     "crane",
 ];
-
-struct Component {
-    name: &'static str,
-    child: Child,
-    log: PathBuf,
-}
 
 /// A running node and its control plane. Fields drop in order: the processes are stopped
 /// first (in `drop`), then the control plane, the relays, the namespaces, and last the cgroups
@@ -118,7 +113,15 @@ impl Node {
         let registry = OciRegistry::start(bin_dir, &work_dir.join("registry"))?;
         let registry_addr: SocketAddr = registry.host.parse()?;
         let exposed = vec![holder.expose(REGISTRY.parse()?, registry_addr)?];
-        push_pause(bin_dir, &registry, &work_dir)?;
+        // The sandbox image: Kubernetes' `pause`, built here, as [`PAUSE_IMAGE`].
+        push_binary_image(
+            &registry,
+            &work_dir,
+            &bin_dir.join("pause"),
+            "pause",
+            ("pause", "3.10"),
+            &["--entrypoint=/pause"],
+        )?;
         make_cgroups(&cleanup.cgroup_root)?;
         let cp = ControlPlane::start(&Options {
             bin_dir: bin_dir.to_path_buf(),
@@ -178,17 +181,7 @@ impl Node {
 
     /// Fails with the component's name and log tail if any node component exited.
     pub fn check_alive(&mut self) -> Result<()> {
-        for c in &mut self.components {
-            if let Some(status) = c.child.try_wait()? {
-                bail!(
-                    "{} exited ({status}); last lines of {}:\n{}",
-                    c.name,
-                    c.log.display(),
-                    crate::tail_lines(&c.log, 20)
-                );
-            }
-        }
-        Ok(())
+        check_exited(&mut self.components)
     }
 
     /// The last lines of a component's log (`kubelet`, `containerd`, ...).
@@ -453,27 +446,33 @@ impl Drop for Node {
     }
 }
 
-/// The sandbox image: Kubernetes' `pause`, built here, as [`PAUSE_IMAGE`].
-fn push_pause(bin_dir: &Path, registry: &OciRegistry, work_dir: &Path) -> Result<()> {
-    let dir = work_dir.join("pause-image");
-    std::fs::create_dir_all(&dir)?;
-    std::fs::copy(bin_dir.join("pause"), dir.join("pause"))?;
-    let layer = work_dir.join("pause.tar");
+/// Pushes a one-layer image holding the static binary `binary` at `/<path>` as `<repo>:<tag>`
+/// for linux/amd64, with crane `mutate` arguments `config` (`--entrypoint=...`); its digest.
+pub fn push_binary_image(
+    registry: &OciRegistry,
+    work_dir: &Path,
+    binary: &Path,
+    path: &str,
+    repo_tag: (&str, &str),
+    config: &[&str],
+) -> Result<String> {
+    let (repo, tag) = repo_tag;
+    let dir = work_dir.join(format!("image-{repo}"));
+    let inside = dir.join(path);
+    std::fs::create_dir_all(inside.parent().context("a path in the image")?)?;
+    std::fs::copy(std::fs::canonicalize(binary)?, &inside)?;
+    let layer = work_dir.join(format!("image-{repo}.tar"));
     run_ok(
         Command::new("tar")
             .args(["--owner=0", "--group=0", "-C"])
             .arg(&dir)
             .arg("-cf")
             .arg(&layer)
-            .arg("pause"),
+            .arg("."),
     )?;
-    registry.push_layers(
-        "pause",
-        "3.10",
-        &[&layer],
-        &["--entrypoint=/pause", "--set-platform=linux/amd64"],
-    )?;
-    Ok(())
+    let mut config = config.to_vec();
+    config.push("--set-platform=linux/amd64");
+    registry.push_layers(repo, tag, &[&layer], &config)
 }
 
 fn preflight(bin_dir: &Path) -> Result<()> {

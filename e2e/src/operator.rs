@@ -57,8 +57,31 @@ impl OperatorProcess {
     }
 
     /// Starts the operator with the whole configuration `config` (serving metrics on
-    /// `metrics_addr`, as it must say) and credentials from `kubeconfig`, and waits for `/readyz`.
+    /// `metrics_addr`, as it must say) and credentials from `kubeconfig`, and waits until it
+    /// leads.
     pub fn start_as(
+        cp: &ControlPlane,
+        tag: &str,
+        config: &str,
+        kubeconfig: &std::path::Path,
+        metrics_addr: String,
+    ) -> Result<Self> {
+        let mut op = Self::spawn(cp, tag, config, kubeconfig, metrics_addr)?;
+        op.wait_leading(Duration::from_secs(30))?;
+        Ok(op)
+    }
+
+    /// Starts a replica with `extra_config` as [`Self::start`] does, but returns once it is
+    /// ready, leading or not (a standby is ready).
+    pub fn start_standby(cp: &ControlPlane, tag: &str, extra_config: &str) -> Result<Self> {
+        let metrics_addr = format!("127.0.0.1:{}", free_port()?);
+        let config = format!("metricsAddress: {metrics_addr}\n{extra_config}\n");
+        let mut op = Self::spawn(cp, tag, &config, &cp.kubeconfig, metrics_addr)?;
+        op.wait_for("ready", Duration::from_secs(30), OperatorProcess::is_ready)?;
+        Ok(op)
+    }
+
+    fn spawn(
         cp: &ControlPlane,
         tag: &str,
         config: &str,
@@ -77,40 +100,11 @@ impl OperatorProcess {
                 .env("POD_NAME", format!("operator-{tag}")),
             &log,
         )?;
-        let mut op = OperatorProcess {
+        Ok(OperatorProcess {
             child,
             metrics_addr,
             log,
-        };
-        op.wait_leading(Duration::from_secs(30))?;
-        Ok(op)
-    }
-
-    /// Starts a replica with `extra_config` as [`Self::start`] does, but returns once it is
-    /// ready, leading or not (a standby is ready).
-    pub fn start_standby(cp: &ControlPlane, tag: &str, extra_config: &str) -> Result<Self> {
-        let port = free_port()?;
-        let metrics_addr = format!("127.0.0.1:{port}");
-        let config = format!("metricsAddress: {metrics_addr}\n{extra_config}\n");
-        let config_path = cp.work_dir.join(format!("operator-{tag}.yaml"));
-        std::fs::write(&config_path, config)?;
-        let log = cp.work_dir.join(format!("operator-{tag}.log"));
-        let child = spawn_logged(
-            Command::new(workspace_bin("palisade-operator")?)
-                .arg("--config")
-                .arg(&config_path)
-                .env("KUBECONFIG", &cp.kubeconfig)
-                .env("RUST_LOG", "info,kube=warn")
-                .env("POD_NAME", format!("operator-{tag}")),
-            &log,
-        )?;
-        let mut op = OperatorProcess {
-            child,
-            metrics_addr,
-            log,
-        };
-        op.wait_for("ready", Duration::from_secs(30), OperatorProcess::is_ready)?;
-        Ok(op)
+        })
     }
 
     /// Waits until this replica leads and its controllers run (`palisade_operator_leading 1`).

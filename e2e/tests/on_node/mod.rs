@@ -13,7 +13,8 @@ use std::{
 use anyhow::{Context, Result, bail};
 use palisade_e2e::{
     controlplane::default_bin_dir,
-    node::{Node, REGISTRY},
+    netns::MASKED_SYSCTLS,
+    node::{Node, REGISTRY, push_binary_image},
     release, repo_root, run, run_ok,
 };
 
@@ -63,15 +64,7 @@ impl HostState {
             ("nftables".to_owned(), out("nft", &["list", "ruleset"])),
             ("mounts".to_owned(), mounts()),
         ];
-        for s in [
-            "vm/overcommit_memory",
-            "vm/panic_on_oom",
-            "kernel/panic",
-            "kernel/panic_on_oops",
-            "kernel/keys/root_maxkeys",
-            "kernel/keys/root_maxbytes",
-            "net/ipv4/ip_forward",
-        ] {
+        for s in MASKED_SYSCTLS.iter().chain(&["net/ipv4/ip_forward"]) {
             entries.push((
                 format!("sysctl {s}"),
                 std::fs::read_to_string(format!("/proc/sys/{s}")).unwrap_or_default(),
@@ -115,27 +108,15 @@ fn mounts() -> String {
 
 /// A static HTTP server image: crane's registry (answers `GET /v2/` with 200), as user 65532.
 fn push_server_image(node: &Node) -> Result<String> {
-    let bin = std::fs::canonicalize(node.registry_bin("crane"))?;
-    let dir = node.work_dir.join("server-image");
-    std::fs::create_dir_all(dir.join("bin"))?;
-    std::fs::copy(&bin, dir.join("bin/server"))?;
-    let layer = node.work_dir.join("server.tar");
-    run_ok(
-        Command::new("tar")
-            .args(["--owner=0", "--group=0", "-C"])
-            .arg(&dir)
-            .arg("-cf")
-            .arg(&layer)
-            .arg("bin"),
-    )?;
-    node.registry.push_layers(
-        "server",
-        "v1",
-        &[&layer],
+    push_binary_image(
+        &node.registry,
+        &node.work_dir,
+        &node.registry_bin("crane"),
+        "bin/server",
+        ("server", "v1"),
         &[
             "--entrypoint=/bin/server,registry,serve,--address,:8080",
             "--user=65532",
-            "--set-platform=linux/amd64",
         ],
     )
 }
