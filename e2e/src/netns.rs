@@ -249,17 +249,22 @@ impl Relay {
         let addr = listener.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = Arc::clone(&stop);
+        // Polled, so the loop ends (and the socket closes) when the relay is dropped: a socket
+        // left open inside would keep the node's network namespace alive.
+        listener.set_nonblocking(true)?;
         std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                if stopped.load(Ordering::Relaxed) {
-                    return;
-                }
-                let Ok(client) = conn else { continue };
-                match dial() {
-                    Ok(server) => splice(client, server),
-                    Err(_) => {
-                        let _ = client.shutdown(Shutdown::Both);
+            while !stopped.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((client, _)) => {
+                        let _ = client.set_nonblocking(false);
+                        match dial() {
+                            Ok(server) => splice(client, server),
+                            Err(_) => {
+                                let _ = client.shutdown(Shutdown::Both);
+                            }
+                        }
                     }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
                 }
             }
         });
@@ -275,9 +280,6 @@ impl Relay {
 impl Drop for Relay {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        // Wake the accept loop so it sees the flag. (An inside listener is reached from inside
-        // only; its loop ends with the namespace.)
-        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200));
     }
 }
 

@@ -6,7 +6,10 @@
 
 mod on_node;
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    sync::{Arc, OnceLock},
+    time::Instant,
+};
 
 use libtest_mimic::{Arguments, Failed, Trial};
 use palisade_e2e::{controlplane::default_bin_dir, node::Node};
@@ -17,6 +20,8 @@ pub struct Env {
     pub node: Node,
     /// The host's network, firewall and kernel settings before the node started.
     pub host_before: on_node::HostState,
+    /// Palisade installed by its chart, once, by the first test that needs it.
+    pub installed: OnceLock<Result<on_node::palisade::Installed, String>>,
 }
 
 type TestFn = fn(&Env) -> anyhow::Result<()>;
@@ -43,6 +48,7 @@ fn main() {
     let env = Arc::new(Env {
         node: started,
         host_before: host_before.clone(),
+        installed: OnceLock::new(),
     });
     let trials = on_node::TESTS
         .iter()

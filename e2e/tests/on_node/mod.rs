@@ -12,13 +12,14 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use palisade_e2e::{
-    controlplane::default_bin_dir,
     netns::MASKED_SYSCTLS,
     node::{Node, REGISTRY, push_binary_image},
-    release, repo_root, run, run_ok,
+    run, run_ok,
 };
 
 use crate::{Env, TestFn};
+
+pub mod palisade;
 
 pub const TESTS: &[(&str, TestFn)] = &[
     (
@@ -31,7 +32,23 @@ pub const TESTS: &[(&str, TestFn)] = &[
     ),
     (
         "node::palisade_installed_by_its_chart",
-        palisade_installed_by_its_chart,
+        palisade::installed_by_its_chart,
+    ),
+    (
+        "node::pinned_digest_is_what_runs",
+        palisade::pinned_digest_is_what_runs,
+    ),
+    (
+        "node::webhook_rollout_under_a_stream_of_pods",
+        palisade::webhook_rollout_under_a_stream_of_pods,
+    ),
+    (
+        "node::operator_leader_deleted_standby_converges",
+        palisade::operator_leader_deleted_standby_converges,
+    ),
+    (
+        "node::helm_upgrade_with_new_images_and_config",
+        palisade::helm_upgrade_with_new_images_and_config,
     ),
 ];
 
@@ -316,243 +333,5 @@ fn host_untouched_while_the_node_runs(env: &Env) -> Result<()> {
     if !inside.contains("cni0") {
         bail!("no bridge inside the node: {inside}");
     }
-    Ok(())
-}
-
-/// The release images, pushed to the node's registry, signed and attested; `helm install` of
-/// the chart with its defaults (two replicas of each Deployment); both Deployments fully
-/// available (a standby operator is ready), one leader; the API server calls the webhook
-/// through its Service and gets real decisions; the operator reconciles an AuthPolicy.
-fn palisade_installed_by_its_chart(env: &Env) -> Result<()> {
-    let node = &env.node;
-    let cp = node.cp();
-    let root = repo_root();
-    let work = node.work_dir.join("release");
-    node.registry.key_pair("release")?;
-    let t = Instant::now();
-    let images = release::publish(&root, &node.registry, "release", &work)?;
-    eprintln!(
-        "  release images pushed, signed and attested in {:.1} s",
-        t.elapsed().as_secs_f64()
-    );
-    cp.install_crds(&default_bin_dir())?;
-    let digest = |name: &str| {
-        images
-            .iter()
-            .find(|p| p.name == name)
-            .map(|p| p.digest.clone())
-            .with_context(|| format!("no {name} image"))
-    };
-    let t = Instant::now();
-    let install = run(Command::new(node.registry_bin("helm"))
-        .env("KUBECONFIG", &cp.kubeconfig)
-        .args(["install", "palisade"])
-        .arg(root.join("charts/palisade"))
-        .args([
-            "--namespace",
-            "palisade-system",
-            "--create-namespace",
-            "--set",
-            &format!("image.registry={REGISTRY}"),
-            "--set",
-            &format!("image.operator.digest={}", digest("palisade-operator")?),
-            "--set",
-            &format!("image.webhook.digest={}", digest("palisade-webhook")?),
-            "--wait",
-            "--timeout",
-            "4m",
-        ]))?;
-    if !install.status.success() {
-        let pods = run(cp
-            .kubectl()
-            .args(["describe", "pods", "-n", "palisade-system"]))?;
-        bail!(
-            "helm install failed: {}\n{}\nkubelet:\n{}",
-            String::from_utf8_lossy(&install.stderr),
-            String::from_utf8_lossy(&pods.stdout),
-            node.log_tail("kubelet", 30)
-        );
-    }
-    let available = run_ok(cp.kubectl().args([
-        "get",
-        "deployments",
-        "-n",
-        "palisade-system",
-        "-o",
-        "jsonpath={range .items[*]}{.metadata.name}={.status.availableReplicas}/{.spec.replicas} {end}",
-    ]))?;
-    eprintln!(
-        "  helm install --wait done in {:.1} s: {}",
-        t.elapsed().as_secs_f64(),
-        available.trim()
-    );
-    for d in available.split_whitespace() {
-        let (name, counts) = d.split_once('=').unwrap_or((d, ""));
-        if counts != "2/2" {
-            bail!("{name}: {counts} replicas available, not 2/2");
-        }
-    }
-    let leaders = operator_leaders(node)?;
-    if leaders.len() != 1 {
-        bail!(
-            "{} operator replicas lead ({leaders:?}); exactly one must",
-            leaders.len()
-        );
-    }
-    webhook_decides_through_its_service(node)?;
-    operator_reconciles(node)?;
-    Ok(())
-}
-
-/// The operator pods whose `palisade_operator_leading` is 1, read from their metrics port.
-fn operator_leaders(node: &Node) -> Result<Vec<String>> {
-    let cp = node.cp();
-    let pods = run_ok(cp.kubectl().args([
-        "get",
-        "pods",
-        "-n",
-        "palisade-system",
-        "-l",
-        "app.kubernetes.io/component=operator",
-        "-o",
-        "jsonpath={range .items[*]}{.metadata.name}={.status.podIP} {end}",
-    ]))?;
-    let mut leaders = Vec::new();
-    for p in pods.split_whitespace() {
-        let (name, ip) = p.split_once('=').unwrap_or((p, ""));
-        let addr: SocketAddr = format!("{ip}:9090").parse()?;
-        let mut s = node.holder().connect(addr, Duration::from_secs(5))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")?;
-        let mut text = String::new();
-        s.read_to_string(&mut text)?;
-        if text
-            .lines()
-            .any(|l| l.trim() == "palisade_operator_leading 1")
-        {
-            leaders.push(name.to_owned());
-        }
-    }
-    Ok(leaders)
-}
-
-fn dry_run_pod(node: &Node, ns: &str, name: &str, extra: &str) -> Result<std::process::Output> {
-    let yaml = format!(
-        "apiVersion: v1
-kind: Pod
-metadata: {{name: {name}, namespace: {ns}}}
-spec:
-  serviceAccountName: orders
-  containers:
-    - name: app
-      image: {REGISTRY}/server:v1
-{extra}"
-    );
-    let file = node.work_dir.join(format!("{ns}-{name}.yaml"));
-    std::fs::write(&file, yaml)?;
-    run(node
-        .cp()
-        .kubectl()
-        .args(["apply", "--dry-run=server", "-f"])
-        .arg(&file))
-}
-
-/// The API server reaches the webhook through its Service: a pod with a Secret in its
-/// environment is refused with Palisade's reason, a compliant one admitted.
-fn webhook_decides_through_its_service(node: &Node) -> Result<()> {
-    let cp = node.cp();
-    let ns = "node-shop";
-    run_ok(cp.kubectl().args(["create", "namespace", ns]))?;
-    run_ok(
-        cp.kubectl()
-            .args(["label", "namespace", ns, "istio.io/dataplane-mode=ambient"]),
-    )?;
-    run_ok(
-        cp.kubectl()
-            .args(["create", "serviceaccount", "orders", "-n", ns]),
-    )?;
-    let secret_env = "      env:\n        - name: DB_PASSWORD\n          valueFrom: {secretKeyRef: {name: db, key: password}}\n";
-    let mut attempt = 0;
-    let refused = cp.eventually(
-        "the webhook to refuse a Secret in env",
-        Duration::from_mins(1),
-        || {
-            attempt += 1;
-            let out = dry_run_pod(node, ns, &format!("secret-env-{attempt}"), secret_env).ok()?;
-            (!out.status.success()).then_some(out)
-        },
-    )?;
-    let why = String::from_utf8_lossy(&refused.stderr);
-    if !why.contains("palisade") || !why.contains("DB_PASSWORD") {
-        bail!("refused, but not by Palisade's secrets check: {why}");
-    }
-    let ok = dry_run_pod(node, ns, "compliant", "")?;
-    if !ok.status.success() {
-        bail!(
-            "a compliant pod was refused: {}",
-            String::from_utf8_lossy(&ok.stderr)
-        );
-    }
-    let endpoints = run_ok(cp.kubectl().args([
-        "get",
-        "endpointslices",
-        "-n",
-        "palisade-system",
-        "-l",
-        "kubernetes.io/service-name=palisade-webhook",
-        "-o",
-        "jsonpath={.items[*].endpoints[*].addresses[0]}",
-    ]))?;
-    eprintln!("  webhook answers through Service palisade-webhook (endpoints {endpoints})");
-    Ok(())
-}
-
-/// An AuthPolicy applied to the node's cluster is reconciled by the installed operator.
-fn operator_reconciles(node: &Node) -> Result<()> {
-    let cp = node.cp();
-    let file = node.work_dir.join("node-authpolicy.yaml");
-    std::fs::write(
-        &file,
-        "apiVersion: palisade.dev/v1alpha1
-kind: AuthPolicy
-metadata: {name: orders, namespace: node-shop}
-spec:
-  selector: {matchLabels: {app: orders}}
-  rules:
-    - from: [{serviceAccount: {name: frontend}}]
-      to: [{methods: [GET], paths: [/api/orders]}]
-",
-    )?;
-    let t = Instant::now();
-    run_ok(cp.kubectl().arg("apply").arg("-f").arg(&file))?;
-    cp.eventually("the AuthPolicy Ready", Duration::from_mins(1), || {
-        let ready = run_ok(cp.kubectl().args([
-            "get",
-            "authpolicy",
-            "orders",
-            "-n",
-            "node-shop",
-            "-o",
-            "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
-        ]))
-        .ok()?;
-        (ready == "True").then_some(())
-    })?;
-    let generated = run_ok(cp.kubectl().args([
-        "get",
-        "authorizationpolicies.security.istio.io",
-        "-n",
-        "node-shop",
-        "-o",
-        "name",
-    ]))?;
-    if generated.trim().is_empty() {
-        bail!("the AuthPolicy is Ready but no AuthorizationPolicy was written");
-    }
-    eprintln!(
-        "  AuthPolicy reconciled by the installed operator in {:.1} s: {}",
-        t.elapsed().as_secs_f64(),
-        generated.split_whitespace().collect::<Vec<_>>().join(", ")
-    );
     Ok(())
 }
