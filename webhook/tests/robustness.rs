@@ -525,3 +525,63 @@ async fn serve_with_client_ca(
     ));
     (addr, stop, server)
 }
+
+/// Shutdown with a keep-alive connection open (as the API server keeps them): the connection
+/// gets its answer, is then closed by the server (not reset mid-request), and the server ends at
+/// once rather than waiting for the request timeout.
+#[tokio::test]
+async fn shutdown_closes_keep_alive_connections_cleanly() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cert = serving_cert(dir.path());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve_tls_with(
+        listener,
+        cert.serving(),
+        app(),
+        async {
+            let _ = stopped.await;
+        },
+        ServeLimits::default(),
+    ));
+    let mut tls = client_config().with_no_client_auth();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+    let mut stream = connector.connect(name, tcp).await.expect("handshake");
+    // One request on a connection that stays open.
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await
+        .expect("write");
+    let mut first = [0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut first))
+        .await
+        .expect("an answer in time")
+        .expect("read");
+    let answer = String::from_utf8_lossy(&first[..n]).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let started = Instant::now();
+    let _ = stop.send(());
+    // The idle keep-alive connection is closed by the server: end of stream, no reset.
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest))
+        .await
+        .expect("the server closes its idle connection on shutdown");
+    assert!(closed.is_ok(), "the connection was reset: {closed:?}");
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("the server ends once its connections are closed")
+        .expect("join")
+        .expect("served");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}
