@@ -476,6 +476,9 @@ pub fn push_binary_image(
 }
 
 fn preflight(bin_dir: &Path) -> Result<()> {
+    if !rustix::process::geteuid().is_root() {
+        bail!("the node needs root: it makes network and mount namespaces, cgroups and mounts");
+    }
     for b in NODE_BINARIES {
         if !bin_dir.join(b).exists() {
             bail!(
