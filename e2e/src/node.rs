@@ -476,9 +476,6 @@ pub fn push_binary_image(
 }
 
 fn preflight(bin_dir: &Path) -> Result<()> {
-    if !rustix::process::geteuid().is_root() {
-        bail!("the node needs root: it makes network and mount namespaces, cgroups and mounts");
-    }
     for b in NODE_BINARIES {
         if !bin_dir.join(b).exists() {
             bail!(
@@ -486,6 +483,9 @@ fn preflight(bin_dir: &Path) -> Result<()> {
                 bin_dir.display()
             );
         }
+    }
+    if !rustix::process::geteuid().is_root() {
+        bail!("the node needs root: it makes network and mount namespaces, cgroups and mounts");
     }
     for tool in ["iptables", "ip6tables", "conntrack"] {
         if run(Command::new(tool).arg("--version")).is_err() {
@@ -512,7 +512,8 @@ fn path_with(bin_dir: &Path) -> std::ffi::OsString {
     path
 }
 
-/// The cgroup v1 hierarchies (and the named systemd one) the kubelet creates its tree in.
+/// The cgroup hierarchies the kubelet and runc may create the node's tree in: every v1
+/// controller, the named systemd one and the v2 `unified` one.
 fn hierarchies() -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir("/sys/fs/cgroup") else {
         return Vec::new();
@@ -560,10 +561,7 @@ fn cgroup_pids(root: &str) -> Vec<u32> {
 
 /// Removes the node's cgroup tree, deepest first, in every hierarchy.
 fn remove_cgroups(root: &str) {
-    for h in hierarchies()
-        .into_iter()
-        .chain([PathBuf::from("/sys/fs/cgroup/unified")])
-    {
+    for h in hierarchies() {
         let mut dirs = Vec::new();
         walk(&h.join(root), &mut |d| dirs.push(d.to_path_buf()));
         dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
@@ -606,8 +604,7 @@ fn kill(pid: u32) {
     }
 }
 
-/// What is left on the host after a node stopped: cgroups, processes in its mount namespace.
-/// Empty when it cleaned up.
+/// The node's cgroups left on the host after it stopped; empty when it cleaned up.
 pub fn leftovers(cgroup_root: &str) -> String {
     let mut out = String::new();
     for h in hierarchies() {
@@ -620,12 +617,40 @@ pub fn leftovers(cgroup_root: &str) -> String {
 
 impl Node {
     /// The path of a built tool (`crane`, `kubectl`, ...).
-    pub fn registry_bin(&self, name: &str) -> PathBuf {
+    pub fn bin(&self, name: &str) -> PathBuf {
         self.bin_dir.join(name)
     }
 
     /// The node's cgroup root's name (for leak checks after drop).
     pub fn cgroup_root(&self) -> &str {
         &self.cleanup.cgroup_root
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_binary_is_named_with_the_command_that_builds_it() {
+        let empty = tempfile::tempdir().expect("tempdir");
+        let Err(e) = Node::start(empty.path()) else {
+            panic!("a node started without its binaries");
+        };
+        let text = format!("{e:#}");
+        assert!(
+            text.contains("containerd not found") && text.contains("e2e/toolchain/build.sh node"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_registry_and_the_pause_image_are_on_the_node_address() {
+        let ip = NODE_IP.to_string();
+        assert!(REGISTRY.starts_with(&format!("{ip}:")), "{REGISTRY}");
+        assert!(
+            PAUSE_IMAGE.starts_with(&format!("{REGISTRY}/")),
+            "{PAUSE_IMAGE}"
+        );
     }
 }

@@ -55,6 +55,9 @@ impl Pki {
         write(&pki.ca_cert, &ca.pem())?;
         write(&pki.ca_key, &ca_pem_key)?;
 
+        // The `kubernetes` Service's address and the node's, for a control plane that runs on a
+        // node (pods reach it through the Service).
+        let node_ip = crate::netns::NODE_IP.to_string();
         let (cert, key) = leaf(
             &ca,
             "kube-apiserver",
@@ -65,10 +68,8 @@ impl Pki {
                 "kubernetes.default",
                 "kubernetes.default.svc",
                 "kubernetes.default.svc.cluster.local",
-                // The `kubernetes` Service's address and the node's, for a control plane that
-                // runs on a node (pods reach it through the Service).
                 "10.0.0.1",
-                "10.200.0.1",
+                &node_ip,
             ],
             true,
         )?;

@@ -506,6 +506,26 @@ async fn serve_with_client_ca(
     tokio::sync::oneshot::Sender<()>,
     tokio::task::JoinHandle<std::io::Result<()>>,
 ) {
+    serve(
+        cert,
+        ServeLimits {
+            client_roots: Some(ca),
+            ..ServeLimits::default()
+        },
+    )
+    .await
+}
+
+/// The test app served over TLS with `limits`: its address, the sender that stops it, and its
+/// task.
+async fn serve(
+    cert: &palisade_webhook::tls::ReloadingCert,
+    limits: ServeLimits,
+) -> (
+    std::net::SocketAddr,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -518,10 +538,7 @@ async fn serve_with_client_ca(
         async {
             let _ = stopped.await;
         },
-        ServeLimits {
-            client_roots: Some(ca),
-            ..ServeLimits::default()
-        },
+        limits,
     ));
     (addr, stop, server)
 }
@@ -534,20 +551,7 @@ async fn shutdown_closes_keep_alive_connections_cleanly() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = tempfile::tempdir().expect("tempdir");
     let cert = serving_cert(dir.path());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serve_tls_with(
-        listener,
-        cert.serving(),
-        app(),
-        async {
-            let _ = stopped.await;
-        },
-        ServeLimits::default(),
-    ));
+    let (addr, stop, server) = serve(&cert, ServeLimits::default()).await;
     let mut tls = client_config().with_no_client_auth();
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));

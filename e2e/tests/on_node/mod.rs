@@ -128,7 +128,7 @@ fn push_server_image(node: &Node) -> Result<String> {
     push_binary_image(
         &node.registry,
         &node.work_dir,
-        &node.registry_bin("crane"),
+        &node.bin("crane"),
         "bin/server",
         ("server", "v1"),
         &[

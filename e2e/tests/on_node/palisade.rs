@@ -42,7 +42,7 @@ fn installed(env: &Env) -> Result<Installed> {
 }
 
 fn helm(node: &Node) -> Command {
-    let mut cmd = Command::new(node.registry_bin("helm"));
+    let mut cmd = Command::new(node.bin("helm"));
     cmd.env("KUBECONFIG", &node.cp().kubeconfig);
     cmd
 }
@@ -499,13 +499,8 @@ pub fn operator_leader_deleted_standby_converges(env: &Env) -> Result<()> {
 pub fn helm_upgrade_with_new_images_and_config(env: &Env) -> Result<()> {
     let node = &env.node;
     let before = installed(env)?;
-    let crane = |args: &[&str]| {
-        run_ok(
-            Command::new(node.registry_bin("crane"))
-                .args(args)
-                .arg("--insecure"),
-        )
-    };
+    let crane =
+        |args: &[&str]| run_ok(Command::new(node.bin("crane")).args(args).arg("--insecure"));
     let mut digests = Vec::new();
     for (name, digest) in [
         ("palisade-operator", &before.operator),
@@ -582,7 +577,7 @@ pub fn pinned_digest_is_what_runs(env: &Env) -> Result<()> {
     let signed = push_binary_image(
         &node.registry,
         &node.work_dir,
-        &node.registry_bin("crane"),
+        &node.bin("crane"),
         "bin/server",
         ("shop/server", "v1"),
         &[
@@ -665,7 +660,7 @@ spec:
     let moved = push_binary_image(
         &node.registry,
         &node.work_dir,
-        &node.registry_bin("pause"),
+        &node.bin("pause"),
         "bin/other",
         ("shop/server", "v1"),
         &["--entrypoint=/bin/other"],
