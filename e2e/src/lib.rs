@@ -18,6 +18,7 @@ pub mod postgres;
 pub mod registry;
 pub mod release;
 pub mod sbom;
+pub mod shop;
 pub mod spire;
 pub mod webhook;
 

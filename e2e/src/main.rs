@@ -1,6 +1,7 @@
 //! `palisade-e2e up`: starts a local control plane, installs Palisade's and the third-party CRDs,
 //! applies `examples/`, prints the kubeconfig path, and stays up until interrupted (Ctrl-C or
-//! SIGTERM), then stops every process it started.
+//! SIGTERM), then stops every process it started. With `--node`, Palisade runs as pods on a
+//! real node instead, installed by its chart, and the example shop runs as real workloads.
 
 use std::{path::PathBuf, process::ExitCode, time::Instant};
 
@@ -8,10 +9,11 @@ use anyhow::{Context, Result, bail};
 use palisade_e2e::{
     ControlPlane, Options,
     controlplane::default_bin_dir,
+    node::{Node, REGISTRY},
     openbao::{EXAMPLE_TENANCY, OpenBao},
     operator::OperatorProcess,
     postgres::Postgres,
-    repo_root, run_ok,
+    repo_root, run_ok, shop,
     webhook::WebhookProcess,
 };
 
@@ -31,10 +33,11 @@ fn main() -> ExitCode {
     }
     if args.first().map(String::as_str) != Some("up") {
         eprintln!(
-            "usage: palisade-e2e up [--state DIR] [--port PORT] [--no-examples]\n\
+            "usage: palisade-e2e up [--state DIR] [--port PORT] [--no-examples] [--node]\n\
              \x20      palisade-e2e values-doc   (the README's chart values reference)\n\
              Starts etcd, kube-apiserver and kube-controller-manager on 127.0.0.1 with\n\
-             Palisade's CRDs and examples applied, until interrupted."
+             Palisade's CRDs and examples applied, until interrupted; with --node, a real\n\
+             node too, Palisade installed by its chart and the example shop running."
         );
         return ExitCode::from(2);
     }
@@ -47,11 +50,12 @@ fn main() -> ExitCode {
     }
 }
 
-/// `--state DIR`, `--port PORT`, `--no-examples`: control plane options and whether to apply
-/// the examples.
-fn parse_args(args: &[String]) -> Result<(Options, bool)> {
+/// `--state DIR`, `--port PORT`, `--no-examples`, `--node`: control plane options, whether to
+/// apply the examples, and whether to run Palisade on a real node.
+fn parse_args(args: &[String]) -> Result<(Options, bool, bool)> {
     let mut opts = Options::new();
     let mut examples = true;
+    let mut node = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -69,15 +73,19 @@ fn parse_args(args: &[String]) -> Result<(Options, bool)> {
                 opts.apiserver_port = Some(p.parse().with_context(|| format!("bad port {p:?}"))?);
             }
             "--no-examples" => examples = false,
+            "--node" => node = true,
             other => bail!("unknown argument {other:?}"),
         }
     }
     opts.bin_dir = default_bin_dir();
-    Ok((opts, examples))
+    Ok((opts, examples, node))
 }
 
 fn up(args: &[String]) -> Result<()> {
-    let (opts, examples) = parse_args(args)?;
+    let (opts, examples, node) = parse_args(args)?;
+    if node {
+        return up_node(&opts, examples);
+    }
 
     let t = Instant::now();
     let cp = ControlPlane::start(&opts)?;
@@ -167,6 +175,56 @@ fn up(args: &[String]) -> Result<()> {
     drop(bao);
     drop(pg);
     drop(cp);
+    Ok(())
+}
+
+/// `up --node`: a real node (kubelet, containerd, kube-proxy, kube-scheduler) beside the control
+/// plane, Palisade installed by its chart from its release images, OpenBao and PostgreSQL on the
+/// host, and (unless `--no-examples`) the example shop running as real workloads. The kubeconfig
+/// is copied to the state directory (when given).
+fn up_node(opts: &Options, examples: bool) -> Result<()> {
+    let t = Instant::now();
+    let node = Node::start(&opts.bin_dir)?;
+    eprintln!(
+        "[up] node Ready after {:.1} s (API server after {:.1} s)",
+        node.timings.node_ready.as_secs_f64(),
+        node.timings.apiserver.as_secs_f64()
+    );
+    let kubeconfig = match &opts.work_dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)?;
+            let copy = dir.join("kubeconfig");
+            std::fs::copy(&node.cp().kubeconfig, &copy)?;
+            copy
+        }
+        None => node.cp().kubeconfig.clone(),
+    };
+    let inst = shop::install(&node)?;
+    eprintln!(
+        "[up] Palisade installed by its chart after {:.1} s (operator {}, webhook {})",
+        t.elapsed().as_secs_f64(),
+        inst.operator,
+        inst.webhook
+    );
+    if examples {
+        let running = shop::deploy_shop(&node, &inst)?;
+        eprintln!(
+            "[up] the example shop is running after {:.1} s:",
+            t.elapsed().as_secs_f64()
+        );
+        for (svc, digest) in &running.images {
+            eprintln!("[up]   {svc}: {REGISTRY}/shop/{svc}@{digest}");
+        }
+    }
+    println!(
+        "\nA node with Palisade and the example shop is up ({:.1} s).\n  export KUBECONFIG={}\n  kubectl get pods -A\n  kubectl get pods -n shop -o custom-columns=POD:.metadata.name,IMAGE:.spec.containers[0].image,RUNS:.status.containerStatuses[0].imageID\n  kubectl get palisade -A\nPress Ctrl-C to stop it.",
+        t.elapsed().as_secs_f64(),
+        kubeconfig.display()
+    );
+    wait_for_signal()?;
+    eprintln!("[up] stopping");
+    drop(inst);
+    drop(node);
     Ok(())
 }
 

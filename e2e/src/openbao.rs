@@ -55,6 +55,8 @@ pub struct OpenBao {
     pub addr: String,
     /// CA of its serving certificate.
     pub ca: PathBuf,
+    /// A second listener, with a certificate of the caller's (see [`OpenBao::start_with_listener`]).
+    pub second_listener: Option<std::net::SocketAddr>,
     root_token: String,
     unseal_key: String,
 }
@@ -62,6 +64,22 @@ pub struct OpenBao {
 impl OpenBao {
     /// Starts `bao server -dev -dev-tls` in `dir`.
     pub fn start(bin_dir: &Path, dir: &Path) -> Result<Self> {
+        Self::start_inner(bin_dir, dir, None)
+    }
+
+    /// Like [`OpenBao::start`], with a second loopback listener serving the certificate
+    /// `cert_pem`/`key_pem` (the dev server's own names only `localhost` and 127.0.0.1; clients
+    /// that reach it under another address, through a relay, need one naming that address).
+    pub fn start_with_listener(
+        bin_dir: &Path,
+        dir: &Path,
+        cert_pem: &str,
+        key_pem: &str,
+    ) -> Result<Self> {
+        Self::start_inner(bin_dir, dir, Some((cert_pem, key_pem)))
+    }
+
+    fn start_inner(bin_dir: &Path, dir: &Path, listener: Option<(&str, &str)>) -> Result<Self> {
         let bin = bin_dir.join("bao");
         if !bin.exists() {
             bail!(
@@ -73,22 +91,41 @@ impl OpenBao {
         let port = free_port()?;
         let root_token = format!("root-{}", std::process::id());
         let log = dir.join("bao.log");
-        let child = spawn_logged(
-            Command::new(&bin)
-                .args(["server", "-dev", "-dev-tls", "-dev-no-store-token"])
-                .arg(format!("-dev-tls-cert-dir={}", dir.display()))
-                .arg(format!("-dev-root-token-id={root_token}"))
-                .arg(format!("-dev-listen-address=127.0.0.1:{port}"))
-                .env_remove("BAO_TOKEN")
-                .env_remove("VAULT_TOKEN"),
-            &log,
-        )?;
+        let mut cmd = Command::new(&bin);
+        cmd.args(["server", "-dev", "-dev-tls", "-dev-no-store-token"])
+            .arg(format!("-dev-tls-cert-dir={}", dir.display()))
+            .arg(format!("-dev-root-token-id={root_token}"))
+            .arg(format!("-dev-listen-address=127.0.0.1:{port}"))
+            .env_remove("BAO_TOKEN")
+            .env_remove("VAULT_TOKEN");
+        let mut second_listener = None;
+        if let Some((cert, key)) = listener {
+            let addr = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()?));
+            let (cert_file, key_file) =
+                (dir.join("listener-cert.pem"), dir.join("listener-key.pem"));
+            std::fs::write(&cert_file, cert)?;
+            std::fs::write(&key_file, key)?;
+            let config = dir.join("listener.hcl");
+            std::fs::write(
+                &config,
+                format!(
+                    "listener \"tcp\" {{\n  address = \"{addr}\"\n  cluster_address = \"127.0.0.1:{}\"\n  tls_cert_file = \"{}\"\n  tls_key_file = \"{}\"\n}}\n",
+                    free_port()?,
+                    cert_file.display(),
+                    key_file.display()
+                ),
+            )?;
+            cmd.arg(format!("-config={}", config.display()));
+            second_listener = Some(addr);
+        }
+        let child = spawn_logged(&mut cmd, &log)?;
         let mut bao = OpenBao {
             child,
             bin,
             dir: dir.to_path_buf(),
             addr: format!("https://127.0.0.1:{port}"),
             ca: dir.join("vault-ca.pem"),
+            second_listener,
             root_token,
             unseal_key: String::new(),
         };

@@ -16,12 +16,13 @@ use palisade_e2e::{controlplane::default_bin_dir, node::Node};
 
 /// What the tests share.
 pub struct Env {
+    /// Palisade installed by its chart, once, by the first test that needs it (dropped before
+    /// the node: its relays live in the node's network namespace).
+    pub installed: OnceLock<Result<palisade_e2e::shop::Installation, String>>,
     /// The node and its control plane.
     pub node: Node,
     /// The host's network, firewall and kernel settings before the node started.
     pub host_before: on_node::HostState,
-    /// Palisade installed by its chart, once, by the first test that needs it.
-    pub installed: OnceLock<Result<on_node::palisade::Installed, String>>,
 }
 
 type TestFn = fn(&Env) -> anyhow::Result<()>;
@@ -46,9 +47,9 @@ fn main() {
     );
     let cgroup_root = started.cgroup_root().to_owned();
     let env = Arc::new(Env {
+        installed: OnceLock::new(),
         node: started,
         host_before: host_before.clone(),
-        installed: OnceLock::new(),
     });
     let trials = on_node::TESTS
         .iter()

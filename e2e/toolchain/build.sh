@@ -3,8 +3,8 @@
 # into a cache directory keyed by tool and version. A second run finds them and builds nothing.
 #
 #   e2e/toolchain/build.sh [TOOL...]     TOOL: k8s crds opa spire openbao cosign crane registry helm
-#                                        istio node gitleaks conftest (default: all but gitleaks and
-#                                        conftest)
+#                                        istio node shopapp gitleaks conftest (default: all but
+#                                        gitleaks and conftest)
 #   e2e/toolchain/build.sh --print-bin   the directory holding every built binary (created)
 #
 # Environment: PALISADE_CACHE (default ~/.cache/palisade-e2e).
@@ -44,6 +44,8 @@ MODULE_TOOLS=(
   "spire   v1.13.3 spire   1 spire-server=github.com/spiffe/spire/cmd/spire-server spire-agent=github.com/spiffe/spire/cmd/spire-agent"
   "openbao v2.4.0  openbao 0 bao=github.com/openbao/openbao"
   "istio   1.31-eed52ebb istio 0 pilot-discovery=istio.io/istio/pilot/cmd/pilot-discovery xdsdump=./xdsdump"
+  # The example shop's workload (the node's images); its version is a hash of its source.
+  "shopapp $(cat "$here"/shopapp/go.mod "$here"/shopapp/*.go | sha256sum | cut -c1-12) shopapp 0 shop-app=."
 )
 
 # A real node: container runtime, CNI plugins, and the Kubernetes node components (built from the
@@ -236,7 +238,7 @@ build_node() {
 }
 
 want=("$@")
-((${#want[@]})) || want=(k8s crds opa spire openbao istio node cosign crane registry helm)
+((${#want[@]})) || want=(k8s crds opa spire openbao istio node shopapp cosign crane registry helm)
 total=$SECONDS
 for w in "${want[@]}"; do
   case "$w" in
@@ -254,7 +256,7 @@ for w in "${want[@]}"; do
         if [[ "${f[0]}" == "$w" ]]; then build_module "${f[@]}"; found=1; fi
       done
       ((found)) || {
-        log "unknown tool '$w' (known: k8s crds helm opa conftest cosign crane registry gitleaks spire openbao istio node)"
+        log "unknown tool '$w' (known: k8s crds helm opa conftest cosign crane registry gitleaks spire openbao istio node shopapp)"
         exit 2
       }
       ;;

@@ -20,6 +20,7 @@ use palisade_e2e::{
 use crate::{Env, TestFn};
 
 pub mod palisade;
+pub mod shop;
 
 pub const TESTS: &[(&str, TestFn)] = &[
     (
@@ -37,6 +38,10 @@ pub const TESTS: &[(&str, TestFn)] = &[
     (
         "node::pinned_digest_is_what_runs",
         palisade::pinned_digest_is_what_runs,
+    ),
+    (
+        "node::example_shop_uses_its_secret_binding",
+        shop::example_shop_uses_its_secret_binding,
     ),
     (
         "node::webhook_rollout_under_a_stream_of_pods",

@@ -12,90 +12,28 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use palisade_e2e::{
-    controlplane::default_bin_dir,
     node::{Node, REGISTRY, push_binary_image},
-    release, repo_root, run, run_ok,
+    repo_root, run, run_ok,
+    shop::{self, Installation, NS, helm, helm_succeeded},
 };
 
 use crate::Env;
 
-/// The release namespace.
-const NS: &str = "palisade-system";
 /// The namespace the tests' workloads go to.
 const SHOP: &str = "node-shop";
 
-/// What the installation left for the tests that follow it.
-#[derive(Clone, Debug)]
-pub struct Installed {
-    /// Digest of the operator's and the webhook's images.
-    pub operator: String,
-    /// Digest of the webhook's image.
-    pub webhook: String,
-}
-
-/// Installs Palisade once (the first test to need it does); later callers get the same result.
-fn installed(env: &Env) -> Result<Installed> {
+/// Installs Palisade once (the first test to need it does), with a namespace for the tests'
+/// pods; later callers get the same installation.
+pub(crate) fn installed(env: &Env) -> Result<&Installation> {
     env.installed
         .get_or_init(|| install(&env.node).map_err(|e| format!("{e:#}")))
-        .clone()
+        .as_ref()
         .map_err(|e| anyhow::anyhow!("Palisade could not be installed on the node: {e}"))
 }
 
-fn helm(node: &Node) -> Command {
-    let mut cmd = Command::new(node.bin("helm"));
-    cmd.env("KUBECONFIG", &node.cp().kubeconfig);
-    cmd
-}
-
-fn install(node: &Node) -> Result<Installed> {
+fn install(node: &Node) -> Result<Installation> {
+    let inst = shop::install(node)?;
     let cp = node.cp();
-    let root = repo_root();
-    let work = node.work_dir.join("release");
-    node.registry.key_pair("release")?;
-    let t = Instant::now();
-    let images = release::publish(&root, &node.registry, "release", &work)?;
-    eprintln!(
-        "  release images pushed, signed and attested in {:.1} s",
-        t.elapsed().as_secs_f64()
-    );
-    cp.install_crds(&default_bin_dir())?;
-    let digest = |name: &str| {
-        images
-            .iter()
-            .find(|p| p.name == name)
-            .map(|p| p.digest.clone())
-            .with_context(|| format!("no {name} image"))
-    };
-    let installed = Installed {
-        operator: digest("palisade-operator")?,
-        webhook: digest("palisade-webhook")?,
-    };
-    let t = Instant::now();
-    let out = run(helm(node)
-        .args(["install", "palisade"])
-        .arg(root.join("charts/palisade"))
-        .args([
-            "--namespace",
-            NS,
-            "--create-namespace",
-            "--set",
-            &format!("image.registry={REGISTRY}"),
-            "--set",
-            &format!("image.operator.digest={}", installed.operator),
-            "--set",
-            &format!("image.webhook.digest={}", installed.webhook),
-            // The node's registry speaks plain HTTP.
-            "--set",
-            &format!("webhook.images.insecureRegistries={{{REGISTRY}}}"),
-            "--wait",
-            "--timeout",
-            "4m",
-        ]))?;
-    helm_succeeded(node, "install", &out)?;
-    eprintln!(
-        "  helm install --wait done in {:.1} s",
-        t.elapsed().as_secs_f64()
-    );
     // Namespace, ServiceAccount and the label that gives pods a mesh identity.
     run_ok(cp.kubectl().args(["create", "namespace", SHOP]))?;
     run_ok(cp.kubectl().args([
@@ -108,20 +46,7 @@ fn install(node: &Node) -> Result<Installed> {
         cp.kubectl()
             .args(["create", "serviceaccount", "orders", "-n", SHOP]),
     )?;
-    Ok(installed)
-}
-
-fn helm_succeeded(node: &Node, what: &str, out: &Output) -> Result<()> {
-    if out.status.success() {
-        return Ok(());
-    }
-    let pods = run(node.cp().kubectl().args(["describe", "pods", "-n", NS]))?;
-    bail!(
-        "helm {what} failed: {}\n{}\nkubelet:\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        String::from_utf8_lossy(&pods.stdout),
-        node.log_tail("kubelet", 30)
-    )
+    Ok(inst)
 }
 
 /// `name=available/desired` of both Deployments.
