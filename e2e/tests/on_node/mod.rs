@@ -340,3 +340,72 @@ fn host_untouched_while_the_node_runs(env: &Env) -> Result<()> {
     }
     Ok(())
 }
+
+/// The quick start on a node, after the tests' own node has stopped: `palisade-e2e up --node`
+/// comes up with Palisade installed by its chart and the example shop running (every shop pod
+/// Running and ready), and on SIGTERM stops leaving nothing on the host. The elapsed times.
+pub fn up_node_runs_the_shop_and_stops_cleanly(host_before: &HostState) -> Result<String> {
+    use std::io::BufRead as _;
+    let state = tempfile::tempdir()?;
+    let stderr_path = state.path().join("up.stderr");
+    let t = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_palisade-e2e"))
+        .args(["up", "--node", "--state"])
+        .arg(state.path().join("up"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&stderr_path)?)
+        .spawn()?;
+    let cgroup_root = format!("/palisade-node-{}", child.id());
+    let stdout = child.stdout.take().context("stdout")?;
+    let mut kubeconfig = None;
+    for line in std::io::BufReader::new(stdout).lines() {
+        if let Some(path) = line?.trim().strip_prefix("export KUBECONFIG=") {
+            kubeconfig = Some(path.to_owned());
+            break;
+        }
+    }
+    let up_after = t.elapsed();
+    let checked = kubeconfig
+        .context("up printed no kubeconfig")
+        .and_then(|k| {
+            let kubectl = palisade_e2e::controlplane::default_bin_dir().join("kubectl");
+            run_ok(Command::new(kubectl).env("KUBECONFIG", k).args([
+                "get",
+                "pods",
+                "-n",
+                "shop",
+                "-o",
+                "jsonpath={range .items[*]}{.metadata.name}={.status.containerStatuses[0].ready} {end}",
+            ]))
+        });
+    let _ = run(Command::new("kill").args(["-TERM", &child.id().to_string()]));
+    let t_stop = Instant::now();
+    let status = child.wait()?;
+    let stopped_after = t_stop.elapsed();
+    let pods = checked.with_context(|| {
+        format!(
+            "up --node:\n{}",
+            palisade_e2e::tail_lines(&stderr_path, 30)
+        )
+    })?;
+    let ready: Vec<&str> = pods.split_whitespace().collect();
+    if ready.len() != 3 || !ready.iter().all(|p| p.ends_with("=true")) {
+        bail!(
+            "the shop's pods after up --node: {pods:?}\n{}",
+            palisade_e2e::tail_lines(&stderr_path, 30)
+        );
+    }
+    if !status.success() {
+        bail!("up --node exited with {status} on SIGTERM");
+    }
+    let left = palisade_e2e::node::leftovers(&cgroup_root);
+    let differences = host_before.differences(&HostState::now());
+    if !left.is_empty() || !differences.is_empty() {
+        bail!("up --node left on the host:\n{left}{differences}");
+    }
+    Ok(format!(
+        "node, Palisade and the shop up after {:.1} s, 3 shop pods ready; stopped in {:.1} s, host unchanged",
+        up_after.as_secs_f64(),
+        stopped_after.as_secs_f64()
+    ))
+}
