@@ -77,7 +77,10 @@ fn main() {
     );
     // The quick start's own node, once the tests' node is gone (one node at a time).
     let name = "node::up_node_runs_the_shop_and_stops_cleanly";
-    let selected = args.filter.as_ref().is_none_or(|f| name.contains(f.as_str()))
+    let selected = args
+        .filter
+        .as_ref()
+        .is_none_or(|f| name.contains(f.as_str()))
         && !args.skip.iter().any(|s| name.contains(s.as_str()));
     if selected && !args.list {
         match on_node::up_node_runs_the_shop_and_stops_cleanly(&host_before) {

@@ -3,9 +3,11 @@
 use std::sync::{Arc, atomic::Ordering};
 
 use futures::{StreamExt, future::FutureExt};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::{
     Api, Client, ResourceExt,
-    runtime::{Controller, controller::Action, watcher},
+    core::PartialObjectMeta,
+    runtime::{Controller, WatchStreamExt, controller::Action, reflector, watcher},
 };
 use palisade_api::{AuthPolicy, RateLimitPolicy, SecretBinding};
 use palisade_lease::Leadership;
@@ -14,7 +16,7 @@ use crate::{
     config::Config,
     controller::{self, Error, State, auth, ratelimit, secrets},
     metrics::{self, Metrics},
-    translate::{OWNER_NAME_LABEL, OWNER_NAMESPACE_LABEL},
+    translate::{self, OWNER_NAME_LABEL, OWNER_NAMESPACE_LABEL},
 };
 
 fn error_policy<K, S>(_obj: Arc<K>, err: &Error, _state: Arc<S>) -> Action {
@@ -129,9 +131,41 @@ fn with_siblings(
         watcher::Config::default(),
         move |p| auth::overlapping(&mapper, &p, &root),
     );
+    // Namespaces and the pods labelled for Istio's ambient mesh (metadata only, the pods filtered
+    // by the API server): ztunnel enforces policies there, without their HTTP-level parts.
+    let (namespaces, ns_writer) = reflector::store();
+    let ns_stream = watcher(
+        Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(ns_writer)
+    .applied_objects();
+    let (ambient_pods, pod_writer) = reflector::store();
+    let pod_stream = watcher(
+        Api::<PartialObjectMeta<Pod>>::all(client.clone()),
+        watcher::Config::default().labels(&format!("{}=ambient", translate::auth::DATAPLANE_MODE)),
+    )
+    .default_backoff()
+    .reflect(pod_writer)
+    .touched_objects();
+    let (by_ns, by_pod) = (store.clone(), store.clone());
+    let (root_ns, root_pod) = (
+        state.ctx.mesh_root_namespace.clone(),
+        state.ctx.mesh_root_namespace.clone(),
+    );
+    let ctl = ctl
+        .watches_stream(ns_stream, move |n: PartialObjectMeta<Namespace>| {
+            auth::in_namespace(&by_ns, n.metadata.name.as_deref(), &root_ns)
+        })
+        .watches_stream(pod_stream, move |p: PartialObjectMeta<Pod>| {
+            auth::in_namespace(&by_pod, p.metadata.namespace.as_deref(), &root_pod)
+        });
     let state = Arc::new(auth::AuthState {
         shared: Arc::clone(state),
         policies: store,
+        namespaces,
+        ambient_pods,
     });
     (ctl, state)
 }

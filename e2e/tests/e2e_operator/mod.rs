@@ -39,6 +39,10 @@ pub const TESTS: &[(&str, TestFn)] = &[
         allow_policies_that_add_up_are_reported,
     ),
     (
+        "e2e_operator::ambient_workloads_make_http_rules_not_ready",
+        ambient_workloads_make_http_rules_not_ready,
+    ),
+    (
         "e2e_operator::a_refused_allow_policy_relaxes_nothing",
         a_refused_allow_policy_relaxes_nothing,
     ),
@@ -509,6 +513,71 @@ fn allow_policies_that_add_up_are_reported(env: &Env) -> Result<()> {
         cp.eventually("orders no longer widened", WAIT, || {
             let p = get(cp, ns, "authpolicy", "orders")?;
             condition(&p, "Warning").is_none().then_some(())
+        })?;
+        Ok(())
+    })
+}
+
+/// Istio's ambient mesh enforces policies with ztunnel, which drops HTTP-level rules (an ALLOW
+/// rule with paths never matches, a DENY loses its paths and so refuses more, no JWT is checked).
+/// A policy with paths is `Ready` until its namespace is labelled for ambient, then not `Ready`
+/// with the reason `AmbientNeedsWaypoint`, and `Ready` again when the label goes; an L4-only
+/// policy stays `Ready`. A pod labelled for ambient in a namespace that is not makes the policy
+/// selecting it not `Ready` either, and only that one.
+fn ambient_workloads_make_http_rules_not_ready(env: &Env) -> Result<()> {
+    let cp = &env.cp;
+    let _op = OperatorProcess::start(cp, "ambient", "")?;
+    cp.with_temp_ns("op-ambient", |ns| {
+        apply_yaml(
+            cp,
+            ns,
+            "apiVersion: palisade.dev/v1alpha1\nkind: AuthPolicy\nmetadata: {name: orders}\nspec:\n  selector: {matchLabels: {app: orders}}\n  rules: [{from: [{serviceAccount: {name: frontend}}], to: [{methods: [GET], paths: [/api/orders]}]}]\n  deny: [{to: [{paths: [/admin/*]}]}]\n---\napiVersion: palisade.dev/v1alpha1\nkind: AuthPolicy\nmetadata: {name: l4}\nspec:\n  selector: {matchLabels: {app: l4}}\n  rules: [{from: [{serviceAccount: {name: frontend}}], to: [{ports: [8080]}]}]\n---\napiVersion: palisade.dev/v1alpha1\nkind: AuthPolicy\nmetadata: {name: payments}\nspec:\n  selector: {matchLabels: {app: payments}}\n  rules: [{to: [{paths: [/api/payments]}]}]\n",
+        )?;
+        let ready = |name: &str| -> Option<(String, String)> {
+            let p = get(cp, ns, "authpolicy", name)?;
+            let r = condition(&p, "Ready")?["status"].as_str()?.to_owned();
+            let u = condition(&p, "Unsupported")
+                .map(|c| format!("{}: {}", c["reason"].as_str().unwrap_or_default(), c["message"].as_str().unwrap_or_default()))
+                .unwrap_or_default();
+            Some((r, u))
+        };
+        for name in ["orders", "l4", "payments"] {
+            cp.eventually(&format!("{name} Ready"), WAIT, || {
+                ready(name).filter(|r| r.0 == "True")
+            })?;
+        }
+        // One pod enrolled by its own label: only the policy selecting it is concerned.
+        let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: payments-1, labels: {app: payments, istio.io/dataplane-mode: ambient}}\nspec: {containers: [{name: app, image: registry.example.com/payments:v1}]}\n";
+        apply_yaml(cp, ns, pod)?;
+        let why = cp.eventually("payments not Ready for its ambient pod", WAIT, || {
+            ready("payments").filter(|r| r.0 == "False").map(|r| r.1)
+        })?;
+        if !why.starts_with("AmbientNeedsWaypoint: ") || !why.contains(&format!("pods {ns}/payments-1 it selects")) {
+            bail!("payments: {why}");
+        }
+        if ready("orders").is_none_or(|r| r.0 != "True") {
+            bail!("orders selects no ambient pod but is not Ready: {:?}", ready("orders"));
+        }
+        // The whole namespace.
+        run_ok(cp.kubectl().args(["label", "namespace", ns, "istio.io/dataplane-mode=ambient"]))?;
+        let why = cp.eventually("orders not Ready in an ambient namespace", WAIT, || {
+            ready("orders").filter(|r| r.0 == "False").map(|r| r.1)
+        })?;
+        for says in ["AmbientNeedsWaypoint: ", "never match", "the deny applies without them", "istio.io/use-waypoint"] {
+            if !why.contains(says) {
+                bail!("orders' Unsupported condition does not say {says:?}: {why}");
+            }
+        }
+        if ready("l4").is_none_or(|r| r.0 != "True") {
+            bail!("an L4-only policy is not Ready in an ambient namespace: {:?}", ready("l4"));
+        }
+        run_ok(cp.kubectl().args(["label", "namespace", ns, "istio.io/dataplane-mode-"]))?;
+        cp.eventually("orders Ready again without the label", WAIT, || {
+            ready("orders").filter(|r| r.0 == "True")
+        })?;
+        run_ok(cp.kubectl().args(["delete", "pod", "payments-1", "-n", ns, "--wait=false"]))?;
+        cp.eventually("payments Ready again without its ambient pod", WAIT, || {
+            ready("payments").filter(|r| r.0 == "True")
         })?;
         Ok(())
     })

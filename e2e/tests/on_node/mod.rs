@@ -382,12 +382,8 @@ pub fn up_node_runs_the_shop_and_stops_cleanly(host_before: &HostState) -> Resul
     let t_stop = Instant::now();
     let status = child.wait()?;
     let stopped_after = t_stop.elapsed();
-    let pods = checked.with_context(|| {
-        format!(
-            "up --node:\n{}",
-            palisade_e2e::tail_lines(&stderr_path, 30)
-        )
-    })?;
+    let pods = checked
+        .with_context(|| format!("up --node:\n{}", palisade_e2e::tail_lines(&stderr_path, 30)))?;
     let ready: Vec<&str> = pods.split_whitespace().collect();
     if ready.len() != 3 || !ready.iter().all(|p| p.ends_with("=true")) {
         bail!(

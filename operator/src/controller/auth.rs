@@ -6,9 +6,13 @@
 
 use std::sync::Arc;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::{
+    api::core::v1::{Namespace, Pod},
+    apimachinery::pkg::apis::meta::v1::Time,
+};
 use kube::{
     Api, Resource, ResourceExt,
+    core::PartialObjectMeta,
     runtime::{
         controller::Action,
         reflector::{ObjectRef, Store},
@@ -32,6 +36,63 @@ pub struct AuthState {
     pub shared: Arc<State>,
     /// Every AuthPolicy.
     pub policies: Store<AuthPolicy>,
+    /// Every namespace (metadata only): its labels say whether it is in the ambient mesh.
+    pub namespaces: Store<PartialObjectMeta<Namespace>>,
+    /// The pods labelled `istio.io/dataplane-mode=ambient` (metadata only).
+    pub ambient_pods: Store<PartialObjectMeta<Pod>>,
+}
+
+/// The AuthPolicies a change to namespace `ns`, or to an ambient pod in it, may concern: those
+/// of the namespace and of the mesh root namespace.
+pub fn in_namespace(
+    store: &Store<AuthPolicy>,
+    ns: Option<&str>,
+    root: &str,
+) -> Vec<ObjectRef<AuthPolicy>> {
+    store
+        .state()
+        .iter()
+        .filter(|p| {
+            let pns = p.metadata.namespace.as_deref();
+            pns == ns || pns == Some(root)
+        })
+        .map(|p| ObjectRef::from_obj(&**p))
+        .collect()
+}
+
+/// Why `policy`'s HTTP-level parts would not be enforced (its workloads are in the ambient
+/// mesh), from the caches of namespaces and ambient pods.
+fn ambient_note(policy: &AuthPolicy, auth: &AuthState) -> Option<translate::Note> {
+    let ns = policy.namespace().unwrap_or_default();
+    let root = auth.shared.ctx.mesh_root_namespace.as_str();
+    let reaches = |n: Option<&str>| ns == root || n == Some(ns.as_str());
+    let namespaces = auth.namespaces.state();
+    let pods = auth.ambient_pods.state();
+    let ambient = |labels: &Option<std::collections::BTreeMap<String, String>>| {
+        labels
+            .as_ref()
+            .and_then(|l| l.get(translate::auth::DATAPLANE_MODE))
+            .is_some_and(|v| v == "ambient")
+    };
+    let empty = std::collections::BTreeMap::new();
+    let facts = translate::auth::AmbientFacts {
+        ambient_namespaces: namespaces
+            .iter()
+            .filter(|n| reaches(n.metadata.name.as_deref()) && ambient(&n.metadata.labels))
+            .filter_map(|n| n.metadata.name.as_deref())
+            .collect(),
+        ambient_pods: pods
+            .iter()
+            .filter(|p| reaches(p.metadata.namespace.as_deref()) && ambient(&p.metadata.labels))
+            .map(|p| translate::auth::AmbientPod {
+                namespace: p.metadata.namespace.as_deref().unwrap_or_default(),
+                name: p.metadata.name.as_deref().unwrap_or_default(),
+                labels: p.metadata.labels.as_ref().unwrap_or(&empty),
+                annotations: p.metadata.annotations.as_ref().unwrap_or(&empty),
+            })
+            .collect(),
+    };
+    translate::auth::ambient_refusal(policy, &facts)
 }
 
 /// The other AuthPolicies that may apply to the same workloads as `policy`: a change to one can
@@ -54,15 +115,12 @@ pub fn overlapping(
 /// Reconciles one AuthPolicy.
 pub async fn reconcile(policy: Arc<AuthPolicy>, auth: Arc<AuthState>) -> Result<Action, Error> {
     let (ns, name) = (policy.namespace().unwrap_or_default(), policy.name_any());
-    let work = reconcile_inner(&policy, &auth.shared, &auth.policies);
+    let work = reconcile_inner(&policy, &auth);
     super::measured(&auth.shared.metrics, "AuthPolicy", &ns, &name, work).await
 }
 
-async fn reconcile_inner(
-    policy: &AuthPolicy,
-    state: &State,
-    policies: &Store<AuthPolicy>,
-) -> Result<Action, Error> {
+async fn reconcile_inner(policy: &AuthPolicy, auth: &AuthState) -> Result<Action, Error> {
+    let (state, policies) = (&*auth.shared, &auth.policies);
     let ns = policy.namespace().unwrap_or_default();
     let name = policy.name_any();
     let api: Api<AuthPolicy> = Api::namespaced(state.client.clone(), &ns);
@@ -105,6 +163,7 @@ async fn reconcile_inner(
     desired
         .notes
         .extend(translate::auth::widenings(policy, &siblings, root));
+    desired.notes.extend(ambient_note(policy, auth));
     let enforced = enforce(
         state,
         &translate::auth::candidates(&ns, &name),

@@ -848,6 +848,138 @@ pub fn widenings(
     notes
 }
 
+/// Istio's label that enrols a namespace or a pod in the ambient mesh (value `ambient`; a pod
+/// opts out with `none`).
+pub const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
+/// The annotation Istio's sidecar injector writes on every pod it injected.
+const SIDECAR_STATUS: &str = "sidecar.istio.io/status";
+
+/// What the cluster says about ambient enrolment around one policy: the namespaces it reaches
+/// that are labelled `istio.io/dataplane-mode=ambient`, and the pods so labelled in the
+/// namespaces it reaches. The controller reads them from its caches; the check is pure.
+#[derive(Debug, Default)]
+pub struct AmbientFacts<'a> {
+    /// Namespaces the policy reaches that are labelled for ambient.
+    pub ambient_namespaces: Vec<&'a str>,
+    /// Pods labelled for ambient: (namespace, labels, annotations).
+    pub ambient_pods: Vec<AmbientPod<'a>>,
+}
+
+/// A pod labelled `istio.io/dataplane-mode=ambient`.
+#[derive(Debug)]
+pub struct AmbientPod<'a> {
+    /// Its namespace.
+    pub namespace: &'a str,
+    /// Its name.
+    pub name: &'a str,
+    /// Its labels.
+    pub labels: &'a std::collections::BTreeMap<String, String>,
+    /// Its annotations.
+    pub annotations: &'a std::collections::BTreeMap<String, String>,
+}
+
+/// The parts of a policy only an Envoy (a sidecar or a waypoint) enforces: ztunnel, which
+/// enforces policies on ambient workloads, understands identities, namespaces and ports only.
+/// Istio's own translation for ztunnel omits an ALLOW rule with HTTP attributes (it never
+/// matches), applies a DENY rule without them (it matches more), validates no JWT and ignores
+/// the CUSTOM action (external authorization) altogether.
+pub fn l7_parts(policy: &AuthPolicy) -> Vec<&'static str> {
+    let spec = &policy.spec;
+    let mut parts = Vec::new();
+    let mut rule_parts =
+        |rules: Option<&Vec<AuthRule>>, paths: &'static str, when: &'static str| {
+            let rules = rules.map(Vec::as_slice).unwrap_or_default();
+            if rules
+                .iter()
+                .flat_map(|r| &r.to)
+                .any(|op| !op.methods.is_empty() || !op.paths.is_empty())
+            {
+                parts.push(paths);
+            }
+            if rules.iter().any(|r| !r.when.is_empty()) {
+                parts.push(when);
+            }
+        };
+    rule_parts(
+        spec.rules.as_ref(),
+        "HTTP methods or paths in rules (those rules never match: their callers are refused)",
+        "token conditions (when) in rules (those rules never match)",
+    );
+    rule_parts(
+        spec.deny.as_ref(),
+        "HTTP methods or paths in deny (the deny applies without them, to every request of its callers and ports)",
+        "token conditions (when) in deny (the deny applies without them)",
+    );
+    if let Some(jwt) = &spec.jwt {
+        parts.push(if jwt.require_token {
+            "jwt with requireToken (no token is validated, and the rule refusing requests without one refuses every request)"
+        } else {
+            "jwt (no token is validated)"
+        });
+    }
+    if spec.external.is_some() {
+        parts.push(
+            "external authorization (ztunnel ignores it: nothing is asked of the authorizer)",
+        );
+    }
+    parts
+}
+
+/// Why `policy`'s HTTP-level parts would not be enforced as written: its workloads (by
+/// namespace label or by pod label) are in Istio's ambient mesh, where ztunnel enforces it.
+/// `None` when the policy is L4-only, targets a Service or Gateway (enforced by a waypoint or a
+/// gateway, reported by [`translate`]), or selects no ambient workload.
+pub fn ambient_refusal(policy: &AuthPolicy, facts: &AmbientFacts<'_>) -> Option<super::Note> {
+    if policy.spec.target_refs.is_some() {
+        return None;
+    }
+    let parts = l7_parts(policy);
+    if parts.is_empty() {
+        return None;
+    }
+    let selects = |labels: &std::collections::BTreeMap<String, String>| {
+        policy
+            .spec
+            .selector
+            .as_ref()
+            .is_none_or(|s| s.match_labels.iter().all(|(k, v)| labels.get(k) == Some(v)))
+    };
+    let why = if let Some(n) = facts.ambient_namespaces.first() {
+        format!("namespace {n} is labelled {DATAPLANE_MODE}=ambient")
+    } else {
+        let pods: Vec<String> = facts
+            .ambient_pods
+            .iter()
+            .filter(|p| !p.annotations.contains_key(SIDECAR_STATUS) && selects(p.labels))
+            .map(|p| format!("{}/{}", p.namespace, p.name))
+            .collect();
+        if pods.is_empty() {
+            return None;
+        }
+        let more = if pods.len() > 3 {
+            format!(" and {} more", pods.len() - 3)
+        } else {
+            String::new()
+        };
+        format!(
+            "pods {}{more} it selects are labelled {DATAPLANE_MODE}=ambient",
+            pods.iter().take(3).cloned().collect::<Vec<_>>().join(", ")
+        )
+    };
+    Some(super::Note {
+        reason: "AmbientNeedsWaypoint",
+        message: format!(
+            "{why}: there ztunnel enforces this policy, and ztunnel enforces only identities, \
+             namespaces and ports, so these parts would not hold as written: {}. Keep this \
+             policy to from/ports, give these workloads a sidecar, or route them through a \
+             waypoint (label istio.io/use-waypoint) and attach the policy to the waypoint's \
+             Service with targetRefs",
+            parts.join("; ")
+        ),
+        severity: super::Severity::Unsupported,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -992,6 +1124,113 @@ mod tests {
         assert_eq!(
             cluster_spiffe_id_name("shop", "orders"),
             "palisade-shop.orders-id"
+        );
+    }
+
+    fn spec_policy(spec: &serde_json::Value) -> AuthPolicy {
+        serde_json::from_value(json!({
+            "apiVersion": "palisade.dev/v1alpha1", "kind": "AuthPolicy",
+            "metadata": {"name": "p", "namespace": "shop"}, "spec": spec,
+        }))
+        .expect("policy")
+    }
+
+    /// What ztunnel would make of each kind of rule: L4-only policies hold; HTTP fields, token
+    /// conditions, JWT and external authorization are each named, with what becomes of them.
+    #[test]
+    fn ambient_namespaces_refuse_http_level_parts_and_name_each() {
+        let ambient_ns = AmbientFacts {
+            ambient_namespaces: vec!["shop"],
+            ambient_pods: Vec::new(),
+        };
+        let l4 = spec_policy(&json!({
+            "selector": {"matchLabels": {"app": "orders"}},
+            "rules": [{"from": [{"serviceAccount": {"name": "frontend"}}], "to": [{"ports": [8080]}]}],
+            "deny": [{"from": [{"namespace": "legacy"}]}],
+        }));
+        assert!(ambient_refusal(&l4, &ambient_ns).is_none());
+        let cases = [
+            (
+                json!({"rules": [{"to": [{"methods": ["GET"]}]}]}),
+                "never match",
+            ),
+            (
+                json!({"deny": [{"to": [{"paths": ["/admin/*"]}]}]}),
+                "applies without them",
+            ),
+            (
+                json!({"rules": [{"when": [{"jwtScopes": ["read"]}]}]}),
+                "token conditions",
+            ),
+            (
+                json!({"jwt": {"issuer": "https://idp.example.com", "jwksUri": "https://idp.example.com/jwks", "requireToken": true}}),
+                "refuses every request",
+            ),
+            (
+                json!({"external": {"provider": "opa"}}),
+                "nothing is asked of the authorizer",
+            ),
+        ];
+        for (spec, says) in cases {
+            let Ok(p) = serde_json::from_value::<AuthPolicy>(json!({
+                "apiVersion": "palisade.dev/v1alpha1", "kind": "AuthPolicy",
+                "metadata": {"name": "p", "namespace": "shop"}, "spec": spec,
+            })) else {
+                panic!("spec {spec} does not parse");
+            };
+            let note =
+                ambient_refusal(&p, &ambient_ns).unwrap_or_else(|| panic!("{spec}: no note"));
+            assert_eq!(note.reason, "AmbientNeedsWaypoint");
+            assert_eq!(note.severity, super::super::Severity::Unsupported);
+            assert!(note.message.contains(says), "{spec}: {}", note.message);
+            assert!(
+                note.message
+                    .contains("namespace shop is labelled istio.io/dataplane-mode=ambient")
+            );
+        }
+        // Not in the ambient mesh: nothing to say.
+        let http = spec_policy(&json!({"rules": [{"to": [{"methods": ["GET"]}]}]}));
+        assert!(ambient_refusal(&http, &AmbientFacts::default()).is_none());
+        // A Service target is the waypoint's to enforce (reported elsewhere).
+        let targeted = spec_policy(&json!({
+            "targetRefs": [{"kind": "Service", "name": "orders"}],
+            "rules": [{"to": [{"methods": ["GET"]}]}],
+        }));
+        assert!(ambient_refusal(&targeted, &ambient_ns).is_none());
+    }
+
+    /// Pods enrolled one by one: only those the selector picks and that have no sidecar count.
+    #[test]
+    fn ambient_pods_count_when_selected_and_without_a_sidecar() {
+        let orders: std::collections::BTreeMap<String, String> =
+            [("app".to_owned(), "orders".to_owned())].into();
+        let other: std::collections::BTreeMap<String, String> =
+            [("app".to_owned(), "payments".to_owned())].into();
+        let bare = std::collections::BTreeMap::new();
+        let injected: std::collections::BTreeMap<String, String> =
+            [(SIDECAR_STATUS.to_owned(), "{}".to_owned())].into();
+        let pod = |name, labels, annotations| AmbientPod {
+            namespace: "shop",
+            name,
+            labels,
+            annotations,
+        };
+        let p = spec_policy(&json!({
+            "selector": {"matchLabels": {"app": "orders"}},
+            "rules": [{"to": [{"paths": ["/api/orders"]}]}],
+        }));
+        let facts = |pods| AmbientFacts {
+            ambient_namespaces: Vec::new(),
+            ambient_pods: pods,
+        };
+        assert!(ambient_refusal(&p, &facts(vec![pod("payments-1", &other, &bare)])).is_none());
+        assert!(ambient_refusal(&p, &facts(vec![pod("orders-1", &orders, &injected)])).is_none());
+        let note = ambient_refusal(&p, &facts(vec![pod("orders-2", &orders, &bare)]))
+            .expect("a selected ambient pod");
+        assert!(
+            note.message.contains("pods shop/orders-2 it selects"),
+            "{}",
+            note.message
         );
     }
 }
