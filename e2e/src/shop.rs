@@ -141,7 +141,9 @@ pub fn install(node: &Node) -> Result<Installation> {
 /// The chart values beyond the defaults: the operator's Vault (`EXAMPLE_TENANCY` is indented
 /// for a `vault:` key at the top level; here that key is under `operator:`).
 fn values_yaml() -> String {
-    let tenancy = EXAMPLE_TENANCY.lines().fold(String::new(), |mut t, l| {
+    // A short sweep: what a binding deleted while Vault was down left is removed soon after.
+    let vault = format!("{EXAMPLE_TENANCY}  sweepIntervalSeconds: 10\n");
+    let tenancy = vault.lines().fold(String::new(), |mut t, l| {
         let _ = writeln!(t, "  {l}");
         t
     });

@@ -19,6 +19,8 @@ pub struct Env {
     /// Palisade installed by its chart, once, by the first test that needs it (dropped before
     /// the node: its relays live in the node's network namespace).
     pub installed: OnceLock<Result<palisade_e2e::shop::Installation, String>>,
+    /// The example shop, deployed once, by the first test that needs it.
+    pub shop: OnceLock<Result<palisade_e2e::shop::Shop, String>>,
     /// The node and its control plane.
     pub node: Node,
     /// The host's network, firewall and kernel settings before the node started.
@@ -48,6 +50,7 @@ fn main() {
     let cgroup_root = started.cgroup_root().to_owned();
     let env = Arc::new(Env {
         installed: OnceLock::new(),
+        shop: OnceLock::new(),
         node: started,
         host_before: host_before.clone(),
     });

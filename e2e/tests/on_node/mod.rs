@@ -44,6 +44,10 @@ pub const TESTS: &[(&str, TestFn)] = &[
         shop::example_shop_uses_its_secret_binding,
     ),
     (
+        "node::vault_sealed_while_the_shop_uses_its_binding",
+        shop::vault_sealed_while_the_shop_uses_its_binding,
+    ),
+    (
         "node::webhook_rollout_under_a_stream_of_pods",
         palisade::webhook_rollout_under_a_stream_of_pods,
     ),

@@ -13,6 +13,18 @@ use serde_json::Value;
 
 use crate::{Env, on_node::palisade::installed};
 
+/// The shop, deployed once (the first test to need it does).
+fn shop_running(env: &Env) -> Result<&shop::Shop> {
+    env.shop
+        .get_or_init(|| {
+            installed(env)
+                .and_then(|inst| shop::deploy_shop(&env.node, inst))
+                .map_err(|e| format!("{e:#}"))
+        })
+        .as_ref()
+        .map_err(|e| anyhow::anyhow!("the shop could not be deployed: {e}"))
+}
+
 /// The step `name` of a workload's `/status`: (ok, value, error).
 fn step(status: &Value, name: &str) -> Option<(bool, String, String)> {
     let s = status.get("steps")?.get(name)?;
@@ -32,7 +44,7 @@ pub fn example_shop_uses_its_secret_binding(env: &Env) -> Result<()> {
     let node = &env.node;
     let inst = installed(env)?;
     let cp = node.cp();
-    let deployed = shop::deploy_shop(node, inst)?;
+    let deployed = shop_running(env)?;
     eprintln!(
         "  shop running {:.1} s after its first apply (images built, signed, attested; examples applied)",
         deployed.took.as_secs_f64()
@@ -125,5 +137,149 @@ pub fn example_shop_uses_its_secret_binding(env: &Env) -> Result<()> {
             .arg("-f")
             .arg(palisade_e2e::repo_root().join("examples/40-secretbinding-orders.yaml")),
     )?;
+    Ok(())
+}
+
+/// The last outcome of `orders`' step `name` and its round count.
+fn orders_step(env: &Env, name: &str) -> Option<((bool, String, String), u64)> {
+    let s = shop::workload_status(&env.node, "orders").ok()?;
+    Some((step(&s, name)?, s["rounds"].as_u64().unwrap_or(0)))
+}
+
+/// The SecretBinding's condition `type_`: (status, reason).
+fn binding_condition(env: &Env, type_: &str) -> Option<(String, String)> {
+    let out = run_ok(env.node.cp().kubectl().args([
+        "get",
+        "secretbinding",
+        "orders",
+        "-n",
+        SHOP,
+        "-o",
+        &format!("jsonpath={{.status.conditions[?(@.type==\"{type_}\")].status}} {{.status.conditions[?(@.type==\"{type_}\")].reason}}"),
+    ]))
+    .ok()?;
+    let (s, r) = out.split_once(' ')?;
+    Some((s.to_owned(), r.to_owned()))
+}
+
+/// OpenBao sealed while `orders` uses its binding: the workload's logins fail and the binding
+/// (reconciled by the installed operator) reports `VaultUnavailable`; after unseal both recover.
+/// Then the binding is deleted while OpenBao is sealed: it is released after the cleanup timeout,
+/// and once OpenBao answers again the sweep revokes the credential `orders` last received (its
+/// PostgreSQL role is dropped) and removes the login role. Prints each time.
+pub fn vault_sealed_while_the_shop_uses_its_binding(env: &Env) -> Result<()> {
+    let node = &env.node;
+    let inst = installed(env)?;
+    shop_running(env)?;
+    let cp = node.cp();
+    let wait = Duration::from_mins(2);
+    cp.eventually("orders querying PostgreSQL", wait, || {
+        orders_step(env, "postgres").filter(|(p, _)| p.0)
+    })?;
+    let t = std::time::Instant::now();
+    inst.bao.seal()?;
+    cp.eventually("orders' login refused while sealed", wait, || {
+        orders_step(env, "login").filter(|(l, _)| !l.0 && l.2.contains("sealed"))
+    })?;
+    let noticed = t.elapsed();
+    // A change to the binding meanwhile: the operator cannot write it and says why.
+    run_ok(cp.kubectl().args([
+        "annotate",
+        "--overwrite",
+        "secretbinding",
+        "orders",
+        "-n",
+        SHOP,
+        "e2e/touch=sealed",
+    ]))?;
+    cp.eventually("the binding reporting VaultUnavailable", wait, || {
+        binding_condition(env, "VaultUnavailable").filter(|c| c.0 == "True")
+    })?;
+    let reported = t.elapsed();
+    let t = std::time::Instant::now();
+    inst.bao.unseal()?;
+    cp.eventually("the binding Ready after unseal", wait, || {
+        binding_condition(env, "Ready").filter(|c| c.0 == "True")
+    })?;
+    let ((_, user, _), _) = cp.eventually("orders querying PostgreSQL again", wait, || {
+        let (p, r) = orders_step(env, "postgres").filter(|(p, _)| p.0)?;
+        let c = orders_step(env, "database-credential")?;
+        (p.2.is_empty()).then_some((c.0, r))
+    })?;
+    eprintln!(
+        "  sealed: orders' login refused after {:.1} s, the binding VaultUnavailable after {:.1} s; unsealed: binding Ready and orders querying again after {:.1} s",
+        noticed.as_secs_f64(),
+        reported.as_secs_f64(),
+        t.elapsed().as_secs_f64()
+    );
+    deleted_while_sealed(env, inst, &user)?;
+    run_ok(
+        cp.kubectl()
+            .arg("apply")
+            .arg("-f")
+            .arg(palisade_e2e::repo_root().join("examples/40-secretbinding-orders.yaml")),
+    )?;
+    Ok(())
+}
+
+/// The binding deleted while OpenBao is sealed: released after the cleanup timeout with the
+/// credential `user` still in PostgreSQL; once OpenBao answers, the sweep revokes it and removes
+/// the login role.
+fn deleted_while_sealed(env: &Env, inst: &shop::Installation, user: &str) -> Result<()> {
+    let cp = env.node.cp();
+    let wait = Duration::from_mins(2);
+    // Deleted while sealed: released after the cleanup timeout; revoked once OpenBao is back.
+    inst.bao.seal()?;
+    let t = std::time::Instant::now();
+    run_ok(cp.kubectl().args([
+        "delete",
+        "secretbinding",
+        "orders",
+        "-n",
+        SHOP,
+        "--wait=false",
+    ]))?;
+    cp.eventually("the binding released while OpenBao is sealed", wait, || {
+        let out =
+            palisade_e2e::run(
+                cp.kubectl()
+                    .args(["get", "secretbinding", "orders", "-n", SHOP]),
+            )
+            .ok()?;
+        (!out.status.success()).then_some(())
+    })?;
+    let released = t.elapsed();
+    let role_exists = |who: &str| {
+        inst.pg
+            .psql(
+                palisade_e2e::postgres::SUPERUSER,
+                &inst.pg.password,
+                &format!("SELECT count(*) FROM pg_roles WHERE rolname = '{who}'"),
+            )
+            .map(|n| n == "1")
+    };
+    if !role_exists(user)? {
+        bail!("credential {user} gone while OpenBao was sealed: expected it to wait for the sweep");
+    }
+    let t = std::time::Instant::now();
+    inst.bao.unseal()?;
+    cp.eventually("the credential's role dropped by the sweep", wait, || {
+        (!role_exists(user).ok()?).then_some(())
+    })?;
+    let revoked = t.elapsed();
+    let login_role = inst
+        .bao
+        .root(&["read", "auth/kubernetes/role/palisade-shop.orders"]);
+    if login_role.is_ok() {
+        bail!("the login role outlived the binding's deletion and the sweep");
+    }
+    cp.eventually("orders' login refused after the sweep", wait, || {
+        orders_step(env, "login").filter(|(l, _)| !l.0)
+    })?;
+    eprintln!(
+        "  deleted while sealed: released after {:.1} s; after unseal the sweep dropped credential {user} in {:.1} s, login role gone",
+        released.as_secs_f64(),
+        revoked.as_secs_f64()
+    );
     Ok(())
 }
