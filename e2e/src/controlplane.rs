@@ -103,7 +103,10 @@ pub(crate) fn check_exited(components: &mut [Component]) -> Result<()> {
 
 /// A running control plane. Stops everything on drop.
 pub struct ControlPlane {
-    components: Vec<Component>,
+    /// Behind a lock so that a component can be restarted through a shared reference.
+    components: std::sync::Mutex<Vec<Component>>,
+    /// Each component's arguments, to restart it as it was started.
+    args: Vec<(&'static str, Vec<String>)>,
     /// Path of an admin kubeconfig for this control plane.
     pub kubeconfig: PathBuf,
     /// `https://127.0.0.1:<port>`.
@@ -187,7 +190,8 @@ impl ControlPlane {
         std::fs::write(&kubeconfig, kubeconfig_yaml(&server, &pki))?;
 
         let mut cp = ControlPlane {
-            components: Vec::new(),
+            components: std::sync::Mutex::new(Vec::new()),
+            args: Vec::new(),
             kubeconfig,
             server,
             pki,
@@ -328,8 +332,16 @@ impl ControlPlane {
     }
 
     fn spawn(&mut self, name: &'static str, args: &[&str]) -> Result<()> {
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        let component = self.start_component(name, &args)?;
+        self.components_mut().push(component);
+        self.args.push((name, args));
+        Ok(())
+    }
+
+    fn start_component(&self, name: &'static str, args: &[String]) -> Result<Component> {
         let log = self.work_dir.join(format!("{name}.log"));
-        let out = File::create(&log)?;
+        let out = File::options().create(true).append(true).open(&log)?;
         let err = out.try_clone()?;
         let program = self.bin_dir.join(name);
         let mut cmd = match &self.inside {
@@ -346,13 +358,52 @@ impl ControlPlane {
             .with_context(|| {
                 format!("{name}: cannot start {}", self.bin_dir.join(name).display())
             })?;
-        self.components.push(Component { name, child, log });
-        Ok(())
+        Ok(Component { name, child, log })
+    }
+
+    fn components_mut(&self) -> std::sync::MutexGuard<'_, Vec<Component>> {
+        self.components
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Stops `name` (SIGKILL, as a crash or a node reboot would) and starts it again with the
+    /// same arguments; for the API server, waits until it answers `/readyz` again. How long it
+    /// was away.
+    pub fn restart(&self, name: &str) -> Result<Duration> {
+        let (name, args) = self
+            .args
+            .iter()
+            .find(|(n, _)| *n == name)
+            .cloned()
+            .ok_or_else(|| anyhow!("no component {name}"))?;
+        let t = Instant::now();
+        {
+            let mut all = self.components_mut();
+            let c = all
+                .iter_mut()
+                .find(|c| c.name == name)
+                .ok_or_else(|| anyhow!("no component {name}"))?;
+            c.child.kill()?;
+            c.child.wait()?;
+            *c = self.start_component(name, &args)?;
+        }
+        if name == "kube-apiserver" {
+            let deadline = Instant::now() + Duration::from_mins(1);
+            while !self.kubectl_ok(&["get", "--raw", "/readyz"]) {
+                check_exited(&mut self.components_mut())?;
+                if Instant::now() > deadline {
+                    bail!("kube-apiserver did not answer /readyz within a minute of its restart");
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        Ok(t.elapsed())
     }
 
     /// Fails with the component's name and log tail if any component has exited.
     pub fn check_alive(&mut self) -> Result<()> {
-        check_exited(&mut self.components)
+        check_exited(&mut self.components_mut())
     }
 
     fn wait_for(
@@ -369,7 +420,7 @@ impl ControlPlane {
             }
             if Instant::now() > deadline {
                 let log = self
-                    .components
+                    .components_mut()
                     .iter()
                     .find(|c| c.name == who)
                     .map(|c| tail(&c.log, 15))
@@ -409,8 +460,8 @@ impl ControlPlane {
 
     /// Kills `name` (for fault tests).
     pub fn kill(&mut self, name: &str) -> Result<()> {
-        let c = self
-            .components
+        let mut all = self.components_mut();
+        let c = all
             .iter_mut()
             .find(|c| c.name == name)
             .ok_or_else(|| anyhow!("no component {name}"))?;
@@ -421,13 +472,13 @@ impl ControlPlane {
 
     /// Process ids of the running components, for leak checks.
     pub fn pids(&self) -> Vec<u32> {
-        self.components.iter().map(|c| c.child.id()).collect()
+        self.components_mut().iter().map(|c| c.child.id()).collect()
     }
 }
 
 impl Drop for ControlPlane {
     fn drop(&mut self) {
-        for c in self.components.iter_mut().rev() {
+        for c in self.components_mut().iter_mut().rev() {
             // Each component runs in its own process group; kill the child, then reap it.
             let _ = c.child.kill();
             let _ = c.child.wait();

@@ -19,6 +19,7 @@ use palisade_e2e::{
 
 use crate::{Env, TestFn};
 
+pub mod faults;
 pub mod palisade;
 pub mod shop;
 
@@ -46,6 +47,14 @@ pub const TESTS: &[(&str, TestFn)] = &[
     (
         "node::vault_sealed_while_the_shop_uses_its_binding",
         shop::vault_sealed_while_the_shop_uses_its_binding,
+    ),
+    (
+        "node::webhook_killed_and_registry_stopped_under_a_stream_of_pods",
+        faults::webhook_killed_and_registry_stopped_under_a_stream_of_pods,
+    ),
+    (
+        "node::apiserver_restart_and_compaction_while_converging",
+        faults::apiserver_restart_and_compaction_while_converging,
     ),
     (
         "node::webhook_rollout_under_a_stream_of_pods",

@@ -111,6 +111,18 @@ pub fn installed_by_its_chart(env: &Env) -> Result<()> {
 
 /// The operator pods whose `palisade_operator_leading` is 1, read from their metrics port.
 fn operator_leaders(node: &Node) -> Result<Vec<String>> {
+    Ok(operator_metrics(node)?
+        .into_iter()
+        .filter(|(_, text)| {
+            text.lines()
+                .any(|l| l.trim() == "palisade_operator_leading 1")
+        })
+        .map(|(name, _)| name)
+        .collect())
+}
+
+/// `(pod, /metrics text)` of every running operator pod that answers.
+fn operator_metrics(node: &Node) -> Result<Vec<(String, String)>> {
     let pods = run_ok(node.cp().kubectl().args([
         "get",
         "pods",
@@ -122,7 +134,7 @@ fn operator_leaders(node: &Node) -> Result<Vec<String>> {
         "-o",
         "jsonpath={range .items[*]}{.metadata.name}={.status.podIP} {end}",
     ]))?;
-    let mut leaders = Vec::new();
+    let mut out = Vec::new();
     for p in pods.split_whitespace() {
         let (name, ip) = p.split_once('=').unwrap_or((p, ""));
         let Ok(addr) = format!("{ip}:9090").parse::<SocketAddr>() else {
@@ -135,14 +147,25 @@ fn operator_leaders(node: &Node) -> Result<Vec<String>> {
         write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")?;
         let mut text = String::new();
         let _ = s.read_to_string(&mut text);
-        if text
-            .lines()
-            .any(|l| l.trim() == "palisade_operator_leading 1")
-        {
-            leaders.push(name.to_owned());
-        }
+        out.push((name.to_owned(), text));
     }
-    Ok(leaders)
+    Ok(out)
+}
+
+/// The sum of the leader's samples of metric family `family` (e.g.
+/// `palisade_operator_api_writes_total`), and the leader's name.
+pub(crate) fn leader_sum(node: &Node, family: &str) -> Result<(String, f64)> {
+    let all = operator_metrics(node)?;
+    let (name, text) = all
+        .iter()
+        .find(|(_, t)| t.lines().any(|l| l.trim() == "palisade_operator_leading 1"))
+        .context("no operator pod leads")?;
+    let sum = text
+        .lines()
+        .filter(|l| l.starts_with(family) && l[family.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    Ok((name.clone(), sum))
 }
 
 /// A pod created with `--dry-run=server` (admission runs, nothing is stored).

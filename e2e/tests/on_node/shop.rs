@@ -14,7 +14,7 @@ use serde_json::Value;
 use crate::{Env, on_node::palisade::installed};
 
 /// The shop, deployed once (the first test to need it does).
-fn shop_running(env: &Env) -> Result<&shop::Shop> {
+pub(crate) fn shop_running(env: &Env) -> Result<&shop::Shop> {
     env.shop
         .get_or_init(|| {
             installed(env)
