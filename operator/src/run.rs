@@ -132,35 +132,43 @@ fn with_siblings(
         move |p| auth::overlapping(&mapper, &p, &root),
     );
     // Namespaces and the pods labelled for Istio's ambient mesh (metadata only, the pods filtered
-    // by the API server): ztunnel enforces policies there, without their HTTP-level parts.
+    // by the API server): ztunnel enforces policies there, without their HTTP-level parts. Each
+    // change reconciles the policies of its namespace, each completed (re-)list all of them.
     let (namespaces, ns_writer) = reflector::store();
-    let ns_stream = watcher(
+    let (by_ns, root_ns) = (store.clone(), state.ctx.mesh_root_namespace.clone());
+    let ns_triggers = watcher(
         Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
         watcher::Config::default(),
     )
     .default_backoff()
     .reflect(ns_writer)
-    .applied_objects();
+    .filter_map(|e| std::future::ready(logged("namespaces", e)))
+    .flat_map(move |e| {
+        futures::stream::iter(auth::ambient_triggers(
+            &by_ns,
+            &e,
+            |n: &PartialObjectMeta<Namespace>| n.metadata.name.as_deref(),
+            &root_ns,
+        ))
+    });
     let (ambient_pods, pod_writer) = reflector::store();
-    let pod_stream = watcher(
+    let (by_pod, root_pod) = (store.clone(), state.ctx.mesh_root_namespace.clone());
+    let pod_triggers = watcher(
         Api::<PartialObjectMeta<Pod>>::all(client.clone()),
         watcher::Config::default().labels(&format!("{}=ambient", translate::auth::DATAPLANE_MODE)),
     )
     .default_backoff()
     .reflect(pod_writer)
-    .touched_objects();
-    let (by_ns, by_pod) = (store.clone(), store.clone());
-    let (root_ns, root_pod) = (
-        state.ctx.mesh_root_namespace.clone(),
-        state.ctx.mesh_root_namespace.clone(),
-    );
-    let ctl = ctl
-        .watches_stream(ns_stream, move |n: PartialObjectMeta<Namespace>| {
-            auth::in_namespace(&by_ns, n.metadata.name.as_deref(), &root_ns)
-        })
-        .watches_stream(pod_stream, move |p: PartialObjectMeta<Pod>| {
-            auth::in_namespace(&by_pod, p.metadata.namespace.as_deref(), &root_pod)
-        });
+    .filter_map(|e| std::future::ready(logged("ambient pods", e)))
+    .flat_map(move |e| {
+        futures::stream::iter(auth::ambient_triggers(
+            &by_pod,
+            &e,
+            |p: &PartialObjectMeta<Pod>| p.metadata.namespace.as_deref(),
+            &root_pod,
+        ))
+    });
+    let ctl = ctl.reconcile_on(ns_triggers).reconcile_on(pod_triggers);
     let state = Arc::new(auth::AuthState {
         shared: Arc::clone(state),
         policies: store,
@@ -168,6 +176,17 @@ fn with_siblings(
         ambient_pods,
     });
     (ctl, state)
+}
+
+/// The event, or a warning with the watch's error (a watch that cannot list, for want of RBAC
+/// say, leaves the policies it concerns reported as not enforced).
+fn logged<T>(
+    what: &str,
+    event: Result<watcher::Event<T>, watcher::Error>,
+) -> Option<watcher::Event<T>> {
+    event
+        .map_err(|e| tracing::warn!(error = %e, "watching {what} failed; retrying"))
+        .ok()
 }
 
 /// Waits until the API server answers (its version), retrying every 2 s and logging each failure.

@@ -522,7 +522,8 @@ fn allow_policies_that_add_up_are_reported(env: &Env) -> Result<()> {
 /// rule with paths never matches, a DENY loses its paths and so refuses more, no JWT is checked).
 /// A policy with paths is `Ready` until its namespace is labelled for ambient, then not `Ready`
 /// with the reason `AmbientNeedsWaypoint`, and `Ready` again when the label goes; an L4-only
-/// policy stays `Ready`. A pod labelled for ambient in a namespace that is not makes the policy
+/// policy stays `Ready` until the namespace also sends its traffic through a waypoint
+/// (`AmbientWaypointIdentity`: ztunnel would check the waypoint's identity). A pod labelled for ambient in a namespace that is not makes the policy
 /// selecting it not `Ready` either, and only that one.
 fn ambient_workloads_make_http_rules_not_ready(env: &Env) -> Result<()> {
     let cp = &env.cp;
@@ -571,7 +572,15 @@ fn ambient_workloads_make_http_rules_not_ready(env: &Env) -> Result<()> {
         if ready("l4").is_none_or(|r| r.0 != "True") {
             bail!("an L4-only policy is not Ready in an ambient namespace: {:?}", ready("l4"));
         }
-        run_ok(cp.kubectl().args(["label", "namespace", ns, "istio.io/dataplane-mode-"]))?;
+        // Behind a waypoint, ztunnel sees the waypoint's identity: identity rules are reported.
+        run_ok(cp.kubectl().args(["label", "namespace", ns, "istio.io/use-waypoint=waypoint"]))?;
+        let why = cp.eventually("l4 not Ready behind a waypoint", WAIT, || {
+            ready("l4").filter(|r| r.0 == "False").map(|r| r.1)
+        })?;
+        if !why.starts_with("AmbientWaypointIdentity: ") || !why.contains("waypoint waypoint") {
+            bail!("l4 behind a waypoint: {why}");
+        }
+        run_ok(cp.kubectl().args(["label", "namespace", ns, "istio.io/dataplane-mode-", "istio.io/use-waypoint-"]))?;
         cp.eventually("orders Ready again without the label", WAIT, || {
             ready("orders").filter(|r| r.0 == "True")
         })?;

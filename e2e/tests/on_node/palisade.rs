@@ -241,7 +241,8 @@ fn webhook_decides_through_its_service(node: &Node) -> Result<()> {
 }
 
 /// Applies an AuthPolicy `name` in the shop namespace and waits until it is Ready and its
-/// AuthorizationPolicy exists; how long that took.
+/// AuthorizationPolicy exists; how long that took. The namespace is in the ambient mesh, so the
+/// policy keeps to what ztunnel enforces (identities and ports).
 fn reconciled(node: &Node, name: &str) -> Result<Duration> {
     let cp = node.cp();
     let file = node.work_dir.join(format!("authpolicy-{name}.yaml"));
@@ -255,7 +256,7 @@ spec:
   selector: {{matchLabels: {{app: {name}}}}}
   rules:
     - from: [{{serviceAccount: {{name: frontend}}}}]
-      to: [{{methods: [GET], paths: [/api/{name}]}}]
+      to: [{{ports: [8080]}}]
 "
         ),
     )?;

@@ -2,8 +2,9 @@
 // (frontend, orders or payments) and, when VAULT_ADDR is set, does what an application using a
 // SecretBinding does: it logs in to Vault/OpenBao with its projected ServiceAccount token, reads
 // its KV secret and a database credential, and runs a query in PostgreSQL with that credential.
-// It repeats this every VAULT_REFRESH_SECONDS (when set) and answers GET /status with the last
-// outcome of each step, so a test can read what the workload itself obtained.
+// It repeats this every VAULT_REFRESH_SECONDS (when set) and answers GET /status with the steps
+// of the last finished round (a step it did not reach is absent), so a test can read what the
+// workload itself obtained.
 package main
 
 import (
@@ -35,11 +36,13 @@ type step struct {
 }
 
 type state struct {
-	mu     sync.Mutex
-	rounds int
-	steps  map[string]step
+	mu      sync.Mutex
+	rounds  int
+	steps   map[string]step
+	current map[string]step
 }
 
+// set records the outcome of one step of the round in progress.
 func (s *state) set(name string, value string, err error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -47,9 +50,19 @@ func (s *state) set(name string, value string, err error) {
 	if err != nil {
 		st.Error = err.Error()
 	}
-	s.steps[name] = st
+	s.current[name] = st
 	line, _ := json.Marshal(map[string]any{"step": name, "ok": st.OK, "error": st.Error})
 	log.Print(string(line))
+}
+
+// finish makes the round in progress the one /status reports: a step the round did not reach
+// is absent, never left over from an earlier round.
+func (s *state) finish() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.steps = s.current
+	s.current = map[string]step{}
+	s.rounds++
 }
 
 func env(name, fallback string) string {
@@ -179,7 +192,7 @@ func round(v *vault, s *state) {
 func main() {
 	log.SetFlags(0)
 	name := env("SHOP_SERVICE", "shop")
-	s := &state{steps: map[string]step{}}
+	s := &state{steps: map[string]step{}, current: map[string]step{}}
 	if os.Getenv("VAULT_ADDR") != "" {
 		v, err := newVault()
 		if err != nil {
@@ -189,9 +202,7 @@ func main() {
 		go func() {
 			for {
 				round(v, s)
-				s.mu.Lock()
-				s.rounds++
-				s.mu.Unlock()
+				s.finish()
 				if refresh <= 0 {
 					return
 				}

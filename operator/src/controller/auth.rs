@@ -60,30 +60,74 @@ pub fn in_namespace(
         .collect()
 }
 
-/// Why `policy`'s HTTP-level parts would not be enforced (its workloads are in the ambient
-/// mesh), from the caches of namespaces and ambient pods.
-fn ambient_note(policy: &AuthPolicy, auth: &AuthState) -> Option<translate::Note> {
+/// The AuthPolicies to reconcile for one event of the namespace or ambient-pod watch (`ns_of`
+/// gives the namespace an object concerns): those of its namespace for a change or a deletion;
+/// every one when a (re-)list completes, the cache being whole only then; none for the objects
+/// of a list in progress.
+pub fn ambient_triggers<T>(
+    store: &Store<AuthPolicy>,
+    event: &kube::runtime::watcher::Event<T>,
+    ns_of: impl Fn(&T) -> Option<&str>,
+    root: &str,
+) -> Vec<ObjectRef<AuthPolicy>> {
+    use kube::runtime::watcher::Event;
+    match event {
+        Event::Apply(o) | Event::Delete(o) => in_namespace(store, ns_of(o), root),
+        Event::InitDone => store
+            .state()
+            .iter()
+            .map(|p| ObjectRef::from_obj(&**p))
+            .collect(),
+        Event::Init | Event::InitApply(_) => Vec::new(),
+    }
+}
+
+/// The value of label `key`, if any.
+fn label<'a>(
+    labels: Option<&'a std::collections::BTreeMap<String, String>>,
+    key: &str,
+) -> Option<&'a str> {
+    labels?.get(key).map(String::as_str)
+}
+
+/// What ztunnel would change of `policy` (see [`translate::auth::ambient_notes`]), from the
+/// caches of namespaces and ambient pods; waits up to 10 s for their first list.
+async fn ambient_notes(policy: &AuthPolicy, auth: &AuthState) -> Vec<translate::Note> {
+    let listed = async {
+        auth.namespaces.wait_until_ready().await.is_ok()
+            && auth.ambient_pods.wait_until_ready().await.is_ok()
+    };
+    let known = tokio::time::timeout(std::time::Duration::from_secs(10), listed)
+        .await
+        .unwrap_or(false);
     let ns = policy.namespace().unwrap_or_default();
     let root = auth.shared.ctx.mesh_root_namespace.as_str();
     let reaches = |n: Option<&str>| ns == root || n == Some(ns.as_str());
     let namespaces = auth.namespaces.state();
     let pods = auth.ambient_pods.state();
-    let ambient = |labels: &Option<std::collections::BTreeMap<String, String>>| {
-        labels
-            .as_ref()
-            .and_then(|l| l.get(translate::auth::DATAPLANE_MODE))
-            .is_some_and(|v| v == "ambient")
-    };
     let empty = std::collections::BTreeMap::new();
     let facts = translate::auth::AmbientFacts {
+        known,
         ambient_namespaces: namespaces
             .iter()
-            .filter(|n| reaches(n.metadata.name.as_deref()) && ambient(&n.metadata.labels))
-            .filter_map(|n| n.metadata.name.as_deref())
+            .filter(|n| {
+                reaches(n.metadata.name.as_deref())
+                    && label(n.metadata.labels.as_ref(), translate::auth::DATAPLANE_MODE)
+                        == Some("ambient")
+            })
+            .filter_map(|n| {
+                let waypoint = label(n.metadata.labels.as_ref(), translate::auth::USE_WAYPOINT)
+                    .filter(|w| *w != "none");
+                Some((n.metadata.name.as_deref()?, waypoint))
+            })
             .collect(),
         ambient_pods: pods
             .iter()
-            .filter(|p| reaches(p.metadata.namespace.as_deref()) && ambient(&p.metadata.labels))
+            .filter(|p| {
+                reaches(p.metadata.namespace.as_deref())
+                    && label(p.metadata.labels.as_ref(), translate::auth::DATAPLANE_MODE)
+                        == Some("ambient")
+            })
             .map(|p| translate::auth::AmbientPod {
                 namespace: p.metadata.namespace.as_deref().unwrap_or_default(),
                 name: p.metadata.name.as_deref().unwrap_or_default(),
@@ -92,7 +136,7 @@ fn ambient_note(policy: &AuthPolicy, auth: &AuthState) -> Option<translate::Note
             })
             .collect(),
     };
-    translate::auth::ambient_refusal(policy, &facts)
+    translate::auth::ambient_notes(policy, &facts)
 }
 
 /// The other AuthPolicies that may apply to the same workloads as `policy`: a change to one can
@@ -163,7 +207,7 @@ async fn reconcile_inner(policy: &AuthPolicy, auth: &AuthState) -> Result<Action
     desired
         .notes
         .extend(translate::auth::widenings(policy, &siblings, root));
-    desired.notes.extend(ambient_note(policy, auth));
+    desired.notes.extend(ambient_notes(policy, auth).await);
     let enforced = enforce(
         state,
         &translate::auth::candidates(&ns, &name),

@@ -854,13 +854,20 @@ pub const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
 /// The annotation Istio's sidecar injector writes on every pod it injected.
 const SIDECAR_STATUS: &str = "sidecar.istio.io/status";
 
+/// Istio's label that sends a namespace's, a Service's or a pod's traffic through a waypoint.
+pub const USE_WAYPOINT: &str = "istio.io/use-waypoint";
+
 /// What the cluster says about ambient enrolment around one policy: the namespaces it reaches
 /// that are labelled `istio.io/dataplane-mode=ambient`, and the pods so labelled in the
 /// namespaces it reaches. The controller reads them from its caches; the check is pure.
 #[derive(Debug, Default)]
 pub struct AmbientFacts<'a> {
-    /// Namespaces the policy reaches that are labelled for ambient.
-    pub ambient_namespaces: Vec<&'a str>,
+    /// False until the operator has listed namespaces and ambient pods: then nothing can be said
+    /// of where the policy is enforced.
+    pub known: bool,
+    /// Namespaces the policy reaches that are labelled for ambient, with their waypoint (label
+    /// `istio.io/use-waypoint`, unless `none`).
+    pub ambient_namespaces: Vec<(&'a str, Option<&'a str>)>,
     /// Pods labelled for ambient: (namespace, labels, annotations).
     pub ambient_pods: Vec<AmbientPod<'a>>,
 }
@@ -925,18 +932,50 @@ pub fn l7_parts(policy: &AuthPolicy) -> Vec<&'static str> {
     parts
 }
 
-/// Why `policy`'s HTTP-level parts would not be enforced as written: its workloads (by
-/// namespace label or by pod label) are in Istio's ambient mesh, where ztunnel enforces it.
-/// `None` when the policy is L4-only, targets a Service or Gateway (enforced by a waypoint or a
-/// gateway, reported by [`translate`]), or selects no ambient workload.
-pub fn ambient_refusal(policy: &AuthPolicy, facts: &AmbientFacts<'_>) -> Option<super::Note> {
+/// What `policy` would not hold as written because its workloads are in Istio's ambient mesh
+/// (by namespace label or by pod label), where ztunnel enforces it: its HTTP-level parts
+/// (`AmbientNeedsWaypoint`), and, where the workloads' traffic passes through a waypoint, its
+/// caller identities, which ztunnel then reads as the waypoint's (`AmbientWaypointIdentity`).
+/// Nothing for a policy with targets (a waypoint or a gateway enforces those; [`translate`]
+/// reports them) or one that selects no ambient workload; `AmbientStateUnknown` while the
+/// operator has not listed namespaces and pods and the policy has anything ztunnel would change.
+pub fn ambient_notes(policy: &AuthPolicy, facts: &AmbientFacts<'_>) -> Vec<super::Note> {
+    let mut notes = Vec::new();
     if policy.spec.target_refs.is_some() {
-        return None;
+        return notes;
     }
     let parts = l7_parts(policy);
-    if parts.is_empty() {
-        return None;
+    let identities = policy
+        .spec
+        .rules
+        .iter()
+        .flatten()
+        .chain(policy.spec.deny.iter().flatten())
+        .any(|r| !r.from.is_empty());
+    if parts.is_empty() && !identities {
+        return notes;
     }
+    let unsupported = |reason, message| super::Note {
+        reason,
+        message,
+        severity: super::Severity::Unsupported,
+    };
+    if !facts.known {
+        notes.push(unsupported(
+            "AmbientStateUnknown",
+            "the operator has not listed namespaces and the pods labelled for Istio's ambient mesh \
+             (it needs list and watch on namespaces and pods), so it cannot tell whether ztunnel, \
+             which enforces no HTTP rule, enforces this policy"
+                .to_owned(),
+        ));
+        return notes;
+    }
+    let waypoint_of = |labels: &std::collections::BTreeMap<String, String>| {
+        labels
+            .get(USE_WAYPOINT)
+            .filter(|w| w.as_str() != "none")
+            .cloned()
+    };
     let selects = |labels: &std::collections::BTreeMap<String, String>| {
         policy
             .spec
@@ -944,40 +983,63 @@ pub fn ambient_refusal(policy: &AuthPolicy, facts: &AmbientFacts<'_>) -> Option<
             .as_ref()
             .is_none_or(|s| s.match_labels.iter().all(|(k, v)| labels.get(k) == Some(v)))
     };
-    let why = if let Some(n) = facts.ambient_namespaces.first() {
-        format!("namespace {n} is labelled {DATAPLANE_MODE}=ambient")
+    let (why, waypoint) = if let Some((n, w)) = facts.ambient_namespaces.first() {
+        (
+            format!("namespace {n} is labelled {DATAPLANE_MODE}=ambient"),
+            w.map(str::to_owned),
+        )
     } else {
-        let pods: Vec<String> = facts
+        let pods: Vec<&AmbientPod<'_>> = facts
             .ambient_pods
             .iter()
             .filter(|p| !p.annotations.contains_key(SIDECAR_STATUS) && selects(p.labels))
-            .map(|p| format!("{}/{}", p.namespace, p.name))
             .collect();
         if pods.is_empty() {
-            return None;
+            return notes;
         }
+        let names: Vec<String> = pods
+            .iter()
+            .take(3)
+            .map(|p| format!("{}/{}", p.namespace, p.name))
+            .collect();
         let more = if pods.len() > 3 {
             format!(" and {} more", pods.len() - 3)
         } else {
             String::new()
         };
-        format!(
-            "pods {}{more} it selects are labelled {DATAPLANE_MODE}=ambient",
-            pods.iter().take(3).cloned().collect::<Vec<_>>().join(", ")
+        (
+            format!(
+                "pods {}{more} it selects are labelled {DATAPLANE_MODE}=ambient",
+                names.join(", ")
+            ),
+            pods.iter().find_map(|p| waypoint_of(p.labels)),
         )
     };
-    Some(super::Note {
-        reason: "AmbientNeedsWaypoint",
-        message: format!(
-            "{why}: there ztunnel enforces this policy, and ztunnel enforces only identities, \
-             namespaces and ports, so these parts would not hold as written: {}. Keep this \
-             policy to from/ports, give these workloads a sidecar, or route them through a \
-             waypoint (label istio.io/use-waypoint) and attach the policy to the waypoint's \
-             Service with targetRefs",
-            parts.join("; ")
-        ),
-        severity: super::Severity::Unsupported,
-    })
+    if !parts.is_empty() {
+        notes.push(unsupported(
+            "AmbientNeedsWaypoint",
+            format!(
+                "{why}: there ztunnel enforces this policy, and ztunnel enforces only identities, \
+                 namespaces and ports, so these parts would not hold as written: {}. Keep this \
+                 policy to from/ports, give these workloads a sidecar, or attach the policy to a \
+                 waypoint's Service with targetRefs (label istio.io/use-waypoint)",
+                parts.join("; ")
+            ),
+        ));
+    }
+    if let (Some(w), true) = (waypoint, identities) {
+        notes.push(unsupported(
+            "AmbientWaypointIdentity",
+            format!(
+                "{why} and traffic to them passes through waypoint {w} ({USE_WAYPOINT}): ztunnel \
+                 then sees the waypoint's identity, not the caller's, so the from entries \
+                 (serviceAccount, spiffeId, namespace) would be checked against the waypoint — an \
+                 allow refuses every caller coming through it, a deny lets them all through. \
+                 Attach the policy to the waypoint's Service with targetRefs instead"
+            ),
+        ));
+    }
+    notes
 }
 
 #[cfg(test)]
@@ -1135,20 +1197,30 @@ mod tests {
         .expect("policy")
     }
 
+    /// The reasons of the notes, in order.
+    fn reasons(notes: &[super::super::Note]) -> Vec<&'static str> {
+        notes.iter().map(|n| n.reason).collect()
+    }
+
+    fn ambient_shop(waypoint: Option<&'static str>) -> AmbientFacts<'static> {
+        AmbientFacts {
+            known: true,
+            ambient_namespaces: vec![("shop", waypoint)],
+            ambient_pods: Vec::new(),
+        }
+    }
+
     /// What ztunnel would make of each kind of rule: L4-only policies hold; HTTP fields, token
     /// conditions, JWT and external authorization are each named, with what becomes of them.
     #[test]
     fn ambient_namespaces_refuse_http_level_parts_and_name_each() {
-        let ambient_ns = AmbientFacts {
-            ambient_namespaces: vec!["shop"],
-            ambient_pods: Vec::new(),
-        };
+        let ambient_ns = ambient_shop(None);
         let l4 = spec_policy(&json!({
             "selector": {"matchLabels": {"app": "orders"}},
             "rules": [{"from": [{"serviceAccount": {"name": "frontend"}}], "to": [{"ports": [8080]}]}],
             "deny": [{"from": [{"namespace": "legacy"}]}],
         }));
-        assert!(ambient_refusal(&l4, &ambient_ns).is_none());
+        assert!(ambient_notes(&l4, &ambient_ns).is_empty());
         let cases = [
             (
                 json!({"rules": [{"to": [{"methods": ["GET"]}]}]}),
@@ -1172,31 +1244,34 @@ mod tests {
             ),
         ];
         for (spec, says) in cases {
-            let Ok(p) = serde_json::from_value::<AuthPolicy>(json!({
-                "apiVersion": "palisade.dev/v1alpha1", "kind": "AuthPolicy",
-                "metadata": {"name": "p", "namespace": "shop"}, "spec": spec,
-            })) else {
-                panic!("spec {spec} does not parse");
-            };
-            let note =
-                ambient_refusal(&p, &ambient_ns).unwrap_or_else(|| panic!("{spec}: no note"));
-            assert_eq!(note.reason, "AmbientNeedsWaypoint");
-            assert_eq!(note.severity, super::super::Severity::Unsupported);
-            assert!(note.message.contains(says), "{spec}: {}", note.message);
+            let p = spec_policy(&spec);
+            let notes = ambient_notes(&p, &ambient_ns);
+            assert_eq!(reasons(&notes), ["AmbientNeedsWaypoint"], "{spec}");
+            assert_eq!(notes[0].severity, super::super::Severity::Unsupported);
             assert!(
-                note.message
+                notes[0].message.contains(says),
+                "{spec}: {}",
+                notes[0].message
+            );
+            assert!(
+                notes[0]
+                    .message
                     .contains("namespace shop is labelled istio.io/dataplane-mode=ambient")
             );
         }
         // Not in the ambient mesh: nothing to say.
         let http = spec_policy(&json!({"rules": [{"to": [{"methods": ["GET"]}]}]}));
-        assert!(ambient_refusal(&http, &AmbientFacts::default()).is_none());
+        let known = AmbientFacts {
+            known: true,
+            ..AmbientFacts::default()
+        };
+        assert!(ambient_notes(&http, &known).is_empty());
         // A Service target is the waypoint's to enforce (reported elsewhere).
         let targeted = spec_policy(&json!({
             "targetRefs": [{"kind": "Service", "name": "orders"}],
             "rules": [{"to": [{"methods": ["GET"]}]}],
         }));
-        assert!(ambient_refusal(&targeted, &ambient_ns).is_none());
+        assert!(ambient_notes(&targeted, &ambient_ns).is_empty());
     }
 
     /// Pods enrolled one by one: only those the selector picks and that have no sidecar count.
@@ -1220,17 +1295,71 @@ mod tests {
             "rules": [{"to": [{"paths": ["/api/orders"]}]}],
         }));
         let facts = |pods| AmbientFacts {
+            known: true,
             ambient_namespaces: Vec::new(),
             ambient_pods: pods,
         };
-        assert!(ambient_refusal(&p, &facts(vec![pod("payments-1", &other, &bare)])).is_none());
-        assert!(ambient_refusal(&p, &facts(vec![pod("orders-1", &orders, &injected)])).is_none());
-        let note = ambient_refusal(&p, &facts(vec![pod("orders-2", &orders, &bare)]))
-            .expect("a selected ambient pod");
+        assert!(ambient_notes(&p, &facts(vec![pod("payments-1", &other, &bare)])).is_empty());
+        assert!(ambient_notes(&p, &facts(vec![pod("orders-1", &orders, &injected)])).is_empty());
+        let notes = ambient_notes(&p, &facts(vec![pod("orders-2", &orders, &bare)]));
+        assert_eq!(reasons(&notes), ["AmbientNeedsWaypoint"]);
         assert!(
-            note.message.contains("pods shop/orders-2 it selects"),
+            notes[0].message.contains("pods shop/orders-2 it selects"),
             "{}",
-            note.message
+            notes[0].message
         );
+        // A pod sending its traffic through a waypoint: its identity rules are the waypoint's.
+        let mut behind = orders.clone();
+        behind.insert(USE_WAYPOINT.to_owned(), "wp".to_owned());
+        let l4 = spec_policy(&json!({
+            "selector": {"matchLabels": {"app": "orders"}},
+            "rules": [{"from": [{"serviceAccount": {"name": "frontend"}}]}],
+        }));
+        let notes = ambient_notes(&l4, &facts(vec![pod("orders-3", &behind, &bare)]));
+        assert_eq!(reasons(&notes), ["AmbientWaypointIdentity"]);
+    }
+
+    /// Behind a waypoint, ztunnel sees the waypoint's identity: an L4 deny by namespace or an
+    /// allow by ServiceAccount would not mean what it says. Without `from`, nothing to say;
+    /// `istio.io/use-waypoint=none` is no waypoint.
+    #[test]
+    fn identity_rules_behind_a_waypoint_are_reported() {
+        let deny_legacy = spec_policy(&json!({
+            "selector": {"matchLabels": {"app": "orders"}},
+            "deny": [{"from": [{"namespace": "legacy"}]}],
+        }));
+        let notes = ambient_notes(&deny_legacy, &ambient_shop(Some("waypoint")));
+        assert_eq!(reasons(&notes), ["AmbientWaypointIdentity"]);
+        assert!(
+            notes[0].message.contains("waypoint waypoint"),
+            "{}",
+            notes[0].message
+        );
+        assert!(notes[0].message.contains("a deny lets them all through"));
+        assert!(ambient_notes(&deny_legacy, &ambient_shop(None)).is_empty());
+        let both = spec_policy(&json!({
+            "rules": [{"from": [{"serviceAccount": {"name": "frontend"}}], "to": [{"paths": ["/x"]}]}],
+        }));
+        assert_eq!(
+            reasons(&ambient_notes(&both, &ambient_shop(Some("waypoint")))),
+            ["AmbientNeedsWaypoint", "AmbientWaypointIdentity"]
+        );
+        let ports = spec_policy(&json!({"rules": [{"to": [{"ports": [8080]}]}]}));
+        assert!(ambient_notes(&ports, &ambient_shop(Some("waypoint"))).is_empty());
+    }
+
+    /// Before the operator has listed namespaces and pods (or when it may not), a policy with
+    /// anything ztunnel would change is not reported as enforced; an L4 policy without
+    /// identities is.
+    #[test]
+    fn unknown_ambient_state_is_not_enforced() {
+        let unknown = AmbientFacts::default();
+        let http = spec_policy(&json!({"rules": [{"to": [{"methods": ["GET"]}]}]}));
+        assert_eq!(
+            reasons(&ambient_notes(&http, &unknown)),
+            ["AmbientStateUnknown"]
+        );
+        let ports = spec_policy(&json!({"rules": [{"to": [{"ports": [8080]}]}]}));
+        assert!(ambient_notes(&ports, &unknown).is_empty());
     }
 }
