@@ -273,6 +273,8 @@ impl ControlPlane {
                 &format!("--advertise-address={advertise}"),
                 &format!("--secure-port={apiserver_port}"),
                 &format!("--endpoint-reconciler-type={reconciler}"),
+                // The kubelet by its address (there is no DNS for node names): logs and exec.
+                "--kubelet-preferred-address-types=InternalIP,Hostname",
                 "--service-cluster-ip-range=10.0.0.0/24",
                 "--authorization-mode=RBAC",
                 "--allow-privileged=true",

@@ -58,9 +58,14 @@ fn main() {
         .iter()
         .map(|&(name, f)| {
             let env = Arc::clone(&env);
+            let ignored = on_node::IGNORED.iter().find(|(n, _)| *n == name);
+            if let Some((_, why)) = ignored {
+                eprintln!("node: {name} is ignored unless --include-ignored: {why}");
+            }
             Trial::test(name, move || {
                 f(&env).map_err(|e| Failed::from(format!("{e:#}")))
             })
+            .with_ignored_flag(ignored.is_some())
         })
         .collect();
     let conclusion = libtest_mimic::run(&args, trials);

@@ -134,6 +134,7 @@ fn with_siblings(
     // Namespaces and the pods labelled for Istio's ambient mesh (metadata only, the pods filtered
     // by the API server): ztunnel enforces policies there, without their HTTP-level parts. Each
     // change reconciles the policies of its namespace, each completed (re-)list all of them.
+    // (Within the running operator: the tasks below end with the process.)
     let (namespaces, ns_writer) = reflector::store();
     let (by_ns, root_ns) = (store.clone(), state.ctx.mesh_root_namespace.clone());
     let ns_triggers = watcher(
@@ -168,7 +169,18 @@ fn with_siblings(
             &root_pod,
         ))
     });
-    let ctl = ctl.reconcile_on(ns_triggers).reconcile_on(pod_triggers);
+    // The two caches are filled by their own tasks, not by the controller polling its triggers:
+    // a controller busy with as many reconciles as it runs at once polls no trigger, and its
+    // reconciles wait for these caches.
+    let (tx, rx) = futures::channel::mpsc::unbounded();
+    for triggers in [ns_triggers.boxed(), pod_triggers.boxed()] {
+        let tx = tx.clone();
+        tokio::spawn(triggers.for_each(move |r| {
+            let _ = tx.unbounded_send(r);
+            std::future::ready(())
+        }));
+    }
+    let ctl = ctl.reconcile_on(rx);
     let state = Arc::new(auth::AuthState {
         shared: Arc::clone(state),
         policies: store,
