@@ -25,6 +25,12 @@ fn error_policy<K, S>(_obj: Arc<K>, err: &Error, _state: Arc<S>) -> Action {
 }
 
 /// A controller whose cache of `K` drops managed fields (never read, often the largest part).
+///
+/// A (re-)list fills the cache only when it completes (its objects are swapped in at once), and
+/// the controller drops a request for an object its cache does not hold. So the objects of a
+/// list do not trigger reconciles one by one, which would be dropped for every object new since
+/// the previous list (created while a watch had expired, say); the completed list reconciles
+/// every object instead. Changes seen by the watch trigger as usual.
 fn controller_for<K>(client: &Client) -> Controller<K>
 where
     K: kube::Resource<DynamicType = ()>
@@ -35,14 +41,24 @@ where
         + Sync
         + 'static,
 {
-    use kube::runtime::{WatchStreamExt, reflector};
     let (reader, writer) = reflector::store();
+    let (listed_tx, listed_rx) = futures::channel::mpsc::unbounded();
     let stream = watcher(Api::<K>::all(client.clone()), watcher::Config::default())
         .default_backoff()
         .modify(|o| o.meta_mut().managed_fields = None)
         .reflect(writer)
-        .applied_objects();
-    Controller::for_stream(stream, reader)
+        .filter_map(move |e| {
+            std::future::ready(match e {
+                Ok(watcher::Event::Apply(o)) => Some(Ok(o)),
+                Ok(watcher::Event::InitDone) => {
+                    let _ = listed_tx.unbounded_send(());
+                    None
+                }
+                Ok(_) => None,
+                Err(e) => Some(Err(e)),
+            })
+        });
+    Controller::for_stream(stream, reader).reconcile_all_on(listed_rx)
 }
 
 /// The SecretBinding controller, with a Vault client when the configuration has one.
