@@ -380,15 +380,10 @@ impl ControlPlane {
             .cloned()
             .ok_or_else(|| anyhow!("no component {name}"))?;
         let t = Instant::now();
-        {
-            let mut all = self.components_mut();
-            let c = all
-                .iter_mut()
-                .find(|c| c.name == name)
-                .ok_or_else(|| anyhow!("no component {name}"))?;
-            c.child.kill()?;
-            c.child.wait()?;
-            *c = self.start_component(name, &args)?;
+        self.stop(name)?;
+        let started = self.start_component(name, &args)?;
+        if let Some(c) = self.components_mut().iter_mut().find(|c| c.name == name) {
+            *c = started;
         }
         if name == "kube-apiserver" {
             let deadline = Instant::now() + Duration::from_mins(1);
@@ -462,6 +457,11 @@ impl ControlPlane {
 
     /// Kills `name` (for fault tests).
     pub fn kill(&mut self, name: &str) -> Result<()> {
+        self.stop(name)
+    }
+
+    /// Kills component `name` and reaps it.
+    fn stop(&self, name: &str) -> Result<()> {
         let mut all = self.components_mut();
         let c = all
             .iter_mut()

@@ -4,7 +4,7 @@
 use std::{
     fmt::Write as _,
     io::Write as _,
-    process::{Command, Stdio},
+    process::Command,
     sync::{
         Mutex,
         atomic::{AtomicBool, Ordering},
@@ -33,25 +33,15 @@ struct Decision {
     why: String,
 }
 
-/// A pod of the shop created with `--dry-run=server` (admission runs, nothing is stored).
+/// A pod of the shop created with `--dry-run=server` (admission runs, nothing is stored):
+/// whether it was admitted, and the refusal.
 fn dry_run(node: &Node, name: &str, image: &str) -> Result<(bool, String)> {
-    let yaml = format!(
-        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {SHOP}}}\nspec:\n  serviceAccountName: payments\n  containers: [{{name: app, image: {image}}}]\n"
-    );
-    let mut child = node
-        .cp()
-        .kubectl()
-        .args(["create", "--dry-run=server", "-o", "name", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    child
-        .stdin
-        .take()
-        .context("kubectl's stdin")?
-        .write_all(yaml.as_bytes())?;
-    let out = child.wait_with_output()?;
+    let out = crate::on_node::palisade::dry_run(
+        node,
+        &format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {SHOP}}}\nspec:\n  serviceAccountName: payments\n  containers: [{{name: app, image: {image}}}]\n"
+        ),
+    )?;
     Ok((
         out.status.success(),
         String::from_utf8_lossy(&out.stderr).into_owned(),

@@ -170,8 +170,10 @@ pub(crate) fn leader_sum(node: &Node, family: &str) -> Result<(String, f64)> {
 
 /// A pod created with `--dry-run=server` (admission runs, nothing is stored).
 fn dry_run_pod(node: &Node, name: &str, extra: &str) -> Result<Output> {
-    let yaml = format!(
-        "apiVersion: v1
+    dry_run(
+        node,
+        &format!(
+            "apiVersion: v1
 kind: Pod
 metadata: {{name: {name}, namespace: {SHOP}}}
 spec:
@@ -180,7 +182,12 @@ spec:
     - name: app
       image: {REGISTRY}/server:v1
 {extra}"
-    );
+        ),
+    )
+}
+
+/// `kubectl create --dry-run=server` of `yaml`: admission runs, nothing is stored.
+pub(crate) fn dry_run(node: &Node, yaml: &str) -> Result<Output> {
     let mut child = node
         .cp()
         .kubectl()
