@@ -343,6 +343,12 @@ fn local_image_policy(text: &str, public_key: &str) -> Result<String> {
 /// `GET /status` of the first running pod of Deployment `app` in the shop: what the workload
 /// reports of its own login, reads and query.
 pub fn workload_status(node: &Node, app: &str) -> Result<Value> {
+    let body = workload_get(node, app, "/status")?;
+    serde_json::from_str(&body).with_context(|| format!("{app} /status: {body}"))
+}
+
+/// `GET path` of the first running pod of Deployment `app` in the shop; the body.
+pub fn workload_get(node: &Node, app: &str, path: &str) -> Result<String> {
     let ip = run_ok(node.cp().kubectl().args([
         "get",
         "pods",
@@ -357,8 +363,7 @@ pub fn workload_status(node: &Node, app: &str) -> Result<Value> {
     let addr: SocketAddr = format!("{}:8080", ip.trim())
         .parse()
         .with_context(|| format!("pod IP of {app}: {ip:?}"))?;
-    let body = http_get(node, addr, "/status")?;
-    serde_json::from_str(&body).with_context(|| format!("{app} /status: {body}"))
+    http_get(node, addr, path)
 }
 
 /// A plain HTTP/1.0 GET from inside the node's network namespace; the body.

@@ -2,6 +2,11 @@
 //! webhook can take its serving certificate from the SPIFFE Workload API as it would in a
 //! cluster. The server attests the agent with a join token; the agent attests workloads with
 //! the `unix` attestor, so every process of this user receives the registered SVID.
+//!
+//! [`OnNode`] is SPIRE as a cluster runs it, for the real node: the server on the host, an agent
+//! inside the node's namespaces with the Kubernetes workload attestor (it asks this node's
+//! kubelet which pod is calling), and the SPIRE controller manager, which turns the
+//! ClusterSPIFFEIDs Palisade writes into registration entries.
 
 use std::{
     path::{Path, PathBuf},
@@ -11,7 +16,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use crate::{controlplane::free_port, run_ok, spawn_logged};
+use crate::{controlplane::free_port, netns::Relay, node::Node, run_ok, spawn_logged};
 
 /// Trust domain of the test SPIRE deployment.
 pub const TRUST_DOMAIN: &str = "palisade.test";
@@ -28,11 +33,56 @@ pub struct Spire {
     /// PEM file of the trust bundle (the CA that signs every SVID).
     pub bundle: PathBuf,
     node_id: String,
+    /// The server's port on 127.0.0.1.
+    port: u16,
+}
+
+/// Waits (up to a minute) for an agent's Workload API socket at `socket`.
+fn wait_for_socket(socket: &Path, log: impl Fn() -> String) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_mins(1);
+    while !socket.exists() {
+        if Instant::now() > deadline {
+            bail!("spire-agent socket {} missing: {}", socket.display(), log());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
 }
 
 impl Spire {
     /// Starts a server and an attested agent and waits for the Workload API socket.
     pub fn start(bin_dir: &Path) -> Result<Self> {
+        let mut spire = Spire::start_server(bin_dir, TRUST_DOMAIN)?;
+        let token = spire.join_token()?;
+        let d = spire.dir.display().to_string();
+        std::fs::write(spire.dir.join("agent.conf"), agent_conf(&d, spire.port))?;
+        spire.agent = Some(spawn_logged(
+            Command::new(bin_dir.join("spire-agent")).args([
+                "run",
+                "-config",
+                &format!("{d}/agent.conf"),
+                "-joinToken",
+                &token,
+            ]),
+            &spire.dir.join("agent.log"),
+        )?);
+        wait_for_socket(&spire.dir.join("agent.sock"), || spire.log_tail("agent"))?;
+        Ok(spire)
+    }
+
+    /// A join token for one agent, which attests it as [`Spire::node_id`] (an alias every
+    /// registration entry names as its parent).
+    fn join_token(&self) -> Result<String> {
+        let out = self.server_cmd(&["token", "generate", "-spiffeID", &self.node_id])?;
+        Ok(out
+            .split_whitespace()
+            .last()
+            .context("a join token")?
+            .to_owned())
+    }
+
+    /// Starts the server alone (on 127.0.0.1) for `trust_domain` and writes its trust bundle.
+    fn start_server(bin_dir: &Path, trust_domain: &str) -> Result<Self> {
         for b in ["spire-server", "spire-agent"] {
             if !bin_dir.join(b).exists() {
                 bail!(
@@ -47,7 +97,7 @@ impl Spire {
             .keep();
         let port = free_port()?;
         let d = dir.display();
-        let server_conf = server_conf(&d.to_string(), port);
+        let server_conf = server_conf(&d.to_string(), port, trust_domain);
         std::fs::write(dir.join("server.conf"), server_conf)?;
         let server = spawn_logged(
             Command::new(bin_dir.join("spire-server")).args([
@@ -57,7 +107,7 @@ impl Spire {
             ]),
             &dir.join("server.log"),
         )?;
-        let node_id = format!("spiffe://{TRUST_DOMAIN}/e2e-node");
+        let node_id = format!("spiffe://{trust_domain}/e2e-node");
         let mut spire = Spire {
             server,
             agent: None,
@@ -66,6 +116,7 @@ impl Spire {
             bundle: dir.join("bundle.pem"),
             dir: dir.clone(),
             node_id,
+            port,
         };
         // The server answers its API once its CA is prepared.
         let deadline = Instant::now() + Duration::from_mins(1);
@@ -85,31 +136,6 @@ impl Spire {
             std::thread::sleep(Duration::from_millis(200));
         };
         std::fs::write(&spire.bundle, &bundle)?;
-        let token_out = spire.server_cmd(&["token", "generate", "-spiffeID", &spire.node_id])?;
-        let token = token_out
-            .split_whitespace()
-            .last()
-            .context("a join token")?
-            .to_owned();
-        let agent_conf = agent_conf(&d.to_string(), port);
-        std::fs::write(dir.join("agent.conf"), agent_conf)?;
-        spire.agent = Some(spawn_logged(
-            Command::new(bin_dir.join("spire-agent")).args([
-                "run",
-                "-config",
-                &format!("{d}/agent.conf"),
-                "-joinToken",
-                &token,
-            ]),
-            &dir.join("agent.log"),
-        )?);
-        let socket = dir.join("agent.sock");
-        while !socket.exists() {
-            if Instant::now() > deadline {
-                bail!("spire-agent socket missing: {}", spire.log_tail("agent"));
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
         Ok(spire)
     }
 
@@ -156,13 +182,13 @@ impl Spire {
 }
 
 /// spire-server configuration: loopback, SQLite datastore, join-token node attestation.
-fn server_conf(d: &str, port: u16) -> String {
+fn server_conf(d: &str, port: u16, trust_domain: &str) -> String {
     format!(
         r#"server {{
       bind_address = "127.0.0.1"
       bind_port = "{port}"
       socket_path = "{d}/server.sock"
-      trust_domain = "{TRUST_DOMAIN}"
+      trust_domain = "{trust_domain}"
       data_dir = "{d}/server"
       log_level = "INFO"
       ca_ttl = "24h"
@@ -210,6 +236,173 @@ fn agent_conf(d: &str, port: u16) -> String {
       }}
     }}
     "#
+    )
+}
+
+/// Where the node's agent reaches the server (relayed to the host's loopback).
+pub const SERVER_ON_NODE: &str = "10.200.0.1:8081";
+
+/// Where a pod mounts the node agent's socket directory, and the endpoint it is told.
+pub const POD_SOCKET_DIR: &str = "/run/spire/sockets";
+
+/// SPIRE for the real node (see the module documentation). Stops the agent and the controller
+/// manager, then the server, on drop.
+pub struct OnNode {
+    agent: Child,
+    manager: Option<Child>,
+    spire: Spire,
+    _relay: Relay,
+    /// The directory, on the node, that holds the agent's Workload API socket (`agent.sock`):
+    /// pods mount it as [`POD_SOCKET_DIR`].
+    pub sockets: PathBuf,
+}
+
+impl OnNode {
+    /// Starts the server, the node's agent (attested with a join token as [`Spire::node_id`],
+    /// which the controller manager names as every entry's parent) and the controller manager
+    /// (cluster `palisade-node`, its validating webhook off), all for `trust_domain`.
+    pub fn start(bin_dir: &Path, node: &Node, trust_domain: &str) -> Result<Self> {
+        for b in ["spire-server", "spire-agent", "spire-controller-manager"] {
+            if !bin_dir.join(b).exists() {
+                bail!(
+                    "{b} not found in {}: build it with e2e/toolchain/build.sh spire spirecm",
+                    bin_dir.display()
+                );
+            }
+        }
+        let spire = Spire::start_server(bin_dir, trust_domain)?;
+        let relay = node.holder().expose(
+            SERVER_ON_NODE.parse()?,
+            std::net::SocketAddr::from(([127, 0, 0, 1], spire.port)),
+        )?;
+        let token = spire.join_token()?;
+        let sockets = node.work_dir.join("spire-sockets");
+        std::fs::create_dir_all(&sockets)?;
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&sockets, std::fs::Permissions::from_mode(0o755))?;
+        }
+        let d = spire.dir.display().to_string();
+        let pki = &node.cp().pki;
+        std::fs::write(
+            spire.dir.join("node-agent.conf"),
+            node_agent_conf(
+                &d,
+                trust_domain,
+                &sockets,
+                (&pki.admin_cert, &pki.admin_key),
+            ),
+        )?;
+        let agent = spawn_logged(
+            node.holder()
+                .command(bin_dir.join("spire-agent"))
+                .args(["run", "-config", &format!("{d}/node-agent.conf")])
+                .args(["-joinToken", &token]),
+            &spire.dir.join("node-agent.log"),
+        )?;
+        let mut on_node = OnNode {
+            agent,
+            manager: None,
+            spire,
+            _relay: relay,
+            sockets,
+        };
+        wait_for_socket(&on_node.sockets.join("agent.sock"), || {
+            on_node.spire.log_tail("node-agent")
+        })?;
+        std::fs::write(
+            on_node.spire.dir.join("manager.yaml"),
+            manager_conf(&d, trust_domain),
+        )?;
+        on_node.manager = Some(spawn_logged(
+            Command::new(bin_dir.join("spire-controller-manager"))
+                .args(["-config", &format!("{d}/manager.yaml")])
+                .env("KUBECONFIG", &node.cp().kubeconfig)
+                .env("ENABLE_WEBHOOKS", "false"),
+            &on_node.spire.dir.join("manager.log"),
+        )?);
+        Ok(on_node)
+    }
+
+    /// `spire-server entry show`: every registration entry.
+    pub fn entries(&self) -> Result<String> {
+        self.spire.server_cmd(&["entry", "show"])
+    }
+
+    /// The last lines of `server`, `node-agent` or `manager` log.
+    pub fn log_tail(&self, which: &str) -> String {
+        self.spire.log_tail(which)
+    }
+}
+
+impl Drop for OnNode {
+    fn drop(&mut self) {
+        for child in std::iter::once(&mut self.agent).chain(self.manager.as_mut()) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The node agent's configuration: the server through the node's relay, join-token
+/// attestation, and the Kubernetes workload attestor, which asks the kubelet on the node's
+/// address (its secure port, with a client certificate the kubelet's client CA signed) for the
+/// pod of a calling process.
+fn node_agent_conf(d: &str, trust_domain: &str, sockets: &Path, client: (&Path, &Path)) -> String {
+    let (host, port) = SERVER_ON_NODE
+        .split_once(':')
+        .unwrap_or((SERVER_ON_NODE, ""));
+    let (sockets, cert, key) = (sockets.display(), client.0.display(), client.1.display());
+    format!(
+        r#"agent {{
+      data_dir = "{d}/node-agent"
+      log_level = "INFO"
+      server_address = "{host}"
+      server_port = "{port}"
+      socket_path = "{sockets}/agent.sock"
+      trust_bundle_path = "{d}/bundle.pem"
+      trust_domain = "{trust_domain}"
+    }}
+    plugins {{
+      NodeAttestor "join_token" {{
+        plugin_data {{}}
+      }}
+      KeyManager "memory" {{
+        plugin_data {{}}
+      }}
+      WorkloadAttestor "k8s" {{
+        plugin_data {{
+          node_name = "{host}"
+          kubelet_secure_port = 10250
+          skip_kubelet_verification = true
+          certificate_path = "{cert}"
+          private_key_path = "{key}"
+        }}
+      }}
+    }}
+    "#
+    )
+}
+
+/// The controller manager's configuration: entries for this cluster's pods, parented to the
+/// node agent's alias, written through the server's admin socket.
+fn manager_conf(d: &str, trust_domain: &str) -> String {
+    format!(
+        r#"apiVersion: spire.spiffe.io/v1alpha1
+kind: ControllerManagerConfig
+metrics:
+  bindAddress: "0"
+health:
+  healthProbeBindAddress: "0"
+leaderElection:
+  leaderElect: false
+clusterName: palisade-node
+trustDomain: {trust_domain}
+spireServerSocketPath: {d}/server.sock
+validatingWebhookConfigurationName: spire-controller-manager-webhook
+parentIDTemplate: "spiffe://{{{{ .TrustDomain }}}}/e2e-node"
+ignoreNamespaces: [kube-system, kube-public]
+"#
     )
 }
 

@@ -2,7 +2,7 @@
 # Builds the real upstream binaries the end-to-end tests and `e2e/up` run, from the Go module proxy,
 # into a cache directory keyed by tool and version. A second run finds them and builds nothing.
 #
-#   e2e/toolchain/build.sh [TOOL...]     TOOL: k8s crds opa spire openbao cosign crane registry helm
+#   e2e/toolchain/build.sh [TOOL...]     TOOL: k8s crds opa spire spirecm openbao cosign crane registry helm
 #                                        istio node shopapp gitleaks conftest (default: all but
 #                                        gitleaks and conftest)
 #   e2e/toolchain/build.sh --print-bin   the directory holding every built binary (created)
@@ -23,7 +23,7 @@ CRD_MODULES=(
   "istio.io/api@v1.31.4 kubernetes/customresourcedefinitions.gen.yaml"
   "sigs.k8s.io/gateway-api@v1.6.3 config/crd/standard/gateway.networking.k8s.io_*.yaml"
   "github.com/envoyproxy/gateway@v1.9.1 charts/gateway-helm/charts/crds/crds/generated/gateway.envoyproxy.io_*.yaml"
-  "github.com/spiffe/spire-controller-manager@v0.7.0 config/crd/bases/spire.spiffe.io_clusterspiffeids.yaml"
+  "github.com/spiffe/spire-controller-manager@v0.7.0 config/crd/bases/spire.spiffe.io_clusterspiffeids.yaml config/crd/bases/spire.spiffe.io_clusterstaticentries.yaml config/crd/bases/spire.spiffe.io_clusterfederatedtrustdomains.yaml"
   "github.com/cert-manager/cert-manager@v1.21.2 deploy/crds/cert-manager.io_certificates.yaml deploy/crds/cert-manager.io_issuers.yaml deploy/crds/cert-manager.io_clusterissuers.yaml"
   "github.com/prometheus-operator/prometheus-operator@v0.85.0 example/prometheus-operator-crd/monitoring.coreos.com_servicemonitors.yaml"
 )
@@ -42,6 +42,8 @@ TOOLS=(
 # under e2e/toolchain/<dir> that pins them: name  version-label  dir  cgo  binary=package...
 MODULE_TOOLS=(
   "spire   v1.13.3 spire   1 spire-server=github.com/spiffe/spire/cmd/spire-server spire-agent=github.com/spiffe/spire/cmd/spire-agent"
+  # The controller manager that turns ClusterSPIFFEIDs into SPIRE registration entries.
+  "spirecm v0.7.0  spirecm 0 spire-controller-manager=github.com/spiffe/spire-controller-manager/cmd"
   "openbao v2.4.0  openbao 0 bao=github.com/openbao/openbao"
   "istio   1.31-eed52ebb istio 0 pilot-discovery=istio.io/istio/pilot/cmd/pilot-discovery xdsdump=./xdsdump"
   # The example shop's workload (the node's images); its version is a hash of its source.
@@ -112,7 +114,8 @@ build_crds() {
   for entry in "${CRD_MODULES[@]}"; do
     read -r mod globs <<<"$entry"
     dir="$cache/crds/${mod//\//_}"
-    if compgen -G "$dir/*.yaml" >/dev/null; then
+    # Cached when the files were copied with the same globs.
+    if compgen -G "$dir/*.yaml" >/dev/null && [[ "$(cat "$dir/.globs" 2>/dev/null)" == "$globs" ]]; then
       log "crds $mod: cached"
       continue
     fi
@@ -127,6 +130,7 @@ build_crds() {
         cp "$f" "$dir.tmp/" && n=$((n + 1))
       done
     done
+    echo "$globs" >"$dir.tmp/.globs"
     rm -rf "$dir" && mv "$dir.tmp" "$dir"
     log "crds $mod: $n files"
   done
@@ -238,7 +242,7 @@ build_node() {
 }
 
 want=("$@")
-((${#want[@]})) || want=(k8s crds opa spire openbao istio node shopapp cosign crane registry helm)
+((${#want[@]})) || want=(k8s crds opa spire spirecm openbao istio node shopapp cosign crane registry helm)
 total=$SECONDS
 for w in "${want[@]}"; do
   case "$w" in
@@ -256,7 +260,7 @@ for w in "${want[@]}"; do
         if [[ "${f[0]}" == "$w" ]]; then build_module "${f[@]}"; found=1; fi
       done
       ((found)) || {
-        log "unknown tool '$w' (known: k8s crds helm opa conftest cosign crane registry gitleaks spire openbao istio node shopapp)"
+        log "unknown tool '$w' (known: k8s crds helm opa conftest cosign crane registry gitleaks spire spirecm openbao istio node shopapp)"
         exit 2
       }
       ;;

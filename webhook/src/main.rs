@@ -108,6 +108,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         counters: palisade_webhook::server::Counters::default(),
         config: config.clone(),
     });
+    let (start_drain, draining) = tokio::sync::watch::channel(false);
     let shutdown = {
         let state = Arc::clone(&state);
         let drain = Duration::from_secs(config.drain_seconds);
@@ -116,6 +117,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
             // Not ready any more, but still serving: endpoints and the API server's connections
             // move to the other replicas meanwhile, and a late request still gets an answer.
             state.counters.draining.store(true, Ordering::Relaxed);
+            // Clients are told to leave with their next answer (HTTP/1.1) or at once (HTTP/2).
+            let _ = start_drain.send(true);
             tracing::info!(
                 seconds = drain.as_secs(),
                 "draining: not ready, still serving"
@@ -151,7 +154,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
     if client_roots.is_some() {
         tracing::info!("serving only clients with a certificate from tls.clientCAFile");
     }
-    serve_tls(listener, cert, router(state), shutdown, client_roots).await?;
+    serve_tls(
+        listener,
+        cert,
+        router(state),
+        draining,
+        shutdown,
+        client_roots,
+    )
+    .await?;
     // Give the Lease up, so a standby writes status at once rather than when it runs out.
     let _ = tokio::time::timeout(Duration::from_secs(5), lease).await;
     Ok(())

@@ -471,11 +471,14 @@ impl Default for ServeLimits {
 }
 
 /// Serves `app` over TLS on `listener` until `shutdown` resolves, with the default limits;
-/// with `client_roots`, decisions only to clients presenting a certificate they signed.
+/// with `client_roots`, decisions only to clients presenting a certificate they signed. Once
+/// `draining` turns true, every client is told to move on while still being served (see
+/// [`serve_tls_with`]).
 pub async fn serve_tls(
     listener: tokio::net::TcpListener,
     cert: Arc<dyn ResolvesServerCert>,
     app: Router,
+    draining: tokio::sync::watch::Receiver<bool>,
     shutdown: impl Future<Output = ()> + Send + 'static,
     client_roots: Option<Arc<crate::tls::ClientCa>>,
 ) -> std::io::Result<()> {
@@ -483,6 +486,7 @@ pub async fn serve_tls(
         listener,
         cert,
         app,
+        draining,
         shutdown,
         ServeLimits {
             client_roots,
@@ -545,10 +549,18 @@ impl Drop for InFlight {
 /// descriptors exhausted, a connection reset before it was taken) is logged and serving goes
 /// on; handshakes, request headers, whole requests and idle connections are bounded in time,
 /// connections in number.
+///
+/// From the moment `draining` turns true (a dropped sender means never), every request is still
+/// answered, but clients are told to leave: an HTTP/1.1 answer carries `Connection: close` and
+/// its connection closes once it is written, an HTTP/2 connection gets GOAWAY (its client
+/// retries later requests on a new connection). A connection is then closed between requests
+/// by the client's own decision, not under a request it is sending, which a keep-alive
+/// connection closed while idle cannot promise.
 pub async fn serve_tls_with(
     listener: tokio::net::TcpListener,
     cert: Arc<dyn ResolvesServerCert>,
     app: Router,
+    draining: tokio::sync::watch::Receiver<bool>,
     shutdown: impl Future<Output = ()> + Send + 'static,
     limits: ServeLimits,
 ) -> std::io::Result<()> {
@@ -599,6 +611,7 @@ pub async fn serve_tls_with(
         let limits = limits.clone();
         let slots = Arc::clone(&slots);
         let closed = closed.clone();
+        let draining = draining.clone();
         connections.spawn(async move {
             let accepted =
                 tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await;
@@ -619,7 +632,8 @@ pub async fn serve_tls_with(
                     .1
                     .peer_certificates()
                     .is_none_or(<[_]>::is_empty);
-            serve_connection(stream, app, limits, anonymous, closed).await;
+            let signals = Signals { draining, closed };
+            serve_connection(stream, app, limits, anonymous, signals).await;
         });
     }
     // Requests in flight finish (each is bounded by the request timeout); then the server ends.
@@ -638,6 +652,19 @@ pub async fn serve_tls_with(
     Ok(())
 }
 
+/// What a connection is told by its server: that it drains, then that it closes.
+struct Signals {
+    draining: tokio::sync::watch::Receiver<bool>,
+    closed: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Resolves once `flag` turns true; never when its sender is gone first.
+async fn turned_on(flag: &mut tokio::sync::watch::Receiver<bool>) {
+    if flag.wait_for(|on| *on).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
 /// Serves one TLS connection until the client closes it, or it idles too long (then it is
 /// shut down gracefully, and dropped if the client does not follow within 5 s).
 /// An `anonymous` client (no certificate where `tls.clientCAFile` asks for one) is answered on
@@ -647,9 +674,14 @@ async fn serve_connection(
     app: Router,
     limits: ServeLimits,
     anonymous: bool,
-    mut closed: tokio::sync::watch::Receiver<bool>,
+    signals: Signals,
 ) {
     use tower::ServiceExt as _;
+    let Signals {
+        mut draining,
+        mut closed,
+    } = signals;
+    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
     let activity = Arc::new(Activity {
         started: Instant::now(),
         in_flight: AtomicU64::new(0),
@@ -659,8 +691,10 @@ async fn serve_connection(
     let service = tower::service_fn({
         let activity = Arc::clone(&activity);
         let request_timeout = limits.request_timeout;
+        let draining = draining.clone();
         move |req: axum::http::Request<hyper::body::Incoming>| {
             let (app, activity) = (app.clone(), Arc::clone(&activity));
+            let draining = draining.clone();
             async move {
                 // Counted out when the handler ends or is dropped (an HTTP/2 stream reset
                 // drops it), so an abandoned request never keeps the connection busy.
@@ -672,14 +706,23 @@ async fn serve_connection(
                     )
                         .into_response());
                 }
+                let http1 = req.version() <= axum::http::Version::HTTP_11;
                 let out = tokio::time::timeout(request_timeout, app.oneshot(req)).await;
-                Ok::<_, std::convert::Infallible>(match out {
+                let mut resp = match out {
                     Ok(Ok(resp)) => resp,
                     Ok(Err(never)) => match never {},
                     Err(_) => {
                         (StatusCode::REQUEST_TIMEOUT, "request took too long").into_response()
                     }
-                })
+                };
+                // Draining: this answer is the connection's last, and the client knows it.
+                if http1 && *draining.borrow() {
+                    resp.headers_mut().insert(
+                        axum::http::header::CONNECTION,
+                        axum::http::HeaderValue::from_static("close"),
+                    );
+                }
+                Ok::<_, std::convert::Infallible>(resp)
             }
         }
     });
@@ -705,6 +748,9 @@ async fn serve_connection(
         tokio::select! {
             _ = conn.as_mut() => return,
             _ = closed.wait_for(|c| *c) => break,
+            // HTTP/2 says GOAWAY as soon as the server drains; HTTP/1.1 connections are told
+            // with their next answer (above), and closed when the server stops.
+            () = turned_on(&mut draining), if h2 => break,
             _ = tick.tick() => {
                 // Idle too long, or simply old: every connection is renewed now and then.
                 if activity.idle_too_long(&limits) || activity.started.elapsed() > limits.max_age {

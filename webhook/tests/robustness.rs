@@ -203,10 +203,6 @@ async fn silent_clients_do_not_keep_the_server() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = tempfile::tempdir().expect("tempdir");
     let cert = serving_cert(dir.path());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
     let limits = ServeLimits {
         client_roots: None,
         max_connections: 1,
@@ -217,16 +213,7 @@ async fn silent_clients_do_not_keep_the_server() {
         max_age: Duration::from_mins(1),
         max_handshakes: 1,
     };
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serve_tls_with(
-        listener,
-        cert.serving(),
-        app(),
-        async {
-            let _ = stopped.await;
-        },
-        limits,
-    ));
+    let (addr, stop, server) = serve(&cert, limits, never_draining()).await;
     // The silent client takes the only slot; the server closes it after the timeout.
     let started = Instant::now();
     let mut silent = tokio::net::TcpStream::connect(addr).await.expect("connect");
@@ -287,6 +274,11 @@ async fn silent_clients_do_not_keep_the_server() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     let _ = stop.send(());
     server.await.expect("join").expect("served");
+}
+
+/// A drain signal that never turns on (its sender is gone).
+fn never_draining() -> tokio::sync::watch::Receiver<bool> {
+    tokio::sync::watch::channel(false).1
 }
 
 /// GET /healthz over TLS from `client` (its own client certificate, or none); the status
@@ -512,15 +504,17 @@ async fn serve_with_client_ca(
             client_roots: Some(ca),
             ..ServeLimits::default()
         },
+        never_draining(),
     )
     .await
 }
 
-/// The test app served over TLS with `limits`: its address, the sender that stops it, and its
-/// task.
+/// The test app served over TLS with `limits`, draining when `draining` turns true: its
+/// address, the sender that stops it, and its task.
 async fn serve(
     cert: &palisade_webhook::tls::ReloadingCert,
     limits: ServeLimits,
+    draining: tokio::sync::watch::Receiver<bool>,
 ) -> (
     std::net::SocketAddr,
     tokio::sync::oneshot::Sender<()>,
@@ -535,6 +529,7 @@ async fn serve(
         listener,
         cert.serving(),
         app(),
+        draining,
         async {
             let _ = stopped.await;
         },
@@ -551,7 +546,7 @@ async fn shutdown_closes_keep_alive_connections_cleanly() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = tempfile::tempdir().expect("tempdir");
     let cert = serving_cert(dir.path());
-    let (addr, stop, server) = serve(&cert, ServeLimits::default()).await;
+    let (addr, stop, server) = serve(&cert, ServeLimits::default(), never_draining()).await;
     let mut tls = client_config().with_no_client_auth();
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
@@ -588,4 +583,94 @@ async fn shutdown_closes_keep_alive_connections_cleanly() {
         "{:?}",
         started.elapsed()
     );
+}
+
+/// Draining (the pod is leaving): requests are still answered, but an HTTP/1.1 client is told
+/// with its answer that the connection closes (`Connection: close`), and the server closes it
+/// only after that answer, so a keep-alive client never sends into a connection closed under
+/// it; an HTTP/2 connection gets GOAWAY and ends, its client free to reconnect elsewhere.
+#[tokio::test]
+async fn a_draining_server_tells_keep_alive_clients_to_leave_after_their_answer() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cert = serving_cert(dir.path());
+    let (drain, draining) = tokio::sync::watch::channel(false);
+    let (addr, stop, server) = serve(&cert, ServeLimits::default(), draining).await;
+    let connect = |alpn: &'static [u8]| async move {
+        let mut tls = client_config().with_no_client_auth();
+        tls.alpn_protocols = vec![alpn.to_vec()];
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+        connector.connect(name, tcp).await.expect("handshake")
+    };
+    let ask = b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n";
+    // Before: a keep-alive answer without `Connection: close`.
+    let mut http1 = connect(b"http/1.1").await;
+    http1.write_all(ask).await.expect("write");
+    let mut buf = [0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(5), http1.read(&mut buf))
+        .await
+        .expect("an answer in time")
+        .expect("read");
+    let before = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
+    assert!(before.starts_with("http/1.1 200"), "{before}");
+    assert!(!before.contains("connection: close"), "{before}");
+    // An HTTP/2 connection, open before the drain.
+    let h2 = connect(b"h2").await;
+    let (mut sender, h2_conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(h2),
+    )
+    .await
+    .expect("h2 handshake");
+    let h2_conn = tokio::spawn(h2_conn);
+    let first = sender
+        .send_request(
+            Request::get("https://localhost/healthz")
+                .body(Body::empty())
+                .expect("request"),
+        )
+        .await
+        .expect("h2 answer");
+    assert_eq!(first.status(), StatusCode::OK);
+
+    drain.send(true).expect("drain");
+    // The idle HTTP/1.1 connection is not closed under its client: it stays open, and its next
+    // request is answered, with `Connection: close`, and then the server closes it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    last_answer(&mut http1, ask).await;
+    // The HTTP/2 connection was told GOAWAY and ends, with the server still serving.
+    tokio::time::timeout(Duration::from_secs(5), h2_conn)
+        .await
+        .expect("the HTTP/2 connection ends after GOAWAY")
+        .expect("join")
+        .expect("a clean end");
+    // A new HTTP/1.1 connection during the drain is served once.
+    last_answer(&mut connect(b"http/1.1").await, ask).await;
+    assert!(!server.is_finished(), "the server stopped while draining");
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("the server ends")
+        .expect("join")
+        .expect("served");
+}
+
+/// Sends `ask` on a draining server's HTTP/1.1 connection: the answer is a 200 that says
+/// `Connection: close`, and the server then closes the connection cleanly (no reset).
+async fn last_answer<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    stream: &mut S,
+    ask: &[u8],
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(ask).await.expect("write while draining");
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest))
+        .await
+        .expect("the server closes the connection after its answer")
+        .expect("closed cleanly, not reset");
+    let answer = String::from_utf8_lossy(&rest).to_ascii_lowercase();
+    assert!(answer.starts_with("http/1.1 200"), "{answer}");
+    assert!(answer.contains("connection: close"), "{answer}");
 }

@@ -68,24 +68,20 @@ pub const TESTS: &[(&str, TestFn)] = &[
         "node::helm_upgrade_with_new_images_and_config",
         palisade::helm_upgrade_with_new_images_and_config,
     ),
+    // Last: it moves the installation to SPIRE as its identity source.
+    (
+        "node::orders_receives_its_svid_from_spire",
+        shop::orders_receives_its_svid_from_spire,
+    ),
 ];
 
 /// Tests left out of the default run, with the reason printed at start-up.
-pub const IGNORED: &[(&str, &str)] = &[
-    (
-        "node::webhook_rollout_under_a_stream_of_pods",
-        "it finds an open race: in one run of about six, the API server sent one request on a \
-         keep-alive connection the draining webhook pod closed at that moment (broken pipe), so \
-         one compliant pod was refused; the drain must stop keep-alive before it closes idle \
-         connections",
-    ),
-    (
-        "node::apiserver_restart_and_compaction_while_converging",
-        "a fault test of several minutes, run on request: the defect it found (AuthPolicies created \
+pub const IGNORED: &[(&str, &str)] = &[(
+    "node::apiserver_restart_and_compaction_while_converging",
+    "a fault test of several minutes, run on request: the defect it found (AuthPolicies created \
      while the operator's watch had expired were never reconciled) is fixed in the operator, and \
      the test joins the default run once it has passed repeatedly",
-    ),
-];
+)];
 
 /// What the node must not change on the host: network links, routes, firewall rules, the kernel
 /// settings the kubelet writes, and the host's mounts.

@@ -354,6 +354,8 @@ fn stream_pods(
 /// request is refused because the webhook could not be reached (preStop, drain, graceful
 /// close), and no violating pod is admitted.
 pub fn webhook_rollout_under_a_stream_of_pods(env: &Env) -> Result<()> {
+    /// Rollouts in a row, each under the same stream of pod creations.
+    const ROLLOUTS: usize = 3;
     let node = &env.node;
     installed(env)?;
     let cp = node.cp();
@@ -363,16 +365,17 @@ pub fn webhook_rollout_under_a_stream_of_pods(env: &Env) -> Result<()> {
     let t = Instant::now();
     let rollout = std::thread::scope(|s| {
         s.spawn(|| stream_pods(node, &stop, &counts, &errors));
-        // Some traffic before the rollout, some after.
+        // Some traffic before the rollouts, some after; several rollouts in a row, as each
+        // closes a different set of the API server's keep-alive connections.
         std::thread::sleep(Duration::from_secs(3));
-        let result = run_ok(cp.kubectl().args([
-            "rollout",
-            "restart",
-            "deployment/palisade-webhook",
-            "-n",
-            NS,
-        ]))
-        .and_then(|_| {
+        let result = (0..ROLLOUTS).try_for_each(|_| {
+            run_ok(cp.kubectl().args([
+                "rollout",
+                "restart",
+                "deployment/palisade-webhook",
+                "-n",
+                NS,
+            ]))?;
             run_ok(cp.kubectl().args([
                 "rollout",
                 "status",
@@ -380,10 +383,11 @@ pub fn webhook_rollout_under_a_stream_of_pods(env: &Env) -> Result<()> {
                 "-n",
                 NS,
                 "--timeout=180s",
-            ]))
+            ]))?;
+            // The old pods' grace periods end after the new ones are ready.
+            std::thread::sleep(Duration::from_secs(15));
+            Ok::<_, anyhow::Error>(())
         });
-        // The old pods' grace periods end after the new ones are ready.
-        std::thread::sleep(Duration::from_secs(15));
         stop.store(true, Ordering::Relaxed);
         result
     });
@@ -391,7 +395,7 @@ pub fn webhook_rollout_under_a_stream_of_pods(env: &Env) -> Result<()> {
     let get = |c: &AtomicU32| c.load(Ordering::Relaxed);
     let unreachable = errors.lock().map(|e| e.clone()).unwrap_or_default();
     eprintln!(
-        "  webhook rollout in {:.0} s under load: {} compliant admitted, {} compliant refused, {} violating refused ({} of them not for the violation), {} violating admitted",
+        "  {ROLLOUTS} webhook rollouts in {:.0} s under load: {} compliant admitted, {} compliant refused, {} violating refused ({} of them not for the violation), {} violating admitted",
         t.elapsed().as_secs_f64(),
         get(&counts.compliant_admitted),
         get(&counts.compliant_refused),
@@ -631,32 +635,53 @@ spec:
     )?;
     // The replacement is either refused (the webhook resolved the moved tag) or admitted pinned
     // to the digest verified before (the tag's resolution still cached): never the moved image.
-    let outcome = cp.eventually(
-        "the replacement pod decided",
-        Duration::from_mins(1),
-        || {
-            let events = run_ok(cp.kubectl().args([
-                "get",
-                "events",
-                "-n",
-                SHOP,
-                "--field-selector=reason=FailedCreate",
-                "-o",
-                "jsonpath={.items[*].message}",
-            ]))
-            .ok()?;
-            if events.contains("shop-ci") {
-                return Some(format!(
-                    "refused: {}",
-                    events.split('.').next().unwrap_or_default()
-                ));
-            }
-            let name = pod_field("metadata.name").ok()?;
-            let id = pod_field("status.containerStatuses[0].imageID").ok()?;
-            (!name.is_empty() && name != running && !id.is_empty())
-                .then(|| format!("admitted pinned, running {id}"))
-        },
-    )?;
+    let outcome = cp
+        .eventually(
+            "the replacement pod decided",
+            Duration::from_mins(1),
+            || {
+                let events = run_ok(cp.kubectl().args([
+                    "get",
+                    "events",
+                    "-n",
+                    SHOP,
+                    "--field-selector=reason=FailedCreate",
+                    "-o",
+                    "jsonpath={.items[*].message}",
+                ]))
+                .ok()?;
+                if events.contains("shop-ci") {
+                    return Some(format!(
+                        "refused: {}",
+                        events.split('.').next().unwrap_or_default()
+                    ));
+                }
+                let name = pod_field("metadata.name").ok()?;
+                let id = pod_field("status.containerStatuses[0].imageID").ok()?;
+                (!name.is_empty() && name != running && !id.is_empty())
+                    .then(|| format!("admitted pinned, running {id}"))
+            },
+        )
+        .with_context(|| {
+            let get = |args: &[&str]| {
+                run(cp.kubectl().args(args)).map_or_else(
+                    |e| format!("{e:#}"),
+                    |o| String::from_utf8_lossy(&o.stdout).into_owned(),
+                )
+            };
+            format!(
+                "events: {}\npods: {}",
+                get(&[
+                    "get",
+                    "events",
+                    "-n",
+                    SHOP,
+                    "-o",
+                    "custom-columns=REASON:.reason,OBJECT:.involvedObject.name,MESSAGE:.message"
+                ]),
+                get(&["get", "pods", "-n", SHOP, "-l", "app=pinned", "-o", "wide"]),
+            )
+        })?;
     let now = pod_field("status.containerStatuses[0].imageID")?;
     if now.contains(&moved) || !now.split_whitespace().all(|id| id.ends_with(&signed)) {
         bail!("after the tag moved to {moved}, pods run {now:?}");

@@ -2,14 +2,14 @@
 //! the installed webhook under the example ImagePolicy, running the digests that were verified;
 //! `orders` uses its SecretBinding from inside its pod, `frontend` cannot.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use palisade_e2e::{
-    run_ok,
-    shop::{self, SHOP},
+    repo_root, run, run_ok,
+    shop::{self, NS, SHOP, helm, helm_succeeded},
 };
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::{Env, on_node::palisade::installed};
 
@@ -281,5 +281,156 @@ fn deleted_while_sealed(env: &Env, inst: &shop::Installation, user: &str) -> Res
         released.as_secs_f64(),
         revoked.as_secs_f64()
     );
+    Ok(())
+}
+
+/// `identitySource: Spire` on the node: the real SPIRE server, an agent on the node with the
+/// Kubernetes workload attestor (it asks this node's kubelet which pod calls), and the SPIRE
+/// controller manager. The ClusterSPIFFEID Palisade writes for the `orders` AuthPolicy becomes a
+/// registration entry, and the `orders` pod, asking the Workload API through the socket it
+/// mounts, receives exactly `spiffe://cluster.local/ns/shop/sa/orders`: the identity the
+/// `payments` AuthPolicy names. A pod under the same ServiceAccount that no AuthPolicy selects
+/// gets no entry, and the webhook refuses it for having no SPIFFE identity. Runs last: it moves
+/// the installation to SPIRE.
+pub fn orders_receives_its_svid_from_spire(env: &Env) -> Result<()> {
+    const TRUST_DOMAIN: &str = "cluster.local";
+    let node = &env.node;
+    shop_running(env)?;
+    let cp = node.cp();
+    let bin_dir = node
+        .bin("spire-agent")
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .context("the tools' directory")?;
+    let t = Instant::now();
+    let spire = palisade_e2e::spire::OnNode::start(&bin_dir, node, TRUST_DOMAIN)?;
+    let started = t.elapsed();
+    let out = run(helm(node)
+        .args(["upgrade", "palisade"])
+        .arg(repo_root().join("charts/palisade"))
+        .args(["--namespace", NS, "--reuse-values"])
+        .args(["--set", "identitySource=Spire", "--wait", "--timeout", "4m"]))?;
+    helm_succeeded(node, "upgrade to identitySource Spire", &out)?;
+    // The operator writes the ClusterSPIFFEID; the controller manager makes it an entry.
+    let want = format!("spiffe://{TRUST_DOMAIN}/ns/{SHOP}/sa/orders");
+    let entries = cp
+        .eventually("a SPIRE entry for orders", Duration::from_mins(2), || {
+            spire.entries().ok().filter(|e| e.contains(&want))
+        })
+        .with_context(|| format!("controller manager: {}", spire.log_tail("manager")))?;
+    let frontend = format!("spiffe://{TRUST_DOMAIN}/ns/{SHOP}/sa/frontend");
+    if entries.contains(&frontend) {
+        bail!("an entry for {frontend}, which no AuthPolicy selects:\n{entries}");
+    }
+    let t = Instant::now();
+    mount_agent_socket(node, &spire.sockets)?;
+    let identity = cp
+        .eventually("orders' SVID", Duration::from_mins(1), || {
+            let body = shop::workload_get(node, "orders", "/identity").ok()?;
+            let v: Value = serde_json::from_str(&body).ok()?;
+            v["spiffeID"].as_str().map(str::to_owned)
+        })
+        .with_context(|| format!("node agent: {}", spire.log_tail("node-agent")))?;
+    if identity != want {
+        bail!("orders received {identity}, not {want}");
+    }
+    named_by_its_caller(node, &want)?;
+    eprintln!(
+        "  SPIRE (server, node agent, controller manager) up in {:.1} s; orders received {identity} {:.1} s after its patch, the principal payments' policy admits",
+        started.as_secs_f64(),
+        t.elapsed().as_secs_f64()
+    );
+    impostor_refused(node)?;
+    eprintln!(
+        "  a pod no AuthPolicy selects (ServiceAccount orders): no entry, refused by the webhook"
+    );
+    Ok(())
+}
+
+/// Patches `orders` to mount the node agent's socket directory and tell the workload where its
+/// Workload API is, and waits for the rollout.
+fn mount_agent_socket(node: &palisade_e2e::node::Node, sockets: &std::path::Path) -> Result<()> {
+    let dir = palisade_e2e::spire::POD_SOCKET_DIR;
+    let patch = json!({"spec": {"template": {"spec": {
+        "volumes": [{"name": "spire-agent", "hostPath": {"path": sockets, "type": "Directory"}}],
+        "containers": [{
+            "name": "orders",
+            "env": [{"name": "SPIFFE_ENDPOINT_SOCKET", "value": format!("unix://{dir}/agent.sock")}],
+            "volumeMounts": [{"name": "spire-agent", "mountPath": dir, "readOnly": true}],
+        }],
+    }}}});
+    let kubectl = || node.cp().kubectl();
+    run_ok(
+        kubectl()
+            .args(["patch", "deployment", "orders", "-n", SHOP])
+            .args(["-p", &patch.to_string()]),
+    )?;
+    run_ok(kubectl().args([
+        "rollout",
+        "status",
+        "deployment/orders",
+        "-n",
+        SHOP,
+        "--timeout=120s",
+    ]))?;
+    Ok(())
+}
+
+/// `want` is the identity the `payments` AuthPolicy names, and a principal its generated
+/// AuthorizationPolicy admits.
+fn named_by_its_caller(node: &palisade_e2e::node::Node, want: &str) -> Result<()> {
+    let kubectl = || node.cp().kubectl();
+    let named = run_ok(
+        kubectl()
+            .args(["get", "authpolicy", "payments", "-n", SHOP])
+            .args(["-o", "jsonpath={.spec.rules[0].from[0].spiffeId}"]),
+    )?;
+    let principals = run_ok(
+        kubectl()
+            .args(["get", "authorizationpolicies.security.istio.io", "-n", SHOP])
+            .args([
+                "-o",
+                "jsonpath={range .items[*]}{.spec.rules[*].from[*].source.principals}{end}",
+            ]),
+    )?;
+    let principal = want.trim_start_matches("spiffe://");
+    if named.trim() != want || !principals.contains(&format!("\"{principal}\"")) {
+        bail!(
+            "the payments policy names {named:?} and the generated policies admit {principals}, not {want}"
+        );
+    }
+    Ok(())
+}
+
+/// An impostor: the `orders` ServiceAccount and image, labels no AuthPolicy selects. No
+/// ClusterSPIFFEID selects it, so it would get no SVID; the webhook refuses it for that.
+fn impostor_refused(node: &palisade_e2e::node::Node) -> Result<()> {
+    let image = run_ok(
+        node.cp()
+            .kubectl()
+            .args(["get", "deployment", "orders", "-n", SHOP])
+            .args(["-o", "jsonpath={.spec.template.spec.containers[0].image}"]),
+    )?;
+    let out = crate::on_node::palisade::dry_run(
+        node,
+        &format!(
+            "apiVersion: v1
+kind: Pod
+metadata: {{name: impostor, namespace: {SHOP}, labels: {{app: impostor}}}}
+spec:
+  serviceAccountName: orders
+  containers:
+    - name: app
+      image: {image}
+"
+        ),
+    )?;
+    let why = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() || !why.contains("ClusterSPIFFEID") {
+        bail!(
+            "a pod no ClusterSPIFFEID selects was not refused for its identity: {}{why}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
     Ok(())
 }

@@ -4,11 +4,13 @@
 // its KV secret and a database credential, and runs a query in PostgreSQL with that credential.
 // It repeats this every VAULT_REFRESH_SECONDS (when set) and answers GET /status with the steps
 // of the last finished round (a step it did not reach is absent), so a test can read what the
-// workload itself obtained.
+// workload itself obtained. When SPIFFE_ENDPOINT_SOCKET is set, GET /identity fetches the
+// workload's X.509-SVID from the SPIFFE Workload API and answers with its SPIFFE ID.
 package main
 
 import (
 	"bytes"
+	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"database/sql"
@@ -25,6 +27,7 @@ import (
 	"time"
 
 	_ "github.com/lib/pq"
+	"github.com/spiffe/go-spiffe/v2/workloadapi"
 )
 
 // step is the outcome of one step, as /status reports it.
@@ -217,6 +220,27 @@ func main() {
 		defer s.mu.Unlock()
 		w.Header().Set("Content-Type", "application/json")
 		_ = json.NewEncoder(w).Encode(map[string]any{"service": name, "rounds": s.rounds, "steps": s.steps})
+	})
+	mux.HandleFunc("/identity", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		socket := os.Getenv("SPIFFE_ENDPOINT_SOCKET")
+		if socket == "" {
+			w.WriteHeader(http.StatusNotFound)
+			_ = json.NewEncoder(w).Encode(map[string]string{"error": "SPIFFE_ENDPOINT_SOCKET is not set"})
+			return
+		}
+		ctx, cancel := context.WithTimeout(r.Context(), 5*time.Second)
+		defer cancel()
+		svid, err := workloadapi.FetchX509SVID(ctx, workloadapi.WithAddr(socket))
+		if err != nil {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			_ = json.NewEncoder(w).Encode(map[string]string{"error": err.Error()})
+			return
+		}
+		_ = json.NewEncoder(w).Encode(map[string]string{
+			"spiffeID": svid.ID.String(),
+			"notAfter": svid.Certificates[0].NotAfter.UTC().Format(time.RFC3339),
+		})
 	})
 	mux.HandleFunc("/", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
