@@ -186,9 +186,10 @@ fn up_node(opts: &Options, examples: bool) -> Result<()> {
     let t = Instant::now();
     let node = Node::start(&opts.bin_dir)?;
     eprintln!(
-        "[up] node Ready after {:.1} s (API server after {:.1} s)",
+        "[up] node Ready after {:.1} s (API server after {:.1} s, cluster DNS after {:.1} s)",
         node.timings.node_ready.as_secs_f64(),
-        node.timings.apiserver.as_secs_f64()
+        node.timings.apiserver.as_secs_f64(),
+        node.timings.dns_ready.as_secs_f64()
     );
     let kubeconfig = match &opts.work_dir {
         Some(dir) => {

@@ -36,6 +36,10 @@ pub const POD_CIDR: &str = "10.88.0.0/16";
 /// The sandbox image, built here from Kubernetes' `pause.c`.
 pub const PAUSE_IMAGE: &str = "10.200.0.1:5000/pause:3.10";
 
+/// The cluster DNS Service's address (Service `kube-system/kube-dns`, CoreDNS), which the kubelet
+/// gives pods as their nameserver.
+pub const DNS_IP: &str = "10.0.0.10";
+
 /// Binaries the node needs besides the control plane's.
 const NODE_BINARIES: &[&str] = &[
     "containerd",
@@ -49,6 +53,7 @@ const NODE_BINARIES: &[&str] = &[
     "kubelet",
     "kube-proxy",
     "kube-scheduler",
+    "coredns",
     "crane",
 ];
 
@@ -93,6 +98,8 @@ pub struct Timings {
     pub apiserver: Duration,
     /// Start to the node `Ready`.
     pub node_ready: Duration,
+    /// Start to cluster DNS (CoreDNS, as a pod) answering.
+    pub dns_ready: Duration,
 }
 
 impl Node {
@@ -149,6 +156,8 @@ impl Node {
         node.start_scheduler()?;
         node.wait_ready(Duration::from_mins(2))?;
         node.timings.node_ready = started.elapsed();
+        node.start_dns()?;
+        node.timings.dns_ready = started.elapsed();
         Ok(node)
     }
 
@@ -301,6 +310,7 @@ imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 protectKernelDefaults: false
 clusterDomain: cluster.local
+clusterDNS: [{DNS_IP}]
 ",
             cgroup_root = self.cleanup.cgroup_root,
             logs = dir.join("pod-logs").display(),
@@ -358,6 +368,42 @@ conntrack: {{maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeo
             "--v=1",
         ]);
         self.spawn("kube-scheduler", &mut cmd)
+    }
+
+    /// CoreDNS as a pod in `kube-system` (its image built here), behind Service `kube-dns` at
+    /// [`DNS_IP`]; waits until it is ready.
+    fn start_dns(&mut self) -> Result<()> {
+        let digest = push_binary_image(
+            &self.registry,
+            &self.work_dir,
+            &self.bin_dir.join("coredns"),
+            "coredns",
+            ("coredns", "v1.15.0"),
+            &["--entrypoint=/coredns"],
+        )?;
+        let manifest = std::fs::read_to_string(crate::repo_root().join("e2e/node/coredns.yaml"))?
+            .replace("@IMAGE@", &format!("{REGISTRY}/coredns@{digest}"))
+            .replace("@DNS_IP@", DNS_IP);
+        let file = self.work_dir.join("coredns.yaml");
+        std::fs::write(&file, manifest)?;
+        run_ok(self.cp.kubectl().arg("apply").arg("-f").arg(&file))?;
+        self.wait(
+            "kubelet",
+            "CoreDNS to be ready",
+            Duration::from_mins(2),
+            |node| {
+                run(node.cp().kubectl().args([
+                    "get",
+                    "deployment",
+                    "coredns",
+                    "-n",
+                    "kube-system",
+                    "-o",
+                    "jsonpath={.status.readyReplicas}",
+                ]))
+                .is_ok_and(|o| o.stdout == b"1")
+            },
+        )
     }
 
     fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
@@ -479,7 +525,7 @@ fn preflight(bin_dir: &Path) -> Result<()> {
     for b in NODE_BINARIES {
         if !bin_dir.join(b).exists() {
             bail!(
-                "{b} not found in {}: build the node with e2e/toolchain/build.sh node",
+                "{b} not found in {}: build the node with e2e/toolchain/build.sh node coredns crane",
                 bin_dir.display()
             );
         }

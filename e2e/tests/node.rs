@@ -42,9 +42,10 @@ fn main() {
         }
     };
     eprintln!(
-        "node: API server ready after {:.1} s, node Ready after {:.1} s (total {:.1} s)",
+        "node: API server ready after {:.1} s, node Ready after {:.1} s, cluster DNS ready after {:.1} s (total {:.1} s)",
         started.timings.apiserver.as_secs_f64(),
         started.timings.node_ready.as_secs_f64(),
+        started.timings.dns_ready.as_secs_f64(),
         t.elapsed().as_secs_f64()
     );
     let cgroup_root = started.cgroup_root().to_owned();

@@ -3,7 +3,7 @@
 # into a cache directory keyed by tool and version. A second run finds them and builds nothing.
 #
 #   e2e/toolchain/build.sh [TOOL...]     TOOL: k8s crds opa spire spirecm openbao cosign crane registry helm
-#                                        istio node shopapp gitleaks conftest (default: all but
+#                                        istio node coredns shopapp gitleaks conftest (default: all but
 #                                        gitleaks and conftest)
 #   e2e/toolchain/build.sh --print-bin   the directory holding every built binary (created)
 #
@@ -46,6 +46,8 @@ MODULE_TOOLS=(
   "spirecm v0.7.0  spirecm 0 spire-controller-manager=github.com/spiffe/spire-controller-manager/cmd"
   "openbao v2.4.0  openbao 0 bao=github.com/openbao/openbao"
   "istio   1.31-eed52ebb istio 0 pilot-discovery=istio.io/istio/pilot/cmd/pilot-discovery xdsdump=./xdsdump"
+  # Cluster DNS for the node: CoreDNS with the plugins it needs (e2e/toolchain/coredns/main.go).
+  "coredns v1.15.0 coredns 0 coredns=."
   # The example shop's workload (the node's images); its version is a hash of its source.
   "shopapp $(cat "$here"/shopapp/go.mod "$here"/shopapp/*.go | sha256sum | cut -c1-12) shopapp 0 shop-app=."
 )
@@ -242,7 +244,7 @@ build_node() {
 }
 
 want=("$@")
-((${#want[@]})) || want=(k8s crds opa spire spirecm openbao istio node shopapp cosign crane registry helm)
+((${#want[@]})) || want=(k8s crds opa spire spirecm openbao istio node coredns shopapp cosign crane registry helm)
 total=$SECONDS
 for w in "${want[@]}"; do
   case "$w" in
@@ -260,7 +262,7 @@ for w in "${want[@]}"; do
         if [[ "${f[0]}" == "$w" ]]; then build_module "${f[@]}"; found=1; fi
       done
       ((found)) || {
-        log "unknown tool '$w' (known: k8s crds helm opa conftest cosign crane registry gitleaks spire spirecm openbao istio node shopapp)"
+        log "unknown tool '$w' (known: k8s crds helm opa conftest cosign crane registry gitleaks spire spirecm openbao istio node coredns shopapp)"
         exit 2
       }
       ;;

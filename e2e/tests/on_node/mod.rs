@@ -45,6 +45,10 @@ pub const TESTS: &[(&str, TestFn)] = &[
         shop::example_shop_uses_its_secret_binding,
     ),
     (
+        "node::cluster_dns_resolves_services",
+        shop::cluster_dns_resolves_services,
+    ),
+    (
         "node::vault_sealed_while_the_shop_uses_its_binding",
         shop::vault_sealed_while_the_shop_uses_its_binding,
     ),
@@ -76,12 +80,7 @@ pub const TESTS: &[(&str, TestFn)] = &[
 ];
 
 /// Tests left out of the default run, with the reason printed at start-up.
-pub const IGNORED: &[(&str, &str)] = &[(
-    "node::apiserver_restart_and_compaction_while_converging",
-    "a fault test of several minutes, run on request: the defect it found (AuthPolicies created \
-     while the operator's watch had expired were never reconciled) is fixed in the operator, and \
-     the test joins the default run once it has passed repeatedly",
-)];
+pub const IGNORED: &[(&str, &str)] = &[];
 
 /// What the node must not change on the host: network links, routes, firewall rules, the kernel
 /// settings the kubelet writes, and the host's mounts.

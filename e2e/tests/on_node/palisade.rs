@@ -633,8 +633,9 @@ spec:
         cp.kubectl()
             .args(["delete", "pod", &running, "-n", SHOP, "--wait=false"]),
     )?;
-    // The replacement is either refused (the webhook resolved the moved tag) or admitted pinned
-    // to the digest verified before (the tag's resolution still cached): never the moved image.
+    // The replacement is either refused (the webhook resolved the moved tag, or its two calls
+    // resolved it differently) or admitted pinned to the digest verified before (the tag's
+    // resolution still cached): never the moved image.
     let outcome = cp
         .eventually(
             "the replacement pod decided",
@@ -650,7 +651,9 @@ spec:
                     "jsonpath={.items[*].message}",
                 ]))
                 .ok()?;
-                if events.contains("shop-ci") {
+                // Refused for the image: not signed by `shop-ci`, or (when the mutating and the
+                // validating call resolved the tag differently) not pinned to what verified.
+                if events.contains("palisade denied Pod") {
                     return Some(format!(
                         "refused: {}",
                         events.split('.').next().unwrap_or_default()

@@ -434,3 +434,52 @@ spec:
     }
     Ok(())
 }
+
+/// Cluster DNS on the node: CoreDNS (built here, a pod in `kube-system` behind Service
+/// `kube-dns`) answers the shop's pods through the resolver the kubelet gives them: a Service's
+/// short name (the namespace's search domain), its full name and another namespace's Service
+/// resolve to their ClusterIPs; a name that does not exist does not resolve.
+pub fn cluster_dns_resolves_services(env: &Env) -> Result<()> {
+    let node = &env.node;
+    shop_running(env)?;
+    let cp = node.cp();
+    let cluster_ip = |ns: &str, svc: &str| {
+        run_ok(cp.kubectl().args([
+            "get",
+            "service",
+            svc,
+            "-n",
+            ns,
+            "-o",
+            "jsonpath={.spec.clusterIP}",
+        ]))
+    };
+    let resolve = |name: &str| -> Result<Value> {
+        let body = shop::workload_get(node, "frontend", &format!("/resolve?name={name}"))?;
+        serde_json::from_str(&body).with_context(|| body.clone())
+    };
+    for (name, ns, svc) in [
+        ("orders", SHOP, "orders"),
+        ("payments.shop.svc.cluster.local", SHOP, "payments"),
+        ("kubernetes.default", "default", "kubernetes"),
+    ] {
+        let want = cluster_ip(ns, svc)?;
+        let got = resolve(name)?;
+        let addresses = got["addresses"].as_array().cloned().unwrap_or_default();
+        if addresses != [Value::from(want.trim())] {
+            bail!("{name} resolved to {got}, not {want}");
+        }
+        eprintln!("  {name} -> {}", want.trim());
+    }
+    let missing = resolve("missing.shop.svc.cluster.local")?;
+    if missing["addresses"]
+        .as_array()
+        .is_some_and(|a| !a.is_empty())
+        || !missing["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no such host"))
+    {
+        bail!("a name that does not exist resolved: {missing}");
+    }
+    Ok(())
+}

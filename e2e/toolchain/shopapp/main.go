@@ -5,7 +5,9 @@
 // It repeats this every VAULT_REFRESH_SECONDS (when set) and answers GET /status with the steps
 // of the last finished round (a step it did not reach is absent), so a test can read what the
 // workload itself obtained. When SPIFFE_ENDPOINT_SOCKET is set, GET /identity fetches the
-// workload's X.509-SVID from the SPIFFE Workload API and answers with its SPIFFE ID.
+// workload's X.509-SVID from the SPIFFE Workload API and answers with its SPIFFE ID. GET
+// /resolve?name=N looks N up as the pod's resolver does (its resolv.conf: cluster DNS, search
+// domains).
 package main
 
 import (
@@ -241,6 +243,18 @@ func main() {
 			"spiffeID": svid.ID.String(),
 			"notAfter": svid.Certificates[0].NotAfter.UTC().Format(time.RFC3339),
 		})
+	})
+	mux.HandleFunc("/resolve", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		name := r.URL.Query().Get("name")
+		ctx, cancel := context.WithTimeout(r.Context(), 5*time.Second)
+		defer cancel()
+		addrs, err := net.DefaultResolver.LookupHost(ctx, name)
+		out := map[string]any{"name": name, "addresses": addrs}
+		if err != nil {
+			out["error"] = err.Error()
+		}
+		_ = json.NewEncoder(w).Encode(out)
 	})
 	mux.HandleFunc("/", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
