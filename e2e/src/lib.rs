@@ -4,6 +4,7 @@
 //! Binaries come from `e2e/toolchain/build.sh` (built from the Go module proxy); third-party CRDs
 //! (Istio, Gateway API, Envoy Gateway, SPIRE) from the same cache.
 
+pub mod advisories;
 pub mod chartdoc;
 pub mod controlplane;
 pub mod envoy;

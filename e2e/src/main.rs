@@ -31,10 +31,15 @@ fn main() -> ExitCode {
         print!("{}", palisade_e2e::chartdoc::values_reference(&schema));
         return ExitCode::SUCCESS;
     }
+    if args.first().map(String::as_str) == Some("advisories") {
+        return advisories(&args[1..]);
+    }
     if args.first().map(String::as_str) != Some("up") {
         eprintln!(
             "usage: palisade-e2e up [--state DIR] [--port PORT] [--no-examples] [--node]\n\
              \x20      palisade-e2e values-doc   (the README's chart values reference)\n\
+             \x20      palisade-e2e advisories [--manifest-path DIR] [--exceptions FILE] [--today YYYY-MM-DD]\n\
+             \x20                                (the dependency-advisory gate)\n\
              Starts etcd, kube-apiserver and kube-controller-manager on 127.0.0.1 with\n\
              Palisade's CRDs and examples applied, until interrupted; with --node, a real\n\
              node too, Palisade installed by its chart and the example shop running."
@@ -43,6 +48,39 @@ fn main() -> ExitCode {
     }
     match up(&args[1..]) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("palisade-e2e: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `palisade-e2e advisories`: the dependency-advisory gate on the workspace (or the crate in
+/// `--manifest-path DIR`), with the exceptions in `--exceptions FILE` (default
+/// `security/advisory-exceptions.yaml`) as of `--today` (default: today, UTC).
+fn advisories(args: &[String]) -> ExitCode {
+    let root = repo_root();
+    let mut manifest_dir = root.clone();
+    let mut exceptions = root.join(palisade_e2e::advisories::EXCEPTIONS);
+    let mut today = palisade_e2e::advisories::today();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let value = it.next().cloned();
+        match (a.as_str(), value) {
+            ("--manifest-path", Some(v)) => manifest_dir = PathBuf::from(v),
+            ("--exceptions", Some(v)) => exceptions = PathBuf::from(v),
+            ("--today", Some(v)) => today = v,
+            _ => {
+                eprintln!("palisade-e2e advisories: unknown or incomplete argument {a:?}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    match palisade_e2e::advisories::gate(&manifest_dir, &exceptions, &today) {
+        Ok(report) => {
+            eprintln!("{report}");
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("palisade-e2e: {e:#}");
             ExitCode::FAILURE
