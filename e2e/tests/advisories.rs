@@ -76,3 +76,36 @@ fn a_vulnerable_dependency_is_refused_until_an_exception_accepts_it_and_again_on
     let still = check(&krate, &[other], "2026-12-02", &db).expect("check");
     assert!(!still.passed, "{}", still.report);
 }
+
+/// Every advisory of the snapshot parses; a version range from it decides as the advisory says.
+#[test]
+fn the_whole_snapshot_parses_and_matches_versions() {
+    let db = palisade_e2e::advisories::Database::load(&snapshot_dir()).expect("database");
+    assert!(db.len() > 500, "{} advisories", db.len());
+    let ids = |name: &str, version: &str| -> Vec<String> {
+        db.affecting(name, version)
+            .iter()
+            .map(|a| a.id.clone())
+            .collect()
+    };
+    assert!(ids("smallvec", "1.6.0").contains(&"RUSTSEC-2021-0003".to_owned()));
+    assert!(!ids("smallvec", "1.6.1").contains(&"RUSTSEC-2021-0003".to_owned()));
+    // A version that does not parse is not assumed safe.
+    assert!(ids("smallvec", "not-a-version").contains(&"RUSTSEC-2021-0003".to_owned()));
+    assert!(ids("palisade-operator", "0.1.0").is_empty());
+}
+
+/// An advisory whose affected-functions table carries trailing comments (RUSTSEC-2026-0009) is
+/// read to its `[versions]`: the patched `time` is not reported, an affected one is.
+#[test]
+fn trailing_comments_do_not_hide_the_patched_versions() {
+    let db = palisade_e2e::advisories::Database::load(&snapshot_dir()).expect("database");
+    let has = |version: &str| {
+        db.affecting("time", version)
+            .iter()
+            .any(|a| a.id == "RUSTSEC-2026-0009")
+    };
+    assert!(!has("0.3.55") && !has("0.3.47"));
+    assert!(has("0.3.46") && has("0.3.6"));
+    assert!(!has("0.3.5"));
+}

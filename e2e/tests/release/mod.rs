@@ -31,6 +31,7 @@ fn own_images_signed_attested_and_enforced(env: &Env) -> Result<()> {
     let reg = OciRegistry::start(&env.opts.bin_dir, &work.join("registry"))?;
     let public = reg.key_pair("release")?;
     let images = release::publish(&root, &reg, "release", &work.join("images"))?;
+    let advisories = Advisories::load()?;
     let crane = |args: &[&str]| {
         run_ok(
             Command::new(env.opts.bin_dir.join("crane"))
@@ -112,6 +113,7 @@ fn own_images_signed_attested_and_enforced(env: &Env) -> Result<()> {
             .flatten()
             .any(|c| c["name"] == "ring");
         eprintln!("  {reference}@{digest}: {components} components in its SBOM");
+        advisories.check(name, &statement["predicate"])?;
         if components < 50 || !has_ring {
             bail!("{name}'s SBOM lists {components} components (ring: {has_ring})");
         }
@@ -261,4 +263,51 @@ fn own_images_signed_attested_and_enforced(env: &Env) -> Result<()> {
 fn base64_decode(text: &str) -> Result<Vec<u8>> {
     use base64::Engine as _;
     Ok(base64::engine::general_purpose::STANDARD.decode(text)?)
+}
+
+/// The advisory database snapshot and the project's unexpired exceptions: what an image's
+/// verified SBOM is checked against.
+struct Advisories {
+    db: palisade_e2e::advisories::Database,
+    accepted: Vec<palisade_e2e::advisories::Exception>,
+}
+
+impl Advisories {
+    fn load() -> Result<Self> {
+        use palisade_e2e::advisories::{
+            Database, EXCEPTIONS, read_exceptions, snapshot_dir, today,
+        };
+        let db = Database::load(&snapshot_dir())?;
+        let today = today();
+        let accepted = read_exceptions(&repo_root().join(EXCEPTIONS))?
+            .into_iter()
+            .filter(|e| e.expires >= today)
+            .collect();
+        Ok(Advisories { db, accepted })
+    }
+
+    /// No library in `bom` has an advisory without an unexpired exception; and the check does
+    /// find one: the same SBOM with `smallvec` 1.6.0 added reports RUSTSEC-2021-0003.
+    fn check(&self, name: &str, bom: &serde_json::Value) -> Result<()> {
+        let findings = self.db.sbom_findings(bom, &self.accepted);
+        if !findings.is_empty() {
+            bail!(
+                "{name}'s SBOM lists components with advisories:\n{}",
+                findings.join("\n")
+            );
+        }
+        let mut planted = bom.clone();
+        if let Some(c) = planted["components"].as_array_mut() {
+            c.push(serde_json::json!({"type": "library", "name": "smallvec", "version": "1.6.0"}));
+        }
+        let found = self.db.sbom_findings(&planted, &self.accepted);
+        if !found.iter().any(|f| f.contains("RUSTSEC-2021-0003")) {
+            bail!("a vulnerable smallvec planted in {name}'s SBOM was not reported: {found:?}");
+        }
+        eprintln!(
+            "  {name}: no SBOM component has an advisory ({} advisories in the snapshot); a planted smallvec 1.6.0 is reported",
+            self.db.len()
+        );
+        Ok(())
+    }
 }

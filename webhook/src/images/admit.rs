@@ -67,8 +67,9 @@ pub async fn check_pod(
                 // kubelet pulls it.
                 Ok(()) if is_pod && v.pin_digest && parsed.digest.is_none() => Err(format!(
                     "{image} is not pinned to the digest that verified{}: the mutating webhook \
-                     pins it (is it registered for pods and pods/ephemeralcontainers?), or \
-                     write the image by digest",
+                     pins a tag it verifies (is it registered for pods and \
+                     pods/ephemeralcontainers?); if it is, the tag resolved differently when it \
+                     was called (moved, or not signed then). Write the image by digest",
                     v.digest
                         .as_deref()
                         .map(|d| format!(" ({d})"))
