@@ -183,6 +183,53 @@ impl OpenBao {
         self.bao(&self.root_token, args)
     }
 
+    /// `bao` as root, whatever its outcome.
+    pub fn root_output(&self, args: &[&str]) -> Result<std::process::Output> {
+        self.bao_output(&self.root_token, args)
+    }
+
+    /// A signing key `name` in the transit engine (enabled at `transit/` on first use): ECDSA
+    /// P-256, not exportable, and a token whose policy may only read its public key and sign
+    /// with it. Returned as cosign's `hashivault://` signer with that token: cosign sends a
+    /// digest and gets a signature back; the private key never leaves OpenBao.
+    pub fn transit_signer(&self, name: &str) -> Result<crate::registry::Signer> {
+        if !self.root(&["secrets", "list"])?.contains("transit/") {
+            self.root(&["secrets", "enable", "transit"])?;
+        }
+        self.root(&[
+            "write",
+            "-f",
+            &format!("transit/keys/{name}"),
+            "type=ecdsa-p256",
+            "exportable=false",
+        ])?;
+        let policy = format!(
+            "path \"transit/keys/{name}\" {{ capabilities = [\"read\"] }}\n\
+             path \"transit/sign/{name}/sha2-256\" {{ capabilities = [\"update\"] }}\n"
+        );
+        let file = self.dir_file(&format!("signer-{name}.hcl"), &policy)?;
+        self.root(&["policy", "write", &format!("signer-{name}"), &file])?;
+        let token = self.root(&[
+            "token",
+            "create",
+            "-field=token",
+            &format!("-policy=signer-{name}"),
+            "-ttl=1h",
+        ])?;
+        Ok(crate::registry::Signer::Kms {
+            reference: format!("hashivault://{name}"),
+            env: vec![
+                ("VAULT_ADDR".to_owned(), self.addr.clone()),
+                ("VAULT_CACERT".to_owned(), self.ca.display().to_string()),
+                ("VAULT_TOKEN".to_owned(), token),
+                (
+                    "TRANSIT_SECRET_ENGINE_PATH".to_owned(),
+                    "transit".to_owned(),
+                ),
+            ],
+        })
+    }
+
     /// Seals the server: every call answers 503 until [`OpenBao::unseal`].
     pub fn seal(&self) -> Result<()> {
         self.root(&["operator", "seal"]).map(|_| ())

@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use base64::{Engine as _, engine::general_purpose::STANDARD as B64};
 
 use crate::{controlplane::free_port, run_ok, spawn_logged};
@@ -20,6 +20,51 @@ pub enum Layout {
     Tags,
     /// Sigstore bundles attached as OCI referrers (cosign v3's default).
     Bundles,
+}
+
+/// What cosign signs with: a key pair made with [`OciRegistry::key_pair`] (by name), or a key
+/// held in a KMS, named by cosign's `--key` reference (`hashivault://<key>`), with the
+/// environment its provider reads (address, token, CA).
+#[derive(Clone, Debug)]
+pub enum Signer {
+    /// A key pair in the registry's directory.
+    Pair(String),
+    /// A KMS key: the private key never leaves the KMS.
+    Kms {
+        /// cosign's `--key` reference.
+        reference: String,
+        /// `VAULT_ADDR`, `VAULT_TOKEN`, `VAULT_CACERT`, ... for the provider.
+        env: Vec<(String, String)>,
+    },
+}
+
+impl Signer {
+    /// A `cosign` command with this signer's environment and `--key` after `subcommand`.
+    fn command(&self, reg: &OciRegistry, subcommand: &str) -> Command {
+        let mut cmd = Command::new(reg.bin_dir.join("cosign"));
+        cmd.arg(subcommand)
+            .arg("--key")
+            .env("COSIGN_PASSWORD", "")
+            .env("DOCKER_CONFIG", reg.docker_config_dir())
+            .current_dir(&reg.dir);
+        match self {
+            Signer::Pair(name) => {
+                cmd.arg(reg.dir.join(format!("key-{name}")).join("cosign.key"));
+            }
+            Signer::Kms { reference, env } => {
+                cmd.arg(reference).envs(env.iter().map(|(k, v)| (k, v)));
+            }
+        }
+        cmd
+    }
+
+    /// The public key (PEM), as cosign reads it from the signer.
+    pub fn public_key(&self, reg: &OciRegistry) -> Result<String> {
+        match self {
+            Signer::Pair(name) => Ok(std::fs::read_to_string(reg.dir_key(name))?),
+            Signer::Kms { .. } => run_ok(&mut self.command(reg, "public-key")),
+        }
+    }
 }
 
 /// A running registry. Stops it on drop.
@@ -285,16 +330,19 @@ impl OciRegistry {
     /// Runs cosign `args` with key pair `key`, offline (no transparency log, no signing
     /// config), writing in `layout`.
     fn cosign_as(&self, key: &str, args: &[&str], layout: Layout) -> Result<()> {
-        let key = self.dir.join(format!("key-{key}")).join("cosign.key");
+        self.cosign_with(&Signer::Pair(key.to_owned()), args, layout)
+    }
+
+    /// Runs cosign `args` (the subcommand first) with `signer`, offline, writing in `layout`.
+    fn cosign_with(&self, signer: &Signer, args: &[&str], layout: Layout) -> Result<()> {
         let layout = match layout {
             Layout::Tags => "--new-bundle-format=false",
             Layout::Bundles => "--new-bundle-format=true",
         };
+        let (subcommand, rest) = args.split_first().context("a cosign subcommand")?;
         run_ok(
-            Command::new(self.bin_dir.join("cosign"))
-                .args(&args[..1])
-                .arg("--key")
-                .arg(&key)
+            signer
+                .command(self, subcommand)
                 .args([
                     "--tlog-upload=false",
                     layout,
@@ -302,12 +350,31 @@ impl OciRegistry {
                     "--allow-http-registry",
                     "--yes",
                 ])
-                .args(&args[1..])
-                .env("COSIGN_PASSWORD", "")
-                .env("DOCKER_CONFIG", self.docker_config_dir())
-                .current_dir(&self.dir),
+                .args(rest),
         )?;
         Ok(())
+    }
+
+    /// Signs `<repo>@<digest>` with `signer`.
+    pub fn sign_with(&self, signer: &Signer, repo: &str, digest: &str) -> Result<()> {
+        self.cosign_with(
+            signer,
+            &["sign", &format!("{}/{repo}@{digest}", self.host)],
+            Layout::Tags,
+        )
+    }
+
+    /// Attests `<repo>@<digest>` with `signer` (see [`OciRegistry::attest`]).
+    pub fn attest_with(
+        &self,
+        signer: &Signer,
+        repo: &str,
+        digest: &str,
+        type_: &str,
+        predicate: &str,
+    ) -> Result<()> {
+        let image = format!("{repo}@{digest}");
+        self.attest_signed(signer, &image, type_, predicate, Layout::Tags)
     }
 
     /// The webhook configuration that lets it read this registry (plain HTTP on loopback).
@@ -366,12 +433,31 @@ impl OciRegistry {
         predicate: &str,
         layout: Layout,
     ) -> Result<()> {
+        self.attest_signed(
+            &Signer::Pair(key.to_owned()),
+            image,
+            type_,
+            predicate,
+            layout,
+        )
+    }
+
+    /// Attests `image` (`<repo>@<digest>`) with `signer`: an in-toto statement of `type_` with
+    /// `predicate`, in `layout`.
+    fn attest_signed(
+        &self,
+        signer: &Signer,
+        image: &str,
+        type_: &str,
+        predicate: &str,
+        layout: Layout,
+    ) -> Result<()> {
         let file = self.dir.join(format!("predicate-{}.json", predicate.len()));
         std::fs::write(&file, predicate)?;
         let file = file.display().to_string();
         let image = format!("{}/{image}", self.host);
-        self.cosign_as(
-            key,
+        self.cosign_with(
+            signer,
             &["attest", "--type", type_, "--predicate", &file, &image],
             layout,
         )

@@ -7,7 +7,10 @@ use std::{path::Path, process::Command};
 
 use anyhow::{Context, Result, bail};
 
-use crate::{registry::OciRegistry, run_ok, sbom};
+use crate::{
+    registry::{OciRegistry, Signer},
+    run_ok, sbom,
+};
 
 /// The binaries shipped as images.
 pub const BINARIES: &[&str] = &["palisade-operator", "palisade-webhook"];
@@ -101,9 +104,15 @@ fn base_layer(work: &Path) -> Result<(std::path::PathBuf, Vec<sbom::ImageFile>)>
     Ok((out, files))
 }
 
-/// Builds, pushes, signs and attests every image of [`BINARIES`] in `reg` with cosign key pair
-/// `key` (made with [`OciRegistry::key_pair`]); `root` is the workspace, `work` scratch space.
-pub fn publish(root: &Path, reg: &OciRegistry, key: &str, work: &Path) -> Result<Vec<Published>> {
+/// Builds, pushes, signs and attests every image of [`BINARIES`] in `reg` with `signer` (a key
+/// pair made with [`OciRegistry::key_pair`], or a KMS key); `root` is the workspace, `work`
+/// scratch space.
+pub fn publish(
+    root: &Path,
+    reg: &OciRegistry,
+    signer: &Signer,
+    work: &Path,
+) -> Result<Vec<Published>> {
     std::fs::create_dir_all(work)?;
     let version = env!("CARGO_PKG_VERSION");
     let (base, base_files) = base_layer(work)?;
@@ -138,8 +147,8 @@ pub fn publish(root: &Path, reg: &OciRegistry, key: &str, work: &Path) -> Result
         )?;
         let mut bom = workspace.cyclonedx(name)?;
         sbom::add_files(&mut bom, &base_files);
-        reg.sign(key, name, &digest)?;
-        reg.attest(key, name, &digest, "cyclonedx", &bom.to_string())?;
+        reg.sign_with(signer, name, &digest)?;
+        reg.attest_with(signer, name, &digest, "cyclonedx", &bom.to_string())?;
         let provenance = serde_json::json!({
             "builder": {"id": BUILDER_ID},
             "buildType": "https://palisade.dev/build/cargo-crane@v1",
@@ -153,8 +162,8 @@ pub fn publish(root: &Path, reg: &OciRegistry, key: &str, work: &Path) -> Result
             "metadata": {"reproducible": false, "completeness": {"parameters": true, "environment": false, "materials": false}},
             "materials": [{"uri": "git+https://github.com/palisade-dev/palisade", "digest": {"sha1": commit}}],
         });
-        reg.attest(
-            key,
+        reg.attest_with(
+            signer,
             name,
             &digest,
             "slsaprovenance",

@@ -20,6 +20,7 @@ use crate::{
     openbao::{EXAMPLE_TENANCY, OPERATOR_ROLE, OpenBao},
     pki,
     postgres::Postgres,
+    registry::Signer,
     release, repo_root, run, run_ok,
 };
 
@@ -82,7 +83,7 @@ pub fn install(node: &Node) -> Result<Installation> {
     let images = release::publish(
         &root,
         &node.registry,
-        "release",
+        &Signer::Pair("release".to_owned()),
         &node.work_dir.join("release"),
     )?;
     eprintln!(

@@ -9,7 +9,8 @@ use std::{collections::BTreeMap, process::Command, time::Duration};
 use anyhow::{Context, Result, bail};
 use palisade_e2e::{
     accepts,
-    registry::OciRegistry,
+    openbao::OpenBao,
+    registry::{OciRegistry, Signer},
     rejects,
     release::{self, Published},
     repo_root, run, run_ok,
@@ -29,8 +30,12 @@ fn own_images_signed_attested_and_enforced(env: &Env) -> Result<()> {
     let root = repo_root();
     let work = cp.work_dir.join("release");
     let reg = OciRegistry::start(&env.opts.bin_dir, &work.join("registry"))?;
-    let public = reg.key_pair("release")?;
-    let images = release::publish(&root, &reg, "release", &work.join("images"))?;
+    // The release key is an OpenBao transit key: cosign signs through it, the private key stays.
+    let bao = OpenBao::start(&env.opts.bin_dir, &work.join("openbao"))?;
+    let signer = bao.transit_signer("palisade-release")?;
+    let public = work.join("release.pub");
+    std::fs::write(&public, kms_key_stays_in_openbao(&bao, &reg, &signer)?)?;
+    let images = release::publish(&root, &reg, &signer, &work.join("images"))?;
     let advisories = Advisories::load()?;
     let crane = |args: &[&str]| {
         run_ok(
@@ -209,6 +214,18 @@ fn own_images_signed_attested_and_enforced(env: &Env) -> Result<()> {
         &replayed_ref,
     ])?;
     let replayed = crane(&["digest", &replayed_ref])?.trim().to_owned();
+    // Signed, but with another transit key of the same OpenBao.
+    let rogue_ref = format!("{}/palisade-webhook:rogue", reg.host);
+    crane(&[
+        "mutate",
+        &webhook.reference,
+        "--env",
+        "EVIL=3",
+        "-t",
+        &rogue_ref,
+    ])?;
+    let rogue = crane(&["digest", &rogue_ref])?.trim().to_owned();
+    reg.sign_with(&bao.transit_signer("rogue")?, "palisade-webhook", &rogue)?;
     reg.copy(
         &format!("palisade-webhook:{}.sig", webhook.digest.replace(':', "-")),
         &format!("palisade-webhook:{}.sig", replayed.replace(':', "-")),
@@ -245,6 +262,11 @@ fn own_images_signed_attested_and_enforced(env: &Env) -> Result<()> {
             &pod("replayed", &replayed_ref)?,
             "tampered image with the original's signature",
             &["authority palisade-release", "another image"],
+        )?;
+        rejects(
+            &pod("rogue", &rogue_ref)?,
+            "image signed with another transit key",
+            &["image policy palisade-images", "authority palisade-release"],
         )?;
         for p in &images {
             accepts(
@@ -310,4 +332,58 @@ impl Advisories {
         );
         Ok(())
     }
+}
+
+/// The release key held in OpenBao's transit engine: the public key cosign reads through
+/// `hashivault://` is the one transit holds, and the private key cannot be had: export is
+/// refused even to root (the key is not exportable), and the signing token can neither export,
+/// back up nor reconfigure it. The public key (PEM).
+fn kms_key_stays_in_openbao(bao: &OpenBao, reg: &OciRegistry, signer: &Signer) -> Result<String> {
+    let through_cosign = signer.public_key(reg)?;
+    let key: serde_json::Value = serde_json::from_str(&bao.root(&[
+        "read",
+        "-format=json",
+        "transit/keys/palisade-release",
+    ])?)?;
+    let in_transit = key["data"]["keys"]["1"]["public_key"]
+        .as_str()
+        .context("transit's public key")?;
+    if through_cosign.trim() != in_transit.trim() || key["data"]["exportable"] != false {
+        bail!("cosign reads {through_cosign}, transit holds {key}");
+    }
+    let Signer::Kms { env, .. } = signer else {
+        bail!("the release signer is not a KMS key");
+    };
+    let token = env
+        .iter()
+        .find(|(k, _)| k == "VAULT_TOKEN")
+        .map(|(_, v)| v.as_str())
+        .context("the signing token")?;
+    let refused = |out: std::process::Output, args: &[&str]| -> Result<String> {
+        if out.status.success() {
+            bail!("bao {args:?} succeeded: the private key could leave OpenBao");
+        }
+        Ok(String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let export = ["read", "transit/export/signing-key/palisade-release"];
+    let root_export = refused(bao.root_output(&export)?, &export)?;
+    for args in [
+        &["read", "transit/export/signing-key/palisade-release"][..],
+        &["read", "transit/backup/palisade-release"],
+        &[
+            "write",
+            "transit/keys/palisade-release/config",
+            "exportable=true",
+        ],
+    ] {
+        let why = refused(bao.bao_output(token, args)?, args)?;
+        if !why.contains("permission denied") {
+            bail!("the signing token was refused {args:?} for another reason: {why}");
+        }
+    }
+    eprintln!(
+        "  release key in OpenBao transit (ecdsa-p256, not exportable): export refused to root ({}), export, backup and reconfiguration refused to the signing token",
+        root_export.lines().last().unwrap_or_default().trim()
+    );
+    Ok(through_cosign)
 }
