@@ -4,7 +4,7 @@
 #
 #   e2e/toolchain/build.sh [TOOL...]     TOOL: k8s crds opa spire spirecm openbao cosign crane registry helm
 #                                        istio node coredns shopapp gitleaks conftest (default: all but
-#                                        gitleaks and conftest)
+#                                        conftest)
 #   e2e/toolchain/build.sh --print-bin   the directory holding every built binary (created)
 #
 # Environment: PALISADE_CACHE (default ~/.cache/palisade-e2e).
@@ -244,7 +244,7 @@ build_node() {
 }
 
 want=("$@")
-((${#want[@]})) || want=(k8s crds opa spire spirecm openbao istio node coredns shopapp cosign crane registry helm)
+((${#want[@]})) || want=(k8s crds opa spire spirecm openbao istio node coredns shopapp cosign crane registry helm gitleaks)
 total=$SECONDS
 for w in "${want[@]}"; do
   case "$w" in

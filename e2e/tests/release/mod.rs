@@ -91,6 +91,10 @@ fn own_images_signed_attested_and_enforced(env: &Env) -> Result<()> {
                 bail!("{reference} has no /{f}");
             }
         }
+        // No secret in any file of the image (the repository's gitleaks configuration).
+        if let Some(found) = secrets_in(env, &out_dir)? {
+            bail!("gitleaks found secrets in {reference}:\n{found}");
+        }
         // cosign itself verifies the signature and both attestations with the release key.
         let cosign = |args: &[&str]| {
             run_ok(
@@ -214,6 +218,7 @@ fn own_images_signed_attested_and_enforced(env: &Env) -> Result<()> {
         &replayed_ref,
     ])?;
     let replayed = crane(&["digest", &replayed_ref])?.trim().to_owned();
+    planted_secret_found(env, &work, &webhook.reference)?;
     // Signed, but with another transit key of the same OpenBao.
     let rogue_ref = format!("{}/palisade-webhook:rogue", reg.host);
     crane(&[
@@ -386,4 +391,78 @@ fn kms_key_stays_in_openbao(bao: &OpenBao, reg: &OciRegistry, signer: &Signer) -
         root_export.lines().last().unwrap_or_default().trim()
     );
     Ok(through_cosign)
+}
+
+/// What gitleaks (with the repository's `.gitleaks.toml`) finds in the files under `dir`:
+/// `None` when nothing.
+fn secrets_in(env: &Env, dir: &std::path::Path) -> Result<Option<String>> {
+    let out = run(Command::new(env.opts.bin_dir.join("gitleaks"))
+        .args(["dir", "--no-banner", "--redact", "--verbose", "--config"])
+        .arg(repo_root().join(".gitleaks.toml"))
+        .arg(dir))
+    .context("gitleaks (e2e/toolchain/build.sh gitleaks)")?;
+    match out.status.code() {
+        Some(0) => Ok(None),
+        Some(1) => Ok(Some(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))),
+        _ => bail!("gitleaks failed: {out:?}"),
+    }
+}
+
+/// The image scan finds a secret when there is one: an AWS key planted in a layer added to
+/// `base` (an image of the release) is reported in the exported filesystem.
+fn planted_secret_found(env: &Env, work: &std::path::Path, base: &str) -> Result<()> {
+    let dir = work.join("planted");
+    std::fs::create_dir_all(dir.join("layer/etc/app"))?;
+    // Built at run time, so this file does not hold a key-shaped string itself.
+    std::fs::write(
+        dir.join("layer/etc/app/credentials"),
+        format!("aws_access_key_id = {}{}\n", "AKIA", "Z7Q3LMN4XP2TRW5Y"),
+    )?;
+    let layer = dir.join("layer.tar");
+    run_ok(
+        Command::new("tar")
+            .arg("-cf")
+            .arg(&layer)
+            .arg("-C")
+            .arg(dir.join("layer"))
+            .arg("."),
+    )?;
+    let planted = format!(
+        "{}:planted",
+        base.rsplit_once(':').map_or(base, |(repo, _)| repo)
+    );
+    let crane = |args: &[&str]| {
+        run_ok(
+            Command::new(env.opts.bin_dir.join("crane"))
+                .args(args)
+                .arg("--insecure"),
+        )
+    };
+    crane(&[
+        "append",
+        "-b",
+        base,
+        "-f",
+        &layer.display().to_string(),
+        "-t",
+        &planted,
+    ])?;
+    let fs = dir.join("fs.tar");
+    crane(&["export", &planted, &fs.display().to_string()])?;
+    let out = dir.join("fs");
+    std::fs::create_dir_all(&out)?;
+    run_ok(Command::new("tar").arg("-xf").arg(&fs).arg("-C").arg(&out))?;
+    match secrets_in(env, &out)? {
+        Some(found) if found.contains("credentials") || found.contains("aws") => {
+            eprintln!(
+                "  gitleaks: no secret in either image; a key planted in an added layer is reported"
+            );
+            Ok(())
+        }
+        other => bail!("a key planted in {planted} was not reported: {other:?}"),
+    }
 }
