@@ -472,7 +472,7 @@ impl Default for ServeLimits {
 
 /// Serves `app` over TLS on `listener` until `shutdown` resolves, with the default limits;
 /// with `client_roots`, decisions only to clients presenting a certificate they signed. Once
-/// `draining` turns true, every client is told to move on while still being served (see
+/// `draining` turns true, HTTP/1.1 clients are told to move on while still being served (see
 /// [`serve_tls_with`]).
 pub async fn serve_tls(
     listener: tokio::net::TcpListener,
@@ -551,11 +551,10 @@ impl Drop for InFlight {
 /// connections in number.
 ///
 /// From the moment `draining` turns true (a dropped sender means never), every request is still
-/// answered, but clients are told to leave: an HTTP/1.1 answer carries `Connection: close` and
-/// its connection closes once it is written, an HTTP/2 connection gets GOAWAY (its client
-/// retries later requests on a new connection). A connection is then closed between requests
-/// by the client's own decision, not under a request it is sending, which a keep-alive
-/// connection closed while idle cannot promise.
+/// answered, and HTTP/1.1 clients are told to leave: each answer carries `Connection: close` and
+/// its connection closes once it is written, so the client opens its next one elsewhere rather
+/// than sending into a keep-alive connection closed under it. HTTP/2 connections are served
+/// until `shutdown` (then GOAWAY).
 pub async fn serve_tls_with(
     listener: tokio::net::TcpListener,
     cert: Arc<dyn ResolvesServerCert>,
@@ -658,13 +657,6 @@ struct Signals {
     closed: tokio::sync::watch::Receiver<bool>,
 }
 
-/// Resolves once `flag` turns true; never when its sender is gone first.
-async fn turned_on(flag: &mut tokio::sync::watch::Receiver<bool>) {
-    if flag.wait_for(|on| *on).await.is_err() {
-        std::future::pending::<()>().await;
-    }
-}
-
 /// Serves one TLS connection until the client closes it, or it idles too long (then it is
 /// shut down gracefully, and dropped if the client does not follow within 5 s).
 /// An `anonymous` client (no certificate where `tls.clientCAFile` asks for one) is answered on
@@ -678,10 +670,9 @@ async fn serve_connection(
 ) {
     use tower::ServiceExt as _;
     let Signals {
-        mut draining,
+        draining,
         mut closed,
     } = signals;
-    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
     let activity = Arc::new(Activity {
         started: Instant::now(),
         in_flight: AtomicU64::new(0),
@@ -747,10 +738,10 @@ async fn serve_connection(
     loop {
         tokio::select! {
             _ = conn.as_mut() => return,
+            // HTTP/1.1 connections are told with their next answer while the server drains
+            // (above); HTTP/2 ones keep being served until the server stops (GOAWAY then: an
+            // early GOAWAY closed idle connections under requests already on their way).
             _ = closed.wait_for(|c| *c) => break,
-            // HTTP/2 says GOAWAY as soon as the server drains; HTTP/1.1 connections are told
-            // with their next answer (above), and closed when the server stops.
-            () = turned_on(&mut draining), if h2 => break,
             _ = tick.tick() => {
                 // Idle too long, or simply old: every connection is renewed now and then.
                 if activity.idle_too_long(&limits) || activity.started.elapsed() > limits.max_age {
