@@ -41,12 +41,8 @@ pub enum Signer {
 impl Signer {
     /// A `cosign` command with this signer's environment and `--key` after `subcommand`.
     fn command(&self, reg: &OciRegistry, subcommand: &str) -> Command {
-        let mut cmd = Command::new(reg.bin_dir.join("cosign"));
-        cmd.arg(subcommand)
-            .arg("--key")
-            .env("COSIGN_PASSWORD", "")
-            .env("DOCKER_CONFIG", reg.docker_config_dir())
-            .current_dir(&reg.dir);
+        let mut cmd = reg.cosign_command();
+        cmd.arg(subcommand).arg("--key");
         match self {
             Signer::Pair(name) => {
                 cmd.arg(reg.dir.join(format!("key-{name}")).join("cosign.key"));
@@ -149,6 +145,16 @@ impl OciRegistry {
     }
 
     /// Where crane's and cosign's registry credentials are kept (`DOCKER_CONFIG`).
+    /// A `cosign` command for this registry: its Docker configuration, no key password, run in
+    /// its directory.
+    fn cosign_command(&self) -> Command {
+        let mut cmd = Command::new(self.bin_dir.join("cosign"));
+        cmd.env("COSIGN_PASSWORD", "")
+            .env("DOCKER_CONFIG", self.docker_config_dir())
+            .current_dir(&self.dir);
+        cmd
+    }
+
     fn docker_config_dir(&self) -> PathBuf {
         self.dir.join("docker")
     }
@@ -403,7 +409,7 @@ impl OciRegistry {
 
     /// Signs `<repo>@<digest>` with key `key`.
     pub fn sign(&self, key: &str, repo: &str, digest: &str) -> Result<()> {
-        self.cosign(key, &["sign", &format!("{}/{repo}@{digest}", self.host)])
+        self.sign_with(&Signer::Pair(key.to_owned()), repo, digest)
     }
 
     /// Attests `<repo>@<digest>` with key `key`: an in-toto statement of `type_` (cosign's
@@ -484,17 +490,9 @@ impl OciRegistry {
             "type": "cosign container image signature"}, "optional": null})
         .to_string();
         std::fs::write(&payload, &text)?;
-        let cosign = || {
-            let mut c = Command::new(self.bin_dir.join("cosign"));
-            c.env("COSIGN_PASSWORD", "")
-                .env("DOCKER_CONFIG", self.docker_config_dir())
-                .current_dir(&self.dir);
-            c
-        };
         run_ok(
-            cosign()
-                .args(["sign-blob", "--key"])
-                .arg(self.dir.join(format!("key-{key}")).join("cosign.key"))
+            Signer::Pair(key.to_owned())
+                .command(self, "sign-blob")
                 .args([
                     "--tlog-upload=false",
                     "--new-bundle-format=false",
@@ -510,7 +508,7 @@ impl OciRegistry {
             std::fs::write(&payload, &text)?;
         }
         run_ok(
-            cosign()
+            self.cosign_command()
                 .args(["attach", "signature", "--allow-http-registry", "--payload"])
                 .arg(&payload)
                 .arg("--signature")

@@ -262,13 +262,12 @@ impl OnNode {
     /// which the controller manager names as every entry's parent) and the controller manager
     /// (cluster `palisade-node`, its validating webhook off), all for `trust_domain`.
     pub fn start(bin_dir: &Path, node: &Node, trust_domain: &str) -> Result<Self> {
-        for b in ["spire-server", "spire-agent", "spire-controller-manager"] {
-            if !bin_dir.join(b).exists() {
-                bail!(
-                    "{b} not found in {}: build it with e2e/toolchain/build.sh spire spirecm",
-                    bin_dir.display()
-                );
-            }
+        // `start_server` checks for the server and the agent.
+        if !bin_dir.join("spire-controller-manager").exists() {
+            bail!(
+                "spire-controller-manager not found in {}: build it with e2e/toolchain/build.sh spirecm",
+                bin_dir.display()
+            );
         }
         let spire = Spire::start_server(bin_dir, trust_domain)?;
         let relay = node.holder().expose(

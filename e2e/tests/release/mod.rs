@@ -37,13 +37,7 @@ fn own_images_signed_attested_and_enforced(env: &Env) -> Result<()> {
     std::fs::write(&public, kms_key_stays_in_openbao(&bao, &reg, &signer)?)?;
     let images = release::publish(&root, &reg, &signer, &work.join("images"))?;
     let advisories = Advisories::load()?;
-    let crane = |args: &[&str]| {
-        run_ok(
-            Command::new(env.opts.bin_dir.join("crane"))
-                .args(args)
-                .arg("--insecure"),
-        )
-    };
+    let crane = |args: &[&str]| crane(env, args);
     for Published {
         name,
         reference,
@@ -60,17 +54,8 @@ fn own_images_signed_attested_and_enforced(env: &Env) -> Result<()> {
             bail!("{reference}: unexpected image config {config}");
         }
         // The binary in it is static and runs on its own.
-        let fs = work.join(format!("{name}-fs.tar"));
-        crane(&["export", reference, &fs.display().to_string()])?;
         let out_dir = work.join(format!("{name}-fs"));
-        std::fs::create_dir_all(&out_dir)?;
-        run_ok(
-            Command::new("tar")
-                .arg("-xf")
-                .arg(&fs)
-                .arg("-C")
-                .arg(&out_dir),
-        )?;
+        export_filesystem(&crane, reference, &out_dir)?;
         let bin = out_dir.join("usr/local/bin").join(name);
         let ldd = run(Command::new("ldd").arg(&bin))?;
         let said = format!(
@@ -435,13 +420,7 @@ fn planted_secret_found(env: &Env, work: &std::path::Path, base: &str) -> Result
         "{}:planted",
         base.rsplit_once(':').map_or(base, |(repo, _)| repo)
     );
-    let crane = |args: &[&str]| {
-        run_ok(
-            Command::new(env.opts.bin_dir.join("crane"))
-                .args(args)
-                .arg("--insecure"),
-        )
-    };
+    let crane = |args: &[&str]| crane(env, args);
     crane(&[
         "append",
         "-b",
@@ -451,11 +430,8 @@ fn planted_secret_found(env: &Env, work: &std::path::Path, base: &str) -> Result
         "-t",
         &planted,
     ])?;
-    let fs = dir.join("fs.tar");
-    crane(&["export", &planted, &fs.display().to_string()])?;
     let out = dir.join("fs");
-    std::fs::create_dir_all(&out)?;
-    run_ok(Command::new("tar").arg("-xf").arg(&fs).arg("-C").arg(&out))?;
+    export_filesystem(&crane, &planted, &out)?;
     match secrets_in(env, &out)? {
         Some(found) if found.contains("credentials") || found.contains("aws") => {
             eprintln!(
@@ -465,4 +441,26 @@ fn planted_secret_found(env: &Env, work: &std::path::Path, base: &str) -> Result
         }
         other => bail!("a key planted in {planted} was not reported: {other:?}"),
     }
+}
+
+/// `crane args --insecure` (the registry is plain HTTP on loopback); its output.
+fn crane(env: &Env, args: &[&str]) -> Result<String> {
+    run_ok(
+        Command::new(env.opts.bin_dir.join("crane"))
+            .args(args)
+            .arg("--insecure"),
+    )
+}
+
+/// The flattened filesystem of `reference` (`crane export`), extracted into `out`.
+fn export_filesystem(
+    crane: &impl Fn(&[&str]) -> Result<String>,
+    reference: &str,
+    out: &std::path::Path,
+) -> Result<()> {
+    let tar = out.with_extension("tar");
+    crane(&["export", reference, &tar.display().to_string()])?;
+    std::fs::create_dir_all(out)?;
+    run_ok(Command::new("tar").arg("-xf").arg(&tar).arg("-C").arg(out))?;
+    Ok(())
 }
