@@ -233,7 +233,8 @@ pub fn rejects(out: &Output, what: &str, needles: &[&str]) -> Result<()> {
     Ok(())
 }
 
-fn unique_suffix() -> String {
+/// A suffix no other call in this process returns (for names of temporary objects).
+pub fn unique_suffix() -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
     let nanos = std::time::SystemTime::now()

@@ -190,6 +190,43 @@ impl WebhookProcess {
         self.register_for(cp, name, selector, true)
     }
 
+    /// Registers the webhook configurations the chart rendered (`rendered`: `helm template`
+    /// output; every document of another kind is skipped) as they are — rules, namespace
+    /// selectors, match conditions — with each webhook's `clientConfig` pointed at this process
+    /// (same path) and the configurations renamed `name`.
+    pub fn register_rendered(&self, cp: &ControlPlane, name: &str, rendered: &str) -> Result<()> {
+        use serde::Deserialize as _;
+        let ca = run_ok(Command::new("base64").args(["-w0"]).arg(&self.ca))?;
+        let mut out = Vec::new();
+        for doc in serde_yaml::Deserializer::from_str(rendered) {
+            let mut v = serde_json::Value::deserialize(doc)?;
+            let kind = v["kind"].as_str().unwrap_or_default();
+            if !kind.ends_with("WebhookConfiguration") {
+                continue;
+            }
+            v["metadata"] = serde_json::json!({"name": name});
+            for hook in v["webhooks"].as_array_mut().into_iter().flatten() {
+                let path = hook["clientConfig"]["service"]["path"]
+                    .as_str()
+                    .context("a rendered webhook without a service path")?
+                    .to_owned();
+                hook["clientConfig"] = serde_json::json!({
+                    "url": format!("https://{}:{}{path}", self.host, self.port),
+                    "caBundle": ca.trim(),
+                });
+            }
+            out.push(v);
+        }
+        if out.is_empty() {
+            bail!("the rendered chart has no webhook configuration");
+        }
+        let file = cp.work_dir.join(format!("{name}.json"));
+        let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": out});
+        std::fs::write(&file, serde_json::to_string(&list)?)?;
+        run_ok(cp.kubectl().arg("apply").arg("-f").arg(&file))?;
+        Ok(())
+    }
+
     fn register_for(
         &self,
         cp: &ControlPlane,

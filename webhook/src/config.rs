@@ -10,6 +10,9 @@
 //! identitySource: Istio              # or Spire
 //! exemptNamespaces: [kube-system, palisade-system]
 //! secretsInEnv: {mode: Enforce, namespaces: {legacy: Warn}}
+//! identity: {mode: Enforce, namespaces: {batch: Audit}}
+//! # who may set, change or remove a namespace's palisade.dev/enforcement label
+//! enforcementLabelEditors: {groups: ["system:masters"], users: []}
 //! maxBodyBytes: 3145728
 //! images: {insecureRegistries: ["127.0.0.1:5000"], cacheTTLSeconds: 600, negativeCacheTTLSeconds: 30,
 //!          materialRefreshSeconds: 5}
@@ -44,7 +47,13 @@ pub struct Config {
     pub exempt_namespaces: Vec<String>,
     /// What to do with secrets in environment variables.
     #[serde(default)]
-    pub secrets_in_env: SecretsInEnv,
+    pub secrets_in_env: CheckModes,
+    /// What to do with pods without a workload identity.
+    #[serde(default)]
+    pub identity: CheckModes,
+    /// Who may set, change or remove a namespace's [`ENFORCEMENT_LABEL`].
+    #[serde(default)]
+    pub enforcement_label_editors: LabelEditors,
     /// Largest request body accepted.
     #[serde(default = "default_max_body")]
     pub max_body_bytes: usize,
@@ -235,20 +244,48 @@ pub struct TlsFiles {
     pub key_file: PathBuf,
 }
 
-/// Enforce or warn, per namespace.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+/// The namespace label that sets the mode of every check in its namespace (`Enforce`, `Warn`
+/// or `Audit`): the staged rollout of a namespace, and the audited break-glass. Only the
+/// [`LabelEditors`] may set, change or remove it.
+pub const ENFORCEMENT_LABEL: &str = "palisade.dev/enforcement";
+
+/// What a check does with what it finds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
 pub enum Mode {
+    /// Admit and record (the security event log); the client is told nothing.
+    Audit,
+    /// Admit with a warning to the client, and record.
+    Warn,
     /// Refuse.
     #[default]
     Enforce,
-    /// Admit with a warning.
-    Warn,
 }
 
-/// Secrets-in-env settings.
+impl Mode {
+    /// The mode a label value names; `None` for anything else.
+    pub fn parse(value: &str) -> Option<Mode> {
+        match value {
+            "Enforce" => Some(Mode::Enforce),
+            "Warn" => Some(Mode::Warn),
+            "Audit" => Some(Mode::Audit),
+            _ => None,
+        }
+    }
+
+    /// The mode a namespace with `labels` sets: its [`ENFORCEMENT_LABEL`], read fail-closed (a
+    /// value that names no mode enforces); `None` without the label.
+    pub fn of_namespace(labels: &BTreeMap<String, String>) -> Option<Mode> {
+        labels
+            .get(ENFORCEMENT_LABEL)
+            .map(|v| Mode::parse(v).unwrap_or(Mode::Enforce))
+    }
+}
+
+/// A check's mode: a default and per-namespace modes. A namespace's [`ENFORCEMENT_LABEL`]
+/// comes before both.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct SecretsInEnv {
+pub struct CheckModes {
     /// Default mode.
     #[serde(default)]
     pub mode: Mode,
@@ -257,10 +294,42 @@ pub struct SecretsInEnv {
     pub namespaces: BTreeMap<String, Mode>,
 }
 
-impl SecretsInEnv {
-    /// The mode for `namespace`.
-    pub fn mode_for(&self, namespace: &str) -> Mode {
-        self.namespaces.get(namespace).copied().unwrap_or(self.mode)
+impl CheckModes {
+    /// The mode in `namespace`, whose labels are `labels`.
+    pub fn mode_for(&self, namespace: &str, labels: &BTreeMap<String, String>) -> Mode {
+        Mode::of_namespace(labels)
+            .or_else(|| self.namespaces.get(namespace).copied())
+            .unwrap_or(self.mode)
+    }
+}
+
+/// Who may set, change or remove the [`ENFORCEMENT_LABEL`] of a namespace (by the user and
+/// groups the API server authenticated): lowering a namespace to `Audit` turns every check off
+/// there, so it is a cluster administrator's act, not a namespace owner's.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LabelEditors {
+    /// Groups whose members may.
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Users who may.
+    #[serde(default)]
+    pub users: Vec<String>,
+}
+
+impl Default for LabelEditors {
+    fn default() -> Self {
+        LabelEditors {
+            groups: vec!["system:masters".into()],
+            users: Vec::new(),
+        }
+    }
+}
+
+impl LabelEditors {
+    /// Whether `user` (in `groups`) is one of them.
+    pub fn admits(&self, user: &str, groups: &[String]) -> bool {
+        self.users.iter().any(|u| u == user) || groups.iter().any(|g| self.groups.contains(g))
     }
 }
 

@@ -16,7 +16,7 @@ use kube::core::{
 };
 
 use crate::{
-    config::{Config, Mode},
+    config::{Config, ENFORCEMENT_LABEL, Mode},
     identity::{self, SpireRegistration},
     images::reference,
     pods::{image_uses, new_image_uses},
@@ -36,10 +36,12 @@ pub struct Facts {
 /// What was decided, for the security event log and the image checks that follow.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Verdict {
-    /// `allow`, `deny` or `warn`.
+    /// `allow`, `deny`, `warn` or `audit` (admitted, findings recorded only).
     pub verdict: &'static str,
     /// The rules that fired.
     pub rules: Vec<String>,
+    /// Findings admitted because their check audits in this namespace: recorded, not told.
+    pub audited: Vec<String>,
     /// The images to check (new, or changed by this request), with who uses them
     /// (`containers "app"`); empty when none apply.
     pub images: BTreeMap<String, Vec<String>>,
@@ -66,8 +68,15 @@ pub fn decide(
             },
         )
     };
+    if req.operation == Operation::Delete {
+        return allow(vec![]);
+    }
+    // Who may turn the checks of a namespace down is judged for every namespace.
+    if req.kind.group.is_empty() && req.kind.kind == "Namespace" {
+        return enforcement_label_change(req, config);
+    }
     let namespace = req.namespace.clone().unwrap_or_default();
-    if config.exempt_namespaces.contains(&namespace) || req.operation == Operation::Delete {
+    if config.exempt_namespaces.contains(&namespace) {
         return allow(vec![]);
     }
     // Scale changes start or stop nothing new; status changes neither, unless they relabel a
@@ -108,49 +117,33 @@ pub fn decide(
         return allow(vec![]);
     }
     let what = format!("{} {}/{}", req.kind.kind, namespace, req.name.as_str());
-    let mut denials = Vec::new();
-    let mut warnings = Vec::new();
-    let mut rules = Vec::new();
-
-    // Images: every one must parse; those the old object did not run are checked.
     let (images, all_images, unparsed) = images_to_check(&pod, old.as_ref());
-    if !unparsed.is_empty() {
-        rules.push("image-reference".to_owned());
-        denials.extend(unparsed);
-    }
-
-    if let Some(d) = new_identity_denial(config, facts, &namespace, &pod, old.as_ref()) {
-        rules.push("workload-identity".to_owned());
-        denials.push(d);
-    }
-
-    match new_secret_findings(secrets, &pod, old.as_ref()) {
-        Ok(found) => {
-            let mode = config.secrets_in_env.mode_for(&namespace);
-            for (rule, text) in found {
-                rules.push(format!("secrets-in-env/{rule}"));
-                match mode {
-                    Mode::Enforce => denials.push(text),
-                    Mode::Warn => warnings.push(text),
-                }
-            }
-        }
-        // Fail closed: an evaluation error refuses, with the reason.
-        Err(e) => {
-            rules.push("secrets-in-env/error".to_owned());
-            denials.push(e);
-        }
-    }
+    let Findings {
+        denials,
+        warnings,
+        audited,
+        rules,
+    } = findings(
+        config,
+        facts,
+        secrets,
+        &namespace,
+        (&pod, old.as_ref()),
+        unparsed,
+    );
 
     let verdict = Verdict {
-        verdict: if denials.is_empty() && warnings.is_empty() {
-            "allow"
-        } else if denials.is_empty() {
-            "warn"
-        } else {
+        verdict: if !denials.is_empty() {
             "deny"
+        } else if !warnings.is_empty() {
+            "warn"
+        } else if !audited.is_empty() {
+            "audit"
+        } else {
+            "allow"
         },
         rules,
+        audited,
         images,
         all_images,
         pull_secrets: crate::pods::pull_secrets(&pod.spec),
@@ -165,6 +158,135 @@ pub fn decide(
         resp.warnings = Some(warnings);
     }
     (resp, verdict)
+}
+
+/// What the checks find in `pod` (and `old` did not have), each sorted by its mode.
+#[derive(Default)]
+struct Findings {
+    denials: Vec<String>,
+    warnings: Vec<String>,
+    audited: Vec<String>,
+    rules: Vec<String>,
+}
+
+impl Findings {
+    fn record(&mut self, mode: Mode, text: String) {
+        match mode {
+            Mode::Enforce => self.denials.push(text),
+            Mode::Warn => self.warnings.push(text),
+            Mode::Audit => self.audited.push(text),
+        }
+    }
+}
+
+fn findings(
+    config: &Config,
+    facts: &Facts,
+    secrets: &SecretsPolicy,
+    namespace: &str,
+    (pod, old): (&PodView, Option<&PodView>),
+    unparsed: Vec<String>,
+) -> Findings {
+    let mut out = Findings::default();
+    // A reference that does not parse names no image anyone could check: refused in every mode.
+    if !unparsed.is_empty() {
+        out.rules.push("image-reference".to_owned());
+        for text in unparsed {
+            out.record(Mode::Enforce, text);
+        }
+    }
+    if let Some(d) = new_identity_denial(config, facts, namespace, pod, old) {
+        out.rules.push("workload-identity".to_owned());
+        out.record(
+            config.identity.mode_for(namespace, &facts.namespace_labels),
+            d,
+        );
+    }
+    match new_secret_findings(secrets, pod, old) {
+        Ok(found) => {
+            let mode = config
+                .secrets_in_env
+                .mode_for(namespace, &facts.namespace_labels);
+            for (rule, text) in found {
+                out.rules.push(format!("secrets-in-env/{rule}"));
+                out.record(mode, text);
+            }
+        }
+        // Fail closed: an evaluation error refuses, with the reason, in every mode.
+        Err(e) => {
+            out.rules.push("secrets-in-env/error".to_owned());
+            out.record(Mode::Enforce, e);
+        }
+    }
+    out
+}
+
+/// A change to a namespace: admitted unless it sets, changes or removes the
+/// [`ENFORCEMENT_LABEL`] and the requester is not one of the configured editors, or sets it to
+/// a value that names no mode. Every change of the label is a security event.
+fn enforcement_label_change(
+    req: &AdmissionRequest<DynamicObject>,
+    config: &Config,
+) -> (AdmissionResponse, Verdict) {
+    let label = |o: &Option<DynamicObject>| {
+        o.as_ref()
+            .and_then(|o| o.metadata.labels.as_ref())
+            .and_then(|l| l.get(ENFORCEMENT_LABEL).cloned())
+    };
+    let (before, after) = (label(&req.old_object), label(&req.object));
+    if before == after {
+        return (
+            AdmissionResponse::from(req),
+            Verdict {
+                verdict: "allow",
+                ..Verdict::default()
+            },
+        );
+    }
+    let user = req.user_info.username.clone().unwrap_or_default();
+    let groups = req.user_info.groups.clone().unwrap_or_default();
+    let show = |v: &Option<String>| {
+        v.as_deref()
+            .map_or_else(|| "(none)".to_owned(), |v| format!("{v:?}"))
+    };
+    let change = format!(
+        "label {ENFORCEMENT_LABEL} of Namespace {} from {} to {}",
+        req.name,
+        show(&before),
+        show(&after)
+    );
+    let refusal = if config.enforcement_label_editors.admits(&user, &groups) {
+        after
+            .as_deref()
+            .filter(|v| Mode::parse(v).is_none())
+            .map(|v| {
+                format!(
+                    "palisade denied the change of {change}: {v:?} is not a mode (Enforce, \
+                     Warn or Audit)"
+                )
+            })
+    } else {
+        Some(format!(
+            "palisade denied the change of {change}: {user:?} is not allowed to change \
+             enforcement (allowed: the users and groups in the webhook's \
+             enforcementLabelEditors)"
+        ))
+    };
+    let rules = vec!["enforcement-label".to_owned()];
+    if let Some(message) = refusal {
+        return deny(req, message, rules);
+    }
+    tracing::warn!(target: "palisade::security", uid = %req.uid, user = %user,
+        namespace = %req.name, before = %show(&before), after = %show(&after),
+        dry_run = req.dry_run, "namespace enforcement changed");
+    (
+        AdmissionResponse::from(req),
+        Verdict {
+            verdict: "allow",
+            rules,
+            ..Verdict::default()
+        },
+    )
 }
 
 /// The images of `pod` to check (those `old` did not run, with who uses them), every image of
@@ -330,7 +452,7 @@ mod tests {
         object: serde_json::Value,
     ) -> AdmissionRequest<DynamicObject> {
         let (group, version) = match kind {
-            "Pod" => ("", "v1"),
+            "Pod" | "Namespace" => ("", "v1"),
             "CronJob" | "Job" => ("batch", "v1"),
             _ => ("apps", "v1"),
         };
@@ -423,6 +545,168 @@ mod tests {
         assert!(resp.allowed);
         assert_eq!(v.verdict, "warn");
         assert_eq!(resp.warnings.as_ref().map(Vec::len), Some(1));
+    }
+
+    /// A pod with neither identity nor a clean environment, in `namespace` labelled `label`.
+    fn staged(namespace: &str, label: Option<&str>, cfg: &Config) -> (AdmissionResponse, Verdict) {
+        let env =
+            json!([{"name": "DB", "valueFrom": {"secretKeyRef": {"name": "db", "key": "pw"}}}]);
+        let mut f = facts(false);
+        if let Some(l) = label {
+            f.namespace_labels
+                .insert(ENFORCEMENT_LABEL.into(), l.into());
+        }
+        decide(
+            &request("Pod", namespace, pod("default", env)),
+            &f,
+            cfg,
+            &SecretsPolicy::new().expect("policy"),
+        )
+    }
+
+    #[test]
+    fn each_check_has_its_mode_and_the_namespace_label_comes_first() {
+        let cfg = Config::parse(
+            "listen: 127.0.0.1:0\ntls: {certFile: c, keyFile: k}\n\
+             identity: {mode: Enforce, namespaces: {batch: Audit, legacy: Warn}}\n\
+             secretsInEnv: {mode: Enforce, namespaces: {batch: Audit}}\n",
+        )
+        .expect("config");
+        // Audit: admitted, nothing told, both findings recorded.
+        let (resp, v) = staged("batch", None, &cfg);
+        assert!(resp.allowed, "{}", resp.result.message);
+        assert_eq!(resp.warnings, None);
+        assert_eq!(v.verdict, "audit");
+        assert_eq!(v.audited.len(), 2, "{:?}", v.audited);
+        // Identity warns, secrets still enforce: refused, and the warning is kept.
+        let (resp, v) = staged("legacy", None, &cfg);
+        assert!(!resp.allowed);
+        assert!(
+            resp.result.message.contains("env DB"),
+            "{}",
+            resp.result.message
+        );
+        assert!(
+            !resp.result.message.contains("spiffe://"),
+            "{}",
+            resp.result.message
+        );
+        assert_eq!(v.verdict, "deny");
+        // The label sets every check of its namespace, either way.
+        let (resp, v) = staged("shop", Some("Warn"), &cfg);
+        assert!(resp.allowed);
+        assert_eq!(resp.warnings.as_ref().map(Vec::len), Some(2));
+        assert_eq!(v.verdict, "warn");
+        let (resp, _) = staged("batch", Some("Enforce"), &cfg);
+        assert!(!resp.allowed, "the label raises an audited namespace too");
+        // A value that names no mode enforces.
+        for odd in ["audit", "Disabled", "", "Audit "] {
+            let (resp, v) = staged("batch", Some(odd), &cfg);
+            assert!(!resp.allowed, "{odd:?} admitted");
+            assert_eq!(v.verdict, "deny");
+        }
+    }
+
+    #[test]
+    fn an_unreadable_image_reference_is_refused_in_every_mode() {
+        let mut p = pod("orders", json!([]));
+        p["spec"]["containers"][0]["image"] = json!("r/a:1@sha256:nothex");
+        let mut f = facts(true);
+        f.namespace_labels
+            .insert(ENFORCEMENT_LABEL.into(), "Audit".into());
+        let (resp, v) = decide(
+            &request("Pod", "shop", p),
+            &f,
+            &config(),
+            &SecretsPolicy::new().expect("policy"),
+        );
+        assert!(!resp.allowed);
+        assert_eq!(v.rules, vec!["image-reference"]);
+    }
+
+    /// A Namespace request by `user` in `groups`, its label going from `old` to `new`.
+    fn relabel(
+        user: &str,
+        groups: &[&str],
+        old: Option<&str>,
+        new: Option<&str>,
+    ) -> (AdmissionResponse, Verdict) {
+        let ns = |v: Option<&str>| {
+            let mut labels = json!({"kubernetes.io/metadata.name": "shop", "team": "a"});
+            if let Some(v) = v {
+                labels[ENFORCEMENT_LABEL] = json!(v);
+            }
+            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop", "labels": labels}})
+        };
+        let mut req = request("Namespace", "", ns(new));
+        req.name = "shop".into();
+        req.user_info.username = Some(user.into());
+        req.user_info.groups = Some(groups.iter().map(|g| (*g).to_owned()).collect());
+        if old != Some("<create>") {
+            req.operation = Operation::Update;
+            req.old_object = Some(serde_json::from_value(ns(old)).expect("old"));
+        }
+        run(&req, &facts(false))
+    }
+
+    #[test]
+    fn only_the_configured_editors_change_a_namespace_s_enforcement() {
+        let tenant = ("alice", &["system:authenticated", "shop-admins"][..]);
+        let admin = ("root", &["system:masters", "system:authenticated"][..]);
+        // A namespace owner can neither lower, remove, raise nor create with the label ...
+        for (old, new) in [
+            (Some("Enforce"), Some("Audit")),
+            (Some("Enforce"), None),
+            (None, Some("Warn")),
+            (Some("<create>"), Some("Audit")),
+            (Some("Audit"), Some("Enforce")),
+        ] {
+            let (resp, v) = relabel(tenant.0, tenant.1, old, new);
+            assert!(!resp.allowed, "{old:?} -> {new:?} admitted for a tenant");
+            assert!(
+                resp.result.message.contains("\"alice\" is not allowed"),
+                "{}",
+                resp.result.message
+            );
+            assert_eq!(v.rules, vec!["enforcement-label"]);
+        }
+        // ... but may change everything else about it.
+        let (resp, _) = relabel(tenant.0, tenant.1, Some("Audit"), Some("Audit"));
+        assert!(resp.allowed);
+        let (resp, _) = relabel(tenant.0, tenant.1, Some("<create>"), None);
+        assert!(resp.allowed);
+        // An administrator may, with a value that names a mode.
+        let (resp, v) = relabel(admin.0, admin.1, Some("Enforce"), Some("Audit"));
+        assert!(resp.allowed, "{}", resp.result.message);
+        assert_eq!(v.rules, vec!["enforcement-label"]);
+        let (resp, _) = relabel(admin.0, admin.1, Some("Enforce"), Some("Off"));
+        assert!(!resp.allowed);
+        assert!(
+            resp.result.message.contains("is not a mode"),
+            "{}",
+            resp.result.message
+        );
+        // Users can be named too.
+        let cfg = Config::parse(
+            "listen: 127.0.0.1:0\ntls: {certFile: c, keyFile: k}\n\
+             enforcementLabelEditors: {users: [alice], groups: []}\n",
+        )
+        .expect("config");
+        let mut req = request(
+            "Namespace",
+            "",
+            json!({"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": "x", "labels": {(ENFORCEMENT_LABEL): "Warn"}}}),
+        );
+        req.user_info.groups = Some(vec!["system:masters".into()]);
+        let (resp, _) = decide(&req, &facts(false), &cfg, &SecretsPolicy::new().expect("p"));
+        assert!(resp.allowed, "alice is named");
+        req.user_info.username = Some("bob".into());
+        let (resp, _) = decide(&req, &facts(false), &cfg, &SecretsPolicy::new().expect("p"));
+        assert!(
+            !resp.allowed,
+            "the default group no longer applies once groups are set"
+        );
     }
 
     /// An UPDATE of `kind` from `old` to `new` (`sub`: its subresource).

@@ -68,12 +68,15 @@ pub trait FactSource: Send + Sync + 'static {
 
 /// The labels of the request's namespace: from the cache, else read live; a namespace that
 /// cannot be found refuses the request (its labels decide coverage: empty ones would fail open).
+/// A request for a Namespace itself needs none (its own labels are in the request, and a new
+/// one is not found yet).
 async fn namespace_labels(
     state: &AppState,
     req: &AdmissionRequest<DynamicObject>,
 ) -> Result<BTreeMap<String, String>, crate::FactError> {
     let namespace = req.namespace.as_deref().unwrap_or_default();
     if namespace.is_empty()
+        || (req.kind.group.is_empty() && req.kind.kind == "Namespace")
         || state
             .config
             .exempt_namespaces
@@ -132,6 +135,7 @@ pub struct Counters {
     allow: AtomicU64,
     deny: AtomicU64,
     warn: AtomicU64,
+    audit: AtomicU64,
     malformed: AtomicU64,
     latency: Histogram,
     /// Set when the server is shutting down.
@@ -314,6 +318,7 @@ async fn validate(
     let counter = match verdict.verdict {
         "deny" => &state.counters.deny,
         "warn" => &state.counters.warn,
+        "audit" => &state.counters.audit,
         _ => &state.counters.allow,
     };
     counter.fetch_add(1, Ordering::Relaxed);
@@ -330,6 +335,7 @@ async fn validate(
         verdict = verdict.verdict,
         rules = %verdict.rules.join(","),
         message = %resp.result.message,
+        audited = %verdict.audited.join(" | "),
         "admission decision"
     );
     Json(resp.into_review()).into_response()
@@ -402,11 +408,13 @@ async fn metrics(State(state): State<Arc<AppState>>) -> String {
          palisade_webhook_decisions_total{{verdict=\"allow\"}} {}\n\
          palisade_webhook_decisions_total{{verdict=\"deny\"}} {}\n\
          palisade_webhook_decisions_total{{verdict=\"warn\"}} {}\n\
+         palisade_webhook_decisions_total{{verdict=\"audit\"}} {}\n\
          # TYPE palisade_webhook_malformed_requests_total counter\n\
          palisade_webhook_malformed_requests_total {}\n",
         c.allow.load(Ordering::Relaxed),
         c.deny.load(Ordering::Relaxed),
         c.warn.load(Ordering::Relaxed),
+        c.audit.load(Ordering::Relaxed),
         c.malformed.load(Ordering::Relaxed),
     );
     c.latency

@@ -49,6 +49,12 @@ seccompProfile:
 {{- toJson $list -}}
 {{- end }}
 
+{{/* A Namespace request that sets, changes or removes palisade.dev/enforcement. */}}
+{{- define "palisade.enforcementLabelChanges" -}}
+{{- $k := "'palisade.dev/enforcement'" -}}
+(has(object.metadata.labels) && {{ $k }} in object.metadata.labels ? object.metadata.labels[{{ $k }}] : '<none>') != (oldObject != null && has(oldObject.metadata.labels) && {{ $k }} in oldObject.metadata.labels ? oldObject.metadata.labels[{{ $k }}] : '<none>')
+{{- end }}
+
 {{/* Egress every Palisade pod needs: DNS, and the API server's endpoints. */}}
 {{- define "palisade.baseEgress" -}}
 - ports:

@@ -22,10 +22,16 @@ use serde::Deserialize as _;
 
 use crate::{Env, TestFn};
 
+mod staged;
+
 pub const TESTS: &[(&str, TestFn)] = &[
     (
         "chart::installs_runs_with_least_privilege_and_uninstalls",
         installs_runs_with_least_privilege_and_uninstalls,
+    ),
+    (
+        "chart::beside_cluster_infrastructure_and_staged",
+        staged::beside_cluster_infrastructure_and_staged,
     ),
     (
         "chart::readme_values_reference_is_current",

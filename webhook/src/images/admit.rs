@@ -1,7 +1,9 @@
 //! Image checks folded into an admission response: every image the decision collected (init,
 //! regular and ephemeral containers, image volumes; on an UPDATE only those it adds) is checked
 //! against the ImagePolicies covering it; an `Enforce` failure refuses (naming the container,
-//! the image, the policy and, per authority, why), `Warn` adds a warning, `Audit` only logs.
+//! the image, the policy and, per authority, why), `Warn` adds a warning, `Audit` only records.
+//! A namespace's `palisade.dev/enforcement` label lowers (never raises) the policies' modes
+//! there.
 //! Where a covering policy says `pinDigest`, a Pod's image must name the digest that verified
 //! (the mutating hook pins it; this hook checks that it did). A workload whose images all verify
 //! at creation has their digests remembered for the pods it will own.
@@ -19,7 +21,7 @@ use super::{
     policy::CompiledImagePolicy,
     reference,
 };
-use crate::decide::Verdict;
+use crate::{config::Mode, decide::Verdict};
 
 /// Checks the images of the admitted object and folds the outcome into `resp` and `verdict`.
 pub async fn check_pod(
@@ -41,6 +43,7 @@ pub async fn check_pod(
     let mut scope = scope_of(req, std::mem::take(&mut verdict.pull_secrets));
     scope.images = std::mem::take(&mut verdict.all_images);
     let is_pod = req.kind.kind == "Pod";
+    let ceiling = Mode::of_namespace(labels);
     let mut denials = Vec::new();
     let mut warnings = Vec::new();
     // Image → verified digest, kept only while every covering policy is satisfied.
@@ -84,13 +87,10 @@ pub async fn check_pod(
                 users.join(", "),
                 v.policy
             );
-            match v.mode {
-                EnforcementMode::Enforce => denials.push(text),
-                EnforcementMode::Warn => warnings.push(text),
-                EnforcementMode::Audit => {
-                    tracing::warn!(target: "palisade::security", uid = %req.uid, namespace = %namespace,
-                        name = %req.name, audit = %text, "image policy failed (audit mode)");
-                }
+            match lowered(v.mode, ceiling) {
+                Mode::Enforce => denials.push(text),
+                Mode::Warn => warnings.push(text),
+                Mode::Audit => verdict.audited.push(text),
             }
         }
     }
@@ -115,9 +115,12 @@ pub async fn check_pod(
             digests,
         );
     }
+    if !verdict.audited.is_empty() && verdict.verdict == "allow" {
+        verdict.verdict = "audit";
+    }
     if !warnings.is_empty() {
         resp.warnings.get_or_insert_with(Vec::new).extend(warnings);
-        if verdict.verdict == "allow" {
+        if matches!(verdict.verdict, "allow" | "audit") {
             verdict.verdict = "warn";
         }
     }
@@ -134,6 +137,16 @@ pub async fn check_pod(
         verdict.verdict = "deny";
     }
     (resp, verdict)
+}
+
+/// A policy's mode, lowered to `ceiling` (a namespace's enforcement label) when that is lower.
+fn lowered(mode: EnforcementMode, ceiling: Option<Mode>) -> Mode {
+    let mode = match mode {
+        EnforcementMode::Enforce => Mode::Enforce,
+        EnforcementMode::Warn => Mode::Warn,
+        EnforcementMode::Audit => Mode::Audit,
+    };
+    ceiling.map_or(mode, |c| c.min(mode))
 }
 
 /// The scope of the admitted object: its namespace, pull secrets and controlling owner (in its
@@ -156,4 +169,24 @@ pub fn scope_of(req: &AdmissionRequest<DynamicObject>, pull_secrets: Vec<String>
     let mut scope = Scope::new(namespace, pull_secrets, owner);
     scope.own_uid = req.object.as_ref().and_then(|o| o.metadata.uid.clone());
     scope
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_namespace_label_lowers_image_policies_and_never_raises_them() {
+        use EnforcementMode as P;
+        for (policy, ceiling, want) in [
+            (P::Enforce, None, Mode::Enforce),
+            (P::Enforce, Some(Mode::Warn), Mode::Warn),
+            (P::Enforce, Some(Mode::Audit), Mode::Audit),
+            (P::Warn, Some(Mode::Enforce), Mode::Warn),
+            (P::Audit, Some(Mode::Enforce), Mode::Audit),
+            (P::Warn, Some(Mode::Audit), Mode::Audit),
+        ] {
+            assert_eq!(lowered(policy, ceiling), want, "{policy:?} under {ceiling:?}");
+        }
+    }
 }
