@@ -19,7 +19,7 @@ pub const BINARIES: &[&str] = &["palisade-operator", "palisade-webhook"];
 pub const BUILDER_ID: &str = "https://palisade.dev/builders/release@v1";
 
 /// The command that builds the static release binaries.
-pub const BUILD_COMMAND: &str = "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS='-C target-feature=+crt-static' \
+pub const BUILD_COMMAND: &str = "PALISADE_COMMIT=$(git rev-parse HEAD) CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS='-C target-feature=+crt-static' \
      cargo build --release --locked --target x86_64-unknown-linux-gnu -p palisade-operator -p palisade-webhook";
 
 /// One published image.

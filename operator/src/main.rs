@@ -1,22 +1,21 @@
 //! `palisade-operator [--config FILE]`: reconciles AuthPolicies, RateLimitPolicies and
 //! SecretBindings. `palisade-operator --config FILE --vault-policy` prints the Vault policy the
 //! operator's own Vault login role needs for that configuration, and exits.
-//! Logs are JSON lines on stderr (`RUST_LOG` filters them); SIGINT/SIGTERM stop it gracefully.
+//! `--version` prints the build. Logs are JSON lines on stderr, or text with
+//! `PALISADE_LOG_FORMAT=text` (`RUST_LOG` filters them); SIGINT/SIGTERM stop it gracefully.
 
 use std::{path::PathBuf, process::ExitCode};
 
 use palisade_operator::config::Config;
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .json()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,kube=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args == ["--version"] {
+        let (version, commit) = palisade_operator::VERSION;
+        println!("palisade-operator {version} (commit {commit})");
+        return ExitCode::SUCCESS;
+    }
+    palisade_operator::init_logging();
     let config = match args.as_slice() {
         [] => Config::default(),
         [flag, path] if flag == "--config" => match Config::load(&PathBuf::from(path)) {
@@ -43,7 +42,7 @@ fn main() -> ExitCode {
             };
         }
         _ => {
-            eprintln!("usage: palisade-operator [--config FILE [--vault-policy]]");
+            eprintln!("usage: palisade-operator [--config FILE [--vault-policy]] | --version");
             return ExitCode::from(2);
         }
     };

@@ -90,6 +90,19 @@ impl Default for Metrics {
             "SecretBindings whose Vault objects the sweep removed because the binding was gone",
             vault_swept.clone(),
         );
+        let build = Family::<Labels, Gauge>::default();
+        registry.register(
+            "build_info",
+            "Always 1, labelled with the running build's version and source commit",
+            build.clone(),
+        );
+        let (version, commit) = crate::VERSION;
+        build
+            .get_or_create(&vec![
+                ("version", version.to_owned()),
+                ("commit", commit.to_owned()),
+            ])
+            .set(1);
         let leading = Gauge::default();
         registry.register(
             "leading",

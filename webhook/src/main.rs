@@ -1,5 +1,6 @@
-//! `palisade-webhook --config FILE`: the admission webhook server. Logs (including one
-//! security event per decision, target `palisade::security`) are JSON lines on stderr.
+//! `palisade-webhook --config FILE`: the admission webhook server; `--version` prints the build.
+//! Logs (including one security event per decision, target `palisade::security`) are JSON lines
+//! on stderr, or text with `PALISADE_LOG_FORMAT=text`.
 
 use std::{
     process::ExitCode,
@@ -21,21 +22,19 @@ use palisade_webhook::{
 };
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .json()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,kube=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args == ["--version"] {
+        let (version, commit) = palisade_webhook::VERSION;
+        println!("palisade-webhook {version} (commit {commit})");
+        return ExitCode::SUCCESS;
+    }
+    palisade_webhook::init_logging();
     let [flag, path] = args.as_slice() else {
-        eprintln!("usage: palisade-webhook --config FILE");
+        eprintln!("usage: palisade-webhook --config FILE | --version");
         return ExitCode::from(2);
     };
     if flag != "--config" {
-        eprintln!("usage: palisade-webhook --config FILE");
+        eprintln!("usage: palisade-webhook --config FILE | --version");
         return ExitCode::from(2);
     }
     let config = match std::fs::read_to_string(path)

@@ -403,8 +403,12 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 async fn metrics(State(state): State<Arc<AppState>>) -> String {
     use std::fmt::Write as _;
     let c = &state.counters;
+    let (version, commit) = crate::VERSION;
     let mut out = format!(
-        "# TYPE palisade_webhook_decisions_total counter\n\
+        "# HELP palisade_webhook_build_info Always 1, labelled with the running build's version and source commit\n\
+         # TYPE palisade_webhook_build_info gauge\n\
+         palisade_webhook_build_info{{version=\"{version}\",commit=\"{commit}\"}} 1\n\
+         # TYPE palisade_webhook_decisions_total counter\n\
          palisade_webhook_decisions_total{{verdict=\"allow\"}} {}\n\
          palisade_webhook_decisions_total{{verdict=\"deny\"}} {}\n\
          palisade_webhook_decisions_total{{verdict=\"warn\"}} {}\n\

@@ -166,6 +166,14 @@ fn installs_runs_with_least_privilege_and_uninstalls(env: &Env) -> Result<()> {
             ],
         ),
         (
+            &["logging.level=debug", "logging.format=text"][..],
+            [
+                "value: \"debug,kube=warn\"",
+                "name: PALISADE_LOG_FORMAT",
+                "value: text",
+            ],
+        ),
+        (
             &[
                 "operator.vaultCAConfigMap=vault-ca",
                 "operator.vault.address=https://vault.example:8200",

@@ -186,7 +186,11 @@ mod tests {
             (P::Audit, Some(Mode::Enforce), Mode::Audit),
             (P::Warn, Some(Mode::Audit), Mode::Audit),
         ] {
-            assert_eq!(lowered(policy, ceiling), want, "{policy:?} under {ceiling:?}");
+            assert_eq!(
+                lowered(policy, ceiling),
+                want,
+                "{policy:?} under {ceiling:?}"
+            );
         }
     }
 }
