@@ -241,7 +241,23 @@ impl ClusterFacts {
         )
         .default_backoff()
         .reflect(ns_writer)
-        .for_each(|_| std::future::ready(()));
+        .for_each(|event| {
+            // Each namespace whose label turns its checks down is a security event when it is
+            // seen (at start, on every relist, on each change), whoever labelled it and when.
+            if let Ok(watcher::Event::Apply(ns) | watcher::Event::InitApply(ns)) = &event
+                && let Some(mode) = ns
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .and_then(crate::config::Mode::of_namespace)
+                    .filter(|m| *m != crate::config::Mode::Enforce)
+            {
+                tracing::warn!(target: "palisade::security",
+                    namespace = %ns.metadata.name.as_deref().unwrap_or_default(),
+                    mode = ?mode, "namespace enforcement lowered by its label");
+            }
+            std::future::ready(())
+        });
         tokio::spawn(stream);
         Ok(facts)
     }
@@ -323,6 +339,21 @@ impl ClusterFacts {
 impl FactSource for ClusterFacts {
     fn leading(&self) -> Option<bool> {
         Some(self.leading.load(Ordering::SeqCst))
+    }
+
+    fn lowered_namespaces(&self) -> BTreeMap<crate::config::Mode, usize> {
+        let mut out = BTreeMap::new();
+        for ns in self.namespaces.state() {
+            if let Some(mode) = ns
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(crate::config::Mode::of_namespace)
+            {
+                *out.entry(mode).or_default() += 1;
+            }
+        }
+        out
     }
 
     fn namespace_labels(&self, namespace: &str) -> Option<BTreeMap<String, String>> {

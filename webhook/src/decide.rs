@@ -223,7 +223,8 @@ fn findings(
 
 /// A change to a namespace: admitted unless it sets, changes or removes the
 /// [`ENFORCEMENT_LABEL`] and the requester is not one of the configured editors, or sets it to
-/// a value that names no mode. Every change of the label is a security event.
+/// a value that names no mode, or creates an exempt namespace and the requester is not an
+/// editor. Every change of the label is a security event.
 fn enforcement_label_change(
     req: &AdmissionRequest<DynamicObject>,
     config: &Config,
@@ -234,6 +235,24 @@ fn enforcement_label_change(
             .and_then(|l| l.get(ENFORCEMENT_LABEL).cloned())
     };
     let (before, after) = (label(&req.old_object), label(&req.object));
+    let user = req.user_info.username.clone().unwrap_or_default();
+    let groups = req.user_info.groups.clone().unwrap_or_default();
+    let editor = config.enforcement_label_editors.admits(&user, &groups);
+    // An exempt namespace is never judged: whoever creates one under a listed name (one the
+    // cluster does not have yet) would run anything in it.
+    if req.operation == Operation::Create && config.exempt_namespaces.contains(&req.name) && !editor
+    {
+        return deny(
+            req,
+            format!(
+                "palisade denied creating Namespace {}: it is exempt from Palisade's checks \
+                 (exemptNamespaces), so only the users and groups in the webhook's \
+                 enforcementLabelEditors may create it; {user:?} is not one of them",
+                req.name
+            ),
+            vec!["exempt-namespace".to_owned()],
+        );
+    }
     if before == after {
         return (
             AdmissionResponse::from(req),
@@ -243,8 +262,6 @@ fn enforcement_label_change(
             },
         );
     }
-    let user = req.user_info.username.clone().unwrap_or_default();
-    let groups = req.user_info.groups.clone().unwrap_or_default();
     let show = |v: &Option<String>| {
         v.as_deref()
             .map_or_else(|| "(none)".to_owned(), |v| format!("{v:?}"))
@@ -255,7 +272,7 @@ fn enforcement_label_change(
         show(&before),
         show(&after)
     );
-    let refusal = if config.enforcement_label_editors.admits(&user, &groups) {
+    let refusal = if editor {
         after
             .as_deref()
             .filter(|v| Mode::parse(v).is_none())
@@ -647,6 +664,35 @@ mod tests {
             req.old_object = Some(serde_json::from_value(ns(old)).expect("old"));
         }
         run(&req, &facts(false))
+    }
+
+    #[test]
+    fn only_editors_create_a_namespace_under_an_exempt_name() {
+        let create = |name: &str, user: &str, groups: &[&str]| {
+            let mut req = request(
+                "Namespace",
+                "",
+                json!({"apiVersion": "v1", "kind": "Namespace",
+                "metadata": {"name": name}}),
+            );
+            req.name = name.into();
+            req.user_info.username = Some(user.into());
+            req.user_info.groups = Some(groups.iter().map(|g| (*g).to_owned()).collect());
+            run(&req, &facts(false))
+        };
+        // config() exempts kube-system and palisade-system.
+        let (resp, v) = create("palisade-system", "alice", &["tenants"]);
+        assert!(!resp.allowed);
+        assert!(
+            resp.result.message.contains("exempt"),
+            "{}",
+            resp.result.message
+        );
+        assert_eq!(v.rules, vec!["exempt-namespace"]);
+        let (resp, _) = create("palisade-system", "root", &["system:masters"]);
+        assert!(resp.allowed, "{}", resp.result.message);
+        let (resp, _) = create("team-a", "alice", &["tenants"]);
+        assert!(resp.allowed, "an ordinary namespace");
     }
 
     #[test]

@@ -29,7 +29,7 @@ use rustls::server::ResolvesServerCert;
 use serde_json::json;
 
 use crate::{
-    config::Config,
+    config::{Config, Mode},
     decide::{Facts, decide},
     images::{check::ImageVerifier, policy::CompiledImagePolicy},
     secrets::SecretsPolicy,
@@ -56,6 +56,11 @@ pub trait FactSource: Send + Sync + 'static {
     ) -> futures::future::BoxFuture<'a, Result<Option<BTreeMap<String, String>>, crate::FactError>>
     {
         Box::pin(async move { Err(crate::FactError::NotCached(namespace.to_owned())) })
+    }
+    /// How many namespaces carry each value of the enforcement label (values that name no mode
+    /// counted as `Enforce`).
+    fn lowered_namespaces(&self) -> BTreeMap<crate::config::Mode, usize> {
+        BTreeMap::new()
     }
     /// Whether the caches are synced.
     fn ready(&self) -> bool;
@@ -423,6 +428,18 @@ async fn metrics(State(state): State<Arc<AppState>>) -> String {
     );
     c.latency
         .render("palisade_webhook_decision_duration_seconds", &mut out);
+    let labelled = state.facts.lowered_namespaces();
+    out.push_str(
+        "# HELP palisade_webhook_namespace_enforcement Namespaces by the mode their palisade.dev/enforcement label sets\n\
+         # TYPE palisade_webhook_namespace_enforcement gauge\n",
+    );
+    for mode in [Mode::Enforce, Mode::Warn, Mode::Audit] {
+        let _ = writeln!(
+            out,
+            "palisade_webhook_namespace_enforcement{{mode=\"{mode:?}\"}} {}",
+            labelled.get(&mode).copied().unwrap_or(0)
+        );
+    }
     if let Some(leading) = state.facts.leading() {
         let _ = write!(
             out,

@@ -49,10 +49,11 @@ seccompProfile:
 {{- toJson $list -}}
 {{- end }}
 
-{{/* A Namespace request that sets, changes or removes palisade.dev/enforcement. */}}
+{{/* A Namespace request that sets, changes or removes palisade.dev/enforcement, or creates an
+exempt namespace. */}}
 {{- define "palisade.enforcementLabelChanges" -}}
 {{- $k := "'palisade.dev/enforcement'" -}}
-(has(object.metadata.labels) && {{ $k }} in object.metadata.labels ? object.metadata.labels[{{ $k }}] : '<none>') != (oldObject != null && has(oldObject.metadata.labels) && {{ $k }} in oldObject.metadata.labels ? oldObject.metadata.labels[{{ $k }}] : '<none>')
+(request.operation == 'CREATE' && object.metadata.name in {{ include "palisade.exempt" . }}) || (has(object.metadata.labels) && {{ $k }} in object.metadata.labels ? object.metadata.labels[{{ $k }}] : '<none>') != (oldObject != null && has(oldObject.metadata.labels) && {{ $k }} in oldObject.metadata.labels ? oldObject.metadata.labels[{{ $k }}] : '<none>')
 {{- end }}
 
 {{/* Egress every Palisade pod needs: DNS, and the API server's endpoints. */}}

@@ -214,6 +214,15 @@ pub fn beside_cluster_infrastructure_and_staged(env: &Env) -> Result<()> {
         {
             bail!("the refused namespace {own} exists");
         }
+        // Nor claim an exempt name the cluster does not use yet (nothing in it would be judged).
+        rejects(
+            &run(cp
+                .kubectl()
+                .args(tenant)
+                .args(["create", "namespace", "spire-system"]))?,
+            "a tenant creating a namespace under an exempt name",
+            &["exempt from Palisade's checks"],
+        )?;
         // Everything else about a namespace stays the tenant's.
         accepts(
             &run(cp
@@ -270,6 +279,33 @@ pub fn beside_cluster_infrastructure_and_staged(env: &Env) -> Result<()> {
         {
             bail!("the change of {audited}'s enforcement was not logged");
         }
+        // Every namespace a label turns down is reported as the webhook sees it (also one
+        // labelled before the webhook was installed), and the metrics count them.
+        cp.eventually(
+            "the lowered namespace reported",
+            Duration::from_secs(10),
+            || {
+                wh.log_text()
+                    .lines()
+                    .any(|l| {
+                        l.contains("namespace enforcement lowered by its label")
+                            && l.contains(&audited)
+                    })
+                    .then_some(())
+            },
+        )?;
+        let (_, metrics) = wh.curl(&["/metrics"])?;
+        for mode in ["Audit", "Warn"] {
+            let line = format!("palisade_webhook_namespace_enforcement{{mode=\"{mode}\"}} ");
+            let count: u32 = metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(line.as_str()))
+                .and_then(|n| n.trim().parse().ok())
+                .with_context(|| format!("no {line} in /metrics"))?;
+            if count == 0 {
+                bail!("{line}0 with a namespace labelled {mode}");
+            }
+        }
         // Back to Enforce: refused again.
         accepts(
             &label(cp, &audited, "-", &[])?,
@@ -316,6 +352,14 @@ pub fn beside_cluster_infrastructure_and_staged(env: &Env) -> Result<()> {
         "clusterrole,clusterrolebinding",
         "staged-namespace-provisioner",
         "--ignore-not-found",
+    ]));
+    // Only there if the refusal above failed.
+    let _ = run(cp.kubectl().args([
+        "delete",
+        "namespace",
+        "spire-system",
+        "--ignore-not-found",
+        "--wait=false",
     ]));
     for (ns, name, _) in INFRASTRUCTURE {
         let _ = run(cp.kubectl().args([
