@@ -50,6 +50,10 @@ pub const TESTS: &[(&str, TestFn)] = &[
         "e2e_operator::added_fields_that_disable_a_policy_are_removed",
         added_fields_that_disable_a_policy_are_removed,
     ),
+    (
+        "e2e_operator::cli_render_is_what_the_operator_applies",
+        cli_render_is_what_the_operator_applies,
+    ),
 ];
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -699,6 +703,81 @@ fn added_fields_that_disable_a_policy_are_removed(env: &Env) -> Result<()> {
             (out.contains("reverted hand edits") && out.contains("istio.io~1dry-run")).then_some(())
         })
         .with_context(notes)?;
+        Ok(())
+    })
+}
+
+/// `palisade render` runs the operator's translation offline: what it prints for a set of
+/// resources is what the operator applies for them (every generated object, spec and labels),
+/// and its notes are the reasons the operator reports in status.
+fn cli_render_is_what_the_operator_applies(env: &Env) -> Result<()> {
+    let cp = &env.cp;
+    let _op = OperatorProcess::start(cp, "cli-render", "")?;
+    cp.with_temp_ns("op-cli", |ns| {
+        let open = "apiVersion: palisade.dev/v1alpha1\nkind: AuthPolicy\nmetadata: {name: open}\nspec:\n  rules: [{}]\n";
+        let limits = rlp("orders", "    - {name: all, requests: 100, per: 1m}\n");
+        let file = cp.work_dir.join(format!("{ns}-cli.yaml"));
+        std::fs::write(&file, format!("{ORDERS}\n---\n{open}---\n{limits}"))?;
+        run_ok(cp.kubectl().args(["apply", "-n", ns, "-f"]).arg(&file))?;
+        let cli = palisade_e2e::operator::workspace_bin("palisade")?;
+        let rendered: Value = serde_json::from_str(&run_ok(
+            std::process::Command::new(cli)
+                .args(["render", "-o", "json", "-n", ns, "-f"])
+                .arg(&file),
+        )?)?;
+        let sections = rendered.as_array().context("sections")?;
+        if sections.len() != 3 {
+            bail!("palisade render gave {} sections: {rendered}", sections.len());
+        }
+        let (mut compared, mut notes) = (0, 0);
+        for section in sections {
+            let source = section["source"].as_str().unwrap_or_default();
+            let (kind, name) = source
+                .split_once(' ')
+                .and_then(|(k, rest)| rest.split_once('/').map(|(_, n)| (k, n)))
+                .context("source")?;
+            let status = cp.eventually(&format!("{source} reconciled"), WAIT, || {
+                let p = get(cp, ns, &kind.to_lowercase(), name)?;
+                (p["status"]["observedGeneration"] == 1
+                    && p["status"]["conditions"].as_array().is_some_and(|c| !c.is_empty()))
+                .then_some(p)
+            })?;
+            for want in section["objects"].as_array().into_iter().flatten() {
+                let (k, n) = (
+                    want["kind"].as_str().unwrap_or_default(),
+                    want["metadata"]["name"].as_str().unwrap_or_default(),
+                );
+                let have = cp.eventually(&format!("{k} {n}"), WAIT, || {
+                    get(cp, want["metadata"]["namespace"].as_str().unwrap_or(ns), &k.to_lowercase(), n)
+                })?;
+                if have["spec"] != want["spec"] || have["metadata"]["labels"] != want["metadata"]["labels"] {
+                    bail!("{source}: {k} {n} differs:\nrendered {}\napplied {}", want["spec"], have["spec"]);
+                }
+                compared += 1;
+            }
+            // Every note the CLI gives is in a status condition (notes of one severity share
+            // a condition, the first one's reason naming it).
+            let messages: String = status["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|c| c["message"].as_str())
+                .collect::<Vec<_>>()
+                .join("\n");
+            for note in section["notes"].as_array().into_iter().flatten() {
+                let message = note["message"].as_str().unwrap_or_default();
+                if message.is_empty() || !messages.contains(message) {
+                    bail!("{source}: note {} is not in its status: {messages}", note["reason"]);
+                }
+                notes += 1;
+            }
+        }
+        eprintln!(
+            "  {compared} generated objects, each as palisade render printed it; {notes} notes, each in status"
+        );
+        if compared < 4 {
+            bail!("only {compared} objects compared");
+        }
         Ok(())
     })
 }

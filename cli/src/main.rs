@@ -1,0 +1,219 @@
+//! `palisade`: Palisade's translations and admission decisions, offline. Exit status: 0 when
+//! everything passes, 1 when a verdict or an expectation fails (a denied manifest, a failed
+//! test case, an unenforced part with `--fail-on-unenforced`), 2 for unusable input.
+
+use std::{collections::BTreeMap, path::PathBuf, process::ExitCode};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use palisade_cli::{admit, input, render, suite, who_can};
+
+#[derive(Parser)]
+#[command(
+    name = "palisade",
+    version,
+    about = "Palisade, offline: render, admit, who-can, test"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Yaml,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The objects the operator generates for AuthPolicies, RateLimitPolicies and
+    /// SecretBindings (Vault policies with --operator-config), with their notes.
+    Render {
+        /// Files or directories of manifests.
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+        /// The operator's configuration (translation settings, Vault).
+        #[arg(long)]
+        operator_config: Option<PathBuf>,
+        /// Namespace of objects that name none.
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+        #[arg(short = 'o', long, value_enum, default_value = "yaml")]
+        output: Output,
+        /// Exit 1 when part of a resource would not be enforced (Unsupported notes, refusals).
+        #[arg(long)]
+        fail_on_unenforced: bool,
+    },
+    /// The validating webhook's verdict on each manifest with a pod (template) in it, as a
+    /// CREATE; Namespace manifests among them give their labels. Image signatures are not
+    /// verified offline.
+    Admit {
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+        /// The webhook's configuration (listen and tls may be left out).
+        #[arg(long)]
+        webhook_config: Option<PathBuf>,
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+        #[arg(short = 'o', long, value_enum, default_value = "yaml")]
+        output: Output,
+    },
+    /// The AuthPolicies that apply to a workload, how they widen each other, and the decision
+    /// on one request (without a token).
+    WhoCan {
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+        /// The workload's namespace.
+        #[arg(long)]
+        namespace: String,
+        /// The workload's pod labels, key=value.
+        #[arg(short = 'l', long = "label")]
+        labels: Vec<String>,
+        /// The caller: namespace/serviceaccount, or plaintext.
+        #[arg(long)]
+        from: Option<String>,
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// HTTP method (with --path); plain TCP without.
+        #[arg(long, requires = "path")]
+        method: Option<String>,
+        #[arg(long, requires = "method")]
+        path: Option<String>,
+        #[arg(long)]
+        operator_config: Option<PathBuf>,
+        #[arg(short = 'o', long, value_enum, default_value = "yaml")]
+        output: Output,
+    },
+    /// Checks the expected outcomes in DIR/palisade-test.yaml.
+    Test {
+        /// Directories with a palisade-test.yaml.
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
+    },
+}
+
+fn print(output: Output, value: &impl serde::Serialize) -> Result<()> {
+    match output {
+        Output::Yaml => print!("{}", serde_yaml::to_string(value)?),
+        Output::Json => println!("{}", serde_json::to_string_pretty(value)?),
+    }
+    Ok(())
+}
+
+fn operator_config(path: Option<&PathBuf>) -> Result<palisade_operator::config::Config> {
+    Ok(match path {
+        Some(p) => palisade_operator::config::Config::load(p)
+            .with_context(|| format!("{}", p.display()))?,
+        None => palisade_operator::config::Config::default(),
+    })
+}
+
+fn run(cli: Cli) -> Result<bool> {
+    match cli.command {
+        Command::Render {
+            files,
+            operator_config: config,
+            namespace,
+            output,
+            fail_on_unenforced,
+        } => {
+            let config = operator_config(config.as_ref())?;
+            let objects = input::load(&files)?;
+            let sections =
+                render::render(&objects, &config.context, config.vault.as_ref(), &namespace)?;
+            match output {
+                Output::Yaml => print!("{}", render::to_yaml(&sections)?),
+                Output::Json => print(output, &sections)?,
+            }
+            Ok(!(fail_on_unenforced && sections.iter().any(render::Section::unenforced)))
+        }
+        Command::Admit {
+            files,
+            webhook_config,
+            namespace,
+            output,
+        } => {
+            let text = match &webhook_config {
+                Some(p) => {
+                    Some(std::fs::read_to_string(p).with_context(|| format!("{}", p.display()))?)
+                }
+                None => None,
+            };
+            let config = admit::config(text.as_deref())?;
+            let outcomes = admit::admit(&input::load(&files)?, &config, &namespace)?;
+            print(output, &outcomes)?;
+            eprintln!("palisade admit: image signatures are not verified offline");
+            Ok(outcomes.iter().all(|o| o.verdict != "deny"))
+        }
+        Command::WhoCan {
+            files,
+            namespace,
+            labels,
+            from,
+            port,
+            method,
+            path,
+            operator_config: config,
+            output,
+        } => {
+            let config = operator_config(config.as_ref())?;
+            let mut parsed = BTreeMap::new();
+            for l in &labels {
+                let Some((k, v)) = l.split_once('=') else {
+                    bail!("--label {l:?}: write key=value");
+                };
+                parsed.insert(k.to_owned(), v.to_owned());
+            }
+            let request = match from {
+                Some(f) => Some(who_can::Probe {
+                    from: suite::caller(&f)?,
+                    port,
+                    http: method.zip(path),
+                }),
+                None => None,
+            };
+            let query = who_can::Query {
+                namespace,
+                labels: parsed,
+                request,
+            };
+            let report = who_can::who_can(
+                &input::load(&files)?,
+                &query,
+                &config.context.trust_domain,
+                &config.context.mesh_root_namespace,
+                "default",
+            )?;
+            print(output, &report)?;
+            Ok(report.allowed != Some(false))
+        }
+        Command::Test { dirs } => {
+            let mut ok = true;
+            for dir in dirs {
+                for r in suite::run(&dir)? {
+                    match &r.failure {
+                        None => println!("PASS {}: {}", dir.display(), r.name),
+                        Some(why) => {
+                            ok = false;
+                            println!("FAIL {}: {}: {why}", dir.display(), r.name);
+                        }
+                    }
+                }
+            }
+            Ok(ok)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("palisade: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
