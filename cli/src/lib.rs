@@ -5,7 +5,9 @@
 //! takes objects and returns what the cluster components would decide.
 
 pub mod admit;
+pub mod advisories;
 pub mod input;
 pub mod render;
+pub mod sbom;
 pub mod suite;
 pub mod who_can;

@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, path::PathBuf, process::ExitCode};
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use palisade_cli::{admit, input, render, suite, who_can};
+use palisade_cli::{admit, advisories, input, render, sbom, suite, who_can};
 
 #[derive(Parser)]
 #[command(
@@ -85,12 +85,43 @@ enum Command {
         #[arg(short = 'o', long, value_enum, default_value = "yaml")]
         output: Output,
     },
+    /// The components of every running workload's images, from their verified CycloneDX SBOM
+    /// attestations; with --package or --advisory, which workloads are affected. Reads the
+    /// cluster of the current kubeconfig and the images' registries.
+    Sbom(SbomArgs),
     /// Checks the expected outcomes in DIR/palisade-test.yaml.
     Test {
         /// Directories with a palisade-test.yaml.
         #[arg(required = true)]
         dirs: Vec<PathBuf>,
     },
+}
+
+#[derive(clap::Args)]
+struct SbomArgs {
+    /// Only this namespace (default: every namespace).
+    #[arg(short = 'n', long)]
+    namespace: Option<String>,
+    /// A PEM public key the SBOM attestations are signed with (repeatable).
+    #[arg(long = "key", required = true)]
+    keys: Vec<PathBuf>,
+    /// Workloads containing this package ...
+    #[arg(long)]
+    package: Option<String>,
+    /// ... in this version range (a semver requirement, e.g. "<1.6.1").
+    #[arg(long, requires = "package")]
+    range: Option<String>,
+    /// Workloads affected by this advisory (RUSTSEC-...), from --advisory-db.
+    #[arg(long, requires = "advisory_db")]
+    advisory: Option<String>,
+    /// A RustSec advisory database (a checkout or snapshot with crates/).
+    #[arg(long)]
+    advisory_db: Option<PathBuf>,
+    /// Registries (host:port) read over plain HTTP.
+    #[arg(long = "insecure-registry")]
+    insecure: Vec<String>,
+    #[arg(short = 'o', long, value_enum, default_value = "yaml")]
+    output: Output,
 }
 
 fn print(output: Output, value: &impl serde::Serialize) -> Result<()> {
@@ -107,6 +138,54 @@ fn operator_config(path: Option<&PathBuf>) -> Result<palisade_operator::config::
             .with_context(|| format!("{}", p.display()))?,
         None => palisade_operator::config::Config::default(),
     })
+}
+
+fn run_sbom(args: SbomArgs) -> Result<bool> {
+    let SbomArgs {
+        namespace,
+        keys,
+        package,
+        range,
+        advisory,
+        advisory_db,
+        insecure,
+        output,
+    } = args;
+    let keys = keys
+        .iter()
+        .map(|k| std::fs::read(k).with_context(|| format!("{}", k.display())))
+        .collect::<Result<Vec<_>>>()?;
+    let range = range
+        .map(|r| semver::VersionReq::parse(&r).with_context(|| format!("--range {r}")))
+        .transpose()?;
+    let question = sbom::Question {
+        package: package.map(|p| (p, range)),
+        advisory,
+    };
+    let db = advisory_db
+        .map(|p| advisories::Database::load(&p))
+        .transpose()?;
+    let answers = tokio::runtime::Runtime::new()?.block_on(async {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = kube::Client::try_default().await?;
+        let workloads = sbom::workloads(&client, namespace.as_deref()).await?;
+        let registry = palisade_webhook::images::registry::Registry::new(&insecure)?;
+        let mut contents = BTreeMap::new();
+        for image in workloads.iter().flat_map(|w| &w.images) {
+            if !contents.contains_key(image) {
+                let c = sbom::contents(&registry, image, &keys).await;
+                contents.insert(image.clone(), c);
+            }
+        }
+        sbom::answer(&workloads, &contents, &question, db.as_ref())
+    })?;
+    print(output, &answers)?;
+    // Exit 1 when a workload is affected, or when its contents are not all known.
+    Ok(answers.iter().all(|a| match a.status {
+        "not-affected" => true,
+        "listed" => a.images.iter().all(|i| i.unknown.is_none()),
+        _ => false,
+    }))
 }
 
 fn run(cli: Cli) -> Result<bool> {
@@ -188,6 +267,7 @@ fn run(cli: Cli) -> Result<bool> {
             print(output, &report)?;
             Ok(report.allowed != Some(false))
         }
+        Command::Sbom(args) => run_sbom(args),
         Command::Test { dirs } => {
             let mut ok = true;
             for dir in dirs {

@@ -19,6 +19,8 @@ use palisade_e2e::{
 
 use crate::{Env, TestFn};
 
+mod sbom;
+
 pub const TESTS: &[(&str, TestFn)] = &[(
     "release::own_images_signed_attested_and_enforced",
     own_images_signed_attested_and_enforced,
@@ -269,7 +271,8 @@ fn own_images_signed_attested_and_enforced(env: &Env) -> Result<()> {
     let _ = run(cp
         .kubectl()
         .args(["delete", "imagepolicy", "palisade-images"]));
-    wh.unregister_after(cp, "palisade-e2e-release", result)
+    wh.unregister_after(cp, "palisade-e2e-release", result)?;
+    sbom::query_finds_affected_workloads(cp, &reg, &signer, &public, &images)
 }
 
 fn base64_decode(text: &str) -> Result<Vec<u8>> {
@@ -301,7 +304,7 @@ impl Advisories {
     /// No library in `bom` has an advisory without an unexpired exception; and the check does
     /// find one: the same SBOM with `smallvec` 1.6.0 added reports RUSTSEC-2021-0003.
     fn check(&self, name: &str, bom: &serde_json::Value) -> Result<()> {
-        let findings = self.db.sbom_findings(bom, &self.accepted);
+        let findings = palisade_e2e::advisories::sbom_findings(&self.db, bom, &self.accepted);
         if !findings.is_empty() {
             bail!(
                 "{name}'s SBOM lists components with advisories:\n{}",
@@ -312,7 +315,7 @@ impl Advisories {
         if let Some(c) = planted["components"].as_array_mut() {
             c.push(serde_json::json!({"type": "library", "name": "smallvec", "version": "1.6.0"}));
         }
-        let found = self.db.sbom_findings(&planted, &self.accepted);
+        let found = palisade_e2e::advisories::sbom_findings(&self.db, &planted, &self.accepted);
         if !found.iter().any(|f| f.contains("RUSTSEC-2021-0003")) {
             bail!("a vulnerable smallvec planted in {name}'s SBOM was not reported: {found:?}");
         }
