@@ -1,5 +1,6 @@
 -- Argo CD resource health for Palisade's kinds (AuthPolicy, RateLimitPolicy, SecretBinding,
--- ImagePolicy), registered in argocd-cm as resource.customizations.health.palisade.dev_* .
+-- ImagePolicy), registered in argocd-cm under resource.customizations as palisade.dev/*
+-- (argocd/argocd-cm.yaml).
 -- Healthy: Ready=True for the current generation. Progressing: no status yet, an older
 -- generation, or a condition the operator is still working through (Vault/OpenBao sealed or
 -- unreachable). Degraded: Ready=False for any other reason, or a conflict with another policy.

@@ -45,6 +45,8 @@ pub struct Metrics {
     vault_writes: Counter,
     vault_swept: Counter,
     leading: Gauge,
+    policies: Family<Labels, Gauge>,
+    vault_errors: Counter,
     /// Set once the API server answered this replica: it can lead (a standby is ready).
     pub ready: AtomicBool,
 }
@@ -103,6 +105,18 @@ impl Default for Metrics {
                 ("commit", commit.to_owned()),
             ])
             .set(1);
+        let policies = Family::<Labels, Gauge>::default();
+        registry.register(
+            "policies",
+            "AuthPolicies, RateLimitPolicies and SecretBindings by kind and by whether they are Ready for their current generation",
+            policies.clone(),
+        );
+        let vault_errors = Counter::default();
+        registry.register(
+            "vault_errors",
+            "Vault requests that failed: no answer, or a status other than 2xx and 404",
+            vault_errors.clone(),
+        );
         let leading = Gauge::default();
         registry.register(
             "leading",
@@ -122,6 +136,8 @@ impl Default for Metrics {
             vault_writes,
             vault_swept,
             leading,
+            policies,
+            vault_errors,
             ready: AtomicBool::new(false),
         }
     }
@@ -151,6 +167,61 @@ impl Metrics {
         self.vault_requests.inc();
         if write {
             self.vault_writes.inc();
+        }
+    }
+
+    /// Records one failed request to Vault.
+    pub fn vault_error(&self) {
+        self.vault_errors.inc();
+    }
+
+    /// Sets how many `kind` objects are Ready for their current generation, and how many not.
+    pub fn count_ready<K: serde::Serialize + kube::Resource>(
+        &self,
+        kind: &'static str,
+        objects: &[Arc<K>],
+    ) {
+        let ready = objects
+            .iter()
+            .filter(|o| {
+                let v = serde_json::to_value(o.as_ref()).unwrap_or_default();
+                let generation = o.meta().generation;
+                v["status"]["conditions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|c| {
+                        c["type"] == "Ready"
+                            && c["status"] == "True"
+                            && c["observedGeneration"].as_i64() == generation
+                    })
+            })
+            .count();
+        let set = |state: &str, n: usize| {
+            self.policies
+                .get_or_create(&vec![
+                    ("kind", kind.to_owned()),
+                    ("ready", state.to_owned()),
+                ])
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        };
+        set("true", ready);
+        set("false", objects.len() - ready);
+    }
+
+    /// Counts `kind` in `store` every 10 seconds (for the life of the process).
+    pub async fn count_ready_every<K>(
+        metrics: Arc<Metrics>,
+        kind: &'static str,
+        store: kube::runtime::reflector::Store<K>,
+    ) where
+        K: serde::Serialize + kube::Resource + Clone + 'static,
+        K::DynamicType: std::hash::Hash + Eq + Clone,
+    {
+        let mut tick = tokio::time::interval(Duration::from_secs(10));
+        loop {
+            tick.tick().await;
+            metrics.count_ready(kind, &store.state());
         }
     }
 

@@ -83,6 +83,11 @@ fn secret_binding_controller(
     });
     let sb_state = Arc::new(secrets::SecretState::new(Arc::clone(state), vault.clone()));
     let ctl = controller_for::<SecretBinding>(client);
+    tokio::spawn(Metrics::count_ready_every(
+        Arc::clone(metrics),
+        "SecretBinding",
+        ctl.store(),
+    ));
     tokio::spawn(secrets::sweeper(Arc::clone(&sb_state)));
     ctl.with_config(ctl_config)
         .graceful_shutdown_on(shutdown)
@@ -140,6 +145,11 @@ fn with_siblings(
     state: &Arc<State>,
 ) -> (Controller<AuthPolicy>, Arc<auth::AuthState>) {
     let store = ctl.store();
+    tokio::spawn(Metrics::count_ready_every(
+        Arc::clone(&state.metrics),
+        "AuthPolicy",
+        store.clone(),
+    ));
     let mapper = store.clone();
     let root = state.ctx.mesh_root_namespace.clone();
     let ctl = ctl.watches(
@@ -313,6 +323,11 @@ pub async fn run(
         watcher::Config::default(),
         move |p| ratelimit::same_target(&mapper_store, &p),
     );
+    tokio::spawn(Metrics::count_ready_every(
+        Arc::clone(&state.metrics),
+        "RateLimitPolicy",
+        rl_store.clone(),
+    ));
     let rl_state = Arc::new(ratelimit::RateLimitState {
         shared: Arc::clone(&state),
         policies: rl_store,

@@ -42,6 +42,8 @@ pub struct Verdict {
     pub rules: Vec<String>,
     /// Findings admitted because their check audits in this namespace: recorded, not told.
     pub audited: Vec<String>,
+    /// Each finding's rule and the mode it was handled in (for the metrics).
+    pub modes: Vec<(String, Mode)>,
     /// The images to check (new, or changed by this request), with who uses them
     /// (`containers "app"`); empty when none apply.
     pub images: BTreeMap<String, Vec<String>>,
@@ -123,6 +125,7 @@ pub fn decide(
         warnings,
         audited,
         rules,
+        modes,
     } = findings(
         config,
         facts,
@@ -144,6 +147,7 @@ pub fn decide(
         },
         rules,
         audited,
+        modes,
         images,
         all_images,
         pull_secrets: crate::pods::pull_secrets(&pod.spec),
@@ -167,10 +171,15 @@ struct Findings {
     warnings: Vec<String>,
     audited: Vec<String>,
     rules: Vec<String>,
+    modes: Vec<(String, Mode)>,
 }
 
 impl Findings {
+    /// Records a finding of the rule pushed last.
     fn record(&mut self, mode: Mode, text: String) {
+        if let Some(rule) = self.rules.last() {
+            self.modes.push((rule.clone(), mode));
+        }
         match mode {
             Mode::Enforce => self.denials.push(text),
             Mode::Warn => self.warnings.push(text),
@@ -438,11 +447,13 @@ fn deny(
     message: String,
     rules: Vec<String>,
 ) -> (AdmissionResponse, Verdict) {
+    let modes = rules.iter().map(|r| (r.clone(), Mode::Enforce)).collect();
     (
         AdmissionResponse::from(req).deny(message),
         Verdict {
             verdict: "deny",
             rules,
+            modes,
             ..Verdict::default()
         },
     )

@@ -7,6 +7,7 @@ pub mod config;
 pub mod decide;
 pub mod identity;
 pub mod images;
+pub mod metrics;
 pub mod pods;
 pub mod secrets;
 pub mod server;

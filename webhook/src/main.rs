@@ -107,6 +107,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         counters: palisade_webhook::server::Counters::default(),
         config: config.clone(),
     });
+    let _ = state.counters.certificate.set(Arc::clone(&cert));
     let (start_drain, draining) = tokio::sync::watch::channel(false);
     let shutdown = {
         let state = Arc::clone(&state);

@@ -8,7 +8,7 @@ use std::{
     collections::BTreeMap,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
     time::Instant,
 };
@@ -29,7 +29,7 @@ use rustls::server::ResolvesServerCert;
 use serde_json::json;
 
 use crate::{
-    config::{Config, Mode},
+    config::Config,
     decide::{Facts, decide},
     images::{check::ImageVerifier, policy::CompiledImagePolicy},
     secrets::SecretsPolicy,
@@ -134,61 +134,7 @@ pub struct AppState {
     pub images: Option<Arc<ImageVerifier>>,
 }
 
-/// Decision counters.
-#[derive(Default)]
-pub struct Counters {
-    allow: AtomicU64,
-    deny: AtomicU64,
-    warn: AtomicU64,
-    audit: AtomicU64,
-    malformed: AtomicU64,
-    latency: Histogram,
-    /// Set when the server is shutting down.
-    pub draining: AtomicBool,
-}
-
-/// Upper bounds (seconds) of the decision-latency histogram buckets.
-const BUCKETS: [f64; 11] = [
-    0.000_25, 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
-];
-
-/// A Prometheus histogram of decision latency, lock-free.
-#[derive(Default)]
-struct Histogram {
-    /// Per bucket (not cumulative), the last slot is `+Inf`.
-    counts: [AtomicU64; BUCKETS.len() + 1],
-    sum_nanos: AtomicU64,
-}
-
-impl Histogram {
-    fn observe(&self, elapsed: std::time::Duration) {
-        let secs = elapsed.as_secs_f64();
-        let slot = BUCKETS
-            .iter()
-            .position(|&b| secs <= b)
-            .unwrap_or(BUCKETS.len());
-        self.counts[slot].fetch_add(1, Ordering::Relaxed);
-        let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
-        self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
-    }
-
-    fn render(&self, name: &str, out: &mut String) {
-        use std::fmt::Write as _;
-        let _ = writeln!(out, "# TYPE {name} histogram");
-        let mut cumulative = 0u64;
-        for (i, count) in self.counts.iter().enumerate() {
-            cumulative += count.load(Ordering::Relaxed);
-            let le = BUCKETS
-                .get(i)
-                .map_or_else(|| "+Inf".to_string(), ToString::to_string);
-            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
-        }
-        #[allow(clippy::cast_precision_loss)]
-        let sum = self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
-        let _ = writeln!(out, "{name}_sum {sum}");
-        let _ = writeln!(out, "{name}_count {cumulative}");
-    }
-}
+pub use crate::metrics::Counters;
 
 /// The router.
 pub fn router(state: Arc<AppState>) -> Router {
@@ -204,7 +150,7 @@ pub fn router(state: Arc<AppState>) -> Router {
 }
 
 fn bad_request(state: &AppState, why: &str) -> Response {
-    state.counters.malformed.fetch_add(1, Ordering::Relaxed);
+    state.counters.malformed();
     (StatusCode::BAD_REQUEST, Json(json!({"error": why}))).into_response()
 }
 
@@ -320,14 +266,13 @@ async fn validate(
         }
         None => (resp, verdict),
     };
-    let counter = match verdict.verdict {
-        "deny" => &state.counters.deny,
-        "warn" => &state.counters.warn,
-        "audit" => &state.counters.audit,
-        _ => &state.counters.allow,
-    };
-    counter.fetch_add(1, Ordering::Relaxed);
-    state.counters.latency.observe(started.elapsed());
+    state.counters.decided(
+        &format!("{:?}", req.operation),
+        &req.kind.kind,
+        verdict.verdict,
+        &verdict.modes,
+        started.elapsed(),
+    );
     tracing::info!(
         target: "palisade::security",
         uid = %req.uid,
@@ -355,44 +300,63 @@ async fn mutate(
         Ok(r) => r,
         Err(bad) => return *bad,
     };
-    let resp = AdmissionResponse::from(&req);
+    let (response, verdict) = pin(&state, &req, deadline).await;
+    state.counters.admitted(
+        "mutate",
+        &format!("{:?}", req.operation),
+        &req.kind.kind,
+        verdict,
+    );
+    response
+}
+
+/// The mutating hook's answer for `req` (the digest pins) and its verdict, `allow` or `deny`.
+async fn pin(
+    state: &AppState,
+    req: &AdmissionRequest<DynamicObject>,
+    deadline: std::time::Instant,
+) -> (Response, &'static str) {
+    let resp = AdmissionResponse::from(req);
     let Some(images) = &state.images else {
-        return Json(resp.into_review()).into_response();
+        return (Json(resp.into_review()).into_response(), "allow");
     };
     let namespace = req.namespace.clone().unwrap_or_default();
-    let labels = match namespace_labels(&state, &req).await {
+    let labels = match namespace_labels(state, req).await {
         Ok(l) => l,
-        Err(why) => return refused(&req, &why.to_string()),
+        Err(why) => return (refused(req, &why.to_string()), "deny"),
     };
     let ops = crate::images::pin::pin_ops(
         images,
         &state.facts.image_policies(),
         &state.config,
-        &req,
+        req,
         &labels,
         deadline,
     )
     .await;
     if ops.is_empty() {
-        return Json(resp.into_review()).into_response();
+        return (Json(resp.into_review()).into_response(), "allow");
     }
     let patched = serde_json::from_value::<json_patch::Patch>(serde_json::Value::Array(ops))
         .map_err(|e| e.to_string())
         .and_then(|p| resp.with_patch(p).map_err(|e| e.to_string()));
     match patched {
-        Ok(r) => Json(r.into_review()).into_response(),
+        Ok(r) => (Json(r.into_review()).into_response(), "allow"),
         // A pin that cannot be expressed refuses: the image would run by its moving tag.
         Err(e) => {
             tracing::warn!(error = %e, "cannot build the digest-pinning patch");
-            Json(
-                AdmissionResponse::from(&req)
-                    .deny(format!(
-                        "palisade cannot pin the verified image digests of Pod {}/{}: {e}",
-                        namespace, req.name
-                    ))
-                    .into_review(),
+            (
+                Json(
+                    AdmissionResponse::from(req)
+                        .deny(format!(
+                            "palisade cannot pin the verified image digests of Pod {}/{}: {e}",
+                            namespace, req.name
+                        ))
+                        .into_review(),
+                )
+                .into_response(),
+                "deny",
             )
-            .into_response()
         }
     }
 }
@@ -405,59 +369,20 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
-async fn metrics(State(state): State<Arc<AppState>>) -> String {
-    use std::fmt::Write as _;
-    let c = &state.counters;
-    let (version, commit) = crate::VERSION;
-    let mut out = format!(
-        "# HELP palisade_webhook_build_info Always 1, labelled with the running build's version and source commit\n\
-         # TYPE palisade_webhook_build_info gauge\n\
-         palisade_webhook_build_info{{version=\"{version}\",commit=\"{commit}\"}} 1\n\
-         # TYPE palisade_webhook_decisions_total counter\n\
-         palisade_webhook_decisions_total{{verdict=\"allow\"}} {}\n\
-         palisade_webhook_decisions_total{{verdict=\"deny\"}} {}\n\
-         palisade_webhook_decisions_total{{verdict=\"warn\"}} {}\n\
-         palisade_webhook_decisions_total{{verdict=\"audit\"}} {}\n\
-         # TYPE palisade_webhook_malformed_requests_total counter\n\
-         palisade_webhook_malformed_requests_total {}\n",
-        c.allow.load(Ordering::Relaxed),
-        c.deny.load(Ordering::Relaxed),
-        c.warn.load(Ordering::Relaxed),
-        c.audit.load(Ordering::Relaxed),
-        c.malformed.load(Ordering::Relaxed),
-    );
-    c.latency
-        .render("palisade_webhook_decision_duration_seconds", &mut out);
-    let labelled = state.facts.lowered_namespaces();
-    out.push_str(
-        "# HELP palisade_webhook_namespace_enforcement Namespaces by the mode their palisade.dev/enforcement label sets\n\
-         # TYPE palisade_webhook_namespace_enforcement gauge\n",
-    );
-    for mode in [Mode::Enforce, Mode::Warn, Mode::Audit] {
-        let _ = writeln!(
-            out,
-            "palisade_webhook_namespace_enforcement{{mode=\"{mode:?}\"}} {}",
-            labelled.get(&mode).copied().unwrap_or(0)
-        );
-    }
-    if let Some(leading) = state.facts.leading() {
-        let _ = write!(
-            out,
-            "# TYPE palisade_webhook_leading gauge
-palisade_webhook_leading {}
-",
-            u8::from(leading)
-        );
-    }
-    if let Some(images) = &state.images {
-        let _ = write!(
-            out,
-            "# TYPE palisade_webhook_registry_requests_total counter\n\
-             palisade_webhook_registry_requests_total {}\n",
-            images.registry_requests()
-        );
-    }
-    out
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let scrape = crate::metrics::Scrape {
+        namespaces: state.facts.lowered_namespaces(),
+        leading: state.facts.leading(),
+        images: state.images.as_ref().map(|i| i.stats()),
+    };
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.counters.render(&scrape),
+    )
+        .into_response()
 }
 
 /// Who may connect, and limits that keep one client (or many) from exhausting the server.

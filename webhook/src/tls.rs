@@ -52,6 +52,13 @@ impl ServingCert {
         }
     }
 
+    /// When the certificate served now expires (Unix time), if it parses.
+    pub fn not_after(&self) -> Option<i64> {
+        let chain = self.chain();
+        let (_, cert) = x509_parser::parse_x509_certificate(chain.first()?).ok()?;
+        Some(cert.validity().not_after.timestamp())
+    }
+
     /// The certificate chain (DER, leaf first) currently served.
     pub fn chain(&self) -> Vec<Vec<u8>> {
         self.current

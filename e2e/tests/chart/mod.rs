@@ -430,7 +430,7 @@ fn installed(env: &Env, chart: &Path, helm: &dyn Fn() -> Command) -> Result<()> 
         "chart",
         &operator_config,
         &kubeconfig_for("palisade-operator")?,
-        metrics,
+        metrics.clone(),
     )?;
 
     // The operator issues the certificate and fills in both caBundles.
@@ -622,6 +622,12 @@ fn installed(env: &Env, chart: &Path, helm: &dyn Fn() -> Command) -> Result<()> 
         "-n",
         "shop",
     ]))?;
+    // The alerts and the dashboard use only metrics these processes export.
+    let scraped = [
+        run_ok(Command::new("curl").args(["-sf", &format!("http://{metrics}/metrics")]))?,
+        wh.curl(&["/metrics"])?.1,
+    ];
+    alerts_and_dashboard_use_exported_metrics(env, chart, helm, &scraped)?;
     // No drift for Argo CD: applying the same files again would change nothing.
     for f in ["20-authpolicy-orders.yaml", "21-authpolicy-payments.yaml"] {
         let out = argo("diff", f)?;
@@ -936,4 +942,92 @@ fn namespace_roles_include_palisade(cp: &palisade_e2e::ControlPlane) -> Result<(
         eprintln!("  namespace roles: edit manages, view reads Palisade's namespaced kinds");
         Ok(())
     })
+}
+
+/// Every `palisade_*` metric the chart's PrometheusRule and Grafana dashboard name is one the
+/// operator or the webhook exports (`scraped`: their `/metrics`), and every metric exported has
+/// `# HELP`; the PrometheusRule is accepted by its CRD's schema.
+fn alerts_and_dashboard_use_exported_metrics(
+    env: &Env,
+    chart: &Path,
+    helm: &dyn Fn() -> Command,
+    scraped: &[String],
+) -> Result<()> {
+    let cp = &env.cp;
+    let rendered = run_ok(
+        helm()
+            .args(["template", "palisade", "-n", NS, "--kube-version", "1.36.3"])
+            .arg(chart)
+            .args([
+                "--set",
+                "metrics.prometheusRule.enabled=true",
+                "--set",
+                "metrics.grafanaDashboard.enabled=true",
+                "--show-only",
+                "templates/prometheusrule.yaml",
+                "--show-only",
+                "templates/dashboard.yaml",
+            ]),
+    )?;
+    let file = cp.work_dir.join("chart-monitoring.yaml");
+    std::fs::write(&file, &rendered)?;
+    accepts(
+        &run(cp
+            .kubectl()
+            .args(["apply", "--dry-run=server", "-f"])
+            .arg(&file))?,
+        "the PrometheusRule and dashboard ConfigMap (server-side dry run)",
+    )?;
+    // The series present, and the families declared (a counter no request has touched yet has
+    // its `# TYPE` and `# HELP` but no sample).
+    let mut exported: BTreeSet<String> = scraped
+        .iter()
+        .flat_map(|t| t.lines())
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .map(str::to_owned)
+        .collect();
+    for line in scraped.iter().flat_map(|t| t.lines()) {
+        let mut words = line
+            .strip_prefix("# TYPE ")
+            .into_iter()
+            .flat_map(|l| l.split(' '));
+        let (Some(name), Some(kind)) = (words.next(), words.next()) else {
+            continue;
+        };
+        let suffixes: &[&str] = match kind {
+            "counter" => &["_total"],
+            "histogram" => &["_bucket", "_sum", "_count"],
+            _ => &[""],
+        };
+        exported.extend(suffixes.iter().map(|s| format!("{name}{s}")));
+    }
+    let used: BTreeSet<String> = regex::Regex::new(r"palisade_[a-z_]+")?
+        .find_iter(&rendered)
+        .map(|m| m.as_str().to_owned())
+        .filter(|m| m != "palisade_json")
+        .collect();
+    let missing: Vec<&String> = used.iter().filter(|m| !exported.contains(*m)).collect();
+    if !missing.is_empty() {
+        bail!("the alerts or the dashboard use metrics nobody exports: {missing:?}");
+    }
+    if used.len() < 15 {
+        bail!(
+            "only {} metrics found in the alerts and the dashboard: {used:?}",
+            used.len()
+        );
+    }
+    for text in scraped {
+        for line in text.lines().filter(|l| l.starts_with("# TYPE ")) {
+            let name = line.split(' ').nth(2).unwrap_or_default();
+            if !text.contains(&format!("# HELP {name} ")) {
+                bail!("{name} has no # HELP");
+            }
+        }
+    }
+    eprintln!(
+        "  alerts and dashboard: {} metrics used, each exported; every exported metric has # HELP",
+        used.len()
+    );
+    Ok(())
 }

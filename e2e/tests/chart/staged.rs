@@ -145,6 +145,22 @@ pub fn beside_cluster_infrastructure_and_staged(env: &Env) -> Result<()> {
             },
         )?;
 
+        // Argo CD's health check for Palisade's kinds, as the README says to register it: the
+        // block form is a valid argocd-cm; the split key with a wildcard is not a ConfigMap key.
+        let argocd_cm = repo_root().join("argocd/argocd-cm.yaml");
+        accepts(
+            &run(cp
+                .kubectl()
+                .args(["apply", "--dry-run=server", "-f"])
+                .arg(&argocd_cm))?,
+            "argocd/argocd-cm.yaml",
+        )?;
+        let split = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: argocd-cm, namespace: argocd}\ndata:\n  resource.customizations.health.palisade.dev_*: 'return {}'\n";
+        rejects(
+            &apply(cp, "argocd", "split-key", split, &["--dry-run=server"])?,
+            "a split health key with a wildcard",
+            &["a valid config key must consist of alphanumeric characters"],
+        )?;
         // The infrastructure is admitted as its projects ship it ...
         for (ns, name, secret) in INFRASTRUCTURE {
             accepts(

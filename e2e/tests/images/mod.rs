@@ -555,8 +555,16 @@ fn private_registry_tampering_quorum_audit_and_templates(env: &Env) -> Result<()
         if String::from_utf8_lossy(&out.stderr).contains("Warning") {
             bail!("an Audit policy warned: {}", String::from_utf8_lossy(&out.stderr));
         }
+        // Recorded in the decision's security event: verdict audit, the failure in `audited`.
         cp.eventually("the audit failure logged", Duration::from_secs(10), || {
-            wh.log_tail().lines().any(|l| l.contains("audit mode") && l.contains(&audit)).then_some(())
+            wh.log_tail()
+                .lines()
+                .any(|l| {
+                    l.contains("\"verdict\":\"audit\"")
+                        && l.contains("\"audited\":\"")
+                        && l.contains(&format!("image policy {audit} not satisfied"))
+                })
+                .then_some(())
         })?;
 
         // A Deployment verified at admission: its ReplicaSet resolves its tag once more, its

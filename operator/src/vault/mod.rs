@@ -370,7 +370,11 @@ impl Vault {
         body: Option<&Value>,
         token: Option<&str>,
     ) -> Result<Outcome, VaultError> {
-        exchange(&self.http, &self.settings, method, path, body, token).await
+        let outcome = exchange(&self.http, &self.settings, method, path, body, token).await;
+        if matches!(&outcome, Err(_) | Ok(Outcome::Status(..))) {
+            self.metrics.vault_error();
+        }
+        outcome
     }
 
     /// Logs in anew with a fresh ServiceAccount token.

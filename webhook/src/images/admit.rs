@@ -87,7 +87,7 @@ pub async fn check_pod(
                 users.join(", "),
                 v.policy
             );
-            match lowered(v.mode, ceiling) {
+            match noted(&mut verdict, &v.policy, lowered(v.mode, ceiling)) {
                 Mode::Enforce => denials.push(text),
                 Mode::Warn => warnings.push(text),
                 Mode::Audit => verdict.audited.push(text),
@@ -137,6 +137,14 @@ pub async fn check_pod(
         verdict.verdict = "deny";
     }
     (resp, verdict)
+}
+
+/// Notes in `verdict` that policy `policy` failed in `mode`; `mode`.
+fn noted(verdict: &mut Verdict, policy: &str, mode: Mode) -> Mode {
+    verdict
+        .modes
+        .push((format!("image-signature/{policy}"), mode));
+    mode
 }
 
 /// A policy's mode, lowered to `ceiling` (a namespace's enforcement label) when that is lower.

@@ -226,6 +226,8 @@ pub struct ImageVerifier {
     fetches: Arc<Slots>,
     templates: Mutex<TemplateDigests>,
     pull_secrets: Option<Arc<dyn PullSecretSource>>,
+    hits: std::sync::atomic::AtomicU64,
+    misses: std::sync::atomic::AtomicU64,
 }
 
 impl ImageVerifier {
@@ -240,6 +242,8 @@ impl ImageVerifier {
             fetches: Arc::new(Slots::default()),
             templates: Mutex::new(HashMap::new()),
             pull_secrets: None,
+            hits: std::sync::atomic::AtomicU64::new(0),
+            misses: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -287,10 +291,28 @@ impl ImageVerifier {
 
     fn cached(&self, key: &CacheKey) -> Option<Result<(), String>> {
         let cache = lock(&self.cache);
-        cache
+        let hit = cache
             .get(key)
             .filter(|(until, _)| *until > Instant::now())
-            .map(|(_, r)| r.clone())
+            .map(|(_, r)| r.clone());
+        let counter = if hit.is_some() {
+            &self.hits
+        } else {
+            &self.misses
+        };
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        hit
+    }
+
+    /// Registry requests and errors, verdict-cache hits and misses so far.
+    pub fn stats(&self) -> crate::metrics::ImageStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        crate::metrics::ImageStats {
+            registry_requests: self.registry.requests(),
+            registry_errors: self.registry.errors(),
+            cache_hits: self.hits.load(Relaxed),
+            cache_misses: self.misses.load(Relaxed),
+        }
     }
 
     fn remember(&self, key: CacheKey, outcome: &Result<(), String>) {

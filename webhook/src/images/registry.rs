@@ -105,6 +105,7 @@ pub struct Registry {
     /// Hosts that asked for Basic credentials: sent at once next time.
     basic_hosts: Mutex<std::collections::BTreeSet<String>>,
     requests: AtomicU64,
+    errors: AtomicU64,
 }
 
 /// A host (with port) that redirects may not lead to: loopback, link-local, unspecified.
@@ -310,12 +311,18 @@ impl Registry {
             tokens: Mutex::new(lru::LruCache::new(MAX_TOKENS)),
             basic_hosts: Mutex::new(std::collections::BTreeSet::new()),
             requests: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
         })
     }
 
     /// Registry requests made so far.
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Registry requests that failed so far: no answer, a body over its limit, a 5xx status.
+    pub fn errors(&self) -> u64 {
+        self.errors.load(Ordering::Relaxed)
     }
 
     /// `scheme://host` of `reference`'s registry (Docker Hub's API host for `docker.io`).
@@ -421,8 +428,23 @@ impl Registry {
         None
     }
 
-    /// One request, its body read in pieces up to `cap`.
+    /// One request, its body read in pieces up to `cap`; failures are counted.
     async fn send(
+        &self,
+        url: &str,
+        accept: &str,
+        authorization: Option<&str>,
+        cap: usize,
+        host: &str,
+    ) -> Result<Answer, RegistryError> {
+        let answer = self.send_once(url, accept, authorization, cap, host).await;
+        if answer.as_ref().map_or(true, |a| a.status.is_server_error()) {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        answer
+    }
+
+    async fn send_once(
         &self,
         url: &str,
         accept: &str,
