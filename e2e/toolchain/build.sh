@@ -3,8 +3,7 @@
 # into a cache directory keyed by tool and version. A second run finds them and builds nothing.
 #
 #   e2e/toolchain/build.sh [TOOL...]     TOOL: k8s crds opa spire spirecm openbao cosign crane registry helm
-#                                        istio node coredns shopapp gitleaks conftest (default: all but
-#                                        conftest)
+#                                        istio node coredns shopapp gitleaks conftest regal (default: all)
 #   e2e/toolchain/build.sh --print-bin   the directory holding every built binary (created)
 #
 # Environment: PALISADE_CACHE (default ~/.cache/palisade-e2e).
@@ -48,6 +47,8 @@ MODULE_TOOLS=(
   "istio   1.31-eed52ebb istio 0 pilot-discovery=istio.io/istio/pilot/cmd/pilot-discovery xdsdump=./xdsdump"
   # Cluster DNS for the node: CoreDNS with the plugins it needs (e2e/toolchain/coredns/main.go).
   "coredns v1.15.0 coredns 0 coredns=."
+  # Regal, the Rego linter (its module's latest version the proxy serves with a checksum).
+  "regal   v0.33.1 regal 0 regal=github.com/styrainc/regal"
   # The example shop's workload (the node's images); its version is a hash of its source.
   "shopapp $(cat "$here"/shopapp/go.mod "$here"/shopapp/*.go | sha256sum | cut -c1-12) shopapp 0 shop-app=."
 )
@@ -244,7 +245,7 @@ build_node() {
 }
 
 want=("$@")
-((${#want[@]})) || want=(k8s crds opa spire spirecm openbao istio node coredns shopapp cosign crane registry helm gitleaks)
+((${#want[@]})) || want=(k8s crds opa conftest regal spire spirecm openbao istio node coredns shopapp cosign crane registry helm gitleaks)
 total=$SECONDS
 for w in "${want[@]}"; do
   case "$w" in
@@ -262,7 +263,7 @@ for w in "${want[@]}"; do
         if [[ "${f[0]}" == "$w" ]]; then build_module "${f[@]}"; found=1; fi
       done
       ((found)) || {
-        log "unknown tool '$w' (known: k8s crds helm opa conftest cosign crane registry gitleaks spire spirecm openbao istio node coredns shopapp)"
+        log "unknown tool '$w' (known: k8s crds helm opa conftest regal cosign crane registry gitleaks spire spirecm openbao istio node coredns shopapp)"
         exit 2
       }
       ;;

@@ -31,7 +31,7 @@ bearer := substring(auth, 7, -1) if {
 }
 
 # The issuer's keys: from jwksUri, else from the issuer's OpenID discovery document.
-jwks_uri := config.jwksUri if config.jwksUri
+jwks_uri := config.jwksUri
 
 jwks_uri := discovery.body.jwks_uri if {
 	not config.jwksUri
@@ -89,7 +89,10 @@ claims := payload if {
 	valid
 }
 
-scopes := {s | some s in split(claims.scope, " "); s != ""}
+scopes contains s if {
+	some s in split(claims.scope, " ")
+	s != ""
+}
 
 deny contains "no bearer token" if not bearer
 

@@ -34,6 +34,10 @@ pub const TESTS: &[(&str, TestFn)] = &[
         staged::beside_cluster_infrastructure_and_staged,
     ),
     (
+        "chart::rendered_chart_passes_its_own_admission_policy",
+        rendered_chart_passes_its_own_admission_policy,
+    ),
+    (
         "chart::readme_values_reference_is_current",
         readme_values_reference_is_current,
     ),
@@ -1028,6 +1032,79 @@ fn alerts_and_dashboard_use_exported_metrics(
     eprintln!(
         "  alerts and dashboard: {} metrics used, each exported; every exported metric has # HELP",
         used.len()
+    );
+    Ok(())
+}
+
+/// The chart's rendered manifests pass Palisade's own secrets policy under conftest (the same
+/// Rego the webhook runs, through the adapter in policies/conftest), in both the default and a
+/// full variant; the same output with a Secret put in an environment variable fails, naming it.
+fn rendered_chart_passes_its_own_admission_policy(env: &Env) -> Result<()> {
+    let cp = &env.cp;
+    let chart = repo_root().join("charts/palisade");
+    let conftest = |file: &Path| -> Result<std::process::Output> {
+        run(Command::new(env.opts.bin_dir.join("conftest"))
+            .args([
+                "test",
+                "--no-color",
+                "--namespace",
+                "palisade.conftest",
+                "--policy",
+            ])
+            .arg(repo_root().join("policies"))
+            .arg(file))
+    };
+    for (variant, sets) in [
+        ("defaults", vec![]),
+        (
+            "cert-manager, SPIRE, Vault",
+            vec![
+                "certificates.source=certManager",
+                "identitySource=Spire",
+                "operator.vault.address=https://openbao.example:8200",
+                "operator.vault.role=palisade-operator",
+                "operator.vault.serviceAccount.namespace=palisade-system",
+                "operator.vault.serviceAccount.name=palisade-operator",
+                "operator.vaultCAConfigMap=vault-ca",
+            ],
+        ),
+    ] {
+        let mut cmd = Command::new(env.opts.bin_dir.join("helm"));
+        cmd.args(["template", "palisade", "-n", NS, "--kube-version", "1.36.3"])
+            .arg(&chart);
+        for set in &sets {
+            cmd.args(["--set", set]);
+        }
+        let rendered = run_ok(&mut cmd)?;
+        let file = cp.work_dir.join("conftest-chart.yaml");
+        std::fs::write(&file, &rendered)?;
+        accepts(
+            &conftest(&file)?,
+            &format!("conftest on the chart ({variant})"),
+        )?;
+        // A chart change that puts a Secret in the operator's environment.
+        let leaky = rendered.replacen(
+            "            - name: RUST_LOG\n",
+            "            - name: VAULT_TOKEN\n              valueFrom: {secretKeyRef: {name: vault, key: token}}\n            - name: RUST_LOG\n",
+            1,
+        );
+        if leaky == rendered {
+            bail!("the rendered chart has no RUST_LOG variable to put a Secret beside");
+        }
+        let file = cp.work_dir.join("conftest-chart-leaky.yaml");
+        std::fs::write(&file, &leaky)?;
+        let out = conftest(&file)?;
+        let said = String::from_utf8_lossy(&out.stdout);
+        if out.status.success()
+            || !said.contains("env VAULT_TOKEN takes key \"token\" of Secret \"vault\"")
+        {
+            bail!(
+                "conftest passed a chart with a Secret in an environment variable ({variant}): {said}"
+            );
+        }
+    }
+    eprintln!(
+        "  conftest: both chart variants pass Palisade's secrets policy; a Secret put in env fails"
     );
     Ok(())
 }

@@ -1,0 +1,34 @@
+package palisade.conftest_test
+
+import data.palisade.conftest
+import rego.v1
+
+deployment(env) := {
+	"apiVersion": "apps/v1",
+	"kind": "Deployment",
+	"metadata": {"name": "web"},
+	"spec": {"template": {"spec": {"containers": [{"name": "app", "image": "r/a:1", "env": env}]}}},
+}
+
+test_a_secret_in_a_template_env_is_denied if {
+	env := [{"name": "DB_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "db", "key": "pw"}}}]
+	some msg in conftest.deny with input as deployment(env)
+	startswith(msg, "Deployment web: container \"app\": env DB_PASSWORD")
+}
+
+test_a_cronjob_init_container_is_read if {
+	job := {
+		"kind": "CronJob",
+		"metadata": {"name": "nightly"},
+		"spec": {"jobTemplate": {"spec": {"template": {"spec": {
+			"containers": [{"name": "app"}],
+			"initContainers": [{"name": "init", "envFrom": [{"secretRef": {"name": "all"}}]}],
+		}}}}},
+	}
+	count(conftest.deny) == 1 with input as job
+}
+
+test_a_clean_deployment_and_other_kinds_pass if {
+	count(conftest.deny) == 0 with input as deployment([{"name": "MODE", "value": "prod"}])
+	count(conftest.deny) == 0 with input as {"kind": "ConfigMap", "metadata": {"name": "x"}, "data": {"k": "v"}}
+}
