@@ -65,6 +65,16 @@ fn readme_values_reference_is_current(_env: &Env) -> Result<()> {
 }
 
 const NS: &str = "palisade-system";
+
+/// The chart's values for cert-manager certificates, SPIRE identities and a Vault.
+const FULL_VARIANT: &[&str] = &[
+    "certificates.source=certManager",
+    "identitySource=Spire",
+    "operator.vault.address=https://openbao.example:8200",
+    "operator.vault.role=palisade-operator",
+    "operator.vault.serviceAccount.namespace=palisade-system",
+    "operator.vault.serviceAccount.name=palisade-operator",
+];
 const OPERATOR_SA: &str = "system:serviceaccount:palisade-system:palisade-operator";
 const WEBHOOK_SA: &str = "system:serviceaccount:palisade-system:palisade-webhook";
 
@@ -247,18 +257,16 @@ fn installs_runs_with_least_privilege_and_uninstalls(env: &Env) -> Result<()> {
         ("defaults", vec![]),
         (
             "cert-manager, SPIRE, Vault, own ImagePolicy, ServiceMonitor",
-            vec![
-                "certificates.source=certManager",
-                "identitySource=Spire",
-                "operator.vault.address=https://openbao.example:8200",
-                "operator.vault.role=palisade-operator",
-                "operator.vault.serviceAccount.namespace=palisade-system",
-                "operator.vault.serviceAccount.name=palisade-operator",
-                "imagePolicy.enabled=true",
-                "metrics.serviceMonitor.enabled=true",
-                "networkPolicy.egress.enabled=true",
-                "networkPolicy.apiServerCIDRs={127.0.0.1/32}",
-            ],
+            [
+                FULL_VARIANT,
+                &[
+                    "imagePolicy.enabled=true",
+                    "metrics.serviceMonitor.enabled=true",
+                    "networkPolicy.egress.enabled=true",
+                    "networkPolicy.apiServerCIDRs={127.0.0.1/32}",
+                ][..],
+            ]
+            .concat(),
         ),
     ] {
         let mut cmd = helm();
@@ -1058,15 +1066,7 @@ fn rendered_chart_passes_its_own_admission_policy(env: &Env) -> Result<()> {
         ("defaults", vec![]),
         (
             "cert-manager, SPIRE, Vault",
-            vec![
-                "certificates.source=certManager",
-                "identitySource=Spire",
-                "operator.vault.address=https://openbao.example:8200",
-                "operator.vault.role=palisade-operator",
-                "operator.vault.serviceAccount.namespace=palisade-system",
-                "operator.vault.serviceAccount.name=palisade-operator",
-                "operator.vaultCAConfigMap=vault-ca",
-            ],
+            [FULL_VARIANT, &["operator.vaultCAConfigMap=vault-ca"][..]].concat(),
         ),
     ] {
         let mut cmd = Command::new(env.opts.bin_dir.join("helm"));
