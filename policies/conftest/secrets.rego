@@ -22,11 +22,16 @@ pod_spec_path := {
 	"CronJob": ["spec", "jobTemplate", "spec", "template", "spec"],
 }
 
-pod_spec := object.get(input, pod_spec_path[input.kind], {})
+# The objects of the input: a List's items, or the object itself.
+objects := input.items if endswith(input.kind, "List")
 
-containers := [c |
+else := [input]
+
+pod_spec(obj, paths) := object.get(obj, paths[obj.kind], {})
+
+containers(spec) := [c |
 	some field in ["initContainers", "containers", "ephemeralContainers"]
-	some i, k in object.get(pod_spec, field, [])
+	some i, k in object.get(spec, field, [])
 	c := {
 		"field": field,
 		"index": i,
@@ -39,7 +44,11 @@ containers := [c |
 # METADATA
 # entrypoint: true
 deny contains msg if {
+	some obj in objects
+	pod_spec_path[obj.kind]
+	pod := {"containers": containers(pod_spec(obj, pod_spec_path))}
+
 	# regal ignore:with-outside-test-context
-	some finding in secrets.deny with input as {"containers": containers}
-	msg := sprintf("%s %s: %s", [input.kind, input.metadata.name, finding.message])
+	some finding in secrets.deny with input as pod
+	msg := sprintf("%s %s: %s", [obj.kind, obj.metadata.name, finding.message])
 }

@@ -32,3 +32,12 @@ test_a_clean_deployment_and_other_kinds_pass if {
 	count(conftest.deny) == 0 with input as deployment([{"name": "MODE", "value": "prod"}])
 	count(conftest.deny) == 0 with input as {"kind": "ConfigMap", "metadata": {"name": "x"}, "data": {"k": "v"}}
 }
+
+test_workloads_inside_a_list_are_read if {
+	env := [{"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "t", "key": "k"}}}]
+	list := {"apiVersion": "v1", "kind": "List", "items": [
+		{"kind": "ConfigMap", "metadata": {"name": "c"}},
+		deployment(env),
+	]}
+	count(conftest.deny) == 1 with input as list
+}
