@@ -246,6 +246,35 @@ impl OciRegistry {
         .map(|_| ())
     }
 
+    /// A key pair named `name` of another type, made by OpenSSL (`genpkey` with `args`, e.g.
+    /// `["-algorithm", "ED25519"]`) and imported with `cosign import-key-pair`, as a team brings a
+    /// key cosign does not generate; the public key's path.
+    pub fn imported_key_pair(&self, name: &str, args: &[&str]) -> Result<PathBuf> {
+        let dir = self.dir.join(format!("key-{name}"));
+        std::fs::create_dir_all(&dir)?;
+        run_ok(
+            Command::new("openssl")
+                .arg("genpkey")
+                .args(args)
+                .args(["-out", "private.pem"])
+                .current_dir(&dir),
+        )?;
+        run_ok(
+            Command::new(self.bin_dir.join("cosign"))
+                .args([
+                    "import-key-pair",
+                    "--key",
+                    "private.pem",
+                    "--output-key-prefix",
+                    "cosign",
+                ])
+                .env("COSIGN_PASSWORD", "")
+                .current_dir(&dir),
+        )?;
+        std::fs::remove_file(dir.join("private.pem"))?;
+        Ok(dir.join("cosign.pub"))
+    }
+
     /// Generates a cosign key pair named `name`; the public key's path.
     pub fn key_pair(&self, name: &str) -> Result<PathBuf> {
         let dir = self.dir.join(format!("key-{name}"));

@@ -40,6 +40,10 @@ pub const TESTS: &[(&str, TestFn)] = &[
         "images::one_replica_writes_policy_status",
         one_replica_writes_policy_status,
     ),
+    (
+        "images::key_types_cosign_imports_verify",
+        key_types_cosign_imports_verify,
+    ),
 ];
 
 const SLSA: &str = "https://slsa.dev/provenance/v0.2";
@@ -724,4 +728,90 @@ fn policy_ready(cp: &palisade_e2e::controlplane::ControlPlane, name: &str) -> Op
     ]))
     .ok()
     .filter(|r| !r.is_empty())
+}
+
+/// Keys of the types cosign imports and KMS keys commonly are — ECDSA P-384 and RSA 3072 — made
+/// by OpenSSL, imported and used by the real cosign: an ImagePolicy naming the key admits the
+/// image it signed, and refuses the images signed by a key of another type (and the P-256 key
+/// cosign generates) when only that key is named. An Ed25519 key signs with Ed25519ph under
+/// cosign, which Palisade does not verify: refused, saying why.
+fn key_types_cosign_imports_verify(env: &Env) -> Result<()> {
+    let cp = &env.cp;
+    let reg = OciRegistry::start(&env.opts.bin_dir, &cp.work_dir.join("registry-key-types"))?;
+    let kinds: [(&str, &[&str]); 2] = [
+        (
+            "p384",
+            &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-384"],
+        ),
+        (
+            "rsa",
+            &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:3072"],
+        ),
+    ];
+    let ed25519 =
+        std::fs::read_to_string(reg.imported_key_pair("ed25519", &["-algorithm", "ED25519"])?)?;
+    reg.push_signed("ed25519", "ed25519/app", "ed25519", None, Layout::Tags)?;
+    let mut keys = Vec::new();
+    for (name, args) in kinds {
+        keys.push((
+            name,
+            std::fs::read_to_string(reg.imported_key_pair(name, args)?)?,
+        ));
+        reg.push_signed(name, &format!("{name}/app"), name, None, Layout::Tags)?;
+    }
+    reg.key_pair("p256")?;
+    reg.push_signed("p256", "p256/app", "p256", None, Layout::Tags)?;
+    let wh = WebhookProcess::start(cp, "key-types", &reg.webhook_config())?;
+    wh.register(cp, "palisade-e2e-key-types")?;
+    let result = cp.with_temp_ns("keys", |ns| {
+        let host = reg.host.clone();
+        let scene = Scene { cp, ns, host: &host };
+        scene.prepare()?;
+        for (name, public) in &keys {
+            let key = public.lines().map(|l| format!("          {l}")).collect::<Vec<_>>().join("\n");
+            // The policy covers every repository of this registry, with only this key.
+            let policy = scene.policy(
+                &format!("-{name}"),
+                "*",
+                &format!("  authorities:\n    - name: {name}\n      transparencyLog: Ignore\n      key:\n        publicKey: |\n{key}\n"),
+            )?;
+            cp.eventually(&format!("ImagePolicy {policy} Loaded"), Duration::from_secs(30), || {
+                scene.ready(&policy).filter(|r| r == "Loaded")
+            })?;
+            let mut attempt = 0;
+            cp.eventually(&format!("{name}: its image admitted"), Duration::from_secs(30), || {
+                attempt += 1;
+                let out = scene.pod(&format!("{name}-{attempt}"), &format!("{host}/{name}/app:v1"), "").ok()?;
+                out.status.success().then_some(())
+            })?;
+            for (other, _) in keys.iter().filter(|(o, _)| o != name).chain([&("p256", String::new())]) {
+                rejects(
+                    &scene.pod(&format!("{name}-by-{other}"), &format!("{host}/{other}/app:v1"), "")?,
+                    &format!("an image signed with the {other} key under a policy naming the {name} key"),
+                    &[&format!("authority {name}")],
+                )?;
+            }
+            run_ok(cp.kubectl().args(["delete", "imagepolicy", &policy]))?;
+            eprintln!("  {name}: signed by cosign with the imported key, admitted; the other key types refused");
+        }
+        let key = ed25519.lines().map(|l| format!("          {l}")).collect::<Vec<_>>().join("\n");
+        let policy = scene.policy(
+            "-ed25519",
+            "*",
+            &format!("  authorities:\n    - name: ed25519\n      transparencyLog: Ignore\n      key:\n        publicKey: |\n{key}\n"),
+        )?;
+        cp.eventually("ImagePolicy ed25519 Loaded", Duration::from_secs(30), || {
+            scene.ready(&policy).filter(|r| r == "Loaded")
+        })?;
+        let mut attempt = 0;
+        let out = cp.eventually("the Ed25519 policy applied", Duration::from_secs(30), || {
+            attempt += 1;
+            let out = scene.pod(&format!("ed25519-{attempt}"), &format!("{host}/ed25519/app:v1"), "").ok()?;
+            String::from_utf8_lossy(&out.stderr).contains("authority ed25519").then_some(out)
+        })?;
+        rejects(&out, "an image cosign signed with an Ed25519 key", &["cosign signs images with Ed25519ph"])?;
+        run_ok(cp.kubectl().args(["delete", "imagepolicy", &policy]))?;
+        Ok(())
+    });
+    wh.unregister_after(cp, "palisade-e2e-key-types", result)
 }

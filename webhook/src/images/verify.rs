@@ -144,8 +144,23 @@ impl Signer {
                     SubjectPublicKeyInfoDer::from_pem_slice(pem).map_err(|e| e.to_string())?;
                 let key =
                     webpki::RawPublicKeyEntity::try_from(&spki).map_err(|e| format!("{e:?}"))?;
-                key.verify_signature(webpki::ring::ECDSA_P256_SHA256, msg, sig)
-                    .map_err(|_| "signature does not verify with the key".to_owned())?;
+                if !SIGNATURE_ALGORITHMS
+                    .iter()
+                    .any(|alg| key.verify_signature(*alg, msg, sig).is_ok())
+                {
+                    // id-Ed25519 (1.3.101.112) in the key's algorithm identifier.
+                    if spki
+                        .as_ref()
+                        .windows(5)
+                        .any(|w| w == [0x06, 0x03, 0x2b, 0x65, 0x70])
+                    {
+                        return Err("signature does not verify with the key (an Ed25519 key: \
+                                    Palisade verifies pure Ed25519 signatures, while cosign signs \
+                                    images with Ed25519ph; sign with an ECDSA or RSA key)"
+                            .to_owned());
+                    }
+                    return Err("signature does not verify with the key".to_owned());
+                }
                 Ok(format!("key {}", B64.encode(spki.as_ref())))
             }
             Signer::Keyless { roots, identities } => {
@@ -154,6 +169,26 @@ impl Signer {
         }
     }
 }
+
+/// What a key may sign with: what cosign generates and imports and what KMS keys commonly are —
+/// ECDSA P-256 and P-384 (SHA-256 or SHA-384), RSA (PKCS#1 v1.5 or PSS, SHA-256 to SHA-512,
+/// 2048 bits or more), and pure Ed25519 (cosign signs images with Ed25519ph, which is not
+/// verified: such signatures are refused, saying so). A key is only ever checked with the algorithms of its own type
+/// (the key's algorithm identifier must match), so accepting several never lets one kind of
+/// signature pass for another.
+const SIGNATURE_ALGORITHMS: &[&dyn rustls_pki_types::SignatureVerificationAlgorithm] = &[
+    webpki::ring::ECDSA_P256_SHA256,
+    webpki::ring::ECDSA_P256_SHA384,
+    webpki::ring::ECDSA_P384_SHA384,
+    webpki::ring::ECDSA_P384_SHA256,
+    webpki::ring::ED25519,
+    webpki::ring::RSA_PKCS1_2048_8192_SHA256,
+    webpki::ring::RSA_PKCS1_2048_8192_SHA384,
+    webpki::ring::RSA_PKCS1_2048_8192_SHA512,
+    webpki::ring::RSA_PSS_2048_8192_SHA256_LEGACY_KEY,
+    webpki::ring::RSA_PSS_2048_8192_SHA384_LEGACY_KEY,
+    webpki::ring::RSA_PSS_2048_8192_SHA512_LEGACY_KEY,
+];
 
 fn roots_of(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, VerifyError> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem)
@@ -200,12 +235,8 @@ fn keyless(
     let (_, x509) = x509_parser::parse_x509_certificate(&leaf).map_err(|e| e.to_string())?;
     let not_before = u64::try_from(x509.validity().not_before.timestamp()).unwrap_or(0);
     let ee = webpki::EndEntityCert::try_from(&leaf).map_err(|e| format!("{e:?}"))?;
-    let algs = &[
-        webpki::ring::ECDSA_P256_SHA256,
-        webpki::ring::ECDSA_P384_SHA384,
-    ];
     ee.verify_for_usage(
-        algs,
+        SIGNATURE_ALGORITHMS,
         &anchors,
         &chain,
         UnixTime::since_unix_epoch(std::time::Duration::from_secs(not_before)),
@@ -245,8 +276,12 @@ fn keyless(
             "signed by {subject} via {issuer}, which no accepted identity matches"
         ));
     }
-    ee.verify_signature(webpki::ring::ECDSA_P256_SHA256, msg, sig)
-        .map_err(|_| "signature does not verify with the certificate's key".to_owned())?;
+    if !SIGNATURE_ALGORITHMS
+        .iter()
+        .any(|alg| ee.verify_signature(*alg, msg, sig).is_ok())
+    {
+        return Err("signature does not verify with the certificate's key".to_owned());
+    }
     Ok(format!("identity {issuer} {subject}"))
 }
 
@@ -565,6 +600,55 @@ mod tests {
             B64.encode(spki)
         );
         (pair, pem.into_bytes())
+    }
+
+    fn pem(spki: &[u8]) -> Vec<u8> {
+        format!(
+            "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
+            B64.encode(spki)
+        )
+        .into_bytes()
+    }
+
+    #[test]
+    fn p384_and_ed25519_keys_verify_and_never_stand_in_for_each_other() {
+        use ring::signature::{ECDSA_P384_SHA384_ASN1_SIGNING, Ed25519KeyPair};
+        let rng = SystemRandom::new();
+        let msg = b"payload";
+        // ECDSA P-384 (SHA-384), as KMS keys often are.
+        let pkcs8 =
+            EcdsaKeyPair::generate_pkcs8(&ECDSA_P384_SHA384_ASN1_SIGNING, &rng).expect("key");
+        let p384 = EcdsaKeyPair::from_pkcs8(&ECDSA_P384_SHA384_ASN1_SIGNING, pkcs8.as_ref(), &rng)
+            .expect("pair");
+        let mut spki = vec![
+            0x30, 0x76, 0x30, 0x10, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06,
+            0x05, 0x2b, 0x81, 0x04, 0x00, 0x22, 0x03, 0x62, 0x00,
+        ];
+        spki.extend_from_slice(p384.public_key().as_ref());
+        let p384_key = Signer::Key(pem(&spki));
+        p384_key.validate().expect("valid P-384 key");
+        let p384_sig = p384.sign(&rng, msg).expect("sign");
+        // Ed25519.
+        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).expect("key");
+        let ed = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).expect("pair");
+        let mut spki = vec![
+            0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+        ];
+        spki.extend_from_slice(ed.public_key().as_ref());
+        let ed_key = Signer::Key(pem(&spki));
+        let ed_sig = ed.sign(msg);
+        let none = BTreeMap::new();
+        assert!(p384_key.check(&none, msg, p384_sig.as_ref()).is_ok());
+        assert!(ed_key.check(&none, msg, ed_sig.as_ref()).is_ok());
+        // Each key refuses the other's signature, a changed message, and a P-256 signature.
+        assert!(p384_key.check(&none, msg, ed_sig.as_ref()).is_err());
+        assert!(ed_key.check(&none, msg, p384_sig.as_ref()).is_err());
+        assert!(p384_key.check(&none, b"other", p384_sig.as_ref()).is_err());
+        assert!(ed_key.check(&none, b"other", ed_sig.as_ref()).is_err());
+        let (p256, _) = key();
+        let p256_sig = p256.sign(&rng, msg).expect("sign");
+        assert!(p384_key.check(&none, msg, p256_sig.as_ref()).is_err());
+        assert!(ed_key.check(&none, msg, p256_sig.as_ref()).is_err());
     }
 
     fn sign(pair: &EcdsaKeyPair, msg: &[u8]) -> String {
