@@ -163,6 +163,32 @@ impl PullSecretSource for ApiPullSecrets {
     ) -> BoxFuture<'a, Result<Option<SecretData>, FactError>> {
         Box::pin(object_data(&self.0, "Secret", namespace, name))
     }
+
+    fn service_account_pull_secrets<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<String>, FactError>> {
+        Box::pin(async move {
+            let sa = Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(
+                self.0.clone(),
+                namespace,
+            )
+            .get_opt(name)
+            .await
+            .map_err(|e| FactError::Api {
+                object: format!("ServiceAccount {namespace}/{name}"),
+                why: e.to_string(),
+            })?;
+            Ok(sa
+                .and_then(|sa| sa.image_pull_secrets)
+                .into_iter()
+                .flatten()
+                .map(|r| r.name)
+                .filter(|n| !n.is_empty())
+                .collect())
+        })
+    }
 }
 
 impl ClusterFacts {

@@ -51,6 +51,8 @@ pub struct Verdict {
     pub all_images: BTreeSet<String>,
     /// The pod's `imagePullSecrets`, the credentials its images are read with.
     pub pull_secrets: Vec<String>,
+    /// The pod's ServiceAccount (`default` when it names none).
+    pub service_account: String,
 }
 
 /// Decides one request.
@@ -151,6 +153,7 @@ pub fn decide(
         images,
         all_images,
         pull_secrets: crate::pods::pull_secrets(&pod.spec),
+        service_account: crate::pods::service_account(&pod.spec),
     };
     let mut resp = if denials.is_empty() {
         AdmissionResponse::from(req)

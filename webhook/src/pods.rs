@@ -77,6 +77,14 @@ pub fn pull_secrets(spec: &PodSpec) -> Vec<String> {
         .collect()
 }
 
+/// The ServiceAccount a pod runs as (`default` when it names none).
+pub fn service_account(spec: &PodSpec) -> String {
+    spec.service_account_name
+        .clone()
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "default".to_owned())
+}
+
 /// One place in a pod spec that names an image: a container of any list, or an image volume
 /// (`volumes[].image.reference`, which the kubelet pulls like a container image).
 #[derive(Clone, Debug, PartialEq, Eq)]

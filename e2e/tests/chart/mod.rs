@@ -99,6 +99,7 @@ const NOT_EXERCISED: &[&str] = &[
     "operator patch palisade.dev/ratelimitpolicies",
     "webhook get configmaps",
     "webhook get secrets",
+    "webhook get serviceaccounts",
     "operator create security.istio.io/requestauthentications",
     "operator create security.istio.io/peerauthentications",
     "operator create networking.istio.io/envoyfilters",

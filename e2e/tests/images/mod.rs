@@ -504,6 +504,19 @@ fn private_registry_tampering_quorum_audit_and_templates(env: &Env) -> Result<()
         rejects(&scene.pod("missing-secret", &image, "  imagePullSecrets: [{name: nosuch}]\n")?,
             "private image with a pull secret that does not exist", &["cannot resolve the image digest"])?;
         accepts(&scene.pod("private", &image, with_creds)?, "private image read with the pod's imagePullSecret")?;
+        // A workload template names no pull secret: its ServiceAccount's are read, as its pods
+        // will get them. Without them on the ServiceAccount, the private image cannot be read.
+        let deployment = |name: &str, sa: &str| -> Result<std::process::Output> {
+            let file = cp.work_dir.join(format!("deploy-{ns}-{name}.yaml"));
+            std::fs::write(&file, format!("apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: {name}}}\nspec:\n  selector: {{matchLabels: {{app: {name}}}}}\n  template:\n    metadata: {{labels: {{app: {name}}}}}\n    spec:\n      serviceAccountName: {sa}\n      containers: [{{name: app, image: \"{image}\"}}]\n"))?;
+            run(cp.kubectl().args(["apply", "--dry-run=server", "-n", ns, "-f"]).arg(&file))
+        };
+        rejects(&deployment("no-sa-secret", "orders")?, "a template whose ServiceAccount has no pull secret",
+            &["cannot resolve the image digest"])?;
+        run_ok(cp.kubectl().args(["create", "serviceaccount", "puller", "-n", ns]))?;
+        run_ok(cp.kubectl().args(["patch", "serviceaccount", "puller", "-n", ns, "-p",
+            r#"{"imagePullSecrets": [{"name": "regcred"}]}"#]))?;
+        accepts(&deployment("sa-secret", "puller")?, "a template read with its ServiceAccount's imagePullSecret")?;
         let pinned = run_ok(cp.kubectl().args(["get", "pod", "private", "-n", ns, "-o",
             "jsonpath={.spec.containers[0].image}"]))?;
         if pinned != format!("{image}@{app}") {

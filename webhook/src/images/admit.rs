@@ -30,7 +30,7 @@ pub async fn check_pod(
     req: &AdmissionRequest<DynamicObject>,
     labels: &BTreeMap<String, String>,
     deadline: Instant,
-    mut resp: AdmissionResponse,
+    resp: AdmissionResponse,
     mut verdict: Verdict,
 ) -> (AdmissionResponse, Verdict) {
     // The decision collects no images for exempt namespaces, deletions and objects without a
@@ -40,9 +40,17 @@ pub async fn check_pod(
         return (resp, verdict);
     }
     let namespace = req.namespace.clone().unwrap_or_default();
-    let mut scope = scope_of(req, std::mem::take(&mut verdict.pull_secrets));
-    scope.images = std::mem::take(&mut verdict.all_images);
     let is_pod = req.kind.kind == "Pod";
+    let secrets = std::mem::take(&mut verdict.pull_secrets);
+    let secrets = with_template_secrets(
+        verifier,
+        &namespace,
+        is_pod,
+        secrets,
+        &verdict.service_account,
+    );
+    let mut scope = scope_of(req, secrets.await);
+    scope.images = std::mem::take(&mut verdict.all_images);
     let ceiling = Mode::of_namespace(labels);
     let mut denials = Vec::new();
     let mut warnings = Vec::new();
@@ -115,6 +123,18 @@ pub async fn check_pod(
             digests,
         );
     }
+    conclude(req, &namespace, (resp, verdict), &denials, warnings)
+}
+
+/// Folds the image findings into the response and the verdict: denials refuse (after any
+/// refusal already there), warnings are added, audited findings mark an admitted verdict.
+fn conclude(
+    req: &AdmissionRequest<DynamicObject>,
+    namespace: &str,
+    (mut resp, mut verdict): (AdmissionResponse, Verdict),
+    denials: &[String],
+    warnings: Vec<String>,
+) -> (AdmissionResponse, Verdict) {
     if !verdict.audited.is_empty() && verdict.verdict == "allow" {
         verdict.verdict = "audit";
     }
@@ -137,6 +157,31 @@ pub async fn check_pod(
         verdict.verdict = "deny";
     }
     (resp, verdict)
+}
+
+/// `secrets`, the object's pull secrets, or for a template that names none its ServiceAccount's:
+/// its pods will get those (a Pod has them already, from the admission plugin), and the images
+/// are read as they will be. Unreadable: none, so a private image is refused.
+async fn with_template_secrets(
+    verifier: &ImageVerifier,
+    namespace: &str,
+    is_pod: bool,
+    secrets: Vec<String>,
+    service_account: &str,
+) -> Vec<String> {
+    if is_pod || !secrets.is_empty() {
+        return secrets;
+    }
+    match verifier
+        .service_account_pull_secrets(namespace, service_account)
+        .await
+    {
+        Ok(names) => names,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the ServiceAccount's imagePullSecrets");
+            Vec::new()
+        }
+    }
 }
 
 /// Notes in `verdict` that policy `policy` failed in `mode`; `mode`.

@@ -107,6 +107,17 @@ pub trait PullSecretSource: Send + Sync {
         namespace: &'a str,
         name: &'a str,
     ) -> BoxFuture<'a, Result<Option<SecretData>, crate::FactError>>;
+
+    /// The `imagePullSecrets` of ServiceAccount `name` in `namespace` (none when it does not
+    /// exist yet).
+    fn service_account_pull_secrets<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<String>, crate::FactError>> {
+        let _ = (namespace, name);
+        Box::pin(async { Ok(Vec::new()) })
+    }
 }
 
 /// What a check knows about the object beyond its images.
@@ -244,6 +255,19 @@ impl ImageVerifier {
             pull_secrets: None,
             hits: std::sync::atomic::AtomicU64::new(0),
             misses: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// The `imagePullSecrets` of ServiceAccount `name` in `namespace`, as the kubelet's pods
+    /// get them (the ServiceAccount admission plugin copies them into pods that name none).
+    pub async fn service_account_pull_secrets(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Vec<String>, crate::FactError> {
+        match &self.pull_secrets {
+            Some(source) => source.service_account_pull_secrets(namespace, name).await,
+            None => Ok(Vec::new()),
         }
     }
 
