@@ -21,6 +21,15 @@ pub struct Advisory {
 }
 
 impl Advisory {
+    /// Whether `version` (as an SBOM writes it) is affected: a pre-release counts as the
+    /// release it leads to, and a version that does not parse as affected (unknown is not safe).
+    pub fn affects_version(&self, version: &str) -> bool {
+        let Ok(v) = semver::Version::parse(version.trim_start_matches('v')) else {
+            return true;
+        };
+        self.affects(&v) || self.affects(&semver::Version::new(v.major, v.minor, v.patch))
+    }
+
     /// Whether `version` is affected: neither patched nor unaffected.
     pub fn affects(&self, version: &semver::Version) -> bool {
         !self
@@ -160,22 +169,17 @@ impl Database {
 }
 
 impl Database {
-    /// (name, version, advisory) for every library component of a CycloneDX SBOM that an
-    /// advisory affects (see [`Database::affecting`]).
-    pub fn bom_findings<'a>(
-        &'a self,
-        bom: &'a serde_json::Value,
-    ) -> Vec<(&'a str, &'a str, &'a Advisory)> {
+    /// (name, version, advisory) for every component of a CycloneDX SBOM (nested ones and
+    /// those known by package URL too) that an advisory affects and that fails the gate (see
+    /// [`Database::affecting`]); a component without a version, or with one that does not parse,
+    /// is affected by every advisory of its crate.
+    pub fn bom_findings(&self, bom: &serde_json::Value) -> Vec<(String, String, &Advisory)> {
         let mut out = Vec::new();
-        for c in bom["components"].as_array().into_iter().flatten() {
-            if c["type"] != "library" {
-                continue;
-            }
-            let (Some(name), Some(version)) = (c["name"].as_str(), c["version"].as_str()) else {
-                continue;
-            };
-            for a in self.affecting(name, version) {
-                out.push((name, version, a));
+        for (name, version) in crate::sbom::components(bom) {
+            for a in self.by_crate.get(&name).into_iter().flatten() {
+                if a.informational.as_deref() != Some("notice") && a.affects_version(&version) {
+                    out.push((name.clone(), version.clone(), a));
+                }
             }
         }
         out

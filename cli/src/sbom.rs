@@ -48,8 +48,6 @@ pub enum Contents {
         digest: String,
         /// Components.
         components: Vec<(String, String)>,
-        /// The SBOMs, for advisory matching.
-        boms: Vec<Value>,
     },
     /// No verified SBOM, and why.
     Unknown(String),
@@ -96,19 +94,59 @@ pub struct ImageAnswer {
     pub unknown: Option<String>,
 }
 
-/// The components (name, version) of a CycloneDX SBOM.
+/// Whether `bom` is a CycloneDX document that lists components (an empty list counts): anything
+/// else, though signed, says nothing about what the image contains.
+pub fn is_cyclonedx(bom: &Value) -> bool {
+    bom["bomFormat"] == "CycloneDX" && bom["components"].is_array()
+}
+
+/// Every component (name, version) of a CycloneDX SBOM: the described component itself
+/// (`metadata.component`), the listed ones and those nested inside them, and for a component
+/// known only by its package URL, the name and version the URL gives.
 pub fn components(bom: &Value) -> Vec<(String, String)> {
-    bom["components"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|c| {
-            Some((
-                c["name"].as_str()?.to_owned(),
-                c["version"].as_str().unwrap_or_default().to_owned(),
-            ))
-        })
-        .collect()
+    let mut out = Vec::new();
+    let mut stack: Vec<&Value> = bom["components"].as_array().into_iter().flatten().collect();
+    if bom["metadata"]["component"].is_object() {
+        stack.push(&bom["metadata"]["component"]);
+    }
+    while let Some(c) = stack.pop() {
+        stack.extend(c["components"].as_array().into_iter().flatten());
+        let version = match &c["version"] {
+            Value::String(v) => v.clone(),
+            Value::Null => String::new(),
+            other => other.to_string(),
+        };
+        if let Some(name) = c["name"].as_str() {
+            out.push((name.to_owned(), version.clone()));
+        }
+        // pkg:type/namespace/name@version: the package a file came from, say.
+        if let Some((name, v)) = c["purl"].as_str().and_then(purl_package)
+            && (c["name"].as_str() != Some(name.as_str()) || version != v)
+        {
+            out.push((name, v));
+        }
+    }
+    out
+}
+
+/// (name, version) of a package URL.
+fn purl_package(purl: &str) -> Option<(String, String)> {
+    let rest = purl.strip_prefix("pkg:")?;
+    let rest = rest.split(['?', '#']).next()?;
+    let (path, version) = rest.rsplit_once('@').unwrap_or((rest, ""));
+    let name = path.rsplit('/').next()?;
+    (!name.is_empty()).then(|| (name.to_owned(), version.to_owned()))
+}
+
+/// Whether `version` is within `req`. A pre-release counts as the release it leads to (semver
+/// ranges leave pre-releases out unless they name one, which would hide `1.6.0-rc.1` from
+/// `<1.6.1`); a version that does not parse is within every range (unknown is not safe).
+pub fn within(req: &semver::VersionReq, version: &str) -> bool {
+    let Ok(v) = semver::Version::parse(version.trim_start_matches('v')) else {
+        return true;
+    };
+    let release = semver::Version::new(v.major, v.minor, v.patch);
+    req.matches(&v) || req.matches(&release)
 }
 
 /// Answers `question` for `workloads` from what is known of their images. `db` is needed for
@@ -143,28 +181,20 @@ pub fn answer(
             match contents.get(image) {
                 None => a.unknown = Some("not looked up".to_owned()),
                 Some(Contents::Unknown(why)) => a.unknown = Some(why.clone()),
-                Some(Contents::Verified {
-                    digest,
-                    components,
-                    boms,
-                }) => {
+                Some(Contents::Verified { digest, components }) => {
                     a.digest = Some(digest.clone());
                     if let Some((name, req)) = &question.package {
                         for (n, v) in components.iter().filter(|(n, _)| n == name) {
-                            let within = req.as_ref().is_none_or(|r| {
-                                semver::Version::parse(v).map_or(true, |v| r.matches(&v))
-                            });
-                            if within {
+                            if req.as_ref().is_none_or(|r| within(r, v)) {
                                 a.matches.push(format!("{n} {v}"));
                             }
                         }
                     }
-                    if let (Some(adv), Some(db)) = (advisory, db) {
-                        for bom in boms {
-                            for (n, v, found) in db.bom_findings(bom) {
-                                if found.id == adv.id {
-                                    a.matches.push(format!("{n} {v}: {}", adv.id));
-                                }
+                    // The advisory asked about, whatever its kind (a notice too).
+                    if let Some(adv) = advisory {
+                        for (n, v) in components.iter().filter(|(n, _)| *n == adv.package) {
+                            if adv.affects_version(v) {
+                                a.matches.push(format!("{n} {v}: {}", adv.id));
                             }
                         }
                     }
@@ -263,6 +293,7 @@ fn running_images(pod: &Pod) -> Vec<String> {
             .iter()
             .flatten()
             .chain(status.init_container_statuses.iter().flatten())
+            .chain(status.ephemeral_container_statuses.iter().flatten())
         {
             if let Some((_, digest)) = s.image_id.split_once("@sha256:") {
                 let repo = s.image.split('@').next().unwrap_or(&s.image);
@@ -300,9 +331,18 @@ fn strip_tag(image: &str) -> &str {
     }
 }
 
-/// Fetches and verifies the SBOM attestations of `image` with `keys` (PEM public keys): the
-/// components of every CycloneDX SBOM one of them signed about the image's digest.
+/// Fetches and verifies the SBOM attestations of `image` (a digest reference) with `keys` (PEM
+/// public keys): the components of every CycloneDX SBOM one of them signed about the digest.
 pub async fn contents(registry: &Registry, image: &str, keys: &[Vec<u8>]) -> Contents {
+    // A tag is what runs only when the kubelet says which digest it pulled; without that (not
+    // started yet, or no digest reported) the tag may point elsewhere by now.
+    if !image.contains("@sha256:") {
+        return Contents::Unknown(
+            "no digest known: the kubelet reports none for it and the spec names a tag, which \
+             may point at another image now"
+                .to_owned(),
+        );
+    }
     let deadline = Instant::now() + Duration::from_secs(30);
     let auth = RegistryAuth::Anonymous;
     let (reference, digest) = match registry.resolve(image, &auth, deadline).await {
@@ -330,7 +370,17 @@ pub async fn contents(registry: &Registry, image: &str, keys: &[Vec<u8>]) -> Con
     let mut why = Vec::new();
     for key in keys {
         match verify_attestations(&layers, &digest, CYCLONEDX, &Signer::Key(key.clone())) {
-            Ok(found) => boms.extend(found),
+            Ok(found) => {
+                let (good, odd): (Vec<Value>, Vec<Value>) =
+                    found.into_iter().partition(is_cyclonedx);
+                if !odd.is_empty() {
+                    why.push(format!(
+                        "{} signed predicate(s) that are no CycloneDX document with components",
+                        odd.len()
+                    ));
+                }
+                boms.extend(good);
+            }
             Err(e) => why.push(e.to_string()),
         }
     }
@@ -341,11 +391,7 @@ pub async fn contents(registry: &Registry, image: &str, keys: &[Vec<u8>]) -> Con
         ));
     }
     let components = boms.iter().flat_map(components).collect();
-    Contents::Verified {
-        digest,
-        components,
-        boms,
-    }
+    Contents::Verified { digest, components }
 }
 
 #[cfg(test)]
@@ -358,8 +404,142 @@ mod tests {
         Contents::Verified {
             digest: "sha256:ab".into(),
             components: super::components(&bom),
-            boms: vec![bom],
         }
+    }
+
+    #[test]
+    fn components_nested_described_and_by_package_url_count() {
+        let bom = serde_json::json!({
+            "bomFormat": "CycloneDX",
+            "metadata": {"component": {"type": "application", "name": "palisade-webhook", "version": "0.1.0"}},
+            "components": [
+                {"type": "application", "name": "orders", "components": [
+                    {"type": "library", "name": "smallvec", "version": "1.6.0"}]},
+                {"type": "file", "name": "/etc/ssl/certs/ca-certificates.crt",
+                 "purl": "pkg:deb/debian/ca-certificates@20230311+deb12u1?arch=all"},
+                {"type": "framework", "name": "time"},
+            ]
+        });
+        let got = components(&bom);
+        for want in [
+            ("smallvec", "1.6.0"),
+            ("palisade-webhook", "0.1.0"),
+            ("ca-certificates", "20230311+deb12u1"),
+            ("time", ""),
+        ] {
+            assert!(
+                got.contains(&(want.0.to_owned(), want.1.to_owned())),
+                "{want:?} in {got:?}"
+            );
+        }
+        assert!(is_cyclonedx(&bom));
+        assert!(!is_cyclonedx(&serde_json::json!({})));
+        assert!(!is_cyclonedx(
+            &serde_json::json!({"bomFormat": "CycloneDX"})
+        ));
+    }
+
+    #[test]
+    fn pre_releases_and_unparsed_versions_are_within_ranges() {
+        let req = |r: &str| semver::VersionReq::parse(r).expect("req");
+        assert!(within(&req("<1.6.1"), "1.6.0-rc.1"));
+        assert!(within(&req(">=1.0, <1.6.1"), "1.5.0-beta"));
+        assert!(within(&req("*"), "1.6.0-rc.1"));
+        assert!(within(&req("<1.6.1"), "v1.6.0"));
+        assert!(within(&req("<1.6.1"), "not a version"));
+        assert!(!within(&req("<1.6.1"), "1.6.1"));
+        assert!(!within(&req("<1.6.1"), "1.7.0-rc.1"));
+    }
+
+    /// The advisory database snapshot beside the project (or `$PALISADE_ADVISORY_DB`).
+    fn database() -> Database {
+        let path = std::env::var_os("PALISADE_ADVISORY_DB").map_or_else(
+            || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/advisory-db"),
+            std::path::PathBuf::from,
+        );
+        Database::load(&path).expect("the advisory database snapshot")
+    }
+
+    #[test]
+    fn an_advisory_question_misses_no_shape_of_component_nor_kind_of_advisory() {
+        let db = database();
+        let workload = |name: &str| Workload {
+            name: format!("Deployment a/{name}"),
+            images: vec![format!("r/{name}@sha256:00")],
+        };
+        let bom = |c: serde_json::Value| Contents::Verified {
+            digest: "sha256:00".into(),
+            components: components(
+                &serde_json::json!({"bomFormat": "CycloneDX", "components": [c]}),
+            ),
+        };
+        let cases = [
+            (
+                "nested",
+                serde_json::json!({"type": "application", "name": "app", "components": [
+                {"type": "library", "name": "smallvec", "version": "1.6.0"}]}),
+            ),
+            (
+                "versionless",
+                serde_json::json!({"type": "library", "name": "smallvec"}),
+            ),
+            (
+                "framework",
+                serde_json::json!({"type": "framework", "name": "smallvec", "version": "1.6.0"}),
+            ),
+            (
+                "numeric",
+                serde_json::json!({"type": "library", "name": "smallvec", "version": 1.6}),
+            ),
+            (
+                "prerelease",
+                serde_json::json!({"type": "library", "name": "smallvec", "version": "1.6.0-rc.1"}),
+            ),
+            (
+                "purl",
+                serde_json::json!({"type": "file", "name": "/lib/x", "purl": "pkg:cargo/smallvec@1.6.0"}),
+            ),
+        ];
+        let workloads: Vec<Workload> = cases.iter().map(|(n, _)| workload(n)).collect();
+        let contents: BTreeMap<String, Contents> = cases
+            .iter()
+            .map(|(n, c)| (format!("r/{n}@sha256:00"), bom(c.clone())))
+            .collect();
+        let q = Question {
+            package: None,
+            advisory: Some("RUSTSEC-2021-0003".into()),
+        };
+        for a in answer(&workloads, &contents, &q, Some(&db)).expect("answer") {
+            assert_eq!(a.status, "affected", "{}", a.workload);
+        }
+        // The gate's findings see the same components.
+        for (n, c) in &cases {
+            let sbom = serde_json::json!({"bomFormat": "CycloneDX", "components": [c]});
+            assert!(!db.bom_findings(&sbom).is_empty(), "{n}");
+        }
+        // A notice asked about by name is answered, not filtered away.
+        let notice = db
+            .advisory("RUSTSEC-2026-0174")
+            .expect("a notice in the snapshot");
+        assert_eq!(notice.informational.as_deref(), Some("notice"));
+        let contents = BTreeMap::from([(
+            "r/web@sha256:00".to_owned(),
+            bom(serde_json::json!({"type": "library", "name": notice.package, "version": "0.0.1"})),
+        )]);
+        let q = Question {
+            package: None,
+            advisory: Some(notice.id.clone()),
+        };
+        let got = answer(&[workload("web")], &contents, &q, Some(&db)).expect("answer");
+        assert_eq!(got[0].status, "affected");
+    }
+
+    #[tokio::test]
+    async fn a_tag_without_a_running_digest_is_unknown() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let registry = Registry::new(&[]).expect("registry");
+        let c = contents(&registry, "reg.example/app:1", &[]).await;
+        assert!(matches!(c, Contents::Unknown(why) if why.contains("no digest known")));
     }
 
     #[test]

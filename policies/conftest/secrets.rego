@@ -22,10 +22,28 @@ pod_spec_path := {
 	"CronJob": ["spec", "jobTemplate", "spec", "template", "spec"],
 }
 
-# The objects of the input: a List's items, or the object itself.
-objects := input.items if endswith(input.kind, "List")
+# Every object of the input with a pod (template): the input itself, the items of Lists at any
+# depth, and the items of typed lists (`DeploymentList`), which carry no kind of their own.
+objects contains obj if {
+	walk(input, [_, obj])
+	is_object(obj)
+	pod_spec_path[obj.kind]
+}
 
-else := [input]
+objects contains object.union(item, {"kind": kind}) if {
+	walk(input, [_, list])
+	is_object(list)
+	endswith(list.kind, "List")
+	kind := trim_suffix(list.kind, "List")
+	pod_spec_path[kind]
+	some item in list.items
+	not item.kind
+}
+
+# How an object is named in a message: its name, else its generateName, else so.
+name_of(obj) := object.get(obj.metadata, "name", object.get(obj.metadata, "generateName", "(unnamed)")) if {
+	is_object(obj.metadata)
+} else := "(unnamed)"
 
 pod_spec(obj, paths) := object.get(obj, paths[obj.kind], {})
 
@@ -35,7 +53,7 @@ containers(spec) := [c |
 	c := {
 		"field": field,
 		"index": i,
-		"name": k.name,
+		"name": object.get(k, "name", sprintf("#%d", [i])),
 		"env": object.get(k, "env", []),
 		"envFrom": object.get(k, "envFrom", []),
 	}
@@ -45,10 +63,9 @@ containers(spec) := [c |
 # entrypoint: true
 deny contains msg if {
 	some obj in objects
-	pod_spec_path[obj.kind]
 	pod := {"containers": containers(pod_spec(obj, pod_spec_path))}
 
 	# regal ignore:with-outside-test-context
 	some finding in secrets.deny with input as pod
-	msg := sprintf("%s %s: %s", [obj.kind, obj.metadata.name, finding.message])
+	msg := sprintf("%s %s: %s", [obj.kind, name_of(obj), finding.message])
 }

@@ -41,3 +41,18 @@ test_workloads_inside_a_list_are_read if {
 	]}
 	count(conftest.deny) == 1 with input as list
 }
+
+test_nested_lists_typed_lists_and_unnamed_objects_are_read if {
+	env := [{"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "t", "key": "k"}}}]
+	nested := {"kind": "List", "items": [{"kind": "List", "items": [deployment(env)]}]}
+	count(conftest.deny) == 1 with input as nested
+	typed := {"kind": "DeploymentList", "items": [object.remove(deployment(env), ["kind"])]}
+	count(conftest.deny) == 1 with input as typed
+	job := {
+		"kind": "Job",
+		"metadata": {"generateName": "migrate-"},
+		"spec": {"template": {"spec": {"containers": [{"name": "app", "env": env}]}}},
+	}
+	some msg in conftest.deny with input as job
+	startswith(msg, "Job migrate-: ")
+}

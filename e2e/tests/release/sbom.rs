@@ -53,7 +53,8 @@ pub fn query_finds_affected_workloads(
     cp.with_temp_ns("sbom", |ns| {
         let manifests = [
             deployment("operator", &format!("{}@{}", operator.reference.rsplit_once(':').map_or(operator.reference.as_str(), |(r, _)| r), operator.digest)),
-            deployment("legacy", &format!("{}/shop-legacy:1", reg.host)),
+            // By digest: a tag that no kubelet reported a digest for is unknown.
+            deployment("legacy", &format!("{}/shop-legacy@{legacy}", reg.host)),
             deployment("unsigned", &format!("{}/shop-unsigned:1", reg.host)),
         ]
         .join("---\n");
