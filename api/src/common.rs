@@ -216,6 +216,38 @@ pub struct CommonStatus {
     pub conditions: Vec<Condition>,
 }
 
+/// A Palisade kind whose status carries the [`CommonStatus`].
+pub trait HasCommonStatus {
+    /// The common status block, if the object has a status.
+    fn common_status(&self) -> Option<&CommonStatus>;
+
+    /// Whether `Ready` is `True` for the object's current generation.
+    fn is_ready(&self, generation: Option<i64>) -> bool {
+        self.common_status().is_some_and(|s| {
+            s.conditions.iter().any(|c| {
+                c.type_ == "Ready" && c.status == "True" && c.observed_generation == generation
+            })
+        })
+    }
+}
+
+macro_rules! has_common_status {
+    ($($kind:ty),*) => {$(
+        impl HasCommonStatus for $kind {
+            fn common_status(&self) -> Option<&CommonStatus> {
+                self.status.as_ref().map(|s| &s.common)
+            }
+        }
+    )*};
+}
+
+has_common_status!(
+    crate::AuthPolicy,
+    crate::RateLimitPolicy,
+    crate::SecretBinding,
+    crate::ImagePolicy
+);
+
 /// A reference to an object Palisade generated from a policy.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -261,26 +293,56 @@ impl Cond {
     }
 }
 
-/// The status to write: `conds` stamped with `now`, except that a condition whose status,
-/// reason and message are unchanged keeps its previous transition time — so an unchanged
-/// reconcile produces an identical status and no write.
+/// `Ready=False` reasons the controllers retry on their own: kstatus `Reconciling`. Any other
+/// `Ready=False` waits for a change from the user: kstatus `Stalled`.
+pub const RETRIED_REASONS: &[&str] = &[
+    "ApiError",
+    "VaultUnavailable",
+    "VaultError",
+    "TokenRequestFailed",
+];
+
+/// `conds` with the kstatus abnormal-true conditions that `Ready=False` implies (unless one is
+/// already there): `Reconciling=True` when the controller retries by itself, `Stalled=True`
+/// when it cannot progress without the user. Both carry `Ready`'s reason and message, so
+/// kstatus readers (Flux, kpt, Argo CD's health of unknown kinds) see `InProgress` or `Failed`
+/// rather than `Current` for a policy that is not enforced.
+pub fn with_kstatus(conds: &[Cond]) -> Vec<Cond> {
+    let mut out = conds.to_vec();
+    let abnormal = |t: &str| conds.iter().any(|c| c.type_ == t);
+    if abnormal(condition::STALLED) || abnormal(condition::RECONCILING) {
+        return out;
+    }
+    if let Some(ready) = conds
+        .iter()
+        .find(|c| c.type_ == condition::READY && !c.status)
+    {
+        let type_ = if RETRIED_REASONS.contains(&ready.reason.as_str()) {
+            condition::RECONCILING
+        } else {
+            condition::STALLED
+        };
+        out.push(Cond::new(type_, true, &ready.reason, ready.message.clone()));
+    }
+    out
+}
+
+/// The status to write: `conds` (with [`with_kstatus`]) stamped with `now`, except that a
+/// condition whose status is unchanged keeps its previous transition time (Kubernetes'
+/// convention: it moves only when the status does) — so an unchanged reconcile produces an
+/// identical status and no write.
 pub fn build(
     previous: &CommonStatus,
     generation: Option<i64>,
     conds: &[Cond],
     now: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
 ) -> CommonStatus {
-    let conditions = conds
+    let conditions = with_kstatus(conds)
         .iter()
         .map(|c| {
             let status = if c.status { "True" } else { "False" };
             let old = previous.conditions.iter().find(|o| o.type_ == c.type_);
-            let unchanged = old.is_some_and(|o| {
-                o.status == status
-                    && o.reason == c.reason
-                    && o.message == c.message
-                    && o.observed_generation == generation
-            });
+            let unchanged = old.is_some_and(|o| o.status == status);
             Condition {
                 type_: c.type_.to_owned(),
                 status: status.to_owned(),
@@ -308,6 +370,110 @@ pub fn find_condition<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn at(s: &str) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Time {
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(s.parse().expect("timestamp"))
+    }
+
+    #[test]
+    fn transition_times_move_only_when_the_status_does() {
+        let first = build(
+            &CommonStatus::default(),
+            Some(1),
+            &[Cond::new("Ready", false, "VaultUnavailable", "sealed")],
+            &at("2026-01-01T00:00:00Z"),
+        );
+        // Another reason and message, another generation, the same status: the time stays.
+        let second = build(
+            &first,
+            Some(2),
+            &[Cond::new("Ready", false, "VaultDenied", "403")],
+            &at("2026-01-02T00:00:00Z"),
+        );
+        assert_eq!(
+            second.conditions[0].last_transition_time,
+            at("2026-01-01T00:00:00Z")
+        );
+        assert_eq!(second.conditions[0].reason, "VaultDenied");
+        assert_eq!(second.conditions[0].observed_generation, Some(2));
+        let third = build(
+            &second,
+            Some(2),
+            &[Cond::new("Ready", true, "Synced", "")],
+            &at("2026-01-03T00:00:00Z"),
+        );
+        assert_eq!(
+            third.conditions[0].last_transition_time,
+            at("2026-01-03T00:00:00Z")
+        );
+    }
+
+    #[test]
+    fn not_ready_is_reconciling_when_retried_and_stalled_otherwise() {
+        let kinds = |conds: &[Cond]| -> Vec<(String, bool, String)> {
+            with_kstatus(conds)
+                .into_iter()
+                .map(|c| (c.type_.to_owned(), c.status, c.reason))
+                .collect()
+        };
+        let retried = kinds(&[Cond::new("Ready", false, "VaultUnavailable", "sealed")]);
+        assert_eq!(
+            retried[1],
+            (
+                "Reconciling".to_owned(),
+                true,
+                "VaultUnavailable".to_owned()
+            )
+        );
+        for reason in [
+            "PartiallyEnforced",
+            "Conflicted",
+            "NotLoaded",
+            "Drifted",
+            "VaultDenied",
+        ] {
+            let stalled = kinds(&[
+                Cond::new("Accepted", true, "Accepted", ""),
+                Cond::new("Ready", false, reason, "why"),
+            ]);
+            assert_eq!(stalled.len(), 3, "{reason}");
+            assert_eq!(stalled[2], ("Stalled".to_owned(), true, reason.to_owned()));
+        }
+        // Ready: neither; an explicit Stalled: nothing added.
+        assert_eq!(kinds(&[Cond::new("Ready", true, "Enforced", "")]).len(), 1);
+        let explicit = kinds(&[
+            Cond::new("Ready", false, "BackendMissing", "m"),
+            Cond::new("Stalled", true, "BackendMissing", "m"),
+        ]);
+        assert_eq!(explicit.len(), 2);
+    }
+
+    #[test]
+    fn ready_means_ready_for_the_current_generation() {
+        let policy = |observed: i64, status: &str| -> crate::AuthPolicy {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "palisade.dev/v1alpha1",
+                "kind": "AuthPolicy",
+                "metadata": {"name": "a", "namespace": "n", "generation": 2},
+                "spec": {"mtls": "Strict"},
+                "status": {"conditions": [{
+                    "type": "Ready", "status": status, "reason": "Enforced", "message": "",
+                    "observedGeneration": observed,
+                    "lastTransitionTime": "2026-01-01T00:00:00Z"
+                }]}
+            }))
+            .expect("an AuthPolicy")
+        };
+        assert!(policy(2, "True").is_ready(Some(2)));
+        assert!(
+            !policy(1, "True").is_ready(Some(2)),
+            "an older generation's Ready"
+        );
+        assert!(!policy(2, "False").is_ready(Some(2)));
+        let mut none = policy(2, "True");
+        none.status = None;
+        assert!(!none.is_ready(Some(2)), "no status");
+    }
 
     #[test]
     fn durations_parse_like_go_for_the_supported_subset() {

@@ -10,6 +10,7 @@
 
 pub mod auth_policy;
 pub mod common;
+pub mod crddoc;
 pub mod crdgen;
 pub mod fixtures;
 pub mod glob;

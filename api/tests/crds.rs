@@ -29,3 +29,23 @@ fn committed_crds_match_the_types() {
         crdgen::REGENERATE
     );
 }
+
+/// The reference pages' field tables are the ones the types generate.
+#[test]
+fn reference_pages_match_the_types() {
+    use palisade_api::crddoc;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut stale = Vec::new();
+    for (_, crd) in crdgen::all() {
+        let page = crddoc::page(&crd);
+        let text = std::fs::read_to_string(root.join(&page)).unwrap_or_default();
+        let want = crddoc::fields(&crd);
+        if crddoc::current(&text) != Some(want.trim_end_matches('\n')) {
+            stale.push(page);
+        }
+    }
+    assert!(
+        stale.is_empty(),
+        "stale field tables in {stale:?}; regenerate with: cargo run -p palisade-api --bin crdgen -- --docs"
+    );
+}

@@ -8,10 +8,16 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use palisade_cli::{admit, advisories, input, render, sbom, suite, who_can};
 
+/// `<version> (commit <commit>)`, as the operator and the webhook print theirs.
+fn version() -> &'static str {
+    let (version, commit) = palisade_webhook::VERSION;
+    Box::leak(format!("{version} (commit {commit})").into_boxed_str())
+}
+
 #[derive(Parser)]
 #[command(
     name = "palisade",
-    version,
+    version = version(),
     about = "Palisade, offline: render, admit, who-can, test"
 )]
 struct Cli {
@@ -120,6 +126,9 @@ struct SbomArgs {
     /// Registries (host:port) read over plain HTTP.
     #[arg(long = "insecure-registry")]
     insecure: Vec<String>,
+    /// A registry whose certificate chains to a private CA: HOST[:PORT]=PEM-FILE (repeatable).
+    #[arg(long = "registry-ca", value_name = "HOST=FILE")]
+    registry_cas: Vec<String>,
     #[arg(short = 'o', long, value_enum, default_value = "yaml")]
     output: Output,
 }
@@ -149,8 +158,19 @@ fn run_sbom(args: SbomArgs) -> Result<bool> {
         advisory,
         advisory_db,
         insecure,
+        registry_cas,
         output,
     } = args;
+    let cas = registry_cas
+        .iter()
+        .map(|arg| {
+            let (host, file) = arg
+                .split_once('=')
+                .with_context(|| format!("--registry-ca {arg}: not HOST=FILE"))?;
+            let pem = std::fs::read(file).with_context(|| format!("--registry-ca {arg}"))?;
+            Ok((host.to_owned(), pem))
+        })
+        .collect::<Result<BTreeMap<_, _>>>()?;
     let keys = keys
         .iter()
         .map(|k| std::fs::read(k).with_context(|| format!("{}", k.display())))
@@ -169,7 +189,7 @@ fn run_sbom(args: SbomArgs) -> Result<bool> {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let client = kube::Client::try_default().await?;
         let workloads = sbom::workloads(&client, namespace.as_deref()).await?;
-        let registry = palisade_webhook::images::registry::Registry::new(&insecure)?;
+        let registry = palisade_webhook::images::registry::Registry::with_cas(&insecure, &cas)?;
         let mut contents = BTreeMap::new();
         for image in workloads.iter().flat_map(|w| &w.images) {
             if !contents.contains_key(image) {

@@ -455,6 +455,17 @@ impl ControlPlane {
         cmd
     }
 
+    /// `helm` from the tools' directory, with this control plane's kubeconfig and its cache,
+    /// configuration and data under the work directory.
+    pub fn helm(&self) -> Command {
+        let mut c = Command::new(self.bin_dir.join("helm"));
+        c.env("KUBECONFIG", &self.kubeconfig)
+            .env("HELM_CACHE_HOME", self.work_dir.join("helm/cache"))
+            .env("HELM_CONFIG_HOME", self.work_dir.join("helm/config"))
+            .env("HELM_DATA_HOME", self.work_dir.join("helm/data"));
+        c
+    }
+
     /// Kills `name` (for fault tests).
     pub fn kill(&mut self, name: &str) -> Result<()> {
         self.stop(name)

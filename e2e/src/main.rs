@@ -37,7 +37,7 @@ fn main() -> ExitCode {
     if args.first().map(String::as_str) != Some("up") {
         eprintln!(
             "usage: palisade-e2e up [--state DIR] [--port PORT] [--no-examples] [--node]\n\
-             \x20      palisade-e2e values-doc   (the README's chart values reference)\n\
+             \x20      palisade-e2e values-doc   (docs/install.md's chart values reference)\n\
              \x20      palisade-e2e advisories [--manifest-path DIR] [--exceptions FILE] [--today YYYY-MM-DD]\n\
              \x20                                (the dependency-advisory gate)\n\
              Starts etcd, kube-apiserver and kube-controller-manager on 127.0.0.1 with\n\

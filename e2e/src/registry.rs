@@ -72,6 +72,8 @@ pub struct OciRegistry {
     pub host: String,
     /// User and password, for a registry that asks for them.
     pub credentials: Option<(String, String)>,
+    /// The CA its HTTPS certificate chains to, for a registry served over TLS.
+    pub ca: Option<PathBuf>,
 }
 
 impl OciRegistry {
@@ -88,6 +90,7 @@ impl OciRegistry {
             dir: dir.to_path_buf(),
             host,
             credentials: None,
+            ca: None,
         };
         reg.wait_listening()?;
         Ok(reg)
@@ -122,6 +125,7 @@ impl OciRegistry {
             dir: dir.to_path_buf(),
             host,
             credentials: None,
+            ca: None,
         };
         reg.wait_listening()?;
         // With no htpasswd file the registry makes one for user `docker` and logs the password.
@@ -144,6 +148,57 @@ impl OciRegistry {
         Ok(reg)
     }
 
+    /// Starts an empty Distribution registry (in memory) served over HTTPS with a certificate
+    /// for 127.0.0.1 from a CA of its own (`ca.pem` in `dir`, [`OciRegistry::ca`]); crane and
+    /// cosign here trust that CA.
+    pub fn start_with_tls(bin_dir: &Path, dir: &Path) -> Result<Self> {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+        };
+        let host = prepare(bin_dir, dir, &["registry", "crane", "cosign"])?;
+        let ca_key = KeyPair::generate()?;
+        let mut ca = CertificateParams::new(Vec::<String>::new())?;
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(DnType::CommonName, "e2e private registry CA");
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let ca_pem = ca.self_signed(&ca_key)?.pem();
+        let issuer = Issuer::new(ca, ca_key);
+        let key = KeyPair::generate()?;
+        let leaf = CertificateParams::new(vec!["127.0.0.1".to_owned()])?;
+        let cert = leaf.signed_by(&key, &issuer)?.pem();
+        let ca_file = dir.join("ca.pem");
+        std::fs::write(&ca_file, ca_pem)?;
+        std::fs::write(dir.join("tls.crt"), cert)?;
+        std::fs::write(dir.join("tls.key"), key.serialize_pem())?;
+        let config = dir.join("registry.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog: {{level: info, formatter: text}}\nstorage: {{inmemory: {{}}}}\n\
+                 http: {{addr: \"{host}\", tls: {{certificate: \"{}\", key: \"{}\"}}}}\n",
+                dir.join("tls.crt").display(),
+                dir.join("tls.key").display()
+            ),
+        )?;
+        let child = spawn_logged(
+            Command::new(bin_dir.join("registry"))
+                .arg("serve")
+                .arg(&config),
+            &dir.join("registry.log"),
+        )?;
+        let reg = OciRegistry {
+            child,
+            bin_dir: bin_dir.to_path_buf(),
+            dir: dir.to_path_buf(),
+            host,
+            credentials: None,
+            ca: Some(ca_file),
+        };
+        reg.wait_listening()?;
+        Ok(reg)
+    }
+
     /// Where crane's and cosign's registry credentials are kept (`DOCKER_CONFIG`).
     /// A `cosign` command for this registry: its Docker configuration, no key password, run in
     /// its directory.
@@ -152,6 +207,9 @@ impl OciRegistry {
         cmd.env("COSIGN_PASSWORD", "")
             .env("DOCKER_CONFIG", self.docker_config_dir())
             .current_dir(&self.dir);
+        if let Some(ca) = &self.ca {
+            cmd.env("SSL_CERT_FILE", ca);
+        }
         cmd
     }
 
@@ -182,7 +240,8 @@ impl OciRegistry {
             Command::new(self.bin_dir.join("crane"))
                 .args(args)
                 .arg("--insecure")
-                .env("DOCKER_CONFIG", self.docker_config_dir()),
+                .env("DOCKER_CONFIG", self.docker_config_dir())
+                .envs(self.ca.iter().map(|ca| ("SSL_CERT_FILE", ca))),
         )?
         .trim()
         .to_owned())
@@ -412,9 +471,17 @@ impl OciRegistry {
         self.attest_signed(signer, &image, type_, predicate, Layout::Tags)
     }
 
-    /// The webhook configuration that lets it read this registry (plain HTTP on loopback).
+    /// The webhook configuration that lets it read this registry: plain HTTP on loopback, or
+    /// HTTPS trusting its CA.
     pub fn webhook_config(&self) -> String {
-        format!("images: {{insecureRegistries: [\"{}\"]}}", self.host)
+        match &self.ca {
+            None => format!("images: {{insecureRegistries: [\"{}\"]}}", self.host),
+            Some(ca) => format!(
+                "images: {{registryCAFiles: {{\"{}\": \"{}\"}}}}",
+                self.host,
+                ca.display()
+            ),
+        }
     }
 
     /// Pushes `content` as `<repo>:v1`, signs it with key `key` and, with `provenance`, attests

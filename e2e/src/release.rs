@@ -12,21 +12,28 @@ use crate::{
     run_ok, sbom,
 };
 
-/// The binaries shipped as images.
-pub const BINARIES: &[&str] = &["palisade-operator", "palisade-webhook"];
+/// What the release ships, as images: `(package, binary)`; each image is named after its
+/// package and runs its binary. `palisade-cli` carries the `palisade` command line.
+pub const BINARIES: &[(&str, &str)] = &[
+    ("palisade-operator", "palisade-operator"),
+    ("palisade-webhook", "palisade-webhook"),
+    ("palisade-cli", "palisade"),
+];
 
 /// Builder identity recorded in the provenance (and required by Palisade's own ImagePolicy).
 pub const BUILDER_ID: &str = "https://palisade.dev/builders/release@v1";
 
 /// The command that builds the static release binaries.
 pub const BUILD_COMMAND: &str = "PALISADE_COMMIT=$(git rev-parse HEAD) CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS='-C target-feature=+crt-static' \
-     cargo build --release --locked --target x86_64-unknown-linux-gnu -p palisade-operator -p palisade-webhook";
+     cargo build --release --locked --target x86_64-unknown-linux-gnu -p palisade-operator -p palisade-webhook -p palisade-cli";
 
 /// One published image.
 #[derive(Clone, Debug)]
 pub struct Published {
-    /// Binary name, also the repository name.
+    /// Package name, also the repository name.
     pub name: String,
+    /// The binary it runs (`/usr/local/bin/<binary>`).
+    pub binary: String,
     /// `<registry>/<name>:<version>`.
     pub reference: String,
     /// Its digest.
@@ -124,14 +131,14 @@ pub fn publish(
     .unwrap_or_else(|_| "unknown".into());
     let workspace = sbom::Workspace::load(root)?;
     let mut out = Vec::new();
-    for name in BINARIES {
-        let bin = binary(root, name)?;
+    for (name, program) in BINARIES {
+        let bin = binary(root, program)?;
         let dir = work.join(name);
         std::fs::create_dir_all(dir.join("usr/local/bin"))?;
-        std::fs::copy(&bin, dir.join("usr/local/bin").join(name))?;
+        std::fs::copy(&bin, dir.join("usr/local/bin").join(program))?;
         let layer = work.join(format!("{name}.tar"));
         tarball(&dir, &layer)?;
-        let entrypoint = format!("--entrypoint=/usr/local/bin/{name}");
+        let entrypoint = format!("--entrypoint=/usr/local/bin/{program}");
         let digest = reg.push_layers(
             name,
             version,
@@ -172,6 +179,7 @@ pub fn publish(
         .context("provenance attestation")?;
         out.push(Published {
             name: (*name).to_owned(),
+            binary: (*program).to_owned(),
             reference: format!("{}/{name}:{version}", reg.host),
             digest,
         });

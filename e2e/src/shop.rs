@@ -148,8 +148,9 @@ fn values_yaml() -> String {
         let _ = writeln!(t, "  {l}");
         t
     });
+    // The harness applied every CRD (Palisade's with the third-party ones) before the chart.
     format!(
-        "operator:\n  vaultCAConfigMap: vault-ca\n  vault:\n    address: https://{VAULT_ON_NODE}\n    role: {OPERATOR_ROLE}\n    serviceAccount: {{namespace: {NS}, name: palisade-operator}}\n{tenancy}"
+        "crds:\n  enabled: false\noperator:\n  vaultCAConfigMap: vault-ca\n  vault:\n    address: https://{VAULT_ON_NODE}\n    role: {OPERATOR_ROLE}\n    serviceAccount: {{namespace: {NS}, name: palisade-operator}}\n{tenancy}"
     )
 }
 

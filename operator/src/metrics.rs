@@ -15,6 +15,7 @@ use std::{
 };
 
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use palisade_api::common::HasCommonStatus;
 use prometheus_client::{
     encoding::text::encode,
     metrics::{
@@ -176,26 +177,14 @@ impl Metrics {
     }
 
     /// Sets how many `kind` objects are Ready for their current generation, and how many not.
-    pub fn count_ready<K: serde::Serialize + kube::Resource>(
+    pub fn count_ready<K: HasCommonStatus + kube::Resource>(
         &self,
         kind: &'static str,
         objects: &[Arc<K>],
     ) {
         let ready = objects
             .iter()
-            .filter(|o| {
-                let v = serde_json::to_value(o.as_ref()).unwrap_or_default();
-                let generation = o.meta().generation;
-                v["status"]["conditions"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .any(|c| {
-                        c["type"] == "Ready"
-                            && c["status"] == "True"
-                            && c["observedGeneration"].as_i64() == generation
-                    })
-            })
+            .filter(|o| o.is_ready(o.meta().generation))
             .count();
         let set = |state: &str, n: usize| {
             self.policies
@@ -215,7 +204,7 @@ impl Metrics {
         kind: &'static str,
         store: kube::runtime::reflector::Store<K>,
     ) where
-        K: serde::Serialize + kube::Resource + Clone + 'static,
+        K: HasCommonStatus + kube::Resource + Clone + 'static,
         K::DynamicType: std::hash::Hash + Eq + Clone,
     {
         let mut tick = tokio::time::interval(Duration::from_secs(10));

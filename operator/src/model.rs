@@ -1,6 +1,6 @@
 //! Two readings of one AuthPolicy, for the tests that hold them equal:
 //!
-//! - [`meaning`]: what the AuthPolicy says, as the README defines it;
+//! - [`meaning`]: what the AuthPolicy says, as docs/reference/authpolicy.md defines it;
 //! - [`istio_allows`]: what Istio decides for a request, given the objects the translator
 //!   generated (PeerAuthentication, RequestAuthentication, DENY and ALLOW AuthorizationPolicies),
 //!   following Istio's evaluation: mutual TLS, then DENY, then ALLOW; HTTP-only attributes
@@ -44,7 +44,7 @@ pub struct Request {
     pub token: Option<Token>,
 }
 
-/// What the AuthPolicy says about `req`, as the README defines it: with `mtls: Strict` a caller
+/// What the AuthPolicy says about `req`, as docs/reference/authpolicy.md defines it: with `mtls: Strict` a caller
 /// without mutual TLS is refused; with `jwt.requireToken` a request without a token of the
 /// policy's issuer is refused; a request matching a `deny` rule is refused; when `rules` is set,
 /// a request matching none of them is refused. A rule matches when the request matches one

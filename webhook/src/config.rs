@@ -2,6 +2,7 @@
 //!
 //! ```yaml
 //! listen: 127.0.0.1:8443
+//! metricsListen: 127.0.0.1:9091      # optional: /metrics over plain HTTP here, not on `listen`
 //! tls: {certFile: /etc/palisade/tls.crt, keyFile: /etc/palisade/tls.key,
 //!       clientCAFile: /etc/palisade/apiserver-client-ca.crt}   # optional: only the API server
 //! # or an X.509-SVID from the SPIFFE Workload API:
@@ -15,7 +16,8 @@
 //! enforcementLabelEditors: {groups: ["system:masters"], users: []}
 //! maxBodyBytes: 3145728
 //! images: {insecureRegistries: ["127.0.0.1:5000"], cacheTTLSeconds: 600, negativeCacheTTLSeconds: 30,
-//!          materialRefreshSeconds: 5}
+//!          materialRefreshSeconds: 5,
+//!          registryCAFiles: {"registry.corp.example": /etc/palisade/registry-ca/0.pem}}
 //! spire: {className: prod, watchClassless: false}   # the SPIRE controller manager's class
 //! istio: {ambient: true, proxyImages: ["docker.io/istio/proxyv2"]}
 //! leaderElection: {enabled: true, leaseName: palisade-webhook, leaseNamespace: palisade-system,
@@ -34,6 +36,10 @@ use crate::identity::IdentitySource;
 pub struct Config {
     /// Address to serve HTTPS on.
     pub listen: SocketAddr,
+    /// Address to serve `/metrics` on, over plain HTTP; when set, the HTTPS port does not serve
+    /// them (so its NetworkPolicy can admit the API server alone).
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
     /// Where the serving certificate comes from.
     pub tls: Tls,
     /// SPIFFE trust domain.
@@ -91,6 +97,11 @@ pub struct ImageSettings {
     /// Registries (`host:port`) spoken to over plain HTTP.
     #[serde(default)]
     pub insecure_registries: Vec<String>,
+    /// Registries (`host[:port]`, as images name them) whose certificates chain to a private
+    /// CA: the PEM bundle to trust for each, beside the system's roots (as containerd's
+    /// `hosts.toml` `ca` and Docker's `certs.d/<host>/ca.crt` do).
+    #[serde(default, rename = "registryCAFiles")]
+    pub registry_ca_files: BTreeMap<String, PathBuf>,
     /// How long a verified (digest, policy) stays verified.
     #[serde(default = "default_cache_ttl", rename = "cacheTTLSeconds")]
     pub cache_ttl_seconds: u64,
@@ -107,6 +118,7 @@ impl Default for ImageSettings {
     fn default() -> Self {
         ImageSettings {
             insecure_registries: Vec::new(),
+            registry_ca_files: BTreeMap::new(),
             cache_ttl_seconds: default_cache_ttl(),
             negative_cache_ttl_seconds: default_negative_ttl(),
             material_refresh_seconds: default_material_refresh(),

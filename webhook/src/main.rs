@@ -93,7 +93,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
     // The HTTP client behind registry calls uses the process-wide crypto provider.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let verifier = ImageVerifier::new(
-        Registry::new(&config.images.insecure_registries)?,
+        Registry::with_cas(
+            &config.images.insecure_registries,
+            &registry_cas(&config.images.registry_ca_files)?,
+        )?,
         Duration::from_secs(config.images.cache_ttl_seconds),
         Duration::from_secs(config.images.negative_cache_ttl_seconds),
     )
@@ -141,19 +144,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
         },
         shutdown.clone(),
     ));
+    if let Some(addr) = config.metrics_listen {
+        serve_metrics(addr, Arc::clone(&state), shutdown.clone()).await?;
+    }
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     tracing::info!(listen = %config.listen, "serving admission reviews");
-    let client_roots = match &config.tls.client_ca_file {
-        Some(path) => {
-            let ca = Arc::new(palisade_webhook::tls::ClientCa::load(path.clone())?);
-            let _reloader = ca.spawn_reloader(Duration::from_secs(2));
-            Some(ca)
-        }
-        None => None,
-    };
-    if client_roots.is_some() {
-        tracing::info!("serving only clients with a certificate from tls.clientCAFile");
-    }
+    let client_roots = client_roots(&config)?;
     serve_tls(
         listener,
         cert,
@@ -166,6 +162,53 @@ async fn run(config: Config) -> anyhow::Result<()> {
     // Give the Lease up, so a standby writes status at once rather than when it runs out.
     let _ = tokio::time::timeout(Duration::from_secs(5), lease).await;
     Ok(())
+}
+
+/// The CA of `tls.clientCAFile`, re-read every 2 s, when one is configured.
+fn client_roots(config: &Config) -> anyhow::Result<Option<Arc<palisade_webhook::tls::ClientCa>>> {
+    let Some(path) = &config.tls.client_ca_file else {
+        return Ok(None);
+    };
+    let ca = Arc::new(palisade_webhook::tls::ClientCa::load(path.clone())?);
+    let _reloader = ca.spawn_reloader(Duration::from_secs(2));
+    tracing::info!("serving only clients with a certificate from tls.clientCAFile");
+    Ok(Some(ca))
+}
+
+/// Serves `/metrics` on `addr` over plain HTTP (like the operator's metrics server) until
+/// `stop` resolves; the bind happens here, so a taken port stops the start.
+async fn serve_metrics(
+    addr: std::net::SocketAddr,
+    state: Arc<AppState>,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let metrics = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(listen = %addr, "serving /metrics");
+    let app = palisade_webhook::server::metrics_router(state);
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(metrics, app).with_graceful_shutdown(stop).await {
+            tracing::error!(error = %e, "the metrics server stopped");
+        }
+    });
+    Ok(())
+}
+
+/// The CA bundles of `images.registryCAFiles`, read once at start.
+fn registry_cas(
+    files: &std::collections::BTreeMap<String, std::path::PathBuf>,
+) -> anyhow::Result<std::collections::BTreeMap<String, Vec<u8>>> {
+    files
+        .iter()
+        .map(|(host, path)| {
+            let pem = std::fs::read(path).map_err(|e| {
+                anyhow::anyhow!(
+                    "images.registryCAFiles: cannot read {} for {host}: {e}",
+                    path.display()
+                )
+            })?;
+            Ok((host.clone(), pem))
+        })
+        .collect()
 }
 
 async fn shutdown_signal() {

@@ -136,16 +136,28 @@ pub struct AppState {
 
 pub use crate::metrics::Counters;
 
-/// The router.
+/// The router of the HTTPS port: `/metrics` too unless `metricsListen` serves them.
 pub fn router(state: Arc<AppState>) -> Router {
     let limit = state.config.max_body_bytes;
-    Router::new()
+    let app = Router::new()
         .route("/validate", post(validate))
         .route("/mutate", post(mutate))
         .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
+        .route("/readyz", get(readyz));
+    let app = if state.config.metrics_listen.is_none() {
+        app.route("/metrics", get(metrics))
+    } else {
+        app
+    };
+    app.layer(DefaultBodyLimit::max(limit)).with_state(state)
+}
+
+/// The router of the metrics port (`metricsListen`): `/metrics` and `/healthz`, nothing else.
+pub fn metrics_router(state: Arc<AppState>) -> Router {
+    Router::new()
         .route("/metrics", get(metrics))
-        .layer(DefaultBodyLimit::max(limit))
+        .route("/healthz", get(|| async { "ok" }))
+        .layer(DefaultBodyLimit::max(0))
         .with_state(state)
 }
 

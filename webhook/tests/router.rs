@@ -12,7 +12,7 @@ use axum::{
 use palisade_webhook::{
     config::{Config, TlsFiles},
     secrets::SecretsPolicy,
-    server::{AppState, Counters, FactSource, router},
+    server::{AppState, Counters, FactSource, metrics_router, router},
     tls::ReloadingCert,
 };
 use serde_json::{Value, json};
@@ -31,22 +31,76 @@ impl FactSource for StaticFacts {
 }
 
 fn app(max_body: usize, ready: bool) -> axum::Router {
-    let mut config =
-        Config::parse("listen: 127.0.0.1:0\ntls: {certFile: c, keyFile: k}\n").expect("config");
+    router(state(max_body, ready, ""))
+}
+
+fn state(max_body: usize, ready: bool, extra: &str) -> Arc<AppState> {
+    let mut config = Config::parse(&format!(
+        "listen: 127.0.0.1:0\ntls: {{certFile: c, keyFile: k}}\n{extra}"
+    ))
+    .expect("config");
     config.max_body_bytes = max_body;
     let mut ns = BTreeMap::new();
     ns.insert(
         "shop".to_owned(),
         BTreeMap::from([("istio.io/dataplane-mode".to_owned(), "ambient".to_owned())]),
     );
-    router(Arc::new(AppState {
+    Arc::new(AppState {
         config,
         secrets: SecretsPolicy::new().expect("policy"),
         facts: Arc::new(StaticFacts(ns, ready)),
         permits: tokio::sync::Semaphore::new(4),
         counters: Counters::default(),
         images: None,
-    }))
+    })
+}
+
+/// `request` through `app`: the status and the body.
+async fn send(app: axum::Router, request: Request<Body>) -> (StatusCode, axum::body::Bytes) {
+    let resp = app.oneshot(request).await.expect("response");
+    let status = resp.status();
+    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+        .await
+        .expect("body");
+    (status, bytes)
+}
+
+async fn get(app: axum::Router, path: &str) -> (StatusCode, String) {
+    let (status, bytes) = send(
+        app,
+        Request::get(path).body(Body::empty()).expect("request"),
+    )
+    .await;
+    (status, String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// With `metricsListen`, the metrics move to their own port: the HTTPS router no longer serves
+/// them, and the metrics router serves nothing that decides.
+#[tokio::test]
+async fn metrics_on_their_own_port_leave_the_admission_port() {
+    let state = state(1 << 20, true, "metricsListen: 127.0.0.1:0\n");
+    let admission = router(Arc::clone(&state));
+    let metrics = metrics_router(Arc::clone(&state));
+    let (status, _) = post(admission.clone(), "/validate", review("orders").to_string()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        get(admission.clone(), "/metrics").await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(get(admission, "/healthz").await.0, StatusCode::OK);
+    let (status, text) = get(metrics.clone(), "/metrics").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        text.contains("palisade_webhook_decisions_total{verdict=\"allow\"} 1"),
+        "the decision made on the admission port is counted: {text}"
+    );
+    for path in ["/validate", "/mutate"] {
+        let (status, _) = post(metrics.clone(), path, review("orders").to_string()).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path} on the metrics port");
+    }
+    assert_eq!(get(metrics, "/readyz").await.0, StatusCode::NOT_FOUND);
+    // Without it, the HTTPS port serves them as before.
+    assert_eq!(get(app(1 << 20, true), "/metrics").await.0, StatusCode::OK);
 }
 
 fn review(sa: &str) -> Value {
@@ -65,19 +119,11 @@ fn review(sa: &str) -> Value {
 }
 
 async fn post(app: axum::Router, path: &str, body: String) -> (StatusCode, Value) {
-    let resp = app
-        .oneshot(
-            Request::post(path)
-                .header("content-type", "application/json")
-                .body(Body::from(body))
-                .expect("request"),
-        )
-        .await
-        .expect("response");
-    let status = resp.status();
-    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
-        .await
-        .expect("body");
+    let request = Request::post(path)
+        .header("content-type", "application/json")
+        .body(Body::from(body))
+        .expect("request");
+    let (status, bytes) = send(app, request).await;
     (
         status,
         serde_json::from_slice(&bytes).unwrap_or(Value::Null),

@@ -79,3 +79,23 @@ CNI agent writes through pods/status on every ambient pod).
 {{- define "palisade.statusRelabels" -}}
 !has(request.subResource) || request.subResource != 'status' || has(object.metadata.labels) != has(oldObject.metadata.labels) || (has(object.metadata.labels) && object.metadata.labels != oldObject.metadata.labels) || ['sidecar.istio.io/inject', 'sidecar.istio.io/status'].exists(k, (has(object.metadata.annotations) && k in object.metadata.annotations) != (has(oldObject.metadata.annotations) && k in oldObject.metadata.annotations) || (has(object.metadata.annotations) && k in object.metadata.annotations && object.metadata.annotations[k] != oldObject.metadata.annotations[k]))
 {{- end }}
+
+{{/* Labels and annotations of the chart's CRDs (indented under metadata). */}}
+{{- define "palisade.crdMetadata" -}}
+  labels:
+    {{- include "palisade.labels" . | nindent 4 }}
+{{- if .Values.crds.keep }}
+  annotations:
+    helm.sh/resource-policy: keep
+{{- end }}
+{{- end }}
+
+{{/* Non-empty when the ImagePolicy kind can be applied with this release: its CRD is served
+already, or the chart does not install it (then it was applied before the chart). On a first
+install that brings the CRDs, Helm cannot map an ImagePolicy before they exist: NOTES.txt says
+to upgrade once. */}}
+{{- define "palisade.imagePolicyServed" -}}
+{{- if or (not .Values.crds.enabled) (.Capabilities.APIVersions.Has "palisade.dev/v1alpha1/ImagePolicy") -}}
+served
+{{- end -}}
+{{- end }}

@@ -145,7 +145,7 @@ pub fn beside_cluster_infrastructure_and_staged(env: &Env) -> Result<()> {
             },
         )?;
 
-        // Argo CD's health check for Palisade's kinds, as the README says to register it: the
+        // Argo CD's health check for Palisade's kinds, as docs/install.md says to register it: the
         // block form is a valid argocd-cm; the split key with a wildcard is not a ConfigMap key.
         let argocd_cm = repo_root().join("argocd/argocd-cm.yaml");
         accepts(

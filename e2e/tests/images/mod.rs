@@ -44,6 +44,10 @@ pub const TESTS: &[(&str, TestFn)] = &[
         "images::key_types_cosign_imports_verify",
         key_types_cosign_imports_verify,
     ),
+    (
+        "images::registry_with_a_private_ca",
+        registry_with_a_private_ca,
+    ),
 ];
 
 const SLSA: &str = "https://slsa.dev/provenance/v0.2";
@@ -232,6 +236,19 @@ impl Scene<'_> {
         )?;
         Ok(())
     }
+}
+
+/// An ImagePolicy's `authorities` (lines indented by two): authority `name` with the PEM key
+/// `public`, no transparency log.
+fn key_authority(name: &str, public: &str) -> String {
+    let key = public
+        .lines()
+        .map(|l| format!("          {l}"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    format!(
+        "  authorities:\n    - name: {name}\n      transparencyLog: Ignore\n      key:\n        publicKey: |\n{key}\n"
+    )
 }
 
 /// An ImagePolicy's `attestations`: SLSA provenance from `https://ci.example/builder`.
@@ -781,13 +798,8 @@ fn key_types_cosign_imports_verify(env: &Env) -> Result<()> {
         let scene = Scene { cp, ns, host: &host };
         scene.prepare()?;
         for (name, public) in &keys {
-            let key = public.lines().map(|l| format!("          {l}")).collect::<Vec<_>>().join("\n");
             // The policy covers every repository of this registry, with only this key.
-            let policy = scene.policy(
-                &format!("-{name}"),
-                "*",
-                &format!("  authorities:\n    - name: {name}\n      transparencyLog: Ignore\n      key:\n        publicKey: |\n{key}\n"),
-            )?;
+            let policy = scene.policy(&format!("-{name}"), "*", &key_authority(name, public))?;
             cp.eventually(&format!("ImagePolicy {policy} Loaded"), Duration::from_secs(30), || {
                 scene.ready(&policy).filter(|r| r == "Loaded")
             })?;
@@ -807,12 +819,7 @@ fn key_types_cosign_imports_verify(env: &Env) -> Result<()> {
             run_ok(cp.kubectl().args(["delete", "imagepolicy", &policy]))?;
             eprintln!("  {name}: signed by cosign with the imported key, admitted; the other key types refused");
         }
-        let key = ed25519.lines().map(|l| format!("          {l}")).collect::<Vec<_>>().join("\n");
-        let policy = scene.policy(
-            "-ed25519",
-            "*",
-            &format!("  authorities:\n    - name: ed25519\n      transparencyLog: Ignore\n      key:\n        publicKey: |\n{key}\n"),
-        )?;
+        let policy = scene.policy("-ed25519", "*", &key_authority("ed25519", &ed25519))?;
         cp.eventually("ImagePolicy ed25519 Loaded", Duration::from_secs(30), || {
             scene.ready(&policy).filter(|r| r == "Loaded")
         })?;
@@ -827,4 +834,82 @@ fn key_types_cosign_imports_verify(env: &Env) -> Result<()> {
         Ok(())
     });
     wh.unregister_after(cp, "palisade-e2e-key-types", result)
+}
+
+/// A registry serving HTTPS with a certificate from a private CA: with that CA in
+/// `images.registryCAFiles` for it, its signed image is admitted; without it, or with the CA
+/// given for another registry only, the pod is refused and the denial says why.
+fn registry_with_a_private_ca(env: &Env) -> Result<()> {
+    let cp = &env.cp;
+    let reg =
+        OciRegistry::start_with_tls(&env.opts.bin_dir, &cp.work_dir.join("registry-private-ca"))?;
+    let public = std::fs::read_to_string(reg.key_pair("ci")?)?;
+    reg.push_signed("ci", "corp/app", "behind a private CA", None, Layout::Tags)?;
+    let ca = reg.ca.clone().context("the registry's CA")?;
+    let elsewhere = format!(
+        "images: {{registryCAFiles: {{\"127.0.0.1:1\": \"{}\"}}}}",
+        ca.display()
+    );
+    for (case, config, admitted) in [
+        ("its CA configured", reg.webhook_config(), true),
+        ("no CA configured", String::new(), false),
+        ("the CA configured for another registry", elsewhere, false),
+    ] {
+        let wh = WebhookProcess::start(cp, "private-ca", &config)?;
+        wh.register(cp, "palisade-e2e-private-ca")?;
+        let result = cp.with_temp_ns("pca", |ns| {
+            let host = reg.host.clone();
+            let scene = Scene {
+                cp,
+                ns,
+                host: &host,
+            };
+            scene.prepare()?;
+            let policy = scene.policy("", "corp", &key_authority("ci", &public))?;
+            cp.eventually(
+                &format!("ImagePolicy {policy} Loaded"),
+                Duration::from_secs(30),
+                || scene.ready(&policy).filter(|r| r == "Loaded"),
+            )?;
+            let image = format!("{host}/corp/app:v1");
+            let mut attempt = 0;
+            // Until the webhook has the policy, a pod is admitted without a check: wait for a
+            // verdict that names the policy (or an admission, when that is the expectation).
+            let out = cp.eventually(
+                &format!("{case}: a verdict"),
+                Duration::from_secs(30),
+                || {
+                    attempt += 1;
+                    let out = scene.pod(&format!("app-{attempt}"), &image, "").ok()?;
+                    let named = String::from_utf8_lossy(&out.stderr).contains(&policy);
+                    (named || (admitted && out.status.success())).then_some(out)
+                },
+            )?;
+            if admitted {
+                accepts(&out, &format!("{case}: the signed image"))?;
+            } else {
+                rejects(
+                    &out,
+                    &format!("{case}: the signed image"),
+                    &[
+                        &format!("registry {host}"),
+                        "its TLS certificate is not trusted",
+                        "registryCAFiles",
+                    ],
+                )?;
+            }
+            eprintln!(
+                "  {case}: {}",
+                if admitted {
+                    "admitted"
+                } else {
+                    "refused, the certificate named"
+                }
+            );
+            run_ok(cp.kubectl().args(["delete", "imagepolicy", &policy]))?;
+            Ok(())
+        });
+        wh.unregister_after(cp, "palisade-e2e-private-ca", result)?;
+    }
+    Ok(())
 }

@@ -42,6 +42,7 @@ fn own_images_signed_attested_and_enforced(env: &Env) -> Result<()> {
     let crane = |args: &[&str]| crane(env, args);
     for Published {
         name,
+        binary,
         reference,
         digest,
     } in &images
@@ -49,7 +50,7 @@ fn own_images_signed_attested_and_enforced(env: &Env) -> Result<()> {
         // The image: non-root, the binary as entrypoint, two layers (base, binary), linux/amd64.
         let config: serde_json::Value = serde_json::from_str(&crane(&["config", reference])?)?;
         if config["config"]["User"] != "65532:65532"
-            || config["config"]["Entrypoint"][0] != format!("/usr/local/bin/{name}")
+            || config["config"]["Entrypoint"][0] != format!("/usr/local/bin/{binary}")
             || config["architecture"] != "amd64"
             || config["rootfs"]["diff_ids"].as_array().map(Vec::len) != Some(2)
         {
@@ -58,7 +59,7 @@ fn own_images_signed_attested_and_enforced(env: &Env) -> Result<()> {
         // The binary in it is static and runs on its own.
         let out_dir = work.join(format!("{name}-fs"));
         export_filesystem(&crane, reference, &out_dir)?;
-        let bin = out_dir.join("usr/local/bin").join(name);
+        let bin = out_dir.join("usr/local/bin").join(binary);
         let ldd = run(Command::new("ldd").arg(&bin))?;
         let said = format!(
             "{}{}",
@@ -68,8 +69,28 @@ fn own_images_signed_attested_and_enforced(env: &Env) -> Result<()> {
         if !said.contains("statically linked") && !said.contains("not a dynamic executable") {
             bail!("{name} in the image is dynamically linked: {said}");
         }
-        // It runs (no loader, no shared libraries) and reads its configuration.
-        let ran = run(Command::new(&bin).args(["--config", "/nonexistent-palisade.yaml"]))?;
+        // It runs (no loader, no shared libraries), says which build it is, and reads what it
+        // is given.
+        let commit = run_ok(
+            Command::new("git")
+                .args(["rev-parse", "HEAD"])
+                .current_dir(&root),
+        )?;
+        let version = run_ok(Command::new(&bin).arg("--version"))?;
+        if version.trim()
+            != format!(
+                "{binary} {} (commit {})",
+                env!("CARGO_PKG_VERSION"),
+                commit.trim()
+            )
+        {
+            bail!("{name} from the image says it is {version:?}, not this commit's build");
+        }
+        let ran = if binary == "palisade" {
+            run(Command::new(&bin).args(["render", "-f", "/nonexistent-palisade.yaml"]))?
+        } else {
+            run(Command::new(&bin).args(["--config", "/nonexistent-palisade.yaml"]))?
+        };
         if !String::from_utf8_lossy(&ran.stderr).contains("/nonexistent-palisade.yaml") {
             bail!("{name} from the image does not run: {ran:?}");
         }
@@ -165,6 +186,9 @@ fn own_images_signed_attested_and_enforced(env: &Env) -> Result<()> {
             .args([
                 "--show-only",
                 "templates/imagepolicy.yaml",
+                // The control plane serves the kind (its CRD applied before the chart).
+                "--api-versions",
+                "palisade.dev/v1alpha1/ImagePolicy",
                 "--set",
                 "imagePolicy.enabled=true",
                 "--set",

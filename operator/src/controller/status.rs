@@ -2,8 +2,9 @@
 //!
 //! `Accepted` says whether the spec was understood and is in force (False with `Conflicted` for
 //! a RateLimitPolicy that lost its target); `Ready` whether every generated object is applied;
-//! `Warning` and `Unsupported` carry translation notes; `Stalled` is abnormal-true when progress
-//! needs the user (a missing CRD); `Conflicted` names the winning policy.
+//! `Warning` and `Unsupported` carry translation notes; `Stalled` (progress needs the user) and
+//! `Reconciling` (retried on its own) are abnormal-true and follow from `Ready=False`
+//! ([`palisade_api::common::with_kstatus`]); `Conflicted` names the winning policy.
 
 use palisade_api::common::GeneratedRef;
 pub use palisade_api::common::{Cond, build};

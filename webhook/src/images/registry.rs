@@ -100,12 +100,43 @@ enum Challenge {
 pub struct Registry {
     insecure: Vec<String>,
     http: reqwest::Client,
+    /// Clients of registries with their own CA bundle, by lower-case `host[:port]`.
+    with_ca: BTreeMap<String, reqwest::Client>,
     /// Bearer tokens by (host, repository, credential fingerprint), with their expiry.
     tokens: Mutex<lru::LruCache<TokenKey, (Instant, String)>>,
     /// Hosts that asked for Basic credentials: sent at once next time.
     basic_hosts: Mutex<std::collections::BTreeSet<String>>,
     requests: AtomicU64,
     errors: AtomicU64,
+}
+
+/// The HTTP client behind registry calls: redirects only to allowed targets, bounded in number
+/// and time; `extra_roots` trusted beside the system's.
+fn http_client(
+    insecure: &[String],
+    extra_roots: Vec<reqwest::Certificate>,
+) -> Result<reqwest::Client, RegistryError> {
+    let allowed = insecure.to_vec();
+    let policy = reqwest::redirect::Policy::custom(move |attempt| {
+        if attempt.previous().len() >= MAX_REDIRECTS {
+            return attempt.error(format!("more than {MAX_REDIRECTS} redirects"));
+        }
+        match allowed_target(attempt.url(), &allowed) {
+            Ok(()) => attempt.follow(),
+            Err(why) => attempt.error(format!("a redirect to {why}")),
+        }
+    });
+    reqwest::Client::builder()
+        .redirect(policy)
+        .connect_timeout(Duration::from_secs(2))
+        .read_timeout(Duration::from_secs(5))
+        .user_agent(concat!("palisade-webhook/", env!("CARGO_PKG_VERSION")))
+        .tls_certs_merge(extra_roots)
+        .build()
+        .map_err(|e| RegistryError::Failed {
+            registry: String::new(),
+            why: format!("cannot build the HTTP client: {e}"),
+        })
 }
 
 /// A host (with port) that redirects may not lead to: loopback, link-local, unspecified.
@@ -285,29 +316,39 @@ struct Answer {
 impl Registry {
     /// A client; registries in `insecure` (`host:port`) are spoken to over plain HTTP.
     pub fn new(insecure: &[String]) -> Result<Self, RegistryError> {
-        let allowed = insecure.to_vec();
-        let policy = reqwest::redirect::Policy::custom(move |attempt| {
-            if attempt.previous().len() >= MAX_REDIRECTS {
-                return attempt.error(format!("more than {MAX_REDIRECTS} redirects"));
+        Self::with_cas(insecure, &BTreeMap::new())
+    }
+
+    /// A client that also trusts, for each registry in `cas` (`host[:port]` → PEM bundle), the
+    /// CAs of its bundle beside the system's roots — for that registry (and its token service
+    /// and redirects) only. A bundle without a certificate is refused.
+    pub fn with_cas(
+        insecure: &[String],
+        cas: &BTreeMap<String, Vec<u8>>,
+    ) -> Result<Self, RegistryError> {
+        let mut with_ca = BTreeMap::new();
+        for (host, pem) in cas {
+            let failed = |why: String| RegistryError::Failed {
+                registry: host.clone(),
+                why,
+            };
+            let certs = reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| failed(format!("its CA bundle is not PEM certificates: {e}")))?;
+            if certs.is_empty() {
+                return Err(failed("its CA bundle holds no certificate".into()));
             }
-            match allowed_target(attempt.url(), &allowed) {
-                Ok(()) => attempt.follow(),
-                Err(why) => attempt.error(format!("a redirect to {why}")),
-            }
-        });
-        let http = reqwest::Client::builder()
-            .redirect(policy)
-            .connect_timeout(Duration::from_secs(2))
-            .read_timeout(Duration::from_secs(5))
-            .user_agent(concat!("palisade-webhook/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| RegistryError::Failed {
-                registry: String::new(),
-                why: format!("cannot build the HTTP client: {e}"),
+            let client = http_client(insecure, certs).map_err(|e| match e {
+                RegistryError::Failed { why, .. } => {
+                    failed(format!("its CA bundle is not usable: {why}"))
+                }
+                other => other,
             })?;
+            with_ca.insert(host.to_ascii_lowercase(), client);
+        }
         Ok(Registry {
             insecure: insecure.to_vec(),
-            http,
+            http: http_client(insecure, Vec::new())?,
+            with_ca,
             tokens: Mutex::new(lru::LruCache::new(MAX_TOKENS)),
             basic_hosts: Mutex::new(std::collections::BTreeSet::new()),
             requests: AtomicU64::new(0),
@@ -457,7 +498,11 @@ impl Registry {
             registry: host.to_owned(),
             why,
         };
-        let mut request = self.http.get(url).header(header::ACCEPT, accept);
+        let http = self
+            .with_ca
+            .get(&host.to_ascii_lowercase())
+            .unwrap_or(&self.http);
+        let mut request = http.get(url).header(header::ACCEPT, accept);
         if let Some(a) = authorization {
             request = request.header(header::AUTHORIZATION, a);
         }
@@ -940,8 +985,31 @@ fn describe(e: &reqwest::Error) -> String {
             why.push_str(": ");
             why.push_str(&l);
         }
+    } else if untrusted_certificate(e) {
+        why.push_str(
+            ": its TLS certificate is not trusted (a registry with a private CA needs its bundle in images.registryCAFiles)",
+        );
     }
     why
+}
+
+/// Whether `e` failed on the server's certificate (rustls refused it): a fixed reason of ours,
+/// never the certificate's own text.
+fn untrusted_certificate(e: &reqwest::Error) -> bool {
+    use std::error::Error as _;
+    let mut source = e.source();
+    while let Some(s) = source {
+        // An io::Error's `source` skips the error it wraps: look inside it.
+        let inner = s
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .map_or(s, |i| i as &(dyn std::error::Error + 'static));
+        if let Some(rustls::Error::InvalidCertificate(_)) = inner.downcast_ref::<rustls::Error>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// The `Authorization: Basic` value for `auth`, when it has a user and password.
@@ -1013,6 +1081,34 @@ pub fn registry_auth(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_registry_ca_bundle_must_hold_certificates() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let host = "registry.corp:5000".to_owned();
+        for (bundle, why) in [
+            (&b"not a certificate"[..], "holds no certificate"),
+            (&b""[..], "holds no certificate"),
+            (
+                &b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"[..],
+                "CA bundle",
+            ),
+        ] {
+            let cas = BTreeMap::from([(host.clone(), bundle.to_vec())]);
+            let Err(e) = Registry::with_cas(&[], &cas) else {
+                panic!("{bundle:?} accepted as a CA bundle");
+            };
+            let e = e.to_string();
+            assert!(e.contains("registry.corp:5000") && e.contains(why), "{e}");
+        }
+        let ca = rcgen::generate_simple_self_signed(vec!["registry.corp".to_owned()])
+            .expect("certificate")
+            .cert
+            .pem();
+        let cas = BTreeMap::from([(host, ca.into_bytes())]);
+        let registry = Registry::with_cas(&[], &cas).expect("a PEM certificate is a bundle");
+        assert!(registry.with_ca.contains_key("registry.corp:5000"));
+    }
 
     #[test]
     fn pull_secret_credentials_are_found_by_registry() {
