@@ -14,6 +14,7 @@ mod images;
 mod mesh;
 mod policies;
 mod release;
+mod reports;
 
 use std::{sync::Arc, time::Instant};
 
@@ -48,6 +49,7 @@ fn main() {
         mesh::TESTS,
         policies::TESTS,
         release::TESTS,
+        reports::TESTS,
     ]
     .concat();
 

@@ -25,6 +25,8 @@ CRD_MODULES=(
   "github.com/spiffe/spire-controller-manager@v0.7.0 config/crd/bases/spire.spiffe.io_clusterspiffeids.yaml config/crd/bases/spire.spiffe.io_clusterstaticentries.yaml config/crd/bases/spire.spiffe.io_clusterfederatedtrustdomains.yaml"
   "github.com/cert-manager/cert-manager@v1.21.2 deploy/crds/cert-manager.io_certificates.yaml deploy/crds/cert-manager.io_issuers.yaml deploy/crds/cert-manager.io_clusterissuers.yaml"
   "github.com/prometheus-operator/prometheus-operator@v0.85.0 example/prometheus-operator-crd/monitoring.coreos.com_servicemonitors.yaml example/prometheus-operator-crd/monitoring.coreos.com_prometheusrules.yaml"
+  # The wgpolicyk8s.io PolicyReport kinds, as Kyverno publishes them (only the CRD files are used).
+  "github.com/kyverno/kyverno@v1.19.1 config/crds/policyreport/wgpolicyk8s.io_policyreports.yaml config/crds/policyreport/wgpolicyk8s.io_clusterpolicyreports.yaml"
 )
 # tool  version  package (for `go install`)
 TOOLS=(

@@ -18,6 +18,7 @@
 //! images: {insecureRegistries: ["127.0.0.1:5000"], cacheTTLSeconds: 600, negativeCacheTTLSeconds: 30,
 //!          materialRefreshSeconds: 5,
 //!          registryCAFiles: {"registry.corp.example": /etc/palisade/registry-ca/0.pem}}
+//! policyReports: {enabled: true, intervalSeconds: 300}   # the background scan (PolicyReports)
 //! spire: {className: prod, watchClassless: false}   # the SPIRE controller manager's class
 //! istio: {ambient: true, proxyImages: ["docker.io/istio/proxyv2"]}
 //! leaderElection: {enabled: true, leaseName: palisade-webhook, leaseNamespace: palisade-system,
@@ -42,6 +43,9 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// Where the serving certificate comes from.
     pub tls: Tls,
+    /// The background scan that writes PolicyReports.
+    #[serde(default)]
+    pub policy_reports: PolicyReports,
     /// SPIFFE trust domain.
     #[serde(default = "default_trust_domain")]
     pub trust_domain: String,
@@ -88,6 +92,31 @@ fn default_drain_seconds() -> u64 {
 
 fn default_leader_election() -> palisade_lease::LeaderElection {
     palisade_lease::LeaderElection::named("palisade-webhook")
+}
+
+/// The background scan ([`crate::scan`]): off unless enabled (the chart enables it).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PolicyReports {
+    /// Whether the replica that leads scans the cluster's pods and writes PolicyReports.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Seconds between two scans.
+    #[serde(default = "default_scan_interval")]
+    pub interval_seconds: u64,
+}
+
+impl Default for PolicyReports {
+    fn default() -> Self {
+        PolicyReports {
+            enabled: false,
+            interval_seconds: default_scan_interval(),
+        }
+    }
+}
+
+fn default_scan_interval() -> u64 {
+    300
 }
 
 /// Image signature verification settings.

@@ -128,6 +128,7 @@ pub fn decide(
         audited,
         rules,
         modes,
+        ..
     } = findings(
         config,
         facts,
@@ -167,6 +168,25 @@ pub fn decide(
     (resp, verdict)
 }
 
+/// What the identity and secrets checks find in a Pod that exists already, as a CREATE of it
+/// would be judged now (the background scan's question); `Err` when the object is not a
+/// readable Pod. Image signatures are not checked here (only that references parse).
+pub fn findings_in_pod(
+    pod: &serde_json::Value,
+    namespace: &str,
+    facts: &Facts,
+    config: &Config,
+    secrets: &SecretsPolicy,
+) -> Result<Vec<CheckFinding>, String> {
+    let view = match pod_of("Pod", pod) {
+        Ok(Some(v)) => v,
+        Ok(None) => return Err("not a pod".to_owned()),
+        Err(e) => return Err(e.to_string()),
+    };
+    let (_, _, unparsed) = images_to_check(&view, None);
+    Ok(findings(config, facts, secrets, namespace, (&view, None), unparsed).details)
+}
+
 /// What the checks find in `pod` (and `old` did not have), each sorted by its mode.
 #[derive(Default)]
 struct Findings {
@@ -175,6 +195,21 @@ struct Findings {
     audited: Vec<String>,
     rules: Vec<String>,
     modes: Vec<(String, Mode)>,
+    /// Each finding with its rule and mode, in the order found.
+    details: Vec<CheckFinding>,
+}
+
+/// One finding of a check on a pod: its rule (`workload-identity`, `secrets-in-env/<rule>`,
+/// `image-reference`), the mode it is handled in, and what it says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckFinding {
+    /// The rule.
+    pub rule: String,
+    /// The mode of its check in the pod's namespace (always `Enforce` for what is refused in
+    /// every mode).
+    pub mode: Mode,
+    /// The explanation, as a denial would give it.
+    pub text: String,
 }
 
 impl Findings {
@@ -182,6 +217,11 @@ impl Findings {
     fn record(&mut self, mode: Mode, text: String) {
         if let Some(rule) = self.rules.last() {
             self.modes.push((rule.clone(), mode));
+            self.details.push(CheckFinding {
+                rule: rule.clone(),
+                mode,
+                text: text.clone(),
+            });
         }
         match mode {
             Mode::Enforce => self.denials.push(text),
@@ -521,6 +561,49 @@ mod tests {
 
     fn run(req: &AdmissionRequest<DynamicObject>, f: &Facts) -> (AdmissionResponse, Verdict) {
         decide(req, f, &config(), &SecretsPolicy::new().expect("policy"))
+    }
+
+    #[test]
+    fn an_existing_pod_is_judged_as_its_create_would_be() {
+        let secrets = SecretsPolicy::new().expect("policy");
+        let env =
+            json!([{"name": "DB", "valueFrom": {"secretKeyRef": {"name": "db", "key": "p"}}}]);
+        let mut f = facts(true);
+        let found = findings_in_pod(
+            &pod("default", env.clone()),
+            "legacy",
+            &f,
+            &config(),
+            &secrets,
+        )
+        .expect("a pod");
+        let rules: Vec<(&str, Mode)> = found.iter().map(|c| (c.rule.as_str(), c.mode)).collect();
+        assert_eq!(
+            rules,
+            [
+                ("workload-identity", Mode::Enforce),
+                ("secrets-in-env/env-from-secret", Mode::Warn)
+            ]
+        );
+        assert!(found[1].text.contains("Secret \"db\""), "{}", found[1].text);
+        // The namespace label lowers both modes, as it does at admission.
+        f.namespace_labels
+            .insert(ENFORCEMENT_LABEL.into(), "Audit".into());
+        let found =
+            findings_in_pod(&pod("default", env), "shop", &f, &config(), &secrets).expect("a pod");
+        assert!(found.iter().all(|c| c.mode == Mode::Audit), "{found:?}");
+        assert!(
+            findings_in_pod(
+                &pod("orders", json!([])),
+                "shop",
+                &facts(true),
+                &config(),
+                &secrets
+            )
+            .expect("a pod")
+            .is_empty()
+        );
+        assert!(findings_in_pod(&json!({"kind": "Pod"}), "shop", &f, &config(), &secrets).is_err());
     }
 
     #[test]

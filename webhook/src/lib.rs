@@ -9,6 +9,8 @@ pub mod identity;
 pub mod images;
 pub mod metrics;
 pub mod pods;
+pub mod report;
+pub mod scan;
 pub mod secrets;
 pub mod server;
 pub mod tls;

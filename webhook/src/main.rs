@@ -111,6 +111,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
         config: config.clone(),
     });
     let _ = state.counters.certificate.set(Arc::clone(&cert));
+    if config.policy_reports.enabled {
+        tokio::spawn(palisade_webhook::scan::run(
+            client.clone(),
+            Arc::clone(&state),
+            Duration::from_secs(config.policy_reports.interval_seconds.max(1)),
+        ));
+    }
     let (start_drain, draining) = tokio::sync::watch::channel(false);
     let shutdown = {
         let state = Arc::clone(&state);

@@ -104,6 +104,8 @@ const NOT_EXERCISED: &[&str] = &[
     "operator patch palisade.dev/ratelimitpolicies",
     "webhook get configmaps",
     "webhook get secrets",
+    "webhook patch wgpolicyk8s.io/policyreports",
+    "webhook delete wgpolicyk8s.io/policyreports",
     "webhook get serviceaccounts",
     "operator create security.istio.io/requestauthentications",
     "operator create security.istio.io/peerauthentications",
@@ -549,12 +551,26 @@ fn installed(env: &Env, chart: &Path, helm: &dyn Fn() -> Command) -> Result<()> 
     }
     // The webhook, with the chart's configuration and the operator's certificate, verified as
     // the API server would: CA from the caBundle, name of the Service.
+    // Its metrics port on loopback here (0.0.0.0 in the pod).
+    let metrics_port = free_port()?;
     let webhook_config = config_of("palisade-webhook")?
         .lines()
         .filter(|l| !l.starts_with("listen:"))
+        .map(|l| {
+            if l.starts_with("metricsListen:") {
+                format!("metricsListen: 127.0.0.1:{metrics_port}")
+            } else {
+                l.to_owned()
+            }
+        })
         .collect::<Vec<_>>()
         .join("\n")
         .replace("/etc/palisade/tls", &dir.display().to_string());
+    if !webhook_config.contains("metricsListen:") || !webhook_config.contains("policyReports:") {
+        bail!(
+            "the chart's webhook configuration has no metricsListen or policyReports: {webhook_config}"
+        );
+    }
     let wh = WebhookProcess::start_as(
         cp,
         "chart",
@@ -682,7 +698,9 @@ fn installed(env: &Env, chart: &Path, helm: &dyn Fn() -> Command) -> Result<()> 
     // The alerts and the dashboard use only metrics these processes export.
     let scraped = [
         run_ok(Command::new("curl").args(["-sf", &format!("http://{metrics}/metrics")]))?,
-        wh.curl(&["/metrics"])?.1,
+        run_ok(
+            Command::new("curl").args(["-sf", &format!("http://127.0.0.1:{metrics_port}/metrics")]),
+        )?,
     ];
     alerts_and_dashboard_use_exported_metrics(env, chart, helm, &scraped)?;
     // No drift for Argo CD: applying the same files again would change nothing.

@@ -77,10 +77,16 @@ fn render(env: &Env, sets: &[String]) -> Result<(String, String)> {
         let v = serde_json::Value::deserialize(doc)?;
         if v["kind"] == "ConfigMap" && v["metadata"]["name"] == "palisade-webhook" {
             let text = v["data"]["config.yaml"].as_str().context("config.yaml")?;
-            // Served here: this process's address, certificate and no election; the rest as
-            // rendered.
+            // Served here: this process's address, certificate, metrics on the HTTPS port, no
+            // election and no background scan; the rest as rendered.
             let mut map: serde_yaml::Mapping = serde_yaml::from_str(text)?;
-            for key in ["listen", "tls", "leaderElection"] {
+            for key in [
+                "listen",
+                "metricsListen",
+                "tls",
+                "leaderElection",
+                "policyReports",
+            ] {
                 map.remove(key);
             }
             config = Some(serde_yaml::to_string(&map)?);
