@@ -309,7 +309,7 @@ pub const RETRIED_REASONS: &[&str] = &[
 /// rather than `Current` for a policy that is not enforced.
 pub fn with_kstatus(conds: &[Cond]) -> Vec<Cond> {
     let mut out = conds.to_vec();
-    let abnormal = |t: &str| conds.iter().any(|c| c.type_ == t);
+    let abnormal = |t: &str| conds.iter().any(|c| c.type_ == t && c.status);
     if abnormal(condition::STALLED) || abnormal(condition::RECONCILING) {
         return out;
     }
@@ -322,7 +322,12 @@ pub fn with_kstatus(conds: &[Cond]) -> Vec<Cond> {
         } else {
             condition::STALLED
         };
-        out.push(Cond::new(type_, true, &ready.reason, ready.message.clone()));
+        let abnormal = Cond::new(type_, true, &ready.reason, ready.message.clone());
+        // One condition per type: a False one of the same type gives way.
+        match out.iter_mut().find(|c| c.type_ == type_) {
+            Some(c) => *c = abnormal,
+            None => out.push(abnormal),
+        }
     }
     out
 }
@@ -446,6 +451,18 @@ mod tests {
             Cond::new("Stalled", true, "BackendMissing", "m"),
         ]);
         assert_eq!(explicit.len(), 2);
+        // An explicit False does not stand in for the abnormal-true condition.
+        let with_false = kinds(&[
+            Cond::new("Ready", false, "PartiallyEnforced", "m"),
+            Cond::new("Stalled", false, "Done", ""),
+        ]);
+        assert_eq!(
+            with_false,
+            [
+                ("Ready".to_owned(), false, "PartiallyEnforced".to_owned()),
+                ("Stalled".to_owned(), true, "PartiallyEnforced".to_owned())
+            ]
+        );
     }
 
     #[test]

@@ -182,8 +182,9 @@ fn client_roots(config: &Config) -> anyhow::Result<Option<Arc<palisade_webhook::
     Ok(Some(ca))
 }
 
-/// Serves `/metrics` on `addr` over plain HTTP (like the operator's metrics server) until
-/// `stop` resolves; the bind happens here, so a taken port stops the start.
+/// Serves `/metrics` on `addr` over plain HTTP, with the limits of
+/// [`palisade_webhook::server::metrics_limits`], until `stop` resolves; the bind happens here,
+/// so a taken port stops the start.
 async fn serve_metrics(
     addr: std::net::SocketAddr,
     state: Arc<AppState>,
@@ -192,11 +193,12 @@ async fn serve_metrics(
     let metrics = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(listen = %addr, "serving /metrics");
     let app = palisade_webhook::server::metrics_router(state);
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(metrics, app).with_graceful_shutdown(stop).await {
-            tracing::error!(error = %e, "the metrics server stopped");
-        }
-    });
+    tokio::spawn(palisade_webhook::server::serve_plain(
+        metrics,
+        app,
+        stop,
+        palisade_webhook::server::metrics_limits(),
+    ));
     Ok(())
 }
 

@@ -19,6 +19,26 @@ pub const POLICY: &str = "palisade";
 /// Label that marks the reports Palisade owns (and may delete).
 pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "palisade-webhook");
 
+/// Results listed in one report at most (etcd keeps objects under 1.5 MiB): failures and errors
+/// first, so a namespace with many pods cannot push a failure out with passes.
+pub const MAX_RESULTS: usize = 600;
+/// Bytes of one result's message at most.
+pub const MAX_MESSAGE: usize = 1024;
+/// Annotation that says how many results the report does not list.
+pub const NOT_LISTED: &str = "palisade.dev/results-not-listed";
+
+/// `text` cut to [`MAX_MESSAGE`] bytes (at a character boundary), saying so.
+fn bounded(text: String) -> String {
+    if text.len() <= MAX_MESSAGE {
+        return text;
+    }
+    let mut end = MAX_MESSAGE - 20;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{} … (cut)", &text[..end])
+}
+
 /// The checks every pod gets a result for.
 pub const CHECKS: &[&str] = &["workload-identity", "secrets-in-env"];
 
@@ -97,6 +117,7 @@ pub fn policy_report(namespace: &str, pods: &[PodFindings], now: i64) -> Value {
         }
         for (check, (result, message, mode)) in per_check {
             *summary.entry(result).or_default() += 1;
+            let message = bounded(message);
             let mut properties = serde_json::Map::new();
             if let Some(mode) = mode {
                 properties.insert("mode".into(), Value::String(mode_name(mode).into()));
@@ -116,14 +137,26 @@ pub fn policy_report(namespace: &str, pods: &[PodFindings], now: i64) -> Value {
             }));
         }
     }
+    // Errors and failures first (stable: pods stay in name order within each).
+    results.sort_by_key(|r| match r["result"].as_str() {
+        Some("error") => 0,
+        Some("fail") => 1,
+        _ => 2,
+    });
+    let not_listed = results.len().saturating_sub(MAX_RESULTS);
+    results.truncate(MAX_RESULTS);
+    let mut metadata = json!({
+        "name": REPORT_NAME,
+        "namespace": namespace,
+        "labels": {MANAGED_BY.0: MANAGED_BY.1},
+    });
+    if not_listed > 0 {
+        metadata["annotations"] = json!({NOT_LISTED: not_listed.to_string()});
+    }
     json!({
         "apiVersion": "wgpolicyk8s.io/v1alpha2",
         "kind": "PolicyReport",
-        "metadata": {
-            "name": REPORT_NAME,
-            "namespace": namespace,
-            "labels": {MANAGED_BY.0: MANAGED_BY.1},
-        },
+        "metadata": metadata,
         "summary": summary,
         "results": results,
     })
@@ -139,7 +172,12 @@ pub fn content(report: &Value) -> Value {
             }
         }
     }
-    json!({"summary": report["summary"], "results": results, "labels": report["metadata"]["labels"]})
+    json!({
+        "summary": report["summary"],
+        "results": results,
+        "labels": report["metadata"]["labels"],
+        "annotations": report["metadata"]["annotations"][NOT_LISTED],
+    })
 }
 
 #[cfg(test)]
@@ -207,6 +245,51 @@ mod tests {
                 identity["properties"]["mode"].as_str()
             ),
             (Some("fail"), Some("Warn"))
+        );
+    }
+
+    #[test]
+    fn a_report_stays_under_etcd_s_limit_and_lists_failures_first() {
+        // 12,000 findings on one pod, and 1,000 compliant pods named before it.
+        let huge: Vec<CheckFinding> = (0..12_000)
+            .map(|i| {
+                finding(
+                    "secrets-in-env/env-from-secret",
+                    Mode::Audit,
+                    &format!("env E{i} takes a Secret"),
+                )
+            })
+            .collect();
+        let mut pods: Vec<PodFindings> = (0..1000)
+            .map(|i| PodFindings {
+                name: format!("a{i:04}"),
+                uid: format!("u{i}"),
+                findings: Ok(vec![]),
+            })
+            .collect();
+        pods.push(PodFindings {
+            name: "zz-leaky".into(),
+            uid: "z".into(),
+            findings: Ok(huge),
+        });
+        let report = policy_report("ns", &pods, 0);
+        let bytes = serde_json::to_vec(&report).expect("json").len();
+        assert!(bytes < 1_000_000, "{bytes} bytes");
+        let results = report["results"].as_array().expect("results");
+        assert_eq!(results.len(), MAX_RESULTS);
+        assert_eq!(results[0]["resources"][0]["name"], "zz-leaky");
+        assert_eq!(results[0]["result"], "fail");
+        assert!(
+            results[0]["message"]
+                .as_str()
+                .expect("message")
+                .ends_with("(cut)")
+        );
+        assert_eq!(report["summary"]["pass"], 2001);
+        assert_eq!(report["summary"]["fail"], 1);
+        assert_eq!(
+            report["metadata"]["annotations"][NOT_LISTED],
+            (2002 - MAX_RESULTS).to_string()
         );
     }
 

@@ -23,6 +23,9 @@ use crate::{
     server::AppState,
 };
 
+/// Pods listed per request.
+const PAGE: u32 = 25;
+
 /// The PolicyReport kind.
 fn policy_reports() -> ApiResource {
     ApiResource::from_gvk_with_plural(
@@ -62,13 +65,13 @@ pub async fn run(client: Client, state: Arc<AppState>, every: Duration) {
     }
 }
 
-/// Whether `pod` runs or will: not being deleted, not finished.
+/// Whether `pod` runs or will: not finished. A pod being deleted is judged too: it may run for
+/// its whole grace period, which its owner chooses.
 fn live(pod: &Pod) -> bool {
-    pod.metadata.deletion_timestamp.is_none()
-        && !matches!(
-            pod.status.as_ref().and_then(|s| s.phase.as_deref()),
-            Some("Succeeded" | "Failed")
-        )
+    !matches!(
+        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Succeeded" | "Failed")
+    )
 }
 
 /// One scan: the number of pods judged and of reports written. A report is written when what
@@ -76,20 +79,27 @@ fn live(pod: &Pod) -> bool {
 /// at the next scan), and Palisade's reports of namespaces with no judged pod are deleted.
 async fn scan_once(client: &Client, state: &Arc<AppState>) -> anyhow::Result<(usize, usize)> {
     let pods: Api<Pod> = Api::all(client.clone());
-    let mut listed = Vec::new();
-    let mut params = ListParams::default().limit(500);
+    // Page by page, keeping only what was found: a pod can be over a megabyte (env values,
+    // args), so neither the listed pods nor a large page are held longer than their judging.
+    let mut judged: BTreeMap<String, Vec<PodFindings>> = BTreeMap::new();
+    let mut params = ListParams::default().limit(PAGE);
     loop {
         let page = pods.list(&params).await?;
-        listed.extend(page.items.into_iter().filter(live));
-        match page.metadata.continue_ {
-            Some(token) if !token.is_empty() => params = params.continue_token(&token),
-            _ => break,
+        let next = page.metadata.continue_.clone().filter(|t| !t.is_empty());
+        let listed: Vec<Pod> = page.items.into_iter().filter(live).collect();
+        let state = Arc::clone(state);
+        let found = tokio::task::spawn_blocking(move || judge(&state, &listed)).await?;
+        for (namespace, mut pods) in found {
+            judged.entry(namespace).or_default().append(&mut pods);
+        }
+        match next {
+            Some(token) => params = params.continue_token(&token),
+            None => break,
         }
     }
-    let judged = {
-        let state = Arc::clone(state);
-        tokio::task::spawn_blocking(move || judge(&state, &listed)).await?
-    };
+    for pods in judged.values_mut() {
+        pods.sort_by(|a, b| a.name.cmp(&b.name));
+    }
     let count = judged.values().map(Vec::len).sum();
     let dynamic = policy_reports();
     // What the cluster holds now: every report named `palisade` (Palisade's or not).
@@ -177,8 +187,28 @@ fn judge(state: &AppState, pods: &[Pod]) -> BTreeMap<String, Vec<PodFindings>> {
             findings,
         });
     }
-    for pods in out.values_mut() {
-        pods.sort_by(|a, b| a.name.cmp(&b.name));
-    }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pods_being_deleted_are_judged_finished_ones_not() {
+        let pod = |extra: serde_json::Value| -> Pod {
+            let mut v = serde_json::json!({"metadata": {"name": "p", "namespace": "shop"},
+                "spec": {"containers": [{"name": "app", "image": "r/a:1"}]},
+                "status": {"phase": "Running"}});
+            json_patch::merge(&mut v, &extra);
+            serde_json::from_value(v).expect("a pod")
+        };
+        assert!(live(&pod(serde_json::json!({}))));
+        // A year's grace period: it runs on, so it is reported on.
+        assert!(live(&pod(serde_json::json!({"metadata": {
+            "deletionTimestamp": "2026-01-01T00:00:00Z", "deletionGracePeriodSeconds": 31_536_000}}))));
+        for phase in ["Succeeded", "Failed"] {
+            assert!(!live(&pod(serde_json::json!({"status": {"phase": phase}}))));
+        }
+    }
 }

@@ -418,6 +418,8 @@ pub struct ServeLimits {
     /// TLS handshakes in progress at once; a connection slot is taken only after one succeeds,
     /// so clients that cannot complete one (no client certificate) never hold a slot.
     pub max_handshakes: usize,
+    /// Bytes an HTTP/1.1 connection may buffer while it reads a request head (at least 8192).
+    pub max_buffer_bytes: usize,
 }
 
 impl Default for ServeLimits {
@@ -432,6 +434,8 @@ impl Default for ServeLimits {
             request_timeout: MAX_WEBHOOK_TIMEOUT + std::time::Duration::from_secs(5),
             max_age: std::time::Duration::from_mins(10),
             max_handshakes: 256,
+            // hyper's own default.
+            max_buffer_bytes: 8192 + 4096 * 100,
         }
     }
 }
@@ -617,6 +621,69 @@ pub async fn serve_tls_with(
     Ok(())
 }
 
+/// The limits of the plain-HTTP metrics port: few connections, small request heads, short
+/// timeouts (a scraper sends one small GET at a time).
+pub fn metrics_limits() -> ServeLimits {
+    ServeLimits {
+        max_connections: 16,
+        header_timeout: std::time::Duration::from_secs(5),
+        idle_timeout: std::time::Duration::from_secs(30),
+        request_timeout: std::time::Duration::from_secs(10),
+        max_buffer_bytes: 8192,
+        ..ServeLimits::default()
+    }
+}
+
+/// Serves `app` over plain HTTP on `listener` until `shutdown` resolves, bounded like the
+/// HTTPS port (connections in number; request heads, requests and idle connections in time;
+/// and here request heads in size): the metrics port, which any pod may reach.
+pub async fn serve_plain(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    limits: ServeLimits,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let (_never_draining, draining) = tokio::sync::watch::channel(false);
+    let (closing, closed) = tokio::sync::watch::channel(false);
+    tokio::pin!(shutdown);
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        while connections.try_join_next().is_some() {}
+        // A free slot first: at the cap, new connections wait in the backlog.
+        let slot = tokio::select! {
+            s = Arc::clone(&slots).acquire_owned() => match s { Ok(s) => s, Err(_) => break },
+            () = &mut shutdown => break,
+        };
+        let tcp = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot accept a metrics connection; serving on");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let (app, limits) = (app.clone(), limits.clone());
+        let signals = Signals {
+            draining: draining.clone(),
+            closed: closed.clone(),
+        };
+        connections.spawn(async move {
+            let _slot = slot;
+            serve_connection(tcp, app, limits, false, signals).await;
+        });
+    }
+    let _ = closing.send(true);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+}
+
 /// What a connection is told by its server: that it drains, then that it closes.
 struct Signals {
     draining: tokio::sync::watch::Receiver<bool>,
@@ -627,13 +694,15 @@ struct Signals {
 /// shut down gracefully, and dropped if the client does not follow within 5 s).
 /// An `anonymous` client (no certificate where `tls.clientCAFile` asks for one) is answered on
 /// the probe paths and `/metrics` (read-only counters, for Prometheus) only.
-async fn serve_connection(
-    stream: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+async fn serve_connection<S>(
+    stream: S,
     app: Router,
     limits: ServeLimits,
     anonymous: bool,
     signals: Signals,
-) {
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     use tower::ServiceExt as _;
     let Signals {
         draining,
@@ -689,7 +758,8 @@ async fn serve_connection(
     builder
         .http1()
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(limits.header_timeout);
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(limits.max_buffer_bytes);
     builder
         .http2()
         .timer(hyper_util::rt::TokioTimer::new())

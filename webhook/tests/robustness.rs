@@ -212,6 +212,7 @@ async fn silent_clients_do_not_keep_the_server() {
         request_timeout: Duration::from_secs(2),
         max_age: Duration::from_mins(1),
         max_handshakes: 1,
+        ..ServeLimits::default()
     };
     let (addr, stop, server) = serve(&cert, limits, never_draining()).await;
     // The silent client takes the only slot; the server closes it after the timeout.
@@ -683,4 +684,82 @@ async fn last_answer<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     let answer = String::from_utf8_lossy(&rest).to_ascii_lowercase();
     assert!(answer.starts_with("http/1.1 200"), "{answer}");
     assert!(answer.contains("connection: close"), "{answer}");
+}
+
+/// The plain-HTTP metrics port, which any pod may reach: a request head that never ends is cut
+/// at the header timeout or at the buffer cap (never held for good), connections beyond the cap
+/// wait in the backlog, and a scraper is still served once the others are gone.
+#[tokio::test]
+async fn the_metrics_port_bounds_what_a_client_can_hold() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let app = axum::Router::new().route("/metrics", axum::routing::get(|| async { "m 1\n" }));
+    let limits = palisade_webhook::server::ServeLimits {
+        header_timeout: Duration::from_millis(500),
+        ..palisade_webhook::server::metrics_limits()
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(palisade_webhook::server::serve_plain(
+        listener,
+        app,
+        async move {
+            let _ = stop_rx.await;
+        },
+        limits,
+    ));
+    // A head far over the buffer cap: the connection is closed, not kept growing.
+    let mut big = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let _ = big.write_all(b"GET /metrics HTTP/1.1\r\nX-A: ").await;
+    let _ = big.write_all(&vec![b'a'; 64 * 1024]).await;
+    let mut buf = [0u8; 256];
+    let n = tokio::time::timeout(Duration::from_secs(5), big.read(&mut buf)).await;
+    assert!(
+        matches!(n, Ok(Ok(_) | Err(_))),
+        "a 64 KiB request head was still held after 5 s"
+    );
+    // Heads that never end, on every slot: each is cut at the header timeout.
+    let mut slow = Vec::new();
+    for _ in 0..16 {
+        let mut c = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        c.write_all(b"GET /metrics HTTP/1.1\r\nX-A: a")
+            .await
+            .expect("write");
+        slow.push(c);
+    }
+    let started = Instant::now();
+    for c in &mut slow {
+        let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf)).await;
+        assert!(
+            matches!(n, Ok(Ok(_) | Err(_))),
+            "an unfinished head held for 5 s"
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    // A scraper after them is served.
+    let mut scraper = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    scraper
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(5), scraper.read_to_string(&mut answer))
+        .await
+        .expect("answered in time")
+        .expect("read");
+    assert!(
+        answer.starts_with("HTTP/1.1 200") && answer.ends_with("m 1\n"),
+        "{answer}"
+    );
+    let _ = stop_tx.send(());
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .expect("the server stops")
+        .expect("joined");
 }

@@ -81,7 +81,7 @@ CNI agent writes through pods/status on every ambient pod).
 {{- end }}
 
 {{/* Labels and annotations of the chart's CRDs (indented under metadata). */}}
-{{- define "palisade.crdMetadata" -}}
+{{- define "palisade.crdMetadata" }}
   labels:
     {{- include "palisade.labels" . | nindent 4 }}
 {{- if .Values.crds.keep }}

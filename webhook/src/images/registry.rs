@@ -996,20 +996,29 @@ fn describe(e: &reqwest::Error) -> String {
 /// Whether `e` failed on the server's certificate (rustls refused it): a fixed reason of ours,
 /// never the certificate's own text.
 fn untrusted_certificate(e: &reqwest::Error) -> bool {
-    use std::error::Error as _;
-    let mut source = e.source();
-    while let Some(s) = source {
-        // An io::Error's `source` skips the error it wraps: look inside it.
-        let inner = s
-            .downcast_ref::<std::io::Error>()
-            .and_then(|io| io.get_ref())
-            .map_or(s, |i| i as &(dyn std::error::Error + 'static));
-        if let Some(rustls::Error::InvalidCertificate(_)) = inner.downcast_ref::<rustls::Error>() {
+    fn refused(e: &(dyn std::error::Error + 'static), depth: usize) -> bool {
+        if depth > 16 {
+            return false;
+        }
+        if let Some(rustls::Error::InvalidCertificate(_)) = e.downcast_ref::<rustls::Error>() {
             return true;
         }
-        source = s.source();
+        // An io::Error's `source` skips the error it wraps: look inside it too.
+        if let Some(inner) = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref)
+            && refused(inner, depth + 1)
+        {
+            return true;
+        }
+        // Wrappers that hide the rustls error's type keep its text.
+        if e.to_string().starts_with("invalid peer certificate") {
+            return true;
+        }
+        e.source().is_some_and(|s| refused(s, depth + 1))
     }
-    false
+    use std::error::Error as _;
+    e.source().is_some_and(|s| refused(s, 0))
 }
 
 /// The `Authorization: Basic` value for `auth`, when it has a user and password.
