@@ -561,20 +561,9 @@ pub async fn serve_tls_with(
             h = Arc::clone(&handshakes).acquire_owned() => h.map_err(std::io::Error::other)?,
             () = &mut shutdown => break,
         };
-        let tcp = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((tcp, _)) => tcp,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot accept a connection; serving on");
-                    // EMFILE and the like clear when connections close: do not spin.
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
+        let Some(tcp) = next_connection(&listener, &mut shutdown).await else {
+            break;
         };
-        // Responses are small and latency-bound: no Nagle delay.
-        let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let app = app.clone();
         let limits = limits.clone();
@@ -655,18 +644,9 @@ pub async fn serve_plain(
             s = Arc::clone(&slots).acquire_owned() => match s { Ok(s) => s, Err(_) => break },
             () = &mut shutdown => break,
         };
-        let tcp = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((tcp, _)) => tcp,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot accept a metrics connection; serving on");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
+        let Some(tcp) = next_connection(&listener, &mut shutdown).await else {
+            break;
         };
-        let _ = tcp.set_nodelay(true);
         let (app, limits) = (app.clone(), limits.clone());
         let signals = Signals {
             draining: draining.clone(),
@@ -682,6 +662,31 @@ pub async fn serve_plain(
         while connections.join_next().await.is_some() {}
     })
     .await;
+}
+
+/// The next connection of `listener`, or `None` once `shutdown` resolves. An `accept` error
+/// (file descriptors exhausted, a connection reset before it was taken) is logged and
+/// accepting goes on; such errors clear when connections close, so it waits 50 ms rather than
+/// spin. Responses are small and latency-bound: no Nagle delay.
+async fn next_connection<F: Future<Output = ()>>(
+    listener: &tokio::net::TcpListener,
+    shutdown: &mut std::pin::Pin<&mut F>,
+) -> Option<tokio::net::TcpStream> {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => {
+                    let _ = tcp.set_nodelay(true);
+                    return Some(tcp);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot accept a connection; serving on");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+            () = shutdown.as_mut() => return None,
+        }
+    }
 }
 
 /// What a connection is told by its server: that it drains, then that it closes.
