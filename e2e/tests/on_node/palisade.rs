@@ -81,6 +81,28 @@ fn fully_available(node: &Node) -> Result<()> {
     Ok(())
 }
 
+/// Waits until every webhook pod left is one of the current template: a `helm upgrade --wait`
+/// returns when the new pods are ready, while the old ones still answer the API server's open
+/// connections through their preStop and drain, with the old configuration.
+pub fn old_webhook_pods_gone(node: &Node) -> Result<()> {
+    node.cp()
+        .eventually("the old webhook pods gone", Duration::from_mins(2), || {
+            let pods = run_ok(node.cp().kubectl().args([
+                "get",
+                "pods",
+                "-n",
+                NS,
+                "-l",
+                "app.kubernetes.io/component=webhook",
+                "-o",
+                "jsonpath={range .items[*]}{.metadata.deletionTimestamp}|{end}",
+            ]))
+            .ok()?;
+            let all: Vec<&str> = pods.split_terminator('|').collect();
+            (all.len() == 2 && all.iter().all(|d| d.is_empty())).then_some(())
+        })
+}
+
 /// The release images, pushed to the node's registry, signed and attested; `helm install` of
 /// the chart with its defaults (two replicas of each Deployment); both Deployments fully
 /// available (a standby operator is ready), one leader; the API server calls the webhook
@@ -499,6 +521,7 @@ pub fn helm_upgrade_with_new_images_and_config(env: &Env) -> Result<()> {
             "4m",
         ]))?;
     helm_succeeded(node, "upgrade", &out)?;
+    old_webhook_pods_gone(node)?;
     fully_available(node)?;
     let images = run_ok(node.cp().kubectl().args([
         "get",

@@ -311,6 +311,8 @@ pub fn orders_receives_its_svid_from_spire(env: &Env) -> Result<()> {
         .args(["--namespace", NS, "--reuse-values"])
         .args(["--set", "identitySource=Spire", "--wait", "--timeout", "4m"]))?;
     helm_succeeded(node, "upgrade to identitySource Spire", &out)?;
+    // Until the old webhook pods are gone, some requests still meet the old identity source.
+    crate::on_node::palisade::old_webhook_pods_gone(node)?;
     // The operator writes the ClusterSPIFFEID; the controller manager makes it an entry.
     let want = format!("spiffe://{TRUST_DOMAIN}/ns/{SHOP}/sa/orders");
     let entries = cp
