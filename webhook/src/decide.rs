@@ -169,22 +169,41 @@ pub fn decide(
 }
 
 /// What the identity and secrets checks find in a Pod that exists already, as a CREATE of it
-/// would be judged now (the background scan's question); `Err` when the object is not a
-/// readable Pod. Image signatures are not checked here (only that references parse).
+/// would be judged now (the background scan's question), with what its image check needs;
+/// `Err` when the object is not a readable Pod. Image signatures are checked by the caller
+/// ([`crate::images::admit::image_findings`]); here only that references parse.
 pub fn findings_in_pod(
     pod: &serde_json::Value,
     namespace: &str,
     facts: &Facts,
     config: &Config,
     secrets: &SecretsPolicy,
-) -> Result<Vec<CheckFinding>, String> {
+) -> Result<PodJudgement, String> {
     let view = match pod_of("Pod", pod) {
         Ok(Some(v)) => v,
         Ok(None) => return Err("not a pod".to_owned()),
         Err(e) => return Err(e.to_string()),
     };
-    let (_, _, unparsed) = images_to_check(&view, None);
-    Ok(findings(config, facts, secrets, namespace, (&view, None), unparsed).details)
+    let (images, all_images, unparsed) = images_to_check(&view, None);
+    Ok(PodJudgement {
+        findings: findings(config, facts, secrets, namespace, (&view, None), unparsed).details,
+        images,
+        all_images,
+        pull_secrets: crate::pods::pull_secrets(&view.spec),
+    })
+}
+
+/// [`findings_in_pod`]'s answer.
+#[derive(Debug, Default)]
+pub struct PodJudgement {
+    /// The identity, secrets and image-reference findings.
+    pub findings: Vec<CheckFinding>,
+    /// The images whose references parse, with who uses them (`containers "app"`).
+    pub images: BTreeMap<String, Vec<String>>,
+    /// Every image of the pod as written.
+    pub all_images: BTreeSet<String>,
+    /// Its `imagePullSecrets`.
+    pub pull_secrets: Vec<String>,
 }
 
 /// What the checks find in `pod` (and `old` did not have), each sorted by its mode.
@@ -577,6 +596,12 @@ mod tests {
             &secrets,
         )
         .expect("a pod");
+        assert_eq!(found.pull_secrets, Vec::<String>::new());
+        assert_eq!(
+            found.images.keys().collect::<Vec<_>>(),
+            [&"r/a:1".to_owned()]
+        );
+        let found = found.findings;
         let rules: Vec<(&str, Mode)> = found.iter().map(|c| (c.rule.as_str(), c.mode)).collect();
         assert_eq!(
             rules,
@@ -589,8 +614,9 @@ mod tests {
         // The namespace label lowers both modes, as it does at admission.
         f.namespace_labels
             .insert(ENFORCEMENT_LABEL.into(), "Audit".into());
-        let found =
-            findings_in_pod(&pod("default", env), "shop", &f, &config(), &secrets).expect("a pod");
+        let found = findings_in_pod(&pod("default", env), "shop", &f, &config(), &secrets)
+            .expect("a pod")
+            .findings;
         assert!(found.iter().all(|c| c.mode == Mode::Audit), "{found:?}");
         assert!(
             findings_in_pod(
@@ -601,6 +627,7 @@ mod tests {
                 &secrets
             )
             .expect("a pod")
+            .findings
             .is_empty()
         );
         assert!(findings_in_pod(&json!({"kind": "Pod"}), "shop", &f, &config(), &secrets).is_err());

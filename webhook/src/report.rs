@@ -51,7 +51,24 @@ pub struct PodFindings {
     pub uid: String,
     /// The findings, or why the pod could not be judged.
     pub findings: Result<Vec<CheckFinding>, String>,
+    /// Whether its images were checked against the ImagePolicies.
+    pub images: ImageCheck,
 }
+
+/// The image-signature check of one pod in a scan.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum ImageCheck {
+    /// No ImagePolicy covers any of its images (or image checks are off): no result.
+    #[default]
+    NotCovered,
+    /// Checked: a `pass` unless a finding says otherwise.
+    Checked,
+    /// Covered, but not checked in this scan, and why: a `skip`.
+    Skipped(String),
+}
+
+/// The rule of the image-signature check.
+pub const IMAGE_CHECK: &str = "image-signature";
 
 /// The check a rule belongs to (`secrets-in-env/env-from-secret` → `secrets-in-env`).
 fn check_of(rule: &str) -> &str {
@@ -66,6 +83,66 @@ fn mode_name(mode: Mode) -> &'static str {
     }
 }
 
+/// One pod's result per check: `(result, message, mode)`.
+fn per_check(pod: &PodFindings) -> BTreeMap<&str, (&'static str, String, Option<Mode>)> {
+    let mut per_check: BTreeMap<&str, (&str, String, Option<Mode>)> = BTreeMap::new();
+    match &pod.findings {
+        Err(why) => {
+            for check in CHECKS {
+                per_check.insert(
+                    check,
+                    ("error", format!("cannot judge the pod: {why}"), None),
+                );
+            }
+        }
+        Ok(findings) => {
+            for check in CHECKS {
+                per_check.insert(check, ("pass", format!("{check}: no finding"), None));
+            }
+            match &pod.images {
+                ImageCheck::NotCovered => {}
+                ImageCheck::Checked => {
+                    per_check.insert(
+                        IMAGE_CHECK,
+                        (
+                            "pass",
+                            format!("{IMAGE_CHECK}: every image satisfies its policies"),
+                            None,
+                        ),
+                    );
+                }
+                ImageCheck::Skipped(why) => {
+                    per_check.insert(IMAGE_CHECK, ("skip", why.clone(), None));
+                }
+            }
+            for f in findings {
+                let check = check_of(&f.rule);
+                let result = if f.rule.ends_with("/error") {
+                    "error"
+                } else {
+                    "fail"
+                };
+                let entry = per_check
+                    .entry(check)
+                    .or_insert(("pass", String::new(), None));
+                if matches!(entry.0, "pass" | "skip") {
+                    *entry = (result, f.text.clone(), Some(f.mode));
+                } else {
+                    entry.1.push_str("; ");
+                    entry.1.push_str(&f.text);
+                    // The strongest mode among the check's findings is what the pod meets.
+                    entry.2 = entry.2.max(Some(f.mode));
+                    // An error outranks a failure.
+                    if result == "error" {
+                        entry.0 = "error";
+                    }
+                }
+            }
+        }
+    }
+    per_check
+}
+
 /// The PolicyReport of `namespace` for `pods`, its results stamped `now` (Unix seconds).
 pub fn policy_report(namespace: &str, pods: &[PodFindings], now: i64) -> Value {
     let mut results = Vec::new();
@@ -78,44 +155,7 @@ pub fn policy_report(namespace: &str, pods: &[PodFindings], now: i64) -> Value {
             "apiVersion": "v1", "kind": "Pod", "namespace": namespace,
             "name": pod.name, "uid": pod.uid,
         }]);
-        let mut per_check: BTreeMap<&str, (&str, String, Option<Mode>)> = BTreeMap::new();
-        match &pod.findings {
-            Err(why) => {
-                for check in CHECKS {
-                    per_check.insert(
-                        check,
-                        ("error", format!("cannot judge the pod: {why}"), None),
-                    );
-                }
-            }
-            Ok(findings) => {
-                for check in CHECKS {
-                    per_check.insert(check, ("pass", format!("{check}: no finding"), None));
-                }
-                for f in findings {
-                    let check = check_of(&f.rule);
-                    let result = if f.rule.ends_with("/error") {
-                        "error"
-                    } else {
-                        "fail"
-                    };
-                    let entry = per_check
-                        .entry(check)
-                        .or_insert(("pass", String::new(), None));
-                    if entry.0 == "pass" {
-                        *entry = (result, f.text.clone(), Some(f.mode));
-                    } else {
-                        entry.1.push_str("; ");
-                        entry.1.push_str(&f.text);
-                        // An error outranks a failure.
-                        if result == "error" {
-                            entry.0 = "error";
-                        }
-                    }
-                }
-            }
-        }
-        for (check, (result, message, mode)) in per_check {
+        for (check, (result, message, mode)) in per_check(pod) {
             *summary.entry(result).or_default() += 1;
             let message = bounded(message);
             let mut properties = serde_json::Map::new();
@@ -199,6 +239,7 @@ mod tests {
                 name: "good".into(),
                 uid: "u1".into(),
                 findings: Ok(vec![]),
+                images: ImageCheck::NotCovered,
             },
             PodFindings {
                 name: "leaky".into(),
@@ -208,11 +249,13 @@ mod tests {
                     finding("secrets-in-env/aws-access-key", Mode::Audit, "env B"),
                     finding("workload-identity", Mode::Warn, "default SA"),
                 ]),
+                images: ImageCheck::NotCovered,
             },
             PodFindings {
                 name: "broken".into(),
                 uid: "u3".into(),
                 findings: Err("no spec".into()),
+                images: ImageCheck::NotCovered,
             },
         ];
         let report = policy_report("shop", &pods, 100);
@@ -249,6 +292,54 @@ mod tests {
     }
 
     #[test]
+    fn image_checks_pass_fail_in_the_policy_s_mode_or_skip() {
+        let pod = |name: &str, findings, images| PodFindings {
+            name: name.into(),
+            uid: name.into(),
+            findings: Ok(findings),
+            images,
+        };
+        let pods = [
+            pod("signed", vec![], ImageCheck::Checked),
+            pod(
+                "unsigned",
+                vec![
+                    finding("image-signature/release", Mode::Audit, "app: no signature"),
+                    finding("image-signature/base", Mode::Warn, "init: no signature"),
+                ],
+                ImageCheck::Checked,
+            ),
+            pod(
+                "later",
+                vec![],
+                ImageCheck::Skipped("not checked in this scan".into()),
+            ),
+            pod("uncovered", vec![], ImageCheck::NotCovered),
+        ];
+        let report = policy_report("shop", &pods, 1);
+        let image = |name: &str| {
+            report["results"]
+                .as_array()
+                .expect("results")
+                .iter()
+                .find(|r| r["resources"][0]["name"] == name && r["rule"] == IMAGE_CHECK)
+                .cloned()
+        };
+        assert_eq!(image("signed").expect("a result")["result"], "pass");
+        let unsigned = image("unsigned").expect("a result");
+        assert_eq!(unsigned["result"], "fail");
+        // The strongest of the failing policies' modes.
+        assert_eq!(unsigned["properties"]["mode"], "Warn");
+        assert_eq!(unsigned["message"], "app: no signature; init: no signature");
+        assert_eq!(image("later").expect("a result")["result"], "skip");
+        assert_eq!(image("uncovered"), None);
+        assert_eq!(
+            report["summary"],
+            json!({"pass": 9, "fail": 1, "warn": 0, "error": 0, "skip": 1})
+        );
+    }
+
+    #[test]
     fn a_report_stays_under_etcd_s_limit_and_lists_failures_first() {
         // 12,000 findings on one pod, and 1,000 compliant pods named before it.
         let huge: Vec<CheckFinding> = (0..12_000)
@@ -265,12 +356,14 @@ mod tests {
                 name: format!("a{i:04}"),
                 uid: format!("u{i}"),
                 findings: Ok(vec![]),
+                images: ImageCheck::NotCovered,
             })
             .collect();
         pods.push(PodFindings {
             name: "zz-leaky".into(),
             uid: "z".into(),
             findings: Ok(huge),
+            images: ImageCheck::NotCovered,
         });
         let report = policy_report("ns", &pods, 0);
         let bytes = serde_json::to_vec(&report).expect("json").len();
@@ -302,6 +395,7 @@ mod tests {
                 finding("secrets-in-env/env-from-secret", Mode::Enforce, "env A"),
                 finding("secrets-in-env/error", Mode::Enforce, "policy failed"),
             ]),
+            images: ImageCheck::NotCovered,
         }];
         let a = policy_report("ns", &pods, 1);
         let b = policy_report("ns", &pods, 2);

@@ -1,10 +1,17 @@
 //! The background scan: every `policyReports.intervalSeconds`, the replica that leads lists the
 //! pods of the cluster, judges each one of a judged namespace as a CREATE of it would be judged
-//! now (identity, secrets in environment variables, image references; [`findings_in_pod`]), and
-//! server-side applies one PolicyReport per namespace ([`crate::report`]) — only when its
-//! content changed — and deletes Palisade's reports of namespaces left with no judged pod.
-//! Pods admitted under `Audit` or `Warn`, and pods that ran before Palisade (or a policy) came,
-//! are reported this way.
+//! now (identity, secrets in environment variables, image references; [`findings_in_pod`]; and
+//! its images against the ImagePolicies covering them, [`image_findings`]), and server-side
+//! applies one PolicyReport per namespace ([`crate::report`]) — only when its content changed —
+//! and deletes Palisade's reports of namespaces left with no judged pod. Pods admitted under
+//! `Audit` or `Warn`, and pods that ran before Palisade (or a policy) came, are reported this
+//! way.
+//!
+//! Image checks go through the admission path's verifier and its cache, one pod at a time,
+//! once per image, namespace, credentials and owner in a scan; they get at most half the
+//! interval ([`image_budget`]; a check begun inside it may finish after it), each at most
+//! [`IMAGE_CHECK_TIMEOUT`]. What the budget leaves
+//! unchecked is reported `skip`, with why, and checked at the next scan.
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
@@ -18,13 +25,25 @@ use kube::{
 use serde_json::Value;
 
 use crate::{
-    decide::{Facts, findings_in_pod},
-    report::{self, PodFindings},
+    decide::{CheckFinding, Facts, findings_in_pod},
+    images::{
+        admit::{controller_of, image_findings},
+        check::Scope,
+        reference,
+    },
+    report::{self, ImageCheck, PodFindings},
     server::AppState,
 };
 
 /// Pods listed per request.
 const PAGE: u32 = 25;
+/// One image check's time at most.
+pub const IMAGE_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The time a scan gives image checks: half the interval, at most five minutes.
+pub fn image_budget(every: Duration) -> Duration {
+    (every / 2).min(Duration::from_mins(5))
+}
 
 /// The PolicyReport kind.
 fn policy_reports() -> ApiResource {
@@ -48,7 +67,7 @@ pub async fn run(client: Client, state: Arc<AppState>, every: Duration) {
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
         }
-        match scan_once(&client, &state).await {
+        match scan_once(&client, &state, image_budget(every)).await {
             Ok((pods, written)) => {
                 tracing::debug!(pods, written, "background scan done");
                 last_error.clear();
@@ -77,8 +96,13 @@ fn live(pod: &Pod) -> bool {
 /// One scan: the number of pods judged and of reports written. A report is written when what
 /// it says differs from what the API server holds (so an edited or forged report is put right
 /// at the next scan), and Palisade's reports of namespaces with no judged pod are deleted.
-async fn scan_once(client: &Client, state: &Arc<AppState>) -> anyhow::Result<(usize, usize)> {
+async fn scan_once(
+    client: &Client,
+    state: &Arc<AppState>,
+    image_budget: Duration,
+) -> anyhow::Result<(usize, usize)> {
     let pods: Api<Pod> = Api::all(client.clone());
+    let mut images = ImagePhase::new(state, image_budget);
     // Page by page, keeping only what was found: a pod can be over a megabyte (env values,
     // args), so neither the listed pods nor a large page are held longer than their judging.
     let mut judged: BTreeMap<String, Vec<PodFindings>> = BTreeMap::new();
@@ -89,8 +113,13 @@ async fn scan_once(client: &Client, state: &Arc<AppState>) -> anyhow::Result<(us
         let listed: Vec<Pod> = page.items.into_iter().filter(live).collect();
         let state = Arc::clone(state);
         let found = tokio::task::spawn_blocking(move || judge(&state, &listed)).await?;
-        for (namespace, mut pods) in found {
-            judged.entry(namespace).or_default().append(&mut pods);
+        for (namespace, pods) in found {
+            for (mut pod, work) in pods {
+                if let Some(work) = work {
+                    images.check(&namespace, &mut pod, work).await;
+                }
+                judged.entry(namespace.clone()).or_default().push(pod);
+            }
         }
         match next {
             Some(token) => params = params.continue_token(&token),
@@ -161,10 +190,24 @@ async fn scan_once(client: &Client, state: &Arc<AppState>) -> anyhow::Result<(us
     Ok((count, written))
 }
 
-/// The findings of every live pod of a judged namespace, by namespace (sorted by pod name).
-fn judge(state: &AppState, pods: &[Pod]) -> BTreeMap<String, Vec<PodFindings>> {
+/// What a pod's image check needs, from its judging.
+struct ImageWork {
+    /// Its namespace's labels.
+    labels: BTreeMap<String, String>,
+    /// Its images (references that parse) with who uses them.
+    images: BTreeMap<String, Vec<String>>,
+    /// The scope its images are read in (namespace, pull secrets, owner, every image).
+    scope: Scope,
+}
+
+/// The findings of every live pod of a judged namespace, by namespace (sorted by pod name),
+/// each with what its image check needs when it has images.
+fn judge(
+    state: &AppState,
+    pods: &[Pod],
+) -> BTreeMap<String, Vec<(PodFindings, Option<ImageWork>)>> {
     let spire = state.facts.spire_registrations();
-    let mut out: BTreeMap<String, Vec<PodFindings>> = BTreeMap::new();
+    let mut out: BTreeMap<String, Vec<(PodFindings, Option<ImageWork>)>> = BTreeMap::new();
     for pod in pods {
         let namespace = pod.metadata.namespace.clone().unwrap_or_default();
         if state.config.exempt_namespaces.contains(&namespace) {
@@ -175,24 +218,264 @@ fn judge(state: &AppState, pods: &[Pod]) -> BTreeMap<String, Vec<PodFindings>> {
             continue;
         };
         let facts = Facts {
-            namespace_labels,
+            namespace_labels: namespace_labels.clone(),
             spire: spire.clone(),
         };
-        let findings = serde_json::to_value(pod)
+        let judged = serde_json::to_value(pod)
             .map_err(|e| e.to_string())
             .and_then(|v| findings_in_pod(&v, &namespace, &facts, &state.config, &state.secrets));
-        out.entry(namespace).or_default().push(PodFindings {
-            name: pod.metadata.name.clone().unwrap_or_default(),
-            uid: pod.metadata.uid.clone().unwrap_or_default(),
-            findings,
-        });
+        let (findings, work) = match judged {
+            Ok(j) => {
+                let work = (!j.images.is_empty()).then(|| {
+                    let mut scope = Scope::new(
+                        &namespace,
+                        j.pull_secrets,
+                        controller_of(&namespace, &pod.metadata),
+                    );
+                    scope.own_uid.clone_from(&pod.metadata.uid);
+                    scope.images = j.all_images;
+                    ImageWork {
+                        labels: namespace_labels,
+                        images: j.images,
+                        scope,
+                    }
+                });
+                (Ok(j.findings), work)
+            }
+            Err(e) => (Err(e), None),
+        };
+        out.entry(namespace).or_default().push((
+            PodFindings {
+                name: pod.metadata.name.clone().unwrap_or_default(),
+                uid: pod.metadata.uid.clone().unwrap_or_default(),
+                findings,
+                images: ImageCheck::NotCovered,
+            },
+            work,
+        ));
     }
     out
+}
+
+/// The image checks of one scan: the ImagePolicies as the scan began, a deadline for all of
+/// them, and what was found per image, namespace, credentials and owner (pods of one workload
+/// share their images; each is checked once).
+struct ImagePhase {
+    verifier: Option<Arc<crate::images::check::ImageVerifier>>,
+    policies: Vec<Arc<crate::images::policy::CompiledImagePolicy>>,
+    until: std::time::Instant,
+    budget: Duration,
+    seen: BTreeMap<(String, String, String, String), Vec<CheckFinding>>,
+}
+
+impl ImagePhase {
+    fn new(state: &AppState, budget: Duration) -> Self {
+        ImagePhase {
+            verifier: state.images.clone(),
+            policies: state.facts.image_policies(),
+            until: std::time::Instant::now() + budget,
+            budget,
+            seen: BTreeMap::new(),
+        }
+    }
+
+    /// Checks the images of `pod` (in `namespace`) and records the outcome in it.
+    async fn check(&mut self, namespace: &str, pod: &mut PodFindings, work: ImageWork) {
+        let Some(verifier) = self.verifier.clone() else {
+            return;
+        };
+        let covered = work.images.keys().any(|image| {
+            reference::parse(image)
+                .is_ok_and(|r| self.policies.iter().any(|p| p.covers(&r, &work.labels)))
+        });
+        if !covered {
+            return;
+        }
+        let owner = work
+            .scope
+            .owner
+            .as_ref()
+            .map(|o| o.uid.clone())
+            .unwrap_or_default();
+        let credentials = work.scope.credential_scope();
+        let mut found = Vec::new();
+        for (image, users) in &work.images {
+            let key = (
+                namespace.to_owned(),
+                image.clone(),
+                credentials.clone(),
+                owner.clone(),
+            );
+            if let Some(known) = self.seen.get(&key) {
+                found.extend(known.iter().map(|f| for_users(f, users)));
+                continue;
+            }
+            let now = std::time::Instant::now();
+            if now >= self.until {
+                pod.images = ImageCheck::Skipped(format!(
+                    "{image}: not checked in this scan: image checks had {} s of it and used \
+                     them (checked at the next scan)",
+                    self.budget.as_secs()
+                ));
+                return;
+            }
+            // A check begun inside the budget gets its whole time: cut short, it would read as
+            // a registry failure.
+            let deadline = now + IMAGE_CHECK_TIMEOUT;
+            let one = BTreeMap::from([(image.clone(), users.clone())]);
+            let (mut these, _) = image_findings(
+                &verifier,
+                &self.policies,
+                &one,
+                &work.labels,
+                &work.scope,
+                deadline,
+                true,
+            )
+            .await;
+            self.seen.insert(key, these.clone());
+            found.append(&mut these);
+        }
+        if let Ok(findings) = pod.findings.as_mut() {
+            findings.append(&mut found);
+        }
+        pod.images = ImageCheck::Checked;
+    }
+}
+
+/// A finding made for one pod's use of `image`, told for another pod whose `users` use it.
+fn for_users(f: &CheckFinding, users: &[String]) -> CheckFinding {
+    let text = match f.text.split_once(": image policy ") {
+        Some((_, rest)) => format!("{}: image policy {rest}", users.join(", ")),
+        None => f.text.clone(),
+    };
+    CheckFinding {
+        rule: f.rule.clone(),
+        mode: f.mode,
+        text,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn work(image: &str, user: &str) -> ImageWork {
+        let mut scope = Scope::new("shop", vec![], None);
+        scope.images = std::collections::BTreeSet::from([image.to_owned()]);
+        ImageWork {
+            labels: BTreeMap::new(),
+            images: BTreeMap::from([(image.to_owned(), vec![user.to_owned()])]),
+            scope,
+        }
+    }
+
+    fn judged(name: &str) -> PodFindings {
+        PodFindings {
+            name: name.into(),
+            uid: name.into(),
+            findings: Ok(vec![]),
+            images: ImageCheck::NotCovered,
+        }
+    }
+
+    /// An image is checked once per scan (the other pods using it get the same findings, told
+    /// with their own containers), an image no policy covers gets no check, and once the budget
+    /// is spent a pod's unchecked image is a skip, with no registry call.
+    #[tokio::test]
+    async fn images_are_checked_once_per_scan_within_the_budget() {
+        use crate::images::{
+            check::ImageVerifier, policy::CompiledImagePolicy, registry::Registry,
+        };
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let verifier = Arc::new(ImageVerifier::new(
+            Registry::new(&[]).expect("registry"),
+            Duration::from_mins(1),
+            Duration::from_secs(1),
+        ));
+        let policy: palisade_api::ImagePolicy = serde_json::from_value(serde_json::json!({
+            "apiVersion": "palisade.dev/v1alpha1", "kind": "ImagePolicy",
+            "metadata": {"name": "release", "uid": "u", "generation": 1},
+            "spec": {"images": [{"glob": "registry.invalid/shop/**"}], "mode": "Audit",
+                     "authorities": [{"name": "k", "key": {"publicKey": "x"}}]}
+        }))
+        .expect("policy");
+        let mut phase = ImagePhase {
+            verifier: Some(Arc::clone(&verifier)),
+            policies: vec![Arc::new(CompiledImagePolicy::compile(&policy, &|_| None))],
+            until: std::time::Instant::now() + Duration::from_mins(1),
+            budget: Duration::from_mins(1),
+            seen: BTreeMap::new(),
+        };
+        let image = "registry.invalid/shop/web:1";
+        let mut first = judged("web-a");
+        phase
+            .check("shop", &mut first, work(image, "containers \"app\""))
+            .await;
+        assert_eq!(first.images, ImageCheck::Checked);
+        let found = first.findings.clone().expect("findings");
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].rule, "image-signature/release");
+        assert_eq!(found[0].mode, crate::config::Mode::Audit);
+        assert!(
+            found[0]
+                .text
+                .starts_with("containers \"app\": image policy release not satisfied"),
+            "{}",
+            found[0].text
+        );
+        let requests = verifier.registry_requests();
+        assert!(requests > 0, "the first check made no registry request");
+        let mut second = judged("web-b");
+        phase
+            .check("shop", &mut second, work(image, "containers \"sidecar\""))
+            .await;
+        let again = second.findings.expect("findings");
+        assert!(
+            again[0]
+                .text
+                .starts_with("containers \"sidecar\": image policy release"),
+            "{}",
+            again[0].text
+        );
+        assert_eq!(
+            verifier.registry_requests(),
+            requests,
+            "the image was checked twice"
+        );
+        let mut uncovered = judged("other");
+        phase
+            .check(
+                "shop",
+                &mut uncovered,
+                work("other.invalid/x:1", "containers \"app\""),
+            )
+            .await;
+        assert_eq!(uncovered.images, ImageCheck::NotCovered);
+        phase.until = std::time::Instant::now();
+        let mut late = judged("api");
+        phase
+            .check(
+                "shop",
+                &mut late,
+                work("registry.invalid/shop/api:1", "containers \"app\""),
+            )
+            .await;
+        assert!(
+            matches!(&late.images, ImageCheck::Skipped(why) if why.contains("next scan")),
+            "{:?}",
+            late.images
+        );
+        assert_eq!(verifier.registry_requests(), requests);
+        assert_eq!(
+            image_budget(Duration::from_mins(5)),
+            Duration::from_secs(150)
+        );
+        assert_eq!(
+            image_budget(Duration::from_hours(1)),
+            Duration::from_mins(5)
+        );
+    }
 
     #[test]
     fn pods_being_deleted_are_judged_finished_ones_not() {

@@ -240,7 +240,7 @@ impl Scene<'_> {
 
 /// An ImagePolicy's `authorities` (lines indented by two): authority `name` with the PEM key
 /// `public`, no transparency log.
-fn key_authority(name: &str, public: &str) -> String {
+pub fn key_authority(name: &str, public: &str) -> String {
     let key = public
         .lines()
         .map(|l| format!("          {l}"))

@@ -1,11 +1,17 @@
 //! The background scan against the real API server and the PolicyReport CRD Kyverno publishes:
 //! pods that ran before the webhook are reported per namespace with the mode their checks are
-//! in; a forged report is put right; a deleted pod leaves the report, the last one takes it.
+//! in, their images checked against an ImagePolicy over a real registry with images signed by
+//! the real cosign; a forged report is put right; a deleted pod leaves the report, the last one
+//! takes it.
 
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use palisade_e2e::{run, run_ok, webhook::WebhookProcess};
+use palisade_e2e::{
+    registry::{Layout, OciRegistry},
+    run, run_ok,
+    webhook::WebhookProcess,
+};
 use serde_json::Value;
 
 use crate::{Env, TestFn};
@@ -42,15 +48,23 @@ fn apply(env: &Env, ns: &str, name: &str, yaml: &str) -> Result<()> {
 }
 
 fn pod(name: &str, service_account: Option<&str>, env: &str) -> String {
+    pod_running(name, service_account, "registry.example/app:1", env)
+}
+
+fn pod_running(name: &str, service_account: Option<&str>, image: &str, env: &str) -> String {
     let sa = service_account.map_or(String::new(), |s| format!("  serviceAccountName: {s}\n"));
     format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n{sa}  containers:\n    - name: app\n      image: registry.example/app:1\n{env}"
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n{sa}  containers:\n    - name: app\n      image: {image}\n{env}"
     )
 }
 
 #[allow(clippy::too_many_lines)]
 fn running_pods_are_reported_per_namespace(env: &Env) -> Result<()> {
     let cp = &env.cp;
+    let reg = OciRegistry::start(&env.opts.bin_dir, &cp.work_dir.join("registry-reports"))?;
+    let public = std::fs::read_to_string(reg.key_pair("ci")?)?;
+    let signed = reg.push_signed("ci", "shop/orders", "orders v1", None, Layout::Tags)?;
+    reg.push("shop/unsigned", "v1", "unsigned")?;
     cp.with_temp_ns("reports", |ns| {
         // Ambient: the identity check asks only for a ServiceAccount of the pod's own; the
         // namespace measures first (Audit), as a team rolling Palisade out would.
@@ -74,6 +88,20 @@ fn running_pods_are_reported_per_namespace(env: &Env) -> Result<()> {
                 "      env:\n        - name: DB_PASSWORD\n          valueFrom: {secretKeyRef: {name: db, key: password}}\n",
             ),
         )?;
+        // Images under an ImagePolicy (Warn, lowered to Audit by the namespace's label): one
+        // signed by its key, one not signed at all.
+        let host = &reg.host;
+        let policy = format!(
+            "apiVersion: palisade.dev/v1alpha1\nkind: ImagePolicy\nmetadata:\n  name: reports-{ns}\nspec:\n  mode: Warn\n  images: [{{glob: \"{host}/shop/**\"}}]\n  namespaceSelector: {{matchLabels: {{kubernetes.io/metadata.name: {ns}}}}}\n{}",
+            crate::images::key_authority("ci", &public)
+        );
+        let file = cp.work_dir.join(format!("reports-policy-{ns}.yaml"));
+        std::fs::write(&file, policy)?;
+        run_ok(cp.kubectl().arg("apply").arg("-f").arg(&file))?;
+        let signed_image = format!("{host}/shop/orders@{signed}");
+        apply(env, ns, "signed", &pod_running("signed", Some("orders"), &signed_image, ""))?;
+        let unsigned_image = format!("{host}/shop/unsigned:v1");
+        apply(env, ns, "unsigned", &pod_running("unsigned", Some("orders"), &unsigned_image, ""))?;
         // A forged report, all pass, that a tenant wrote before the scan.
         apply(
             env,
@@ -84,7 +112,10 @@ fn running_pods_are_reported_per_namespace(env: &Env) -> Result<()> {
         let wh = WebhookProcess::start(
             cp,
             "reports",
-            "policyReports: {enabled: true, intervalSeconds: 2}",
+            &format!(
+                "policyReports: {{enabled: true, intervalSeconds: 2}}\n{}",
+                reg.webhook_config()
+            ),
         )?;
         let get = || -> Option<Value> {
             let out = run_ok(cp.kubectl().args(["get", "policyreport", "palisade", "-n", ns, "-o", "json"])).ok()?;
@@ -92,7 +123,7 @@ fn running_pods_are_reported_per_namespace(env: &Env) -> Result<()> {
         };
         let report = cp
             .eventually("the namespace's PolicyReport", Duration::from_secs(30), || {
-                get().filter(|r| results(r).len() == 6)
+                get().filter(|r| results(r).len() == 12)
             })
             .with_context(|| format!("webhook log:\n{}", wh.log_tail()))?;
         let found = results(&report);
@@ -117,22 +148,42 @@ fn running_pods_are_reported_per_namespace(env: &Env) -> Result<()> {
         if shared.2 != "fail" || shared.3 != "Audit" || !shared.4.contains("`default` ServiceAccount") {
             bail!("the pod on the default ServiceAccount: {shared:?}");
         }
-        if report["summary"]["pass"] != 4 || report["summary"]["fail"] != 2 {
+        // Images: the signed one passes; the unsigned one fails with the policy's reason, in
+        // the mode the namespace gives it; images no ImagePolicy covers get no image result.
+        let signed = of("signed", "image-signature")?;
+        if signed.2 != "pass" {
+            bail!("the signed image: {signed:?}");
+        }
+        let unsigned = of("unsigned", "image-signature")?;
+        if unsigned.2 != "fail"
+            || unsigned.3 != "Audit"
+            || !unsigned.4.contains(&format!("image policy reports-{ns} not satisfied"))
+            || !unsigned.4.contains(&unsigned_image)
+        {
+            bail!("the unsigned image: {unsigned:?}");
+        }
+        if found.iter().any(|r| r.0 == "good" && r.1 == "image-signature") {
+            bail!("an image result for an image no ImagePolicy covers: {found:?}");
+        }
+        if report["summary"]["pass"] != 9 || report["summary"]["fail"] != 3 {
             bail!("summary {}", report["summary"]);
         }
-        eprintln!("  the forged report replaced: 4 pass, 2 fail (Audit), each failure explained");
+        eprintln!(
+            "  the forged report replaced: 9 pass, 3 fail (Audit), each failure explained; the unsigned image: {}",
+            unsigned.4
+        );
         // An edit after the scan is put right at the next one.
         run_ok(cp.kubectl().args([
             "patch", "policyreport", "palisade", "-n", ns, "--type", "json", "-p",
             r#"[{"op": "replace", "path": "/summary/fail", "value": 0}]"#,
         ]))?;
         cp.eventually("the edited report put right", Duration::from_secs(20), || {
-            get().filter(|r| r["summary"]["fail"] == 2)
+            get().filter(|r| r["summary"]["fail"] == 3)
         })?;
         // A pod that goes takes its results; the last one takes the report.
         run_ok(cp.kubectl().args(["delete", "pod", "leaky", "-n", ns, "--wait=false"]))?;
         cp.eventually("leaky's results gone", Duration::from_secs(30), || {
-            get().filter(|r| results(r).len() == 4 && r["summary"]["fail"] == 1)
+            get().filter(|r| results(r).len() == 10 && r["summary"]["fail"] == 2)
         })?;
         run_ok(cp.kubectl().args(["delete", "pods", "--all", "-n", ns, "--wait=false"]))?;
         cp.eventually("the report deleted", Duration::from_secs(30), || {
@@ -146,6 +197,7 @@ fn running_pods_are_reported_per_namespace(env: &Env) -> Result<()> {
         }
         eprintln!("  a deleted pod's results went with it; the last pod took the report");
         drop(wh);
+        run_ok(cp.kubectl().args(["delete", "imagepolicy", &format!("reports-{ns}")]))?;
         Ok(())
     })
 }

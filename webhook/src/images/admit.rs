@@ -21,7 +21,10 @@ use super::{
     policy::CompiledImagePolicy,
     reference,
 };
-use crate::{config::Mode, decide::Verdict};
+use crate::{
+    config::Mode,
+    decide::{CheckFinding, Verdict},
+};
 
 /// Checks the images of the admitted object and folds the outcome into `resp` and `verdict`.
 pub async fn check_pod(
@@ -51,18 +54,69 @@ pub async fn check_pod(
     );
     let mut scope = scope_of(req, secrets.await);
     scope.images = std::mem::take(&mut verdict.all_images);
-    let ceiling = Mode::of_namespace(labels);
+    let (found, template_digests) =
+        image_findings(verifier, policies, &seen, labels, &scope, deadline, is_pod).await;
     let mut denials = Vec::new();
     let mut warnings = Vec::new();
+    for f in found {
+        verdict.rules.push(f.rule.clone());
+        verdict.modes.push((f.rule, f.mode));
+        match f.mode {
+            Mode::Enforce => denials.push(f.text),
+            Mode::Warn => warnings.push(f.text),
+            Mode::Audit => verdict.audited.push(f.text),
+        }
+    }
+    // A workload's template (never a pod: pods own nothing) that verified in full when it was
+    // created for real (a dry run leaves no object behind to own anything).
+    if !is_pod
+        && req.operation == Operation::Create
+        && !req.dry_run
+        && let (Some(object), Some(digests)) = (req.object.as_ref(), template_digests)
+        && let (Some(uid), Some(name)) = (
+            object.metadata.uid.as_deref(),
+            object.metadata.name.as_deref(),
+        )
+    {
+        verifier.remember_template(
+            OwnerKey {
+                namespace: namespace.clone(),
+                kind: req.kind.kind.clone(),
+                name: name.to_owned(),
+                uid: uid.to_owned(),
+            },
+            digests,
+        );
+    }
+    conclude(req, &namespace, (resp, verdict), &denials, warnings)
+}
+
+/// What the ImagePolicies find in the images `seen` (each with who uses it) of an object in a
+/// namespace with `labels`: one finding per image and policy not satisfied (rule
+/// `image-signature/<policy>`, the policy's mode lowered by the namespace's label, the text a
+/// denial gives), and the digest each image verified at while every covering policy is satisfied
+/// (`None` once one is not). `is_pod`: a Pod runs what its reference names, so a covering
+/// `pinDigest` policy needs the reference to name the digest.
+pub async fn image_findings(
+    verifier: &ImageVerifier,
+    policies: &[Arc<CompiledImagePolicy>],
+    seen: &BTreeMap<String, Vec<String>>,
+    labels: &BTreeMap<String, String>,
+    scope: &Scope,
+    deadline: Instant,
+    is_pod: bool,
+) -> (Vec<CheckFinding>, Option<BTreeMap<String, String>>) {
+    let ceiling = Mode::of_namespace(labels);
+    let mut found = Vec::new();
     // Image → verified digest, kept only while every covering policy is satisfied.
     let mut template_digests: Option<BTreeMap<String, String>> = Some(BTreeMap::new());
-    for (image, users) in &seen {
+    for (image, users) in seen {
         // The decision refused references that do not parse before this point.
         let Ok(parsed) = reference::parse(image) else {
             continue;
         };
         let verdicts = verifier
-            .check(&parsed, image, labels, policies, &scope, deadline)
+            .check(&parsed, image, labels, policies, scope, deadline)
             .await;
         if let Some(v) = verdicts.first().and_then(|v| v.digest.clone())
             && verdicts.iter().all(|v| v.outcome.is_ok())
@@ -89,41 +143,18 @@ pub async fn check_pod(
                 other => other,
             };
             let Err(why) = outcome else { continue };
-            verdict.rules.push(format!("image-signature/{}", v.policy));
-            let text = format!(
-                "{}: image policy {} not satisfied: {why}",
-                users.join(", "),
-                v.policy
-            );
-            match noted(&mut verdict, &v.policy, lowered(v.mode, ceiling)) {
-                Mode::Enforce => denials.push(text),
-                Mode::Warn => warnings.push(text),
-                Mode::Audit => verdict.audited.push(text),
-            }
+            found.push(CheckFinding {
+                rule: format!("image-signature/{}", v.policy),
+                mode: lowered(v.mode, ceiling),
+                text: format!(
+                    "{}: image policy {} not satisfied: {why}",
+                    users.join(", "),
+                    v.policy
+                ),
+            });
         }
     }
-    // A workload's template (never a pod: pods own nothing) that verified in full when it was
-    // created for real (a dry run leaves no object behind to own anything).
-    if !is_pod
-        && req.operation == Operation::Create
-        && !req.dry_run
-        && let (Some(object), Some(digests)) = (req.object.as_ref(), template_digests)
-        && let (Some(uid), Some(name)) = (
-            object.metadata.uid.as_deref(),
-            object.metadata.name.as_deref(),
-        )
-    {
-        verifier.remember_template(
-            OwnerKey {
-                namespace: namespace.clone(),
-                kind: req.kind.kind.clone(),
-                name: name.to_owned(),
-                uid: uid.to_owned(),
-            },
-            digests,
-        );
-    }
-    conclude(req, &namespace, (resp, verdict), &denials, warnings)
+    (found, template_digests)
 }
 
 /// Folds the image findings into the response and the verdict: denials refuse (after any
@@ -184,14 +215,6 @@ async fn with_template_secrets(
     }
 }
 
-/// Notes in `verdict` that policy `policy` failed in `mode`; `mode`.
-fn noted(verdict: &mut Verdict, policy: &str, mode: Mode) -> Mode {
-    verdict
-        .modes
-        .push((format!("image-signature/{policy}"), mode));
-    mode
-}
-
 /// A policy's mode, lowered to `ceiling` (a namespace's enforcement label) when that is lower.
 fn lowered(mode: EnforcementMode, ceiling: Option<Mode>) -> Mode {
     let mode = match mode {
@@ -202,26 +225,35 @@ fn lowered(mode: EnforcementMode, ceiling: Option<Mode>) -> Mode {
     ceiling.map_or(mode, |c| c.min(mode))
 }
 
-/// The scope of the admitted object: its namespace, pull secrets and controlling owner (in its
-/// own namespace, as ownerReferences always are).
+/// The scope of the admitted object: its namespace, pull secrets and controlling owner.
 pub fn scope_of(req: &AdmissionRequest<DynamicObject>, pull_secrets: Vec<String>) -> Scope {
     let namespace = req.namespace.as_deref().unwrap_or_default();
-    let owner = req.object.as_ref().and_then(|o| {
-        o.metadata
-            .owner_references
-            .iter()
-            .flatten()
-            .find(|r| r.controller == Some(true))
-            .map(|r| OwnerKey {
-                namespace: namespace.to_owned(),
-                kind: r.kind.clone(),
-                name: r.name.clone(),
-                uid: r.uid.clone(),
-            })
-    });
+    let owner = req
+        .object
+        .as_ref()
+        .and_then(|o| controller_of(namespace, &o.metadata));
     let mut scope = Scope::new(namespace, pull_secrets, owner);
     scope.own_uid = req.object.as_ref().and_then(|o| o.metadata.uid.clone());
     scope
+}
+
+/// The workload that controls an object in `namespace` with `metadata` (in the same namespace,
+/// as ownerReferences always are): its template's verified digests apply to the object.
+pub fn controller_of(
+    namespace: &str,
+    metadata: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> Option<OwnerKey> {
+    metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|r| r.controller == Some(true))
+        .map(|r| OwnerKey {
+            namespace: namespace.to_owned(),
+            kind: r.kind.clone(),
+            name: r.name.clone(),
+            uid: r.uid.clone(),
+        })
 }
 
 #[cfg(test)]
