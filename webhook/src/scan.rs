@@ -7,13 +7,18 @@
 //! `Audit` or `Warn`, and pods that ran before Palisade (or a policy) came, are reported this
 //! way.
 //!
-//! Image checks go through the admission path's verifier and its cache, one pod at a time,
-//! once per image, namespace, credentials and owner in a scan; they get at most half the
-//! interval ([`image_budget`]; a check begun inside it may finish after it), each at most
-//! [`IMAGE_CHECK_TIMEOUT`]. What the budget leaves
-//! unchecked is reported `skip`, with why, and checked at the next scan.
+//! Image checks go through the admission path's verifier and its cache, once per image,
+//! namespace, credentials and owner in a scan, a pod of each namespace in turn (a namespace with
+//! slow images spends its share, not the others'); they get at most half the interval
+//! ([`image_budget`]; a check begun inside it may finish after it), a pod's images at most
+//! [`IMAGE_CHECK_TIMEOUT`] in all (a check begun inside it gets its whole time). What the
+//! budget leaves unchecked is reported `skip`, with why, and checked at the next scan.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, VecDeque},
+    sync::Arc,
+    time::Duration,
+};
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::{
@@ -106,6 +111,8 @@ async fn scan_once(
     // Page by page, keeping only what was found: a pod can be over a megabyte (env values,
     // args), so neither the listed pods nor a large page are held longer than their judging.
     let mut judged: BTreeMap<String, Vec<PodFindings>> = BTreeMap::new();
+    // Pods with images to check, by namespace: (index in `judged`, what the check needs).
+    let mut pending: BTreeMap<String, VecDeque<(usize, ImageWork)>> = BTreeMap::new();
     let mut params = ListParams::default().limit(PAGE);
     loop {
         let page = pods.list(&params).await?;
@@ -114,11 +121,15 @@ async fn scan_once(
         let state = Arc::clone(state);
         let found = tokio::task::spawn_blocking(move || judge(&state, &listed)).await?;
         for (namespace, pods) in found {
-            for (mut pod, work) in pods {
+            let listed = judged.entry(namespace.clone()).or_default();
+            for (pod, work) in pods {
                 if let Some(work) = work {
-                    images.check(&namespace, &mut pod, work).await;
+                    pending
+                        .entry(namespace.clone())
+                        .or_default()
+                        .push_back((listed.len(), work));
                 }
-                judged.entry(namespace.clone()).or_default().push(pod);
+                listed.push(pod);
             }
         }
         match next {
@@ -126,6 +137,7 @@ async fn scan_once(
             None => break,
         }
     }
+    images.check_in_turns(&mut judged, pending).await;
     for pods in judged.values_mut() {
         pods.sort_by(|a, b| a.name.cmp(&b.name));
     }
@@ -279,6 +291,19 @@ impl ImagePhase {
         }
     }
 
+    /// Checks the `pending` pods' images ([`in_turns`]) and records the outcomes in `judged`.
+    async fn check_in_turns(
+        &mut self,
+        judged: &mut BTreeMap<String, Vec<PodFindings>>,
+        pending: BTreeMap<String, VecDeque<(usize, ImageWork)>>,
+    ) {
+        for (namespace, index, work) in in_turns(pending) {
+            if let Some(pod) = judged.get_mut(&namespace).and_then(|p| p.get_mut(index)) {
+                self.check(&namespace, pod, work).await;
+            }
+        }
+    }
+
     /// Checks the images of `pod` (in `namespace`) and records the outcome in it.
     async fn check(&mut self, namespace: &str, pod: &mut PodFindings, work: ImageWork) {
         let Some(verifier) = self.verifier.clone() else {
@@ -299,6 +324,7 @@ impl ImagePhase {
             .unwrap_or_default();
         let credentials = work.scope.credential_scope();
         let mut found = Vec::new();
+        let started = std::time::Instant::now();
         for (image, users) in &work.images {
             let key = (
                 namespace.to_owned(),
@@ -316,6 +342,15 @@ impl ImagePhase {
                     "{image}: not checked in this scan: image checks had {} s of it and used \
                      them (checked at the next scan)",
                     self.budget.as_secs()
+                ));
+                return;
+            }
+            // One pod's images get one check's time in all, as at admission.
+            if now.duration_since(started) >= IMAGE_CHECK_TIMEOUT {
+                pod.images = ImageCheck::Skipped(format!(
+                    "{image}: not checked in this scan: the pod's other images took its {} s \
+                     (checked at the next scan)",
+                    IMAGE_CHECK_TIMEOUT.as_secs()
                 ));
                 return;
             }
@@ -341,6 +376,22 @@ impl ImagePhase {
         }
         pod.images = ImageCheck::Checked;
     }
+}
+
+/// `pending` (by namespace: each pod's index and what its check needs) in the order the checks
+/// run: a pod of each namespace in turn, so a namespace whose images are slow to check (a
+/// registry that does not answer) takes its share of the budget, not the others'.
+fn in_turns<T>(mut pending: BTreeMap<String, VecDeque<(usize, T)>>) -> Vec<(String, usize, T)> {
+    let mut order = Vec::new();
+    while !pending.is_empty() {
+        pending.retain(|namespace, queue| {
+            if let Some((index, work)) = queue.pop_front() {
+                order.push((namespace.clone(), index, work));
+            }
+            !queue.is_empty()
+        });
+    }
+    order
 }
 
 /// A finding made for one pod's use of `image`, told for another pod whose `users` use it.
@@ -377,6 +428,31 @@ mod tests {
             findings: Ok(vec![]),
             images: ImageCheck::NotCovered,
         }
+    }
+
+    #[test]
+    fn namespaces_take_turns() {
+        let pending = BTreeMap::from([
+            (
+                "a-many".to_owned(),
+                VecDeque::from([(0, ()), (1, ()), (2, ())]),
+            ),
+            ("b-one".to_owned(), VecDeque::from([(0, ())])),
+            ("c-two".to_owned(), VecDeque::from([(4, ()), (7, ())])),
+        ]);
+        let order: Vec<(String, usize)> = in_turns(pending)
+            .into_iter()
+            .map(|(n, i, ())| (n, i))
+            .collect();
+        let want = [
+            ("a-many", 0),
+            ("b-one", 0),
+            ("c-two", 4),
+            ("a-many", 1),
+            ("c-two", 7),
+            ("a-many", 2),
+        ];
+        assert_eq!(order, want.map(|(n, i)| (n.to_owned(), i)).to_vec());
     }
 
     /// An image is checked once per scan (the other pods using it get the same findings, told
