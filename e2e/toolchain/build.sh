@@ -3,7 +3,8 @@
 # into a cache directory keyed by tool and version. A second run finds them and builds nothing.
 #
 #   e2e/toolchain/build.sh [TOOL...]     TOOL: k8s crds opa spire spirecm openbao cosign crane registry helm
-#                                        istio node coredns shopapp gitleaks conftest regal (default: all)
+#                                        istio node coredns shopapp gitleaks conftest regal kyverno
+#                                        (default: all but kyverno, which only a benchmark runs)
 #   e2e/toolchain/build.sh --print-bin   the directory holding every built binary (created)
 #
 # Environment: PALISADE_CACHE (default ~/.cache/palisade-e2e).
@@ -51,6 +52,9 @@ MODULE_TOOLS=(
   "coredns v1.15.0 coredns 0 coredns=."
   # Regal, the Rego linter (its module's latest version the proxy serves with a checksum).
   "regal   v0.33.1 regal 0 regal=github.com/styrainc/regal"
+  # Kyverno's admission controller, for the side-by-side admission benchmark only (built on
+  # request: `e2e/toolchain/build.sh kyverno`; no test uses it).
+  "kyverno v1.19.1 kyverno 0 kyverno=github.com/kyverno/kyverno/cmd/kyverno"
   # The example shop's workload (the node's images); its version is a hash of its source.
   "shopapp $(cat "$here"/shopapp/go.mod "$here"/shopapp/*.go | sha256sum | cut -c1-12) shopapp 0 shop-app=."
 )
@@ -265,7 +269,7 @@ for w in "${want[@]}"; do
         if [[ "${f[0]}" == "$w" ]]; then build_module "${f[@]}"; found=1; fi
       done
       ((found)) || {
-        log "unknown tool '$w' (known: k8s crds helm opa conftest regal cosign crane registry gitleaks spire spirecm openbao istio node coredns shopapp)"
+        log "unknown tool '$w' (known: k8s crds helm opa conftest regal cosign crane registry gitleaks spire spirecm openbao istio node coredns shopapp kyverno)"
         exit 2
       }
       ;;
