@@ -16,14 +16,13 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use palisade_e2e::{
-    ControlPlane, Options,
+    bench::{exchange, post, tls_connector},
     registry::{Layout, OciRegistry},
     run_ok,
     webhook::WebhookProcess,
 };
-use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+use rustls::pki_types::ServerName;
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn review_body(images: &[String]) -> String {
     let containers: Vec<_> = ["app", "proxy", "metrics"]
@@ -62,45 +61,11 @@ async fn worker(
         .connect(ServerName::try_from("localhost")?.to_owned(), tcp)
         .await?;
     let mut latencies = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
+    let mut buf = Vec::new();
     while Instant::now() < until {
         let start = Instant::now();
-        tls.write_all(&request).await?;
-        // Read one response: headers, then Content-Length bytes of body.
-        let mut have = 0;
-        let (header_end, length) = loop {
-            let n = tls.read(&mut buf[have..]).await?;
-            if n == 0 {
-                bail!("connection closed");
-            }
-            have += n;
-            if let Some(pos) = buf[..have].windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&buf[..pos]).to_ascii_lowercase();
-                if !head.starts_with("http/1.1 200") {
-                    bail!(
-                        "unexpected response: {}",
-                        head.lines().next().unwrap_or_default()
-                    );
-                }
-                let len = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length:"))
-                    .and_then(|v| v.trim().parse::<usize>().ok())
-                    .context("no content-length")?;
-                break (pos + 4, len);
-            }
-        };
-        while have < header_end + length {
-            let n = tls.read(&mut buf[have..]).await?;
-            if n == 0 {
-                bail!("connection closed mid-body");
-            }
-            have += n;
-        }
-        if !buf[header_end..header_end + length]
-            .windows(14)
-            .any(|w| w == b"\"allowed\":true")
-        {
+        let body = exchange(&mut tls, &request, &mut buf).await?;
+        if !body.windows(14).any(|w| w == b"\"allowed\":true") {
             bail!("the benchmark pod was not allowed");
         }
         latencies.push(start.elapsed());
@@ -126,13 +91,7 @@ fn measure(
     seconds: u64,
     connections: usize,
 ) -> Result<Measured> {
-    let request = Arc::new(
-        format!(
-            "POST /validate?timeout=10s HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .into_bytes(),
-    );
+    let request = Arc::new(post("/validate?timeout=10s", body));
     rt.block_on(worker(
         connector.clone(),
         port,
@@ -188,11 +147,8 @@ fn main() -> Result<()> {
     let seconds: u64 = std::env::var("PALISADE_BENCH_SECONDS").map_or(Ok(10), |s| s.parse())?;
     let connections: usize =
         std::env::var("PALISADE_BENCH_CONNECTIONS").map_or(Ok(4), |s| s.parse())?;
-    let mut opts = Options::new();
-    opts.controller_manager = false;
-    let cp = ControlPlane::start(&opts)?;
     // The webhook is ready once its ImagePolicy cache is synced, which needs the CRD.
-    cp.install_crds(&opts.bin_dir)?;
+    let (opts, cp) = palisade_e2e::bench::control_plane()?;
     run_ok(cp.kubectl().args(["create", "namespace", "shop"]))?;
     run_ok(cp.kubectl().args([
         "label",
@@ -203,17 +159,7 @@ fn main() -> Result<()> {
     let reg = OciRegistry::start(&opts.bin_dir, &cp.work_dir.join("registry"))?;
     let webhook = WebhookProcess::start(&cp, "bench", &reg.webhook_config())?;
 
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(&cp.pki.ca_cert)? {
-        roots.add(cert?)?;
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let connector = tls_connector(&std::fs::read(&cp.pki.ca_cert)?)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

@@ -5,6 +5,7 @@
 //! (Istio, Gateway API, Envoy Gateway, SPIRE) from the same cache.
 
 pub mod advisories;
+pub mod bench;
 pub mod chartdoc;
 pub mod controlplane;
 pub mod envoy;
