@@ -44,12 +44,25 @@ use serde_json::{Value, json};
 /// `<port> <cert file> <key file>`.
 const NULL_WEBHOOK: &str = "PALISADE_BENCH_NULL_WEBHOOK";
 
-/// The do-nothing webhook's one answer. It names no uid: in the direct rounds nothing checks
-/// it, and the API server reads `allowed`.
-async fn allow(_body: axum::body::Bytes) -> impl axum::response::IntoResponse {
+/// The do-nothing webhook's one answer: `allowed`, with the request's uid (which the API server
+/// checks) found by a byte search, the review not parsed.
+async fn allow(body: axum::body::Bytes) -> impl axum::response::IntoResponse {
+    const KEY: &[u8] = b"\"uid\":\"";
+    let uid = body
+        .windows(KEY.len())
+        .position(|w| w == KEY)
+        .map(|i| &body[i + KEY.len()..])
+        .and_then(|rest| rest.iter().position(|&b| b == b'"').map(|end| &rest[..end]))
+        .unwrap_or_default();
+    let mut out = Vec::with_capacity(128);
+    out.extend_from_slice(
+        br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","response":{"uid":""#,
+    );
+    out.extend_from_slice(uid);
+    out.extend_from_slice(br#"","allowed":true}}"#);
     (
         [(axum::http::header::CONTENT_TYPE, "application/json")],
-        r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","response":{"uid":"","allowed":true}}"#,
+        out,
     )
 }
 
@@ -465,8 +478,7 @@ fn corpus(images: &Images) -> Vec<(&'static str, Value, bool)> {
     // Palisade also looks for secret-shaped literal values: not part of the shared policy.
     let literal = json!([container(
         &images.signed,
-        &json!([{"name": "AWS_SECRET_ACCESS_KEY",
-        "value": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"}])
+        &json!([{"name": "AWS_ACCESS_KEY_ID", "value": "AKIAIOSFODNN7EXAMPLE"}])
     )]);
     let (web, signed) = (Some("web"), c(&images.signed));
     let secret = json!([container(&images.signed, &secret_env)]);
@@ -529,7 +541,7 @@ fn register(cp: &ControlPlane, name: &str, t: &Target, ca_pem: &[u8]) -> Result<
                 "name": format!("{}.bench.palisade.dev", kind.to_lowercase()),
                 "admissionReviewVersions": ["v1"], "sideEffects": "None",
                 "failurePolicy": "Fail", "timeoutSeconds": 10,
-                "clientConfig": {"url": format!("https://{host}:{}{path}", t.port), "caBundle": ca},
+                "clientConfig": {"url": format!("https://{host}:{}{}", t.port, without_query(path)), "caBundle": ca},
                 "namespaceSelector": {"matchLabels": {SCOPE_LABEL: "on"}},
                 "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"]}],
             }],
@@ -543,6 +555,11 @@ fn register(cp: &ControlPlane, name: &str, t: &Target, ca_pem: &[u8]) -> Result<
     std::fs::write(&file, list.to_string())?;
     run_ok(cp.kubectl().arg("apply").arg("-f").arg(&file))?;
     Ok(())
+}
+
+/// `path` without its query (the API server sends its own `timeout`).
+fn without_query(path: &str) -> &str {
+    path.split_once('?').map_or(path, |(p, _)| p)
 }
 
 fn unregister(cp: &ControlPlane, selector: &[&str]) -> Result<()> {
@@ -715,7 +732,11 @@ fn main() -> Result<()> {
         base64::engine::general_purpose::STANDARD.decode(secret_ca().unwrap_or_default().trim())?;
     let file = cp.work_dir.join("bench-clusterpolicy.yaml");
     std::fs::write(&file, kyverno_policy(&host, &public))?;
-    run_ok(cp.kubectl().arg("apply").arg("-f").arg(&file))?;
+    // Kyverno registers its policy webhooks before it serves their certificate: retried.
+    wait_for("the ClusterPolicy accepted", Duration::from_mins(2), || {
+        run_ok(cp.kubectl().arg("apply").arg("-f").arg(&file)).is_ok()
+    })
+    .with_context(|| kyverno.log_tail())?;
     wait_for("the ClusterPolicy Ready", Duration::from_mins(2), || {
         run_ok(cp.kubectl().args([
             "get",
