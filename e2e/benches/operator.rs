@@ -57,6 +57,15 @@ fn resource(api_version: &str, kind: &str, plural: &str) -> ApiResource {
     ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural)
 }
 
+/// The resource name of `kind` (`AuthorizationPolicy` → `authorizationpolicies`).
+fn plural_of(kind: &str) -> String {
+    let lower = kind.to_lowercase();
+    match lower.strip_suffix('y') {
+        Some(stem) => format!("{stem}ies"),
+        None => format!("{lower}s"),
+    }
+}
+
 /// The minimal client: exactly the requests the operator must make for N AuthPolicies that
 /// exist already — a server-side apply of each generated object, one status write per policy
 /// (a server-side apply of its status), and one Event per policy, sent as Kubernetes' event
@@ -99,8 +108,7 @@ async fn baseline(client: &Client, ns: &str, n: usize) -> Result<(Duration, usiz
                 let mut generated = Vec::new();
                 for o in &objects {
                     let kind = o["kind"].as_str().unwrap_or_default();
-                    let plural = format!("{}s", kind.to_lowercase());
-                    let ar = resource(o["apiVersion"].as_str().unwrap_or_default(), kind, &plural);
+                    let ar = resource(o["apiVersion"].as_str().unwrap_or_default(), kind, &plural_of(kind));
                     let object_name = o["metadata"]["name"].as_str().unwrap_or_default();
                     let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &ar);
                     api.patch(

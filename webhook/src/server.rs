@@ -211,7 +211,7 @@ pub fn deadline(started: Instant, query: Option<&str>) -> Instant {
 
 /// Reviews of at most this many bytes are decided on the async worker that read them; larger
 /// ones (a pod's size bounds what its decision costs) on the blocking pool.
-pub const INLINE_DECISION_BYTES: usize = 16 * 1024;
+pub const INLINE_DECISION_BYTES: usize = 8 * 1024;
 
 /// Decides `req` on the blocking pool, holding one of the decision permits (which bound the
 /// pool's work; the wait for one ends with the request's deadline).

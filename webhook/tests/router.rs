@@ -284,3 +284,36 @@ async fn metrics_count_verdicts_and_bucket_latency() {
     assert_eq!(counts.len(), 12, "{text}");
     assert!(counts.windows(2).all(|w| w[0] <= w[1]), "{counts:?}");
 }
+
+/// A small review is decided on the worker that read it, a large one on the blocking pool: both
+/// give the same verdict and reason (here: a Secret in the environment).
+#[tokio::test]
+async fn small_and_large_reviews_get_the_same_verdict() {
+    let leaky = |padding: usize| {
+        let mut r = review("orders");
+        r["request"]["object"]["spec"]["containers"][0]["env"] = json!([
+            {"name": "DB_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "db", "key": "password"}}}
+        ]);
+        r["request"]["object"]["metadata"]["annotations"] = json!({"note": "x".repeat(padding)});
+        r.to_string()
+    };
+    let small = leaky(0);
+    let large = leaky(palisade_webhook::server::INLINE_DECISION_BYTES);
+    assert!(small.len() <= palisade_webhook::server::INLINE_DECISION_BYTES);
+    assert!(large.len() > palisade_webhook::server::INLINE_DECISION_BYTES);
+    let mut messages = Vec::new();
+    for body in [small, large] {
+        let (status, out) = post(app(1 << 20, true), "/validate", body).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(out["response"]["allowed"], false, "{out}");
+        messages.push(out["response"]["status"]["message"].clone());
+    }
+    assert!(
+        messages[0]
+            .as_str()
+            .is_some_and(|m| m.contains("Secret \"db\"")),
+        "{}",
+        messages[0]
+    );
+    assert_eq!(messages[0], messages[1]);
+}
