@@ -42,6 +42,8 @@ use crate::{
 
 /// Pods listed per request.
 const PAGE: u32 = 25;
+/// Images a pod may name for the scan to check them (admission checks any number).
+pub const MAX_SCAN_IMAGES: usize = 32;
 /// One image check's time at most.
 pub const IMAGE_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -62,6 +64,7 @@ fn policy_reports() -> ApiResource {
 /// tried again at the next interval.
 pub async fn run(client: Client, state: Arc<AppState>, every: Duration) {
     let mut last_error = String::new();
+    let mut scans: usize = 0;
     loop {
         if !state.facts.ready() {
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -72,7 +75,8 @@ pub async fn run(client: Client, state: Arc<AppState>, every: Duration) {
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
         }
-        match scan_once(&client, &state, image_budget(every)).await {
+        scans += 1;
+        match scan_once(&client, &state, image_budget(every), scans).await {
             Ok((pods, written)) => {
                 tracing::debug!(pods, written, "background scan done");
                 last_error.clear();
@@ -105,9 +109,10 @@ async fn scan_once(
     client: &Client,
     state: &Arc<AppState>,
     image_budget: Duration,
+    rotation: usize,
 ) -> anyhow::Result<(usize, usize)> {
     let pods: Api<Pod> = Api::all(client.clone());
-    let mut images = ImagePhase::new(state, image_budget);
+    let mut images = ImagePhase::new(state, image_budget, rotation);
     // Page by page, keeping only what was found: a pod can be over a megabyte (env values,
     // args), so neither the listed pods nor a large page are held longer than their judging.
     let mut judged: BTreeMap<String, Vec<PodFindings>> = BTreeMap::new();
@@ -219,6 +224,7 @@ fn judge(
     pods: &[Pod],
 ) -> BTreeMap<String, Vec<(PodFindings, Option<ImageWork>)>> {
     let spire = state.facts.spire_registrations();
+    let policies = state.facts.image_policies();
     let mut out: BTreeMap<String, Vec<(PodFindings, Option<ImageWork>)>> = BTreeMap::new();
     for pod in pods {
         let namespace = pod.metadata.namespace.clone().unwrap_or_default();
@@ -236,8 +242,27 @@ fn judge(
         let judged = serde_json::to_value(pod)
             .map_err(|e| e.to_string())
             .and_then(|v| findings_in_pod(&v, &namespace, &facts, &state.config, &state.secrets));
+        let mut images = ImageCheck::NotCovered;
         let (findings, work) = match judged {
-            Ok(j) => {
+            Ok(mut j) => {
+                // Only the images a policy covers are kept for the image phase, and only for a
+                // pod of at most MAX_SCAN_IMAGES images: what the scan holds stays in proportion
+                // to what it checks.
+                if state.images.is_none() {
+                    j.images.clear();
+                }
+                j.images.retain(|image, _| {
+                    reference::parse(image)
+                        .is_ok_and(|r| policies.iter().any(|p| p.covers(&r, &namespace_labels)))
+                });
+                if !j.images.is_empty() && j.all_images.len() > MAX_SCAN_IMAGES {
+                    images = ImageCheck::Skipped(format!(
+                        "not checked: the pod names {} images; the scan checks pods of at most \
+                         {MAX_SCAN_IMAGES} (admission checks every image)",
+                        j.all_images.len()
+                    ));
+                    j.images.clear();
+                }
                 let work = (!j.images.is_empty()).then(|| {
                     let mut scope = Scope::new(
                         &namespace,
@@ -261,7 +286,7 @@ fn judge(
                 name: pod.metadata.name.clone().unwrap_or_default(),
                 uid: pod.metadata.uid.clone().unwrap_or_default(),
                 findings,
-                images: ImageCheck::NotCovered,
+                images,
             },
             work,
         ));
@@ -277,16 +302,22 @@ struct ImagePhase {
     policies: Vec<Arc<crate::images::policy::CompiledImagePolicy>>,
     until: std::time::Instant,
     budget: Duration,
+    /// One pod's images' time in all.
+    pod_time: Duration,
+    /// The scan's number: where its turns start ([`in_turns`]).
+    rotation: usize,
     seen: BTreeMap<(String, String, String, String), Vec<CheckFinding>>,
 }
 
 impl ImagePhase {
-    fn new(state: &AppState, budget: Duration) -> Self {
+    fn new(state: &AppState, budget: Duration, rotation: usize) -> Self {
         ImagePhase {
             verifier: state.images.clone(),
             policies: state.facts.image_policies(),
             until: std::time::Instant::now() + budget,
             budget,
+            pod_time: IMAGE_CHECK_TIMEOUT,
+            rotation,
             seen: BTreeMap::new(),
         }
     }
@@ -297,7 +328,7 @@ impl ImagePhase {
         judged: &mut BTreeMap<String, Vec<PodFindings>>,
         pending: BTreeMap<String, VecDeque<(usize, ImageWork)>>,
     ) {
-        for (namespace, index, work) in in_turns(pending) {
+        for (namespace, index, work) in in_turns(pending, self.rotation) {
             if let Some(pod) = judged.get_mut(&namespace).and_then(|p| p.get_mut(index)) {
                 self.check(&namespace, pod, work).await;
             }
@@ -325,6 +356,8 @@ impl ImagePhase {
         let credentials = work.scope.credential_scope();
         let mut found = Vec::new();
         let started = std::time::Instant::now();
+        let mut skipped = None;
+        let mut checked_any = false;
         for (image, users) in &work.images {
             let key = (
                 namespace.to_owned(),
@@ -338,21 +371,22 @@ impl ImagePhase {
             }
             let now = std::time::Instant::now();
             if now >= self.until {
-                pod.images = ImageCheck::Skipped(format!(
+                skipped = Some(format!(
                     "{image}: not checked in this scan: image checks had {} s of it and used \
                      them (checked at the next scan)",
                     self.budget.as_secs()
                 ));
-                return;
+                break;
             }
-            // One pod's images get one check's time in all, as at admission.
-            if now.duration_since(started) >= IMAGE_CHECK_TIMEOUT {
-                pod.images = ImageCheck::Skipped(format!(
+            // One pod's images get one check's time in all, as at admission (its first image
+            // always gets a check).
+            if checked_any && now.duration_since(started) >= self.pod_time {
+                skipped = Some(format!(
                     "{image}: not checked in this scan: the pod's other images took its {} s \
                      (checked at the next scan)",
-                    IMAGE_CHECK_TIMEOUT.as_secs()
+                    self.pod_time.as_secs()
                 ));
-                return;
+                break;
             }
             // A check begun inside the budget gets its whole time: cut short, it would read as
             // a registry failure.
@@ -368,23 +402,43 @@ impl ImagePhase {
                 true,
             )
             .await;
+            checked_any = true;
             self.seen.insert(key, these.clone());
             found.append(&mut these);
         }
+        // What was found stays found: a failure outranks the skip of the images after it.
         if let Ok(findings) = pod.findings.as_mut() {
             findings.append(&mut found);
         }
-        pod.images = ImageCheck::Checked;
+        pod.images = match skipped {
+            Some(why) => ImageCheck::Skipped(why),
+            None => ImageCheck::Checked,
+        };
     }
 }
 
 /// `pending` (by namespace: each pod's index and what its check needs) in the order the checks
 /// run: a pod of each namespace in turn, so a namespace whose images are slow to check (a
-/// registry that does not answer) takes its share of the budget, not the others'.
-fn in_turns<T>(mut pending: BTreeMap<String, VecDeque<(usize, T)>>) -> Vec<(String, usize, T)> {
+/// registry that does not answer) takes its share of the budget, not the others'. Scan number
+/// `rotation` starts the turns at another namespace and each namespace at another pod, so
+/// what one scan's budget leaves unchecked comes first in a later one.
+fn in_turns<T>(
+    pending: BTreeMap<String, VecDeque<(usize, T)>>,
+    rotation: usize,
+) -> Vec<(String, usize, T)> {
+    let mut queues: VecDeque<(String, VecDeque<(usize, T)>)> = pending
+        .into_iter()
+        .map(|(namespace, mut queue)| {
+            let len = queue.len().max(1);
+            queue.rotate_left(rotation % len);
+            (namespace, queue)
+        })
+        .collect();
+    let len = queues.len().max(1);
+    queues.rotate_left(rotation % len);
     let mut order = Vec::new();
-    while !pending.is_empty() {
-        pending.retain(|namespace, queue| {
+    while !queues.is_empty() {
+        queues.retain_mut(|(namespace, queue)| {
             if let Some((index, work)) = queue.pop_front() {
                 order.push((namespace.clone(), index, work));
             }
@@ -440,7 +494,7 @@ mod tests {
             ("b-one".to_owned(), VecDeque::from([(0, ())])),
             ("c-two".to_owned(), VecDeque::from([(4, ()), (7, ())])),
         ]);
-        let order: Vec<(String, usize)> = in_turns(pending)
+        let order: Vec<(String, usize)> = in_turns(pending.clone(), 0)
             .into_iter()
             .map(|(n, i, ())| (n, i))
             .collect();
@@ -451,6 +505,20 @@ mod tests {
             ("a-many", 1),
             ("c-two", 7),
             ("a-many", 2),
+        ];
+        assert_eq!(order, want.map(|(n, i)| (n.to_owned(), i)).to_vec());
+        // The next scan starts at the next namespace, each namespace at its next pod.
+        let order: Vec<(String, usize)> = in_turns(pending, 1)
+            .into_iter()
+            .map(|(n, i, ())| (n, i))
+            .collect();
+        let want = [
+            ("b-one", 0),
+            ("c-two", 7),
+            ("a-many", 1),
+            ("c-two", 4),
+            ("a-many", 2),
+            ("a-many", 0),
         ];
         assert_eq!(order, want.map(|(n, i)| (n.to_owned(), i)).to_vec());
     }
@@ -481,6 +549,8 @@ mod tests {
             policies: vec![Arc::new(CompiledImagePolicy::compile(&policy, &|_| None))],
             until: std::time::Instant::now() + Duration::from_mins(1),
             budget: Duration::from_mins(1),
+            pod_time: IMAGE_CHECK_TIMEOUT,
+            rotation: 0,
             seen: BTreeMap::new(),
         };
         let image = "registry.invalid/shop/web:1";
@@ -551,6 +621,38 @@ mod tests {
             image_budget(Duration::from_hours(1)),
             Duration::from_mins(5)
         );
+        // A pod whose second image is reached after its time: the first image's failure stays,
+        // the second is a skip.
+        phase.until = std::time::Instant::now() + Duration::from_mins(1);
+        phase.pod_time = Duration::ZERO;
+        let mut two = judged("two");
+        let mut both = work("registry.invalid/shop/a:1", "containers \"a\"");
+        both.images.insert(
+            "registry.invalid/shop/b:1".into(),
+            vec!["containers \"b\"".into()],
+        );
+        phase.check("shop", &mut two, both).await;
+        let kept = two.findings.clone().expect("findings");
+        assert_eq!(kept.len(), 1, "{kept:?}");
+        assert!(
+            kept[0].text.contains("registry.invalid/shop/a:1"),
+            "{}",
+            kept[0].text
+        );
+        assert!(
+            matches!(&two.images, ImageCheck::Skipped(why) if why.contains("shop/b:1")),
+            "{:?}",
+            two.images
+        );
+        let report = crate::report::policy_report("shop", &[two], 0);
+        let image = report["results"]
+            .as_array()
+            .expect("results")
+            .iter()
+            .find(|r| r["rule"] == crate::report::IMAGE_CHECK)
+            .cloned()
+            .expect("an image result");
+        assert_eq!(image["result"], "fail", "{image}");
     }
 
     #[test]

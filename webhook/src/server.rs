@@ -26,7 +26,7 @@ use kube::core::{
     admission::{AdmissionRequest, AdmissionResponse, AdmissionReview},
 };
 use rustls::server::ResolvesServerCert;
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::{
     config::Config,
@@ -209,9 +209,36 @@ pub fn deadline(started: Instant, query: Option<&str>) -> Instant {
             .max(std::time::Duration::from_millis(250))
 }
 
-/// Reviews of at most this many bytes are decided on the async worker that read them; larger
-/// ones (a pod's size bounds what its decision costs) on the blocking pool.
+/// Reviews of at most this many bytes, with at most [`INLINE_ENV_ENTRIES`] environment entries,
+/// are decided on the async worker that read them; others on the blocking pool.
 pub const INLINE_DECISION_BYTES: usize = 8 * 1024;
+/// Environment entries (`env` and `envFrom` items, in every container list) a review decided
+/// inline may carry: each value is matched against the secret patterns, the decision's one cost
+/// that grows with the pod (about 0.1 ms per value at worst), and an inline decision holds one of
+/// the runtime's workers (health probes and every other request wait for it).
+pub const INLINE_ENV_ENTRIES: usize = 8;
+
+/// Whether a review of `len` bytes for `object` is decided inline: small, and with few
+/// environment entries.
+pub fn decided_inline(len: usize, object: Option<&DynamicObject>) -> bool {
+    fn entries(v: &Value, budget: &mut usize) -> bool {
+        match v {
+            Value::Object(m) => m.iter().all(|(k, v)| {
+                if let ("env" | "envFrom", Value::Array(items)) = (k.as_str(), v) {
+                    let Some(left) = budget.checked_sub(items.len()) else {
+                        return false;
+                    };
+                    *budget = left;
+                }
+                entries(v, budget)
+            }),
+            Value::Array(items) => items.iter().all(|v| entries(v, budget)),
+            _ => true,
+        }
+    }
+    len <= INLINE_DECISION_BYTES
+        && object.is_none_or(|o| entries(&o.data, &mut { INLINE_ENV_ENTRIES }))
+}
 
 /// Decides `req` on the blocking pool, holding one of the decision permits (which bound the
 /// pool's work; the wait for one ends with the request's deadline).
@@ -285,9 +312,9 @@ async fn validate(
         namespace_labels: labels,
         spire,
     };
-    let (req, resp, verdict) = if body.len() <= INLINE_DECISION_BYTES {
-        // A review this small is decided in tens of microseconds: here, on the worker that read
-        // it, rather than paying two thread hand-offs to the blocking pool and back.
+    let (req, resp, verdict) = if decided_inline(body.len(), req.object.as_ref()) {
+        // Cheap to decide: here, on the worker that read it, rather than paying two thread
+        // hand-offs to the blocking pool and back.
         let (resp, verdict) = decide(&req, &facts, &state.config, &state.secrets);
         (req, resp, verdict)
     } else {

@@ -317,3 +317,45 @@ async fn small_and_large_reviews_get_the_same_verdict() {
     );
     assert_eq!(messages[0], messages[1]);
 }
+
+/// Inline only what is cheap to decide: a small review with few environment entries, counted in
+/// every container list and at any depth (a Deployment's template too). A pod of many secret-
+/// shaped values (each matched against every pattern) goes to the blocking pool.
+#[test]
+fn only_small_reviews_with_few_env_entries_are_decided_inline() {
+    use palisade_webhook::server::{INLINE_DECISION_BYTES, INLINE_ENV_ENTRIES, decided_inline};
+    let env = |n: usize| -> Value {
+        (0..n)
+            .map(|i| json!({"name": format!("K{i}"), "value": "plain"}))
+            .collect()
+    };
+    let pod = |a: usize, b: usize| -> kube::core::DynamicObject {
+        serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+            "spec": {
+                "initContainers": [{"name": "init", "image": "r/a:1", "env": env(a)}],
+                "containers": [{"name": "app", "image": "r/a:1", "envFrom": env(b)}],
+            },
+        }))
+        .expect("object")
+    };
+    let half = INLINE_ENV_ENTRIES / 2;
+    assert!(decided_inline(
+        1000,
+        Some(&pod(half, INLINE_ENV_ENTRIES - half))
+    ));
+    assert!(!decided_inline(
+        1000,
+        Some(&pod(half, INLINE_ENV_ENTRIES - half + 1))
+    ));
+    assert!(!decided_inline(INLINE_DECISION_BYTES + 1, Some(&pod(0, 0))));
+    assert!(decided_inline(1000, None));
+    let deployment: kube::core::DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"},
+        "spec": {"template": {"spec": {"containers": [
+            {"name": "app", "image": "r/a:1", "env": env(INLINE_ENV_ENTRIES + 1)}
+        ]}}},
+    }))
+    .expect("object");
+    assert!(!decided_inline(1000, Some(&deployment)));
+}
