@@ -2,7 +2,7 @@
 
 use std::sync::{Arc, atomic::Ordering};
 
-use futures::{StreamExt, future::FutureExt};
+use futures::{StreamExt, TryStreamExt, future::FutureExt};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::{
     Api, Client, ResourceExt,
@@ -24,14 +24,29 @@ fn error_policy<K, S>(_obj: Arc<K>, err: &Error, _state: Arc<S>) -> Action {
     Action::requeue(std::time::Duration::from_secs(5))
 }
 
+/// Policies to reconcile when another changes: given the cache and the changed (or deleted)
+/// policy, the others whose outcome may depend on it.
+type Related<K> = fn(&reflector::Store<K>, &K, &str) -> Vec<reflector::ObjectRef<K>>;
+
 /// A controller whose cache of `K` drops managed fields (never read, often the largest part).
 ///
 /// A (re-)list fills the cache only when it completes (its objects are swapped in at once), and
 /// the controller drops a request for an object its cache does not hold. So the objects of a
 /// list do not trigger reconciles one by one, which would be dropped for every object new since
 /// the previous list (created while a watch had expired, say); the completed list reconciles
-/// every object instead. Changes seen by the watch trigger as usual.
-fn controller_for<K>(client: &Client) -> Controller<K>
+/// every object instead. Changes seen by the watch trigger as usual, except the echoes of the
+/// operator's own writes (`echoes`).
+///
+/// With `related`, a change to a policy's spec (a new generation, a creation, a deletion) also
+/// reconciles the policies `related` names, for the policy as it was and as it is. They are
+/// found on the same watch, before the cache takes the change in, and queued so that they
+/// reconcile with the cache that holds it: a second watch of the same kind could wake them
+/// before this cache has seen the change, and they would keep the old outcome.
+fn controller_for<K>(
+    client: &Client,
+    echoes: &Arc<controller::apply::Echoes>,
+    related: Option<(Related<K>, String)>,
+) -> Controller<K>
 where
     K: kube::Resource<DynamicType = ()>
         + Clone
@@ -43,12 +58,24 @@ where
 {
     let (reader, writer) = reflector::store();
     let (listed_tx, listed_rx) = futures::channel::mpsc::unbounded();
+    let (related_tx, related_rx) = futures::channel::mpsc::unbounded();
+    let echoes = Arc::clone(echoes);
+    let cache = reader.clone();
     let stream = watcher(Api::<K>::all(client.clone()), watcher::Config::default())
         .default_backoff()
         .modify(|o| o.meta_mut().managed_fields = None)
+        .inspect_ok(move |e| {
+            let Some((related, root)) = &related else {
+                return;
+            };
+            for r in spec_changes(&cache, e, *related, root) {
+                let _ = related_tx.unbounded_send(r);
+            }
+        })
         .reflect(writer)
         .filter_map(move |e| {
             std::future::ready(match e {
+                Ok(watcher::Event::Apply(o)) if echoes.is_echo(o.meta()) => None,
                 Ok(watcher::Event::Apply(o)) => Some(Ok(o)),
                 Ok(watcher::Event::InitDone) => {
                     let _ = listed_tx.unbounded_send(());
@@ -58,7 +85,44 @@ where
                 Err(e) => Some(Err(e)),
             })
         });
-    Controller::for_stream(stream, reader).reconcile_all_on(listed_rx)
+    Controller::for_stream(stream, reader)
+        .reconcile_all_on(listed_rx)
+        .reconcile_on(related_rx)
+}
+
+/// The policies `related` names for a watch event that changes a spec: for an applied object
+/// whose generation differs from the cached one (or that is new), those related to it as it is
+/// and as it was; for a deleted one, those related to it. Status and metadata-only changes
+/// relate to nothing.
+fn spec_changes<K>(
+    cache: &reflector::Store<K>,
+    event: &watcher::Event<K>,
+    related: Related<K>,
+    root: &str,
+) -> Vec<reflector::ObjectRef<K>>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + 'static,
+{
+    match event {
+        watcher::Event::Apply(o) => {
+            let before = cache.get(&reflector::ObjectRef::from_obj(o));
+            match before {
+                Some(b) if b.meta().generation == o.meta().generation => Vec::new(),
+                Some(b) => {
+                    let mut refs = related(cache, o, root);
+                    refs.extend(related(cache, &b, root));
+                    refs.sort_by(|x, y| (&x.namespace, &x.name).cmp(&(&y.namespace, &y.name)));
+                    refs.dedup();
+                    refs
+                }
+                None => related(cache, o, root),
+            }
+        }
+        watcher::Event::Delete(o) => related(cache, o, root),
+        watcher::Event::Init | watcher::Event::InitApply(_) | watcher::Event::InitDone => {
+            Vec::new()
+        }
+    }
 }
 
 /// The SecretBinding controller, with a Vault client when the configuration has one.
@@ -82,7 +146,7 @@ fn secret_binding_controller(
         }
     });
     let sb_state = Arc::new(secrets::SecretState::new(Arc::clone(state), vault.clone()));
-    let ctl = controller_for::<SecretBinding>(client);
+    let ctl = controller_for::<SecretBinding>(client, &state.echoes, None);
     tokio::spawn(Metrics::count_ready_every(
         Arc::clone(metrics),
         "SecretBinding",
@@ -137,9 +201,10 @@ async fn while_leading(
     Ok(())
 }
 
-/// The AuthPolicy controller also reconciles a policy when another that may apply to the same
-/// workloads changes (ALLOW policies add up), with the cache of every AuthPolicy in its state.
-fn with_siblings(
+/// The AuthPolicy controller, with the cache of every AuthPolicy in its state (a policy is also
+/// reconciled when another that may apply to the same workloads changes: see
+/// [`controller_for`]), and the caches of namespaces and ambient pods.
+fn with_caches(
     ctl: Controller<AuthPolicy>,
     client: &Client,
     state: &Arc<State>,
@@ -150,13 +215,6 @@ fn with_siblings(
         "AuthPolicy",
         store.clone(),
     ));
-    let mapper = store.clone();
-    let root = state.ctx.mesh_root_namespace.clone();
-    let ctl = ctl.watches(
-        Api::<AuthPolicy>::all(client.clone()),
-        watcher::Config::default(),
-        move |p| auth::overlapping(&mapper, &p, &root),
-    );
     // Namespaces and the pods labelled for Istio's ambient mesh (metadata only, the pods filtered
     // by the API server): ztunnel enforces policies there, without their HTTP-level parts. Each
     // change reconciles the policies of its namespace, each completed (re-)list all of them.
@@ -280,7 +338,8 @@ pub async fn run(
     };
 
     let discovered = controller::discover(&client).await;
-    let (kinds, streams) = controller::stores(&client, &discovered);
+    let echoes = Arc::new(controller::apply::Echoes::default());
+    let (kinds, streams) = controller::stores(&client, &discovered, &echoes);
     let state = Arc::new(State {
         client: client.clone(),
         ctx: config.context.clone(),
@@ -288,12 +347,20 @@ pub async fn run(
         recorder: controller::recorder(client.clone()),
         metrics: Arc::clone(&metrics),
         applied: controller::apply::AppliedCache::default(),
+        echoes: Arc::clone(&echoes),
     });
 
     // Bounded concurrency keeps connections, memory and API server load in proportion.
     let ctl_config = kube::runtime::controller::Config::default().concurrency(config.concurrency);
-    let mut auth_ctl = controller_for::<AuthPolicy>(&client).with_config(ctl_config.clone());
-    let mut rl_ctl = controller_for::<RateLimitPolicy>(&client).with_config(ctl_config.clone());
+    // ALLOW policies add up: a change to one AuthPolicy can widen or narrow what the others on
+    // the same workloads promise. RateLimitPolicies on one target decide together who wins.
+    let auth_related: Related<AuthPolicy> = auth::overlapping;
+    let rl_related: Related<RateLimitPolicy> = |store, p, _| ratelimit::same_target(store, p);
+    let root = config.context.mesh_root_namespace.clone();
+    let mut auth_ctl = controller_for(&client, &echoes, Some((auth_related, root.clone())))
+        .with_config(ctl_config.clone());
+    let mut rl_ctl =
+        controller_for(&client, &echoes, Some((rl_related, root))).with_config(ctl_config.clone());
     for ((api_version, kind), ar, stream) in streams {
         let key = (api_version.as_str(), kind.as_str());
         if key == ("spire.spiffe.io/v1alpha1", "ClusterSPIFFEID") {
@@ -315,14 +382,8 @@ pub async fn run(
             rl_ctl = rl_ctl.owns_stream_with(stream, ar);
         }
     }
-    let (auth_ctl, auth_state) = with_siblings(auth_ctl, &client, &state);
+    let (auth_ctl, auth_state) = with_caches(auth_ctl, &client, &state);
     let rl_store = rl_ctl.store();
-    let mapper_store = rl_store.clone();
-    rl_ctl = rl_ctl.watches(
-        Api::<RateLimitPolicy>::all(client.clone()),
-        watcher::Config::default(),
-        move |p| ratelimit::same_target(&mapper_store, &p),
-    );
     tokio::spawn(Metrics::count_ready_every(
         Arc::clone(&state.metrics),
         "RateLimitPolicy",
@@ -371,4 +432,87 @@ pub async fn run(
     metrics.ready.store(false, Ordering::Relaxed);
     server.abort();
     outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::runtime::reflector::ObjectRef;
+    use serde_json::json;
+
+    fn policy(name: &str, app: Option<&str>, generation: i64) -> AuthPolicy {
+        let mut spec = json!({"rules": [{}]});
+        if let Some(app) = app {
+            spec["selector"] = json!({"matchLabels": {"app": app}});
+            spec["rules"] = json!([{"from": [{"serviceAccount": {"name": "frontend"}}]}]);
+        }
+        serde_json::from_value(json!({
+            "apiVersion": "palisade.dev/v1alpha1", "kind": "AuthPolicy",
+            "metadata": {"name": name, "namespace": "shop", "generation": generation},
+            "spec": spec,
+        }))
+        .expect("policy")
+    }
+
+    fn names(refs: &[ObjectRef<AuthPolicy>]) -> Vec<&str> {
+        refs.iter().map(|r| r.name.as_str()).collect()
+    }
+
+    /// The siblings of a changed AuthPolicy are found from the cache as it was before the
+    /// change, for the policy as it was and as it is; a status write (same generation) and the
+    /// objects of a (re-)list relate to nothing; a deleted policy names the ones it overlapped.
+    #[test]
+    fn spec_changes_wake_the_policies_they_concern() {
+        let (cache, mut writer) = reflector::store::<AuthPolicy>();
+        for p in [
+            policy("orders", Some("orders"), 1),
+            policy("payments", Some("payments"), 1),
+            policy("open", Some("orders"), 1),
+        ] {
+            writer.apply_watcher_event(&watcher::Event::Apply(p));
+        }
+        let related: Related<AuthPolicy> = auth::overlapping;
+        let changes =
+            |e: &watcher::Event<AuthPolicy>| spec_changes(&cache, e, related, "istio-system");
+
+        // Status only: the generation is the cached one.
+        assert!(changes(&watcher::Event::Apply(policy("open", Some("orders"), 1))).is_empty());
+        // `open` moves from orders to namespace-wide: orders (before and after) and payments.
+        let widened = changes(&watcher::Event::Apply(policy("open", None, 2)));
+        assert_eq!(names(&widened), ["orders", "payments"]);
+        // `open` moves from orders to payments: both, once each.
+        let moved = changes(&watcher::Event::Apply(policy("open", Some("payments"), 2)));
+        assert_eq!(names(&moved), ["orders", "payments"]);
+        // A new policy wakes the ones it overlaps.
+        let new = changes(&watcher::Event::Apply(policy("new", Some("payments"), 1)));
+        assert_eq!(names(&new), ["payments"]);
+        // Deleted: the ones it overlapped.
+        writer.apply_watcher_event(&watcher::Event::Delete(policy("open", Some("orders"), 1)));
+        let gone = changes(&watcher::Event::Delete(policy("open", Some("orders"), 1)));
+        assert_eq!(names(&gone), ["orders"]);
+        // A re-list wakes nothing one by one (the completed list reconciles every policy).
+        assert!(changes(&watcher::Event::InitApply(policy("x", None, 1))).is_empty());
+    }
+
+    /// An event is an echo only when it carries exactly the resource version our last write to
+    /// that object produced, and only once.
+    #[test]
+    fn only_the_exact_result_of_our_write_is_an_echo() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+        let meta = |uid: &str, rv: &str| ObjectMeta {
+            uid: Some(uid.into()),
+            resource_version: Some(rv.into()),
+            ..ObjectMeta::default()
+        };
+        let echoes = controller::apply::Echoes::default();
+        echoes.wrote(&meta("a", "10"));
+        assert!(echoes.awaits(Some("a")));
+        assert!(!echoes.is_echo(&meta("a", "9")), "an older state");
+        assert!(!echoes.is_echo(&meta("a", "11")), "someone else's write");
+        assert!(!echoes.is_echo(&meta("b", "10")), "another object");
+        assert!(echoes.is_echo(&meta("a", "10")));
+        assert!(!echoes.awaits(Some("a")));
+        assert!(!echoes.is_echo(&meta("a", "10")), "each write echoes once");
+        assert!(!echoes.is_echo(&ObjectMeta::default()));
+    }
 }

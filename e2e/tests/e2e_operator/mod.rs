@@ -113,6 +113,28 @@ spec:
     - to: [{paths: [/admin/*], ports: [8080]}]
 ";
 
+/// A status someone else wrote is not the operator's word: it is put right, though the
+/// operator's own status writes wake no reconcile.
+fn forged_status_is_put_right(cp: &ControlPlane, ns: &str) -> Result<()> {
+    run_ok(cp.kubectl().args([
+        "patch",
+        "authpolicy",
+        "orders",
+        "-n",
+        ns,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"conditions":[{"type":"Ready","status":"False","reason":"Forged","message":"forged","lastTransitionTime":"2026-01-01T00:00:00Z"}]}}"#,
+    ]))?;
+    cp.eventually("the forged status put right", WAIT, || {
+        let p = get(cp, ns, "authpolicy", "orders")?;
+        (condition(&p, "Ready")?["reason"] == "Enforced" && condition(&p, "Accepted").is_some())
+            .then_some(())
+    })?;
+    Ok(())
+}
+
 fn auth_policy_lifecycle(env: &Env) -> Result<()> {
     let cp = &env.cp;
     let _op = OperatorProcess::start(cp, "lifecycle", "")?;
@@ -127,6 +149,7 @@ fn auth_policy_lifecycle(env: &Env) -> Result<()> {
         {
             bail!("unexpected status: {}", policy["status"]);
         }
+        forged_status_is_put_right(cp, ns)?;
         let allow =
             get(cp, ns, "authorizationpolicy", "palisade-orders-allow").context("ALLOW policy")?;
         let principal = &allow["spec"]["rules"][0]["from"][0]["source"]["principals"][0];

@@ -35,6 +35,50 @@ pub enum Outcome {
     KindMissing,
 }
 
+/// The resource version each of Palisade's own last writes produced, by object uid. A watch
+/// event carrying exactly that version is the echo of the write (nothing changed since), so it
+/// triggers no reconcile: that reconcile would find nothing to do. Any other change to the
+/// object (a spec edit, a forged status, a deletion) has another resource version and triggers
+/// as usual.
+#[derive(Default)]
+pub struct Echoes(Mutex<HashMap<String, String>>);
+
+impl Echoes {
+    /// Records the object as a write of ours returned it.
+    pub fn wrote(&self, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) {
+        if let (Some(uid), Some(rv), Ok(mut m)) = (&meta.uid, &meta.resource_version, self.0.lock())
+        {
+            m.insert(uid.clone(), rv.clone());
+        }
+    }
+
+    /// Whether `meta` is the object exactly as our last write to it left it (the record is then
+    /// dropped: each write echoes once).
+    pub fn is_echo(
+        &self,
+        meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    ) -> bool {
+        let (Some(uid), Some(rv)) = (&meta.uid, &meta.resource_version) else {
+            return false;
+        };
+        let Ok(mut m) = self.0.lock() else {
+            return false;
+        };
+        if m.get(uid) == Some(rv) {
+            m.remove(uid);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Whether the echo of our last write to the object with `uid` has not been seen yet (the
+    /// cache holds an older state of it).
+    pub fn awaits(&self, uid: Option<&str>) -> bool {
+        uid.is_some_and(|u| self.0.lock().is_ok_and(|m| m.contains_key(u)))
+    }
+}
+
 /// The last desired value applied, per object, to tell an object that the cache has not seen yet
 /// from one that was deleted.
 #[derive(Default)]
@@ -177,7 +221,8 @@ async fn apply_one(state: &State, desired: &Value) -> Result<Outcome, Error> {
         None => Outcome::Created,
     };
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    api.patch(name, &params, &Patch::Apply(desired)).await?;
+    let applied = api.patch(name, &params, &Patch::Apply(desired)).await?;
+    state.echoes.wrote(&applied.metadata);
     state.metrics.write("apply");
     state.applied.record(desired);
     Ok(outcome)

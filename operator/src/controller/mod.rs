@@ -14,7 +14,7 @@ pub mod status;
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
-use futures::{Stream, StreamExt};
+use futures::{Stream, StreamExt, TryStreamExt};
 use kube::{
     Api, Client,
     api::{ApiResource, GroupVersionKind},
@@ -63,6 +63,8 @@ pub struct State {
     pub metrics: Arc<Metrics>,
     /// The last desired object applied per object, to tell "not yet in the cache" from "gone".
     pub applied: apply::AppliedCache,
+    /// The resource versions our own writes produced: their watch events trigger nothing.
+    pub echoes: Arc<apply::Echoes>,
 }
 
 /// `(apiVersion, kind)` of every object the AuthPolicy controller generates.
@@ -113,6 +115,7 @@ pub fn generated_stream(
     client: &Client,
     resource: &ApiResource,
     writer: reflector::store::Writer<GeneratedObject>,
+    echoes: Arc<apply::Echoes>,
 ) -> impl Stream<Item = Result<GeneratedObject, watcher::Error>> + Send + 'static {
     let api = Api::<GeneratedObject>::all_with(client.clone(), resource);
     let config = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
@@ -124,6 +127,8 @@ pub fn generated_stream(
         })
         .reflect(writer)
         .applied_objects()
+        // The cache holds our own writes; only their echoes do not wake the owner.
+        .try_filter(move |o| std::future::ready(!echoes.is_echo(&o.metadata)))
 }
 
 /// The recorder Palisade publishes Events with.
@@ -148,13 +153,14 @@ pub type KindStream = (
 pub fn stores(
     client: &Client,
     discovered: &BTreeMap<(String, String), (ApiResource, bool)>,
+    echoes: &Arc<apply::Echoes>,
 ) -> (BTreeMap<(String, String), GeneratedKind>, Vec<KindStream>) {
     let mut kinds = BTreeMap::new();
     let mut streams = Vec::new();
     for (key, (ar, namespaced)) in discovered {
         let writer = reflector::store::Writer::new(ar.clone());
         let store = writer.as_reader();
-        let stream = generated_stream(client, ar, writer).boxed();
+        let stream = generated_stream(client, ar, writer, Arc::clone(echoes)).boxed();
         kinds.insert(
             key.clone(),
             GeneratedKind {
@@ -365,7 +371,8 @@ pub fn readiness(
 
 /// Writes `new` as the status of `policy` (server-side apply of the status subresource) unless
 /// the cache already shows it, or we just wrote the same content (timestamps aside) and the
-/// cache has not caught up yet.
+/// cache has not caught up yet. Once the cache has seen our write, a status that differs was
+/// written by someone else, and is put right.
 pub async fn write_status<K, S>(
     state: &State,
     policy: &K,
@@ -387,33 +394,35 @@ where
     let key = format!("status/{}", meta.uid.as_deref().unwrap_or_default());
     let value = serde_json::to_value(new)?;
     let content = status::without_times(&value);
-    if state.applied.wrote(&key, &content) {
+    if state.applied.wrote(&key, &content) && state.echoes.awaits(meta.uid.as_deref()) {
         return Ok(());
     }
     let api: Api<K> = Api::namespaced(
         state.client.clone(),
         meta.namespace.as_deref().unwrap_or_default(),
     );
-    api.patch_status(
-        meta.name.as_deref().unwrap_or_default(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(serde_json::json!({
-            "apiVersion": K::api_version(&()),
-            "kind": K::kind(&()),
-            "status": value,
-        })),
-    )
-    .await
-    .map_err(|e| {
-        Error::from(e).at(
-            Step::WriteStatus,
-            format!(
-                "{} {}",
-                K::kind(&()),
-                meta.name.as_deref().unwrap_or_default()
-            ),
+    let written = api
+        .patch_status(
+            meta.name.as_deref().unwrap_or_default(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(serde_json::json!({
+                "apiVersion": K::api_version(&()),
+                "kind": K::kind(&()),
+                "status": value,
+            })),
         )
-    })?;
+        .await
+        .map_err(|e| {
+            Error::from(e).at(
+                Step::WriteStatus,
+                format!(
+                    "{} {}",
+                    K::kind(&()),
+                    meta.name.as_deref().unwrap_or_default()
+                ),
+            )
+        })?;
+    state.echoes.wrote(written.meta());
     state.metrics.write("status");
     state.applied.record_as(key, &content);
     Ok(())
@@ -429,13 +438,15 @@ pub async fn set_finalizers<K>(
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
-    api.patch(
-        name,
-        &kube::api::PatchParams::default(),
-        &kube::api::Patch::Merge(serde_json::json!({"metadata": {"finalizers": finalizers}})),
-    )
-    .await
-    .map_err(|e| Error::from(e).at(Step::SetFinalizers, name))?;
+    let written = api
+        .patch(
+            name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(serde_json::json!({"metadata": {"finalizers": finalizers}})),
+        )
+        .await
+        .map_err(|e| Error::from(e).at(Step::SetFinalizers, name))?;
+    state.echoes.wrote(written.meta());
     state.metrics.write("finalizer");
     Ok(())
 }
