@@ -217,6 +217,25 @@ struct ImageWork {
     scope: Scope,
 }
 
+/// Keeps of a pod's `images` only those a policy covers (`covers`), and none when the pod names
+/// more than [`MAX_SCAN_IMAGES`] images in all (`all`): what the scan holds stays in proportion
+/// to what it checks. Returns why covered images are not checked, if so.
+fn images_to_scan(
+    images: &mut BTreeMap<String, Vec<String>>,
+    all: usize,
+    covers: impl Fn(&str) -> bool,
+) -> Option<String> {
+    images.retain(|image, _| covers(image));
+    if images.is_empty() || all <= MAX_SCAN_IMAGES {
+        return None;
+    }
+    images.clear();
+    Some(format!(
+        "not checked: the pod names {all} images; the scan checks pods of at most \
+         {MAX_SCAN_IMAGES} (admission checks every image)"
+    ))
+}
+
 /// The findings of every live pod of a judged namespace, by namespace (sorted by pod name),
 /// each with what its image check needs when it has images.
 fn judge(
@@ -245,23 +264,14 @@ fn judge(
         let mut images = ImageCheck::NotCovered;
         let (findings, work) = match judged {
             Ok(mut j) => {
-                // Only the images a policy covers are kept for the image phase, and only for a
-                // pod of at most MAX_SCAN_IMAGES images: what the scan holds stays in proportion
-                // to what it checks.
                 if state.images.is_none() {
                     j.images.clear();
                 }
-                j.images.retain(|image, _| {
+                if let Some(why) = images_to_scan(&mut j.images, j.all_images.len(), |image| {
                     reference::parse(image)
                         .is_ok_and(|r| policies.iter().any(|p| p.covers(&r, &namespace_labels)))
-                });
-                if !j.images.is_empty() && j.all_images.len() > MAX_SCAN_IMAGES {
-                    images = ImageCheck::Skipped(format!(
-                        "not checked: the pod names {} images; the scan checks pods of at most \
-                         {MAX_SCAN_IMAGES} (admission checks every image)",
-                        j.all_images.len()
-                    ));
-                    j.images.clear();
+                }) {
+                    images = ImageCheck::Skipped(why);
                 }
                 let work = (!j.images.is_empty()).then(|| {
                     let mut scope = Scope::new(
@@ -671,5 +681,40 @@ mod tests {
         for phase in ["Succeeded", "Failed"] {
             assert!(!live(&pod(serde_json::json!({"status": {"phase": phase}}))));
         }
+    }
+
+    /// Only covered images are kept; a pod of more than MAX_SCAN_IMAGES images keeps none and
+    /// says why, unless none of its images is covered (then there is nothing to skip).
+    #[test]
+    fn only_covered_images_of_pods_within_the_cap_are_scanned() {
+        let images = |names: &[&str]| -> BTreeMap<String, Vec<String>> {
+            names
+                .iter()
+                .map(|n| ((*n).to_owned(), vec!["app".to_owned()]))
+                .collect()
+        };
+        let covers = |i: &str| i.starts_with("reg/shop/");
+        let mut small = images(&["reg/shop/a:1", "reg/other/b:1"]);
+        assert_eq!(images_to_scan(&mut small, 2, covers), None);
+        assert_eq!(small.keys().collect::<Vec<_>>(), ["reg/shop/a:1"]);
+
+        let mut at_cap = images(&["reg/shop/a:1"]);
+        assert_eq!(images_to_scan(&mut at_cap, MAX_SCAN_IMAGES, covers), None);
+        assert_eq!(at_cap.len(), 1);
+
+        let mut over = images(&["reg/shop/a:1", "reg/other/b:1"]);
+        let why = images_to_scan(&mut over, MAX_SCAN_IMAGES + 1, covers).expect("skipped");
+        assert!(over.is_empty());
+        assert!(
+            why.contains("33 images") && why.contains("at most 32"),
+            "{why}"
+        );
+
+        let mut uncovered = images(&["reg/other/b:1"]);
+        assert_eq!(
+            images_to_scan(&mut uncovered, MAX_SCAN_IMAGES + 1, covers),
+            None
+        );
+        assert!(uncovered.is_empty());
     }
 }
