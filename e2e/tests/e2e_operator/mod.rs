@@ -114,24 +114,54 @@ spec:
 ";
 
 /// A status someone else wrote is not the operator's word: it is put right, though the
-/// operator's own status writes wake no reconcile.
+/// operator's own status writes wake no reconcile. Each round first makes the operator write a
+/// status of its own (a namespace-wide policy comes or goes, and `orders` says whether it is
+/// widened), then forges one soon after: the forgery must not be taken for the operator's write.
 fn forged_status_is_put_right(cp: &ControlPlane, ns: &str) -> Result<()> {
-    run_ok(cp.kubectl().args([
-        "patch",
-        "authpolicy",
-        "orders",
-        "-n",
-        ns,
-        "--subresource=status",
-        "--type=merge",
-        "-p",
-        r#"{"status":{"conditions":[{"type":"Ready","status":"False","reason":"Forged","message":"forged","lastTransitionTime":"2026-01-01T00:00:00Z"}]}}"#,
-    ]))?;
-    cp.eventually("the forged status put right", WAIT, || {
-        let p = get(cp, ns, "authpolicy", "orders")?;
-        (condition(&p, "Ready")?["reason"] == "Enforced" && condition(&p, "Accepted").is_some())
-            .then_some(())
-    })?;
+    let widened_by_open = |p: &Value| {
+        condition(p, "Warning")
+            .and_then(|c| c["message"].as_str())
+            .is_some_and(|m| m.contains("AuthPolicies open also apply"))
+    };
+    let open = "apiVersion: palisade.dev/v1alpha1\nkind: AuthPolicy\nmetadata: {name: open}\nspec:\n  rules: [{}]\n";
+    for round in 0..4 {
+        let widened = round % 2 == 0;
+        if widened {
+            apply_yaml(cp, ns, open)?;
+        } else {
+            run_ok(
+                cp.kubectl()
+                    .args(["delete", "authpolicy", "open", "-n", ns]),
+            )?;
+        }
+        cp.eventually("the operator's own status write", WAIT, || {
+            let p = get(cp, ns, "authpolicy", "orders")?;
+            (widened_by_open(&p) == widened).then_some(())
+        })?;
+        std::thread::sleep(Duration::from_millis(500));
+        run_ok(cp.kubectl().args([
+            "patch",
+            "authpolicy",
+            "orders",
+            "-n",
+            ns,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            r#"{"status":{"conditions":[{"type":"Ready","status":"False","reason":"Forged","message":"forged","lastTransitionTime":"2026-01-01T00:00:00Z"}]}}"#,
+        ]))?;
+        cp.eventually(
+            &format!("the forged status put right (round {round})"),
+            WAIT,
+            || {
+                let p = get(cp, ns, "authpolicy", "orders")?;
+                (condition(&p, "Ready")?["reason"] == "Enforced"
+                    && condition(&p, "Accepted").is_some()
+                    && widened_by_open(&p) == widened)
+                    .then_some(())
+            },
+        )?;
+    }
     Ok(())
 }
 

@@ -35,19 +35,27 @@ pub enum Outcome {
     KindMissing,
 }
 
-/// The resource version each of Palisade's own last writes produced, by object uid. A watch
-/// event carrying exactly that version is the echo of the write (nothing changed since), so it
-/// triggers no reconcile: that reconcile would find nothing to do. Any other change to the
-/// object (a spec edit, a forged status, a deletion) has another resource version and triggers
-/// as usual.
+/// The resource version each of Palisade's own last writes produced, by object uid, recorded
+/// when the write's result is exactly what Palisade wanted. A watch event carrying exactly that
+/// version is the echo of the write (nothing changed since), so it triggers no reconcile: that
+/// reconcile would find nothing to do. Any other change to the object (a spec edit, a forged
+/// status, a deletion) has another resource version and triggers as usual.
 #[derive(Default)]
 pub struct Echoes(Mutex<HashMap<String, String>>);
+
+/// At most this many writes wait for their echo; beyond, the record starts afresh (an echo
+/// then reconciles once more, which costs time, never correctness). Echoes of deleted objects
+/// never come, so the record cannot grow with churn.
+const MAX_PENDING_ECHOES: usize = 65_536;
 
 impl Echoes {
     /// Records the object as a write of ours returned it.
     pub fn wrote(&self, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) {
         if let (Some(uid), Some(rv), Ok(mut m)) = (&meta.uid, &meta.resource_version, self.0.lock())
         {
+            if m.len() >= MAX_PENDING_ECHOES {
+                m.clear();
+            }
             m.insert(uid.clone(), rv.clone());
         }
     }
@@ -72,10 +80,9 @@ impl Echoes {
         }
     }
 
-    /// Whether the echo of our last write to the object with `uid` has not been seen yet (the
-    /// cache holds an older state of it).
-    pub fn awaits(&self, uid: Option<&str>) -> bool {
-        uid.is_some_and(|u| self.0.lock().is_ok_and(|m| m.contains_key(u)))
+    /// How many writes wait for their echo.
+    pub fn pending(&self) -> usize {
+        self.0.lock().map_or(0, |m| m.len())
     }
 }
 
@@ -222,7 +229,13 @@ async fn apply_one(state: &State, desired: &Value) -> Result<Outcome, Error> {
     };
     let params = PatchParams::apply(FIELD_MANAGER).force();
     let applied = api.patch(name, &params, &Patch::Apply(desired)).await?;
-    state.echoes.wrote(&applied.metadata);
+    // The write's event wakes nothing only when the object it returned is exactly what is
+    // desired, with nothing foreign: an apply that changed nothing returns the object as someone
+    // else left it, and that event must still reach the owner (to remove what they added).
+    let result = applied.to_value(&gk.resource)?;
+    if diff::is_subset(desired, &result) && diff::foreign_fields(desired, &result).is_empty() {
+        state.echoes.wrote(&applied.metadata);
+    }
     state.metrics.write("apply");
     state.applied.record(desired);
     Ok(outcome)

@@ -370,9 +370,10 @@ pub fn readiness(
 }
 
 /// Writes `new` as the status of `policy` (server-side apply of the status subresource) unless
-/// the cache already shows it, or we just wrote the same content (timestamps aside) and the
-/// cache has not caught up yet. Once the cache has seen our write, a status that differs was
-/// written by someone else, and is put right.
+/// the cache already shows it, or we already wrote the same content (timestamps aside) on top
+/// of exactly this state of the object (its resource version) and the cache has not caught up.
+/// Once the cache holds another state, a status that differs from ours was written by someone
+/// else, and is put right.
 pub async fn write_status<K, S>(
     state: &State,
     policy: &K,
@@ -383,6 +384,7 @@ where
     K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
         + Clone
         + serde::de::DeserializeOwned
+        + serde::Serialize
         + std::fmt::Debug,
     S: serde::Serialize + PartialEq,
 {
@@ -394,7 +396,11 @@ where
     let key = format!("status/{}", meta.uid.as_deref().unwrap_or_default());
     let value = serde_json::to_value(new)?;
     let content = status::without_times(&value);
-    if state.applied.wrote(&key, &content) && state.echoes.awaits(meta.uid.as_deref()) {
+    let written_on = serde_json::json!({
+        "status": content,
+        "on": meta.resource_version.as_deref().unwrap_or_default(),
+    });
+    if state.applied.wrote(&key, &written_on) {
         return Ok(());
     }
     let api: Api<K> = Api::namespaced(
@@ -422,9 +428,17 @@ where
                 ),
             )
         })?;
-    state.echoes.wrote(written.meta());
     state.metrics.write("status");
-    state.applied.record_as(key, &content);
+    state.applied.record_as(key, &written_on);
+    // Its watch event wakes nothing only when the object is what this reconcile wrote: the spec
+    // it judged, and exactly our status (a write that changed nothing returns someone else's
+    // state, whose event must not be taken for ours).
+    let same_spec = written.meta().generation == meta.generation;
+    let ours = serde_json::to_value(&written)
+        .is_ok_and(|w| status::without_times(&w["status"]) == content);
+    if same_spec && ours {
+        state.echoes.wrote(written.meta());
+    }
     Ok(())
 }
 
@@ -438,15 +452,15 @@ pub async fn set_finalizers<K>(
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
-    let written = api
-        .patch(
-            name,
-            &kube::api::PatchParams::default(),
-            &kube::api::Patch::Merge(serde_json::json!({"metadata": {"finalizers": finalizers}})),
-        )
-        .await
-        .map_err(|e| Error::from(e).at(Step::SetFinalizers, name))?;
-    state.echoes.wrote(written.meta());
+    // Not recorded as an echo: a merge that changes nothing returns the object as someone else
+    // last left it (a new spec, say), and that event must still wake the policy.
+    api.patch(
+        name,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(serde_json::json!({"metadata": {"finalizers": finalizers}})),
+    )
+    .await
+    .map_err(|e| Error::from(e).at(Step::SetFinalizers, name))?;
     state.metrics.write("finalizer");
     Ok(())
 }
