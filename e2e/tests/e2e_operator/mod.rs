@@ -789,12 +789,38 @@ fn cli_render_is_what_the_operator_applies(env: &Env) -> Result<()> {
                 .split_once(' ')
                 .and_then(|(k, rest)| rest.split_once('/').map(|(_, n)| (k, n)))
                 .context("source")?;
-            let status = cp.eventually(&format!("{source} reconciled"), WAIT, || {
-                let p = get(cp, ns, &kind.to_lowercase(), name)?;
-                (p["status"]["observedGeneration"] == 1
-                    && p["status"]["conditions"].as_array().is_some_and(|c| !c.is_empty()))
-                .then_some(p)
-            })?;
+            // A policy reconciled before the others of the file reached the operator's cache
+            // is reconciled again when they arrive: wait for the status that has its notes.
+            let messages_of = |p: &Value| -> String {
+                p["status"]["conditions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|c| c["message"].as_str())
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            };
+            let all_notes = |p: &Value| {
+                let messages = messages_of(p);
+                section["notes"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .all(|n| n["message"].as_str().is_some_and(|m| messages.contains(m)))
+            };
+            let status = cp
+                .eventually(&format!("{source} reconciled with its notes"), WAIT, || {
+                    let p = get(cp, ns, &kind.to_lowercase(), name)?;
+                    (p["status"]["observedGeneration"] == 1
+                        && p["status"]["conditions"].as_array().is_some_and(|c| !c.is_empty())
+                        && all_notes(&p))
+                    .then_some(p)
+                })
+                .or_else(|e| {
+                    get(cp, ns, &kind.to_lowercase(), name)
+                        .filter(|p| p["status"]["observedGeneration"] == 1)
+                        .ok_or(e)
+                })?;
             for want in section["objects"].as_array().into_iter().flatten() {
                 let (k, n) = (
                     want["kind"].as_str().unwrap_or_default(),
