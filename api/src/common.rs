@@ -300,6 +300,9 @@ pub const RETRIED_REASONS: &[&str] = &[
     "VaultUnavailable",
     "VaultError",
     "TokenRequestFailed",
+    // Applied; the gateway's controller has not yet accepted it (its status write wakes the
+    // policy).
+    "AwaitingGateway",
 ];
 
 /// `conds` with the kstatus abnormal-true conditions that `Ready=False` implies (unless one is

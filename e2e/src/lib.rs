@@ -9,6 +9,7 @@ pub mod bench;
 pub mod chartdoc;
 pub mod controlplane;
 pub mod envoy;
+pub mod envoygateway;
 pub mod hostile;
 pub mod istiod;
 pub mod netns;

@@ -3,7 +3,7 @@
 # into a cache directory keyed by tool and version. A second run finds them and builds nothing.
 #
 #   e2e/toolchain/build.sh [TOOL...]     TOOL: k8s crds opa spire spirecm openbao cosign crane registry helm
-#                                        istio node coredns shopapp gitleaks conftest regal kyverno
+#                                        istio envoygateway node coredns shopapp gitleaks conftest regal kyverno
 #                                        (default: all but kyverno, which only a benchmark runs)
 #   e2e/toolchain/build.sh --print-bin   the directory holding every built binary (created)
 #
@@ -65,6 +65,11 @@ RUNC_VERSION=v1.5.3
 CONTAINERD_VERSION=v2.4.2
 CNI_VERSION=v1.10.0
 NODE_K8S=(kubelet kube-proxy kube-scheduler)
+
+# Envoy Gateway's controller (the same version as its CRDs above), built inside a copy of its
+# module with the harness in e2e/toolchain/envoygateway/main.go; two lines of it are changed so
+# every listener is on loopback and the xDS port is a flag (see build_envoygateway).
+EG_VERSION=v1.9.1
 
 if [[ "${1:-}" == "--print-bin" ]]; then
   echo "$bin"
@@ -190,6 +195,63 @@ build_module() {
 }
 
 # go_install_into DIR LOG PKG@VERSION...: go install into DIR (cgo as CGO_ENABLED says).
+# patch FILE OLD NEW: replace the one line equal to OLD (leading whitespace aside) with NEW; fails
+# unless exactly one line matches, so an upstream change is noticed rather than built around.
+patch_line() {
+  local file=$1 old=$2 new=$3 n
+  n=$(grep -cxF -- "$old" <(sed 's/^[[:space:]]*//' "$file")) || true
+  [[ "$n" == 1 ]] || return 1
+  OLD="$old" NEW="$new" perl -0pi -e 's/^([ \t]*)\Q$ENV{OLD}\E$/$1$ENV{NEW}/m' "$file"
+}
+
+build_envoygateway() {
+  local tag dir src work logf="$cache/envoygateway.log"
+  tag=$(cat "$here/envoygateway/main.go" "${BASH_SOURCE[0]}" | sha256sum | cut -c1-12)
+  dir="$cache/envoygateway-$EG_VERSION-$tag"
+  if [[ -x "$dir/envoy-gateway-e2e" ]]; then
+    log "envoygateway $EG_VERSION: cached"
+  else
+    local start=$SECONDS
+    : >"$logf"
+    log "envoygateway $EG_VERSION: building the controller (cold: several minutes)"
+    src=$(cd "$here/k8s" && go mod download -json "github.com/envoyproxy/gateway@$EG_VERSION" 2>>"$logf" |
+      sed -n 's/^\t"Dir": "\(.*\)",$/\1/p')
+    [[ -n "$src" && -d "$src" ]] || fail "envoygateway" "go mod download" "$logf"
+    work="$cache/envoygateway-src"
+    rm -rf "$work" && cp -r "$src" "$work" && chmod -R u+w "$work"
+    # The xDS server listens on loopback, on the port the harness sets; the controller manager's
+    # health probe (a fixed :8081 on every interface) is off.
+    patch_line "$work/internal/xds/runner/runner.go" 'XdsServerAddress = "0.0.0.0"' 'XdsServerAddress = "127.0.0.1"' &&
+      patch_line "$work/internal/xds/runner/runner.go" \
+        'addr := net.JoinHostPort(XdsServerAddress, strconv.Itoa(bootstrap.DefaultXdsServerPort))' \
+        'addr := net.JoinHostPort(XdsServerAddress, strconv.Itoa(xdsServerPort(bootstrap.DefaultXdsServerPort)))' &&
+      patch_line "$work/internal/provider/kubernetes/kubernetes.go" 'healthProbeBindAddress = ":8081"' \
+        'healthProbeBindAddress = "0"' ||
+      fail "envoygateway" "patch $EG_VERSION (a patched line changed upstream)" "$logf"
+    cat >"$work/internal/xds/runner/palisade_e2e.go" <<'EOF'
+package runner
+
+// XdsServerPort is the port of the xDS server when not zero (set by the e2e harness).
+var XdsServerPort int
+
+func xdsServerPort(def int) int {
+	if XdsServerPort != 0 {
+		return XdsServerPort
+	}
+	return def
+}
+EOF
+    mkdir -p "$work/cmd/palisade-e2e" "$dir"
+    cp "$here/envoygateway/main.go" "$work/cmd/palisade-e2e/main.go"
+    (cd "$work" && go build -trimpath -ldflags "-s -w" -o "$dir/envoy-gateway-e2e.tmp" ./cmd/palisade-e2e) >>"$logf" 2>&1 ||
+      fail "envoygateway" "go build" "$logf"
+    mv "$dir/envoy-gateway-e2e.tmp" "$dir/envoy-gateway-e2e"
+    rm -rf "$work"
+    log "envoygateway $EG_VERSION: built in $((SECONDS - start)) s"
+  fi
+  link envoy-gateway-e2e "$dir"
+}
+
 go_install_into() {
   local dir=$1 logf=$2
   shift 2
@@ -251,13 +313,14 @@ build_node() {
 }
 
 want=("$@")
-((${#want[@]})) || want=(k8s crds opa conftest regal spire spirecm openbao istio node coredns shopapp cosign crane registry helm gitleaks)
+((${#want[@]})) || want=(k8s crds opa conftest regal spire spirecm openbao istio envoygateway node coredns shopapp cosign crane registry helm gitleaks)
 total=$SECONDS
 for w in "${want[@]}"; do
   case "$w" in
     k8s) build_k8s ;;
     node) build_node ;;
     crds) build_crds ;;
+    envoygateway) build_envoygateway ;;
     *)
       found=0
       for t in "${TOOLS[@]}"; do
@@ -269,7 +332,7 @@ for w in "${want[@]}"; do
         if [[ "${f[0]}" == "$w" ]]; then build_module "${f[@]}"; found=1; fi
       done
       ((found)) || {
-        log "unknown tool '$w' (known: k8s crds helm opa conftest regal cosign crane registry gitleaks spire spirecm openbao istio node coredns shopapp kyverno)"
+        log "unknown tool '$w' (known: k8s crds helm opa conftest regal cosign crane registry gitleaks spire spirecm openbao istio envoygateway node coredns shopapp kyverno)"
         exit 2
       }
       ;;

@@ -12,6 +12,8 @@ use serde_json::Value;
 
 use crate::{Env, TestFn};
 
+mod gateway;
+
 pub const TESTS: &[(&str, TestFn)] = &[
     ("e2e_operator::auth_policy_lifecycle", auth_policy_lifecycle),
     (
@@ -53,6 +55,10 @@ pub const TESTS: &[(&str, TestFn)] = &[
     (
         "e2e_operator::cli_render_is_what_the_operator_applies",
         cli_render_is_what_the_operator_applies,
+    ),
+    (
+        "e2e_operator::envoy_gateway_decides_ready",
+        gateway::envoy_gateway_decides_ready,
     ),
 ];
 
@@ -302,9 +308,12 @@ fn rate_limit_conflict_and_unsupported(env: &Env) -> Result<()> {
         }
         // The winner goes: the other policy takes over the target.
         run_ok(cp.kubectl().args(["delete", "ratelimitpolicy", "first", "-n", ns]))?;
+        // Its BackendTrafficPolicy is applied, but no Envoy Gateway runs here to accept it (the
+        // route does not even exist): not Ready, and the policy says what it waits for.
         cp.eventually("second policy takes over", WAIT, || {
             let p = get(cp, ns, "ratelimitpolicy", "second")?;
-            (condition(&p, "Ready")?["status"] == "True"
+            (condition(&p, "Ready")?["reason"] == "AwaitingGateway"
+                && condition(&p, "Ready")?["status"] == "False"
                 && get(cp, ns, "backendtrafficpolicy", "palisade-second-ratelimit").is_some())
             .then_some(())
         })?;

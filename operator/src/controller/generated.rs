@@ -20,6 +20,10 @@ pub struct GeneratedObject {
     /// `data` (ConfigMaps), as JSON text.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data: Option<Box<RawValue>>,
+    /// `status`, as JSON text: what the enforcer's controller says of the object (Envoy
+    /// Gateway's `ancestors`); never compared with anything Palisade wants.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<Box<RawValue>>,
 }
 
 impl GeneratedObject {

@@ -7,6 +7,7 @@
 
 pub mod apply;
 pub mod auth;
+pub mod gateway;
 pub mod generated;
 pub mod ratelimit;
 pub mod secrets;

@@ -14,6 +14,7 @@ use super::{Error, RESYNC, State, enforce, publish_events, readiness};
 use crate::{
     controller::{
         auth::jiff_now,
+        gateway,
         status::{self, Cond},
     },
     translate::{self, Desired},
@@ -84,7 +85,18 @@ async fn reconcile_inner(policy: &RateLimitPolicy, rl: &RateLimitState) -> Resul
     let result = match enforced {
         Ok(r) => {
             if winner.is_none() {
-                conds.extend(readiness(&r, &desired.notes, desired.objects.len()));
+                let verdicts = gateway_verdicts(state, &ns, &desired.objects, &r);
+                conds.extend(
+                    readiness(&r, &desired.notes, desired.objects.len())
+                        .into_iter()
+                        .map(|c| {
+                            if c.type_ == "Ready" {
+                                gateway::ready(c, &verdicts)
+                            } else {
+                                c
+                            }
+                        }),
+                );
             }
             Ok(r)
         }
@@ -105,6 +117,44 @@ async fn reconcile_inner(policy: &RateLimitPolicy, rl: &RateLimitState) -> Resul
     publish_events(state, &policy.object_ref(&()), result.as_ref()).await;
     // A failed apply is retried with backoff by the error policy, after status says why.
     result.map(|_| Action::requeue(RESYNC))
+}
+
+/// Envoy Gateway's verdict on each generated BackendTrafficPolicy, read from the cache of
+/// generated objects (which keeps their status).
+fn gateway_verdicts(
+    state: &State,
+    ns: &str,
+    desired: &[serde_json::Value],
+    enforced: &super::Enforced,
+) -> Vec<(String, gateway::Verdict)> {
+    const BTP: (&str, &str) = ("gateway.envoyproxy.io/v1alpha1", "BackendTrafficPolicy");
+    let Some(gk) = state.kinds.get(&(BTP.0.to_owned(), BTP.1.to_owned())) else {
+        return Vec::new();
+    };
+    desired
+        .iter()
+        .filter(|o| o["apiVersion"] == BTP.0 && o["kind"] == BTP.1)
+        .map(|o| {
+            let name = o["metadata"]["name"].as_str().unwrap_or_default();
+            let written = enforced
+                .changed
+                .iter()
+                .any(|c| c == &format!("{}/{name}", BTP.1));
+            let live = gk.store.get(
+                &kube::runtime::reflector::ObjectRef::new_with(name, gk.resource.clone())
+                    .within(ns),
+            );
+            let status: Option<serde_json::Value> = live
+                .as_ref()
+                .and_then(|l| l.status.as_ref())
+                .and_then(|raw| serde_json::from_str(raw.get()).ok());
+            let generation = live.as_ref().and_then(|l| l.metadata.generation);
+            (
+                format!("{ns}/{name}"),
+                gateway::verdict(generation, status.as_ref(), written || live.is_none()),
+            )
+        })
+        .collect()
 }
 
 /// The policies that share `policy`'s target (including itself): a change to one can change who

@@ -1,0 +1,324 @@
+//! What Envoy Gateway's controller says of the BackendTrafficPolicies a RateLimitPolicy generated.
+//!
+//! A BackendTrafficPolicy that passed the CRD schema may still be refused by Envoy Gateway's
+//! translator (`Accepted=False`), displaced for some routes by another policy (`Overridden=True`),
+//! or never looked at (its target's Gateway is of a class no running Envoy Gateway controls).
+//! Envoy Gateway writes its verdict per ancestor Gateway into the policy's `status.ancestors`
+//! (Gateway API `PolicyStatus`); a RateLimitPolicy is `Ready` only when every one of its
+//! BackendTrafficPolicies is accepted, on the generation Palisade wrote, for every ancestor.
+
+use serde_json::Value;
+
+use super::status::Cond;
+
+/// Envoy Gateway's verdict on one BackendTrafficPolicy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Accepted, on the current generation, for every ancestor (named `namespace/name`).
+    Accepted(Vec<String>),
+    /// No verdict on the current generation yet.
+    Pending(String),
+    /// Refused for an ancestor: the ancestor, Envoy Gateway's reason and message.
+    Refused(String, String, String),
+    /// Accepted but displaced by another policy for an ancestor: the ancestor and the message.
+    Overridden(String, String),
+}
+
+/// Ready reasons for Envoy Gateway's verdicts.
+pub mod reason {
+    /// Applied; Envoy Gateway has not yet accepted it (retried on its own: the verdict's status
+    /// write wakes the policy).
+    pub const AWAITING_GATEWAY: &str = "AwaitingGateway";
+    /// Envoy Gateway refused a generated BackendTrafficPolicy.
+    pub const GATEWAY_REJECTED: &str = "GatewayRejected";
+    /// Envoy Gateway applies another policy in place of the generated one for some routes.
+    pub const GATEWAY_OVERRIDDEN: &str = "GatewayOverridden";
+}
+
+fn ancestor_name(a: &Value) -> String {
+    let r = &a["ancestorRef"];
+    let name = format!(
+        "{} {}/{}",
+        r["kind"].as_str().unwrap_or("Gateway"),
+        r["namespace"].as_str().unwrap_or_default(),
+        r["name"].as_str().unwrap_or_default()
+    );
+    match r["sectionName"].as_str() {
+        Some(section) => format!("{name} ({section})"),
+        None => name,
+    }
+}
+
+fn condition<'a>(a: &'a Value, type_: &str) -> Option<&'a Value> {
+    a["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+}
+
+/// The verdict on a BackendTrafficPolicy from its live `status` and `generation`. `written` says
+/// Palisade has just created or changed it, so any status read with it describes an older spec.
+pub fn verdict(generation: Option<i64>, status: Option<&Value>, written: bool) -> Verdict {
+    const SILENT: &str = "Envoy Gateway has not reported on this version of it (is the target \
+         attached to a Gateway of a GatewayClass that a running Envoy Gateway controls?)";
+    let ancestors = status
+        .and_then(|s| s["ancestors"].as_array())
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    if written || ancestors.is_empty() {
+        return Verdict::Pending(SILENT.into());
+    }
+    let mut accepted = Vec::new();
+    for a in ancestors {
+        let name = ancestor_name(a);
+        let Some(acc) = condition(a, "Accepted") else {
+            // Envoy Gateway adds an entry per listener where a route's policy is merged with the
+            // Gateway's (`Merged=True`, no `Accepted`): a note on an accepted policy.
+            if condition(a, "Merged").is_some_and(|m| m["status"] == "True") {
+                continue;
+            }
+            return Verdict::Pending(format!("no Accepted condition for {name} yet"));
+        };
+        let seen = acc["observedGeneration"].as_i64();
+        if let (Some(seen), Some(gen_)) = (seen, generation)
+            && seen < gen_
+        {
+            return Verdict::Pending(format!(
+                "Envoy Gateway's status for {name} is of generation {seen}, not {gen_}"
+            ));
+        }
+        if acc["status"] != "True" {
+            return Verdict::Refused(
+                name,
+                acc["reason"].as_str().unwrap_or_default().to_owned(),
+                acc["message"].as_str().unwrap_or_default().to_owned(),
+            );
+        }
+        if let Some(o) = condition(a, "Overridden")
+            && o["status"] == "True"
+        {
+            return Verdict::Overridden(name, o["message"].as_str().unwrap_or_default().to_owned());
+        }
+        accepted.push(name);
+    }
+    if accepted.is_empty() {
+        return Verdict::Pending("no Accepted condition from Envoy Gateway yet".into());
+    }
+    accepted.sort();
+    accepted.dedup();
+    Verdict::Accepted(accepted)
+}
+
+/// The `Ready` condition for a RateLimitPolicy whose generated objects are applied (`ready`, as
+/// [`super::readiness`] says), given Envoy Gateway's verdict on each of its
+/// BackendTrafficPolicies (`(name, verdict)`). A policy that is not ready for another reason keeps
+/// that reason; a refusal outranks an override, which outranks a pending verdict.
+pub fn ready(ready: Cond, verdicts: &[(String, Verdict)]) -> Cond {
+    if !ready.status || verdicts.is_empty() {
+        return ready;
+    }
+    let find = |pred: fn(&Verdict) -> bool| verdicts.iter().find(|(_, v)| pred(v));
+    if let Some((obj, Verdict::Refused(anc, why, msg))) =
+        find(|v| matches!(v, Verdict::Refused(..)))
+    {
+        return Cond::new(
+            "Ready",
+            false,
+            reason::GATEWAY_REJECTED,
+            format!(
+                "Envoy Gateway did not accept BackendTrafficPolicy {obj} for {anc} ({why}): {msg}; \
+                 none of this policy's limits are enforced there"
+            ),
+        );
+    }
+    if let Some((obj, Verdict::Overridden(anc, msg))) =
+        find(|v| matches!(v, Verdict::Overridden(..)))
+    {
+        return Cond::new(
+            "Ready",
+            false,
+            reason::GATEWAY_OVERRIDDEN,
+            format!(
+                "Envoy Gateway applies another policy in place of BackendTrafficPolicy {obj} on \
+                 {anc}: {msg}"
+            ),
+        );
+    }
+    if let Some((obj, Verdict::Pending(why))) = find(|v| matches!(v, Verdict::Pending(..))) {
+        return Cond::new(
+            "Ready",
+            false,
+            reason::AWAITING_GATEWAY,
+            format!(
+                "{}; waiting for Envoy Gateway to accept BackendTrafficPolicy {obj}: {why}",
+                ready.message
+            ),
+        );
+    }
+    let ancestors: Vec<&str> = verdicts
+        .iter()
+        .filter_map(|(_, v)| match v {
+            Verdict::Accepted(a) => Some(a),
+            _ => None,
+        })
+        .flatten()
+        .map(String::as_str)
+        .collect();
+    Cond::new(
+        "Ready",
+        true,
+        &ready.reason,
+        format!(
+            "{}; Envoy Gateway accepted them for {}",
+            ready.message,
+            ancestors.join(", ")
+        ),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn ancestor(conds: &Value) -> Value {
+        json!({
+            "ancestorRef": {"group": "gateway.networking.k8s.io", "kind": "Gateway",
+                            "namespace": "shop", "name": "shop"},
+            "controllerName": "gateway.envoyproxy.io/gatewayclass-controller",
+            "conditions": conds,
+        })
+    }
+
+    fn accepted(generation: i64) -> Value {
+        json!([{"type": "Accepted", "status": "True", "reason": "Accepted",
+                "message": "Policy has been accepted.", "observedGeneration": generation}])
+    }
+
+    type Case = (&'static str, Option<Value>, bool, fn(&Verdict) -> bool);
+
+    #[test]
+    fn verdicts_from_envoy_gateway_status() {
+        let refused = json!([{"type": "Accepted", "status": "False", "reason": "Invalid",
+            "message": "Enable Ratelimit in the EnvoyGateway config to configure global rateLimit.",
+            "observedGeneration": 2}]);
+        let overridden = json!([
+            {"type": "Accepted", "status": "True", "reason": "Accepted", "observedGeneration": 2},
+            {"type": "Overridden", "status": "True", "reason": "Overridden",
+             "message": "This policy is being overridden by other backendTrafficPolicies for these routes: [shop/api]",
+             "observedGeneration": 2}]);
+        let overridden_false = json!([
+            {"type": "Accepted", "status": "True", "reason": "Accepted", "observedGeneration": 2},
+            {"type": "Overridden", "status": "False", "reason": "x", "observedGeneration": 2}]);
+        let mut merged = ancestor(
+            &json!([{"type": "Merged", "status": "True", "reason": "Merged",
+            "message": "Merged with policy shop/edge", "observedGeneration": 2}]),
+        );
+        merged["ancestorRef"]["sectionName"] = json!("http");
+        let table: Vec<Case> = vec![
+            ("no status", None, false, |v| {
+                matches!(v, Verdict::Pending(_))
+            }),
+            (
+                "empty ancestors",
+                Some(json!({"ancestors": []})),
+                false,
+                |v| matches!(v, Verdict::Pending(_)),
+            ),
+            (
+                "accepted",
+                Some(json!({"ancestors": [ancestor(&accepted(2))]})),
+                false,
+                |v| *v == Verdict::Accepted(vec!["Gateway shop/shop".into()]),
+            ),
+            (
+                "accepted but just written",
+                Some(json!({"ancestors": [ancestor(&accepted(2))]})),
+                true,
+                |v| matches!(v, Verdict::Pending(_)),
+            ),
+            (
+                "accepted an older generation",
+                Some(json!({"ancestors": [ancestor(&accepted(1))]})),
+                false,
+                |v| matches!(v, Verdict::Pending(m) if m.contains("generation 1, not 2")),
+            ),
+            (
+                "no Accepted condition",
+                Some(json!({"ancestors": [ancestor(&json!([]))]})),
+                false,
+                |v| matches!(v, Verdict::Pending(_)),
+            ),
+            (
+                "refused",
+                Some(json!({"ancestors": [ancestor(&refused)]})),
+                false,
+                |v| matches!(v, Verdict::Refused(a, r, m) if a == "Gateway shop/shop" && r == "Invalid" && m.contains("Enable Ratelimit")),
+            ),
+            (
+                "overridden",
+                Some(json!({"ancestors": [ancestor(&overridden)]})),
+                false,
+                |v| matches!(v, Verdict::Overridden(_, m) if m.contains("shop/api")),
+            ),
+            (
+                "Overridden=False is accepted",
+                Some(json!({"ancestors": [ancestor(&overridden_false)]})),
+                false,
+                |v| matches!(v, Verdict::Accepted(_)),
+            ),
+            (
+                "one refused ancestor of two",
+                Some(json!({"ancestors": [ancestor(&accepted(2)), ancestor(&refused)]})),
+                false,
+                |v| matches!(v, Verdict::Refused(..)),
+            ),
+        ];
+        for (what, status, written, check) in table {
+            let v = verdict(Some(2), status.as_ref(), written);
+            assert!(check(&v), "{what}: {v:?}");
+        }
+    }
+
+    #[test]
+    fn ready_only_when_every_policy_is_accepted() {
+        let applied = Cond::new("Ready", true, "Enforced", "1 generated objects applied");
+        let ok = (
+            "shop/a".to_owned(),
+            Verdict::Accepted(vec!["Gateway shop/shop".into()]),
+        );
+        let pending = ("shop/b".to_owned(), Verdict::Pending("no status".into()));
+        let refused = (
+            "shop/c".to_owned(),
+            Verdict::Refused("Gateway shop/shop".into(), "Invalid".into(), "bad".into()),
+        );
+        let over = (
+            "shop/d".to_owned(),
+            Verdict::Overridden("Gateway shop/shop".into(), "by shop/x".into()),
+        );
+        let r = ready(applied.clone(), std::slice::from_ref(&ok));
+        assert!(
+            r.status && r.message.contains("accepted them for Gateway shop/shop"),
+            "{r:?}"
+        );
+        let r = ready(applied.clone(), &[ok.clone(), pending.clone()]);
+        assert!(!r.status && r.reason == reason::AWAITING_GATEWAY, "{r:?}");
+        let r = ready(
+            applied.clone(),
+            &[pending.clone(), over.clone(), refused.clone()],
+        );
+        assert!(!r.status && r.reason == reason::GATEWAY_REJECTED, "{r:?}");
+        assert!(
+            r.message.contains("shop/c") && r.message.contains("bad"),
+            "{r:?}"
+        );
+        let r = ready(applied.clone(), &[pending, over]);
+        assert!(!r.status && r.reason == reason::GATEWAY_OVERRIDDEN, "{r:?}");
+        // Not ready for another reason: that reason stays.
+        let partial = Cond::new("Ready", false, "PartiallyEnforced", "m");
+        assert_eq!(ready(partial.clone(), std::slice::from_ref(&ok)), partial);
+        // No BackendTrafficPolicy (the IstioLocal backend): nothing to wait for.
+        assert_eq!(ready(applied.clone(), &[]), applied);
+    }
+}
