@@ -40,7 +40,8 @@ pub enum RateLimits {
 /// A running Envoy Gateway controller. Stops on drop.
 pub struct EnvoyGateway {
     child: Child,
-    log: PathBuf,
+    /// The controller's log.
+    pub log: PathBuf,
     /// The xDS server's address (`127.0.0.1:<port>`, mutual TLS with the control plane's CA).
     pub xds: String,
 }
@@ -150,6 +151,11 @@ spec:
             }
             std::thread::sleep(Duration::from_millis(250));
         }
+    }
+
+    /// The controller's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// The last lines of the controller's log.

@@ -9,6 +9,7 @@ use anyhow::{Context, Result, bail};
 use palisade_e2e::{
     ControlPlane, Options,
     controlplane::default_bin_dir,
+    envoygateway::{EnvoyGateway, RateLimits},
     node::{Node, REGISTRY},
     openbao::{EXAMPLE_TENANCY, OpenBao},
     operator::OperatorProcess,
@@ -154,6 +155,12 @@ fn up(args: &[String]) -> Result<()> {
         cp.kubectl()
             .args(["create", "namespace", "palisade-system"]),
     )?;
+    // The example Gateway's controller: it accepts (or refuses) the rate limits Palisade writes.
+    let eg = EnvoyGateway::start(&cp, &opts.bin_dir, RateLimits::Global)?;
+    eprintln!(
+        "[up] Envoy Gateway's controller running (log {})",
+        eg.log.display()
+    );
     // Vault for SecretBindings: OpenBao with a PostgreSQL behind its database engine,
     // bootstrapped once with the root token; the operator then logs in with its ServiceAccount.
     let pg = Postgres::start()?;
@@ -194,6 +201,7 @@ fn up(args: &[String]) -> Result<()> {
     pids.push(webhook.pid());
     pids.push(bao.pid());
     pids.push(pg.pid());
+    pids.push(eg.pid());
     std::fs::write(
         cp.work_dir.join("pids"),
         pids.iter()
@@ -212,6 +220,7 @@ fn up(args: &[String]) -> Result<()> {
     drop(operator);
     drop(bao);
     drop(pg);
+    drop(eg);
     drop(cp);
     Ok(())
 }
@@ -238,6 +247,11 @@ fn up_node(opts: &Options, examples: bool) -> Result<()> {
         }
         None => node.cp().kubeconfig.clone(),
     };
+    let eg = EnvoyGateway::start(node.cp(), &opts.bin_dir, RateLimits::Global)?;
+    eprintln!(
+        "[up] Envoy Gateway's controller running (log {})",
+        eg.log.display()
+    );
     let inst = shop::install(&node)?;
     eprintln!(
         "[up] Palisade installed by its chart after {:.1} s (operator {}, webhook {})",
@@ -263,6 +277,7 @@ fn up_node(opts: &Options, examples: bool) -> Result<()> {
     wait_for_signal()?;
     eprintln!("[up] stopping");
     drop(inst);
+    drop(eg);
     drop(node);
     Ok(())
 }

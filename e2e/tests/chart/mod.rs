@@ -618,6 +618,12 @@ fn installed(env: &Env, chart: &Path, helm: &dyn Fn() -> Command) -> Result<()> 
     // The ImagePolicy is made anew, so its status can only come from this webhook (an earlier
     // test's webhook may have reported on it, and an unchanged status is not written again).
     let examples = repo_root().join("examples");
+    // The example Gateway's controller, which accepts the rate limits the operator writes.
+    let eg = palisade_e2e::envoygateway::EnvoyGateway::start(
+        cp,
+        &env.opts.bin_dir,
+        palisade_e2e::envoygateway::RateLimits::Global,
+    )?;
     run_ok(
         cp.kubectl()
             .args(["delete", "imagepolicy", "shop-images", "--ignore-not-found"]),
@@ -676,7 +682,9 @@ fn installed(env: &Env, chart: &Path, helm: &dyn Fn() -> Command) -> Result<()> 
         "RateLimitPolicy orders-api Ready",
         Duration::from_secs(30),
         || ready("ratelimitpolicy", "orders-api"),
-    )?;
+    )
+    .map_err(|e| anyhow::anyhow!("{e}\nEnvoy Gateway log:\n{}", eg.log_tail()))?;
+    drop(eg);
     cp.eventually(
         "ImagePolicy shop-images reported",
         Duration::from_secs(30),
