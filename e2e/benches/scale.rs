@@ -12,6 +12,10 @@
 //!    (it must not grow with N);
 //! 3. the operator's peak RSS.
 //!
+//! Envoy Gateway's real controller runs beside it (`e2e/toolchain/build.sh envoygateway`): a
+//! RateLimitPolicy is `Ready` only once Envoy Gateway accepted its BackendTrafficPolicy, so the
+//! times include Envoy Gateway's own translation and status writes.
+//!
 //! Run: `cargo build --release -p palisade-operator && cargo bench -p palisade-e2e --bench scale`
 //! (`PALISADE_BENCH_N=250,1000` to choose the sizes; default 1000).
 
@@ -27,7 +31,13 @@ use kube::{
     config::{KubeConfigOptions, Kubeconfig},
 };
 use palisade_api::{AuthPolicy, RateLimitPolicy, common::HasCommonStatus};
-use palisade_e2e::{ControlPlane, operator::OperatorProcess, run_ok};
+use palisade_e2e::{
+    ControlPlane,
+    controlplane::default_bin_dir,
+    envoygateway::{EnvoyGateway, RateLimits},
+    operator::OperatorProcess,
+    run_ok,
+};
 use serde_json::{Value, json};
 
 const IN_FLIGHT: usize = 16;
@@ -202,6 +212,7 @@ async fn bench(cp: &ControlPlane, n: usize) -> Result<()> {
         ),
     ]
     .map(|(group, version, kind, plural)| resource(group, version, kind, plural));
+    let eg = EnvoyGateway::start(cp, &default_bin_dir(), RateLimits::Global)?;
     let op = OperatorProcess::start(cp, &format!("scale-{n}"), "")?;
     let rss_idle = op.peak_rss_kib().unwrap_or(0);
 
@@ -230,7 +241,10 @@ async fn bench(cp: &ControlPlane, n: usize) -> Result<()> {
             break;
         }
         if started.elapsed() > Duration::from_mins(15) {
-            bail!("{r} RateLimitPolicies and {a} AuthPolicies Ready after 15 minutes");
+            bail!(
+                "{r} RateLimitPolicies and {a} AuthPolicies Ready after 15 minutes; Envoy Gateway: {}",
+                eg.log_tail()
+            );
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -303,11 +317,13 @@ async fn bench(cp: &ControlPlane, n: usize) -> Result<()> {
         ap_took.as_secs_f64() * 1000.0
     );
     println!(
-        "  operator: {all_reconciles} reconciles in all; peak RSS {:.1} MiB (idle {:.1} MiB)",
+        "  operator: {all_reconciles} reconciles in all; peak RSS {:.1} MiB (idle {:.1} MiB); Envoy Gateway's controller RSS {:.1} MiB",
         mib(peak),
-        mib(rss_idle)
+        mib(rss_idle),
+        mib(eg.rss_kib().unwrap_or(0))
     );
     drop(op);
+    drop(eg);
     run_ok(
         cp.kubectl()
             .args(["delete", "namespace", &ns, "--wait=false"]),

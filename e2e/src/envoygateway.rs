@@ -158,6 +158,15 @@ spec:
         self.child.id()
     }
 
+    /// The controller's resident set size (KiB), from `/proc`.
+    pub fn rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    }
+
     /// The last lines of the controller's log.
     pub fn log_tail(&self) -> String {
         crate::tail_lines(&self.log, 40)
