@@ -16,6 +16,7 @@ use std::{
 };
 
 use anyhow::{Result, bail};
+use serde_json::Value;
 
 use crate::{ControlPlane, controlplane::free_port, pki::issue_serving_cert, spawn_logged};
 
@@ -40,6 +41,7 @@ pub enum RateLimits {
 /// A running Envoy Gateway controller. Stops on drop.
 pub struct EnvoyGateway {
     child: Child,
+    bin: PathBuf,
     /// The controller's log.
     pub log: PathBuf,
     /// The xDS server's address (`127.0.0.1:<port>`, mutual TLS with the control plane's CA).
@@ -108,6 +110,7 @@ logging:
         )?;
         let mut eg = EnvoyGateway {
             child,
+            bin: bin.clone(),
             log,
             xds: format!("127.0.0.1:{port}"),
         };
@@ -153,6 +156,36 @@ spec:
         }
     }
 
+    /// The listeners and routes Envoy Gateway's xDS server holds for the Gateway
+    /// `namespace/name`, as its Envoy would receive them (`{"listeners": [...], "routes": [...]}`,
+    /// Envoy's messages in protobuf JSON). The client authenticates with the control plane's
+    /// admin certificate, issued by the CA the server trusts.
+    pub fn xds_dump(&self, cp: &ControlPlane, namespace: &str, name: &str) -> Result<Value> {
+        let out = crate::run(
+            Command::new(&self.bin)
+                .args([
+                    "dump",
+                    "--xds",
+                    &self.xds,
+                    "--cluster",
+                    &format!("{namespace}/{name}"),
+                ])
+                .arg("--cert")
+                .arg(&cp.pki.admin_cert)
+                .arg("--key")
+                .arg(&cp.pki.admin_key)
+                .arg("--ca")
+                .arg(&cp.pki.ca_cert),
+        )?;
+        if !out.status.success() {
+            bail!(
+                "xDS dump for {namespace}/{name} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
     /// The controller's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -178,4 +211,103 @@ impl Drop for EnvoyGateway {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A token bucket of Envoy's local rate limit filter: `max_tokens` requests, refilled every
+/// `fill_interval` (`"60s"`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Bucket {
+    /// `max_tokens`.
+    pub max_tokens: u64,
+    /// `tokens_per_fill`.
+    pub tokens_per_fill: u64,
+    /// `fill_interval`, as protobuf JSON writes a duration.
+    pub fill_interval: String,
+}
+
+impl Bucket {
+    fn from(v: &Value) -> Option<Bucket> {
+        let num = |x: &Value| x.as_u64().or_else(|| x.as_str()?.parse().ok());
+        Some(Bucket {
+            max_tokens: num(&v["maxTokens"])?,
+            tokens_per_fill: v.get("tokensPerFill").map_or(Some(1), num)?,
+            fill_interval: v["fillInterval"].as_str()?.to_owned(),
+        })
+    }
+}
+
+/// The local rate limit of one route, as Envoy's `envoy.filters.http.local_ratelimit` per-route
+/// configuration says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalLimit {
+    /// The route's name (Envoy Gateway's `httproute/<ns>/<name>/rule/<i>/match/<j>/...`).
+    pub route: String,
+    /// The default bucket (requests no descriptor matches).
+    pub default: Option<Bucket>,
+    /// Each descriptor: its entries (`key=value`) and its bucket.
+    pub descriptors: Vec<(Vec<String>, Bucket)>,
+}
+
+impl LocalLimit {
+    /// What Envoy refuses in this configuration, as its local rate limiter does when it loads it
+    /// (`duplicate descriptor in the local rate descriptor`): the route's whole configuration
+    /// is then rejected.
+    pub fn envoy_refuses(&self) -> Option<String> {
+        let mut seen = std::collections::BTreeSet::new();
+        for (entries, _) in &self.descriptors {
+            if !seen.insert(entries) {
+                return Some(format!(
+                    "duplicate descriptor in the local rate descriptor: {}",
+                    entries.join(", ")
+                ));
+            }
+        }
+        None
+    }
+}
+
+/// Every route's local rate limit in an xDS dump ([`EnvoyGateway::xds_dump`]).
+pub fn local_rate_limits(dump: &Value) -> Vec<LocalLimit> {
+    let mut out = Vec::new();
+    let configs = dump["routes"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    for vh in configs
+        .iter()
+        .filter_map(|c| c["virtualHosts"].as_array())
+        .flatten()
+    {
+        for route in vh["routes"].as_array().into_iter().flatten() {
+            let cfg = &route["typedPerFilterConfig"]["envoy.filters.http.local_ratelimit"];
+            if cfg.is_null() {
+                continue;
+            }
+            let descriptors = cfg["descriptors"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|d| {
+                    let entries = d["entries"]
+                        .as_array()?
+                        .iter()
+                        .map(|e| {
+                            format!(
+                                "{}={}",
+                                e["key"].as_str().unwrap_or_default(),
+                                e["value"].as_str().unwrap_or_default()
+                            )
+                        })
+                        .collect();
+                    Some((entries, Bucket::from(&d["tokenBucket"])?))
+                })
+                .collect();
+            out.push(LocalLimit {
+                route: route["name"].as_str().unwrap_or_default().to_owned(),
+                default: Bucket::from(&cfg["tokenBucket"]),
+                descriptors,
+            });
+        }
+    }
+    out
 }

@@ -6,7 +6,9 @@
 use anyhow::{Context, Result, bail};
 use palisade_e2e::{
     ControlPlane,
-    envoygateway::{EnvoyGateway, GATEWAY_CLASS, RateLimits},
+    envoygateway::{
+        Bucket, EnvoyGateway, GATEWAY_CLASS, LocalLimit, RateLimits, local_rate_limits,
+    },
     operator::OperatorProcess,
 };
 use serde_json::Value;
@@ -30,6 +32,18 @@ metadata: {{name: orders, namespace: {ns}}}
 spec:
   ports: [{{port: 8080}}]
 ---
+# A ready endpoint, so the routes forward (a route without one is a direct 503 response, which
+# Envoy Gateway gives no rate limit).
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: orders-1
+  namespace: {ns}
+  labels: {{kubernetes.io/service-name: orders, endpointslice.kubernetes.io/managed-by: palisade-e2e}}
+addressType: IPv4
+ports: [{{port: 8080, protocol: TCP}}]
+endpoints: [{{addresses: [10.0.0.10], conditions: {{ready: true}}}}]
+---
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
 metadata: {{name: api, namespace: {ns}}}
@@ -46,6 +60,15 @@ spec:
   parentRefs: [{{name: shop}}]
   rules:
     - matches: [{{path: {{type: PathPrefix, value: /other}}}}]
+      backendRefs: [{{name: orders, port: 8080}}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: third, namespace: {ns}}}
+spec:
+  parentRefs: [{{name: shop}}]
+  rules:
+    - matches: [{{path: {{type: PathPrefix, value: /third}}}}]
       backendRefs: [{{name: orders, port: 8080}}]
 "
     )
@@ -214,4 +237,117 @@ spec:
     with_eg(ready_with(cp, ns, "other", "Enforced"))?;
     with_eg(ready_with(cp, ns, "edge", "Enforced"))?;
     Ok(())
+}
+
+fn bucket(requests: u64, every: &str) -> Bucket {
+    Bucket {
+        max_tokens: requests,
+        tokens_per_fill: requests,
+        fill_interval: every.into(),
+    }
+}
+
+/// Local rate limits as the gateway's Envoy would receive them from the real Envoy Gateway: the
+/// token buckets carry exactly the policies' limits, and nothing Palisade writes makes Envoy
+/// refuse the route configuration. A limit on several methods, which Envoy Gateway would turn
+/// into descriptors Envoy refuses, is not written (`LocalMethods`); the same limit written by hand
+/// shows the refusal in the captured configuration.
+pub fn local_limits_as_envoy_receives_them(env: &Env) -> Result<()> {
+    let cp = &env.cp;
+    let _op = OperatorProcess::start(cp, "eg-local", "envoyGatewayRateLimit: Local")?;
+    let eg = EnvoyGateway::start(cp, &env.opts.bin_dir, RateLimits::LocalOnly)?;
+    let with_eg =
+        |r: Result<Value>| r.with_context(|| format!("Envoy Gateway log:\n{}", eg.log_tail()));
+    cp.with_temp_ns("op-eg-local", |ns| {
+        apply_yaml(cp, ns, &gateway_and_routes(ns))?;
+        apply_yaml(cp, ns, &rlp("api", "    - {name: all, requests: 10, per: 1s}\n"))?;
+        apply_yaml(
+            cp,
+            ns,
+            &rlp(
+                "other",
+                "    - {name: writes, requests: 5, per: 1m, match: {methods: [POST]}}\n",
+            )
+            .replace("name: api}", "name: other}"),
+        )?;
+        with_eg(ready_with(cp, ns, "api", "Enforced"))?;
+        with_eg(ready_with(cp, ns, "other", "Enforced"))?;
+        let route_of = |limits: &[LocalLimit], name: &str| -> Option<LocalLimit> {
+            let prefix = format!("httproute/{ns}/{name}/");
+            limits.iter().find(|l| l.route.starts_with(&prefix)).cloned()
+        };
+        let mut last = String::new();
+        let limits = cp
+            .eventually("local rate limits in the xDS", WAIT, || {
+                let dump = eg.xds_dump(cp, ns, "shop").map_err(|e| last = format!("{e:#}")).ok()?;
+                last = dump["routes"].to_string();
+                let limits = local_rate_limits(&dump);
+                (route_of(&limits, "api").is_some() && route_of(&limits, "other").is_some())
+                    .then_some(limits)
+            })
+            .with_context(|| format!("last xDS dump: {}", &last[..last.len().min(3000)]))?;
+        let api = route_of(&limits, "api").context("api")?;
+        let ten_a_second = bucket(10, "1s");
+        if api.default.as_ref() != Some(&ten_a_second) || !api.descriptors.is_empty() {
+            bail!("route api should count every request in one bucket of 10 a second: {api:?}");
+        }
+        let other = route_of(&limits, "other").context("other")?;
+        let five_a_minute = bucket(5, "60s");
+        if other.descriptors.len() != 1 || other.descriptors[0].1 != five_a_minute {
+            bail!("route other should count POST requests in one bucket of 5 a minute: {other:?}");
+        }
+        if let Some(refused) = limits.iter().find_map(LocalLimit::envoy_refuses) {
+            bail!("Envoy would refuse what Palisade wrote: {refused}");
+        }
+        println!(
+            "  {} routes with local rate limits in Envoy Gateway's xDS, as the policies say; none that Envoy refuses",
+            limits.len()
+        );
+
+        // Several methods: not written, and said why.
+        apply_yaml(
+            cp,
+            ns,
+            &rlp(
+                "writes",
+                "    - {name: writes, requests: 5, per: 1m, match: {methods: [POST, PUT]}}\n",
+            )
+            .replace("kind: HTTPRoute, name: api}", "kind: Gateway, name: shop}"),
+        )?;
+        let p = cp.eventually("LocalMethods reported", WAIT, || {
+            let p = get(cp, ns, "ratelimitpolicy", "writes")?;
+            (condition(&p, "Unsupported")?["reason"] == "LocalMethods").then_some(p)
+        })?;
+        if condition(&p, "Ready").map(|c| &c["status"]) != Some(&Value::from("False"))
+            || get(cp, ns, "backendtrafficpolicy", "palisade-writes-ratelimit").is_some()
+        {
+            bail!("a limit Envoy would refuse must not be written: {}", p["status"]);
+        }
+        // The same limit by hand reaches Envoy as a configuration it refuses: the check above
+        // would catch it.
+        apply_yaml(
+            cp,
+            ns,
+            "apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: BackendTrafficPolicy
+metadata: {name: by-hand}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: HTTPRoute, name: third}]
+  rateLimit:
+    type: Local
+    local:
+      rules:
+        - clientSelectors: [{methods: [{value: POST}, {value: PUT}]}]
+          limit: {requests: 5, unit: Minute}
+",
+        )?;
+        let refused = cp.eventually("the hand-made limit in the xDS", WAIT, || {
+            let dump = eg.xds_dump(cp, ns, "shop").ok()?;
+            local_rate_limits(&dump)
+                .iter()
+                .find_map(LocalLimit::envoy_refuses)
+        })?;
+        println!("  the same limit written by hand: {refused}");
+        Ok(())
+    })
 }

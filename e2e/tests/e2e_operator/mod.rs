@@ -60,6 +60,10 @@ pub const TESTS: &[(&str, TestFn)] = &[
         "e2e_operator::envoy_gateway_decides_ready",
         gateway::envoy_gateway_decides_ready,
     ),
+    (
+        "e2e_operator::local_limits_as_envoy_receives_them",
+        gateway::local_limits_as_envoy_receives_them,
+    ),
 ];
 
 const WAIT: Duration = Duration::from_secs(30);

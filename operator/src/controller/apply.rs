@@ -24,12 +24,18 @@ use crate::{
 pub enum Outcome {
     /// The live object already held everything.
     Unchanged,
-    /// The object was created.
-    Created,
+    /// The object was created (`generation`: the one the write returned).
+    Created {
+        /// `metadata.generation` of the object the write returned.
+        generation: Option<i64>,
+    },
     /// The object was changed (the spec changed, or someone edited it: `drift` names where).
     Updated {
         /// First path where the live object differed, when it existed.
         drift: Option<String>,
+        /// `metadata.generation` of the object the write returned (none when only a patch
+        /// removing someone else's fields was needed).
+        generation: Option<i64>,
     },
     /// The cluster does not serve this kind.
     KindMissing,
@@ -219,26 +225,43 @@ async fn apply_one(state: &State, desired: &Value) -> Result<Outcome, Error> {
             state.applied.record(desired);
             return Ok(match reverted {
                 None => Outcome::Unchanged,
-                drift => Outcome::Updated { drift },
+                drift => Outcome::Updated {
+                    drift,
+                    generation: None,
+                },
             });
         }
         Some(l) => Outcome::Updated {
             drift: reverted.or_else(|| diff::first_difference(desired, l)),
+            generation: None,
         },
-        None => Outcome::Created,
+        None => Outcome::Created { generation: None },
     };
     let params = PatchParams::apply(FIELD_MANAGER).force();
     let applied = api.patch(name, &params, &Patch::Apply(desired)).await?;
     // The write's event wakes nothing only when the object it returned is exactly what is
     // desired, with nothing foreign: an apply that changed nothing returns the object as someone
     // else left it, and that event must still reach the owner (to remove what they added).
+    // Nor when its status is not the one the cache holds: someone else (the gateway's controller
+    // reporting on the object) wrote it meanwhile, and the owner must see that write.
     let result = applied.to_value(&gk.resource)?;
-    if diff::is_subset(desired, &result) && diff::foreign_fields(desired, &result).is_empty() {
+    let cached_status = gk.store.get(&oref).and_then(|c| c.status.clone());
+    let same_status =
+        cached_status.as_ref().map(|r| r.get()) == applied.status.as_ref().map(|r| r.get());
+    if same_status
+        && diff::is_subset(desired, &result)
+        && diff::foreign_fields(desired, &result).is_empty()
+    {
         state.echoes.wrote(&applied.metadata);
     }
     state.metrics.write("apply");
     state.applied.record(desired);
-    Ok(outcome)
+    let generation = applied.metadata.generation;
+    Ok(match outcome {
+        Outcome::Created { .. } => Outcome::Created { generation },
+        Outcome::Updated { drift, .. } => Outcome::Updated { drift, generation },
+        other => other,
+    })
 }
 
 /// Whether the store has completed its first full list.

@@ -56,16 +56,16 @@ fn condition<'a>(a: &'a Value, type_: &str) -> Option<&'a Value> {
         .find(|c| c["type"] == type_)
 }
 
-/// The verdict on a BackendTrafficPolicy from its live `status` and `generation`. `written` says
-/// Palisade has just created or changed it, so any status read with it describes an older spec.
-pub fn verdict(generation: Option<i64>, status: Option<&Value>, written: bool) -> Verdict {
+/// The verdict on a BackendTrafficPolicy from its `status` and its current `generation` (the one
+/// Palisade's write returned, when it wrote). `unseen`: the object is not in the cache yet.
+pub fn verdict(generation: Option<i64>, status: Option<&Value>, unseen: bool) -> Verdict {
     const SILENT: &str = "Envoy Gateway has not reported on this version of it (is the target \
          attached to a Gateway of a GatewayClass that a running Envoy Gateway controls?)";
     let ancestors = status
         .and_then(|s| s["ancestors"].as_array())
         .map(Vec::as_slice)
         .unwrap_or_default();
-    if written || ancestors.is_empty() {
+    if unseen || ancestors.is_empty() {
         return Verdict::Pending(SILENT.into());
     }
     let mut accepted = Vec::new();
@@ -79,12 +79,14 @@ pub fn verdict(generation: Option<i64>, status: Option<&Value>, written: bool) -
             }
             return Verdict::Pending(format!("no Accepted condition for {name} yet"));
         };
+        // A verdict without the generation it is about could be about an older spec.
         let seen = acc["observedGeneration"].as_i64();
-        if let (Some(seen), Some(gen_)) = (seen, generation)
-            && seen < gen_
+        if let Some(gen_) = generation
+            && seen.is_none_or(|seen| seen < gen_)
         {
             return Verdict::Pending(format!(
-                "Envoy Gateway's status for {name} is of generation {seen}, not {gen_}"
+                "Envoy Gateway's status for {name} is of generation {}, not {gen_}",
+                seen.map_or_else(|| "unknown".to_owned(), |s| s.to_string())
             ));
         }
         if acc["status"] != "True" {
@@ -233,10 +235,17 @@ mod tests {
                 |v| *v == Verdict::Accepted(vec!["Gateway shop/shop".into()]),
             ),
             (
-                "accepted but just written",
+                "accepted but not in the cache",
                 Some(json!({"ancestors": [ancestor(&accepted(2))]})),
                 true,
                 |v| matches!(v, Verdict::Pending(_)),
+            ),
+            (
+                "accepted without observedGeneration",
+                Some(json!({"ancestors": [ancestor(&json!([
+                    {"type": "Accepted", "status": "True", "reason": "Accepted"}]))]})),
+                false,
+                |v| matches!(v, Verdict::Pending(m) if m.contains("generation unknown")),
             ),
             (
                 "accepted an older generation",

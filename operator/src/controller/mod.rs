@@ -271,6 +271,9 @@ pub struct Enforced {
     pub deleted: Vec<String>,
     /// Kinds the cluster does not serve, as `apiVersion Kind`.
     pub missing: Vec<String>,
+    /// The generation each write returned, by `Kind/name` (what the object's controller must
+    /// report on before its verdict counts).
+    pub generations: std::collections::BTreeMap<String, i64>,
 }
 
 /// Applies `desired` and prunes what `owner_kind` `namespace/name` no longer produces.
@@ -311,8 +314,23 @@ pub async fn enforce(
         keep.insert((kind, obj_name));
         match outcome? {
             Outcome::Unchanged => {}
-            Outcome::Created | Outcome::Updated { drift: None } => result.changed.push(label),
-            Outcome::Updated { drift: Some(path) } => {
+            Outcome::Created { generation }
+            | Outcome::Updated {
+                drift: None,
+                generation,
+            } => {
+                if let Some(g) = generation {
+                    result.generations.insert(label.clone(), g);
+                }
+                result.changed.push(label);
+            }
+            Outcome::Updated {
+                drift: Some(path),
+                generation,
+            } => {
+                if let Some(g) = generation {
+                    result.generations.insert(label.clone(), g);
+                }
                 result.drift.push(format!("{label} at {path}"));
                 result.changed.push(label);
             }

@@ -137,9 +137,9 @@ fn gateway_verdicts(
         .map(|o| {
             let name = o["metadata"]["name"].as_str().unwrap_or_default();
             let written = enforced
-                .changed
-                .iter()
-                .any(|c| c == &format!("{}/{name}", BTP.1));
+                .generations
+                .get(&format!("{}/{name}", BTP.1))
+                .copied();
             let live = gk.store.get(
                 &kube::runtime::reflector::ObjectRef::new_with(name, gk.resource.clone())
                     .within(ns),
@@ -148,10 +148,14 @@ fn gateway_verdicts(
                 .as_ref()
                 .and_then(|l| l.status.as_ref())
                 .and_then(|raw| serde_json::from_str(raw.get()).ok());
-            let generation = live.as_ref().and_then(|l| l.metadata.generation);
+            // The cache may not hold this reconcile's write yet: the generation written counts.
+            let generation = live
+                .as_ref()
+                .and_then(|l| l.metadata.generation)
+                .max(written);
             (
                 format!("{ns}/{name}"),
-                gateway::verdict(generation, status.as_ref(), written || live.is_none()),
+                gateway::verdict(generation, status.as_ref(), live.is_none()),
             )
         })
         .collect()

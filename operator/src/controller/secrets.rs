@@ -411,7 +411,7 @@ async fn reconcile_inner(sb: &SecretBinding, st: &SecretState) -> Result<Action,
                 changed: synced.changed,
                 drift: synced.drift,
                 deleted: synced.deleted,
-                missing: Vec::new(),
+                ..Enforced::default()
             };
             publish_events(state, &sb.object_ref(&()), Ok(&enforced)).await;
             Ok(Action::requeue(RESYNC))

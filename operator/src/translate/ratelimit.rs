@@ -109,7 +109,10 @@ fn envoy_gateway(policy: &RateLimitPolicy, ctx: &Context, owner: &Owner<'_>) -> 
         },
     });
     // A route's own policy would displace the Gateway's for that route: merged, both count.
-    if !gateway_target {
+    // Not Local ones: Envoy Gateway merges a Local limit's default bucket by replacing the
+    // Gateway's with the route's (none: unlimited) and reports the Gateway's policy `Merged`;
+    // unmerged, it reports that policy `Overridden` for the route, which its status then says.
+    if !gateway_target && kind == "Global" {
         spec["mergeType"] = json!("StrategicMerge");
     }
     out.objects.push(owner.object(
@@ -121,11 +124,32 @@ fn envoy_gateway(policy: &RateLimitPolicy, ctx: &Context, owner: &Owner<'_>) -> 
     out
 }
 
-/// Whether Envoy Gateway accepts these Local rules, and means by them what the policy says: one
-/// rule at most without client selectors (the default bucket); every unit a multiple of the
+/// Whether Envoy Gateway accepts these Local rules, and means by them what the policy says: no
+/// rule on several methods; one rule at most without client selectors (the default bucket); every unit a multiple of the
 /// default's; and no default beside matched rules, since a request a matched rule counts never
 /// takes a token from the default bucket.
 fn local_rules_accepted(rules: &[Value]) -> Result<(), (&'static str, String)> {
+    // Envoy Gateway writes a Local rule with several methods as one descriptor per method, all
+    // with the same entries; Envoy refuses a route whose local rate limit repeats a descriptor
+    // ("duplicate descriptor in the local rate descriptor"), so the gateway's whole route
+    // configuration would be rejected.
+    let several_methods = rules.iter().any(|r| {
+        r["clientSelectors"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|s| s["methods"].as_array().is_some_and(|m| m.len() > 1))
+    });
+    if several_methods {
+        return Err((
+            "LocalMethods",
+            "a limit on several methods: Envoy Gateway's Local rate limits write one identical \
+             descriptor per method, which Envoy refuses together with the gateway's whole route \
+             configuration; give the limit one method (one limit per method counts each \
+             separately), drop the methods, or use Global"
+                .into(),
+        ));
+    }
     let seconds = |r: &Value| match r["limit"]["unit"].as_str() {
         Some("Second") => 1,
         Some("Minute") => 60,
