@@ -318,6 +318,37 @@ async fn ready_then_lead(
     ))
 }
 
+/// The RateLimitPolicy controller's state, with routes, Gateways and classes: a change of where
+/// a target receives traffic wakes the policies it concerns.
+async fn rate_limit_state(
+    ctl: Controller<RateLimitPolicy>,
+    client: &Client,
+    state: &Arc<State>,
+) -> (Controller<RateLimitPolicy>, Arc<ratelimit::RateLimitState>) {
+    let policies = ctl.store();
+    tokio::spawn(Metrics::count_ready_every(
+        Arc::clone(&state.metrics),
+        "RateLimitPolicy",
+        policies.clone(),
+    ));
+    let (ctl, topology) = match controller::topology::start(client).await {
+        Some((topology, changes)) => {
+            let (store, topo) = (policies.clone(), topology.clone());
+            let ctl = ctl.reconcile_on(changes.flat_map(move |c| {
+                futures::stream::iter(controller::topology::concerned(&store, &topo, &c))
+            }));
+            (ctl, Some(topology))
+        }
+        None => (ctl, None),
+    };
+    let rl_state = Arc::new(ratelimit::RateLimitState {
+        shared: Arc::clone(state),
+        policies,
+        topology,
+    });
+    (ctl, rl_state)
+}
+
 /// Runs the operator until `shutdown` resolves or leadership is lost.
 pub async fn run(
     client: Client,
@@ -383,16 +414,7 @@ pub async fn run(
         }
     }
     let (auth_ctl, auth_state) = with_caches(auth_ctl, &client, &state);
-    let rl_store = rl_ctl.store();
-    tokio::spawn(Metrics::count_ready_every(
-        Arc::clone(&state.metrics),
-        "RateLimitPolicy",
-        rl_store.clone(),
-    ));
-    let rl_state = Arc::new(ratelimit::RateLimitState {
-        shared: Arc::clone(&state),
-        policies: rl_store,
-    });
+    let (rl_ctl, rl_state) = rate_limit_state(rl_ctl, &client, &state).await;
 
     let sb_run = secret_binding_controller(
         &client,

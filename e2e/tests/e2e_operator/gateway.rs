@@ -148,6 +148,7 @@ pub fn envoy_gateway_decides_ready(env: &Env) -> Result<()> {
         with_eg(ready_with(cp, ns, "api", "Enforced"))?;
 
         attacker_policy_displaces_palisades(cp, ns, &eg)?;
+        parents_envoy_gateway_does_not_control(cp, ns, &eg)?;
 
         // An install without the global rate-limit service: Envoy Gateway refuses Global limits,
         // and every policy that relies on them says so (none is enforced there).
@@ -236,6 +237,62 @@ spec:
     ]))?;
     with_eg(ready_with(cp, ns, "other", "Enforced"))?;
     with_eg(ready_with(cp, ns, "edge", "Enforced"))?;
+    Ok(())
+}
+
+/// The route is also attached to a Gateway of another class (whose traffic Envoy Gateway does
+/// not limit), then only to it (Envoy Gateway's last verdict, for the old Gateway, stays on the
+/// object): the policy says so both times, and is Ready again when the route comes back.
+fn parents_envoy_gateway_does_not_control(
+    cp: &ControlPlane,
+    ns: &str,
+    eg: &EnvoyGateway,
+) -> Result<()> {
+    let with_eg =
+        |r: Result<Value>| r.with_context(|| format!("Envoy Gateway log:\n{}", eg.log_tail()));
+    apply_yaml(
+        cp,
+        ns,
+        &format!(
+            "apiVersion: gateway.networking.k8s.io/v1
+kind: GatewayClass
+metadata: {{name: other-class}}
+spec: {{controllerName: example.com/other-gateway}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: side, namespace: {ns}}}
+spec:
+  gatewayClassName: other-class
+  listeners: [{{name: http, protocol: HTTP, port: 80}}]
+"
+        ),
+    )?;
+    let parents = |refs: &str| {
+        palisade_e2e::run_ok(cp.kubectl().args([
+            "patch",
+            "httproute",
+            "api",
+            "-n",
+            ns,
+            "--type=merge",
+            "-p",
+            &format!("{{\"spec\":{{\"parentRefs\":{refs}}}}}"),
+        ]))
+    };
+    parents(r#"[{"name":"shop"},{"name":"side"}]"#)?;
+    let uncovered = with_eg(ready_with(cp, ns, "api", "GatewayNotCovered"))?;
+    if !uncovered["message"]
+        .as_str()
+        .unwrap_or_default()
+        .contains(&format!("Gateway {ns}/side"))
+    {
+        bail!("the uncovered Gateway should be named: {uncovered}");
+    }
+    parents(r#"[{"name":"side"}]"#)?;
+    with_eg(ready_with(cp, ns, "api", "GatewayNotCovered"))?;
+    parents(r#"[{"name":"shop"}]"#)?;
+    with_eg(ready_with(cp, ns, "api", "Enforced"))?;
     Ok(())
 }
 

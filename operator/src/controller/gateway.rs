@@ -22,6 +22,9 @@ pub enum Verdict {
     Refused(String, String, String),
     /// Accepted but displaced by another policy for an ancestor: the ancestor and the message.
     Overridden(String, String),
+    /// Accepted, but the target also receives traffic where Envoy Gateway enforces nothing (a
+    /// parent Gateway of another class): why.
+    Uncovered(String),
 }
 
 /// Ready reasons for Envoy Gateway's verdicts.
@@ -33,6 +36,46 @@ pub mod reason {
     pub const GATEWAY_REJECTED: &str = "GatewayRejected";
     /// Envoy Gateway applies another policy in place of the generated one for some routes.
     pub const GATEWAY_OVERRIDDEN: &str = "GatewayOverridden";
+    /// The target receives traffic through a Gateway Envoy Gateway does not control.
+    pub const GATEWAY_NOT_COVERED: &str = "GatewayNotCovered";
+}
+
+/// `verdict` checked against the Gateways the target receives traffic through (`parents`, from
+/// the cluster): an accepted policy must be accepted for every one of them, and each must be one
+/// Envoy Gateway controls. Envoy Gateway reports only on Gateways it controls and leaves a
+/// verdict in place when a route moves away, so acceptance alone proves neither.
+pub fn covering(
+    verdict: Verdict,
+    status: Option<&Value>,
+    parents: &Result<Vec<super::topology::Parent>, String>,
+) -> Verdict {
+    if !matches!(verdict, Verdict::Accepted(_)) {
+        return verdict;
+    }
+    let parents = match parents {
+        Ok(p) => p,
+        Err(why) => return Verdict::Pending(why.clone()),
+    };
+    if parents.is_empty() {
+        return Verdict::Pending("the target is attached to no Gateway".into());
+    }
+    if let Some(why) = parents.iter().find_map(|p| p.uncovered.clone()) {
+        return Verdict::Uncovered(why);
+    }
+    let accepted: Vec<String> = status
+        .and_then(|s| s["ancestors"].as_array())
+        .into_iter()
+        .flatten()
+        .filter(|a| condition(a, "Accepted").is_some_and(|c| c["status"] == "True"))
+        .map(super::topology::ancestor_key)
+        .collect();
+    if let Some(p) = parents.iter().find(|p| !accepted.contains(&p.gateway)) {
+        return Verdict::Pending(format!(
+            "no verdict of Envoy Gateway for Gateway {}, a parent of the target",
+            p.gateway
+        ));
+    }
+    verdict
 }
 
 fn ancestor_name(a: &Value) -> String {
@@ -144,6 +187,14 @@ pub fn ready(ready: Cond, verdicts: &[(String, Verdict)]) -> Cond {
                 "Envoy Gateway applies another policy in place of BackendTrafficPolicy {obj} on \
                  {anc}: {msg}"
             ),
+        );
+    }
+    if let Some((obj, Verdict::Uncovered(why))) = find(|v| matches!(v, Verdict::Uncovered(..))) {
+        return Cond::new(
+            "Ready",
+            false,
+            reason::GATEWAY_NOT_COVERED,
+            format!("Envoy Gateway accepted BackendTrafficPolicy {obj}, but {why}"),
         );
     }
     if let Some((obj, Verdict::Pending(why))) = find(|v| matches!(v, Verdict::Pending(..))) {
@@ -288,6 +339,38 @@ mod tests {
             let v = verdict(Some(2), status.as_ref(), written);
             assert!(check(&v), "{what}: {v:?}");
         }
+    }
+
+    #[test]
+    fn accepted_only_for_every_parent_envoy_gateway_controls() {
+        use crate::controller::topology::Parent;
+        let status = json!({"ancestors": [ancestor(&accepted(2))]});
+        let ok = Verdict::Accepted(vec!["Gateway shop/shop".into()]);
+        let parent = |g: &str, uncovered: Option<&str>| Parent {
+            gateway: g.into(),
+            uncovered: uncovered.map(Into::into),
+        };
+        let check =
+            |parents: Result<Vec<Parent>, String>| covering(ok.clone(), Some(&status), &parents);
+        assert_eq!(check(Ok(vec![parent("shop/shop", None)])), ok);
+        // A second parent of another class: its traffic is not limited.
+        assert!(matches!(
+            check(Ok(vec![parent("shop/shop", None), parent("shop/side", Some("not Envoy Gateway"))])),
+            Verdict::Uncovered(m) if m == "not Envoy Gateway"
+        ));
+        // The route moved to another Gateway: the verdict left for the old one does not count.
+        assert!(matches!(
+            check(Ok(vec![parent("shop/new", None)])),
+            Verdict::Pending(m) if m.contains("shop/new")
+        ));
+        assert!(matches!(check(Ok(vec![])), Verdict::Pending(_)));
+        assert!(matches!(check(Err("no route".into())), Verdict::Pending(m) if m == "no route"));
+        // Other verdicts pass through.
+        let refused = Verdict::Refused("a".into(), "b".into(), "c".into());
+        assert_eq!(
+            covering(refused.clone(), Some(&status), &Ok(vec![])),
+            refused
+        );
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod generated;
 pub mod ratelimit;
 pub mod secrets;
 pub mod status;
+pub mod topology;
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 

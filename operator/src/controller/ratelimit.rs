@@ -27,6 +27,8 @@ pub struct RateLimitState {
     pub shared: Arc<State>,
     /// Every RateLimitPolicy.
     pub policies: Store<RateLimitPolicy>,
+    /// Routes, Gateways and classes (none when the cluster does not serve the Gateway API).
+    pub topology: Option<super::topology::Topology>,
 }
 
 /// Reconciles one RateLimitPolicy.
@@ -85,7 +87,11 @@ async fn reconcile_inner(policy: &RateLimitPolicy, rl: &RateLimitState) -> Resul
     let result = match enforced {
         Ok(r) => {
             if winner.is_none() {
-                let verdicts = gateway_verdicts(state, &ns, &desired.objects, &r);
+                let parents = rl.topology.as_ref().map_or_else(
+                    || Err("the cluster does not serve the Gateway API".to_owned()),
+                    |t| super::topology::parents(t, policy),
+                );
+                let verdicts = gateway_verdicts(state, &ns, &desired.objects, &r, &parents);
                 conds.extend(
                     readiness(&r, &desired.notes, desired.objects.len())
                         .into_iter()
@@ -126,6 +132,7 @@ fn gateway_verdicts(
     ns: &str,
     desired: &[serde_json::Value],
     enforced: &super::Enforced,
+    parents: &Result<Vec<super::topology::Parent>, String>,
 ) -> Vec<(String, gateway::Verdict)> {
     const BTP: (&str, &str) = ("gateway.envoyproxy.io/v1alpha1", "BackendTrafficPolicy");
     let Some(gk) = state.kinds.get(&(BTP.0.to_owned(), BTP.1.to_owned())) else {
@@ -155,7 +162,11 @@ fn gateway_verdicts(
                 .max(written);
             (
                 format!("{ns}/{name}"),
-                gateway::verdict(generation, status.as_ref(), live.is_none()),
+                gateway::covering(
+                    gateway::verdict(generation, status.as_ref(), live.is_none()),
+                    status.as_ref(),
+                    parents,
+                ),
             )
         })
         .collect()
