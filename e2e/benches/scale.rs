@@ -17,7 +17,8 @@
 //! times include Envoy Gateway's own translation and status writes.
 //!
 //! Run: `cargo build --release -p palisade-operator && cargo bench -p palisade-e2e --bench scale`
-//! (`PALISADE_BENCH_N=250,1000` to choose the sizes; default 1000).
+//! (`PALISADE_BENCH_N=250,1000` to choose the sizes; default 1000; `PALISADE_BENCH_EG_QPS=500` to
+//! let Envoy Gateway's Kubernetes client make more than its default 50 requests a second).
 
 #![allow(clippy::expect_used, missing_docs)]
 
@@ -212,7 +213,10 @@ async fn bench(cp: &ControlPlane, n: usize) -> Result<()> {
         ),
     ]
     .map(|(group, version, kind, plural)| resource(group, version, kind, plural));
-    let eg = EnvoyGateway::start(cp, &default_bin_dir(), RateLimits::Global)?;
+    let qps = std::env::var("PALISADE_BENCH_EG_QPS")
+        .ok()
+        .and_then(|q| q.parse().ok());
+    let eg = EnvoyGateway::start_with_qps(cp, &default_bin_dir(), RateLimits::Global, qps)?;
     let op = OperatorProcess::start(cp, &format!("scale-{n}"), "")?;
     let rss_idle = op.peak_rss_kib().unwrap_or(0);
 
@@ -300,8 +304,9 @@ async fn bench(cp: &ControlPlane, n: usize) -> Result<()> {
     let mib = |kib: u64| f64::from(u32::try_from(kib).unwrap_or(u32::MAX)) / 1024.0;
 
     println!(
-        "scale, N = {n}: a Gateway with {LISTENERS} listeners, {n} HTTPRoutes, {} RateLimitPolicies ({n} on routes, 1 on the Gateway), {n} AuthPolicies",
-        n + 1
+        "scale, N = {n}: a Gateway with {LISTENERS} listeners, {n} HTTPRoutes, {} RateLimitPolicies ({n} on routes, 1 on the Gateway), {n} AuthPolicies; Envoy Gateway's client at {} requests/s",
+        n + 1,
+        qps.map_or_else(|| "its default 50".to_owned(), |q: u32| q.to_string())
     );
     println!(
         "  applied {count} objects in {:.2} s; every policy Ready {:.2} s after the first apply (goal < 60 s)",

@@ -52,6 +52,18 @@ impl EnvoyGateway {
     /// Starts the controller against `cp`, creates the GatewayClass it controls, and waits until
     /// the controller has accepted that class (so it is watching and writing status).
     pub fn start(cp: &ControlPlane, bin_dir: &Path, rate_limits: RateLimits) -> Result<Self> {
+        Self::start_with_qps(cp, bin_dir, rate_limits, None)
+    }
+
+    /// [`Self::start`], with the controller's Kubernetes client allowed `qps` requests a second
+    /// (burst twice that) instead of Envoy Gateway's default of 50 (burst 100), which paces its
+    /// status writes.
+    pub fn start_with_qps(
+        cp: &ControlPlane,
+        bin_dir: &Path,
+        rate_limits: RateLimits,
+        qps: Option<u32>,
+    ) -> Result<Self> {
         let bin = bin_dir.join("envoy-gateway-e2e");
         if !bin.exists() {
             bail!(
@@ -87,12 +99,16 @@ provider:
   kubernetes:
     leaderElection:
       disable: true
-    proxyTopologyInjector:
+{client}    proxyTopologyInjector:
       disabled: true
 logging:
   level:
     default: info
-{rate_limit}"
+{rate_limit}",
+                client = qps.map_or_else(String::new, |q| format!(
+                    "    client:\n      rateLimit:\n        qps: {q}\n        burst: {}\n",
+                    2 * q
+                )),
             ),
         )?;
         let _ = crate::run(cp.kubectl().args(["create", "namespace", NAMESPACE]));
