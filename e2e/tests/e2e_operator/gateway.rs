@@ -293,6 +293,33 @@ spec:
     with_eg(ready_with(cp, ns, "api", "GatewayNotCovered"))?;
     parents(r#"[{"name":"shop"}]"#)?;
     with_eg(ready_with(cp, ns, "api", "Enforced"))?;
+    // The Gateway moved to a class whose controller name only looks like Envoy Gateway's: the
+    // verdict Envoy Gateway left on the object, under its own name, does not count.
+    apply_yaml(
+        cp,
+        ns,
+        "apiVersion: gateway.networking.k8s.io/v1
+kind: GatewayClass
+metadata: {name: look-alike}
+spec: {controllerName: gateway.envoyproxy.io/look-alike}
+",
+    )?;
+    let class = |c: &str| {
+        palisade_e2e::run_ok(cp.kubectl().args([
+            "patch",
+            "gateway",
+            "shop",
+            "-n",
+            ns,
+            "--type=merge",
+            "-p",
+            &format!("{{\"spec\":{{\"gatewayClassName\":\"{c}\"}}}}"),
+        ]))
+    };
+    class("look-alike")?;
+    with_eg(ready_with(cp, ns, "api", "AwaitingGateway"))?;
+    class(GATEWAY_CLASS)?;
+    with_eg(ready_with(cp, ns, "api", "Enforced"))?;
     Ok(())
 }
 

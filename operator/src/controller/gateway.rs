@@ -62,14 +62,16 @@ pub fn covering(
     if let Some(why) = parents.iter().find_map(|p| p.uncovered.clone()) {
         return Verdict::Uncovered(why);
     }
-    let accepted: Vec<String> = status
+    let accepted: Vec<&Value> = status
         .and_then(|s| s["ancestors"].as_array())
         .into_iter()
         .flatten()
         .filter(|a| condition(a, "Accepted").is_some_and(|c| c["status"] == "True"))
-        .map(super::topology::ancestor_key)
         .collect();
-    if let Some(p) = parents.iter().find(|p| !accepted.contains(&p.gateway)) {
+    if let Some(p) = parents
+        .iter()
+        .find(|p| !accepted.iter().any(|a| super::topology::is_ancestor(a, p)))
+    {
         return Verdict::Pending(format!(
             "no verdict of Envoy Gateway for Gateway {}, a parent of the target",
             p.gateway
@@ -348,6 +350,7 @@ mod tests {
         let ok = Verdict::Accepted(vec!["Gateway shop/shop".into()]);
         let parent = |g: &str, uncovered: Option<&str>| Parent {
             gateway: g.into(),
+            controller: "gateway.envoyproxy.io/gatewayclass-controller".into(),
             uncovered: uncovered.map(Into::into),
         };
         let check =
@@ -364,6 +367,22 @@ mod tests {
             Verdict::Pending(m) if m.contains("shop/new")
         ));
         assert!(matches!(check(Ok(vec![])), Verdict::Pending(_)));
+        // The Gateway moved to another class whose name merely looks like Envoy Gateway's: the
+        // verdict Envoy Gateway left under its own name does not count.
+        let mut spoofed = parent("shop/shop", None);
+        spoofed.controller = "gateway.envoyproxy.io/spoof".into();
+        assert!(matches!(check(Ok(vec![spoofed])), Verdict::Pending(_)));
+        // A verdict for another kind of parent of the same name does not count either.
+        let mut listener_set = status.clone();
+        listener_set["ancestors"][0]["ancestorRef"]["kind"] = json!("ListenerSet");
+        assert!(matches!(
+            covering(
+                ok.clone(),
+                Some(&listener_set),
+                &Ok(vec![parent("shop/shop", None)])
+            ),
+            Verdict::Pending(_)
+        ));
         assert!(matches!(check(Err("no route".into())), Verdict::Pending(m) if m == "no route"));
         // Other verdicts pass through.
         let refused = Verdict::Refused("a".into(), "b".into(), "c".into());

@@ -46,6 +46,15 @@ async fn reconcile_inner(policy: &RateLimitPolicy, rl: &RateLimitState) -> Resul
     if policy.meta().deletion_timestamp.is_some() {
         return Ok(Action::await_change());
     }
+    // Until routes and Gateways are listed, where a target receives traffic is not known: wait
+    // rather than report a state that is only the caches filling.
+    if rl
+        .topology
+        .as_ref()
+        .is_some_and(|t| !super::topology::ready(t))
+    {
+        return Ok(Action::requeue(std::time::Duration::from_secs(1)));
+    }
     let ns = policy.namespace().unwrap_or_default();
     let name = policy.name_any();
     let all = rl.policies.state();

@@ -12,7 +12,7 @@ use kube::{
     Api, Client, ResourceExt,
     api::{ApiResource, DynamicObject, GroupVersionKind},
     runtime::{
-        PredicateConfig, WatchStreamExt, predicates,
+        WatchStreamExt,
         reflector::{self, ObjectRef, Store},
         watcher,
     },
@@ -42,6 +42,8 @@ pub struct Topology {
 pub struct Parent {
     /// `namespace/name`.
     pub gateway: String,
+    /// The `controllerName` of its GatewayClass: only a verdict written under that name counts.
+    pub controller: String,
     /// Why Envoy Gateway does not enforce anything there, if it does not.
     pub uncovered: Option<String>,
 }
@@ -85,21 +87,37 @@ pub fn parents(topology: &Topology, policy: &RateLimitPolicy) -> Result<Vec<Pare
         }
         other => return Err(format!("targets of kind {other} are not checked")),
     };
+    // A parent Gateway that does not exist carries no traffic (its creation wakes the policy).
     Ok(names
         .into_iter()
-        .map(|(gns, name)| {
+        .filter_map(|(gns, name)| {
+            let gw = topology
+                .gateways
+                .get(&ObjectRef::new_with(&name, resource("Gateway", "gateways")).within(&gns))?;
             let gateway = format!("{gns}/{name}");
-            let uncovered = covered(topology, &gns, &name).err();
-            Parent { gateway, uncovered }
+            Some(match covered(topology, &gw, &gns, &name) {
+                Ok(controller) => Parent {
+                    gateway,
+                    controller,
+                    uncovered: None,
+                },
+                Err((controller, why)) => Parent {
+                    gateway,
+                    controller,
+                    uncovered: Some(why),
+                },
+            })
         })
         .collect())
 }
 
-fn covered(topology: &Topology, ns: &str, name: &str) -> Result<(), String> {
-    let gw = topology
-        .gateways
-        .get(&ObjectRef::new_with(name, resource("Gateway", "gateways")).within(ns))
-        .ok_or_else(|| format!("Gateway {ns}/{name} does not exist"))?;
+/// The controller name of the Gateway's class, or it and why Envoy Gateway does not enforce there.
+fn covered(
+    topology: &Topology,
+    gw: &DynamicObject,
+    ns: &str,
+    name: &str,
+) -> Result<String, (String, String)> {
     let class = gw.data["spec"]["gatewayClassName"]
         .as_str()
         .unwrap_or_default()
@@ -111,14 +129,20 @@ fn covered(topology: &Topology, ns: &str, name: &str) -> Result<(), String> {
             resource("GatewayClass", "gatewayclasses"),
         ))
         .and_then(|c| c.data["spec"]["controllerName"].as_str().map(str::to_owned))
-        .ok_or_else(|| format!("GatewayClass {class:?} of Gateway {ns}/{name} does not exist"))?;
+        .ok_or_else(|| {
+            (
+                String::new(),
+                format!("GatewayClass {class:?} of Gateway {ns}/{name} does not exist"),
+            )
+        })?;
     if controller.starts_with(ENVOY_GATEWAY_CONTROLLER_PREFIX) {
-        Ok(())
+        Ok(controller)
     } else {
-        Err(format!(
+        let why = format!(
             "Gateway {ns}/{name} is of GatewayClass {class:?}, controlled by {controller}, not \
              Envoy Gateway: its traffic is not limited"
-        ))
+        );
+        Err((controller, why))
     }
 }
 
@@ -133,8 +157,8 @@ pub enum Changed {
     Route(String, String),
     /// A Gateway `namespace`, `name`.
     Gateway(String, String),
-    /// A GatewayClass.
-    Class,
+    /// A GatewayClass, or the end of a (re)list: every policy.
+    All,
 }
 
 /// The caches and one stream of spec changes, when the cluster serves the Gateway API.
@@ -160,6 +184,7 @@ pub async fn start(client: &Client) -> Option<(Topology, BoxStream<'static, Chan
         stores.push(writer.as_reader());
         let api = Api::<DynamicObject>::all_with(client.clone(), &ar);
         let kind = kind.to_owned();
+        let mut generations = std::collections::HashMap::new();
         let s = watcher(api, watcher::Config::default())
             .default_backoff()
             .modify(move |o| {
@@ -170,19 +195,7 @@ pub async fn start(client: &Client) -> Option<(Topology, BoxStream<'static, Chan
                 o.metadata.labels = None;
             })
             .reflect(writer)
-            .touched_objects()
-            .predicate_filter(predicates::generation, PredicateConfig::default())
-            .filter_map(move |r| {
-                let changed = r.ok().map(|o| {
-                    let (ns, name) = (o.namespace().unwrap_or_default(), o.name_any());
-                    match kind.as_str() {
-                        "HTTPRoute" => Changed::Route(ns, name),
-                        "Gateway" => Changed::Gateway(ns, name),
-                        _ => Changed::Class,
-                    }
-                });
-                std::future::ready(changed)
-            })
+            .filter_map(move |event| std::future::ready(woken(&kind, &mut generations, event)))
             .boxed();
         streams.push(s);
     }
@@ -197,6 +210,55 @@ pub async fn start(client: &Client) -> Option<(Topology, BoxStream<'static, Chan
         },
         futures::stream::select_all(streams).boxed(),
     ))
+}
+
+/// What an event of the watch of `kind` wakes, once the cache holds it. A change of an object's
+/// spec (a new generation; labels, annotations and status are not looked at) or its deletion
+/// wakes the policies it concerns; the objects of a (re)list become visible in the cache only
+/// when the list is done, so its end wakes every policy, and its objects nothing.
+fn woken(
+    kind: &str,
+    generations: &mut std::collections::HashMap<String, Option<i64>>,
+    event: Result<watcher::Event<DynamicObject>, watcher::Error>,
+) -> Option<Changed> {
+    let changed = |o: &DynamicObject| {
+        let (ns, name) = (o.namespace().unwrap_or_default(), o.name_any());
+        match kind {
+            "HTTPRoute" => Changed::Route(ns, name),
+            "Gateway" => Changed::Gateway(ns, name),
+            _ => Changed::All,
+        }
+    };
+    match event.ok()? {
+        watcher::Event::Init => None,
+        watcher::Event::InitApply(o) => {
+            generations.insert(o.uid()?, o.metadata.generation);
+            None
+        }
+        watcher::Event::InitDone => Some(Changed::All),
+        watcher::Event::Apply(o) => {
+            let uid = o.uid()?;
+            (generations.insert(uid, o.metadata.generation) != Some(o.metadata.generation))
+                .then(|| changed(&o))
+        }
+        watcher::Event::Delete(o) => {
+            generations.remove(&o.uid()?);
+            Some(changed(&o))
+        }
+    }
+}
+
+/// Whether the three caches hold a complete list (a policy reconciled before would see routes
+/// and Gateways missing).
+pub fn ready(topology: &Topology) -> bool {
+    use futures::FutureExt;
+    [&topology.routes, &topology.gateways, &topology.classes]
+        .iter()
+        .all(|s| {
+            s.wait_until_ready()
+                .now_or_never()
+                .is_some_and(|r| r.is_ok())
+        })
 }
 
 /// The RateLimitPolicies a change concerns: those targeting the route or Gateway, and those
@@ -222,18 +284,168 @@ pub fn concerned(
                         && parents(topology, p)
                             .is_ok_and(|ps| ps.iter().any(|x| x.gateway == format!("{ns}/{name}"))))
             }
-            Changed::Class => true,
+            Changed::All => true,
         })
         .map(|p| ObjectRef::from_obj(&**p))
         .collect()
 }
 
-/// A parent's ancestor key as Envoy Gateway writes it (`namespace/name` of a Gateway).
-pub fn ancestor_key(ancestor: &Value) -> String {
+/// Whether a status ancestor is about `parent`: a Gateway of that `namespace/name`, reported
+/// under the controller name of its class (a verdict left by another controller, or for an
+/// object of another kind, does not count).
+pub fn is_ancestor(ancestor: &Value, parent: &Parent) -> bool {
     let r = &ancestor["ancestorRef"];
-    format!(
-        "{}/{}",
-        r["namespace"].as_str().unwrap_or_default(),
-        r["name"].as_str().unwrap_or_default()
-    )
+    let group = r["group"].as_str().unwrap_or(GROUP);
+    let kind = r["kind"].as_str().unwrap_or("Gateway");
+    group == GROUP
+        && kind == "Gateway"
+        && ancestor["controllerName"].as_str() == Some(parent.controller.as_str())
+        && format!(
+            "{}/{}",
+            r["namespace"].as_str().unwrap_or_default(),
+            r["name"].as_str().unwrap_or_default()
+        ) == parent.gateway
+}
+
+#[cfg(test)]
+mod tests {
+    use kube::runtime::watcher::Event;
+    use serde_json::json;
+
+    use super::*;
+
+    fn object(
+        kind: &str,
+        ns: Option<&str>,
+        name: &str,
+        generation: i64,
+        spec: &Value,
+    ) -> DynamicObject {
+        let mut v = json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": kind,
+            "metadata": {"name": name, "uid": format!("uid-{name}"), "generation": generation},
+            "spec": spec,
+        });
+        if let Some(ns) = ns {
+            v["metadata"]["namespace"] = json!(ns);
+        }
+        serde_json::from_value(v).expect("object")
+    }
+
+    fn store(kind: &str, plural: &str, objects: Vec<DynamicObject>) -> Store<DynamicObject> {
+        let mut writer = reflector::store::Writer::new(resource(kind, plural));
+        writer.apply_watcher_event(&Event::Init);
+        for o in objects {
+            writer.apply_watcher_event(&Event::InitApply(o));
+        }
+        writer.apply_watcher_event(&Event::InitDone);
+        writer.as_reader()
+    }
+
+    #[test]
+    fn a_relist_wakes_everything_once_it_is_visible_and_unchanged_specs_nothing() {
+        let mut generations = std::collections::HashMap::new();
+        let route = |g| object("HTTPRoute", Some("shop"), "api", g, &json!({}));
+        let mut step = |e: Event<DynamicObject>| woken("HTTPRoute", &mut generations, Ok(e));
+        assert!(step(Event::Init).is_none());
+        assert!(
+            step(Event::InitApply(route(1))).is_none(),
+            "not visible in the cache yet"
+        );
+        assert!(matches!(step(Event::InitDone), Some(Changed::All)));
+        assert!(step(Event::Apply(route(1))).is_none(), "a status write");
+        assert!(
+            matches!(step(Event::Apply(route(2))), Some(Changed::Route(ns, n)) if ns == "shop" && n == "api")
+        );
+        assert!(matches!(
+            step(Event::Delete(route(2))),
+            Some(Changed::Route(..))
+        ));
+        assert!(
+            matches!(step(Event::Apply(route(2))), Some(Changed::Route(..))),
+            "made anew"
+        );
+    }
+
+    #[test]
+    fn parents_of_a_route() {
+        let eg = json!({"controllerName": "gateway.envoyproxy.io/gatewayclass-controller"});
+        let topology = Topology {
+            routes: store(
+                "HTTPRoute",
+                "httproutes",
+                vec![object(
+                    "HTTPRoute",
+                    Some("shop"),
+                    "api",
+                    1,
+                    &json!({"parentRefs": [{"name": "shop"}, {"name": "side"}, {"name": "gone"},
+                                           {"name": "edge", "namespace": "infra", "sectionName": "http"}]}),
+                )],
+            ),
+            gateways: store(
+                "Gateway",
+                "gateways",
+                vec![
+                    object(
+                        "Gateway",
+                        Some("shop"),
+                        "shop",
+                        1,
+                        &json!({"gatewayClassName": "eg"}),
+                    ),
+                    object(
+                        "Gateway",
+                        Some("shop"),
+                        "side",
+                        1,
+                        &json!({"gatewayClassName": "other"}),
+                    ),
+                    object(
+                        "Gateway",
+                        Some("infra"),
+                        "edge",
+                        1,
+                        &json!({"gatewayClassName": "eg"}),
+                    ),
+                ],
+            ),
+            classes: store(
+                "GatewayClass",
+                "gatewayclasses",
+                vec![
+                    object("GatewayClass", None, "eg", 1, &eg),
+                    object(
+                        "GatewayClass",
+                        None,
+                        "other",
+                        1,
+                        &json!({"controllerName": "example.com/other"}),
+                    ),
+                ],
+            ),
+        };
+        let policy: RateLimitPolicy = serde_json::from_value(json!({
+            "apiVersion": "palisade.dev/v1alpha1", "kind": "RateLimitPolicy",
+            "metadata": {"name": "p", "namespace": "shop"},
+            "spec": {"targetRef": {"group": GROUP, "kind": "HTTPRoute", "name": "api"},
+                     "limits": [{"name": "all", "requests": 1, "per": "1s"}]},
+        }))
+        .expect("policy");
+        let parents = parents(&topology, &policy).expect("known route");
+        let names: Vec<&str> = parents.iter().map(|p| p.gateway.as_str()).collect();
+        // A parent that does not exist carries no traffic; the others, cross-namespace included.
+        assert_eq!(names, ["infra/edge", "shop/shop", "shop/side"]);
+        assert!(parents[0].uncovered.is_none() && parents[1].uncovered.is_none());
+        assert!(
+            parents[2]
+                .uncovered
+                .as_deref()
+                .is_some_and(|w| w.contains("example.com/other"))
+        );
+        assert_eq!(parents[2].controller, "example.com/other");
+        let mut missing = policy.clone();
+        missing.spec.target_ref.name = "nope".into();
+        assert!(super::parents(&topology, &missing).is_err());
+    }
 }
