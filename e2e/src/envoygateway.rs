@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
 use crate::{ControlPlane, controlplane::free_port, pki::issue_serving_cert, spawn_logged};
@@ -326,4 +326,239 @@ pub fn local_rate_limits(dump: &Value) -> Vec<LocalLimit> {
         }
     }
     out
+}
+
+/// A request as Envoy's local rate limit filter on a Gateway's listener sees it.
+#[derive(Clone, Debug)]
+pub struct RateRequest {
+    /// `:method`.
+    pub method: String,
+    /// `:path`, with its query string.
+    pub path: String,
+    /// Other headers (lower-case names).
+    pub headers: Vec<(String, String)>,
+    /// The client's address.
+    pub client: std::net::IpAddr,
+}
+
+impl RateRequest {
+    /// A header's value (`:method` and `:path` included).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        match name {
+            ":method" => Some(&self.method),
+            ":path" => Some(&self.path),
+            _ => self
+                .headers
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_str()),
+        }
+    }
+}
+
+/// The route of the Gateway's configuration that takes `req`, as Envoy picks it: the first whose
+/// path match holds for the path without its query string (`prefix`, `pathSeparatedPrefix`,
+/// `path`, `safeRegex`; any other match is an error, never a guess).
+fn route_for<'a>(dump: &'a Value, req: &RateRequest) -> Result<Option<&'a Value>> {
+    let path = req.path.split('?').next().unwrap_or_default();
+    let configs = dump["routes"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    for vh in configs
+        .iter()
+        .filter_map(|c| c["virtualHosts"].as_array())
+        .flatten()
+    {
+        for route in vh["routes"].as_array().into_iter().flatten() {
+            let m = &route["match"];
+            for key in m.as_object().into_iter().flatten().map(|(k, _)| k.as_str()) {
+                if !matches!(key, "prefix" | "pathSeparatedPrefix" | "path" | "safeRegex") {
+                    bail!("route match {key} is not modelled");
+                }
+            }
+            let hit = if let Some(p) = m["prefix"].as_str() {
+                path.starts_with(p)
+            } else if let Some(p) = m["pathSeparatedPrefix"].as_str() {
+                path == p || path.starts_with(&format!("{p}/"))
+            } else if let Some(p) = m["path"].as_str() {
+                path == p
+            } else if !m["safeRegex"].is_null() {
+                crate::envoy::string_match(&serde_json::json!({"safeRegex": m["safeRegex"]}), path)?
+            } else {
+                false
+            };
+            if hit {
+                return Ok(Some(route));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// The descriptor one `rate_limits` entry produces for `req`: `None` when an action produces no
+/// entry (Envoy then sends no descriptor for that entry).
+fn descriptor(limit: &Value, req: &RateRequest) -> Result<Option<Vec<(String, String)>>> {
+    let mut entries = Vec::new();
+    for action in limit["actions"].as_array().into_iter().flatten() {
+        let (kind, a) = action
+            .as_object()
+            .and_then(|o| o.iter().next())
+            .context("an empty rate limit action")?;
+        let entry = match kind.as_str() {
+            "genericKey" => Some((
+                a["descriptorKey"]
+                    .as_str()
+                    .unwrap_or("generic_key")
+                    .to_owned(),
+                a["descriptorValue"].as_str().unwrap_or_default().to_owned(),
+            )),
+            "headerValueMatch" => {
+                let mut all = true;
+                for h in a["headers"].as_array().into_iter().flatten() {
+                    let name = h["name"].as_str().context("header matcher name")?;
+                    let value = req.header(name);
+                    let mut hit = match (&h["stringMatch"], &h["presentMatch"]) {
+                        (m, _) if !m.is_null() => value
+                            .map(|v| crate::envoy::string_match(m, v))
+                            .transpose()?
+                            .unwrap_or(false),
+                        (_, p) if !p.is_null() => value.is_some() == (p.as_bool() == Some(true)),
+                        _ => bail!("header matcher {h} is not modelled"),
+                    };
+                    if h["invertMatch"].as_bool() == Some(true) {
+                        hit = !hit;
+                    }
+                    all &= hit;
+                }
+                let expect = a["expectMatch"].as_bool().unwrap_or(true);
+                (all == expect).then(|| {
+                    (
+                        a["descriptorKey"]
+                            .as_str()
+                            .unwrap_or("header_match")
+                            .to_owned(),
+                        a["descriptorValue"].as_str().unwrap_or_default().to_owned(),
+                    )
+                })
+            }
+            "requestHeaders" => {
+                let name = a["headerName"].as_str().context("headerName")?;
+                match req.header(name) {
+                    Some(v) => Some((
+                        a["descriptorKey"].as_str().unwrap_or(name).to_owned(),
+                        v.to_owned(),
+                    )),
+                    None if a["skipIfAbsent"].as_bool() == Some(true) => continue,
+                    None => None,
+                }
+            }
+            "remoteAddress" => Some(("remote_address".to_owned(), req.client.to_string())),
+            "maskedRemoteAddress" => {
+                let (net, len) = match req.client {
+                    std::net::IpAddr::V4(ip) => {
+                        let len = a["v4PrefixMaskLen"].as_u64().unwrap_or(32).min(32) as u32;
+                        let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+                        (
+                            std::net::Ipv4Addr::from(u32::from(ip) & mask).to_string(),
+                            len,
+                        )
+                    }
+                    std::net::IpAddr::V6(ip) => {
+                        let len = a["v6PrefixMaskLen"].as_u64().unwrap_or(128).min(128) as u32;
+                        let mask = if len == 0 {
+                            0
+                        } else {
+                            u128::MAX << (128 - len)
+                        };
+                        (
+                            std::net::Ipv6Addr::from(u128::from(ip) & mask).to_string(),
+                            len,
+                        )
+                    }
+                };
+                Some((
+                    a["descriptorKey"]
+                        .as_str()
+                        .unwrap_or("masked_remote_address")
+                        .to_owned(),
+                    format!("{net}/{len}"),
+                ))
+            }
+            other => bail!("rate limit action {other} is not modelled"),
+        };
+        match entry {
+            Some(e) => entries.push(e),
+            None => return Ok(None),
+        }
+    }
+    Ok(Some(entries))
+}
+
+/// The token buckets `req` takes a token from, as Envoy's local rate limit filter decides with
+/// the configuration Envoy Gateway sent (`dump`, [`EnvoyGateway::xds_dump`]): on the route that
+/// takes the request, the descriptors its `rate_limits` produce that equal a configured
+/// descriptor (an entry configured without a value takes every value, each value its own bucket);
+/// the default bucket when none does (Envoy Gateway sets `alwaysConsumeDefaultTokenBucket: false`,
+/// so a matched request takes nothing from it). Each bucket is named by its descriptor with the
+/// request's values: two requests share a bucket exactly when the names are equal. `None` when no
+/// route takes the request or its route has no local rate limit.
+pub fn local_buckets(dump: &Value, req: &RateRequest) -> Result<Option<Vec<(String, Bucket)>>> {
+    let Some(route) = route_for(dump, req)? else {
+        return Ok(None);
+    };
+    let cfg = &route["typedPerFilterConfig"]["envoy.filters.http.local_ratelimit"];
+    if cfg.is_null() {
+        return Ok(None);
+    }
+    if cfg["alwaysConsumeDefaultTokenBucket"].as_bool() == Some(true) {
+        bail!("alwaysConsumeDefaultTokenBucket: true is not modelled");
+    }
+    let route_name = route["name"].as_str().unwrap_or_default();
+    let mut taken = Vec::new();
+    let produced: Vec<Vec<(String, String)>> = cfg["rateLimits"]
+        .as_array()
+        .or_else(|| route["route"]["rateLimits"].as_array())
+        .into_iter()
+        .flatten()
+        .map(|l| descriptor(l, req))
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .flatten()
+        .collect();
+    for d in cfg["descriptors"].as_array().into_iter().flatten() {
+        let entries: Vec<(&str, &str)> = d["entries"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|e| {
+                (
+                    e["key"].as_str().unwrap_or_default(),
+                    e["value"].as_str().unwrap_or_default(),
+                )
+            })
+            .collect();
+        for p in &produced {
+            let equal = p.len() == entries.len()
+                && p.iter()
+                    .zip(&entries)
+                    .all(|((pk, pv), (k, v))| pk == k && (v.is_empty() || pv == v));
+            if equal {
+                let name = p
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(",");
+                let bucket = Bucket::from(&d["tokenBucket"]).context("descriptor token bucket")?;
+                taken.push((format!("{route_name}[{name}]"), bucket));
+            }
+        }
+    }
+    if taken.is_empty() {
+        let bucket = Bucket::from(&cfg["tokenBucket"]).context("default token bucket")?;
+        taken.push((format!("{route_name}[default]"), bucket));
+    }
+    taken.sort_by(|a, b| a.0.cmp(&b.0));
+    taken.dedup();
+    Ok(Some(taken))
 }

@@ -247,17 +247,18 @@ fn up_node(opts: &Options, examples: bool) -> Result<()> {
         }
         None => node.cp().kubeconfig.clone(),
     };
-    let eg = EnvoyGateway::start(node.cp(), &opts.bin_dir, RateLimits::Global)?;
-    eprintln!(
-        "[up] Envoy Gateway's controller running (log {})",
-        eg.log.display()
-    );
     let inst = shop::install(&node)?;
     eprintln!(
         "[up] Palisade installed by its chart after {:.1} s (operator {}, webhook {})",
         t.elapsed().as_secs_f64(),
         inst.operator,
         inst.webhook
+    );
+    // After the CRDs the installation brought.
+    let eg = EnvoyGateway::start(node.cp(), &opts.bin_dir, RateLimits::Global)?;
+    eprintln!(
+        "[up] Envoy Gateway's controller running (log {})",
+        eg.log.display()
     );
     if examples {
         let running = shop::deploy_shop(&node, &inst)?;
