@@ -175,7 +175,8 @@ async fn apply_one(state: &State, desired: &Value) -> Result<Outcome, Error> {
     if let (Some(ns), true) = (namespace, gk.namespaced) {
         oref = oref.within(ns);
     }
-    let live = match gk.store.get(&oref) {
+    let cached = gk.store.get(&oref);
+    let live = match &cached {
         Some(obj) => Some(obj.to_value(&gk.resource)?),
         // Not in the cache. While the cache is still filling (right after start), or when we
         // applied this object before (the watch may not have delivered it yet), look it up: a
@@ -245,9 +246,11 @@ async fn apply_one(state: &State, desired: &Value) -> Result<Outcome, Error> {
     // Nor when its status is not the one the cache holds: someone else (the gateway's controller
     // reporting on the object) wrote it meanwhile, and the owner must see that write.
     let result = applied.to_value(&gk.resource)?;
-    let cached_status = gk.store.get(&oref).and_then(|c| c.status.clone());
-    let same_status =
-        cached_status.as_ref().map(|r| r.get()) == applied.status.as_ref().map(|r| r.get());
+    let same_status = cached
+        .as_ref()
+        .and_then(|c| c.status.as_ref())
+        .map(|r| r.get())
+        == applied.status.as_ref().map(|r| r.get());
     if same_status
         && diff::is_subset(desired, &result)
         && diff::foreign_fields(desired, &result).is_empty()

@@ -164,51 +164,50 @@ pub fn ready(ready: Cond, verdicts: &[(String, Verdict)]) -> Cond {
     if !ready.status || verdicts.is_empty() {
         return ready;
     }
-    let find = |pred: fn(&Verdict) -> bool| verdicts.iter().find(|(_, v)| pred(v));
-    if let Some((obj, Verdict::Refused(anc, why, msg))) =
-        find(|v| matches!(v, Verdict::Refused(..)))
-    {
-        return Cond::new(
-            "Ready",
-            false,
-            reason::GATEWAY_REJECTED,
-            format!(
-                "Envoy Gateway did not accept BackendTrafficPolicy {obj} for {anc} ({why}): {msg}; \
-                 none of this policy's limits are enforced there"
-            ),
-        );
-    }
-    if let Some((obj, Verdict::Overridden(anc, msg))) =
-        find(|v| matches!(v, Verdict::Overridden(..)))
-    {
-        return Cond::new(
-            "Ready",
-            false,
-            reason::GATEWAY_OVERRIDDEN,
-            format!(
-                "Envoy Gateway applies another policy in place of BackendTrafficPolicy {obj} on \
-                 {anc}: {msg}"
-            ),
-        );
-    }
-    if let Some((obj, Verdict::Uncovered(why))) = find(|v| matches!(v, Verdict::Uncovered(..))) {
-        return Cond::new(
-            "Ready",
-            false,
-            reason::GATEWAY_NOT_COVERED,
-            format!("Envoy Gateway accepted BackendTrafficPolicy {obj}, but {why}"),
-        );
-    }
-    if let Some((obj, Verdict::Pending(why))) = find(|v| matches!(v, Verdict::Pending(..))) {
-        return Cond::new(
-            "Ready",
-            false,
-            reason::AWAITING_GATEWAY,
-            format!(
-                "{}; waiting for Envoy Gateway to accept BackendTrafficPolicy {obj}: {why}",
-                ready.message
-            ),
-        );
+    // The first of the most serious verdicts decides.
+    let rank = |v: &Verdict| match v {
+        Verdict::Refused(..) => 0,
+        Verdict::Overridden(..) => 1,
+        Verdict::Uncovered(_) => 2,
+        Verdict::Pending(_) => 3,
+        Verdict::Accepted(_) => 4,
+    };
+    let not_ready = |reason, message| Cond::new("Ready", false, reason, message);
+    match verdicts.iter().min_by_key(|(_, v)| rank(v)) {
+        Some((obj, Verdict::Refused(anc, why, msg))) => {
+            return not_ready(
+                reason::GATEWAY_REJECTED,
+                format!(
+                    "Envoy Gateway did not accept BackendTrafficPolicy {obj} for {anc} ({why}): \
+                     {msg}; none of this policy's limits are enforced there"
+                ),
+            );
+        }
+        Some((obj, Verdict::Overridden(anc, msg))) => {
+            return not_ready(
+                reason::GATEWAY_OVERRIDDEN,
+                format!(
+                    "Envoy Gateway applies another policy in place of BackendTrafficPolicy {obj} \
+                     on {anc}: {msg}"
+                ),
+            );
+        }
+        Some((obj, Verdict::Uncovered(why))) => {
+            return not_ready(
+                reason::GATEWAY_NOT_COVERED,
+                format!("Envoy Gateway accepted BackendTrafficPolicy {obj}, but {why}"),
+            );
+        }
+        Some((obj, Verdict::Pending(why))) => {
+            return not_ready(
+                reason::AWAITING_GATEWAY,
+                format!(
+                    "{}; waiting for Envoy Gateway to accept BackendTrafficPolicy {obj}: {why}",
+                    ready.message
+                ),
+            );
+        }
+        Some((_, Verdict::Accepted(_))) | None => {}
     }
     let ancestors: Vec<&str> = verdicts
         .iter()

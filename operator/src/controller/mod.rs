@@ -313,25 +313,25 @@ pub async fn enforce(
             .to_owned();
         let label = format!("{kind}/{obj_name}");
         keep.insert((kind, obj_name));
-        match outcome? {
+        let outcome = outcome?;
+        if let Outcome::Created {
+            generation: Some(g),
+        }
+        | Outcome::Updated {
+            generation: Some(g),
+            ..
+        } = outcome
+        {
+            result.generations.insert(label.clone(), g);
+        }
+        match outcome {
             Outcome::Unchanged => {}
-            Outcome::Created { generation }
-            | Outcome::Updated {
-                drift: None,
-                generation,
-            } => {
-                if let Some(g) = generation {
-                    result.generations.insert(label.clone(), g);
-                }
+            Outcome::Created { .. } | Outcome::Updated { drift: None, .. } => {
                 result.changed.push(label);
             }
             Outcome::Updated {
-                drift: Some(path),
-                generation,
+                drift: Some(path), ..
             } => {
-                if let Some(g) = generation {
-                    result.generations.insert(label.clone(), g);
-                }
                 result.drift.push(format!("{label} at {path}"));
                 result.changed.push(label);
             }
