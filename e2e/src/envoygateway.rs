@@ -282,48 +282,59 @@ impl LocalLimit {
     }
 }
 
+/// Every route of every virtual host in an xDS dump's route configurations.
+fn all_routes(dump: &Value) -> impl Iterator<Item = &Value> {
+    dump["routes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["virtualHosts"].as_array())
+        .flatten()
+        .filter_map(|vh| vh["routes"].as_array())
+        .flatten()
+}
+
+/// A configured descriptor's entries, `(key, value)` (an empty value takes every value).
+fn descriptor_entries(d: &Value) -> Option<Vec<(&str, &str)>> {
+    Some(
+        d["entries"]
+            .as_array()?
+            .iter()
+            .map(|e| {
+                (
+                    e["key"].as_str().unwrap_or_default(),
+                    e["value"].as_str().unwrap_or_default(),
+                )
+            })
+            .collect(),
+    )
+}
+
 /// Every route's local rate limit in an xDS dump ([`EnvoyGateway::xds_dump`]).
 pub fn local_rate_limits(dump: &Value) -> Vec<LocalLimit> {
     let mut out = Vec::new();
-    let configs = dump["routes"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default();
-    for vh in configs
-        .iter()
-        .filter_map(|c| c["virtualHosts"].as_array())
-        .flatten()
-    {
-        for route in vh["routes"].as_array().into_iter().flatten() {
-            let cfg = &route["typedPerFilterConfig"]["envoy.filters.http.local_ratelimit"];
-            if cfg.is_null() {
-                continue;
-            }
-            let descriptors = cfg["descriptors"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|d| {
-                    let entries = d["entries"]
-                        .as_array()?
-                        .iter()
-                        .map(|e| {
-                            format!(
-                                "{}={}",
-                                e["key"].as_str().unwrap_or_default(),
-                                e["value"].as_str().unwrap_or_default()
-                            )
-                        })
-                        .collect();
-                    Some((entries, Bucket::from(&d["tokenBucket"])?))
-                })
-                .collect();
-            out.push(LocalLimit {
-                route: route["name"].as_str().unwrap_or_default().to_owned(),
-                default: Bucket::from(&cfg["tokenBucket"]),
-                descriptors,
-            });
+    for route in all_routes(dump) {
+        let cfg = &route["typedPerFilterConfig"]["envoy.filters.http.local_ratelimit"];
+        if cfg.is_null() {
+            continue;
         }
+        let descriptors = cfg["descriptors"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|d| {
+                let entries = descriptor_entries(d)?
+                    .into_iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect();
+                Some((entries, Bucket::from(&d["tokenBucket"])?))
+            })
+            .collect();
+        out.push(LocalLimit {
+            route: route["name"].as_str().unwrap_or_default().to_owned(),
+            default: Bucket::from(&cfg["tokenBucket"]),
+            descriptors,
+        });
     }
     out
 }
@@ -361,36 +372,26 @@ impl RateRequest {
 /// `path`, `safeRegex`; any other match is an error, never a guess).
 fn route_for<'a>(dump: &'a Value, req: &RateRequest) -> Result<Option<&'a Value>> {
     let path = req.path.split('?').next().unwrap_or_default();
-    let configs = dump["routes"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default();
-    for vh in configs
-        .iter()
-        .filter_map(|c| c["virtualHosts"].as_array())
-        .flatten()
-    {
-        for route in vh["routes"].as_array().into_iter().flatten() {
-            let m = &route["match"];
-            for key in m.as_object().into_iter().flatten().map(|(k, _)| k.as_str()) {
-                if !matches!(key, "prefix" | "pathSeparatedPrefix" | "path" | "safeRegex") {
-                    bail!("route match {key} is not modelled");
-                }
+    for route in all_routes(dump) {
+        let m = &route["match"];
+        for key in m.as_object().into_iter().flatten().map(|(k, _)| k.as_str()) {
+            if !matches!(key, "prefix" | "pathSeparatedPrefix" | "path" | "safeRegex") {
+                bail!("route match {key} is not modelled");
             }
-            let hit = if let Some(p) = m["prefix"].as_str() {
-                path.starts_with(p)
-            } else if let Some(p) = m["pathSeparatedPrefix"].as_str() {
-                path == p || path.starts_with(&format!("{p}/"))
-            } else if let Some(p) = m["path"].as_str() {
-                path == p
-            } else if !m["safeRegex"].is_null() {
-                crate::envoy::string_match(&serde_json::json!({"safeRegex": m["safeRegex"]}), path)?
-            } else {
-                false
-            };
-            if hit {
-                return Ok(Some(route));
-            }
+        }
+        let hit = if let Some(p) = m["prefix"].as_str() {
+            path.starts_with(p)
+        } else if let Some(p) = m["pathSeparatedPrefix"].as_str() {
+            path == p || path.starts_with(&format!("{p}/"))
+        } else if let Some(p) = m["path"].as_str() {
+            path == p
+        } else if !m["safeRegex"].is_null() {
+            crate::envoy::string_match(&serde_json::json!({"safeRegex": m["safeRegex"]}), path)?
+        } else {
+            false
+        };
+        if hit {
+            return Ok(Some(route));
         }
     }
     Ok(None)
@@ -527,17 +528,7 @@ pub fn local_buckets(dump: &Value, req: &RateRequest) -> Result<Option<Vec<(Stri
         .flatten()
         .collect();
     for d in cfg["descriptors"].as_array().into_iter().flatten() {
-        let entries: Vec<(&str, &str)> = d["entries"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|e| {
-                (
-                    e["key"].as_str().unwrap_or_default(),
-                    e["value"].as_str().unwrap_or_default(),
-                )
-            })
-            .collect();
+        let entries = descriptor_entries(d).unwrap_or_default();
         for p in &produced {
             let equal = p.len() == entries.len()
                 && p.iter()

@@ -3,6 +3,8 @@
 //! generation it wrote, and says why not otherwise (refused, displaced by another policy, or no
 //! word from any controller).
 
+use std::fmt::Write as _;
+
 use anyhow::{Context, Result, bail};
 use palisade_e2e::{
     ControlPlane,
@@ -18,6 +20,22 @@ use super::{WAIT, apply_yaml, condition, get, rlp};
 use crate::Env;
 
 fn gateway_and_routes(ns: &str) -> String {
+    let mut routes = String::new();
+    for r in ["api", "other", "third"] {
+        let _ = write!(
+            routes,
+            "---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: {r}, namespace: {ns}}}
+spec:
+  parentRefs: [{{name: shop}}]
+  rules:
+    - matches: [{{path: {{type: PathPrefix, value: /{r}}}}}]
+      backendRefs: [{{name: orders, port: 8080}}]
+"
+        );
+    }
     format!(
         "apiVersion: gateway.networking.k8s.io/v1
 kind: Gateway
@@ -44,35 +62,23 @@ metadata:
 addressType: IPv4
 ports: [{{port: 8080, protocol: TCP}}]
 endpoints: [{{addresses: [10.0.0.10], conditions: {{ready: true}}}}]
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {{name: api, namespace: {ns}}}
-spec:
-  parentRefs: [{{name: shop}}]
-  rules:
-    - matches: [{{path: {{type: PathPrefix, value: /api}}}}]
-      backendRefs: [{{name: orders, port: 8080}}]
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {{name: other, namespace: {ns}}}
-spec:
-  parentRefs: [{{name: shop}}]
-  rules:
-    - matches: [{{path: {{type: PathPrefix, value: /other}}}}]
-      backendRefs: [{{name: orders, port: 8080}}]
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {{name: third, namespace: {ns}}}
-spec:
-  parentRefs: [{{name: shop}}]
-  rules:
-    - matches: [{{path: {{type: PathPrefix, value: /third}}}}]
-      backendRefs: [{{name: orders, port: 8080}}]
-"
+{routes}"
     )
+}
+
+/// `kubectl patch --type=merge` of `kind` `name` in `ns` with `patch`.
+fn merge_patch(cp: &ControlPlane, ns: &str, kind: &str, name: &str, patch: &str) -> Result<()> {
+    palisade_e2e::run_ok(cp.kubectl().args([
+        "patch",
+        kind,
+        name,
+        "-n",
+        ns,
+        "--type=merge",
+        "-p",
+        patch,
+    ]))?;
+    Ok(())
 }
 
 /// The `Ready` condition of RateLimitPolicy `name` once its reason is `reason`.
@@ -270,16 +276,13 @@ spec:
         ),
     )?;
     let parents = |refs: &str| {
-        palisade_e2e::run_ok(cp.kubectl().args([
-            "patch",
+        merge_patch(
+            cp,
+            ns,
             "httproute",
             "api",
-            "-n",
-            ns,
-            "--type=merge",
-            "-p",
             &format!("{{\"spec\":{{\"parentRefs\":{refs}}}}}"),
-        ]))
+        )
     };
     parents(r#"[{"name":"shop"},{"name":"side"}]"#)?;
     let uncovered = with_eg(ready_with(cp, ns, "api", "GatewayNotCovered"))?;
@@ -306,16 +309,13 @@ spec: {controllerName: gateway.envoyproxy.io/look-alike}
 ",
     )?;
     let class = |c: &str| {
-        palisade_e2e::run_ok(cp.kubectl().args([
-            "patch",
+        merge_patch(
+            cp,
+            ns,
             "gateway",
             "shop",
-            "-n",
-            ns,
-            "--type=merge",
-            "-p",
             &format!("{{\"spec\":{{\"gatewayClassName\":\"{c}\"}}}}"),
-        ]))
+        )
     };
     class("look-alike")?;
     with_eg(ready_with(cp, ns, "api", "AwaitingGateway"))?;
