@@ -32,7 +32,7 @@ use anyhow::{Context, Result, bail};
 use base64::Engine as _;
 use palisade_e2e::{
     ControlPlane,
-    bench::{exchange, post, tls_connector},
+    bench::{cpu_seconds, exchange, post, tls_connector},
     registry::{Layout, OciRegistry},
     run, run_ok,
     webhook::{SCOPE_LABEL, WebhookProcess},
@@ -198,15 +198,6 @@ async fn worker(
         latencies.push(start.elapsed());
     }
     Ok(latencies)
-}
-
-/// CPU seconds (user + system) of process `pid` so far.
-fn cpu_seconds(pid: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let after = stat.rsplit_once(')').context("stat")?.1;
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
-    Ok(ticks / 100.0)
 }
 
 /// `VmRSS` and `VmHWM` of `pid`, in MiB.

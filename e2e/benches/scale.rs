@@ -34,6 +34,7 @@ use kube::{
 use palisade_api::{AuthPolicy, RateLimitPolicy, common::HasCommonStatus};
 use palisade_e2e::{
     ControlPlane,
+    bench::{Watched, api_requests, cpu_seconds, requests_between},
     controlplane::default_bin_dir,
     envoygateway::{EnvoyGateway, RateLimits},
     operator::OperatorProcess,
@@ -137,43 +138,24 @@ async fn apply_all(client: &Client, ns: &str, objects: Vec<(ApiResource, Value)>
 
 /// RateLimitPolicies whose objects the operator has applied for their current generation (`Ready`,
 /// or waiting only for Envoy Gateway's verdict).
-async fn operator_applied(client: &Client, ns: &str) -> Result<usize> {
-    let rl: Api<RateLimitPolicy> = Api::namespaced(client.clone(), ns);
-    let list = rl
-        .list(&kube::api::ListParams::default().match_any())
-        .await?;
-    Ok(list
-        .items
-        .iter()
-        .filter(|p| {
-            p.common_status().is_some_and(|s| {
-                s.conditions.iter().any(|c| {
-                    c.type_ == "Ready"
-                        && (c.status == "True" || c.reason == "AwaitingGateway")
-                        && c.observed_generation == p.metadata.generation
-                })
+fn operator_applied(rl: &Watched<RateLimitPolicy>) -> usize {
+    rl.count(|p| {
+        p.common_status().is_some_and(|s| {
+            s.conditions.iter().any(|c| {
+                c.type_ == "Ready"
+                    && (c.status == "True" || c.reason == "AwaitingGateway")
+                    && c.observed_generation == p.metadata.generation
             })
         })
-        .count())
+    })
 }
 
 /// Policies of each kind `Ready` for their current generation.
-async fn ready(client: &Client, ns: &str) -> Result<(usize, usize)> {
-    let rl: Api<RateLimitPolicy> = Api::namespaced(client.clone(), ns);
-    let ap: Api<AuthPolicy> = Api::namespaced(client.clone(), ns);
-    let any = kube::api::ListParams::default().match_any();
-    let rl = rl.list(&any).await?;
-    let ap = ap.list(&any).await?;
-    Ok((
-        rl.items
-            .iter()
-            .filter(|p| p.is_ready(p.metadata.generation))
-            .count(),
-        ap.items
-            .iter()
-            .filter(|p| p.is_ready(p.metadata.generation))
-            .count(),
-    ))
+fn ready(rl: &Watched<RateLimitPolicy>, ap: &Watched<AuthPolicy>) -> (usize, usize) {
+    (
+        rl.count(|p| p.is_ready(p.metadata.generation)),
+        ap.count(|p| p.is_ready(p.metadata.generation)),
+    )
 }
 
 /// Applies `object` (a changed policy) and waits until `reflected` sees it in the cluster;
@@ -256,6 +238,26 @@ async fn bench(cp: &ControlPlane, n: usize) -> Result<()> {
     }));
     objects.extend((0..n).map(|i| (ap.clone(), auth(&ns, i, &["GET"]))));
     let count = objects.len();
+    // Readiness is read from two watches, not by listing every policy again and again, which
+    // would load the API server the operator and Envoy Gateway share.
+    let (rl_watch, ap_watch) = (
+        Watched::<RateLimitPolicy>::start(&client, &ns).await?,
+        Watched::<AuthPolicy>::start(&client, &ns).await?,
+    );
+    // CPU seconds of each process from the first apply to all Ready: who the cores worked for.
+    let cpu = |cp: &ControlPlane| -> Result<[f64; 3]> {
+        let control_plane: f64 = cp
+            .pids()
+            .into_iter()
+            .map(cpu_seconds)
+            .sum::<Result<f64>>()?;
+        Ok([
+            cpu_seconds(op.pid())?,
+            cpu_seconds(eg.pid())?,
+            control_plane,
+        ])
+    };
+    let (cpu_before, requests_before) = (cpu(cp)?, api_requests(cp)?);
     let started = Instant::now();
     apply_all(&client, &ns, objects).await?;
     let applied = started.elapsed();
@@ -263,8 +265,8 @@ async fn bench(cp: &ControlPlane, n: usize) -> Result<()> {
     let mut operator_done = None;
     loop {
         peak = peak.max(op.peak_rss_kib().unwrap_or(0));
-        let (r, a) = ready(&client, &ns).await?;
-        if operator_done.is_none() && a == n && operator_applied(&client, &ns).await? == n + 1 {
+        let (r, a) = ready(&rl_watch, &ap_watch);
+        if operator_done.is_none() && a == n && operator_applied(&rl_watch) == n + 1 {
             operator_done = Some(started.elapsed());
         }
         if r == n + 1 && a == n {
@@ -276,9 +278,11 @@ async fn bench(cp: &ControlPlane, n: usize) -> Result<()> {
                 eg.log_tail()
             );
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let all_ready = started.elapsed();
+    let cpu_after = cpu(cp)?;
+    let requests = requests_between(&requests_before, &api_requests(cp)?, 20.0);
     peak = peak.max(op.peak_rss_kib().unwrap_or(0));
 
     // One RateLimitPolicy changed: its BackendTrafficPolicy carries the new limit.
@@ -289,18 +293,17 @@ async fn bench(cp: &ControlPlane, n: usize) -> Result<()> {
         .map(|c| c.2)
         .context("the BackendTrafficPolicy's name")?;
     let btp_api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &btp);
-    let rl_api: Api<RateLimitPolicy> = Api::namespaced(client.clone(), &ns);
     let (rl_took, rl_reconciles) = one_change(
         &client,
         &ns,
         &op,
         (rl.clone(), rate_limit(&ns, &name, "HTTPRoute", &name, 42)),
         || {
-            let (btp_api, rl_api, generated, name) = (&btp_api, &rl_api, &generated, &name);
+            let (btp_api, rl_watch, generated, name) = (&btp_api, &rl_watch, &generated, &name);
             async move {
                 let object = btp_api.get(generated).await?;
                 let carried = serde_json::to_string(&object.data)?.contains("\"requests\":42");
-                let policy = rl_api.get(name).await?;
+                let policy = rl_watch.get(name).context("the changed policy")?;
                 Ok(carried && policy.is_ready(policy.metadata.generation))
             }
         },
@@ -309,16 +312,15 @@ async fn bench(cp: &ControlPlane, n: usize) -> Result<()> {
 
     // One AuthPolicy changed: its ALLOW AuthorizationPolicy carries the new method.
     let i = n / 2;
-    let ap_api: Api<AuthPolicy> = Api::namespaced(client.clone(), &ns);
     let (ap_took, ap_reconciles) = one_change(
         &client,
         &ns,
         &op,
         (ap.clone(), auth(&ns, i, &["GET", "POST"])),
         || {
-            let (ap_api, name) = (&ap_api, format!("svc-{i}"));
+            let (ap_watch, name) = (&ap_watch, format!("svc-{i}"));
             async move {
-                let policy = ap_api.get(&name).await?;
+                let policy = ap_watch.get(&name).context("the changed policy")?;
                 Ok(policy.is_ready(policy.metadata.generation)
                     && policy.metadata.generation == Some(2))
             }
@@ -339,6 +341,17 @@ async fn bench(cp: &ControlPlane, n: usize) -> Result<()> {
         applied.as_secs_f64(),
         operator_done.unwrap_or(all_ready).as_secs_f64(),
         all_ready.as_secs_f64()
+    );
+    println!(
+        "  CPU seconds from the first apply to all Ready: operator {:.1}, Envoy Gateway {:.1}, etcd and kube-apiserver {:.1} (2 cores: {:.1} available)",
+        cpu_after[0] - cpu_before[0],
+        cpu_after[1] - cpu_before[1],
+        cpu_after[2] - cpu_before[2],
+        2.0 * all_ready.as_secs_f64()
+    );
+    println!(
+        "  API server requests meanwhile (20 or more): {}",
+        requests.join(", ")
     );
     println!(
         "  one RateLimitPolicy changed: reflected in its BackendTrafficPolicy and Ready in {:.0} ms, {rl_reconciles} reconciles (goal < 1 s; must not grow with N)",

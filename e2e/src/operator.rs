@@ -96,7 +96,11 @@ impl OperatorProcess {
                 .arg("--config")
                 .arg(&config_path)
                 .env("KUBECONFIG", kubeconfig)
-                .env("RUST_LOG", "info,kube=warn,vaultrs=off,rustify=off")
+                .env(
+                    "RUST_LOG",
+                    std::env::var("PALISADE_OPERATOR_LOG")
+                        .unwrap_or_else(|_| "info,kube=warn,vaultrs=off,rustify=off".into()),
+                )
                 .env("POD_NAME", format!("operator-{tag}")),
             &log,
         )?;

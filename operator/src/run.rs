@@ -37,6 +37,8 @@ type Related<K> = fn(&reflector::Store<K>, &K, &str) -> Vec<reflector::ObjectRef
 /// every object instead. Changes seen by the watch trigger as usual, except the echoes of the
 /// operator's own writes (`echoes`).
 ///
+/// `observe` sees each event before the cache takes it in.
+///
 /// With `related`, a change to a policy's spec (a new generation, a creation, a deletion) also
 /// reconciles the policies `related` names, for the policy as it was and as it is. They are
 /// found on the same watch, before the cache takes the change in, and queued so that they
@@ -46,6 +48,7 @@ fn controller_for<K>(
     client: &Client,
     echoes: &Arc<controller::apply::Echoes>,
     related: Option<(Related<K>, String)>,
+    observe: impl Fn(&watcher::Event<K>) + Send + Sync + 'static,
 ) -> Controller<K>
 where
     K: kube::Resource<DynamicType = ()>
@@ -65,6 +68,7 @@ where
         .default_backoff()
         .modify(|o| o.meta_mut().managed_fields = None)
         .inspect_ok(move |e| {
+            observe(e);
             let Some((related, root)) = &related else {
                 return;
             };
@@ -146,7 +150,7 @@ fn secret_binding_controller(
         }
     });
     let sb_state = Arc::new(secrets::SecretState::new(Arc::clone(state), vault.clone()));
-    let ctl = controller_for::<SecretBinding>(client, &state.echoes, None);
+    let ctl = controller_for::<SecretBinding>(client, &state.echoes, None, |_| ());
     tokio::spawn(Metrics::count_ready_every(
         Arc::clone(metrics),
         "SecretBinding",
@@ -208,6 +212,7 @@ fn with_caches(
     ctl: Controller<AuthPolicy>,
     client: &Client,
     state: &Arc<State>,
+    overlaps: Arc<auth::Overlaps>,
 ) -> (Controller<AuthPolicy>, Arc<auth::AuthState>) {
     let store = ctl.store();
     tokio::spawn(Metrics::count_ready_every(
@@ -268,6 +273,7 @@ fn with_caches(
     let state = Arc::new(auth::AuthState {
         shared: Arc::clone(state),
         policies: store,
+        overlaps,
         namespaces,
         ambient_pods,
     });
@@ -388,10 +394,17 @@ pub async fn run(
     let auth_related: Related<AuthPolicy> = auth::overlapping;
     let rl_related: Related<RateLimitPolicy> = |store, p, _| ratelimit::same_target(store, p);
     let root = config.context.mesh_root_namespace.clone();
-    let mut auth_ctl = controller_for(&client, &echoes, Some((auth_related, root.clone())))
+    let overlaps = Arc::new(auth::Overlaps::default());
+    let observed = Arc::clone(&overlaps);
+    let mut auth_ctl = controller_for(
+        &client,
+        &echoes,
+        Some((auth_related, root.clone())),
+        move |e| observed.observe(e),
+    )
+    .with_config(ctl_config.clone());
+    let mut rl_ctl = controller_for(&client, &echoes, Some((rl_related, root)), |_| ())
         .with_config(ctl_config.clone());
-    let mut rl_ctl =
-        controller_for(&client, &echoes, Some((rl_related, root))).with_config(ctl_config.clone());
     for ((api_version, kind), ar, stream) in streams {
         let key = (api_version.as_str(), kind.as_str());
         if key == ("spire.spiffe.io/v1alpha1", "ClusterSPIFFEID") {
@@ -413,7 +426,7 @@ pub async fn run(
             rl_ctl = rl_ctl.owns_stream_with(stream, ar);
         }
     }
-    let (auth_ctl, auth_state) = with_caches(auth_ctl, &client, &state);
+    let (auth_ctl, auth_state) = with_caches(auth_ctl, &client, &state, overlaps);
     let (rl_ctl, rl_state) = rate_limit_state(rl_ctl, &client, &state).await;
 
     let sb_run = secret_binding_controller(

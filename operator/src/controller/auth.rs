@@ -36,10 +36,79 @@ pub struct AuthState {
     pub shared: Arc<State>,
     /// Every AuthPolicy.
     pub policies: Store<AuthPolicy>,
+    /// Which AuthPolicies may apply to the same workloads, kept by the same watch.
+    pub overlaps: Arc<Overlaps>,
     /// Every namespace (metadata only): its labels say whether it is in the ambient mesh.
     pub namespaces: Store<PartialObjectMeta<Namespace>>,
     /// The pods labelled `istio.io/dataplane-mode=ambient` (metadata only).
     pub ambient_pods: Store<PartialObjectMeta<Pod>>,
+}
+
+/// The [`translate::auth::OverlapIndex`] of every AuthPolicy, kept by the controller's watch
+/// before its cache takes each event in: a creation, a deletion or a change of spec (a new
+/// generation, a deletion timestamp) updates one entry and a completed (re-)list replaces the
+/// whole; status writes, most of the watch's events, leave it as it is. So a reconcile finds
+/// the policies that may overlap its own without comparing it with every policy.
+#[derive(Default)]
+pub struct Overlaps {
+    index: std::sync::RwLock<translate::auth::OverlapIndex>,
+    /// The policies of a (re-)list in progress.
+    listing: std::sync::Mutex<Vec<Arc<AuthPolicy>>>,
+}
+
+impl Overlaps {
+    /// Takes one event of the AuthPolicy watch in.
+    pub fn observe(&self, event: &kube::runtime::watcher::Event<AuthPolicy>) {
+        use kube::runtime::watcher::Event;
+        use std::sync::PoisonError;
+        let key = |p: &AuthPolicy| (p.namespace().unwrap_or_default(), p.name_any());
+        match event {
+            Event::Apply(p) => {
+                let (ns, name) = key(p);
+                let mut index = self.index.write().unwrap_or_else(PoisonError::into_inner);
+                let same_spec = index.get(&ns, &name).is_some_and(|old| {
+                    old.metadata.generation == p.metadata.generation
+                        && old.metadata.deletion_timestamp == p.metadata.deletion_timestamp
+                });
+                if !same_spec {
+                    index.insert(&Arc::new(p.clone()));
+                }
+            }
+            Event::Delete(p) => {
+                let (ns, name) = key(p);
+                self.index
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&ns, &name);
+            }
+            Event::Init => self
+                .listing
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clear(),
+            Event::InitApply(p) => self
+                .listing
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(Arc::new(p.clone())),
+            Event::InitDone => {
+                let listed = std::mem::take(
+                    &mut *self.listing.lock().unwrap_or_else(PoisonError::into_inner),
+                );
+                *self.index.write().unwrap_or_else(PoisonError::into_inner) =
+                    translate::auth::OverlapIndex::new(listed);
+            }
+        }
+    }
+
+    /// The policies that may apply to the same workloads as `policy` (see
+    /// [`translate::auth::OverlapIndex::candidates`]).
+    pub fn candidates(&self, policy: &AuthPolicy, root: &str) -> Vec<Arc<AuthPolicy>> {
+        self.index
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .candidates(policy, root)
+    }
 }
 
 /// The AuthPolicies a change to namespace `ns`, or to an ambient pod in it, may concern: those
@@ -164,7 +233,7 @@ pub async fn reconcile(policy: Arc<AuthPolicy>, auth: Arc<AuthState>) -> Result<
 }
 
 async fn reconcile_inner(policy: &AuthPolicy, auth: &AuthState) -> Result<Action, Error> {
-    let (state, policies) = (&*auth.shared, &auth.policies);
+    let state = &*auth.shared;
     let ns = policy.namespace().unwrap_or_default();
     let name = policy.name_any();
     let api: Api<AuthPolicy> = Api::namespaced(state.client.clone(), &ns);
@@ -200,10 +269,10 @@ async fn reconcile_inner(policy: &AuthPolicy, auth: &AuthState) -> Result<Action
     }
 
     let mut desired = translate::auth::translate(policy, &state.ctx);
-    // `widenings` keeps the policies that can apply to this one's workloads: of this namespace
-    // and of the mesh root namespace (or, for a root-namespace policy, of every namespace).
+    // `widenings` keeps, of the policies the index offers (those of this namespace and of the
+    // mesh root namespace that may select the same workloads), the ones that apply to them.
     let root = state.ctx.mesh_root_namespace.as_str();
-    let siblings = policies.state();
+    let siblings = auth.overlaps.candidates(policy, root);
     desired
         .notes
         .extend(translate::auth::widenings(policy, &siblings, root));
@@ -248,4 +317,71 @@ async fn reconcile_inner(policy: &AuthPolicy, auth: &AuthState) -> Result<Action
 /// The current time (the only clock read in a reconcile, outside the pure translators).
 pub(crate) fn jiff_now() -> k8s_openapi::jiff::Timestamp {
     k8s_openapi::jiff::Timestamp::now()
+}
+
+#[cfg(test)]
+mod tests {
+    use kube::runtime::watcher::Event;
+
+    use super::*;
+
+    fn policy(name: &str, app: &str, generation: i64) -> AuthPolicy {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "palisade.dev/v1alpha1", "kind": "AuthPolicy",
+            "metadata": {"name": name, "namespace": "shop", "generation": generation},
+            "spec": {"selector": {"matchLabels": {"app": app}}, "rules": [{}]},
+        }))
+        .expect("policy")
+    }
+
+    fn names(overlaps: &Overlaps, probe: &AuthPolicy) -> Vec<String> {
+        let mut n: Vec<String> = overlaps
+            .candidates(probe, "istio-system")
+            .iter()
+            .map(|p| p.name_any())
+            .collect();
+        n.sort();
+        n
+    }
+
+    /// The index follows the watch: a completed list, a new policy, a new selector (a new
+    /// generation), a deletion; a re-list replaces it whole.
+    #[test]
+    fn overlaps_follow_the_watch() {
+        let overlaps = Overlaps::default();
+        let probe = policy("probe", "orders", 1);
+        for e in [
+            Event::Init,
+            Event::InitApply(policy("a", "orders", 1)),
+            Event::InitApply(policy("b", "payments", 1)),
+        ] {
+            overlaps.observe(&e);
+        }
+        assert!(
+            names(&overlaps, &probe).is_empty(),
+            "a list counts once done"
+        );
+        overlaps.observe(&Event::InitDone);
+        assert_eq!(names(&overlaps, &probe), ["a"]);
+
+        overlaps.observe(&Event::Apply(policy("c", "orders", 1)));
+        assert_eq!(names(&overlaps, &probe), ["a", "c"]);
+        // Same generation (a status write): the indexed spec stays.
+        overlaps.observe(&Event::Apply(policy("b", "orders", 1)));
+        assert_eq!(names(&overlaps, &probe), ["a", "c"]);
+        // A new generation moves it.
+        overlaps.observe(&Event::Apply(policy("a", "payments", 2)));
+        assert_eq!(names(&overlaps, &probe), ["c"]);
+        overlaps.observe(&Event::Delete(policy("c", "orders", 1)));
+        assert!(names(&overlaps, &probe).is_empty());
+
+        for e in [
+            Event::Init,
+            Event::InitApply(policy("d", "orders", 1)),
+            Event::InitDone,
+        ] {
+            overlaps.observe(&e);
+        }
+        assert_eq!(names(&overlaps, &probe), ["d"]);
+    }
 }

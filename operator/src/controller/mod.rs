@@ -449,6 +449,16 @@ where
             )
         })?;
     state.metrics.write("status");
+    tracing::debug!(
+        name = meta.name.as_deref().unwrap_or_default(),
+        on = meta.resource_version.as_deref().unwrap_or_default(),
+        now = written
+            .meta()
+            .resource_version
+            .as_deref()
+            .unwrap_or_default(),
+        "status written"
+    );
     state.applied.record_as(key, &written_on);
     // Its watch event wakes nothing only when the object is what this reconcile wrote: the spec
     // it judged, and exactly our status (a write that changed nothing returns someone else's

@@ -12,6 +12,8 @@
 //! Istio evaluates CUSTOM, then DENY, then ALLOW; these are separate objects so each action keeps
 //! its own semantics.
 
+use std::collections::BTreeMap;
+
 use palisade_api::{
     AuthPolicy, SpiffeId,
     auth_policy::{AuthRule, JwtSpec, MtlsMode, Operation, Source, When},
@@ -771,6 +773,211 @@ fn selectors_meet(a: &AuthPolicy, b: &AuthPolicy) -> bool {
         .all(|(k, v)| sb.match_labels.get(k).is_none_or(|w| w == v))
 }
 
+/// The AuthPolicies that may [`overlap`] a given one, found without comparing it with every
+/// policy: per namespace, policies with `targetRefs` by target, policies with a selector grouped
+/// by the set of label keys they select on and, in each group, by each key's value, and the
+/// policies that cover their whole namespace. For a selector-based policy only the groups'
+/// entries that agree with it on a shared key are candidates (or a whole group that shares no
+/// key with it); for a policy of the mesh root namespace or one that covers its namespace, every
+/// policy it can reach is. [`OverlapIndex::candidates`] always includes every policy that
+/// overlaps, each once (`overlap_index_finds_every_overlap`); [`widenings`] tells which of them
+/// do. It is kept current one policy at a time ([`OverlapIndex::insert`],
+/// [`OverlapIndex::remove`]).
+#[derive(Default)]
+pub struct OverlapIndex {
+    namespaces: std::collections::HashMap<String, NamespaceIndex>,
+}
+
+type Shared = std::sync::Arc<AuthPolicy>;
+/// Policies by name.
+type ByName = BTreeMap<String, Shared>;
+
+#[derive(Default)]
+struct NamespaceIndex {
+    all: ByName,
+    whole_namespace: ByName,
+    by_target: std::collections::HashMap<(String, String, String), ByName>,
+    /// Key set → key → value → policies.
+    by_selector: BTreeMap<
+        Vec<String>,
+        std::collections::HashMap<String, std::collections::HashMap<String, ByName>>,
+    >,
+    /// Key set → policies (those whose selector has none of a policy's keys all meet it).
+    by_key_set: BTreeMap<Vec<String>, ByName>,
+}
+
+fn name_of(p: &AuthPolicy) -> String {
+    p.metadata.name.clone().unwrap_or_default()
+}
+
+impl OverlapIndex {
+    /// The index of `policies`.
+    pub fn new(policies: impl IntoIterator<Item = Shared>) -> Self {
+        let mut index = OverlapIndex::default();
+        for p in policies {
+            index.insert(&p);
+        }
+        index
+    }
+
+    /// The indexed policy `namespace`/`name`.
+    pub fn get(&self, namespace: &str, name: &str) -> Option<&Shared> {
+        self.namespaces.get(namespace)?.all.get(name)
+    }
+
+    /// Indexes `p`, in place of the policy of its name if there was one.
+    pub fn insert(&mut self, p: &Shared) {
+        let ns_name = p.metadata.namespace.clone().unwrap_or_default();
+        self.remove(&ns_name, &name_of(p));
+        let name = name_of(p);
+        let ns = self.namespaces.entry(ns_name).or_default();
+        ns.all.insert(name.clone(), p.clone());
+        match (&p.spec.target_refs, &p.spec.selector) {
+            (Some(targets), _) => {
+                for t in targets {
+                    let key = (t.group.clone(), t.kind.clone(), t.name.clone());
+                    ns.by_target
+                        .entry(key)
+                        .or_default()
+                        .insert(name.clone(), p.clone());
+                }
+            }
+            (None, Some(selector)) => {
+                let keys: Vec<String> = selector.match_labels.keys().cloned().collect();
+                let group = ns.by_selector.entry(keys.clone()).or_default();
+                for (k, v) in &selector.match_labels {
+                    group
+                        .entry(k.clone())
+                        .or_default()
+                        .entry(v.clone())
+                        .or_default()
+                        .insert(name.clone(), p.clone());
+                }
+                ns.by_key_set
+                    .entry(keys)
+                    .or_default()
+                    .insert(name, p.clone());
+            }
+            (None, None) => {
+                ns.whole_namespace.insert(name, p.clone());
+            }
+        }
+    }
+
+    /// Removes the policy `namespace`/`name`, if indexed.
+    pub fn remove(&mut self, namespace: &str, name: &str) {
+        let Some(ns) = self.namespaces.get_mut(namespace) else {
+            return;
+        };
+        let Some(p) = ns.all.remove(name) else {
+            return;
+        };
+        match (&p.spec.target_refs, &p.spec.selector) {
+            (Some(targets), _) => {
+                for t in targets {
+                    let key = (t.group.clone(), t.kind.clone(), t.name.clone());
+                    if let Some(bucket) = ns.by_target.get_mut(&key) {
+                        bucket.remove(name);
+                        if bucket.is_empty() {
+                            ns.by_target.remove(&key);
+                        }
+                    }
+                }
+            }
+            (None, Some(selector)) => {
+                let keys: Vec<String> = selector.match_labels.keys().cloned().collect();
+                if let Some(group) = ns.by_selector.get_mut(&keys) {
+                    for (k, v) in &selector.match_labels {
+                        if let Some(values) = group.get_mut(k) {
+                            if let Some(bucket) = values.get_mut(v) {
+                                bucket.remove(name);
+                                if bucket.is_empty() {
+                                    values.remove(v);
+                                }
+                            }
+                            if values.is_empty() {
+                                group.remove(k);
+                            }
+                        }
+                    }
+                    if group.is_empty() {
+                        ns.by_selector.remove(&keys);
+                    }
+                }
+                if let Some(bucket) = ns.by_key_set.get_mut(&keys) {
+                    bucket.remove(name);
+                    if bucket.is_empty() {
+                        ns.by_key_set.remove(&keys);
+                    }
+                }
+            }
+            (None, None) => {
+                ns.whole_namespace.remove(name);
+            }
+        }
+        if ns.all.is_empty() {
+            self.namespaces.remove(namespace);
+        }
+    }
+
+    /// Every indexed policy that may overlap `policy` (the mesh root namespace being `root`),
+    /// each once, possibly `policy` itself and possibly some that do not.
+    pub fn candidates(&self, policy: &AuthPolicy, root: &str) -> Vec<Shared> {
+        let ns = policy.metadata.namespace.as_deref().unwrap_or_default();
+        let root_policies = || {
+            self.namespaces
+                .get(root)
+                .into_iter()
+                .flat_map(|n| n.all.values().cloned())
+        };
+        if ns == root {
+            // A root-namespace policy reaches every namespace.
+            return self
+                .namespaces
+                .values()
+                .flat_map(|n| n.all.values().cloned())
+                .collect();
+        }
+        let mut out: Vec<Shared> = root_policies().collect();
+        let Some(index) = self.namespaces.get(ns) else {
+            return out;
+        };
+        match (&policy.spec.target_refs, &policy.spec.selector) {
+            (Some(targets), _) => {
+                out.extend(index.whole_namespace.values().cloned());
+                let mut found = ByName::new();
+                for t in targets {
+                    let key = (t.group.clone(), t.kind.clone(), t.name.clone());
+                    if let Some(bucket) = index.by_target.get(&key) {
+                        found.extend(bucket.iter().map(|(k, v)| (k.clone(), v.clone())));
+                    }
+                }
+                out.extend(found.into_values());
+            }
+            (None, Some(selector)) => {
+                out.extend(index.whole_namespace.values().cloned());
+                for (keys, members) in &index.by_key_set {
+                    let shared = keys
+                        .iter()
+                        .find_map(|k| selector.match_labels.get(k).map(|v| (k, v)));
+                    let bucket = match shared {
+                        Some((k, v)) => index
+                            .by_selector
+                            .get(keys)
+                            .and_then(|group| group.get(k))
+                            .and_then(|values| values.get(v)),
+                        None => Some(members),
+                    };
+                    out.extend(bucket.into_iter().flat_map(|b| b.values().cloned()));
+                }
+            }
+            // Covers the whole namespace: every policy of it.
+            (None, None) => out.extend(index.all.values().cloned()),
+        }
+        out
+    }
+}
+
 /// How other AuthPolicies change what `policy` promises. Istio allows a request when any ALLOW
 /// policy on the workload matches it, so a policy with `rules` ("everything else is refused")
 /// is widened by another policy that applies to the same workloads and allows a rule it does not
@@ -1361,5 +1568,104 @@ mod tests {
         );
         let ports = spec_policy(&json!({"rules": [{"to": [{"ports": [8080]}]}]}));
         assert!(ambient_notes(&ports, &unknown).is_empty());
+    }
+
+    mod overlap_index {
+        use std::sync::Arc;
+
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// A policy from a small domain, so that overlaps, shared keys, shared targets and
+        /// root-namespace policies are common.
+        fn arb_policy() -> impl Strategy<Value = AuthPolicy> {
+            let labels = proptest::collection::btree_map(
+                prop::sample::select(vec!["app", "tier", "version"]),
+                prop::sample::select(vec!["a", "b"]),
+                0..3,
+            );
+            let targets = proptest::collection::vec(
+                (
+                    prop::sample::select(vec!["", "gateway.networking.k8s.io"]),
+                    prop::sample::select(vec!["Gateway", "Service"]),
+                    prop::sample::select(vec!["x", "y"]),
+                ),
+                0..3,
+            );
+            (
+                0u8..6,
+                prop::sample::select(vec!["istio-system", "shop", "pay"]),
+                prop::option::of(labels),
+                prop::option::of(targets),
+            )
+                .prop_map(|(n, ns, selector, targets)| {
+                    let mut spec = json!({"rules": [{"from": [{"namespace": "x"}]}]});
+                    if let Some(l) = selector {
+                        spec["selector"] = json!({"matchLabels": l});
+                    }
+                    if let Some(t) = targets {
+                        let t: Vec<serde_json::Value> = t
+                            .into_iter()
+                            .map(|(g, k, n)| json!({"group": g, "kind": k, "name": n}))
+                            .collect();
+                        spec["targetRefs"] = json!(t);
+                    }
+                    serde_json::from_value(json!({
+                        "apiVersion": "palisade.dev/v1alpha1", "kind": "AuthPolicy",
+                        "metadata": {"name": format!("p{n}"), "namespace": ns},
+                        "spec": spec,
+                    }))
+                    .expect("policy")
+                })
+        }
+
+        fn key(p: &AuthPolicy) -> (String, String) {
+            (
+                p.metadata.namespace.clone().unwrap_or_default(),
+                p.metadata.name.clone().unwrap_or_default(),
+            )
+        }
+
+        proptest! {
+            /// Whatever was inserted, replaced and removed, the candidates of any policy hold
+            /// every indexed policy it overlaps, each once, and only indexed policies.
+            #[test]
+            fn overlap_index_finds_every_overlap(
+                policies in proptest::collection::vec(arb_policy(), 0..24),
+                removed in proptest::collection::vec((0u8..6, prop::sample::select(vec!["istio-system", "shop", "pay"])), 0..4),
+                probe in arb_policy(),
+            ) {
+                let root = "istio-system";
+                let mut index = OverlapIndex::default();
+                let mut live = std::collections::BTreeMap::new();
+                for p in policies {
+                    live.insert(key(&p), p.clone());
+                    index.insert(&Arc::new(p));
+                }
+                for (n, ns) in removed {
+                    live.remove(&(ns.to_owned(), format!("p{n}")));
+                    index.remove(ns, &format!("p{n}"));
+                }
+                for p in live.values().chain(std::iter::once(&probe)) {
+                    let found: Vec<(String, String)> =
+                        index.candidates(p, root).iter().map(|c| key(c)).collect();
+                    let mut unique = found.clone();
+                    unique.sort();
+                    unique.dedup();
+                    prop_assert_eq!(unique.len(), found.len(), "a candidate twice: {:?}", found);
+                    for c in &found {
+                        prop_assert!(live.contains_key(c), "{:?} is not indexed", c);
+                    }
+                    for (k, q) in &live {
+                        if overlap(p, q, root) {
+                            prop_assert!(found.contains(k), "{:?} overlaps {:?} but is no candidate", k, key(p));
+                        }
+                    }
+                    // And the index holds exactly what is live.
+                    prop_assert!(live.keys().all(|(ns, n)| index.get(ns, n).is_some()));
+                }
+            }
+        }
     }
 }
