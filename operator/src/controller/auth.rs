@@ -375,13 +375,38 @@ mod tests {
         overlaps.observe(&Event::Delete(policy("c", "orders", 1)));
         assert!(names(&overlaps, &probe).is_empty());
 
+        // A deletion timestamp alone (same generation, as a fake might send it) replaces the
+        // indexed copy: a policy being deleted is told apart.
+        let mut terminating = policy("d", "orders", 1);
+        overlaps.observe(&Event::Apply(terminating.clone()));
+        terminating.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+            ));
+        overlaps.observe(&Event::Apply(terminating));
+        let indexed = overlaps.candidates(&probe, "istio-system");
+        assert!(
+            indexed
+                .iter()
+                .all(|p| p.metadata.deletion_timestamp.is_some())
+        );
+        assert_eq!(names(&overlaps, &probe), ["d"]);
+
+        // A re-list replaces the index whole: a policy it no longer holds is gone, though it
+        // matched.
         for e in [
             Event::Init,
-            Event::InitApply(policy("d", "orders", 1)),
-            Event::InitDone,
+            Event::InitApply(policy("e", "orders", 1)),
+            Event::InitApply(policy("f", "payments", 1)),
         ] {
             overlaps.observe(&e);
         }
-        assert_eq!(names(&overlaps, &probe), ["d"]);
+        assert_eq!(
+            names(&overlaps, &probe),
+            ["d"],
+            "the old index serves until the list is done"
+        );
+        overlaps.observe(&Event::InitDone);
+        assert_eq!(names(&overlaps, &probe), ["e"]);
     }
 }

@@ -998,10 +998,9 @@ pub fn widenings(
     for other in others {
         let other_ns = other.metadata.namespace.as_deref().unwrap_or_default();
         let other_name = other.metadata.name.as_deref().unwrap_or_default();
-        if (other_ns, other_name) == (ns, name)
-            || other.metadata.deletion_timestamp.is_some()
-            || !overlap(policy, other, root)
-        {
+        // A policy being deleted still counts: its objects stay in force until it is gone (a
+        // finalizer can hold it for as long as its owner likes), and its deletion wakes us.
+        if (other_ns, other_name) == (ns, name) || !overlap(policy, other, root) {
             continue;
         }
         let Some(theirs) = &other.spec.rules else {
@@ -1306,6 +1305,35 @@ mod tests {
         assert!(
             overlap(&open, &payments, "istio-system")
                 && !overlap(&orders, &payments, "istio-system")
+        );
+    }
+
+    /// A policy held in deletion by a finalizer keeps its ALLOW policy in force (the garbage
+    /// collector removes its objects only once it is gone): it still widens, and is reported.
+    #[test]
+    fn a_policy_being_deleted_still_widens() {
+        let orders = policy(
+            "orders",
+            Some("orders"),
+            &json!([{"from": [{"serviceAccount": {"name": "frontend"}}]}]),
+        );
+        let mut held = policy("held", Some("orders"), &json!([{}]));
+        held.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+            ));
+        held.metadata.finalizers = Some(vec!["example.com/hold".into()]);
+        let all = vec![
+            std::sync::Arc::new(orders.clone()),
+            std::sync::Arc::new(held),
+        ];
+        let notes = widenings(&orders, &all, "istio-system");
+        assert!(
+            notes
+                .iter()
+                .any(|n| n.reason == "WidenedBy" && n.message.contains("held")),
+            "{:?}",
+            notes.iter().map(|n| &n.message).collect::<Vec<_>>()
         );
     }
 
