@@ -17,7 +17,7 @@ use palisade_webhook::{
     config::Config,
     decide::{Facts, decide},
     secrets::SecretsPolicy,
-    workload::pod_of,
+    workload::{pod_of, pod_of_object},
 };
 use serde_json::json;
 
@@ -90,9 +90,30 @@ fn main() {
     per_op("parse AdmissionReview", n, |i| {
         black_box(parse(i));
     });
-    per_op("secrets: screened, no Rego needed", n, |i| {
+    per_op("parse the same as a JSON value", n, |i| {
+        black_box(
+            serde_json::from_str::<serde_json::Value>(&bodies[i % bodies.len()]).expect("json"),
+        );
+    });
+    per_op("view of the pod, from a copy", n, |i| {
+        let object = reqs[i % reqs.len()].object.as_ref().expect("object");
+        let v = serde_json::to_value(object).expect("value");
+        black_box(pod_of("Pod", &v).expect("pod"));
+    });
+    per_op("view of the pod, in place", n, |i| {
+        let object = reqs[i % reqs.len()].object.as_ref().expect("object");
+        black_box(pod_of_object("Pod", object).expect("pod"));
+    });
+    per_op("secrets: input built, then screened", n, |i| {
         let input = SecretsPolicy::input(&pods[i % pods.len()]);
         black_box(secrets.evaluate(&input).expect("evaluates"));
+    });
+    per_op("secrets: the pod screened", n, |i| {
+        black_box(
+            secrets
+                .evaluate_pod(&pods[i % pods.len()])
+                .expect("evaluates"),
+        );
     });
     per_op("secrets: the Rego policy evaluated", n, |i| {
         let input = SecretsPolicy::input(&pods[i % pods.len()]);

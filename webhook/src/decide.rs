@@ -21,7 +21,7 @@ use crate::{
     images::reference,
     pods::{image_uses, new_image_uses},
     secrets::{Finding, SecretsPolicy},
-    workload::{PodView, pod_of},
+    workload::{PodView, pod_of, pod_of_object},
 };
 
 /// Cluster facts a decision needs.
@@ -433,9 +433,7 @@ fn new_secret_findings(
     old: Option<&PodView>,
 ) -> Result<Vec<(String, String)>, String> {
     let findings = |p: &PodView| -> Result<Vec<(String, String)>, String> {
-        let found = secrets
-            .evaluate(&SecretsPolicy::input(p))
-            .map_err(|e| e.to_string())?;
+        let found = secrets.evaluate_pod(p).map_err(|e| e.to_string())?;
         Ok(found
             .into_iter()
             .map(|f: Finding| {
@@ -462,8 +460,7 @@ fn view_of(
     req: &AdmissionRequest<DynamicObject>,
     object: &DynamicObject,
 ) -> Result<Option<PodView>, String> {
-    let value = serde_json::to_value(object).map_err(|e| format!("cannot read the object: {e}"))?;
-    pod_of(&req.kind.kind, &value).map_err(|e| e.to_string())
+    pod_of_object(&req.kind.kind, object).map_err(|e| e.to_string())
 }
 
 /// Whether an UPDATE from `old` to `object` (whose pod is `pod`) changes nothing a check judges:

@@ -118,6 +118,30 @@ impl SecretsPolicy {
         })
     }
 
+    /// [`Self::may_find`] on the pod itself, without building the policy's input: the same
+    /// answer (`screen::the_typed_screen_is_the_screen` checks it) for what every pod pays.
+    pub fn may_find_in(&self, pod: &PodView) -> bool {
+        containers(&pod.spec).any(|c| {
+            c.env.iter().any(|e| {
+                e.value_from
+                    .as_ref()
+                    .is_some_and(|v| v.secret_key_ref.is_some())
+                    || e.value
+                        .as_deref()
+                        .is_some_and(|v| self.any_pattern.is_match(v))
+            }) || c.env_from.iter().any(|s| s.secret_ref.is_some())
+        })
+    }
+
+    /// The findings of the policy in a pod, sorted: none, and no input built, when
+    /// [`Self::may_find_in`] says there can be none.
+    pub fn evaluate_pod(&self, pod: &PodView) -> Result<Vec<Finding>, PolicyError> {
+        if !self.may_find_in(pod) {
+            return Ok(Vec::new());
+        }
+        self.eval(&Self::input(pod))
+    }
+
     /// The policy input for a pod: every container with its env and envFrom.
     pub fn input(pod: &PodView) -> serde_json::Value {
         let list: Vec<serde_json::Value> = containers(&pod.spec)
@@ -270,6 +294,34 @@ mod tests {
                     prop_assert!(policy.may_find(&input), "screened out: {input}, found {found:?}");
                 }
                 prop_assert_eq!(policy.evaluate(&input).expect("evaluates"), found);
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig {
+                cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(512),
+                ..ProptestConfig::default()
+            })]
+            /// The screen on the pod answers as the screen on the policy's input, and so do the
+            /// findings, for pods with every container list.
+            #[test]
+            fn the_typed_screen_is_the_screen(
+                lists in proptest::collection::vec(input(), 3),
+            ) {
+                let policy = SecretsPolicy::new().expect("policy");
+                let list = |i: usize| lists[i]["containers"].clone();
+                let spec = json!({"initContainers": list(0), "containers": list(1),
+                                  "ephemeralContainers": list(2)});
+                // Inputs with values no pod can hold (numbers, null values) are not pods.
+                let pod = crate::workload::pod_of("Pod", &json!({"spec": spec}));
+                prop_assume!(pod.is_ok());
+                let pod = pod.expect("a pod").expect("a pod");
+                let input = SecretsPolicy::input(&pod);
+                prop_assert_eq!(policy.may_find_in(&pod), policy.may_find(&input), "{}", input);
+                prop_assert_eq!(
+                    policy.evaluate_pod(&pod).expect("evaluates"),
+                    policy.eval(&input).expect("evaluates")
+                );
             }
         }
 

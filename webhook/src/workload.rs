@@ -5,6 +5,8 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::PodSpec;
+use kube::core::DynamicObject;
+use serde::Deserialize;
 use serde_json::Value;
 
 /// Kinds whose objects carry a pod (template), with the JSON path to it.
@@ -77,24 +79,72 @@ pub fn pod_of(kind: &str, object: &Value) -> Result<Option<PodView>, ExtractErro
         kind: kind.to_owned(),
         path,
     })?;
-    let invalid = |source| ExtractError::Invalid {
-        kind: kind.to_owned(),
-        path,
-        source,
+    pod_of_template(kind, path, template)
+}
+
+/// [`pod_of`] for an object as an admission request carries it, read where it lies (a Pod's
+/// labels and annotations from its parsed metadata, the spec from its data) rather than from a
+/// copy of the whole object: the same view, without copying the object twice per request.
+pub fn pod_of_object(kind: &str, object: &DynamicObject) -> Result<Option<PodView>, ExtractError> {
+    let Some((_, path)) = KINDS.iter().find(|(k, _)| *k == kind) else {
+        return Ok(None);
     };
-    let string_map = |v: Option<&Value>| -> Result<BTreeMap<String, String>, ExtractError> {
+    if path.is_empty() {
+        let meta = &object.metadata;
+        return view(
+            kind,
+            path,
+            meta.labels.clone().unwrap_or_default(),
+            meta.annotations.clone().unwrap_or_default(),
+            object.data.get("spec"),
+        );
+    }
+    // Every other kind's template lies in the object's data (its metadata is the workload's).
+    let Some(template) = object.data.pointer(path) else {
+        return Err(ExtractError::Missing {
+            kind: kind.to_owned(),
+            path,
+        });
+    };
+    pod_of_template(kind, path, template)
+}
+
+fn pod_of_template(
+    kind: &str,
+    path: &'static str,
+    template: &Value,
+) -> Result<Option<PodView>, ExtractError> {
+    let string_map = |v: Option<&Value>| {
         v.map_or_else(
             || Ok(BTreeMap::new()),
-            |v| serde_json::from_value(v.clone()).map_err(invalid),
+            |v| BTreeMap::<String, String>::deserialize(v).map_err(|e| invalid(kind, path, e)),
         )
     };
     let labels = string_map(template.pointer("/metadata/labels"))?;
     let annotations = string_map(template.pointer("/metadata/annotations"))?;
-    let spec_value = template.get("spec").ok_or_else(|| ExtractError::Missing {
+    view(kind, path, labels, annotations, template.get("spec"))
+}
+
+fn invalid(kind: &str, path: &'static str, source: serde_json::Error) -> ExtractError {
+    ExtractError::Invalid {
+        kind: kind.to_owned(),
+        path,
+        source,
+    }
+}
+
+fn view(
+    kind: &str,
+    path: &'static str,
+    labels: BTreeMap<String, String>,
+    annotations: BTreeMap<String, String>,
+    spec: Option<&Value>,
+) -> Result<Option<PodView>, ExtractError> {
+    let spec = spec.ok_or_else(|| ExtractError::Missing {
         kind: kind.to_owned(),
         path,
     })?;
-    let spec: PodSpec = serde_json::from_value(spec_value.clone()).map_err(invalid)?;
+    let spec = PodSpec::deserialize(spec).map_err(|e| invalid(kind, path, e))?;
     Ok(Some(PodView {
         kind: kind.to_owned(),
         template_path: path,
@@ -170,5 +220,76 @@ mod tests {
             .expect("ok")
             .expect("pod");
         assert_eq!(pod.service_account(), "default");
+    }
+
+    #[test]
+    fn the_view_read_in_place_is_the_view_of_a_copy() {
+        // The admission path reads the object in place; every other caller, and the path
+        // before it, read a copy of the whole object. Both must see the same pod, fail alike,
+        // and a workload's own labels must never stand in for its template's.
+        let t = json!({"metadata": {"labels": {"app": "orders", "tier": "web"},
+                                    "annotations": {"sidecar.istio.io/inject": "true"}},
+                       "spec": {"serviceAccountName": "orders", "containers": [
+                           {"name": "app", "image": "r/app:1",
+                            "env": [{"name": "A", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]}],
+                           "initContainers": [{"name": "init", "image": "r/init:1"}]}});
+        let workload_meta = json!({"name": "w", "labels": {"app": "other"},
+                                   "annotations": {"sidecar.istio.io/inject": "false"}});
+        let mut objects = vec![
+            (
+                "Pod",
+                json!({"apiVersion": "v1", "kind": "Pod", "metadata": t["metadata"], "spec": t["spec"]}),
+            ),
+            (
+                "Pod",
+                json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "bare"},
+                       "spec": {"containers": []}}),
+            ),
+            (
+                "Pod",
+                json!({"apiVersion": "v1", "kind": "Pod", "metadata": {}}),
+            ),
+            (
+                "Pod",
+                json!({"apiVersion": "v1", "kind": "Pod", "metadata": {}, "spec": {"containers": "x"}}),
+            ),
+            (
+                "CronJob",
+                json!({"metadata": workload_meta, "spec": {"jobTemplate": {"spec": {"template": t}}}}),
+            ),
+            ("CronJob", json!({"metadata": workload_meta, "spec": {}})),
+            (
+                "Deployment",
+                json!({"metadata": workload_meta, "spec": {"template": {"metadata": {"labels": {"a": 1}},
+                                                                        "spec": {"containers": []}}}}),
+            ),
+            ("ConfigMap", json!({"metadata": workload_meta, "data": {}})),
+        ];
+        for kind in [
+            "Deployment",
+            "ReplicaSet",
+            "StatefulSet",
+            "DaemonSet",
+            "Job",
+        ] {
+            objects.push((
+                kind,
+                json!({"metadata": workload_meta, "spec": {"template": t}}),
+            ));
+        }
+        for (kind, json) in objects {
+            let object: DynamicObject = serde_json::from_value(json.clone()).expect("an object");
+            let copy = serde_json::to_value(&object).expect("a copy");
+            let in_place = pod_of_object(kind, &object).map_err(|e| e.to_string());
+            let of_copy = pod_of(kind, &copy).map_err(|e| e.to_string());
+            assert_eq!(in_place, of_copy, "{kind}: {json}");
+            if let Ok(Some(pod)) = in_place {
+                assert_ne!(
+                    pod.labels.get("app").map(String::as_str),
+                    Some("other"),
+                    "{kind}"
+                );
+            }
+        }
     }
 }

@@ -18,7 +18,7 @@ use super::{admit::scope_of, check::ImageVerifier, policy::CompiledImagePolicy, 
 use crate::{
     config::Config,
     pods::{image_uses, new_image_uses, pull_secrets},
-    workload::pod_of,
+    workload::pod_of_object,
 };
 
 /// Annotation holding the verified digests, `{"image as written": "sha256:…"}`.
@@ -43,11 +43,7 @@ pub async fn pin_ops(
     {
         return Vec::new();
     }
-    let view = |o: &DynamicObject| {
-        serde_json::to_value(o)
-            .ok()
-            .and_then(|v| pod_of("Pod", &v).ok().flatten())
-    };
+    let view = |o: &DynamicObject| pod_of_object("Pod", o).ok().flatten();
     let Some(pod) = req.object.as_ref().and_then(view) else {
         return Vec::new();
     };
