@@ -259,6 +259,11 @@ mod tests {
                 1 => Just(json!({"name": "S", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}})),
                 1 => Just(json!({"name": "C", "valueFrom": {"configMapKeyRef": {"name": "c", "key": "k"}}})),
                 1 => Just(json!({"name": "N", "valueFrom": {"secretKeyRef": null}})),
+                1 => Just(json!({"name": "E", "valueFrom": {}})),
+                1 => Just(json!({"name": "E", "valueFrom": null})),
+                1 => Just(json!({"name": "F", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}})),
+                1 => Just(json!({"name": "B", "value": "x", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}})),
+                1 => Just(json!({"name": "O", "valueFrom": {"secretKeyRef": {"key": "k", "optional": true}}})),
             ]
         }
 
@@ -267,6 +272,11 @@ mod tests {
                 Just(json!({"secretRef": {"name": "s"}})),
                 Just(json!({"configMapRef": {"name": "c"}})),
                 Just(json!({"prefix": "P_", "configMapRef": {"name": "c"}})),
+                Just(json!({})),
+                Just(json!({"secretRef": null})),
+                Just(json!({"secretRef": {}})),
+                Just(json!({"prefix": "P_", "secretRef": {"name": "s"}})),
+                Just(json!({"configMapRef": {"name": "c"}, "secretRef": {"name": "s"}})),
             ]
         }
 

@@ -265,6 +265,14 @@ mod tests {
             ),
             ("ConfigMap", json!({"metadata": workload_meta, "data": {}})),
         ];
+        for pod in [
+            json!({"metadata": {"name": "untyped"}, "spec": t["spec"]}),
+            json!({"metadata": {"labels": null, "annotations": null}, "spec": t["spec"]}),
+            json!({"spec": t["spec"]}),
+            json!({"metadata": t["metadata"], "spec": null}),
+        ] {
+            objects.push(("Pod", pod));
+        }
         for kind in [
             "Deployment",
             "ReplicaSet",
@@ -275,6 +283,16 @@ mod tests {
             objects.push((
                 kind,
                 json!({"metadata": workload_meta, "spec": {"template": t}}),
+            ));
+            // A template without metadata has no labels: never the workload's own.
+            objects.push((
+                kind,
+                json!({"metadata": workload_meta, "spec": {"template": {"spec": t["spec"]}}}),
+            ));
+            objects.push((kind, json!({"metadata": workload_meta, "spec": null})));
+            objects.push((
+                kind,
+                json!({"metadata": workload_meta, "spec": {"template": null}}),
             ));
         }
         for (kind, json) in objects {
@@ -287,6 +305,13 @@ mod tests {
                 assert_ne!(
                     pod.labels.get("app").map(String::as_str),
                     Some("other"),
+                    "{kind}"
+                );
+                assert_ne!(
+                    pod.annotations
+                        .get("sidecar.istio.io/inject")
+                        .map(String::as_str),
+                    Some("false"),
                     "{kind}"
                 );
             }
