@@ -26,7 +26,10 @@ fn error_policy<K, S>(_obj: Arc<K>, err: &Error, _state: Arc<S>) -> Action {
 
 /// Policies to reconcile when another changes: given the cache and the changed (or deleted)
 /// policy, the others whose outcome may depend on it.
-type Related<K> = fn(&reflector::Store<K>, &K, &str) -> Vec<reflector::ObjectRef<K>>;
+type RelatedFn<K> =
+    dyn Fn(&reflector::Store<K>, &K, &str) -> Vec<reflector::ObjectRef<K>> + Send + Sync;
+/// [`RelatedFn`], shared with the watch that calls it.
+type Related<K> = Arc<RelatedFn<K>>;
 
 /// A controller whose cache of `K` drops managed fields (never read, often the largest part).
 ///
@@ -72,7 +75,7 @@ where
             let Some((related, root)) = &related else {
                 return;
             };
-            for r in spec_changes(&cache, e, *related, root) {
+            for r in spec_changes(&cache, e, &**related, root) {
                 let _ = related_tx.unbounded_send(r);
             }
         })
@@ -94,6 +97,14 @@ where
         .reconcile_on(related_rx)
 }
 
+/// The AuthPolicies a change to one concerns, from the overlap index. The index takes each event
+/// in before `related` runs for it, so it answers for the other policies as the cache holds
+/// them (the changed policy itself is left out).
+fn overlapping_policies(overlaps: &Arc<auth::Overlaps>) -> Related<AuthPolicy> {
+    let index = Arc::clone(overlaps);
+    Arc::new(move |_, p, root| auth::overlapping(&index, p, root))
+}
+
 /// The policies `related` names for a watch event that changes a spec: for an applied object
 /// whose generation differs from the cached one (or that is new), those related to it as it is
 /// and as it was; for a deleted one, those related to it. Status and metadata-only changes
@@ -101,7 +112,7 @@ where
 fn spec_changes<K>(
     cache: &reflector::Store<K>,
     event: &watcher::Event<K>,
-    related: Related<K>,
+    related: &RelatedFn<K>,
     root: &str,
 ) -> Vec<reflector::ObjectRef<K>>
 where
@@ -391,11 +402,12 @@ pub async fn run(
     let ctl_config = kube::runtime::controller::Config::default().concurrency(config.concurrency);
     // ALLOW policies add up: a change to one AuthPolicy can widen or narrow what the others on
     // the same workloads promise. RateLimitPolicies on one target decide together who wins.
-    let auth_related: Related<AuthPolicy> = auth::overlapping;
-    let rl_related: Related<RateLimitPolicy> = |store, p, _| ratelimit::same_target(store, p);
+    let rl_related: Related<RateLimitPolicy> =
+        Arc::new(|store, p, _| ratelimit::same_target(store, p));
     let root = config.context.mesh_root_namespace.clone();
     let overlaps = Arc::new(auth::Overlaps::default());
     let observed = Arc::clone(&overlaps);
+    let auth_related = overlapping_policies(&overlaps);
     let mut auth_ctl = controller_for(
         &client,
         &echoes,
@@ -493,38 +505,58 @@ mod tests {
         refs.iter().map(|r| r.name.as_str()).collect()
     }
 
-    /// The siblings of a changed AuthPolicy are found from the cache as it was before the
-    /// change, for the policy as it was and as it is; a status write (same generation) and the
+    /// The siblings of a changed AuthPolicy are found, before the cache takes the change in,
+    /// for the policy as it was and as it is; a status write (same generation) and the
     /// objects of a (re-)list relate to nothing; a deleted policy names the ones it overlapped.
     #[test]
     fn spec_changes_wake_the_policies_they_concern() {
-        let (cache, mut writer) = reflector::store::<AuthPolicy>();
+        let (cache, writer) = reflector::store::<AuthPolicy>();
+        let writer = std::cell::RefCell::new(writer);
+        let overlaps = Arc::new(auth::Overlaps::default());
+        let related = overlapping_policies(&overlaps);
+        overlaps.observe(&watcher::Event::Init);
         for p in [
             policy("orders", Some("orders"), 1),
             policy("payments", Some("payments"), 1),
             policy("open", Some("orders"), 1),
         ] {
-            writer.apply_watcher_event(&watcher::Event::Apply(p));
+            overlaps.observe(&watcher::Event::InitApply(p.clone()));
+            writer
+                .borrow_mut()
+                .apply_watcher_event(&watcher::Event::Apply(p));
         }
-        let related: Related<AuthPolicy> = auth::overlapping;
-        let changes =
-            |e: &watcher::Event<AuthPolicy>| spec_changes(&cache, e, related, "istio-system");
+        overlaps.observe(&watcher::Event::InitDone);
+        // As the controller does: the index takes the event in, then the related policies are
+        // found. Each answer is also the one a scan of the whole cache gives.
+        let changes = |e: &watcher::Event<AuthPolicy>| {
+            overlaps.observe(e);
+            let indexed = spec_changes(&cache, e, &*related, "istio-system");
+            let scanned = spec_changes(&cache, e, &auth::overlapping_in_cache, "istio-system");
+            let sorted = |mut refs: Vec<ObjectRef<AuthPolicy>>| {
+                refs.sort_by(|x, y| x.name.cmp(&y.name));
+                refs
+            };
+            let (indexed, scanned) = (sorted(indexed), sorted(scanned));
+            assert_eq!(indexed, scanned, "{e:?}");
+            // Then the cache takes it in, as the controller's reflector does.
+            writer.borrow_mut().apply_watcher_event(e);
+            indexed
+        };
 
         // Status only: the generation is the cached one.
         assert!(changes(&watcher::Event::Apply(policy("open", Some("orders"), 1))).is_empty());
         // `open` moves from orders to namespace-wide: orders (before and after) and payments.
         let widened = changes(&watcher::Event::Apply(policy("open", None, 2)));
         assert_eq!(names(&widened), ["orders", "payments"]);
-        // `open` moves from orders to payments: both, once each.
-        let moved = changes(&watcher::Event::Apply(policy("open", Some("payments"), 2)));
+        // `open` narrows to payments: both (it left orders), once each.
+        let moved = changes(&watcher::Event::Apply(policy("open", Some("payments"), 3)));
         assert_eq!(names(&moved), ["orders", "payments"]);
         // A new policy wakes the ones it overlaps.
         let new = changes(&watcher::Event::Apply(policy("new", Some("payments"), 1)));
-        assert_eq!(names(&new), ["payments"]);
+        assert_eq!(names(&new), ["open", "payments"]);
         // Deleted: the ones it overlapped.
-        writer.apply_watcher_event(&watcher::Event::Delete(policy("open", Some("orders"), 1)));
-        let gone = changes(&watcher::Event::Delete(policy("open", Some("orders"), 1)));
-        assert_eq!(names(&gone), ["orders"]);
+        let gone = changes(&watcher::Event::Delete(policy("open", Some("payments"), 3)));
+        assert_eq!(names(&gone), ["new", "payments"]);
         // A re-list wakes nothing one by one (the completed list reconciles every policy).
         assert!(changes(&watcher::Event::InitApply(policy("x", None, 1))).is_empty());
     }

@@ -209,8 +209,27 @@ async fn ambient_notes(policy: &AuthPolicy, auth: &AuthState) -> Vec<translate::
 }
 
 /// The other AuthPolicies that may apply to the same workloads as `policy`: a change to one can
-/// widen or narrow what the others promise (its own events reconcile it already).
+/// widen or narrow what the others promise (its own events reconcile it already). Found among
+/// the candidates of the overlap index kept by the watch, not by comparing with every policy.
 pub fn overlapping(
+    overlaps: &Overlaps,
+    policy: &AuthPolicy,
+    root: &str,
+) -> Vec<ObjectRef<AuthPolicy>> {
+    let me = ObjectRef::from_obj(policy);
+    overlaps
+        .candidates(policy, root)
+        .iter()
+        .filter(|p| translate::auth::overlap(p, policy, root))
+        .map(|p| ObjectRef::from_obj(&**p))
+        .filter(|r| *r != me)
+        .collect()
+}
+
+/// [`overlapping`] by comparing `policy` with every policy of the cache: the answer the index's
+/// must equal.
+#[cfg(test)]
+pub fn overlapping_in_cache(
     store: &Store<AuthPolicy>,
     policy: &AuthPolicy,
     root: &str,
