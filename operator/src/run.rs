@@ -561,6 +561,126 @@ mod tests {
         assert!(changes(&watcher::Event::InitApply(policy("x", None, 1))).is_empty());
     }
 
+    fn policy_in(ns: &str, name: &str, labels: &[(&str, &str)], generation: i64) -> AuthPolicy {
+        let mut spec = json!({"rules": [{}]});
+        if !labels.is_empty() {
+            let labels: serde_json::Map<String, serde_json::Value> = labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), json!(v)))
+                .collect();
+            spec["selector"] = json!({"matchLabels": labels});
+        }
+        serde_json::from_value(json!({
+            "apiVersion": "palisade.dev/v1alpha1", "kind": "AuthPolicy",
+            "metadata": {"name": name, "namespace": ns, "generation": generation},
+            "spec": spec,
+        }))
+        .expect("policy")
+    }
+
+    /// The index wakes what a scan of the cache wakes, and only what overlaps: candidates it
+    /// offers that do not overlap (a mesh-root policy, a policy with more keys) are left out,
+    /// other namespaces are never woken, a deleted policy and one a re-list dropped no longer
+    /// are.
+    #[test]
+    fn the_index_wakes_what_the_cache_would() {
+        let (cache, writer) = reflector::store::<AuthPolicy>();
+        let writer = std::cell::RefCell::new(writer);
+        let overlaps = Arc::new(auth::Overlaps::default());
+        let related = overlapping_policies(&overlaps);
+        let changes = |e: &watcher::Event<AuthPolicy>| -> Vec<String> {
+            overlaps.observe(e);
+            let indexed = spec_changes(&cache, e, &*related, "istio-system");
+            let scanned = spec_changes(&cache, e, &auth::overlapping_in_cache, "istio-system");
+            writer.borrow_mut().apply_watcher_event(e);
+            let named = |refs: Vec<ObjectRef<AuthPolicy>>| {
+                let mut n: Vec<String> = refs
+                    .iter()
+                    .map(|r| format!("{}/{}", r.namespace.as_deref().unwrap_or_default(), r.name))
+                    .collect();
+                n.sort();
+                n
+            };
+            let (indexed, scanned) = (named(indexed), named(scanned));
+            assert_eq!(indexed, scanned, "{e:?}");
+            indexed
+        };
+        let listed = [
+            policy_in("shop", "orders", &[("app", "orders")], 1),
+            policy_in("shop", "payments", &[("app", "payments")], 1),
+            policy_in("shop", "open", &[("app", "orders")], 1),
+            policy_in("shop", "web", &[("app", "orders"), ("tier", "web")], 1),
+            policy_in("shop", "db", &[("app", "orders"), ("tier", "db")], 1),
+            policy_in("istio-system", "mesh", &[("app", "payments")], 1),
+            policy_in("pay", "orders", &[("app", "orders")], 1),
+        ];
+        assert!(changes(&watcher::Event::Init).is_empty());
+        for p in &listed {
+            assert!(changes(&watcher::Event::InitApply(p.clone())).is_empty());
+        }
+        assert!(changes(&watcher::Event::InitDone).is_empty());
+
+        // db (another tier) and mesh (another app) are candidates, and do not overlap.
+        let web = policy_in("shop", "web", &[("app", "orders"), ("tier", "web")], 2);
+        assert_eq!(
+            changes(&watcher::Event::Apply(web)),
+            ["shop/open", "shop/orders"]
+        );
+        // A mesh-root policy reaches into the namespace.
+        let payments = policy_in("shop", "payments", &[("app", "payments")], 2);
+        assert_eq!(
+            changes(&watcher::Event::Apply(payments.clone())),
+            ["istio-system/mesh"]
+        );
+        // Another namespace's policy wakes nothing in shop.
+        let pay = policy_in("pay", "orders", &[("app", "orders")], 2);
+        assert!(changes(&watcher::Event::Apply(pay.clone())).is_empty());
+        // A deletion wakes what the policy overlapped; after it, it is woken no more.
+        let open = policy_in("shop", "open", &[("app", "orders")], 1);
+        assert_eq!(
+            changes(&watcher::Event::Delete(open)),
+            ["shop/db", "shop/orders", "shop/web"]
+        );
+        let new = policy_in("shop", "new", &[], 1);
+        assert_eq!(
+            changes(&watcher::Event::Apply(new.clone())),
+            [
+                "istio-system/mesh",
+                "shop/db",
+                "shop/orders",
+                "shop/payments",
+                "shop/web"
+            ]
+        );
+        // A re-list that drops web and brings late: nothing wakes one by one, and afterwards
+        // web is gone for the index as for the cache.
+        assert!(changes(&watcher::Event::Init).is_empty());
+        let late = policy_in("shop", "late", &[("app", "payments")], 1);
+        for p in [
+            policy_in("shop", "orders", &[("app", "orders")], 1),
+            payments,
+            policy_in("shop", "db", &[("app", "orders"), ("tier", "db")], 1),
+            policy_in("istio-system", "mesh", &[("app", "payments")], 1),
+            pay,
+            new,
+            late,
+        ] {
+            assert!(changes(&watcher::Event::InitApply(p)).is_empty());
+        }
+        assert!(changes(&watcher::Event::InitDone).is_empty());
+        let late = policy_in("shop", "late", &[("app", "orders")], 2);
+        assert_eq!(
+            changes(&watcher::Event::Apply(late)),
+            [
+                "istio-system/mesh",
+                "shop/db",
+                "shop/new",
+                "shop/orders",
+                "shop/payments"
+            ]
+        );
+    }
+
     /// An event is an echo only when it carries exactly the resource version our last write to
     /// that object produced, and only once.
     #[test]
