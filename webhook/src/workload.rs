@@ -75,10 +75,7 @@ pub fn pod_of(kind: &str, object: &Value) -> Result<Option<PodView>, ExtractErro
     let Some((_, path)) = KINDS.iter().find(|(k, _)| *k == kind) else {
         return Ok(None);
     };
-    let template = object.pointer(path).ok_or_else(|| ExtractError::Missing {
-        kind: kind.to_owned(),
-        path,
-    })?;
+    let template = object.pointer(path).ok_or_else(|| missing(kind, path))?;
     pod_of_template(kind, path, template)
 }
 
@@ -100,12 +97,10 @@ pub fn pod_of_object(kind: &str, object: &DynamicObject) -> Result<Option<PodVie
         );
     }
     // Every other kind's template lies in the object's data (its metadata is the workload's).
-    let Some(template) = object.data.pointer(path) else {
-        return Err(ExtractError::Missing {
-            kind: kind.to_owned(),
-            path,
-        });
-    };
+    let template = object
+        .data
+        .pointer(path)
+        .ok_or_else(|| missing(kind, path))?;
     pod_of_template(kind, path, template)
 }
 
@@ -125,6 +120,13 @@ fn pod_of_template(
     view(kind, path, labels, annotations, template.get("spec"))
 }
 
+fn missing(kind: &str, path: &'static str) -> ExtractError {
+    ExtractError::Missing {
+        kind: kind.to_owned(),
+        path,
+    }
+}
+
 fn invalid(kind: &str, path: &'static str, source: serde_json::Error) -> ExtractError {
     ExtractError::Invalid {
         kind: kind.to_owned(),
@@ -140,10 +142,7 @@ fn view(
     annotations: BTreeMap<String, String>,
     spec: Option<&Value>,
 ) -> Result<Option<PodView>, ExtractError> {
-    let spec = spec.ok_or_else(|| ExtractError::Missing {
-        kind: kind.to_owned(),
-        path,
-    })?;
+    let spec = spec.ok_or_else(|| missing(kind, path))?;
     let spec = PodSpec::deserialize(spec).map_err(|e| invalid(kind, path, e))?;
     Ok(Some(PodView {
         kind: kind.to_owned(),
