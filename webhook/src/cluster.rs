@@ -388,6 +388,12 @@ impl FactSource for ClusterFacts {
             .map(|n| n.metadata.labels.clone().unwrap_or_default())
     }
 
+    fn namespace_terminating(&self, namespace: &str) -> bool {
+        self.namespaces
+            .get(&ObjectRef::new(namespace))
+            .is_some_and(|n| n.metadata.deletion_timestamp.is_some())
+    }
+
     fn namespace_labels_live<'a>(
         &'a self,
         namespace: &'a str,

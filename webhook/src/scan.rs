@@ -185,10 +185,11 @@ async fn scan_once(
             Err(e) => failed.push(format!("{namespace}: {e}")),
         }
     }
-    // Palisade's reports of namespaces with no judged pod now (or exempt since) go.
+    // Palisade's reports of namespaces with no judged pod now (or exempt since) go; that of a
+    // namespace being deleted is left to its deletion, which takes it after the pods it reports.
     for (namespace, old) in &held {
         let ours = old["metadata"]["labels"][report::MANAGED_BY.0] == report::MANAGED_BY.1;
-        if !ours || judged.contains_key(namespace) {
+        if !ours || judged.contains_key(namespace) || state.facts.namespace_terminating(namespace) {
             continue;
         }
         let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &dynamic);
@@ -250,10 +251,15 @@ fn judge(
         if state.config.exempt_namespaces.contains(&namespace) {
             continue;
         }
-        // A namespace the cache does not know yet is judged at the next scan.
+        // A namespace the cache does not know yet is judged at the next scan; one being
+        // deleted is not judged at all: the API server refuses a new report in it, and its
+        // deletion takes its pods, then its report.
         let Some(namespace_labels) = state.facts.namespace_labels(&namespace) else {
             continue;
         };
+        if state.facts.namespace_terminating(&namespace) {
+            continue;
+        }
         let facts = Facts {
             namespace_labels: namespace_labels.clone(),
             spire: spire.clone(),

@@ -62,6 +62,11 @@ pub trait FactSource: Send + Sync + 'static {
     fn lowered_namespaces(&self) -> BTreeMap<crate::config::Mode, usize> {
         BTreeMap::new()
     }
+    /// Whether `namespace` is being deleted: the API server refuses every new object in it
+    /// (403), and the background scan leaves it to its deletion.
+    fn namespace_terminating(&self, _namespace: &str) -> bool {
+        false
+    }
     /// Whether the caches are synced.
     fn ready(&self) -> bool;
     /// Whether this replica holds the Lease that lets it write ImagePolicy status (`None`

@@ -2,7 +2,7 @@
 //! pods that ran before the webhook are reported per namespace with the mode their checks are
 //! in, their images checked against an ImagePolicy over a real registry with images signed by
 //! the real cosign; a forged report is put right; a deleted pod leaves the report, the last one
-//! takes it.
+//! takes it; a namespace being deleted is left to its deletion.
 
 use std::time::Duration;
 
@@ -172,14 +172,73 @@ fn running_pods_are_reported_per_namespace(env: &Env) -> Result<()> {
             "  the forged report replaced: 9 pass, 3 fail (Audit), each failure explained; the unsigned image: {}",
             unsigned.4
         );
-        // An edit after the scan is put right at the next one.
-        run_ok(cp.kubectl().args([
-            "patch", "policyreport", "palisade", "-n", ns, "--type", "json", "-p",
-            r#"[{"op": "replace", "path": "/summary/fail", "value": 0}]"#,
-        ]))?;
-        cp.eventually("the edited report put right", Duration::from_secs(20), || {
-            get().filter(|r| r["summary"]["fail"] == 3)
-        })?;
+        // An edit after the scan is put right at the next one (which marks a scan later on).
+        let a_scan = || -> Result<()> {
+            run_ok(cp.kubectl().args([
+                "patch", "policyreport", "palisade", "-n", ns, "--type", "json", "-p",
+                r#"[{"op": "replace", "path": "/summary/fail", "value": 0}]"#,
+            ]))?;
+            cp.eventually("the edited report put right", Duration::from_secs(20), || {
+                get().filter(|r| r["summary"]["fail"] == 3)
+            })?;
+            Ok(())
+        };
+        a_scan()?;
+        // A namespace being deleted is left as it is. Its pods go first, everything else after
+        // them, so a pod bound to a node (a Node object no kubelet answers for) keeps it
+        // terminating, with its report, for as long as the test needs. The API server refuses
+        // every new object in it: the scans neither write a report there nor delete the one it
+        // has (the deletion takes it).
+        let leaving = format!("{ns}-leaving");
+        let node = format!("{ns}-node");
+        let node_file = cp.work_dir.join(format!("reports-{node}.yaml"));
+        std::fs::write(&node_file, format!("apiVersion: v1\nkind: Node\nmetadata:\n  name: {node}\n"))?;
+        run_ok(cp.kubectl().arg("create").arg("-f").arg(&node_file))?;
+        run_ok(cp.kubectl().args(["create", "namespace", &leaving]))?;
+        let held = format!("apiVersion: v1\nkind: Pod\nmetadata:\n  name: held\nspec:\n  nodeName: {node}\n  containers:\n    - name: app\n      image: registry.example/app:1\n");
+        apply(env, &leaving, "held", &held)?;
+        let leaving_report = || {
+            run(cp.kubectl().args(["get", "policyreport", "palisade", "-n", &leaving]))
+                .is_ok_and(|o| o.status.success())
+        };
+        let terminating = (|| -> Result<(bool, bool, String, String)> {
+            cp.eventually("the report of the namespace to delete", Duration::from_secs(30), || {
+                leaving_report().then_some(())
+            })?;
+            run_ok(cp.kubectl().args(["delete", "namespace", &leaving, "--wait=false"]))?;
+            a_scan()?;
+            let kept = leaving_report();
+            // Without its report, a scan that judged the namespace would create one.
+            run_ok(cp.kubectl().args(["delete", "policyreport", "palisade", "-n", &leaving]))?;
+            a_scan()?;
+            a_scan()?;
+            Ok((
+                kept,
+                leaving_report(),
+                run_ok(cp.kubectl().args(["get", "namespace", &leaving, "-o", "jsonpath={.status.phase}"]))?,
+                run_ok(cp.kubectl().args([
+                    "get", "pod", "held", "-n", &leaving, "-o",
+                    "jsonpath={.status.phase} {.metadata.deletionTimestamp}",
+                ]))?,
+            ))
+        })();
+        let log = std::fs::read_to_string(&wh.log)?;
+        let _ = run(cp.kubectl().args(["delete", "pod", "held", "-n", &leaving, "--grace-period=0", "--force"]));
+        let _ = run(cp.kubectl().args(["delete", "node", &node, "--wait=false"]));
+        let (kept, written, phase, pod) = terminating?;
+        if phase != "Terminating" || !pod.starts_with("Pending ") || pod.trim_end().ends_with("Pending") {
+            bail!("namespace {leaving} is {phase:?}, its pod {pod:?}: not a terminating namespace with a live pod, the check proves nothing");
+        }
+        if !kept {
+            bail!("the report of the terminating namespace {leaving} was deleted before its pods were");
+        }
+        if written {
+            bail!("a PolicyReport written into the terminating namespace {leaving}");
+        }
+        if let Some(line) = log.lines().find(|l| l.contains("not written") && l.contains(&leaving)) {
+            bail!("the scan tried to write into the terminating namespace: {line}");
+        }
+        eprintln!("  a namespace being deleted, with a live pod: its report left to the deletion, and no scan tried to write one");
         // A pod that goes takes its results; the last one takes the report.
         run_ok(cp.kubectl().args(["delete", "pod", "leaky", "-n", ns, "--wait=false"]))?;
         cp.eventually("leaky's results gone", Duration::from_secs(30), || {
