@@ -220,6 +220,10 @@ struct Load {
     p50: Duration,
     p99: Duration,
     cpu_per_1000: f64,
+    /// This process's CPU (the load generator's) per 1,000 decisions.
+    client_cpu_per_1000: f64,
+    /// The share of the machine's CPU left idle during the round.
+    idle: f64,
 }
 
 fn load(
@@ -236,6 +240,8 @@ fn load(
         Instant::now() + Duration::from_secs(1),
     ))?;
     let cpu = cpu_seconds(t.pid)?;
+    let client_cpu = cpu_seconds(std::process::id())?;
+    let machine = palisade_e2e::bench::machine_ticks()?;
     let started = Instant::now();
     let until = started + Duration::from_secs(seconds);
     let mut all: Vec<Duration> = rt.block_on(async {
@@ -250,6 +256,8 @@ fn load(
     })?;
     let elapsed = started.elapsed();
     let cpu = cpu_seconds(t.pid)? - cpu;
+    let client_cpu = cpu_seconds(std::process::id())? - client_cpu;
+    let idle = palisade_e2e::bench::idle_share(machine, palisade_e2e::bench::machine_ticks()?);
     all.sort_unstable();
     #[allow(
         clippy::cast_possible_truncation,
@@ -268,6 +276,8 @@ fn load(
         p50: pct(0.50),
         p99: pct(0.99),
         cpu_per_1000: cpu / all.len().max(1) as f64 * 1000.0,
+        client_cpu_per_1000: client_cpu / all.len().max(1) as f64 * 1000.0,
+        idle,
     })
 }
 
@@ -849,13 +859,15 @@ fn main() -> Result<()> {
     for (t, r) in targets.iter().zip(&results) {
         let (rss, hwm) = rss_mib(t.pid);
         println!(
-            "  {:<11} {:>8.0} decisions/s  p50 {:>6.2} ms  p99 {:>6.2} ms  {:>6.3} CPU s per 1,000 decisions  RSS {rss:.0} MiB (peak {hwm:.0} MiB)  [{} decisions]",
+            "  {:<11} {:>8.0} decisions/s  p50 {:>6.2} ms  p99 {:>6.2} ms  {:>6.3} CPU s per 1,000 decisions  RSS {rss:.0} MiB (peak {hwm:.0} MiB)  [{} decisions]  load generator {:.3} CPU s per 1,000, machine {:.0} % idle",
             t.name,
             r.rate,
             ms(r.p50),
             ms(r.p99),
             r.cpu_per_1000,
-            r.decisions
+            r.decisions,
+            r.client_cpu_per_1000,
+            r.idle * 100.0
         );
     }
     let (p, k, n) = (results[0], results[1], results[2]);

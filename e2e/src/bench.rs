@@ -64,6 +64,32 @@ pub fn cpu_seconds(pid: u32) -> Result<f64> {
     Ok(ticks / 100.0)
 }
 
+/// The machine's CPU time so far, in ticks: (all, idle), idle counting I/O wait too
+/// (`/proc/stat`'s first line).
+pub fn machine_ticks() -> Result<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat.lines().next().context("empty /proc/stat")?;
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
+    Ok((fields.iter().sum(), idle))
+}
+
+/// The share of the machine's CPU left idle between two [`machine_ticks`] readings.
+#[allow(clippy::cast_precision_loss)]
+pub fn idle_share(before: (u64, u64), after: (u64, u64)) -> f64 {
+    let all = after.0.saturating_sub(before.0);
+    let idle = after.1.saturating_sub(before.1);
+    if all == 0 {
+        0.0
+    } else {
+        idle as f64 / all as f64
+    }
+}
+
 /// The requests the API server has served so far, by verb and resource
 /// (`apiserver_request_total`, summed over response codes): `APPLY palisade.dev/authpolicies/status`.
 pub fn api_requests(cp: &ControlPlane) -> Result<std::collections::BTreeMap<String, f64>> {
