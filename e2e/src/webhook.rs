@@ -248,6 +248,10 @@ impl WebhookProcess {
         apiVersions: [v1]
         operations: [CREATE, UPDATE]
         resources: [jobs, cronjobs]
+      - apiGroups: [\"\"]
+        apiVersions: [v1]
+        operations: [CREATE, UPDATE]
+        resources: [replicationcontrollers]
 ";
         // As the chart: pod status updates that relabel go to the validating hook.
         let status = format!(

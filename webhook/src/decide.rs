@@ -539,7 +539,7 @@ mod tests {
         object: serde_json::Value,
     ) -> AdmissionRequest<DynamicObject> {
         let (group, version) = match kind {
-            "Pod" | "Namespace" => ("", "v1"),
+            "Pod" | "Namespace" | "ReplicationController" => ("", "v1"),
             "CronJob" | "Job" => ("batch", "v1"),
             _ => ("apps", "v1"),
         };
@@ -660,20 +660,25 @@ mod tests {
         );
     }
 
+    /// A Deployment's or a ReplicationController's template is refused before any pod of it
+    /// is created, the finding placed at its path.
     #[test]
-    fn deployment_templates_are_checked_with_their_path() {
-        let dep = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
-            "spec": {"selector": {}, "template": {"metadata": {}, "spec": {"serviceAccountName": "orders",
-              "containers": [{"name": "app", "env": [{"name": "K", "value": "AKIAIOSFODNN7EXAMPLE"}]}]}}}});
-        let (resp, _) = run(&request("Deployment", "shop", dep), &facts(true));
-        assert!(!resp.allowed);
-        assert!(
-            resp.result
-                .message
-                .contains("spec.template.spec.containers"),
-            "{}",
-            resp.result.message
-        );
+    fn workload_templates_are_checked_with_their_path() {
+        let template = json!({"metadata": {}, "spec": {"serviceAccountName": "orders",
+            "containers": [{"name": "app", "env": [{"name": "K", "value": "AKIAIOSFODNN7EXAMPLE"}]}]}});
+        for (kind, api_version) in [("Deployment", "apps/v1"), ("ReplicationController", "v1")] {
+            let object = json!({"apiVersion": api_version, "kind": kind, "metadata": {"name": "web"},
+                "spec": {"selector": {}, "template": template}});
+            let (resp, _) = run(&request(kind, "shop", object), &facts(true));
+            assert!(!resp.allowed, "{kind}");
+            assert!(
+                resp.result
+                    .message
+                    .contains("spec.template.spec.containers"),
+                "{kind}: {}",
+                resp.result.message
+            );
+        }
     }
 
     #[test]

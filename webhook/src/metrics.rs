@@ -39,6 +39,7 @@ const KINDS: &[&str] = &[
     "DaemonSet",
     "Job",
     "CronJob",
+    "ReplicationController",
     "Namespace",
 ];
 

@@ -1,5 +1,5 @@
 //! The pod an admission request is about: a Pod itself, or the pod template of a Deployment,
-//! ReplicaSet, StatefulSet, DaemonSet, Job or CronJob. Every check runs on the result, so no
+//! ReplicaSet, StatefulSet, DaemonSet, Job, CronJob or ReplicationController. Every check runs on the result, so no
 //! workload kind is a way around them.
 
 use std::collections::BTreeMap;
@@ -18,6 +18,7 @@ pub const KINDS: &[(&str, &str)] = &[
     ("DaemonSet", "/spec/template"),
     ("Job", "/spec/template"),
     ("CronJob", "/spec/jobTemplate/spec/template"),
+    ("ReplicationController", "/spec/template"),
 ];
 
 /// The pod part of an admitted object.
@@ -178,6 +179,7 @@ mod tests {
                 "CronJob",
                 json!({"spec": {"jobTemplate": {"spec": {"template": t}}}}),
             ),
+            ("ReplicationController", json!({"spec": {"template": t}})),
         ];
         for (kind, obj) in objects {
             let pod = pod_of(kind, &obj).expect("valid").expect("has a pod");
@@ -189,7 +191,7 @@ mod tests {
             );
             assert_eq!(pod.spec.containers[0].name, "app", "{kind}");
         }
-        assert_eq!(KINDS.len(), 7);
+        assert_eq!(KINDS.len(), 8);
     }
 
     #[test]

@@ -141,6 +141,10 @@ fn identity_secrets_and_workloads(env: &Env) -> Result<()> {
             let out = run_ok(cp.kubectl().args(["get", "pods", "-n", ns, "-l", "app=web", "-o", "name"])).ok()?;
             (!out.trim().is_empty()).then_some(())
         })?;
+        // A ReplicationController's template is refused as a Deployment's is.
+        let rc = "apiVersion: v1\nkind: ReplicationController\nmetadata:\n  name: bad-rc\nspec:\n  replicas: 1\n  selector: {app: bad-rc}\n  template:\n    metadata: {labels: {app: bad-rc}}\n    spec:\n      containers: [{name: app, image: r/app:1}]\n";
+        let out = apply(cp, ns, "bad-rc", rc)?;
+        rejects(&out, "ReplicationController under the default ServiceAccount", &["ReplicationController", "spiffe://"])?;
         let log = wh.log_text();
         for kind in ["\"kind\":\"Deployment\"", "\"kind\":\"ReplicaSet\"", "\"kind\":\"Pod\""] {
             if !log.lines().any(|l| l.contains(kind) && l.contains(ns) && l.contains("\"verdict\":\"allow\"")) {
