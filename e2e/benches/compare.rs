@@ -9,7 +9,8 @@
 //!    Secret in environment variables, `verifyImages` with a cosign key and the transparency log
 //!    off) judge the same corpus of pods; every difference is printed.
 //! 2. Decisions straight to each webhook over TLS keep-alive, rounds alternating between the
-//!    three: decisions/s, p50/p99, CPU seconds per 1,000 decisions, RSS. A decision is what the
+//!    three: decisions/s, p50/p99, CPU seconds per 1,000 decisions, RSS, and the load
+//!    generator's CPU and the machine's idle share in the same round. A decision is what the
 //!    API server asks of each for a pod: its mutating path, then its validating path with the
 //!    mutated pod.
 //! 3. Pod creations/s through the API server (`dryRun`), each webhook registered alone.
