@@ -10,6 +10,7 @@ pub mod images;
 pub mod metrics;
 pub mod pods;
 pub mod report;
+pub mod review;
 pub mod scan;
 pub mod secrets;
 pub mod server;

@@ -23,7 +23,7 @@ use axum::{
 };
 use kube::core::{
     DynamicObject,
-    admission::{AdmissionRequest, AdmissionResponse, AdmissionReview},
+    admission::{AdmissionRequest, AdmissionResponse},
 };
 use rustls::server::ResolvesServerCert;
 use serde_json::{Value, json};
@@ -171,14 +171,6 @@ fn bad_request(state: &AppState, why: &str) -> Response {
     (StatusCode::BAD_REQUEST, Json(json!({"error": why}))).into_response()
 }
 
-fn parse(body: &Bytes) -> Result<AdmissionRequest<DynamicObject>, String> {
-    let review: AdmissionReview<DynamicObject> =
-        serde_json::from_slice(body).map_err(|e| format!("not an AdmissionReview: {e}"))?;
-    review
-        .try_into()
-        .map_err(|e| format!("AdmissionReview without a usable request: {e}"))
-}
-
 /// What `/validate` and `/mutate` start from: the request, when it was parsed, and the
 /// deadline for answering it; a 400 (counted) when the body is not a usable review.
 fn incoming(
@@ -186,7 +178,7 @@ fn incoming(
     body: &Bytes,
     query: Option<&str>,
 ) -> Result<(AdmissionRequest<DynamicObject>, Instant, Instant), Box<Response>> {
-    let req = parse(body).map_err(|why| Box::new(bad_request(state, &why)))?;
+    let req = crate::review::parse(body).map_err(|why| Box::new(bad_request(state, &why)))?;
     let started = Instant::now();
     Ok((req, started, deadline(started, query)))
 }
