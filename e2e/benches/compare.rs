@@ -289,6 +289,16 @@ fn median(mut runs: Vec<Load>) -> Load {
     runs.get(runs.len() / 2).copied().unwrap_or_default()
 }
 
+/// A child process killed and reaped when dropped: a run that fails part-way leaves none behind.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Kyverno's admission controller, out of cluster.
 struct Kyverno {
     child: Child,
@@ -773,23 +783,25 @@ fn main() -> Result<()> {
     std::fs::write(null_dir.join("tls.crt"), cert)?;
     std::fs::write(null_dir.join("tls.key"), key)?;
     let null_port = palisade_e2e::controlplane::free_port()?;
-    let mut null_child = Command::new(std::env::current_exe()?)
-        .env(
-            NULL_WEBHOOK,
-            format!(
-                "{null_port} {} {}",
-                null_dir.join("tls.crt").display(),
-                null_dir.join("tls.key").display()
-            ),
-        )
-        .spawn()?;
+    let null_child = Reaped(
+        Command::new(std::env::current_exe()?)
+            .env(
+                NULL_WEBHOOK,
+                format!(
+                    "{null_port} {} {}",
+                    null_dir.join("tls.crt").display(),
+                    null_dir.join("tls.key").display()
+                ),
+            )
+            .spawn()?,
+    );
     let null_t = Arc::new(Target {
         name: "do-nothing",
         port: null_port,
         server_name: ServerName::try_from("localhost")?.to_owned(),
         mutate: "/mutate",
         validate: "/validate",
-        pid: null_child.id(),
+        pid: null_child.0.id(),
         connector: tls_connector(&cp_ca)?,
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -995,8 +1007,7 @@ fn main() -> Result<()> {
         "  palisade / kyverno: {:.2}x the time",
         cold[0].as_secs_f64() / cold[1].as_secs_f64()
     );
-    let _ = null_child.kill();
-    let _ = null_child.wait();
+    drop(null_child);
     drop(kyverno);
     drop(palisade);
     Ok(())
