@@ -15,17 +15,25 @@ use kube::core::{
 use serde::{Deserialize, de};
 use serde_json::Value;
 
-/// An AdmissionReview as `kube` reads it: its type fields are required, its request optional.
-/// A `response` (which the API server never sends to a webhook) is read and checked, not kept.
+/// An AdmissionReview as `kube` reads it: its type fields required (flattened as `kube` has
+/// them, so a review is an object, and keys it does not know are read whole and refused when
+/// malformed, as `kube` refuses them), its request optional and read directly. A `response`
+/// (which the API server never sends to a webhook) is read and checked, not kept.
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
 struct Review {
-    api_version: String,
-    kind: String,
+    #[serde(flatten)]
+    types: TypeMeta,
     request: Option<RequestFields>,
     #[serde(default, rename = "response")]
     _response: Option<AdmissionResponse>,
 }
+
+/// The key with which `serde_json` (its `raw_value` feature, which the workspace enables) reads a
+/// map as the JSON text held in its value: a map whose first key is this one is read as that
+/// text, whatever else it holds. No Kubernetes object needs it, and a review carrying it would
+/// be judged on other content than the API server stores, so such a review is refused whole.
+/// The API server writes keys unescaped, so the byte string finds every one it sends.
+const RAW_VALUE_KEY: &[u8] = b"$serde_json::private::RawValue";
 
 /// `kube`'s `AdmissionRequest`, its fields with the same names, types and defaults.
 #[derive(Deserialize)]
@@ -140,16 +148,19 @@ impl TypeFields {
 /// Reads `body` as an AdmissionReview and returns its request, as `kube` would (its type fields
 /// copied into the request's); an error names what is wrong.
 pub fn parse(body: &[u8]) -> Result<AdmissionRequest<DynamicObject>, String> {
+    if memchr::memmem::find(body, RAW_VALUE_KEY).is_some() {
+        return Err(format!(
+            "not an AdmissionReview this webhook reads: the key {} is refused anywhere in a review",
+            String::from_utf8_lossy(RAW_VALUE_KEY)
+        ));
+    }
     let review: Review =
         serde_json::from_slice(body).map_err(|e| format!("not an AdmissionReview: {e}"))?;
     let Some(r) = review.request else {
         return Err("AdmissionReview without a usable request: it has no request".to_owned());
     };
     Ok(AdmissionRequest {
-        types: TypeMeta {
-            api_version: review.api_version,
-            kind: review.kind,
-        },
+        types: review.types,
         uid: r.uid,
         kind: r.kind,
         resource: r.resource,
@@ -243,12 +254,55 @@ mod tests {
         ] {
             same(body);
         }
+        // Not an object; keys the review does not know, malformed (kube reads them whole).
+        for extra in [
+            r#""x":1e400"#,
+            r#""x":"\ud800""#,
+            &format!(r#""x":{}1{}"#, "[".repeat(200), "]".repeat(200)),
+        ] {
+            let body = review(r#"{"spec":{}}"#);
+            same(&format!("{{{extra},{}", &body[1..]));
+        }
+        same(
+            r#"["admission.k8s.io/v1","AdmissionReview",{"uid":"u","kind":{"group":"","version":"v1","kind":"Pod"},"resource":{"group":"","version":"v1","resource":"pods"},"operation":"CREATE","userInfo":{"username":"a"},"object":{}}]"#,
+        );
         // A response beside the request: read (and refused when malformed), never kept.
         let with_request = review(r#"{"spec":{}}"#);
         let without_end = &with_request[..with_request.len() - 1];
         for response in [r#"{"uid":"u","allowed":true}"#, "5", r#"{"allowed":"yes"}"#] {
             same(&format!(r#"{without_end},"response":{response}}}"#));
         }
+    }
+
+    /// `serde_json` reads a map whose first key is its raw-value key as the JSON text in its
+    /// value: a pod would be judged on a volume's attributes, or a spec, of the attacker's
+    /// choosing rather than the ones stored. Wherever the key is, the review is refused.
+    #[test]
+    fn the_raw_value_key_is_refused_anywhere() {
+        let token = "$serde_json::private::RawValue";
+        for object in [
+            format!(
+                r#"{{"apiVersion":"v1","kind":"Pod","{token}":"{{\"spec\":{{}}}}","spec":{{"containers":[{{"name":"c","image":"evil"}}]}}}}"#
+            ),
+            format!(
+                r#"{{"spec":{{"volumes":[{{"name":"v","csi":{{"driver":"d","volumeAttributes":{{"{token}":"{{}}"}}}}}}]}}}}"#
+            ),
+            format!(r#"{{"metadata":{{"annotations":{{"{token}":"5"}}}}}}"#),
+        ] {
+            let body = review(&object);
+            assert!(
+                serde_json::from_str::<Value>(&body).is_ok(),
+                "valid JSON: {body}"
+            );
+            let refused = parse(body.as_bytes()).expect_err("a review with the raw-value key");
+            assert!(refused.contains(token), "{refused}");
+        }
+        // What kube's reader makes of the first: the spec of the string, not the stored one.
+        let first = review(&format!(
+            r#"{{"apiVersion":"v1","kind":"Pod","{token}":"{{\"spec\":{{}}}}","spec":{{"containers":[]}}}}"#
+        ));
+        let misread = kube_reads(first.as_bytes()).expect("kube reads it");
+        assert_eq!(misread.object.expect("object").data, json!({"spec": {}}));
     }
 
     /// JSON values small enough to be read quickly, deep enough to nest.

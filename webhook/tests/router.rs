@@ -165,6 +165,12 @@ async fn malformed_reviews_are_400_with_a_reason() {
         "not json",
         "{\"kind\": 7}",
         "{\"apiVersion\": \"admission.k8s.io/v1\", \"kind\": \"AdmissionReview\"}",
+        // serde_json would read this map as the JSON text in its value, not as written.
+        &review("orders").to_string().replacen(
+            '{',
+            "{\"$serde_json::private::RawValue\":\"{}\",",
+            1,
+        ),
     ] {
         let (status, body) = post(app(1 << 20, true), "/validate", bad.to_owned()).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
