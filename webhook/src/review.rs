@@ -32,7 +32,12 @@ struct Review {
 /// map as the JSON text held in its value: a map whose first key is this one is read as that
 /// text, whatever else it holds. No Kubernetes object needs it, and a review carrying it would
 /// be judged on other content than the API server stores, so such a review is refused whole.
-/// The API server writes keys unescaped, so the byte string finds every one it sends.
+/// `serde_json` compares a key after reading its escapes, but the API server's encoder writes
+/// `$`, `:` and letters as they are, so the byte string finds the key in every review it sends for
+/// the kinds the webhook is registered for: none of them has a field whose JSON the API server
+/// passes on as it was written (`managedFields` it rebuilds, keeping only its own key forms). A
+/// kind with such a field (a `RawExtension`, a CRD's unvalidated JSON) needs this looked at again.
+/// The string anywhere is refused, a value too: a pod holding it cannot be created or updated.
 const RAW_VALUE_KEY: &[u8] = b"$serde_json::private::RawValue";
 
 /// `kube`'s `AdmissionRequest`, its fields with the same names, types and defaults.
