@@ -299,17 +299,10 @@ impl Drop for Reaped {
     }
 }
 
-/// Kyverno's admission controller, out of cluster.
+/// Kyverno's admission controller, out of cluster (killed and reaped when dropped).
 struct Kyverno {
-    child: Child,
+    child: Reaped,
     log: PathBuf,
-}
-
-impl Drop for Kyverno {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Kyverno {
@@ -366,7 +359,10 @@ fn start_kyverno(cp: &ControlPlane, bin_dir: &Path, port: u16) -> Result<Kyverno
         .stderr(std::fs::File::create(cp.work_dir.join("kyverno.err"))?)
         .spawn()
         .context("starting kyverno (e2e/toolchain/build.sh kyverno builds it)")?;
-    Ok(Kyverno { child, log })
+    Ok(Kyverno {
+        child: Reaped(child),
+        log,
+    })
 }
 
 /// The Kyverno ClusterPolicy equivalent to Palisade's checks and `ImagePolicy` over
@@ -772,7 +768,7 @@ fn main() -> Result<()> {
         server_name: ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()),
         mutate: "/mutate/fail",
         validate: "/validate/fail",
-        pid: kyverno.child.id(),
+        pid: kyverno.child.0.id(),
         connector: tls_connector(&kyverno_ca)?,
     });
 
@@ -909,7 +905,7 @@ fn main() -> Result<()> {
     println!(
         "3. pod creations through the API server (dryRun, 16 in flight, {seconds} s), each webhook registered alone:"
     );
-    let kyverno_pid = kyverno.child.id().to_string();
+    let kyverno_pid = kyverno.child.0.id().to_string();
     let kyverno_hooks = ["-l", "webhook.kyverno.io/managed-by=kyverno"];
     let mut rates = Vec::new();
     for t in targets {
