@@ -5,7 +5,9 @@
 //! first copying every key it does not know (the whole `spec` and `status`) into a buffer of its
 //! own, then reading the object again from that buffer. Here the object's keys go straight into
 //! its data: one pass, the same result. `review::tests::reads_as_kube_reads` (a property test)
-//! holds the two readers to the same request, and to the same refusal, for any review.
+//! holds the two readers to the same request, or the same refusal, on generated reviews (objects
+//! with keys in any order, repeated, of any shape); the one deliberate difference is the refusal
+//! of serde_json's raw-value key (see [`parse`]).
 
 use k8s_openapi::{api::authentication::v1::UserInfo, apimachinery::pkg::runtime::RawExtension};
 use kube::core::{
