@@ -7,6 +7,7 @@ pub mod config;
 pub mod decide;
 pub mod identity;
 pub mod images;
+pub mod log;
 pub mod metrics;
 pub mod pods;
 pub mod report;
@@ -34,12 +35,18 @@ pub fn init_logging() {
         .unwrap_or_else(|_| "info,kube=warn".into());
     let log = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(log::stderr());
     if std::env::var("PALISADE_LOG_FORMAT").as_deref() == Ok("text") {
         log.init();
     } else {
         log.json().init();
     }
+    // A panic's message comes after the lines that led to it.
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        log::flush();
+        report(info);
+    }));
 }
 
 /// Why a fact could not be read from the cluster (a namespace, a Secret or ConfigMap key).

@@ -22,6 +22,13 @@ use palisade_webhook::{
 };
 
 fn main() -> ExitCode {
+    let status = serve();
+    // The log's buffered lines, before the process ends.
+    palisade_webhook::log::flush();
+    status
+}
+
+fn serve() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args == ["--version"] {
         let (version, commit) = palisade_webhook::VERSION;

@@ -23,7 +23,8 @@ use prometheus_client::{
 
 use crate::config::Mode;
 
-type Labels = Vec<(&'static str, &'static str)>;
+/// A label set of `N` labels (an array: looked up without an allocation).
+type Labels<const N: usize> = [(&'static str, &'static str); N];
 
 /// Upper bounds (seconds) of the decision-latency histogram buckets.
 pub const BUCKETS: [f64; 11] = [
@@ -57,9 +58,9 @@ const CHECKS: &[&str] = &[
 /// The metrics the request handlers update; scrape-time values come from the rest of the state.
 pub struct Counters {
     registry: Registry,
-    decisions: Family<Labels, Counter>,
-    admissions: Family<Labels, Counter>,
-    findings: Family<Labels, Counter>,
+    decisions: Family<Labels<1>, Counter>,
+    admissions: Family<Labels<4>, Counter>,
+    findings: Family<Labels<2>, Counter>,
     latency: Histogram,
     malformed: Counter,
     /// Set when the server is shutting down.
@@ -71,19 +72,19 @@ pub struct Counters {
 impl Default for Counters {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("palisade_webhook");
-        let decisions = Family::<Labels, Counter>::default();
+        let decisions = Family::<Labels<1>, Counter>::default();
         registry.register(
             "decisions",
             "Validating decisions by verdict (allow, deny, warn, audit)",
             decisions.clone(),
         );
-        let admissions = Family::<Labels, Counter>::default();
+        let admissions = Family::<Labels<4>, Counter>::default();
         registry.register(
             "admission_requests",
             "Admission requests by hook (validate, mutate), operation, kind and verdict",
             admissions.clone(),
         );
-        let findings = Family::<Labels, Counter>::default();
+        let findings = Family::<Labels<2>, Counter>::default();
         registry.register(
             "findings",
             "What the checks found, by check and by the mode it was handled in (enforce, warn, audit)",
@@ -103,9 +104,9 @@ impl Default for Counters {
         );
         // The main series exist from the start: "0 denials" is a reading, not an absence.
         for verdict in ["allow", "deny", "warn", "audit"] {
-            let _ = decisions.get_or_create(&vec![("verdict", verdict)]);
+            let _ = decisions.get_or_create(&[("verdict", verdict)]);
             for hook in ["validate", "mutate"] {
-                let _ = admissions.get_or_create(&vec![
+                let _ = admissions.get_or_create(&[
                     ("hook", hook),
                     ("operation", "CREATE"),
                     ("kind", "Pod"),
@@ -115,7 +116,7 @@ impl Default for Counters {
         }
         for check in CHECKS {
             for mode in ["enforce", "warn", "audit"] {
-                let _ = findings.get_or_create(&vec![("check", *check), ("mode", mode)]);
+                let _ = findings.get_or_create(&[("check", *check), ("mode", mode)]);
             }
         }
         Counters {
@@ -160,9 +161,7 @@ impl Counters {
         took: std::time::Duration,
     ) {
         let verdict = verdict_label(verdict);
-        self.decisions
-            .get_or_create(&vec![("verdict", verdict)])
-            .inc();
+        self.decisions.get_or_create(&[("verdict", verdict)]).inc();
         self.admitted("validate", operation, kind, verdict);
         self.latency.observe(took.as_secs_f64());
         for (rule, mode) in findings {
@@ -178,7 +177,7 @@ impl Counters {
                 Mode::Audit => "audit",
             };
             self.findings
-                .get_or_create(&vec![("check", check), ("mode", mode)])
+                .get_or_create(&[("check", check), ("mode", mode)])
                 .inc();
         }
     }
@@ -190,7 +189,7 @@ impl Counters {
             .find(|o| o.eq_ignore_ascii_case(operation))
             .unwrap_or("other");
         self.admissions
-            .get_or_create(&vec![
+            .get_or_create(&[
                 ("hook", hook),
                 ("operation", operation),
                 ("kind", kind_label(kind)),
@@ -220,7 +219,7 @@ impl Counters {
             "Always 1, labelled with the running build's version and source commit",
             build,
         );
-        let namespaces = Family::<Labels, Gauge>::default();
+        let namespaces = Family::<Labels<1>, Gauge>::default();
         for (mode, label) in [
             (Mode::Enforce, "Enforce"),
             (Mode::Warn, "Warn"),
@@ -228,7 +227,7 @@ impl Counters {
         ] {
             let n = scrape.namespaces.get(&mode).copied().unwrap_or(0);
             namespaces
-                .get_or_create(&vec![("mode", label)])
+                .get_or_create(&[("mode", label)])
                 .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
         now.register(

@@ -105,6 +105,17 @@ async fn namespace_labels(
     }
 }
 
+/// The operation as the API server names it (the metrics' label).
+fn operation(op: &kube::core::admission::Operation) -> &'static str {
+    use kube::core::admission::Operation;
+    match op {
+        Operation::Create => "CREATE",
+        Operation::Update => "UPDATE",
+        Operation::Delete => "DELETE",
+        Operation::Connect => "CONNECT",
+    }
+}
+
 /// A refusal of `req` that explains itself, with the verdict it is logged as.
 fn refused(req: &AdmissionRequest<DynamicObject>, why: &str) -> Response {
     let what = format!(
@@ -247,6 +258,7 @@ async fn decide_on_the_pool(
 ) -> Result<
     (
         AdmissionRequest<DynamicObject>,
+        Facts,
         AdmissionResponse,
         crate::decide::Verdict,
     ),
@@ -270,7 +282,7 @@ async fn decide_on_the_pool(
     let st = Arc::clone(state);
     let decided = tokio::task::spawn_blocking(move || {
         let (resp, verdict) = decide(&req, &facts, &st.config, &st.secrets);
-        (req, resp, verdict)
+        (req, facts, resp, verdict)
     })
     .await;
     drop(permit);
@@ -299,7 +311,6 @@ async fn validate(
         Ok(l) => l,
         Err(why) => return refused(&req, &why.to_string()),
     };
-    let image_labels = labels.clone();
     let spire = if state.config.identity_source == crate::identity::IdentitySource::Spire {
         state.facts.spire_registrations()
     } else {
@@ -309,11 +320,11 @@ async fn validate(
         namespace_labels: labels,
         spire,
     };
-    let (req, resp, verdict) = if decided_inline(body.len(), req.object.as_ref()) {
+    let (req, facts, resp, verdict) = if decided_inline(body.len(), req.object.as_ref()) {
         // Cheap to decide: here, on the worker that read it, rather than paying two thread
         // hand-offs to the blocking pool and back.
         let (resp, verdict) = decide(&req, &facts, &state.config, &state.secrets);
-        (req, resp, verdict)
+        (req, facts, resp, verdict)
     } else {
         match decide_on_the_pool(&state, req, facts, deadline).await {
             Ok(d) => d,
@@ -326,7 +337,7 @@ async fn validate(
                 images,
                 &state.facts.image_policies(),
                 &req,
-                &image_labels,
+                &facts.namespace_labels,
                 deadline,
                 resp,
                 verdict,
@@ -336,7 +347,7 @@ async fn validate(
         None => (resp, verdict),
     };
     state.counters.decided(
-        &format!("{:?}", req.operation),
+        operation(&req.operation),
         &req.kind.kind,
         verdict.verdict,
         &verdict.modes,
@@ -345,7 +356,7 @@ async fn validate(
     tracing::info!(
         target: "palisade::security",
         uid = %req.uid,
-        user = %req.user_info.username.clone().unwrap_or_default(),
+        user = %req.user_info.username.as_deref().unwrap_or_default(),
         operation = ?req.operation,
         kind = %req.kind.kind,
         namespace = %namespace,
@@ -370,12 +381,9 @@ async fn mutate(
         Err(bad) => return *bad,
     };
     let (response, verdict) = pin(&state, &req, deadline).await;
-    state.counters.admitted(
-        "mutate",
-        &format!("{:?}", req.operation),
-        &req.kind.kind,
-        verdict,
-    );
+    state
+        .counters
+        .admitted("mutate", operation(&req.operation), &req.kind.kind, verdict);
     response
 }
 

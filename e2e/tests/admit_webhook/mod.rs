@@ -119,9 +119,10 @@ fn identity_secrets_and_workloads(env: &Env) -> Result<()> {
         if run(cp.kubectl().args(["get", "pod", "dry-good", "-n", ns]))?.status.success() {
             bail!("a dry-run pod was stored");
         }
-        if !wh.log_text().lines().any(|l| l.contains("\"name\":\"dry-good\"") && l.contains("\"dry_run\":true")) {
-            bail!("the security event of the dry run does not say dry_run=true");
-        }
+        // (log lines reach the file within the log's flush interval)
+        cp.eventually("the dry run's security event, with dry_run=true", Duration::from_secs(10), || {
+            wh.log_text().lines().any(|l| l.contains("\"name\":\"dry-good\"") && l.contains("\"dry_run\":true")).then_some(())
+        })?;
 
         // Ephemeral containers go through pods/ephemeralcontainers and are checked too.
         let out = run(cp.kubectl().args([
@@ -145,11 +146,10 @@ fn identity_secrets_and_workloads(env: &Env) -> Result<()> {
         let rc = "apiVersion: v1\nkind: ReplicationController\nmetadata:\n  name: bad-rc\nspec:\n  replicas: 1\n  selector: {app: bad-rc}\n  template:\n    metadata: {labels: {app: bad-rc}}\n    spec:\n      containers: [{name: app, image: r/app:1}]\n";
         let out = apply(cp, ns, "bad-rc", rc)?;
         rejects(&out, "ReplicationController under the default ServiceAccount", &["ReplicationController", "spiffe://"])?;
-        let log = wh.log_text();
         for kind in ["\"kind\":\"Deployment\"", "\"kind\":\"ReplicaSet\"", "\"kind\":\"Pod\""] {
-            if !log.lines().any(|l| l.contains(kind) && l.contains(ns) && l.contains("\"verdict\":\"allow\"")) {
-                bail!("no allow decision for {kind} in the security log");
-            }
+            cp.eventually(&format!("an allow decision for {kind} in the security log"), Duration::from_secs(10), || {
+                wh.log_text().lines().any(|l| l.contains(kind) && l.contains(ns) && l.contains("\"verdict\":\"allow\"")).then_some(())
+            })?;
         }
 
         // A namespace without mesh labels: refused with the would-be SPIFFE ID.
@@ -324,9 +324,12 @@ fn svid_from_the_workload_api_serves_the_api_server(env: &Env) -> Result<()> {
     spire.register_this_user(&id, &["localhost"], 30)?;
     let wh = WebhookProcess::start_svid(cp, "svid", "", &spire.workload_api, &spire.bundle)
         .map_err(|e| anyhow::anyhow!("{e:#}\nagent log:\n{}", spire.log_tail("agent")))?;
-    if !wh.log_text().contains(&id) {
-        bail!("the webhook does not say it serves {id}: {}", wh.log_tail());
-    }
+    cp.eventually(
+        &format!("the webhook saying it serves {id}"),
+        Duration::from_secs(10),
+        || wh.log_text().contains(&id).then_some(()),
+    )
+    .map_err(|e| anyhow::anyhow!("{e:#}: {}", wh.log_tail()))?;
     wh.register(cp, "palisade-e2e-svid")?;
     let result = cp.with_temp_ns("wh-svid", |ns| {
         namespace(cp, ns, true)?;

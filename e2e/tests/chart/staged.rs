@@ -294,13 +294,16 @@ pub fn beside_cluster_infrastructure_and_staged(env: &Env) -> Result<()> {
                 .then_some(())
         })?;
         // Every change of the label is a security event naming who made it.
-        if !wh
-            .log_text()
-            .lines()
-            .any(|l| l.contains("namespace enforcement changed") && l.contains(&audited))
-        {
-            bail!("the change of {audited}'s enforcement was not logged");
-        }
+        cp.eventually(
+            &format!("the change of {audited}'s enforcement logged"),
+            Duration::from_secs(10),
+            || {
+                wh.log_text()
+                    .lines()
+                    .any(|l| l.contains("namespace enforcement changed") && l.contains(&audited))
+                    .then_some(())
+            },
+        )?;
         // Every namespace a label turns down is reported as the webhook sees it (also one
         // labelled before the webhook was installed), and the metrics count them.
         cp.eventually(

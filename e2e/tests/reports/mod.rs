@@ -222,6 +222,9 @@ fn running_pods_are_reported_per_namespace(env: &Env) -> Result<()> {
                 ]))?,
             ))
         })();
+        // What the webhook logged up to now has reached the file once the log's flush interval
+        // has passed.
+        std::thread::sleep(palisade_webhook::log::FLUSH_AFTER * 4);
         let log = std::fs::read_to_string(&wh.log)?;
         let _ = run(cp.kubectl().args(["delete", "pod", "held", "-n", &leaving, "--grace-period=0", "--force"]));
         let _ = run(cp.kubectl().args(["delete", "node", &node, "--wait=false"]));
