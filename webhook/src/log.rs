@@ -35,8 +35,7 @@ pub struct Lines {
 
 struct Shared {
     sink: Mutex<Box<dyn Write + Send>>,
-    /// Every thread's buffer. The lock order is buffer, then sink; this list is never held
-    /// while a buffer is.
+    /// Every thread's buffer. Locks are taken in the order list, buffer, sink.
     buffers: Mutex<Vec<Buffer>>,
     /// Whether the flusher has a round to do: set by the line that makes a buffer non-empty.
     scheduled: AtomicBool,
@@ -105,8 +104,10 @@ impl Lines {
                 self.shared.schedule();
             }
         });
-        // A line logged while this thread's storage is being torn down.
+        // A line logged while this thread's storage is being torn down: after the lines this
+        // thread (and every other) gathered before it.
         if appended.is_err() {
+            self.shared.flush_all();
             self.shared.write_out(&mut line.to_vec());
         }
     }
@@ -127,10 +128,14 @@ impl Shared {
 
     fn write_out(&self, held: &mut Vec<u8>) {
         let mut sink = lock(&self.sink);
-        // Nowhere to report a failed write to the log: the lines are dropped, as a full pipe
-        // or a closed standard error would drop them.
+        // Nowhere to report a failed write to the log: the gathered lines are dropped, as a
+        // closed standard error would drop each of them.
         let _ = sink.write_all(held).and_then(|()| sink.flush());
         held.clear();
+        // One very long line does not keep its memory for the thread's life.
+        if held.capacity() > 4 * FLUSH_BYTES {
+            held.shrink_to(FLUSH_BYTES);
+        }
     }
 
     fn flush_all(&self) {
@@ -144,6 +149,13 @@ impl Shared {
         drop(buffers);
         // A buffer only this list holds belongs to a thread that has ended, and is empty now.
         lock(&self.buffers).retain(|b| Arc::strong_count(b) > 1 || !lock(b).is_empty());
+    }
+}
+
+/// The last writer gone: what every thread gathered is written.
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.flush_all();
     }
 }
 
@@ -242,20 +254,44 @@ mod tests {
             .expect("write");
     }
 
-    #[test]
-    fn a_line_reaches_the_sink_without_a_flush() {
-        let sink = Shared::default();
-        let lines = Lines::new(sink.clone());
+    /// Waits (a bounded time) for `sink` to hold `text`.
+    fn arrives(sink: &Shared, text: &str) {
         let started = Instant::now();
-        write(&lines, "one\n");
-        while !sink.text().contains("one\n") {
+        while !sink.text().contains(text) {
             assert!(
                 started.elapsed() < FLUSH_AFTER * 40,
-                "the line was not written within {:?}",
+                "{text:?} was not written within {:?}",
                 FLUSH_AFTER * 40
             );
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+
+    #[test]
+    fn a_line_reaches_the_sink_without_a_flush() {
+        let sink = Shared::default();
+        let lines = Lines::new(sink.clone());
+        write(&lines, "one\n");
+        arrives(&sink, "one\n");
+        // And the next one, after a round has been made.
+        write(&lines, "two\n");
+        arrives(&sink, "one\ntwo\n");
+    }
+
+    #[test]
+    fn the_last_writer_gone_what_waits_is_written() {
+        let sink = Shared::default();
+        let lines = Lines::new(sink.clone());
+        std::thread::spawn({
+            let lines = lines.clone();
+            move || write(&lines, "from a thread that ended\n")
+        })
+        .join()
+        .expect("writer");
+        write(&lines, "waiting\n");
+        drop(lines);
+        arrives(&sink, "waiting\n");
+        arrives(&sink, "from a thread that ended\n");
     }
 
     #[test]
