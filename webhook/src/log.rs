@@ -228,9 +228,9 @@ mod tests {
 
     /// A sink the test reads back.
     #[derive(Clone, Default)]
-    struct Shared(Arc<Mutex<Vec<u8>>>);
+    struct Sink(Arc<Mutex<Vec<u8>>>);
 
-    impl Write for Shared {
+    impl Write for Sink {
         fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
             lock(&self.0).extend_from_slice(buf);
             Ok(buf.len())
@@ -240,7 +240,7 @@ mod tests {
         }
     }
 
-    impl Shared {
+    impl Sink {
         fn text(&self) -> String {
             String::from_utf8(lock(&self.0).clone()).expect("utf-8")
         }
@@ -255,7 +255,7 @@ mod tests {
     }
 
     /// Waits (a bounded time) for `sink` to hold `text`.
-    fn arrives(sink: &Shared, text: &str) {
+    fn arrives(sink: &Sink, text: &str) {
         let started = Instant::now();
         while !sink.text().contains(text) {
             assert!(
@@ -269,7 +269,7 @@ mod tests {
 
     #[test]
     fn a_line_reaches_the_sink_without_a_flush() {
-        let sink = Shared::default();
+        let sink = Sink::default();
         let lines = Lines::new(sink.clone());
         write(&lines, "one\n");
         arrives(&sink, "one\n");
@@ -280,7 +280,7 @@ mod tests {
 
     #[test]
     fn the_last_writer_gone_what_waits_is_written() {
-        let sink = Shared::default();
+        let sink = Sink::default();
         let lines = Lines::new(sink.clone());
         std::thread::spawn({
             let lines = lines.clone();
@@ -296,7 +296,7 @@ mod tests {
 
     #[test]
     fn every_line_of_every_thread_is_written_once_in_its_threads_order() {
-        let sink = Shared::default();
+        let sink = Sink::default();
         let lines = Lines::new(sink.clone());
         let threads: Vec<_> = (0..4)
             .map(|t| {
@@ -331,7 +331,7 @@ mod tests {
 
     #[test]
     fn a_flush_writes_what_waits() {
-        let sink = Shared::default();
+        let sink = Sink::default();
         let lines = Lines::new(sink.clone());
         write(&lines, "waiting\n");
         lines.flush();
