@@ -337,6 +337,96 @@ async fn ready_then_lead(
 
 /// The RateLimitPolicy controller's state, with routes, Gateways and classes: a change of where
 /// a target receives traffic wakes the policies it concerns.
+/// Wires the watch of each generated kind to the controller whose policies generate it.
+fn watch_generated(
+    mut auth_ctl: Controller<AuthPolicy>,
+    mut rl_ctl: Controller<RateLimitPolicy>,
+    streams: Vec<controller::KindStream>,
+    state: &State,
+) -> (Controller<AuthPolicy>, Controller<RateLimitPolicy>) {
+    for ((api_version, kind), ar, stream) in streams {
+        let key = (api_version.as_str(), kind.as_str());
+        if key == ("spire.spiffe.io/v1alpha1", "ClusterSPIFFEID") {
+            // Cluster-scoped: no owner reference, so map back by the owner labels.
+            auth_ctl = auth_ctl.watches_stream_with(
+                stream,
+                |o: crate::controller::generated::GeneratedObject| {
+                    let labels = o.labels();
+                    let name = labels.get(OWNER_NAME_LABEL).cloned();
+                    let ns = labels.get(OWNER_NAMESPACE_LABEL).cloned();
+                    name.zip(ns)
+                        .map(|(n, ns)| kube::runtime::reflector::ObjectRef::new(&n).within(&ns))
+                },
+                ar,
+            );
+        } else if controller::AUTH_KINDS.contains(&key) {
+            auth_ctl = auth_ctl.owns_stream_with(stream, ar);
+        } else if key == ("gateway.envoyproxy.io/v1alpha1", "BackendTrafficPolicy")
+            && let Some(btp) = state.kinds.get(&(api_version.clone(), kind.clone()))
+        {
+            // Besides its owner, a route's policy wakes the Gateway-level policy Envoy Gateway
+            // merges it into: whether that one is enforced as written depends on the merge.
+            rl_ctl = rl_ctl.watches_stream_with(
+                stream,
+                rate_limit_wakes(btp.store.clone(), btp.resource.clone()),
+                ar,
+            );
+        } else {
+            rl_ctl = rl_ctl.owns_stream_with(stream, ar);
+        }
+    }
+    (auth_ctl, rl_ctl)
+}
+
+/// Which RateLimitPolicies a change to a BackendTrafficPolicy wakes: its owners, and the owners
+/// of the Gateway-level policies (found in `store`) it is merged into.
+fn rate_limit_wakes(
+    store: kube::runtime::reflector::Store<crate::controller::generated::GeneratedObject>,
+    resource: kube::api::ApiResource,
+) -> impl Fn(
+    crate::controller::generated::GeneratedObject,
+) -> Vec<kube::runtime::reflector::ObjectRef<RateLimitPolicy>>
++ Send
++ Sync
++ 'static {
+    move |o| {
+        let mut wake = rate_limit_owners(&o);
+        let status = o
+            .status
+            .as_deref()
+            .and_then(|raw| serde_json::from_str::<serde_json::Value>(raw.get()).ok());
+        for (ns, name) in status
+            .as_ref()
+            .map(controller::gateway::merged_into)
+            .unwrap_or_default()
+        {
+            let into =
+                kube::runtime::reflector::ObjectRef::new_with(&name, resource.clone()).within(&ns);
+            if let Some(gateway_level) = store.get(&into) {
+                wake.extend(rate_limit_owners(&gateway_level));
+            }
+        }
+        wake
+    }
+}
+
+/// The RateLimitPolicies that own `o`.
+fn rate_limit_owners(
+    o: &crate::controller::generated::GeneratedObject,
+) -> Vec<kube::runtime::reflector::ObjectRef<RateLimitPolicy>> {
+    let ns = o.metadata.namespace.as_deref().unwrap_or_default();
+    o.metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .filter(|r| {
+            r.kind == <RateLimitPolicy as kube::Resource>::kind(&())
+                && r.api_version == <RateLimitPolicy as kube::Resource>::api_version(&())
+        })
+        .map(|r| kube::runtime::reflector::ObjectRef::new(&r.name).within(ns))
+        .collect()
+}
+
 async fn rate_limit_state(
     ctl: Controller<RateLimitPolicy>,
     client: &Client,
@@ -408,36 +498,16 @@ pub async fn run(
     let overlaps = Arc::new(auth::Overlaps::default());
     let observed = Arc::clone(&overlaps);
     let auth_related = overlapping_policies(&overlaps);
-    let mut auth_ctl = controller_for(
+    let auth_ctl = controller_for(
         &client,
         &echoes,
         Some((auth_related, root.clone())),
         move |e| observed.observe(e),
     )
     .with_config(ctl_config.clone());
-    let mut rl_ctl = controller_for(&client, &echoes, Some((rl_related, root)), |_| ())
+    let rl_ctl = controller_for(&client, &echoes, Some((rl_related, root)), |_| ())
         .with_config(ctl_config.clone());
-    for ((api_version, kind), ar, stream) in streams {
-        let key = (api_version.as_str(), kind.as_str());
-        if key == ("spire.spiffe.io/v1alpha1", "ClusterSPIFFEID") {
-            // Cluster-scoped: no owner reference, so map back by the owner labels.
-            auth_ctl = auth_ctl.watches_stream_with(
-                stream,
-                |o: crate::controller::generated::GeneratedObject| {
-                    let labels = o.labels();
-                    let name = labels.get(OWNER_NAME_LABEL).cloned();
-                    let ns = labels.get(OWNER_NAMESPACE_LABEL).cloned();
-                    name.zip(ns)
-                        .map(|(n, ns)| kube::runtime::reflector::ObjectRef::new(&n).within(&ns))
-                },
-                ar,
-            );
-        } else if controller::AUTH_KINDS.contains(&key) {
-            auth_ctl = auth_ctl.owns_stream_with(stream, ar);
-        } else {
-            rl_ctl = rl_ctl.owns_stream_with(stream, ar);
-        }
-    }
+    let (auth_ctl, rl_ctl) = watch_generated(auth_ctl, rl_ctl, streams, &state);
     let (auth_ctl, auth_state) = with_caches(auth_ctl, &client, &state, overlaps);
     let (rl_ctl, rl_state) = rate_limit_state(rl_ctl, &client, &state).await;
 

@@ -155,6 +155,7 @@ pub fn envoy_gateway_decides_ready(env: &Env) -> Result<()> {
         with_eg(ready_with(cp, ns, "api", "Enforced"))?;
 
         attacker_policy_displaces_palisades(cp, ns, &eg)?;
+        attacker_merge_replaces_gateway_limits(cp, ns, &eg)?;
         parents_envoy_gateway_does_not_control(cp, ns, &eg)?;
 
         // An install without the global rate-limit service: Envoy Gateway refuses Global limits,
@@ -243,6 +244,63 @@ spec:
         ns,
     ]))?;
     with_eg(ready_with(cp, ns, "other", "Enforced"))?;
+    with_eg(ready_with(cp, ns, "edge", "Enforced"))?;
+    Ok(())
+}
+
+/// A BackendTrafficPolicy made by hand on a route with `mergeType: JSONMerge`: Envoy Gateway
+/// merges it into the Gateway-level policy, reports that one `Merged` (not `Overridden`), and on
+/// that route the hand-made rules replace the Gateway's. The Gateway's policy stops saying Ready
+/// and names the route; Palisade's own route policy, merged with it the same way, does not count
+/// against it.
+fn attacker_merge_replaces_gateway_limits(
+    cp: &ControlPlane,
+    ns: &str,
+    eg: &EnvoyGateway,
+) -> Result<()> {
+    let with_eg =
+        |r: Result<Value>| r.with_context(|| format!("Envoy Gateway log:\n{}", eg.log_tail()));
+    let merge = |merge_type: &str| {
+        apply_yaml(
+            cp,
+            ns,
+            &format!(
+                "apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: BackendTrafficPolicy
+metadata: {{name: zz-merge}}
+spec:
+  targetRefs: [{{group: gateway.networking.k8s.io, kind: HTTPRoute, name: third}}]
+  mergeType: {merge_type}
+  rateLimit:
+    type: Global
+    global:
+      rules: [{{limit: {{requests: 100000, unit: Minute}}}}]
+"
+            ),
+        )
+    };
+    merge("JSONMerge")?;
+    let merged = with_eg(ready_with(cp, ns, "edge", "GatewayOverridden"))?;
+    let msg = merged["message"].as_str().unwrap_or_default();
+    if merged["status"] != "False" || !msg.contains(&format!("on route {ns}/third")) {
+        bail!("a Gateway-level policy merged with a hand-made one must name the route: {merged}");
+    }
+    if msg.contains(&format!("on route {ns}/api")) {
+        bail!("Palisade's own merged route policy must not count against the Gateway's: {merged}");
+    }
+    with_eg(ready_with(cp, ns, "api", "Enforced"))?;
+    // A strategic merge of a policy Palisade did not write: it cannot read it, so the Gateway's
+    // policy is not Ready either.
+    merge("StrategicMerge")?;
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    with_eg(ready_with(cp, ns, "edge", "GatewayOverridden"))?;
+    palisade_e2e::run_ok(cp.kubectl().args([
+        "delete",
+        "backendtrafficpolicy",
+        "zz-merge",
+        "-n",
+        ns,
+    ]))?;
     with_eg(ready_with(cp, ns, "edge", "Enforced"))?;
     Ok(())
 }

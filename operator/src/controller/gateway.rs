@@ -20,7 +20,8 @@ pub enum Verdict {
     Pending(String),
     /// Refused for an ancestor: the ancestor, Envoy Gateway's reason and message.
     Refused(String, String, String),
-    /// Accepted but displaced by another policy for an ancestor: the ancestor and the message.
+    /// Accepted but displaced by another policy for an ancestor, or merged with one that replaces
+    /// some of its limits: the ancestor and the message.
     Overridden(String, String),
     /// Accepted, but the target also receives traffic where Envoy Gateway enforces nothing (a
     /// parent Gateway of another class): why.
@@ -101,9 +102,78 @@ fn condition<'a>(a: &'a Value, type_: &str) -> Option<&'a Value> {
         .find(|c| c["type"] == type_)
 }
 
+/// What Envoy Gateway's `Merged` condition on a Gateway-level policy says: the routes
+/// (`namespace/name`) whose own policy is merged with it, or `None` when the message says
+/// anything else (a scope other than routes, or a wording this reading does not know).
+fn merged_routes(message: &str) -> Option<Vec<&str>> {
+    let list = message
+        .strip_prefix(
+            "This policy is being merged by other backendTrafficPolicies for these routes: [",
+        )?
+        .strip_suffix(']')?;
+    let routes: Vec<&str> = list.split(' ').collect();
+    routes
+        .iter()
+        .all(|r| {
+            let mut parts = r.split('/');
+            matches!((parts.next(), parts.next(), parts.next()), (Some(ns), Some(name), None)
+                if !ns.is_empty() && !name.is_empty())
+        })
+        .then_some(routes)
+}
+
+/// The Gateway-level policies (`(namespace, name)`) a route-level BackendTrafficPolicy with
+/// `status` is merged into, as Envoy Gateway reports it.
+pub fn merged_into(status: &Value) -> Vec<(String, String)> {
+    status["ancestors"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| condition(a, "Merged"))
+        .filter(|m| m["status"] == "True")
+        .filter_map(|m| m["message"].as_str()?.strip_prefix("Merged with policy "))
+        .filter_map(|p| p.split_once('/'))
+        .map(|(ns, name)| (ns.to_owned(), name.to_owned()))
+        .collect()
+}
+
+/// Whether the route-level BackendTrafficPolicy with `spec`, `status` and `generation` is merged
+/// with the Gateway-level policy `gateway_policy` (`namespace/name`) in a way that keeps every
+/// rate limit of it: Envoy Gateway merges the route's rate limits into the Gateway's, and with
+/// `StrategicMerge` its global rules are added to the Gateway's (named apart, so none replaces
+/// another). A `JSONMerge` replaces the Gateway's list of rules with the route's, and a `local`
+/// section, with either merge, replaces the Gateway's default bucket (with none: unlimited).
+pub fn merge_keeps_limits(
+    spec: &Value,
+    status: &Value,
+    generation: Option<i64>,
+    gateway_policy: &str,
+) -> bool {
+    let merged_here = status["ancestors"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| condition(a, "Merged"))
+        .any(|m| {
+            m["status"] == "True"
+                && m["message"].as_str() == Some(&format!("Merged with policy {gateway_policy}"))
+                && generation
+                    .is_some_and(|g| m["observedGeneration"].as_i64().is_some_and(|o| o >= g))
+        });
+    merged_here && spec["mergeType"] == "StrategicMerge" && spec["rateLimit"].get("local").is_none()
+}
+
 /// The verdict on a BackendTrafficPolicy from its `status` and its current `generation` (the one
 /// Palisade's write returned, when it wrote). `unseen`: the object is not in the cache yet.
-pub fn verdict(generation: Option<i64>, status: Option<&Value>, unseen: bool) -> Verdict {
+/// For a Gateway-level policy, `keeps_limits` says of a route (`namespace/name`) whose own policy
+/// Envoy Gateway merges with this one whether that merge keeps all of this one's limits there
+/// (see [`merge_keeps_limits`]); `None` for a route-level policy.
+pub fn verdict(
+    generation: Option<i64>,
+    status: Option<&Value>,
+    unseen: bool,
+    keeps_limits: Option<&dyn Fn(&str) -> bool>,
+) -> Verdict {
     const SILENT: &str = "Envoy Gateway has not reported on this version of it (is the target \
          attached to a Gateway of a GatewayClass that a running Envoy Gateway controls?)";
     let ancestors = status
@@ -145,6 +215,29 @@ pub fn verdict(generation: Option<i64>, status: Option<&Value>, unseen: bool) ->
             && o["status"] == "True"
         {
             return Verdict::Overridden(name, o["message"].as_str().unwrap_or_default().to_owned());
+        }
+        // A route's policy merged into this Gateway-level one is what that route enforces: only
+        // a merge that keeps every limit of this one leaves it enforced as written there.
+        if let Some(keeps) = keeps_limits
+            && let Some(m) = condition(a, "Merged")
+            && m["status"] == "True"
+        {
+            let message = m["message"].as_str().unwrap_or_default();
+            let why = match merged_routes(message) {
+                Some(routes) => routes.into_iter().find(|r| !keeps(r)).map(|r| {
+                    format!(
+                        "{message}; on route {r} the merged policy is not one that only adds to \
+                         this one's limits (a JSONMerge replaces its rules, a local section its \
+                         default limit)"
+                    )
+                }),
+                None => Some(format!(
+                    "{message}; Palisade cannot tell what that merge leaves of this policy's limits"
+                )),
+            };
+            if let Some(why) = why {
+                return Verdict::Overridden(name, why);
+            }
         }
         accepted.push(name);
     }
@@ -337,9 +430,127 @@ mod tests {
             ),
         ];
         for (what, status, written, check) in table {
-            let v = verdict(Some(2), status.as_ref(), written);
+            let v = verdict(Some(2), status.as_ref(), written, None);
             assert!(check(&v), "{what}: {v:?}");
         }
+    }
+
+    /// A Gateway-level policy's ancestor, accepted, with Envoy Gateway's `Merged` condition.
+    fn merged_into(message: &str) -> Value {
+        json!({"ancestors": [ancestor(&json!([
+            {"type": "Accepted", "status": "True", "reason": "Accepted", "observedGeneration": 2},
+            {"type": "Merged", "status": "True", "reason": "Merged", "message": message,
+             "observedGeneration": 2}]))]})
+    }
+
+    #[test]
+    fn a_gateway_policy_merged_with_a_route_policy_that_replaces_its_limits_is_not_accepted() {
+        const TWO: &str = "This policy is being merged by other backendTrafficPolicies for these \
+                           routes: [shop/api shop/third]";
+        let ours = |r: &str| r == "shop/api";
+        let all = |_: &str| true;
+        let status = merged_into(TWO);
+        // Both routes' policies keep the Gateway's limits: accepted.
+        assert_eq!(
+            verdict(Some(2), Some(&status), false, Some(&all)),
+            Verdict::Accepted(vec!["Gateway shop/shop".into()])
+        );
+        // One of them does not (or is not Palisade's): that route is named.
+        assert!(matches!(
+            verdict(Some(2), Some(&status), false, Some(&ours)),
+            Verdict::Overridden(a, m) if a == "Gateway shop/shop" && m.contains("on route shop/third")
+                && !m.contains("route shop/api ")
+        ));
+        // A message of another shape is not read as harmless.
+        for odd in [
+            "This policy is being merged by other backendTrafficPolicies for these gateway \
+             listeners: [shop/shop/http] and these routes: [shop/api]",
+            "This policy is being merged by other backendTrafficPolicies for these routes: []",
+            "This policy is being merged by other backendTrafficPolicies for these routes: [shop/api",
+            "merged",
+        ] {
+            assert!(
+                matches!(
+                    verdict(Some(2), Some(&merged_into(odd)), false, Some(&all)),
+                    Verdict::Overridden(_, m) if m.contains("cannot tell")
+                ),
+                "{odd}"
+            );
+        }
+        // Merged=False, or a route-level policy (its own note that it is merged): accepted.
+        let mut not_merged = merged_into(TWO);
+        not_merged["ancestors"][0]["conditions"][1]["status"] = json!("False");
+        assert!(matches!(
+            verdict(Some(2), Some(&not_merged), false, Some(&ours)),
+            Verdict::Accepted(_)
+        ));
+        assert!(matches!(
+            verdict(Some(2), Some(&status), false, None),
+            Verdict::Accepted(_)
+        ));
+    }
+
+    #[test]
+    fn only_a_strategic_merge_of_global_rules_keeps_the_gateways_limits() {
+        let merged = |generation: i64| {
+            json!({"ancestors": [
+                {"ancestorRef": {"kind": "Gateway", "namespace": "shop", "name": "shop",
+                                 "sectionName": "http"},
+                 "conditions": [{"type": "Merged", "status": "True", "reason": "Merged",
+                    "message": "Merged with policy shop/palisade-edge-ratelimit",
+                    "observedGeneration": generation}]},
+                ancestor(&accepted(generation))]})
+        };
+        let global = json!({"mergeType": "StrategicMerge",
+            "rateLimit": {"type": "Global", "global": {"rules": [{"limit": {"requests": 1, "unit": "Minute"}}]}}});
+        let keeps = |spec: &Value, status: &Value, generation: i64, with: &str| {
+            merge_keeps_limits(spec, status, Some(generation), with)
+        };
+        assert!(keeps(
+            &global,
+            &merged(3),
+            3,
+            "shop/palisade-edge-ratelimit"
+        ));
+        // Merged with another Gateway-level policy, or on an older generation: not this merge.
+        assert!(!keeps(&global, &merged(3), 3, "shop/other"));
+        assert!(!keeps(
+            &global,
+            &merged(2),
+            3,
+            "shop/palisade-edge-ratelimit"
+        ));
+        assert!(!keeps(
+            &global,
+            &json!({}),
+            3,
+            "shop/palisade-edge-ratelimit"
+        ));
+        // A JSONMerge replaces the Gateway's rules; a local section its default bucket.
+        let mut json_merge = global.clone();
+        json_merge["mergeType"] = json!("JSONMerge");
+        assert!(!keeps(
+            &json_merge,
+            &merged(3),
+            3,
+            "shop/palisade-edge-ratelimit"
+        ));
+        let mut local = global.clone();
+        local["rateLimit"]["local"] = json!({"rules": []});
+        assert!(!keeps(
+            &local,
+            &merged(3),
+            3,
+            "shop/palisade-edge-ratelimit"
+        ));
+        let mut unmerged = global;
+        unmerged.as_object_mut().map(|o| o.remove("mergeType"));
+        assert!(!keeps(
+            &unmerged,
+            &merged(3),
+            3,
+            "shop/palisade-edge-ratelimit"
+        ));
     }
 
     #[test]

@@ -100,7 +100,7 @@ async fn reconcile_inner(policy: &RateLimitPolicy, rl: &RateLimitState) -> Resul
                     || Err("the cluster does not serve the Gateway API".to_owned()),
                     |t| super::topology::parents(t, policy),
                 );
-                let verdicts = gateway_verdicts(state, &ns, &desired.objects, &r, &parents);
+                let verdicts = gateway_verdicts(state, rl, &ns, &desired.objects, &r, &parents);
                 conds.extend(
                     readiness(&r, &desired.notes, desired.objects.len())
                         .into_iter()
@@ -138,6 +138,7 @@ async fn reconcile_inner(policy: &RateLimitPolicy, rl: &RateLimitState) -> Resul
 /// generated objects (which keeps their status).
 fn gateway_verdicts(
     state: &State,
+    rl: &RateLimitState,
     ns: &str,
     desired: &[serde_json::Value],
     enforced: &super::Enforced,
@@ -169,16 +170,64 @@ fn gateway_verdicts(
                 .as_ref()
                 .and_then(|l| l.metadata.generation)
                 .max(written);
+            let this = format!("{ns}/{name}");
+            let keeps = |route: &str| merge_keeps_limits(rl, gk, route, &this);
+            let gateway_level = o["spec"]["targetRefs"]
+                .as_array()
+                .is_some_and(|t| t.iter().any(|t| t["kind"] == "Gateway"));
+            let verdict = gateway::verdict(
+                generation,
+                status.as_ref(),
+                live.is_none(),
+                gateway_level.then_some(&keeps as &dyn Fn(&str) -> bool),
+            );
             (
-                format!("{ns}/{name}"),
-                gateway::covering(
-                    gateway::verdict(generation, status.as_ref(), live.is_none()),
-                    status.as_ref(),
-                    parents,
-                ),
+                this.clone(),
+                gateway::covering(verdict, status.as_ref(), parents),
             )
         })
         .collect()
+}
+
+/// Whether the policy Envoy Gateway merges into the Gateway-level BackendTrafficPolicy
+/// `gateway_policy` on `route` (`namespace/name`) is one Palisade generated there for a
+/// RateLimitPolicy, merged in a way that keeps every limit of the Gateway's. A policy Palisade
+/// does not cache (one it did not write) is never taken on trust.
+fn merge_keeps_limits(
+    rl: &RateLimitState,
+    btp: &super::GeneratedKind,
+    route: &str,
+    gateway_policy: &str,
+) -> bool {
+    let Some((route_ns, route_name)) = route.split_once('/') else {
+        return false;
+    };
+    rl.policies.state().iter().any(|p| {
+        p.metadata.namespace.as_deref() == Some(route_ns)
+            && p.spec.target_ref.kind == "HTTPRoute"
+            && p.spec.target_ref.name == route_name
+            && btp
+                .store
+                .get(
+                    &kube::runtime::reflector::ObjectRef::new_with(
+                        &crate::names::generated(&p.name_any(), "ratelimit"),
+                        btp.resource.clone(),
+                    )
+                    .within(route_ns),
+                )
+                .is_some_and(|live| {
+                    let parse = |raw: Option<&serde_json::value::RawValue>| {
+                        raw.and_then(|r| serde_json::from_str::<serde_json::Value>(r.get()).ok())
+                            .unwrap_or_default()
+                    };
+                    gateway::merge_keeps_limits(
+                        &parse(live.spec.as_deref()),
+                        &parse(live.status.as_deref()),
+                        live.metadata.generation,
+                        gateway_policy,
+                    )
+                })
+    })
 }
 
 /// The policies that share `policy`'s target (including itself): a change to one can change who
