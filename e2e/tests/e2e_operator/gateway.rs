@@ -156,6 +156,7 @@ pub fn envoy_gateway_decides_ready(env: &Env) -> Result<()> {
 
         attacker_policy_displaces_palisades(cp, ns, &eg)?;
         attacker_merge_replaces_gateway_limits(cp, ns, &eg)?;
+        attacker_displaces_or_replaces_palisades_merged_policy(cp, ns, &eg)?;
         parents_envoy_gateway_does_not_control(cp, ns, &eg)?;
 
         // An install without the global rate-limit service: Envoy Gateway refuses Global limits,
@@ -248,24 +249,14 @@ spec:
     Ok(())
 }
 
-/// A BackendTrafficPolicy made by hand on a route with `mergeType: JSONMerge`: Envoy Gateway
-/// merges it into the Gateway-level policy, reports that one `Merged` (not `Overridden`), and on
-/// that route the hand-made rules replace the Gateway's. The Gateway's policy stops saying Ready
-/// and names the route; Palisade's own route policy, merged with it the same way, does not count
-/// against it.
-fn attacker_merge_replaces_gateway_limits(
-    cp: &ControlPlane,
-    ns: &str,
-    eg: &EnvoyGateway,
-) -> Result<()> {
-    let with_eg =
-        |r: Result<Value>| r.with_context(|| format!("Envoy Gateway log:\n{}", eg.log_tail()));
-    let merge = |merge_type: &str| {
-        apply_yaml(
-            cp,
-            ns,
-            &format!(
-                "apiVersion: gateway.envoyproxy.io/v1alpha1
+/// Applies the hand-made BackendTrafficPolicy `zz-merge` on route `third`, merged (`merge_type`)
+/// with the Gateway's, with a limit a thousand times looser than Palisade's.
+fn hand_made_merge(cp: &ControlPlane, ns: &str, merge_type: &str) -> Result<()> {
+    apply_yaml(
+        cp,
+        ns,
+        &format!(
+            "apiVersion: gateway.envoyproxy.io/v1alpha1
 kind: BackendTrafficPolicy
 metadata: {{name: zz-merge}}
 spec:
@@ -276,32 +267,119 @@ spec:
     global:
       rules: [{{limit: {{requests: 100000, unit: Minute}}}}]
 "
-            ),
-        )
-    };
-    merge("JSONMerge")?;
-    let merged = with_eg(ready_with(cp, ns, "edge", "GatewayOverridden"))?;
+        ),
+    )
+}
+
+/// The Gateway-level policy `edge` is `GatewayOverridden`, naming route `third` (and not `api`,
+/// whose policy is Palisade's own).
+fn edge_overridden_on_third(
+    cp: &ControlPlane,
+    ns: &str,
+    eg: &EnvoyGateway,
+    what: &str,
+) -> Result<()> {
+    let merged = ready_under(cp, ns, eg, "edge", "GatewayOverridden").context(what.to_owned())?;
     let msg = merged["message"].as_str().unwrap_or_default();
     if merged["status"] != "False" || !msg.contains(&format!("on route {ns}/third")) {
-        bail!("a Gateway-level policy merged with a hand-made one must name the route: {merged}");
+        bail!("{what}: the Gateway-level policy must name route third: {merged}");
     }
     if msg.contains(&format!("on route {ns}/api")) {
-        bail!("Palisade's own merged route policy must not count against the Gateway's: {merged}");
+        bail!("{what}: Palisade's own merged route policy must not count against it: {merged}");
     }
-    with_eg(ready_with(cp, ns, "api", "Enforced"))?;
+    Ok(())
+}
+
+/// [`ready_with`], with Envoy Gateway's log when it fails.
+fn ready_under(
+    cp: &ControlPlane,
+    ns: &str,
+    eg: &EnvoyGateway,
+    name: &str,
+    reason: &str,
+) -> Result<Value> {
+    ready_with(cp, ns, name, reason)
+        .with_context(|| format!("Envoy Gateway log:\n{}", eg.log_tail()))
+}
+
+fn delete(cp: &ControlPlane, ns: &str, kind: &str, name: &str) -> Result<()> {
+    palisade_e2e::run_ok(cp.kubectl().args(["delete", kind, name, "-n", ns]))?;
+    Ok(())
+}
+
+/// A BackendTrafficPolicy made by hand on a route with `mergeType: JSONMerge`: Envoy Gateway
+/// merges it into the Gateway-level policy, reports that one `Merged` (not `Overridden`), and on
+/// that route the hand-made rules replace the Gateway's. The Gateway's policy stops saying Ready
+/// and names the route; Palisade's own route policy, merged with it the same way, does not count
+/// against it.
+fn attacker_merge_replaces_gateway_limits(
+    cp: &ControlPlane,
+    ns: &str,
+    eg: &EnvoyGateway,
+) -> Result<()> {
+    hand_made_merge(cp, ns, "JSONMerge")?;
+    edge_overridden_on_third(cp, ns, eg, "a hand-made JSONMerge")?;
+    ready_under(cp, ns, eg, "api", "Enforced")?;
     // A strategic merge of a policy Palisade did not write: it cannot read it, so the Gateway's
     // policy is not Ready either.
-    merge("StrategicMerge")?;
+    hand_made_merge(cp, ns, "StrategicMerge")?;
     std::thread::sleep(std::time::Duration::from_secs(2));
-    with_eg(ready_with(cp, ns, "edge", "GatewayOverridden"))?;
-    palisade_e2e::run_ok(cp.kubectl().args([
-        "delete",
-        "backendtrafficpolicy",
-        "zz-merge",
-        "-n",
+    edge_overridden_on_third(cp, ns, eg, "a hand-made StrategicMerge")?;
+    delete(cp, ns, "backendtrafficpolicy", "zz-merge")?;
+    ready_under(cp, ns, eg, "edge", "Enforced")?;
+    Ok(())
+}
+
+/// Palisade's own policy on route `third`, merged with the Gateway's: displaced on the route's
+/// one rule by a hand-made policy (Envoy Gateway still reports the Gateway's policy only
+/// `Merged` for the route), then deleted while a hand-made merge waits to take its place (Envoy
+/// Gateway's report on the Gateway's policy stays word for word the same). The Gateway's policy
+/// says so both times.
+fn attacker_displaces_or_replaces_palisades_merged_policy(
+    cp: &ControlPlane,
+    ns: &str,
+    eg: &EnvoyGateway,
+) -> Result<()> {
+    merge_patch(
+        cp,
         ns,
-    ]))?;
-    with_eg(ready_with(cp, ns, "edge", "Enforced"))?;
+        "httproute",
+        "third",
+        r#"{"spec":{"rules":[{"name":"ra","matches":[{"path":{"type":"PathPrefix","value":"/third"}}],"backendRefs":[{"name":"orders","port":8080}]}]}}"#,
+    )?;
+    apply_yaml(
+        cp,
+        ns,
+        &rlp("third", "    - {name: all, requests: 100, per: 1m}\n")
+            .replace("name: api}", "name: third}"),
+    )?;
+    ready_under(cp, ns, eg, "third", "Enforced")?;
+    ready_under(cp, ns, eg, "edge", "Enforced")?;
+    apply_yaml(
+        cp,
+        ns,
+        "apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: BackendTrafficPolicy
+metadata: {name: zz-rule}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: HTTPRoute, name: third, sectionName: ra}]
+  rateLimit:
+    type: Global
+    global:
+      rules: [{limit: {requests: 100000, unit: Minute}}]
+",
+    )?;
+    edge_overridden_on_third(cp, ns, eg, "a rule-level policy")?;
+    delete(cp, ns, "backendtrafficpolicy", "zz-rule")?;
+    ready_under(cp, ns, eg, "edge", "Enforced")?;
+    // A newer hand-made merge on the route loses to Palisade's (Envoy Gateway keeps the oldest).
+    hand_made_merge(cp, ns, "JSONMerge")?;
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    ready_under(cp, ns, eg, "edge", "Enforced")?;
+    delete(cp, ns, "ratelimitpolicy", "third")?;
+    edge_overridden_on_third(cp, ns, eg, "the route's RateLimitPolicy deleted")?;
+    delete(cp, ns, "backendtrafficpolicy", "zz-merge")?;
+    ready_under(cp, ns, eg, "edge", "Enforced")?;
     Ok(())
 }
 

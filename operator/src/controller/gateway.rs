@@ -112,55 +112,140 @@ fn merged_routes(message: &str) -> Option<Vec<&str>> {
         )?
         .strip_suffix(']')?;
     let routes: Vec<&str> = list.split(' ').collect();
-    routes
+    let well_formed = routes.iter().all(|r| {
+        let mut parts = r.split('/');
+        matches!((parts.next(), parts.next(), parts.next()), (Some(ns), Some(name), None)
+            if !ns.is_empty() && !name.is_empty())
+    });
+    // The message names routes without their kind: a name twice is two kinds of route (an
+    // HTTPRoute and a GRPCRoute), and which policy merged into which cannot be told apart.
+    let distinct = routes
         .iter()
-        .all(|r| {
-            let mut parts = r.split('/');
-            matches!((parts.next(), parts.next(), parts.next()), (Some(ns), Some(name), None)
-                if !ns.is_empty() && !name.is_empty())
-        })
-        .then_some(routes)
+        .collect::<std::collections::BTreeSet<_>>()
+        .len()
+        == routes.len();
+    (well_formed && distinct).then_some(routes)
 }
 
-/// The Gateway-level policies (`(namespace, name)`) a route-level BackendTrafficPolicy with
-/// `status` is merged into, as Envoy Gateway reports it.
-pub fn merged_into(status: &Value) -> Vec<(String, String)> {
+/// The messages of the `Merged=True` conditions in Envoy Gateway's `status`.
+fn merged_conditions(status: &Value) -> impl Iterator<Item = &str> {
     status["ancestors"]
         .as_array()
         .into_iter()
         .flatten()
         .filter_map(|a| condition(a, "Merged"))
         .filter(|m| m["status"] == "True")
-        .filter_map(|m| m["message"].as_str()?.strip_prefix("Merged with policy "))
+        .filter_map(|m| m["message"].as_str())
+}
+
+/// The messages of the `Merged=True` conditions Envoy Gateway writes on a Gateway-level policy
+/// with `status` when it merges route policies into it (a route policy's own note that it is
+/// merged left out): empty when it merges none.
+pub fn merged_messages(status: &Value) -> Vec<&str> {
+    merged_conditions(status)
+        .filter(|m| !m.starts_with("Merged with policy "))
+        .collect()
+}
+
+/// The Gateway-level policies (`(namespace, name)`) a route-level BackendTrafficPolicy with
+/// `status` is merged into, as Envoy Gateway reports it.
+pub fn merged_into(status: &Value) -> Vec<(String, String)> {
+    merged_conditions(status)
+        .filter_map(|m| m.strip_prefix("Merged with policy "))
         .filter_map(|p| p.split_once('/'))
         .map(|(ns, name)| (ns.to_owned(), name.to_owned()))
         .collect()
 }
 
-/// Whether the route-level BackendTrafficPolicy with `spec`, `status` and `generation` is merged
-/// with the Gateway-level policy `gateway_policy` (`namespace/name`) in a way that keeps every
-/// rate limit of it: Envoy Gateway merges the route's rate limits into the Gateway's, and with
+/// Whether the route-level BackendTrafficPolicy with `spec`, `status` and `generation`, which
+/// must target the whole of route `kind`/`name` (no rule of it, no selector), is merged with the
+/// Gateway-level policy `gateway_policy` (`namespace/name`) in a way that keeps every rate limit
+/// of it there: Envoy Gateway merges the route's rate limits into the Gateway's, and with
 /// `StrategicMerge` its global rules are added to the Gateway's (named apart, so none replaces
 /// another). A `JSONMerge` replaces the Gateway's list of rules with the route's, and a `local`
 /// section, with either merge, replaces the Gateway's default bucket (with none: unlimited).
+/// A policy on one rule of the route displaces this one there, and Envoy Gateway reports that
+/// only as this one `Overridden`: any such verdict, a refusal, or a verdict not on the current
+/// generation fails.
 pub fn merge_keeps_limits(
     spec: &Value,
     status: &Value,
     generation: Option<i64>,
+    (kind, name): (&str, &str),
     gateway_policy: &str,
 ) -> bool {
-    let merged_here = status["ancestors"]
+    let Some(generation) = generation else {
+        return false;
+    };
+    let current = |c: &Value| {
+        c["observedGeneration"]
+            .as_i64()
+            .is_some_and(|o| o >= generation)
+    };
+    let ancestors = status["ancestors"]
         .as_array()
-        .into_iter()
-        .flatten()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let merged_here = ancestors
+        .iter()
         .filter_map(|a| condition(a, "Merged"))
         .any(|m| {
             m["status"] == "True"
                 && m["message"].as_str() == Some(&format!("Merged with policy {gateway_policy}"))
-                && generation
-                    .is_some_and(|g| m["observedGeneration"].as_i64().is_some_and(|o| o >= g))
+                && current(m)
         });
-    merged_here && spec["mergeType"] == "StrategicMerge" && spec["rateLimit"].get("local").is_none()
+    let accepted = ancestors
+        .iter()
+        .filter_map(|a| condition(a, "Accepted"))
+        .any(|c| c["status"] == "True" && current(c));
+    let displaced = ancestors.iter().any(|a| {
+        condition(a, "Overridden").is_some_and(|o| o["status"] == "True")
+            || condition(a, "Accepted").is_some_and(|c| c["status"] != "True")
+    });
+    let whole_route = spec["targetRefs"].as_array().is_some_and(|t| {
+        matches!(t.as_slice(), [t] if t["group"] == "gateway.networking.k8s.io"
+            && t["kind"] == kind && t["name"] == name && t.get("sectionName").is_none())
+    }) && spec.get("targetRef").is_none()
+        && spec.get("targetSelectors").is_none();
+    merged_here
+        && accepted
+        && !displaced
+        && whole_route
+        && spec["mergeType"] == "StrategicMerge"
+        && spec["rateLimit"].get("local").is_none()
+}
+
+/// What the policy Envoy Gateway merges into a Gateway-level one on a route does to that one's
+/// limits there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Merge {
+    /// Keeps every one of them: Palisade's own route policy (see [`merge_keeps_limits`]).
+    Keeps,
+    /// Palisade's own route policy, on a version Envoy Gateway has not reported on yet.
+    Awaiting,
+    /// May replace some: any other policy.
+    Replaces,
+}
+
+/// Whether Envoy Gateway's `status` is about `generation` of its object: every condition it
+/// wrote is of that generation (or a later one).
+pub fn reported_on(status: &Value, generation: Option<i64>) -> bool {
+    let Some(generation) = generation else {
+        return false;
+    };
+    let mut conditions = status["ancestors"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a["conditions"].as_array())
+        .flatten()
+        .peekable();
+    conditions.peek().is_some()
+        && conditions.all(|c| {
+            c["observedGeneration"]
+                .as_i64()
+                .is_some_and(|o| o >= generation)
+        })
 }
 
 /// The verdict on a BackendTrafficPolicy from its `status` and its current `generation` (the one
@@ -172,7 +257,7 @@ pub fn verdict(
     generation: Option<i64>,
     status: Option<&Value>,
     unseen: bool,
-    keeps_limits: Option<&dyn Fn(&str) -> bool>,
+    keeps_limits: Option<&dyn Fn(&str) -> Merge>,
 ) -> Verdict {
     const SILENT: &str = "Envoy Gateway has not reported on this version of it (is the target \
          attached to a Gateway of a GatewayClass that a running Envoy Gateway controls?)";
@@ -223,20 +308,31 @@ pub fn verdict(
             && m["status"] == "True"
         {
             let message = m["message"].as_str().unwrap_or_default();
-            let why = match merged_routes(message) {
-                Some(routes) => routes.into_iter().find(|r| !keeps(r)).map(|r| {
+            let Some(routes) = merged_routes(message) else {
+                return Verdict::Overridden(
+                    name,
+                    format!(
+                        "{message}; Palisade cannot tell what that merge leaves of this policy's \
+                         limits"
+                    ),
+                );
+            };
+            let judged: Vec<(&str, Merge)> = routes.into_iter().map(|r| (r, keeps(r))).collect();
+            if let Some((r, _)) = judged.iter().find(|(_, m)| *m == Merge::Replaces) {
+                return Verdict::Overridden(
+                    name,
                     format!(
                         "{message}; on route {r} the merged policy is not one that only adds to \
                          this one's limits (a JSONMerge replaces its rules, a local section its \
                          default limit)"
-                    )
-                }),
-                None => Some(format!(
-                    "{message}; Palisade cannot tell what that merge leaves of this policy's limits"
-                )),
-            };
-            if let Some(why) = why {
-                return Verdict::Overridden(name, why);
+                    ),
+                );
+            }
+            if let Some((r, _)) = judged.iter().find(|(_, m)| *m == Merge::Awaiting) {
+                return Verdict::Pending(format!(
+                    "Envoy Gateway has not reported on the current version of Palisade's policy \
+                     on route {r}, merged into this one"
+                ));
             }
         }
         accepted.push(name);
@@ -447,8 +543,21 @@ mod tests {
     fn a_gateway_policy_merged_with_a_route_policy_that_replaces_its_limits_is_not_accepted() {
         const TWO: &str = "This policy is being merged by other backendTrafficPolicies for these \
                            routes: [shop/api shop/third]";
-        let ours = |r: &str| r == "shop/api";
-        let all = |_: &str| true;
+        let ours = |r: &str| {
+            if r == "shop/api" {
+                Merge::Keeps
+            } else {
+                Merge::Replaces
+            }
+        };
+        let all = |_: &str| Merge::Keeps;
+        let lagging = |r: &str| {
+            if r == "shop/api" {
+                Merge::Keeps
+            } else {
+                Merge::Awaiting
+            }
+        };
         let status = merged_into(TWO);
         // Both routes' policies keep the Gateway's limits: accepted.
         assert_eq!(
@@ -461,12 +570,19 @@ mod tests {
             Verdict::Overridden(a, m) if a == "Gateway shop/shop" && m.contains("on route shop/third")
                 && !m.contains("route shop/api ")
         ));
+        // Palisade's own route policy, not yet reported on in its current version: waiting.
+        assert!(matches!(
+            verdict(Some(2), Some(&status), false, Some(&lagging)),
+            Verdict::Pending(m) if m.contains("route shop/third")
+        ));
         // A message of another shape is not read as harmless.
         for odd in [
             "This policy is being merged by other backendTrafficPolicies for these gateway \
              listeners: [shop/shop/http] and these routes: [shop/api]",
             "This policy is being merged by other backendTrafficPolicies for these routes: []",
             "This policy is being merged by other backendTrafficPolicies for these routes: [shop/api",
+            // An HTTPRoute and a GRPCRoute of one name: which merged what cannot be told.
+            "This policy is being merged by other backendTrafficPolicies for these routes: [shop/api shop/api]",
             "merged",
         ] {
             assert!(
@@ -490,66 +606,112 @@ mod tests {
         ));
     }
 
+    /// A route policy's status: merged with `shop/palisade-edge-ratelimit` (its own entry for
+    /// the listener) and accepted, on `generation`.
+    fn route_merged(generation: i64) -> Value {
+        json!({"ancestors": [
+            {"ancestorRef": {"kind": "Gateway", "namespace": "shop", "name": "shop",
+                             "sectionName": "http"},
+             "conditions": [{"type": "Merged", "status": "True", "reason": "Merged",
+                "message": "Merged with policy shop/palisade-edge-ratelimit",
+                "observedGeneration": generation}]},
+            ancestor(&accepted(generation))]})
+    }
+
+    /// Palisade's route policy on HTTPRoute `api`: Global rules, merged strategically.
+    fn route_global() -> Value {
+        json!({"mergeType": "StrategicMerge",
+            "targetRefs": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "name": "api"}],
+            "rateLimit": {"type": "Global", "global": {"rules": [{"limit": {"requests": 1, "unit": "Minute"}}]}}})
+    }
+
+    const EDGE: &str = "shop/palisade-edge-ratelimit";
+
+    fn keeps(spec: &Value, status: &Value, generation: i64, with: &str) -> bool {
+        merge_keeps_limits(spec, status, Some(generation), ("HTTPRoute", "api"), with)
+    }
+
     #[test]
     fn only_a_strategic_merge_of_global_rules_keeps_the_gateways_limits() {
-        let merged = |generation: i64| {
-            json!({"ancestors": [
-                {"ancestorRef": {"kind": "Gateway", "namespace": "shop", "name": "shop",
-                                 "sectionName": "http"},
-                 "conditions": [{"type": "Merged", "status": "True", "reason": "Merged",
-                    "message": "Merged with policy shop/palisade-edge-ratelimit",
-                    "observedGeneration": generation}]},
-                ancestor(&accepted(generation))]})
-        };
-        let global = json!({"mergeType": "StrategicMerge",
-            "rateLimit": {"type": "Global", "global": {"rules": [{"limit": {"requests": 1, "unit": "Minute"}}]}}});
-        let keeps = |spec: &Value, status: &Value, generation: i64, with: &str| {
-            merge_keeps_limits(spec, status, Some(generation), with)
-        };
-        assert!(keeps(
-            &global,
-            &merged(3),
-            3,
-            "shop/palisade-edge-ratelimit"
-        ));
+        let merged = route_merged;
+        let global = route_global();
+        assert!(keeps(&global, &merged(3), 3, EDGE));
         // Merged with another Gateway-level policy, or on an older generation: not this merge.
         assert!(!keeps(&global, &merged(3), 3, "shop/other"));
-        assert!(!keeps(
-            &global,
-            &merged(2),
-            3,
-            "shop/palisade-edge-ratelimit"
-        ));
-        assert!(!keeps(
-            &global,
-            &json!({}),
-            3,
-            "shop/palisade-edge-ratelimit"
-        ));
+        assert!(!keeps(&global, &merged(2), 3, EDGE));
+        assert!(!keeps(&global, &json!({}), 3, EDGE));
         // A JSONMerge replaces the Gateway's rules; a local section its default bucket.
         let mut json_merge = global.clone();
         json_merge["mergeType"] = json!("JSONMerge");
-        assert!(!keeps(
-            &json_merge,
-            &merged(3),
-            3,
-            "shop/palisade-edge-ratelimit"
-        ));
+        assert!(!keeps(&json_merge, &merged(3), 3, EDGE));
         let mut local = global.clone();
         local["rateLimit"]["local"] = json!({"rules": []});
-        assert!(!keeps(
-            &local,
-            &merged(3),
-            3,
-            "shop/palisade-edge-ratelimit"
-        ));
-        let mut unmerged = global;
+        assert!(!keeps(&local, &merged(3), 3, EDGE));
+        let mut unmerged = global.clone();
         unmerged.as_object_mut().map(|o| o.remove("mergeType"));
-        assert!(!keeps(
-            &unmerged,
+        assert!(!keeps(&unmerged, &merged(3), 3, EDGE));
+    }
+
+    #[test]
+    fn reported_on_means_every_condition_is_of_that_generation() {
+        assert!(reported_on(&route_merged(3), Some(3)));
+        assert!(reported_on(&route_merged(4), Some(3)));
+        assert!(!reported_on(&route_merged(2), Some(3)));
+        assert!(!reported_on(&route_merged(3), None));
+        assert!(!reported_on(&json!({}), Some(3)));
+        let mut mixed = route_merged(3);
+        mixed["ancestors"][0]["conditions"][0]["observedGeneration"] = json!(2);
+        assert!(!reported_on(&mixed, Some(3)));
+    }
+
+    #[test]
+    fn a_merged_route_policy_counts_only_whole_accepted_and_undisplaced() {
+        let merged = route_merged;
+        let global = route_global();
+        // It must cover the whole of that route: not one rule of it, not another route, no
+        // selector.
+        for (what, pointer, value) in [
+            ("a rule", "/targetRefs/0/sectionName", json!("rb")),
+            ("another route", "/targetRefs/0/name", json!("other")),
+            ("another kind", "/targetRefs/0/kind", json!("GRPCRoute")),
+        ] {
+            let mut narrower = global.clone();
+            match narrower.pointer_mut(pointer) {
+                Some(slot) => *slot = value,
+                None => narrower["targetRefs"][0]["sectionName"] = value,
+            }
+            assert!(!keeps(&narrower, &merged(3), 3, EDGE), "{what}");
+        }
+        let mut two = global.clone();
+        two["targetRefs"]
+            .as_array_mut()
+            .expect("refs")
+            .push(json!({"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "name": "x"}));
+        assert!(!keeps(&two, &merged(3), 3, EDGE));
+        let mut selected = global.clone();
+        selected["targetSelectors"] = json!([{"kind": "HTTPRoute", "matchLabels": {"a": "b"}}]);
+        assert!(!keeps(&selected, &merged(3), 3, EDGE));
+        // A rule-level policy on that route displaces it there: Envoy Gateway says Overridden.
+        let mut over = merged(3);
+        over["ancestors"][1]["conditions"]
+            .as_array_mut()
+            .expect("conditions")
+            .push(json!({"type": "Overridden", "status": "True", "reason": "Overridden",
+                "message": "This policy is being overridden by other backendTrafficPolicy for these route rules: [rb]",
+                "observedGeneration": 3}));
+        assert!(!keeps(&global, &over, 3, EDGE));
+        // Refused (e.g. Conflicted with an older policy on the route), or not yet accepted.
+        let mut conflicted = merged(3);
+        conflicted["ancestors"][1]["conditions"][0]["status"] = json!("False");
+        assert!(!keeps(&global, &conflicted, 3, EDGE));
+        let only_merged = json!({"ancestors": [merged(3)["ancestors"][0].clone()]});
+        assert!(!keeps(&global, &only_merged, 3, EDGE));
+        assert!(!merge_keeps_limits(
+            &global,
             &merged(3),
-            3,
-            "shop/palisade-edge-ratelimit"
+            None,
+            ("HTTPRoute", "api"),
+            EDGE
         ));
     }
 

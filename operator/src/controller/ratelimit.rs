@@ -62,6 +62,8 @@ async fn reconcile_inner(policy: &RateLimitPolicy, rl: &RateLimitState) -> Resul
     let backend = translate::ratelimit::backend(policy, &state.ctx);
 
     let mut conds = Vec::new();
+    // Whether Envoy Gateway merges route policies into this one: see [`MERGED_RECHECK`].
+    let mut recheck = false;
     let desired = if let Some(winner) = &winner {
         let msg = format!(
             "{winner} targets the same {} {:?} and is older, so it wins; this policy is not enforced",
@@ -100,7 +102,9 @@ async fn reconcile_inner(policy: &RateLimitPolicy, rl: &RateLimitState) -> Resul
                     || Err("the cluster does not serve the Gateway API".to_owned()),
                     |t| super::topology::parents(t, policy),
                 );
-                let verdicts = gateway_verdicts(state, rl, &ns, &desired.objects, &r, &parents);
+                let verdicts;
+                (verdicts, recheck) =
+                    gateway_verdicts(state, rl, &ns, &desired.objects, &r, &parents);
                 conds.extend(
                     readiness(&r, &desired.notes, desired.objects.len())
                         .into_iter()
@@ -131,11 +135,18 @@ async fn reconcile_inner(policy: &RateLimitPolicy, rl: &RateLimitState) -> Resul
     super::write_status(state, policy, &new, &previous).await?;
     publish_events(state, &policy.object_ref(&()), result.as_ref()).await;
     // A failed apply is retried with backoff by the error policy, after status says why.
-    result.map(|_| Action::requeue(RESYNC))
+    result.map(|_| Action::requeue(if recheck { MERGED_RECHECK } else { RESYNC }))
 }
 
+/// How soon a Gateway-level policy that Envoy Gateway merges route policies into is judged
+/// again. Not every change that decides it wakes it: a route's policy deleted, or its
+/// RateLimitPolicy, can let a policy Palisade did not write take its place in the merge while
+/// Envoy Gateway's report on the Gateway-level one stays the same.
+pub const MERGED_RECHECK: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// Envoy Gateway's verdict on each generated BackendTrafficPolicy, read from the cache of
-/// generated objects (which keeps their status).
+/// generated objects (which keeps their status), and whether Envoy Gateway merges route policies
+/// into one of them.
 fn gateway_verdicts(
     state: &State,
     rl: &RateLimitState,
@@ -143,12 +154,27 @@ fn gateway_verdicts(
     desired: &[serde_json::Value],
     enforced: &super::Enforced,
     parents: &Result<Vec<super::topology::Parent>, String>,
-) -> Vec<(String, gateway::Verdict)> {
+) -> (Vec<(String, gateway::Verdict)>, bool) {
     const BTP: (&str, &str) = ("gateway.envoyproxy.io/v1alpha1", "BackendTrafficPolicy");
     let Some(gk) = state.kinds.get(&(BTP.0.to_owned(), BTP.1.to_owned())) else {
-        return Vec::new();
+        return (Vec::new(), false);
     };
-    desired
+    let mut merged = false;
+    // Policies by the route they target, for the routes Envoy Gateway merges into a Gateway's.
+    let all = rl.policies.state();
+    let mut by_route: RoutePolicies<'_> = std::collections::HashMap::new();
+    for p in &all {
+        if matches!(p.spec.target_ref.kind.as_str(), "HTTPRoute" | "GRPCRoute") {
+            by_route
+                .entry((
+                    p.metadata.namespace.as_deref().unwrap_or_default(),
+                    p.spec.target_ref.name.as_str(),
+                ))
+                .or_default()
+                .push(p);
+        }
+    }
+    let verdicts = desired
         .iter()
         .filter(|o| o["apiVersion"] == BTP.0 && o["kind"] == BTP.1)
         .map(|o| {
@@ -171,7 +197,7 @@ fn gateway_verdicts(
                 .and_then(|l| l.metadata.generation)
                 .max(written);
             let this = format!("{ns}/{name}");
-            let keeps = |route: &str| merge_keeps_limits(rl, gk, route, &this);
+            let keeps = |route: &str| merge_of(state, gk, &by_route, route, &this);
             let gateway_level = o["spec"]["targetRefs"]
                 .as_array()
                 .is_some_and(|t| t.iter().any(|t| t["kind"] == "Gateway"));
@@ -179,55 +205,87 @@ fn gateway_verdicts(
                 generation,
                 status.as_ref(),
                 live.is_none(),
-                gateway_level.then_some(&keeps as &dyn Fn(&str) -> bool),
+                gateway_level.then_some(&keeps as &dyn Fn(&str) -> gateway::Merge),
             );
+            merged |= gateway_level
+                && status
+                    .as_ref()
+                    .is_some_and(|s| !gateway::merged_messages(s).is_empty());
             (
                 this.clone(),
                 gateway::covering(verdict, status.as_ref(), parents),
             )
         })
-        .collect()
+        .collect();
+    (verdicts, merged)
 }
 
-/// Whether the policy Envoy Gateway merges into the Gateway-level BackendTrafficPolicy
-/// `gateway_policy` on `route` (`namespace/name`) is one Palisade generated there for a
-/// RateLimitPolicy, merged in a way that keeps every limit of the Gateway's. A policy Palisade
-/// does not cache (one it did not write) is never taken on trust.
-fn merge_keeps_limits(
-    rl: &RateLimitState,
+/// RateLimitPolicies on routes, by (namespace, route name).
+type RoutePolicies<'a> = std::collections::HashMap<(&'a str, &'a str), Vec<&'a RateLimitPolicy>>;
+
+/// What the policy Envoy Gateway merges into the Gateway-level BackendTrafficPolicy
+/// `gateway_policy` on `route` (`namespace/name`) does to its limits: it keeps them only when it
+/// is the one Palisade generates there for a RateLimitPolicy that targets the whole route and
+/// wins it, merged in a way that keeps every limit of the Gateway's. An object in Palisade's cache that its translation of that policy
+/// does not produce (one made by hand with Palisade's label and name) is not taken on trust, and
+/// neither is a policy Palisade does not cache (one it did not write).
+fn merge_of(
+    state: &State,
     btp: &super::GeneratedKind,
+    by_route: &RoutePolicies<'_>,
     route: &str,
     gateway_policy: &str,
-) -> bool {
+) -> gateway::Merge {
     let Some((route_ns, route_name)) = route.split_once('/') else {
-        return false;
+        return gateway::Merge::Replaces;
     };
-    rl.policies.state().iter().any(|p| {
-        p.metadata.namespace.as_deref() == Some(route_ns)
-            && p.spec.target_ref.kind == "HTTPRoute"
-            && p.spec.target_ref.name == route_name
+    let Some(on_route) = by_route.get(&(route_ns, route_name)) else {
+        return gateway::Merge::Replaces;
+    };
+    let mut awaiting = false;
+    let keeps = on_route.iter().any(|p| {
+        let kind = p.spec.target_ref.kind.as_str();
+        let name = crate::names::generated(&p.name_any(), "ratelimit");
+        let whole_route = p.spec.target_ref.section_name.is_none();
+        let wins = translate::ratelimit::conflict_winner(p, on_route.iter().copied()).is_none();
+        let generates = || {
+            translate::ratelimit::translate(p, &state.ctx)
+                .objects
+                .iter()
+                .any(|o| o["kind"] == "BackendTrafficPolicy" && o["metadata"]["name"] == name)
+        };
+        whole_route
+            && wins
+            && generates()
             && btp
                 .store
                 .get(
-                    &kube::runtime::reflector::ObjectRef::new_with(
-                        &crate::names::generated(&p.name_any(), "ratelimit"),
-                        btp.resource.clone(),
-                    )
-                    .within(route_ns),
+                    &kube::runtime::reflector::ObjectRef::new_with(&name, btp.resource.clone())
+                        .within(route_ns),
                 )
                 .is_some_and(|live| {
                     let parse = |raw: Option<&serde_json::value::RawValue>| {
                         raw.and_then(|r| serde_json::from_str::<serde_json::Value>(r.get()).ok())
                             .unwrap_or_default()
                     };
-                    gateway::merge_keeps_limits(
-                        &parse(live.spec.as_deref()),
-                        &parse(live.status.as_deref()),
+                    let (spec, status) =
+                        (parse(live.spec.as_deref()), parse(live.status.as_deref()));
+                    let keeps = gateway::merge_keeps_limits(
+                        &spec,
+                        &status,
                         live.metadata.generation,
+                        (kind, route_name),
                         gateway_policy,
-                    )
+                    );
+                    awaiting |= !keeps && !gateway::reported_on(&status, live.metadata.generation);
+                    keeps
                 })
-    })
+    });
+    match (keeps, awaiting) {
+        (true, _) => gateway::Merge::Keeps,
+        (false, true) => gateway::Merge::Awaiting,
+        (false, false) => gateway::Merge::Replaces,
+    }
 }
 
 /// The policies that share `policy`'s target (including itself): a change to one can change who
