@@ -365,10 +365,12 @@ fn watch_generated(
             && let Some(btp) = state.kinds.get(&(api_version.clone(), kind.clone()))
         {
             // Besides its owner, a route's policy wakes the Gateway-level policy Envoy Gateway
-            // merges it into: whether that one is enforced as written depends on the merge.
-            rl_ctl = rl_ctl.watches_stream_with(
+            // merges it into (gathered): whether that one is enforced as written depends on the
+            // merge.
+            let (merged, wakes) = tokio::sync::mpsc::unbounded_channel();
+            rl_ctl = rl_ctl.reconcile_on(gathered(wakes)).watches_stream_with(
                 stream,
-                rate_limit_wakes(btp.store.clone(), btp.resource.clone()),
+                rate_limit_wakes(btp.store.clone(), btp.resource.clone(), merged),
                 ar,
             );
         } else {
@@ -378,11 +380,20 @@ fn watch_generated(
     (auth_ctl, rl_ctl)
 }
 
-/// Which RateLimitPolicies a change to a BackendTrafficPolicy wakes: its owners, and the owners
-/// of the Gateway-level policies (found in `store`) it is merged into.
+/// How long the Gateway-level policies that route policies are merged into gather wake-ups
+/// before they are judged again: while Envoy Gateway reports on a thousand routes one after the
+/// other, a Gateway-level policy is judged about once a second, not once per route.
+const MERGED_WAKE_GATHER: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Which RateLimitPolicies a change to a BackendTrafficPolicy wakes: its owners at once; the
+/// owners of the Gateway-level policies (found in `store`) it is merged into are sent to `merged`,
+/// for [`gathered`].
 fn rate_limit_wakes(
     store: kube::runtime::reflector::Store<crate::controller::generated::GeneratedObject>,
     resource: kube::api::ApiResource,
+    merged: tokio::sync::mpsc::UnboundedSender<
+        kube::runtime::reflector::ObjectRef<RateLimitPolicy>,
+    >,
 ) -> impl Fn(
     crate::controller::generated::GeneratedObject,
 ) -> Vec<kube::runtime::reflector::ObjectRef<RateLimitPolicy>>
@@ -390,7 +401,6 @@ fn rate_limit_wakes(
 + Sync
 + 'static {
     move |o| {
-        let mut wake = rate_limit_owners(&o);
         let status = o
             .status
             .as_deref()
@@ -403,11 +413,32 @@ fn rate_limit_wakes(
             let into =
                 kube::runtime::reflector::ObjectRef::new_with(&name, resource.clone()).within(&ns);
             if let Some(gateway_level) = store.get(&into) {
-                wake.extend(rate_limit_owners(&gateway_level));
+                for owner in rate_limit_owners(&gateway_level) {
+                    // An error means nobody listens: the controller has stopped.
+                    let _ = merged.send(owner);
+                }
             }
         }
-        wake
+        rate_limit_owners(&o)
     }
+}
+
+/// The policies sent on `wakes`, each once per [`MERGED_WAKE_GATHER`] at most.
+fn gathered(
+    wakes: tokio::sync::mpsc::UnboundedReceiver<
+        kube::runtime::reflector::ObjectRef<RateLimitPolicy>,
+    >,
+) -> impl futures::Stream<Item = kube::runtime::reflector::ObjectRef<RateLimitPolicy>> {
+    futures::stream::unfold(wakes, |mut wakes| async move {
+        let first = wakes.recv().await?;
+        tokio::time::sleep(MERGED_WAKE_GATHER).await;
+        let mut due = std::collections::HashSet::from([first]);
+        while let Ok(more) = wakes.try_recv() {
+            due.insert(more);
+        }
+        Some((futures::stream::iter(due), wakes))
+    })
+    .flatten()
 }
 
 /// The RateLimitPolicies that own `o`.
@@ -556,6 +587,30 @@ mod tests {
     use super::*;
     use kube::runtime::reflector::ObjectRef;
     use serde_json::json;
+
+    #[tokio::test]
+    async fn merged_wakes_are_gathered_each_policy_once() {
+        let (send, wakes) = tokio::sync::mpsc::unbounded_channel();
+        let edge = ObjectRef::<RateLimitPolicy>::new("edge").within("shop");
+        let other = ObjectRef::<RateLimitPolicy>::new("other-edge").within("shop");
+        for r in [&edge, &other, &edge, &edge] {
+            send.send(r.clone()).expect("send");
+        }
+        let mut stream = std::pin::pin!(gathered(wakes));
+        let started = std::time::Instant::now();
+        let mut got = vec![
+            stream.next().await.expect("first"),
+            stream.next().await.expect("second"),
+        ];
+        assert!(started.elapsed() >= MERGED_WAKE_GATHER);
+        got.sort_by_key(|r| r.name.clone());
+        assert_eq!(got, vec![edge.clone(), other]);
+        // Nothing more until the next wake; the stream ends with its senders.
+        send.send(edge.clone()).expect("send");
+        assert_eq!(stream.next().await, Some(edge));
+        drop(send);
+        assert_eq!(stream.next().await, None);
+    }
 
     fn policy(name: &str, app: Option<&str>, generation: i64) -> AuthPolicy {
         let mut spec = json!({"rules": [{}]});

@@ -226,9 +226,11 @@ type RoutePolicies<'a> = std::collections::HashMap<(&'a str, &'a str), Vec<&'a R
 /// What the policy Envoy Gateway merges into the Gateway-level BackendTrafficPolicy
 /// `gateway_policy` on `route` (`namespace/name`) does to its limits: it keeps them only when it
 /// is the one Palisade generates there for a RateLimitPolicy that targets the whole route and
-/// wins it, merged in a way that keeps every limit of the Gateway's. An object in Palisade's cache that its translation of that policy
-/// does not produce (one made by hand with Palisade's label and name) is not taken on trust, and
-/// neither is a policy Palisade does not cache (one it did not write).
+/// wins it, merged in a way that keeps every limit of the Gateway's. An object in Palisade's cache
+/// under the name of a policy that generates none there (another backend; made by hand with
+/// Palisade's label and name) is not taken on trust, and neither is a policy Palisade does not
+/// cache (one it did not write). Only cached objects are read, nothing is translated: a
+/// Gateway-level policy with N routes merged into it costs N lookups, not N translations.
 fn merge_of(
     state: &State,
     btp: &super::GeneratedKind,
@@ -248,15 +250,11 @@ fn merge_of(
         let name = crate::names::generated(&p.name_any(), "ratelimit");
         let whole_route = p.spec.target_ref.section_name.is_none();
         let wins = translate::ratelimit::conflict_winner(p, on_route.iter().copied()).is_none();
-        let generates = || {
-            translate::ratelimit::translate(p, &state.ctx)
-                .objects
-                .iter()
-                .any(|o| o["kind"] == "BackendTrafficPolicy" && o["metadata"]["name"] == name)
-        };
+        let envoy_gateway = translate::ratelimit::backend(p, &state.ctx)
+            == palisade_api::rate_limit_policy::RateLimitBackend::EnvoyGateway;
         whole_route
             && wins
-            && generates()
+            && envoy_gateway
             && btp
                 .store
                 .get(
