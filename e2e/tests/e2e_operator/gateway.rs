@@ -372,6 +372,50 @@ spec:
     edge_overridden_on_third(cp, ns, eg, "a rule-level policy")?;
     delete(cp, ns, "backendtrafficpolicy", "zz-rule")?;
     ready_under(cp, ns, eg, "edge", "Enforced")?;
+    // The HTTPRoute leaves the Gateway (Envoy Gateway's last word on Palisade's route policy,
+    // merged, stays on it) and a GRPCRoute of the same name takes its place with a hand-made
+    // JSONMerge: the Gateway's policy lists the name once, and Palisade's stale policy does not
+    // vouch for it.
+    merge_patch(
+        cp,
+        ns,
+        "httproute",
+        "third",
+        r#"{"spec":{"parentRefs":[{"name":"nowhere"}]}}"#,
+    )?;
+    apply_yaml(
+        cp,
+        ns,
+        "apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: third}
+spec:
+  parentRefs: [{name: shop}]
+  rules: [{backendRefs: [{name: orders, port: 8080}]}]
+---
+apiVersion: gateway.envoyproxy.io/v1alpha1
+kind: BackendTrafficPolicy
+metadata: {name: zz-grpc}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: GRPCRoute, name: third}]
+  mergeType: JSONMerge
+  rateLimit:
+    type: Global
+    global:
+      rules: [{limit: {requests: 100000, unit: Minute}}]
+",
+    )?;
+    edge_overridden_on_third(cp, ns, eg, "a GRPCRoute in the HTTPRoute's place")?;
+    delete(cp, ns, "backendtrafficpolicy", "zz-grpc")?;
+    delete(cp, ns, "grpcroute", "third")?;
+    merge_patch(
+        cp,
+        ns,
+        "httproute",
+        "third",
+        r#"{"spec":{"parentRefs":[{"name":"shop"}]}}"#,
+    )?;
+    ready_under(cp, ns, eg, "edge", "Enforced")?;
     // A newer hand-made merge on the route loses to Palisade's (Envoy Gateway keeps the oldest).
     hand_made_merge(cp, ns, "JSONMerge")?;
     std::thread::sleep(std::time::Duration::from_secs(2));

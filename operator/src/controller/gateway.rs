@@ -223,6 +223,8 @@ pub enum Merge {
     Keeps,
     /// Palisade's own route policy, on a version Envoy Gateway has not reported on yet.
     Awaiting,
+    /// Palisade's own route policy, but a merge whose effect Palisade cannot confirm: why.
+    Unverified(&'static str),
     /// May replace some: any other policy.
     Replaces,
 }
@@ -327,6 +329,12 @@ pub fn verdict(
                          default limit)"
                     ),
                 );
+            }
+            if let Some((r, Merge::Unverified(why))) = judged
+                .iter()
+                .find(|(_, m)| matches!(m, Merge::Unverified(_)))
+            {
+                return Verdict::Overridden(name, format!("{message}; on route {r}: {why}"));
             }
             if let Some((r, _)) = judged.iter().find(|(_, m)| *m == Merge::Awaiting) {
                 return Verdict::Pending(format!(
@@ -569,6 +577,17 @@ mod tests {
             verdict(Some(2), Some(&status), false, Some(&ours)),
             Verdict::Overridden(a, m) if a == "Gateway shop/shop" && m.contains("on route shop/third")
                 && !m.contains("route shop/api ")
+        ));
+        let rule_level = |r: &str| {
+            if r == "shop/api" {
+                Merge::Keeps
+            } else {
+                Merge::Unverified("one rule")
+            }
+        };
+        assert!(matches!(
+            verdict(Some(2), Some(&status), false, Some(&rule_level)),
+            Verdict::Overridden(_, m) if m.ends_with("on route shop/third: one rule")
         ));
         // Palisade's own route policy, not yet reported on in its current version: waiting.
         assert!(matches!(

@@ -197,7 +197,11 @@ fn gateway_verdicts(
                 .and_then(|l| l.metadata.generation)
                 .max(written);
             let this = format!("{ns}/{name}");
-            let keeps = |route: &str| merge_of(state, gk, &by_route, route, &this);
+            let gateway = o["spec"]["targetRefs"][0]["name"]
+                .as_str()
+                .map(|g| format!("{ns}/{g}"))
+                .unwrap_or_default();
+            let keeps = |route: &str| merge_of(rl, gk, &by_route, route, (&gateway, &this));
             let gateway_level = o["spec"]["targetRefs"]
                 .as_array()
                 .is_some_and(|t| t.iter().any(|t| t["kind"] == "Gateway"));
@@ -232,11 +236,11 @@ type RoutePolicies<'a> = std::collections::HashMap<(&'a str, &'a str), Vec<&'a R
 /// cache (one it did not write). Only cached objects are read, nothing is translated: a
 /// Gateway-level policy with N routes merged into it costs N lookups, not N translations.
 fn merge_of(
-    state: &State,
+    rl: &RateLimitState,
     btp: &super::GeneratedKind,
     by_route: &RoutePolicies<'_>,
     route: &str,
-    gateway_policy: &str,
+    (gateway, gateway_policy): (&str, &str),
 ) -> gateway::Merge {
     let Some((route_ns, route_name)) = route.split_once('/') else {
         return gateway::Merge::Replaces;
@@ -244,17 +248,38 @@ fn merge_of(
     let Some(on_route) = by_route.get(&(route_ns, route_name)) else {
         return gateway::Merge::Replaces;
     };
-    let mut awaiting = false;
+    let (mut awaiting, mut unverified) = (false, None);
     let keeps = on_route.iter().any(|p| {
-        let kind = p.spec.target_ref.kind.as_str();
+        let target = &p.spec.target_ref;
+        if target.kind != "HTTPRoute" {
+            // Envoy Gateway names merged routes without their kind: an HTTPRoute of the same
+            // name could be the one merged.
+            unverified = Some(
+                "Palisade confirms merges into a Gateway-level policy on HTTPRoutes only (Envoy \
+                 Gateway names the routes without their kind)",
+            );
+            return false;
+        }
+        if target.section_name.is_some() {
+            unverified = Some(
+                "Palisade's policy there limits one rule of the route: merged into this one, a \
+                 policy on another rule of it would go unreported; target the whole route",
+            );
+            return false;
+        }
         let name = crate::names::generated(&p.name_any(), "ratelimit");
-        let whole_route = p.spec.target_ref.section_name.is_none();
         let wins = translate::ratelimit::conflict_winner(p, on_route.iter().copied()).is_none();
-        let envoy_gateway = translate::ratelimit::backend(p, &state.ctx)
+        let envoy_gateway = translate::ratelimit::backend(p, &rl.shared.ctx)
             == palisade_api::rate_limit_policy::RateLimitBackend::EnvoyGateway;
-        whole_route
-            && wins
-            && envoy_gateway
+        // A policy's status outlives its route: it counts only while the route is attached to
+        // this Gateway.
+        let attached = rl
+            .topology
+            .as_ref()
+            .and_then(|t| super::topology::parents(t, p).ok())
+            .is_some_and(|parents| parents.iter().any(|x| x.gateway == gateway));
+        wins && envoy_gateway
+            && attached
             && btp
                 .store
                 .get(
@@ -272,17 +297,18 @@ fn merge_of(
                         &spec,
                         &status,
                         live.metadata.generation,
-                        (kind, route_name),
+                        ("HTTPRoute", route_name),
                         gateway_policy,
                     );
                     awaiting |= !keeps && !gateway::reported_on(&status, live.metadata.generation);
                     keeps
                 })
     });
-    match (keeps, awaiting) {
-        (true, _) => gateway::Merge::Keeps,
-        (false, true) => gateway::Merge::Awaiting,
-        (false, false) => gateway::Merge::Replaces,
+    match (keeps, awaiting, unverified) {
+        (true, _, _) => gateway::Merge::Keeps,
+        (false, true, _) => gateway::Merge::Awaiting,
+        (false, false, Some(why)) => gateway::Merge::Unverified(why),
+        (false, false, None) => gateway::Merge::Replaces,
     }
 }
 
