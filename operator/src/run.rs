@@ -335,8 +335,6 @@ async fn ready_then_lead(
     ))
 }
 
-/// The RateLimitPolicy controller's state, with routes, Gateways and classes: a change of where
-/// a target receives traffic wakes the policies it concerns.
 /// Wires the watch of each generated kind to the controller whose policies generate it.
 fn watch_generated(
     mut auth_ctl: Controller<AuthPolicy>,
@@ -458,6 +456,8 @@ fn rate_limit_owners(
         .collect()
 }
 
+/// The RateLimitPolicy controller's state, with routes, Gateways and classes: a change of where
+/// a target receives traffic wakes the policies it concerns.
 async fn rate_limit_state(
     ctl: Controller<RateLimitPolicy>,
     client: &Client,

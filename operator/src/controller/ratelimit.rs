@@ -104,7 +104,7 @@ async fn reconcile_inner(policy: &RateLimitPolicy, rl: &RateLimitState) -> Resul
                 );
                 let verdicts;
                 (verdicts, recheck) =
-                    gateway_verdicts(state, rl, &ns, &desired.objects, &r, &parents);
+                    gateway_verdicts(state, rl, &all, &ns, &desired.objects, &r, &parents);
                 conds.extend(
                     readiness(&r, &desired.notes, desired.objects.len())
                         .into_iter()
@@ -150,6 +150,7 @@ pub const MERGED_RECHECK: std::time::Duration = std::time::Duration::from_secs(1
 fn gateway_verdicts(
     state: &State,
     rl: &RateLimitState,
+    all: &[Arc<RateLimitPolicy>],
     ns: &str,
     desired: &[serde_json::Value],
     enforced: &super::Enforced,
@@ -160,20 +161,24 @@ fn gateway_verdicts(
         return (Vec::new(), false);
     };
     let mut merged = false;
-    // Policies by the route they target, for the routes Envoy Gateway merges into a Gateway's.
-    let all = rl.policies.state();
-    let mut by_route: RoutePolicies<'_> = std::collections::HashMap::new();
-    for p in &all {
-        if matches!(p.spec.target_ref.kind.as_str(), "HTTPRoute" | "GRPCRoute") {
-            by_route
-                .entry((
-                    p.metadata.namespace.as_deref().unwrap_or_default(),
-                    p.spec.target_ref.name.as_str(),
-                ))
-                .or_default()
-                .push(p);
-        }
-    }
+    // Policies by the HTTPRoute they target, for the routes Envoy Gateway merges into a
+    // Gateway-level policy: built only for one (a route-level policy never reads it).
+    let by_route: std::cell::OnceCell<RoutePolicies<'_>> = std::cell::OnceCell::new();
+    let by_route = || {
+        by_route.get_or_init(|| {
+            let mut index: RoutePolicies<'_> = std::collections::HashMap::new();
+            for p in all.iter().filter(|p| p.spec.target_ref.kind == "HTTPRoute") {
+                index
+                    .entry((
+                        p.metadata.namespace.as_deref().unwrap_or_default(),
+                        p.spec.target_ref.name.as_str(),
+                    ))
+                    .or_default()
+                    .push(&**p);
+            }
+            index
+        })
+    };
     let verdicts = desired
         .iter()
         .filter(|o| o["apiVersion"] == BTP.0 && o["kind"] == BTP.1)
@@ -201,7 +206,27 @@ fn gateway_verdicts(
                 .as_str()
                 .map(|g| format!("{ns}/{g}"))
                 .unwrap_or_default();
-            let keeps = |route: &str| merge_of(rl, gk, &by_route, route, (&gateway, &this));
+            let keeps = |route: &str| {
+                let Some((route_ns, route_name)) = route.split_once('/') else {
+                    return gateway::Merge::Replaces;
+                };
+                let on_route = by_route()
+                    .get(&(route_ns, route_name))
+                    .map(Vec::as_slice)
+                    .unwrap_or_default();
+                merge_of(
+                    on_route,
+                    &state.ctx,
+                    |p| {
+                        rl.topology
+                            .as_ref()
+                            .and_then(|t| super::topology::parents(t, p).ok())
+                            .is_some_and(|parents| parents.iter().any(|x| x.gateway == gateway))
+                    },
+                    |name| cached(gk, route_ns, name),
+                    &this,
+                )
+            };
             let gateway_level = o["spec"]["targetRefs"]
                 .as_array()
                 .is_some_and(|t| t.iter().any(|t| t["kind"] == "Gateway"));
@@ -227,82 +252,72 @@ fn gateway_verdicts(
 /// RateLimitPolicies on routes, by (namespace, route name).
 type RoutePolicies<'a> = std::collections::HashMap<(&'a str, &'a str), Vec<&'a RateLimitPolicy>>;
 
+/// The spec, status and generation of the cached generated object `name` in `ns` of kind `gk`.
+fn cached(
+    gk: &super::GeneratedKind,
+    ns: &str,
+    name: &str,
+) -> Option<(serde_json::Value, serde_json::Value, Option<i64>)> {
+    let live = gk.store.get(
+        &kube::runtime::reflector::ObjectRef::new_with(name, gk.resource.clone()).within(ns),
+    )?;
+    let parse = |raw: Option<&serde_json::value::RawValue>| {
+        raw.and_then(|r| serde_json::from_str::<serde_json::Value>(r.get()).ok())
+            .unwrap_or_default()
+    };
+    Some((
+        parse(live.spec.as_deref()),
+        parse(live.status.as_deref()),
+        live.metadata.generation,
+    ))
+}
+
 /// What the policy Envoy Gateway merges into the Gateway-level BackendTrafficPolicy
-/// `gateway_policy` on `route` (`namespace/name`) does to its limits: it keeps them only when it
+/// `gateway_policy` on an HTTPRoute does to its limits, given the RateLimitPolicies on that route
+/// (`on_route`), whether a policy's route is `attached` to the Gateway, and the `cached` spec,
+/// status and generation of a generated BackendTrafficPolicy by name. It keeps them only when it
 /// is the one Palisade generates there for a RateLimitPolicy that targets the whole route and
 /// wins it, merged in a way that keeps every limit of the Gateway's. An object in Palisade's cache
-/// under the name of a policy that generates none there (another backend; made by hand with
-/// Palisade's label and name) is not taken on trust, and neither is a policy Palisade does not
-/// cache (one it did not write). Only cached objects are read, nothing is translated: a
+/// under the name of a policy that generates none there (another backend, a lost conflict; made by
+/// hand with Palisade's label and name) is not taken on trust, and neither is a policy Palisade
+/// does not cache (one it did not write). Only cached objects are read, nothing is translated: a
 /// Gateway-level policy with N routes merged into it costs N lookups, not N translations.
 fn merge_of(
-    rl: &RateLimitState,
-    btp: &super::GeneratedKind,
-    by_route: &RoutePolicies<'_>,
-    route: &str,
-    (gateway, gateway_policy): (&str, &str),
+    on_route: &[&RateLimitPolicy],
+    ctx: &crate::translate::Context,
+    attached: impl Fn(&RateLimitPolicy) -> bool,
+    cached: impl Fn(&str) -> Option<(serde_json::Value, serde_json::Value, Option<i64>)>,
+    gateway_policy: &str,
 ) -> gateway::Merge {
-    let Some((route_ns, route_name)) = route.split_once('/') else {
-        return gateway::Merge::Replaces;
-    };
-    let Some(on_route) = by_route.get(&(route_ns, route_name)) else {
-        return gateway::Merge::Replaces;
-    };
     let (mut awaiting, mut unverified) = (false, None);
     let keeps = on_route.iter().any(|p| {
-        let target = &p.spec.target_ref;
-        if target.kind != "HTTPRoute" {
-            // Envoy Gateway names merged routes without their kind: an HTTPRoute of the same
-            // name could be the one merged.
-            unverified = Some(
-                "Palisade confirms merges into a Gateway-level policy on HTTPRoutes only (Envoy \
-                 Gateway names the routes without their kind)",
-            );
-            return false;
-        }
-        if target.section_name.is_some() {
+        if p.spec.target_ref.section_name.is_some() {
             unverified = Some(
                 "Palisade's policy there limits one rule of the route: merged into this one, a \
                  policy on another rule of it would go unreported; target the whole route",
             );
             return false;
         }
-        let name = crate::names::generated(&p.name_any(), "ratelimit");
         let wins = translate::ratelimit::conflict_winner(p, on_route.iter().copied()).is_none();
-        let envoy_gateway = translate::ratelimit::backend(p, &rl.shared.ctx)
+        let envoy_gateway = translate::ratelimit::backend(p, ctx)
             == palisade_api::rate_limit_policy::RateLimitBackend::EnvoyGateway;
         // A policy's status outlives its route: it counts only while the route is attached to
         // this Gateway.
-        let attached = rl
-            .topology
-            .as_ref()
-            .and_then(|t| super::topology::parents(t, p).ok())
-            .is_some_and(|parents| parents.iter().any(|x| x.gateway == gateway));
         wins && envoy_gateway
-            && attached
-            && btp
-                .store
-                .get(
-                    &kube::runtime::reflector::ObjectRef::new_with(&name, btp.resource.clone())
-                        .within(route_ns),
-                )
-                .is_some_and(|live| {
-                    let parse = |raw: Option<&serde_json::value::RawValue>| {
-                        raw.and_then(|r| serde_json::from_str::<serde_json::Value>(r.get()).ok())
-                            .unwrap_or_default()
-                    };
-                    let (spec, status) =
-                        (parse(live.spec.as_deref()), parse(live.status.as_deref()));
+            && attached(p)
+            && cached(&crate::names::generated(&p.name_any(), "ratelimit")).is_some_and(
+                |(spec, status, generation)| {
                     let keeps = gateway::merge_keeps_limits(
                         &spec,
                         &status,
-                        live.metadata.generation,
-                        ("HTTPRoute", route_name),
+                        generation,
+                        ("HTTPRoute", &p.spec.target_ref.name),
                         gateway_policy,
                     );
-                    awaiting |= !keeps && !gateway::reported_on(&status, live.metadata.generation);
+                    awaiting |= !keeps && !gateway::reported_on(&status, generation);
                     keeps
-                })
+                },
+            )
     });
     match (keeps, awaiting, unverified) {
         (true, _, _) => gateway::Merge::Keeps,
@@ -328,4 +343,85 @@ pub fn same_target(
         })
         .map(|p| kube::runtime::reflector::ObjectRef::from_obj(&**p))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    fn policy(name: &str, created: &str, extra: &Value) -> RateLimitPolicy {
+        let mut spec = json!({
+            "targetRef": {"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "name": "api"},
+            "limits": [{"name": "all", "requests": 100, "per": "1m"}],
+        });
+        if let (Value::Object(s), Value::Object(e)) = (&mut spec, extra) {
+            s.extend(e.clone());
+        }
+        serde_json::from_value(json!({
+            "apiVersion": "palisade.dev/v1alpha1", "kind": "RateLimitPolicy",
+            "metadata": {"name": name, "namespace": "shop", "creationTimestamp": created},
+            "spec": spec,
+        }))
+        .expect("policy")
+    }
+
+    /// Palisade's route policy as Envoy Gateway reports it merged with `shop/edge-btp`.
+    fn merged_btp() -> (Value, Value, Option<i64>) {
+        let spec = json!({"mergeType": "StrategicMerge",
+            "targetRefs": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "name": "api"}],
+            "rateLimit": {"type": "Global", "global": {"rules": []}}});
+        let status = json!({"ancestors": [{
+            "ancestorRef": {"kind": "Gateway", "namespace": "shop", "name": "shop"},
+            "conditions": [
+                {"type": "Accepted", "status": "True", "observedGeneration": 1},
+                {"type": "Merged", "status": "True", "observedGeneration": 1,
+                 "message": "Merged with policy shop/edge-btp"}]}]});
+        (spec, status, Some(1))
+    }
+
+    fn judge(on_route: &[&RateLimitPolicy], attached: bool) -> gateway::Merge {
+        merge_of(
+            on_route,
+            &crate::translate::Context::default(),
+            |_| attached,
+            |name| (name == "palisade-api-ratelimit").then(merged_btp),
+            "shop/edge-btp",
+        )
+    }
+
+    #[test]
+    fn only_palisades_winning_whole_route_policy_on_an_attached_route_vouches() {
+        let eg = json!({"backend": "EnvoyGateway"});
+        let api = policy("api", "2026-01-01T00:00:00Z", &eg);
+        assert_eq!(judge(&[&api], true), gateway::Merge::Keeps);
+        // The route has left the Gateway: the report on the policy is its last word, stale.
+        assert_eq!(judge(&[&api], false), gateway::Merge::Replaces);
+        // Nothing Palisade generates there: no policy, or one whose object is not cached.
+        assert_eq!(judge(&[], true), gateway::Merge::Replaces);
+        let other = policy("other", "2026-01-01T00:00:00Z", &eg);
+        assert_eq!(judge(&[&other], true), gateway::Merge::Replaces);
+        // An object under the name of a policy that generates none: another backend, or a lost
+        // conflict (an older policy on the route wins).
+        let istio = policy(
+            "api",
+            "2026-01-01T00:00:00Z",
+            &json!({"backend": "IstioLocal"}),
+        );
+        assert_eq!(judge(&[&istio], true), gateway::Merge::Replaces);
+        let older = policy("aaa", "2025-01-01T00:00:00Z", &eg);
+        assert_eq!(judge(&[&api, &older], true), gateway::Merge::Replaces);
+        // Palisade's own policy on one rule of the route: cannot be confirmed, and says why.
+        let rule = policy(
+            "api",
+            "2026-01-01T00:00:00Z",
+            &json!({"backend": "EnvoyGateway", "targetRef": {"group": "gateway.networking.k8s.io",
+                    "kind": "HTTPRoute", "name": "api", "sectionName": "ra"}}),
+        );
+        assert!(matches!(
+            judge(&[&rule], true),
+            gateway::Merge::Unverified(why) if why.contains("one rule")
+        ));
+    }
 }
